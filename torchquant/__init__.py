@@ -1,0 +1,24 @@
+"""torchquant: quantize PyTorch models (INT8, INT2-8 per group, FP8, W8A8) and run them fast."""
+
+from torchquant.config import ActivationQuant, QuantConfig, QuantScheme, WeightQuant
+from torchquant.convert import ConversionSummary, convert_model
+from torchquant.errors import CheckpointError, ConfigError, QuantizationError, TorchquantError
+from torchquant.modules import QuantLinear
+from torchquant.schemes import scheme_from_name
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationQuant",
+    "CheckpointError",
+    "ConfigError",
+    "ConversionSummary",
+    "QuantConfig",
+    "QuantLinear",
+    "QuantScheme",
+    "QuantizationError",
+    "TorchquantError",
+    "WeightQuant",
+    "convert_model",
+    "scheme_from_name",
+]

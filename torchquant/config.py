@@ -1,0 +1,263 @@
+"""Quantization configuration: what each layer is quantized to, validated up front.
+
+``QuantConfig`` holds a default :class:`QuantScheme`, ordered per-layer overrides
+(first match wins, ``None`` skips the layer) and an ignore list.  Every class is a
+frozen dataclass that checks itself at construction and round-trips through JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from torchquant.errors import ConfigError
+from torchquant.matching import first_match, validate_pattern
+
+WEIGHT_TYPES = ("int", "fp8")
+ACTIVATION_TYPES = ("int8", "fp8")
+ACTIVATION_GRANULARITIES = ("token", "tensor")
+ALGORITHMS = ("rtn",)
+GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+OBSERVERS = ("minmax",)
+
+
+def _require(cond: bool, field_name: str, value: object, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}={value!r} is not allowed; expected {allowed}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _from_mapping(cls: type, data: object, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys by name."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """How a weight is stored.
+
+    ``type="int"``: ``bits`` in 2..8, ``group_size`` -1 (per output channel) or a
+    power of two from 16 to 1024 (per group along the input dimension),
+    ``symmetric`` or asymmetric (integer zero points).  ``type="fp8"``: E4M3 with a
+    float32 scale per channel (``group_size=-1``) or per tensor (``group_size=0``).
+    """
+
+    type: str = "int"
+    bits: int = 8
+    group_size: int = -1
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.type in WEIGHT_TYPES, "weight.type", self.type, f"one of {WEIGHT_TYPES}")
+        _require(isinstance(self.symmetric, bool), "weight.symmetric", self.symmetric, "a bool")
+        if self.type == "fp8":
+            _require(self.bits == 8, "weight.bits", self.bits, "8 for fp8 weights")
+            _require(
+                self.group_size in (-1, 0),
+                "weight.group_size",
+                self.group_size,
+                "-1 (per channel) or 0 (per tensor) for fp8 weights",
+            )
+            _require(self.symmetric, "weight.symmetric", self.symmetric, "True for fp8 weights")
+            return
+        _require(
+            _is_int(self.bits) and 2 <= self.bits <= 8, "weight.bits", self.bits, "an int in 2..8"
+        )
+        _require(
+            self.group_size in GROUP_SIZES and _is_int(self.group_size),
+            "weight.group_size",
+            self.group_size,
+            f"one of {GROUP_SIZES} (-1 = per channel)",
+        )
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    """How a layer's input is quantized at run time (W8A8 schemes).
+
+    ``dynamic=True`` computes the scale from each input (per ``token`` row or per
+    ``tensor``), from the max-abs value or the given ``percentile`` of ``|x|``.
+    ``dynamic=False`` uses a per-tensor scale fixed by calibration.
+    """
+
+    type: str = "int8"
+    granularity: str = "token"
+    dynamic: bool = True
+    percentile: float = 100.0
+    observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.type in ACTIVATION_TYPES,
+            "activation.type",
+            self.type,
+            f"one of {ACTIVATION_TYPES}",
+        )
+        _require(
+            self.granularity in ACTIVATION_GRANULARITIES,
+            "activation.granularity",
+            self.granularity,
+            f"one of {ACTIVATION_GRANULARITIES}",
+        )
+        _require(isinstance(self.dynamic, bool), "activation.dynamic", self.dynamic, "a bool")
+        ok = (
+            isinstance(self.percentile, (int, float))
+            and not isinstance(self.percentile, bool)
+            and math.isfinite(self.percentile)
+            and 0.0 < self.percentile <= 100.0
+        )
+        _require(ok, "activation.percentile", self.percentile, "a number in (0, 100]")
+        _require(
+            self.observer in OBSERVERS, "activation.observer", self.observer, f"one of {OBSERVERS}"
+        )
+        if not self.dynamic:
+            _require(
+                self.granularity == "tensor",
+                "activation.granularity",
+                self.granularity,
+                "'tensor' for static (calibrated) activation scales",
+            )
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """A weight format, an optional activation format, and the algorithm that picks the weights."""
+
+    weight: WeightQuant = field(default_factory=WeightQuant)
+    activation: ActivationQuant | None = None
+    algorithm: str = "rtn"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weight, Mapping):
+            object.__setattr__(self, "weight", _from_mapping(WeightQuant, self.weight, "weight"))
+        if isinstance(self.activation, Mapping):
+            act = _from_mapping(ActivationQuant, self.activation, "activation")
+            object.__setattr__(self, "activation", act)
+        _require(isinstance(self.weight, WeightQuant), "weight", self.weight, "a WeightQuant")
+        _require(
+            self.activation is None or isinstance(self.activation, ActivationQuant),
+            "activation",
+            self.activation,
+            "an ActivationQuant or None",
+        )
+        _require(self.algorithm in ALGORITHMS, "algorithm", self.algorithm, f"one of {ALGORITHMS}")
+        act, w = self.activation, self.weight
+        if act is None:
+            return
+        if act.type == "int8":
+            _require(
+                w.type == "int" and w.bits == 8 and w.symmetric and w.group_size == -1,
+                "weight",
+                w,
+                "INT8 symmetric per-channel weights when activations are int8 (w8a8)",
+            )
+        else:
+            _require(
+                w.type == "fp8",
+                "weight.type",
+                w.type,
+                "'fp8' when activations are fp8",
+            )
+
+    @property
+    def weight_only(self) -> bool:
+        return self.activation is None
+
+    def describe(self) -> str:
+        """Short human-readable name, e.g. ``w4a16 g128 asym`` or ``w8a8 int8``."""
+        w, a = self.weight, self.activation
+        wname = "fp8" if w.type == "fp8" else f"int{w.bits}"
+        gran = {-1: "per-channel", 0: "per-tensor"}.get(w.group_size, f"g{w.group_size}")
+        sym = "" if w.type == "fp8" else (" sym" if w.symmetric else " asym")
+        act = "a16" if a is None else f"a8 {a.type} {'dyn' if a.dynamic else 'static'} {a.granularity}"
+        return f"w-{wname} {gran}{sym} {act}".strip()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantScheme:
+        return _from_mapping(cls, data, "scheme")
+
+
+def _as_scheme(value: object, where: str) -> QuantScheme | None:
+    """Accept a scheme, a shorthand name (``"w4a16"``), a mapping, or ``None``."""
+    from torchquant.schemes import scheme_from_name
+
+    if value is None or isinstance(value, QuantScheme):
+        return value
+    if isinstance(value, str):
+        return scheme_from_name(value)
+    if isinstance(value, Mapping):
+        return _from_mapping(QuantScheme, value, where)
+    raise ConfigError(f"{where}: expected a QuantScheme, a scheme name or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Which layers get which scheme.
+
+    Resolution for a module named ``name``: if it matches an ``ignore`` pattern it
+    is skipped; else the first matching key of ``overrides`` decides (a ``None``
+    value skips it); else ``default`` applies (``None`` means "only overrides").
+    Patterns are exact names, shell globs, or ``re:`` regexes (see ``matching``).
+    """
+
+    default: QuantScheme | None = None
+    overrides: tuple[tuple[str, QuantScheme | None], ...] = ()
+    ignore: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "default", _as_scheme(self.default, "default"))
+        overrides = self.overrides
+        if isinstance(overrides, Mapping):
+            overrides = tuple(overrides.items())
+        if not isinstance(overrides, Sequence) or isinstance(overrides, str):
+            raise ConfigError(f"overrides: expected a mapping or pairs, got {overrides!r}")
+        normalized = []
+        for i, item in enumerate(overrides):
+            if not isinstance(item, Sequence) or isinstance(item, str) or len(item) != 2:
+                raise ConfigError(f"overrides[{i}]: expected (pattern, scheme), got {item!r}")
+            pattern, scheme = item
+            validate_pattern(pattern, f"overrides[{i}]")
+            normalized.append((pattern, _as_scheme(scheme, f"overrides[{pattern!r}]")))
+        object.__setattr__(self, "overrides", tuple(normalized))
+        ignore = (self.ignore,) if isinstance(self.ignore, str) else tuple(self.ignore or ())
+        for i, pattern in enumerate(ignore):
+            validate_pattern(pattern, f"ignore[{i}]")
+        object.__setattr__(self, "ignore", ignore)
+        if self.default is None and not any(s is not None for _, s in self.overrides):
+            raise ConfigError("default is None and no override names a scheme: nothing to quantize")
+
+    def resolve(self, name: str) -> tuple[QuantScheme | None, str]:
+        """The scheme for module ``name`` and why (``"default"``, ``"override 'x'"``, ...)."""
+        pattern = first_match(self.ignore, name)
+        if pattern is not None:
+            return None, f"ignored by {pattern!r}"
+        for pattern, scheme in self.overrides:
+            if first_match((pattern,), name) is not None:
+                return scheme, f"override {pattern!r}" if scheme else f"skipped by {pattern!r}"
+        return self.default, "default" if self.default else "no default scheme"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "default": None if self.default is None else self.default.to_dict(),
+            "overrides": [[p, None if s is None else s.to_dict()] for p, s in self.overrides],
+            "ignore": list(self.ignore),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
+        config = _from_mapping(cls, data, "config")
+        return config

@@ -1,0 +1,5 @@
+"""``nn.Module`` wrappers that hold quantized state and call one op each."""
+
+from torchquant.modules.quant_linear import QuantLinear
+
+__all__ = ["QuantLinear"]

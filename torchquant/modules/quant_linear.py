@@ -1,0 +1,193 @@
+"""``QuantLinear``: an inference linear layer holding quantized weights as buffers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torchquant import ops
+from torchquant.config import QuantScheme
+from torchquant.errors import QuantizationError
+from torchquant.numerics import (
+    num_groups,
+    pack_codes,
+    packed_width,
+    quantize_fp8_weight,
+    quantize_int_weight,
+)
+
+
+def uses_int8_storage(scheme: QuantScheme) -> bool:
+    """INT8 symmetric weights are kept as signed int8 ``(N, K)``; other INT widths are packed."""
+    w = scheme.weight
+    return w.type == "int" and w.bits == 8 and w.symmetric
+
+
+def _scale_dtype(scheme: QuantScheme, dtype: torch.dtype) -> torch.dtype:
+    """Grouped INT scales follow the model dtype (as GPTQ/AWQ); per-channel and FP8 use float32."""
+    w = scheme.weight
+    return dtype if (w.type == "int" and w.group_size > 0) else torch.float32
+
+
+class QuantLinear(nn.Module):
+    """Linear layer ``y = x W^T + b`` with ``W`` stored quantized by ``scheme``.
+
+    Buffers (all persistent, saved by ``save_quantized``):
+    ``qweight`` packed int32 ``(N, ceil(K/32)*bits)`` for INTn, int8 ``(N, K)`` for
+    INT8 symmetric, float8_e4m3fn ``(N, K)`` for FP8; ``scales`` ``(N, G)`` (or
+    ``(1, 1)`` per tensor); ``zeros`` uint8 ``(N, G)`` for asymmetric INT;
+    ``bias`` ``(N,)``; ``input_scale`` ``(1,)`` for static activation scales;
+    ``smooth_scale`` ``(K,)`` SmoothQuant divisor applied to the input.
+    The constructor allocates empty buffers of the right shapes (use
+    ``device="meta"`` to build a skeleton for loading); :meth:`from_linear`
+    quantizes an existing layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: QuantScheme,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        smooth: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.scheme = scheme
+        self.dtype = dtype
+        w = scheme.weight
+        n, k = out_features, in_features
+        g = 1 if w.group_size in (-1, 0) else num_groups(k, w.group_size)
+        sdt = _scale_dtype(scheme, dtype)
+        if w.type == "fp8":
+            qweight = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=device)
+            scales = torch.empty(n if w.group_size == -1 else 1, 1, dtype=sdt, device=device)
+        elif uses_int8_storage(scheme):
+            qweight = torch.empty(n, k, dtype=torch.int8, device=device)
+            scales = torch.empty(n, g, dtype=sdt, device=device)
+        else:
+            qweight = torch.empty(n, packed_width(k, w.bits), dtype=torch.int32, device=device)
+            scales = torch.empty(n, g, dtype=sdt, device=device)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        zeros = None
+        if w.type == "int" and not w.symmetric:
+            zeros = torch.empty(n, g, dtype=torch.uint8, device=device)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("bias", torch.empty(n, dtype=dtype, device=device) if bias else None)
+        act = scheme.activation
+        static = act is not None and not act.dynamic
+        input_scale = torch.empty(1, dtype=torch.float32, device=device) if static else None
+        self.register_buffer("input_scale", input_scale)
+        smooth_scale = torch.empty(k, dtype=torch.float32, device=device) if smooth else None
+        self.register_buffer("smooth_scale", smooth_scale)
+
+    # -- construction from float layers
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        scheme: QuantScheme,
+        name: str = "weight",
+    ) -> QuantLinear:
+        """Quantize ``weight: (out, in)`` round-to-nearest into a new layer on its device."""
+        if weight.dim() != 2:
+            raise QuantizationError(f"{name}: expected a 2-D weight, got {tuple(weight.shape)}")
+        n, k = weight.shape
+        layer = cls(k, n, scheme, bias is not None, weight.dtype, weight.device)
+        w = scheme.weight
+        sdt = _scale_dtype(scheme, weight.dtype)
+        if w.type == "fp8":
+            q, s = quantize_fp8_weight(weight, per_channel=w.group_size == -1, what=name)
+            layer.qweight.copy_(q)
+            layer.scales.copy_(s.reshape(layer.scales.shape))
+        else:
+            iw = quantize_int_weight(weight, w.bits, w.group_size, w.symmetric, sdt, what=name)
+            layer.set_int_codes(iw.codes, iw.scales, iw.zeros)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, scheme: QuantScheme, name: str = "") -> QuantLinear:
+        """Quantize an ``nn.Linear`` (or a transformers GPT-2 ``Conv1D``, weight ``(in, out)``)."""
+        weight = linear.weight.detach()
+        if type(linear).__name__ == "Conv1D" and not isinstance(linear, nn.Linear):
+            weight = weight.t()
+        label = f"{name}.weight" if name else "weight"
+        return cls.from_weight(weight, getattr(linear, "bias", None), scheme, label)
+
+    def set_int_codes(
+        self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
+    ) -> None:
+        """Store unsigned INT codes ``(N, K)`` with their qparams (RTN, GPTQ and AWQ end here)."""
+        w = self.scheme.weight
+        if uses_int8_storage(self.scheme):
+            self.qweight.copy_((codes.to(torch.int16) - 128).to(torch.int8))
+        else:
+            self.qweight.copy_(pack_codes(codes, w.bits))
+        self.scales.copy_(scales.reshape(self.scales.shape))
+        if self.zeros is not None:
+            if zeros is None:
+                raise QuantizationError("asymmetric scheme needs zero points")
+            self.zeros.copy_(zeros)
+
+    # -- inference
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise QuantizationError(
+                f"input has {x.shape[-1]} features, layer expects {self.in_features}"
+            )
+        w, act = self.scheme.weight, self.scheme.activation
+        x = x.to(self.dtype)
+        if act is not None:
+            op = ops.linear_w8a8_int8 if act.type == "int8" else ops.linear_w8a8_fp8
+            per_token = act.granularity == "token"
+            return op(
+                x,
+                self.qweight,
+                self.scales,
+                self.bias,
+                per_token,
+                float(act.percentile),
+                self.input_scale,
+                self.smooth_scale,
+            )
+        if self.smooth_scale is not None:
+            x = (x / self.smooth_scale).to(self.dtype)
+        if w.type == "fp8":
+            return ops.linear_fp8_weight(x, self.qweight, self.scales, self.bias)
+        if uses_int8_storage(self.scheme):
+            return ops.linear_int8_weight(x, self.qweight, self.scales, self.bias, w.group_size)
+        return ops.linear_intn(
+            x, self.qweight, self.scales, self.zeros, self.bias, w.bits, w.group_size
+        )
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight this layer computes with, ``(N, K)`` (for tests and export)."""
+        eye = torch.eye(self.in_features, dtype=self.dtype, device=self.qweight.device)
+        bias, self.bias = self.bias, None
+        smooth, self.smooth_scale = self.smooth_scale, None
+        act, scheme = self.scheme.activation, self.scheme
+        try:
+            if act is not None:
+                self.scheme = QuantScheme(scheme.weight)
+            w = self.forward(eye).t()
+        finally:
+            self.bias, self.smooth_scale, self.scheme = bias, smooth, scheme
+        return w.to(dtype or self.dtype)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, scheme={self.scheme.describe()}"
+        )

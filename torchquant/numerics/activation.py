@@ -1,0 +1,77 @@
+"""Dynamic (and static) quantization of activations to INT8 or FP8 E4M3.
+
+Per-token scales are computed over the last dimension (one per row of the
+flattened ``(tokens, K)`` input); per-tensor uses one scale.  The scale comes
+from the max-abs value, or from a percentile of ``|x|`` to clip rare outliers.
+An optional per-input-channel SmoothQuant divisor is applied first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from torchquant.errors import QuantizationError
+from torchquant.numerics.qparams import FP8_E4M3_MAX
+
+INT8_MAX = 127.0
+ACT_DTYPES = ("int8", "fp8")
+ACT_GRANULARITIES = ("token", "tensor")
+
+
+def _absmax(x: torch.Tensor, per_token: bool, percentile: float) -> torch.Tensor:
+    a = x.abs().float()
+    if not per_token:
+        a = a.reshape(1, -1)
+    if percentile >= 100.0:
+        return a.amax(dim=-1, keepdim=True)
+    k = max(1, math.ceil(percentile / 100.0 * a.shape[-1]))
+    return a.kthvalue(k, dim=-1, keepdim=True).values
+
+
+def activation_scale(
+    x: torch.Tensor, dtype: str, per_token: bool, percentile: float = 100.0
+) -> torch.Tensor:
+    """float32 scales, ``(rows, 1)`` per token or ``(1, 1)`` per tensor, for ``x: (rows, K)``."""
+    qmax = INT8_MAX if dtype == "int8" else FP8_E4M3_MAX
+    scale = _absmax(x, per_token, percentile) / qmax
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def quantize_activation(
+    x: torch.Tensor,
+    dtype: str = "int8",
+    per_token: bool = True,
+    percentile: float = 100.0,
+    static_scale: torch.Tensor | None = None,
+    smooth: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x: (rows, K)``; returns ``(q, scale)`` with ``x ~= q * scale``.
+
+    ``q`` is int8 (round-half-to-even, clamped to [-128, 127]) or float8_e4m3fn
+    (saturating at +-448).  ``smooth`` ``(K,)`` divides ``x`` column-wise before
+    quantizing; ``static_scale`` (a scalar tensor) replaces the dynamic scale.
+    """
+    if dtype not in ACT_DTYPES:
+        raise QuantizationError(f"activation dtype must be one of {ACT_DTYPES}, got {dtype!r}")
+    if x.dim() != 2:
+        raise QuantizationError(f"activation must be 2-D (rows, K), got {tuple(x.shape)}")
+    xf = x.float()
+    if smooth is not None:
+        xf = xf / smooth.float()
+    if static_scale is not None:
+        scale = static_scale.float().reshape(1, 1)
+    else:
+        scale = activation_scale(xf, dtype, per_token, percentile)
+    if dtype == "int8":
+        q = torch.clamp(torch.round(xf / scale), -128, 127).to(torch.int8)
+    else:
+        q = torch.clamp(xf / scale, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_activation(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    return (q.float() * scale.float()).to(dtype)

@@ -1,0 +1,25 @@
+"""One ``torch.library`` custom op per quantized-linear scheme.
+
+The implementation registered here is the plain-PyTorch reference used on CPU
+and as the oracle in tests; ``torchquant.ops.cuda`` registers the Triton kernels
+as the CUDA implementation of the same ops.  Every op has a fake (meta)
+implementation so ``torch.compile`` can trace models that use it.
+"""
+
+from torchquant.ops.linear import (
+    linear_fp8_weight,
+    linear_int8_weight,
+    linear_intn,
+    linear_w8a8_fp8,
+    linear_w8a8_int8,
+    quantize_activation_op,
+)
+
+__all__ = [
+    "linear_fp8_weight",
+    "linear_int8_weight",
+    "linear_intn",
+    "linear_w8a8_fp8",
+    "linear_w8a8_int8",
+    "quantize_activation_op",
+]
