@@ -180,7 +180,11 @@ class QuantScheme:
         wname = "fp8" if w.type == "fp8" else f"int{w.bits}"
         gran = {-1: "per-channel", 0: "per-tensor"}.get(w.group_size, f"g{w.group_size}")
         sym = "" if w.type == "fp8" else (" sym" if w.symmetric else " asym")
-        act = "a16" if a is None else f"a8 {a.type} {'dyn' if a.dynamic else 'static'} {a.granularity}"
+        act = (
+            "a16"
+            if a is None
+            else f"a8 {a.type} {'dyn' if a.dynamic else 'static'} {a.granularity}"
+        )
         return f"w-{wname} {gran}{sym} {act}".strip()
 
     def to_dict(self) -> dict[str, Any]:

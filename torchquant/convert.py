@@ -52,7 +52,9 @@ class ConversionSummary:
         return "\n".join(lines)
 
 
-def plan_conversion(model: nn.Module, config: QuantConfig) -> dict[str, tuple[QuantScheme | None, str]]:
+def plan_conversion(
+    model: nn.Module, config: QuantConfig
+) -> dict[str, tuple[QuantScheme | None, str]]:
     """Scheme (or ``None``) and reason for every linear-like layer, in module order.
 
     Raises :class:`ConfigError` for an override pattern that matches no layer, since

@@ -1,0 +1,5 @@
+import sys
+
+from torchquant.cli import main
+
+sys.exit(main())

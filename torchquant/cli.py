@@ -1,0 +1,159 @@
+"""The ``torchquant`` command line: quantize, eval, demo.
+
+Exit codes: 0 success, 2 usage error (argparse), 1 failure with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from torchquant.errors import TorchquantError
+
+DEFAULT_SEQ_LEN = 1024
+
+
+def _scheme_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheme", default="w4a16", help="w8a16, wNa16 (N=2..8), w8a16-fp8, w8a8, fp8")
+    p.add_argument("--group-size", type=int, default=None, help="group size (-1 = per channel)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric INT weights (zero-free)")
+    p.add_argument(
+        "--ignore", nargs="*", default=["lm_head"], help="layer patterns to keep in float"
+    )
+
+
+def _eval_args(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
+    p.add_argument("--text", default=None, help="text file (default: the Lee news corpus)")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="evaluate this many tokens")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="window length")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchquant", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it as safetensors")
+    q.add_argument("model", help="smollm2-135m, a .gguf file, or a Hugging Face model folder")
+    _scheme_args(q)
+    q.add_argument("--out", required=True, help="output checkpoint folder")
+    q.add_argument("--max-shard-size", default="4GB", help="shard size limit, e.g. 2GB")
+
+    e = sub.add_parser("eval", help="perplexity of a model or checkpoint on a text")
+    e.add_argument("model", help="smollm2-135m, a .gguf file, a model folder or a checkpoint")
+    _eval_args(e, max_tokens=None)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    d = sub.add_parser("demo", help="quantize the default model, save, load, compare perplexity")
+    d.add_argument("--model", default="smollm2-135m")
+    _scheme_args(d)
+    _eval_args(d, max_tokens=16384)
+    d.add_argument("--out", default="torchquant-demo", help="where to save the checkpoint")
+    return parser
+
+
+def _config(args: argparse.Namespace):
+    from torchquant.config import QuantConfig
+    from torchquant.schemes import scheme_from_name
+
+    symmetric = True if args.symmetric else None
+    scheme = scheme_from_name(args.scheme, group_size=args.group_size, symmetric=symmetric)
+    return QuantConfig(default=scheme, ignore=tuple(args.ignore))
+
+
+def _text_ids(tokenizer, args: argparse.Namespace):
+    from torchquant.evaluation import tokenize_text
+    from torchquant.models import default_text
+
+    path = Path(args.text) if args.text else default_text()
+    if not path.is_file():
+        raise TorchquantError(f"text file {path} does not exist")
+    return tokenize_text(tokenizer, path.read_text(encoding="utf-8"), args.max_tokens)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from torchquant.convert import convert_model
+    from torchquant.models import load_model
+    from torchquant.serialization import save_quantized
+
+    config = _config(args)
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    model, summary = convert_model(model, config)
+    save_quantized(
+        model, args.out, config=config, tokenizer=tokenizer, max_shard_size=args.max_shard_size
+    )
+    print(summary.table())
+    print(
+        f"saved {args.out} ({_dir_bytes(Path(args.out)) / 2**20:.1f} MiB) "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from torchquant.evaluation import perplexity
+    from torchquant.models import load_model
+
+    model, tokenizer = load_model(args.model)
+    result = perplexity(model, _text_ids(tokenizer, args), args.seq_len, progress=not args.json)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(
+            f"perplexity {result.perplexity:.3f} over {result.tokens} tokens "
+            f"({result.windows} windows) in {result.seconds:.1f} s"
+        )
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from torchquant.convert import convert_model
+    from torchquant.evaluation import perplexity
+    from torchquant.models import load_model
+    from torchquant.serialization import save_quantized
+
+    config = _config(args)
+    model, tokenizer = load_model(args.model)
+    ids = _text_ids(tokenizer, args)
+    fp_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    base = perplexity(model, ids, args.seq_len)
+    start = time.perf_counter()
+    model, summary = convert_model(model, config)
+    save_quantized(model, args.out, config=config, tokenizer=tokenizer)
+    quantize_s = time.perf_counter() - start
+    del model
+    start = time.perf_counter()
+    loaded, _ = load_model(args.out)
+    load_s = time.perf_counter() - start
+    quant = perplexity(loaded, ids, args.seq_len)
+    print(summary.table())
+    print(f"\n{'model':<24}{'perplexity':>12}{'size MiB':>10}{'eval s':>9}")
+    print(f"{'fp32':<24}{base.perplexity:>12.3f}{fp_bytes / 2**20:>10.1f}{base.seconds:>9.1f}")
+    size = _dir_bytes(Path(args.out)) / 2**20
+    print(f"{args.scheme:<24}{quant.perplexity:>12.3f}{size:>10.1f}{quant.seconds:>9.1f}")
+    print(
+        f"\n{quant.tokens} tokens, {args.seq_len}-token windows; quantize+save {quantize_s:.1f} s, "
+        f"load {load_s:.1f} s; checkpoint in {args.out}"
+    )
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (TorchquantError, OSError) as exc:
+        print(f"torchquant: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""Quantized checkpoints as safetensors: save, shard, and load without pickle.
+
+A checkpoint directory holds ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors``
+shards plus ``model.safetensors.index.json``).  Every shard's metadata carries the
+format version, the per-layer schemes (the authoritative description of which
+module is a ``QuantLinear`` and how), the ``QuantConfig`` when known, and aliases
+for tied tensors.  Hugging Face models also get ``config.json`` (with a
+``quantization_config``) and their tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from torchquant.atomic import staged_directory
+from torchquant.config import QuantConfig, QuantScheme
+from torchquant.errors import CheckpointError, TorchquantError
+from torchquant.modules import QuantLinear
+
+FORMAT_VERSION = 1
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+KEY_VERSION = "torchquant_format_version"
+KEY_LAYERS = "torchquant_layers"
+KEY_CONFIG = "torchquant_config"
+KEY_ALIASES = "torchquant_aliases"
+KEY_MODEL_CLASS = "torchquant_model_class"
+DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Enough to rebuild an empty ``QuantLinear`` shell before loading its tensors."""
+
+    in_features: int
+    out_features: int
+    bias: bool
+    smooth: bool
+    dtype: str
+    scheme: QuantScheme
+
+    @classmethod
+    def of(cls, layer: QuantLinear) -> LayerSpec:
+        return cls(
+            layer.in_features,
+            layer.out_features,
+            layer.bias is not None,
+            layer.smooth_scale is not None,
+            str(layer.dtype),
+            layer.scheme,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias,
+            "smooth": self.smooth,
+            "dtype": self.dtype,
+            "scheme": self.scheme.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, name: str, data: object) -> LayerSpec:
+        try:
+            if not isinstance(data, Mapping):
+                raise CheckpointError("expected a mapping")
+            spec = cls(
+                in_features=int(data["in_features"]),
+                out_features=int(data["out_features"]),
+                bias=bool(data["bias"]),
+                smooth=bool(data.get("smooth", False)),
+                dtype=str(data["dtype"]),
+                scheme=QuantScheme.from_dict(data["scheme"]),
+            )
+        except (KeyError, TypeError, ValueError, TorchquantError) as exc:
+            raise CheckpointError(
+                f"layer {name!r}: bad layer description in metadata: {exc}"
+            ) from None
+        if spec.dtype not in _DTYPES:
+            raise CheckpointError(
+                f"layer {name!r}: dtype {spec.dtype!r} not one of {list(_DTYPES)}"
+            )
+        if not (0 < spec.in_features <= 2**20 and 0 < spec.out_features <= 2**22):
+            raise CheckpointError(
+                f"layer {name!r}: implausible shape {spec.out_features}x{spec.in_features}"
+            )
+        return spec
+
+    def build(self) -> QuantLinear:
+        return QuantLinear(
+            self.in_features,
+            self.out_features,
+            self.scheme,
+            bias=self.bias,
+            dtype=_DTYPES[self.dtype],
+            device="meta",
+            smooth=self.smooth,
+        )
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise CheckpointError(f"max_shard_size={size!r}: expected bytes or e.g. '2GB', '500MiB'")
+    unit = m.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** {"K": 1, "M": 2, "G": 3}[unit[0]])
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that share storage with an earlier one (tied weights); return the aliases."""
+    seen: dict[tuple, str] = {}
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, t in state.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        kept[name] = t.detach().to("cpu").contiguous()
+    return kept, aliases
+
+
+def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def _hf_config_dict(model: nn.Module, metadata: dict[str, str]) -> dict[str, Any] | None:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    data = config.to_dict()
+    data.pop("quantization_config", None)
+    data["architectures"] = [type(model).__name__]
+    data["quantization_config"] = {
+        "quant_method": "torchquant",
+        "format_version": FORMAT_VERSION,
+        "config": json.loads(metadata.get(KEY_CONFIG, "null")),
+    }
+    return data
+
+
+def save_quantized(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    config: QuantConfig | None = None,
+    tokenizer: Any = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write ``model`` (with its ``QuantLinear`` layers) as safetensors into ``directory``.
+
+    The directory is built beside the target and swapped in atomically, so a crash
+    mid-save leaves any previous checkpoint there intact.
+    """
+    directory = Path(directory)
+    layers = quantized_layers(model)
+    if not layers:
+        raise CheckpointError("model has no QuantLinear layers; run convert_model first")
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} exists and is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not _is_checkpoint(directory):
+        raise CheckpointError(f"refusing to overwrite {directory}: not empty and not a checkpoint")
+    state, aliases = _dedupe(model.state_dict())
+    for name, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t.float()).all():
+            raise CheckpointError(f"tensor {name!r} holds NaN/Inf; refusing to save it")
+    metadata = {
+        "format": "pt",
+        KEY_VERSION: str(FORMAT_VERSION),
+        KEY_LAYERS: json.dumps({n: LayerSpec.of(m).to_dict() for n, m in layers.items()}),
+        KEY_ALIASES: json.dumps(aliases),
+        KEY_MODEL_CLASS: type(model).__name__,
+    }
+    if config is not None:
+        metadata[KEY_CONFIG] = json.dumps(config.to_dict())
+    shards = _shard(state, _parse_size(max_shard_size))
+    with staged_directory(directory) as staging:
+        if len(shards) == 1:
+            save_file(shards[0], str(staging / SINGLE_FILE), metadata=metadata)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(staging / fname), metadata=metadata)
+                weight_map.update(dict.fromkeys(shard, fname))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        hf_config = _hf_config_dict(model, metadata)
+        if hf_config is not None:
+            (staging / "config.json").write_text(json.dumps(hf_config, indent=2, default=str))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+    return directory
+
+
+def _is_checkpoint(directory: Path) -> bool:
+    return (directory / SINGLE_FILE).exists() or (directory / INDEX_FILE).exists()
+
+
+def checkpoint_files(directory: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint, validated to stay inside ``directory``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    if (directory / INDEX_FILE).exists():
+        try:
+            index = json.loads((directory / INDEX_FILE).read_text())
+            names = sorted(set(index["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{INDEX_FILE}: malformed index ({exc})") from None
+        root = directory.resolve()
+        files = []
+        for name in names:
+            path = (directory / str(name)).resolve()
+            if not isinstance(name, str) or path.parent != root:
+                raise CheckpointError(f"{INDEX_FILE}: shard {name!r} lies outside {directory}")
+            if not path.is_file():
+                raise CheckpointError(f"{INDEX_FILE}: shard {name!r} is missing")
+            files.append(path)
+        return files
+    if (directory / SINGLE_FILE).is_file():
+        return [directory / SINGLE_FILE]
+    raise CheckpointError(f"{directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def read_metadata(directory: str | Path) -> dict[str, str]:
+    """The torchquant metadata of a checkpoint (from its first shard), version-checked."""
+    path = checkpoint_files(directory)[0]
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path.name}: not a readable safetensors file ({exc})") from None
+    version = metadata.get(KEY_VERSION)
+    if version is None:
+        raise CheckpointError(
+            f"{path.name}: no {KEY_VERSION} in metadata; not a torchquant checkpoint"
+        )
+    if version != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"{path.name}: format version {version!r} is not supported (this torchquant reads "
+            f"version {FORMAT_VERSION})"
+        )
+    return metadata
+
+
+def _json_field(metadata: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(metadata.get(key, "{}"))
+    except ValueError as exc:
+        raise CheckpointError(f"metadata field {key!r} is not valid JSON ({exc})") from None
+
+
+def layer_specs(metadata: dict[str, str]) -> dict[str, LayerSpec]:
+    raw = _json_field(metadata, KEY_LAYERS)
+    if not isinstance(raw, dict) or not raw:
+        raise CheckpointError(f"metadata field {KEY_LAYERS!r} must be a non-empty mapping")
+    return {name: LayerSpec.from_dict(name, spec) for name, spec in raw.items()}
+
+
+def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    if key in state:
+                        raise CheckpointError(f"{path.name}: tensor {key!r} appears in two shards")
+                    state[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path.name}: unreadable or truncated ({exc})") from None
+    return state
+
+
+def _build_hf_skeleton(directory: Path, class_name: str) -> nn.Module:
+    try:
+        import transformers
+        from accelerate import init_empty_weights
+    except ImportError as exc:
+        raise CheckpointError(
+            f"loading a Hugging Face checkpoint needs transformers ({exc})"
+        ) from None
+    cls = getattr(transformers, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(f"model class {class_name!r} is not a transformers model class")
+    config_data = json.loads((directory / "config.json").read_text())
+    config_data.pop("quantization_config", None)
+    model_type = config_data.pop("model_type", None)
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **config_data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"config.json: unknown or bad model_type {model_type!r} ({exc})"
+        ) from None
+    with init_empty_weights(include_buffers=False):
+        return cls._from_config(config)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
+    if extra:
+        raise CheckpointError(f"checkpoint has {len(extra)} unexpected tensor(s), e.g. {extra[:5]}")
+    for name, t in state.items():
+        want = expected[name]
+        if t.shape != want.shape or t.dtype != want.dtype:
+            raise CheckpointError(
+                f"tensor {name!r}: checkpoint has {t.dtype} {tuple(t.shape)}, the layer's "
+                f"scheme expects {want.dtype} {tuple(want.shape)}"
+            )
+
+
+@torch.no_grad()
+def load_quantized(
+    directory: str | Path,
+    model: nn.Module | None = None,
+    *,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Load a checkpoint written by :func:`save_quantized`.
+
+    Without ``model`` the directory must hold a Hugging Face ``config.json``: the model
+    is built on the meta device from it (no code from the checkpoint runs).  With
+    ``model`` (a float skeleton, on any device including meta), its linear layers
+    named in the checkpoint are replaced by ``QuantLinear`` shells.  Tensors are then
+    assigned straight from the files, so no full-precision copy is materialised.
+    """
+    directory = Path(directory)
+    files = checkpoint_files(directory)
+    metadata = read_metadata(directory)
+    specs = layer_specs(metadata)
+    aliases = _json_field(metadata, KEY_ALIASES)
+    if model is None:
+        if not (directory / "config.json").is_file():
+            raise CheckpointError(f"{directory}: no config.json; pass the float model as `model=`")
+        model = _build_hf_skeleton(directory, metadata.get(KEY_MODEL_CLASS, ""))
+    for name, spec in specs.items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(
+                f"layer {name!r} from the checkpoint is not in the model"
+            ) from None
+        _set_submodule(model, name, spec.build())
+    expected = {k: v for k, v in model.state_dict().items() if k not in aliases}
+    state = _read_tensors(files)
+    _check_state(expected, state)
+    model.load_state_dict(state, strict=False, assign=True)
+    for alias, source in aliases.items():
+        if alias in expected or source not in state:
+            raise CheckpointError(f"alias {alias!r} -> {source!r} does not fit the model")
+        module_name, _, attr = alias.rpartition(".")
+        src_module, _, src_attr = source.rpartition(".")
+        target = model.get_submodule(module_name)
+        value = getattr(model.get_submodule(src_module), src_attr)
+        if isinstance(value, nn.Parameter):
+            setattr(target, attr, value)
+        else:
+            target.register_buffer(attr, value)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise CheckpointError(f"tensor {name!r} was not restored from the checkpoint")
+    return model.to(device).eval()
