@@ -14,10 +14,28 @@ from typing import Any
 import torch
 import triton
 
+# Triton decides at decoration time whether a kernel is compiled or interpreted, so
+# the mode is read once, when this package (and with it every kernel) is imported.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
 
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return _INTERPRET
+
+
+def output(
+    out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``out`` checked against ``shape``/``dtype`` (callers may pass a preallocated buffer)."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, "
+            f"got {out.dtype} {tuple(out.shape)}"
+        )
+    return out
 
 
 def m_bucket(m: int) -> int:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, m_bucket, run_kernel
+from ._launch import check_device, m_bucket, output, run_kernel
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0
@@ -169,11 +169,13 @@ def quantize_activation(
     smooth: torch.Tensor | None = None,
     static_scale: torch.Tensor | None = None,
     config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x (rows, K)``; returns ``(q, scale)`` (see the module docstring).
 
     ``static_scale`` (one float32 value) replaces the dynamic scale; ``config`` runs
-    one explicit ``BLOCK_M`` config of the row kernel instead of autotuning.
+    one explicit ``BLOCK_M`` config of the row kernel instead of autotuning; ``out``
+    is an optional preallocated ``q``.
     """
     if act_dtype not in ("int8", "fp8"):
         raise ValueError(f"act_dtype must be 'int8' or 'fp8', got {act_dtype!r}")
@@ -187,7 +189,7 @@ def quantize_activation(
         raise ValueError(f"smooth must be ({k},), got {tuple(smooth.shape)}")
     is_fp8 = act_dtype == "fp8"
     qmax = FP8_MAX if is_fp8 else INT8_MAX
-    q = torch.empty(m, k, dtype=torch.float8_e4m3fn if is_fp8 else torch.int8, device=x.device)
+    q = output(out, (m, k), torch.float8_e4m3fn if is_fp8 else torch.int8, x.device)
     dynamic_rows = per_token and static_scale is None
     block_k = min(triton.next_power_of_2(max(k, 1)), MAX_ROW_BLOCK)
     sm = smooth if smooth is not None else x
@@ -237,8 +239,10 @@ def quantize_activation_torch(
     per_token: bool = True,
     smooth: torch.Tensor | None = None,
     static_scale: torch.Tensor | None = None,
+    config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch twin of :func:`quantize_activation`."""
+    """PyTorch twin of :func:`quantize_activation` (``config`` is ignored)."""
     xf = x.float()
     if smooth is not None:
         xf = xf / smooth.float()
@@ -253,4 +257,4 @@ def quantize_activation_torch(
         q = torch.clamp(xf / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     else:
         q = torch.clamp(torch.round(xf / scale), -128, 127).to(torch.int8)
-    return q, scale
+    return (out.copy_(q) if out is not None else q), scale

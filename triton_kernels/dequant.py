@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, run_kernel
+from ._launch import check_device, output, run_kernel
 
 PACKED_DTYPES = (torch.int32,)
 BYTE_DTYPES = (torch.int8, torch.float8_e4m3fn)
@@ -56,7 +56,7 @@ def load_codes(
         code = code & ((1 << BITS) - 1)
         return code.to(tl.int32).to(tl.float32)
     else:
-        return tl.load(row_ptr + k, mask=mask, other=0).to(tl.float32)
+        return tl.load(row_ptr + k, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -248,11 +248,12 @@ def dequantize_weight(
     k: int,
     dtype: torch.dtype = torch.bfloat16,
     config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense ``(N, K)`` weight in ``dtype`` from any format above (Triton)."""
     check_weight(qweight, scales, zeros, bits, group_size, k)
     n = qweight.shape[0]
-    w = torch.empty(n, k, dtype=dtype, device=qweight.device)
+    w = output(out, (n, k), dtype, qweight.device)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
@@ -293,6 +294,7 @@ def dequantize_weight_torch(
     k: int,
     dtype: torch.dtype = torch.bfloat16,
     config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch twin of :func:`dequantize_weight` (``config`` is accepted and ignored)."""
     n = qweight.shape[0]
@@ -306,4 +308,5 @@ def dequantize_weight_torch(
     gidx = gidx // group_size if kernel_group_size(group_size, scales.shape[1]) else gidx * 0
     scale = scales.float().expand(n, scales.shape[1])[:, gidx]
     zero = zeros.float()[:, gidx] if zeros is not None else zero_default
-    return ((codes - zero) * scale).to(dtype)
+    w = ((codes - zero) * scale).to(dtype)
+    return out.copy_(w) if out is not None else w

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import m_bucket, run_kernel
+from ._launch import m_bucket, output, run_kernel
 from .dequant import check_weight, group_index, load_code_tile, load_qparams, weight_meta
 
 
@@ -153,6 +153,7 @@ def dequant_gemm(
     group_size: int,
     split_k: bool = False,
     config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x (M, K) @ dequant(W)^T + bias`` -> ``(M, N)`` in ``x.dtype`` on tensor cores.
 
@@ -164,10 +165,13 @@ def dequant_gemm(
     if x.stride(-1) != 1:
         x = x.contiguous()
     n = qweight.shape[0]
-    if split_k:
-        out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    out = output(out, (m, n), x.dtype, x.device)
+    if split_k:  # float32 partial sums; float32 outputs accumulate in place
+        acc = (
+            out.zero_() if x.dtype == torch.float32 else torch.zeros_like(out, dtype=torch.float32)
+        )
     else:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        acc = out
 
     def grid(meta):
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
@@ -180,16 +184,16 @@ def dequant_gemm(
         grid,
         config,
         x_ptr=x,
-        b_ptr=bias if bias is not None else out,
-        out_ptr=out,
+        b_ptr=bias if bias is not None else acc,
+        out_ptr=acc,
         M=m,
         N=n,
         K=k,
         stride_xm=x.stride(0),
-        stride_om=out.stride(0),
+        stride_om=acc.stride(0),
         M_BUCKET=m_bucket(m),
         HAS_BIAS=bias is not None,
         ATOMIC=split_k,
         **weight_meta(qweight, scales, zeros, bits, group_size),
     )
-    return out.to(x.dtype) if split_k else out
+    return out if acc is out else out.copy_(acc)

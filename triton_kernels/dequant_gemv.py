@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import m_bucket, run_kernel
+from ._launch import m_bucket, output, run_kernel
 from .dequant import check_weight, group_index, load_code_tile, load_qparams, weight_meta
 
 
@@ -129,6 +129,7 @@ def dequant_gemv(
     bits: int,
     group_size: int,
     config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x (M, K) @ dequant(W)^T + bias`` -> ``(M, N)`` in ``x.dtype`` (meant for M = 1)."""
     m, k = x.shape
@@ -136,7 +137,8 @@ def dequant_gemv(
     if x.stride(-1) != 1:
         x = x.contiguous()
     n = qweight.shape[0]
-    acc = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    out = output(out, (m, n), x.dtype, x.device)
+    acc = out.zero_() if x.dtype == torch.float32 else torch.zeros_like(out, dtype=torch.float32)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], m)
@@ -157,4 +159,4 @@ def dequant_gemv(
         HAS_BIAS=bias is not None,
         **weight_meta(qweight, scales, zeros, bits, group_size),
     )
-    return acc if x.dtype == torch.float32 else acc.to(x.dtype)
+    return out if acc is out else out.copy_(acc)

@@ -77,13 +77,14 @@ def fp8_gemm(
     out_dtype: torch.dtype,
     split_k: bool | None = None,
     config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(a @ b^T) * a_scale * b_scale + bias`` in FP8 (Triton); ``split_k`` None picks by M."""
     check_operands(a, b, a_scale, b_scale, bias, torch.float8_e4m3fn)
     check_fp8_support(a.device)
     split_k = a.shape[0] <= SPLIT_K_MAX_M if split_k is None else split_k
     return launch_scaled_gemm(
-        _fp8_split_k, _fp8_tiled, a, b, a_scale, b_scale, bias, out_dtype, split_k, config
+        _fp8_split_k, _fp8_tiled, a, b, a_scale, b_scale, bias, out_dtype, split_k, config, out
     )
 
 
@@ -96,6 +97,8 @@ def fp8_gemm_torch(
     out_dtype: torch.dtype,
     split_k: bool | None = None,
     config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch twin of :func:`fp8_gemm` (``split_k`` and ``config`` are ignored)."""
-    return scaled_gemm_torch(a, b, a_scale, b_scale, bias, out_dtype)
+    result = scaled_gemm_torch(a, b, a_scale, b_scale, bias, out_dtype)
+    return out.copy_(result) if out is not None else result

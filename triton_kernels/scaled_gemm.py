@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import m_bucket, run_kernel
+from ._launch import m_bucket, output, run_kernel
 
 
 @triton.jit
@@ -154,6 +154,7 @@ def launch_scaled_gemm(
     out_dtype: torch.dtype,
     split_k: bool,
     config: triton.Config | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Allocate the output, compute the grid and launch one of the two tunings."""
     a = a if a.stride(-1) == 1 else a.contiguous()
@@ -161,10 +162,15 @@ def launch_scaled_gemm(
     a_scale = a_scale.reshape(-1, 1)
     b_scale = b_scale.reshape(-1, 1)
     (m, k), n = a.shape, b.shape[0]
-    if split_k:
-        out = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+    out = output(out, (m, n), out_dtype, a.device)
+    if split_k:  # float32 partial sums; float32 outputs accumulate in place
+        acc = (
+            out.zero_()
+            if out_dtype == torch.float32
+            else torch.zeros_like(out, dtype=torch.float32)
+        )
     else:
-        out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+        acc = out
     if config is not None and not split_k and config.kwargs["SPLIT_K"] != 1:
         raise ValueError("the tiled GEMM takes SPLIT_K=1 configs only")
 
@@ -180,8 +186,8 @@ def launch_scaled_gemm(
         b_ptr=b,
         a_scale_ptr=a_scale,
         b_scale_ptr=b_scale,
-        bias_ptr=bias if bias is not None else out,
-        out_ptr=out,
+        bias_ptr=bias if bias is not None else acc,
+        out_ptr=acc,
         M=m,
         N=n,
         K=k,
@@ -189,11 +195,11 @@ def launch_scaled_gemm(
         stride_bn=b.stride(0),
         stride_asm=0 if a_scale.shape[0] == 1 else 1,
         stride_bsn=0 if b_scale.shape[0] == 1 else 1,
-        stride_om=out.stride(0),
+        stride_om=acc.stride(0),
         M_BUCKET=m_bucket(m),
         HAS_BIAS=bias is not None,
     )
-    return out.to(out_dtype) if split_k else out
+    return out if acc is out else out.copy_(acc)
 
 
 def scaled_gemm_torch(

@@ -53,12 +53,13 @@ def int8_gemm(
     out_dtype: torch.dtype,
     split_k: bool | None = None,
     config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(a @ b^T) * a_scale * b_scale + bias`` (Triton); ``split_k`` None picks by M."""
     check_operands(a, b, a_scale, b_scale, bias, torch.int8)
     split_k = a.shape[0] <= SPLIT_K_MAX_M if split_k is None else split_k
     return launch_scaled_gemm(
-        _int8_split_k, _int8_tiled, a, b, a_scale, b_scale, bias, out_dtype, split_k, config
+        _int8_split_k, _int8_tiled, a, b, a_scale, b_scale, bias, out_dtype, split_k, config, out
     )
 
 
@@ -71,6 +72,8 @@ def int8_gemm_torch(
     out_dtype: torch.dtype,
     split_k: bool | None = None,
     config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch twin of :func:`int8_gemm` (``split_k`` and ``config`` are ignored)."""
-    return scaled_gemm_torch(a, b, a_scale, b_scale, bias, out_dtype)
+    result = scaled_gemm_torch(a, b, a_scale, b_scale, bias, out_dtype)
+    return out.copy_(result) if out is not None else result
