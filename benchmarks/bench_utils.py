@@ -62,7 +62,6 @@ def rotating(first: tuple, bytes_per_set: int, smoke: bool) -> list[tuple]:
 def time_us(fn: Callable[..., object], sets: list[tuple], smoke: bool, rep: int = 100) -> float:
     """Median microseconds of ``fn(*set)``, cycling through ``sets``; NaN when smoke."""
     if smoke:
-        fn(*sets[0])
         return float("nan")
     import triton.testing
 

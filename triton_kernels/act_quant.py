@@ -140,7 +140,7 @@ def _scale_from_absmax_kernel(amax_ptr, scale_ptr, QMAX: tl.constexpr):
 
 
 def _row_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (1, 2, 4, 8) for w in (4, 8, 16)]
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (8, 4, 2, 1) for w in (4, 8, 16)]
 
 
 def _prune_rows(configs, named_args, **kwargs):
