@@ -85,32 +85,47 @@ def _quantize_rows_kernel(
     IS_FP8: tl.constexpr,
     HAS_SMOOTH: tl.constexpr,
     PER_TOKEN: tl.constexpr,
+    K_BOUND: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """Per token: scales from each row's max; per tensor: ``scale_ptr`` holds the scale."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
-    if PER_TOKEN:
-        # -- max |x| of each row (the whole row at once when it fits one block)
-        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if PER_TOKEN and BLOCK_K >= K_BOUND:
+        # -- one pass: whole rows in registers, max |x|, scale, quantize, store
+        offs_k = tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (offs_k[None, :] < K)
+        x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
+        scale = _scale_from_absmax(tl.max(tl.abs(x), axis=1), QMAX)
+        tl.store(scale_ptr + rows, scale, mask=row_mask)
+        q = _quantize_values(x, scale[:, None], IS_FP8)
+        tl.store(q_ptr + rows[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
+    else:
+        if PER_TOKEN:
+            # -- long rows: max |x| block by block, then a second (mostly L2) read
+            amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask = row_mask[:, None] & (offs_k[None, :] < K)
+                x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
+                amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+            scale = _scale_from_absmax(amax, QMAX)
+            tl.store(scale_ptr + rows, scale, mask=row_mask)
+        else:
+            scale = tl.load(scale_ptr + rows * 0)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask = row_mask[:, None] & (offs_k[None, :] < K)
             x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        scale = tl.math.div_rn(amax, QMAX)
-        scale = tl.where(scale > 0.0, scale, 1.0)
-        tl.store(scale_ptr + rows, scale, mask=row_mask)
-    else:
-        scale = tl.load(scale_ptr + rows * 0)
-    # -- quantize (a single-block row is still in registers)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = row_mask[:, None] & (offs_k[None, :] < K)
-        x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
-        q = _quantize_values(x, scale[:, None], IS_FP8)
-        tl.store(q_ptr + rows[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
+            q = _quantize_values(x, scale[:, None], IS_FP8)
+            tl.store(q_ptr + rows[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
+
+
+@triton.jit
+def _scale_from_absmax(amax, QMAX: tl.constexpr):
+    scale = tl.math.div_rn(amax, QMAX)
+    return tl.where(scale > 0.0, scale, 1.0)
 
 
 @triton.jit
@@ -135,8 +150,7 @@ def _absmax_kernel(
 
 @triton.jit
 def _scale_from_absmax_kernel(amax_ptr, scale_ptr, QMAX: tl.constexpr):
-    scale = tl.math.div_rn(tl.load(amax_ptr), QMAX)
-    tl.store(scale_ptr, tl.where(scale > 0.0, scale, 1.0))
+    tl.store(scale_ptr, _scale_from_absmax(tl.load(amax_ptr), QMAX))
 
 
 def _row_configs() -> list[triton.Config]:
@@ -159,6 +173,7 @@ _quantize_rows_tuned = triton.autotune(
     _row_configs(),
     key=["M_BUCKET", "K", "IS_FP8", "PER_TOKEN", "HAS_SMOOTH"],
     prune_configs_by={"early_config_prune": _prune_rows},
+    cache_results=True,
 )(_quantize_rows_kernel)
 
 
@@ -228,6 +243,7 @@ def quantize_activation(
         IS_FP8=is_fp8,
         HAS_SMOOTH=smooth is not None,
         PER_TOKEN=dynamic_rows,
+        K_BOUND=triton.next_power_of_2(max(k, 1)),
         BLOCK_K=block_k,
     )
     return q, scale

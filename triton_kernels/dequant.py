@@ -167,9 +167,9 @@ _DEQUANT_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4),
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=8),
 ]
-_dequantize_tuned = triton.autotune(_DEQUANT_CONFIGS, key=["N", "K", "BITS", "GROUP_SIZE"])(
-    _dequantize_kernel
-)
+_dequantize_tuned = triton.autotune(
+    _DEQUANT_CONFIGS, key=["N", "K", "BITS", "GROUP_SIZE"], cache_results=True
+)(_dequantize_kernel)
 
 
 # -- launcher-side checks shared by the matmul families

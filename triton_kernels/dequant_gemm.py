@@ -139,8 +139,10 @@ TILED_CONFIGS = [
 ]
 
 _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS"]
-_split_k_tuned = triton.autotune(SPLIT_K_CONFIGS, key=_KEY, reset_to_zero=["out_ptr"])(_gemm_kernel)
-_tiled_tuned = triton.autotune(TILED_CONFIGS, key=_KEY)(_gemm_kernel)
+_split_k_tuned = triton.autotune(
+    SPLIT_K_CONFIGS, key=_KEY, reset_to_zero=["out_ptr"], cache_results=True
+)(_gemm_kernel)
+_tiled_tuned = triton.autotune(TILED_CONFIGS, key=_KEY, cache_results=True)(_gemm_kernel)
 
 
 def dequant_gemm(

@@ -117,6 +117,7 @@ _gemv_tuned = triton.autotune(
     key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS"],
     prune_configs_by={"early_config_prune": _prune_gemv},
     reset_to_zero=["acc_ptr"],
+    cache_results=True,
 )(_gemv_kernel)
 
 

@@ -113,6 +113,7 @@ def tune(configs: list[triton.Config], split_k: bool):
         configs,
         key=["M_BUCKET", "N", "K"],
         reset_to_zero=["out_ptr"] if split_k else None,
+        cache_results=True,
     )(scaled_gemm_kernel)
 
 
