@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, m_bucket, output, run_kernel
+from ._launch import check_device, check_fp8_support, m_bucket, output, run_kernel
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0
@@ -197,6 +197,8 @@ def quantize_activation(
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a 2-D float tensor (rows, K), got {x.dtype} {tuple(x.shape)}")
     check_device(x, smooth, static_scale)
+    if act_dtype == "fp8":
+        check_fp8_support(x.device)
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape

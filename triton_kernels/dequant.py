@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, output, run_kernel
+from ._launch import check_device, check_fp8_support, output, run_kernel
 
 PACKED_DTYPES = (torch.int32,)
 BYTE_DTYPES = (torch.int8, torch.float8_e4m3fn)
@@ -204,6 +204,8 @@ def check_weight(
             raise ValueError(f"{qweight.dtype} qweight must be (N, {k}) with bits=8")
         if zeros is not None:
             raise ValueError("8-bit int8/fp8 storage is symmetric: zeros must be None")
+        if qweight.dtype == torch.float8_e4m3fn:
+            check_fp8_support(qweight.device)
     else:
         raise ValueError(f"qweight dtype {qweight.dtype} is not int32 (packed), int8 or fp8")
     if qweight.stride(-1) != 1:
