@@ -149,7 +149,7 @@ def _dequantize_kernel(
     # -- tile of the (N, K) weight owned by this program
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    n = offs_n[:, None]
+    n = offs_n[:, None].to(tl.int64)  # N * K may pass 2**31 elements
     k = offs_k[None, :]
     mask = (n < N) & (k < K)
     # -- codes and qparams, then (code - zero) * scale in float32
