@@ -26,15 +26,25 @@ MAX_JSON_BYTES = 64 * 2**20
 QUANTIZATION_CONFIG_FIELDS = ("quant_method", "format_version", "config")
 
 
-def read_json_file(path: Path, what: str) -> Any:
-    """Parse a small JSON file, refusing oversized files and duplicate keys."""
+def read_small_file(path: Path, what: str) -> bytes:
+    """The bytes of a regular file beside the checkpoint (no symlink out, no FIFO, bounded)."""
+    if not path.parent.resolve() == path.resolve().parent:
+        raise CheckpointError(f"{what}: is a symlink leading outside {path.parent}")
+    if not path.is_file():
+        raise CheckpointError(f"{what}: missing or not a regular file")
     try:
         size = path.stat().st_size
         if size > MAX_JSON_BYTES:
             raise CheckpointError(f"{what}: {size} bytes exceeds the {MAX_JSON_BYTES}-byte limit")
-        text = path.read_bytes().decode("utf-8")
+        return path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"{what}: cannot read ({exc})") from None
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """Parse a small JSON file, refusing oversized files and duplicate keys."""
+    try:
+        text = read_small_file(path, what).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CheckpointError(f"{what}: not UTF-8 text ({exc})") from None
 
