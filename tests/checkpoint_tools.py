@@ -84,3 +84,30 @@ def reseal_config_json(directory: Path) -> None:
         record["config.json"] = want
         meta[KEY_DIGESTS] = json.dumps(record)
         save_file(load_file(shard), str(shard), metadata=meta)
+
+
+def make_hf_model(seed: int = 0) -> nn.Module:
+    """A two-layer Llama small enough to build in a fraction of a second."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+HF_CONFIG = QuantConfig("w4a16", overrides={"re:.*mlp.*": "w8a16"})
+
+
+def save_small_hf_checkpoint(directory: Path, **kwargs) -> nn.Module:
+    """A converted tiny Llama (with ``config.json``) saved to ``directory``."""
+    model, _ = convert_model(make_hf_model(), HF_CONFIG, progress=False)
+    save_quantized(model, directory, config=HF_CONFIG, **kwargs)
+    return model

@@ -248,14 +248,24 @@ def _has_nonfinite(t: torch.Tensor) -> bool:
 
 
 def check_loaded_values(state: Mapping[str, torch.Tensor], model: nn.Module) -> None:
-    """Values a correct save never writes: NaN/Inf anywhere, zero points beyond the bit width."""
+    """Values a correct save never writes: NaN/Inf, scales <= 0, zero points beyond the bits."""
     for name, t in state.items():
         if t.is_floating_point() and _has_nonfinite(t):
             raise CheckpointError(f"tensor {name!r} holds NaN/Inf; refusing to load it")
     for prefix, module in model.named_modules():
         scheme = getattr(module, "scheme", None)
+        if scheme is None:
+            continue
+        for field in ("scales", "input_scale", "smooth_scale"):
+            key = f"{prefix}.{field}" if prefix else field
+            t = state.get(key)
+            if t is not None and t.numel() and not bool((t.float() > 0).all()):
+                raise CheckpointError(
+                    f"tensor {key!r}: holds a scale <= 0 ({float(t.float().min()):.3g}); every "
+                    "scale must be positive"
+                )
         zeros = state.get(f"{prefix}.zeros" if prefix else "zeros")
-        if scheme is None or zeros is None or scheme.weight.type != "int":
+        if zeros is None or scheme.weight.type != "int":
             continue
         limit = (1 << scheme.weight.bits) - 1
         if zeros.numel() and int(zeros.max()) > limit:

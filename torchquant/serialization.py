@@ -26,7 +26,8 @@ from torchquant import checkpoint_checks as checks
 from torchquant import digests
 from torchquant.atomic import staged_directory
 from torchquant.config import QuantConfig, QuantScheme
-from torchquant.errors import CheckpointError, TorchquantError
+from torchquant.errors import CheckpointError, ConfigError, TorchquantError
+from torchquant.hf_skeleton import build_hf_skeleton
 from torchquant.modules import QuantLinear
 from torchquant.safetensors_check import SafetensorsHeader, check_safetensors
 
@@ -275,6 +276,19 @@ def _verified_digests(header: SafetensorsHeader) -> dict:
     return record
 
 
+def _check_config_field(metadata: dict[str, str]) -> None:
+    """The recorded ``QuantConfig``, when there is one, must be a valid config."""
+    if KEY_CONFIG not in metadata:
+        return
+    data = _json_field(metadata, KEY_CONFIG)
+    try:
+        QuantConfig.from_dict(data)
+    except ConfigError as exc:
+        raise CheckpointError(
+            f"metadata field {KEY_CONFIG!r} is not a valid QuantConfig: {exc}"
+        ) from None
+
+
 def _json_field(metadata: dict[str, str], key: str) -> Any:
     try:
         return json.loads(metadata.get(key, "{}"))
@@ -305,32 +319,6 @@ def _read_tensors(files: list[Path], records: list[dict]) -> dict[str, torch.Ten
         digests.check_tensor_digests(path.name, shard, record)
         state.update(shard)
     return state
-
-
-def _build_hf_skeleton(directory: Path, class_name: str) -> nn.Module:
-    try:
-        import transformers
-        from accelerate import init_empty_weights
-    except ImportError as exc:
-        raise CheckpointError(
-            f"loading a Hugging Face checkpoint needs transformers ({exc})"
-        ) from None
-    cls = getattr(transformers, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise CheckpointError(f"model class {class_name!r} is not a transformers model class")
-    config_data = checks.read_json_file(directory / "config.json", "config.json")
-    if not isinstance(config_data, dict):
-        raise CheckpointError("config.json: expected a JSON object")
-    config_data.pop("quantization_config", None)
-    model_type = config_data.pop("model_type", None)
-    try:
-        config = transformers.AutoConfig.for_model(model_type, **config_data)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"config.json: unknown or bad model_type {model_type!r} ({exc})"
-        ) from None
-    with init_empty_weights(include_buffers=False):
-        return cls._from_config(config)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -380,13 +368,15 @@ def load_quantized(
     metadata = headers[0].metadata
     for record in records:
         digests.check_config_json_digest(directory, record)
+    _check_config_field(metadata)
     checks.check_quantization_config(directory, metadata, FORMAT_VERSION, KEY_CONFIG)
     specs = layer_specs(metadata)
     aliases = checks.check_aliases(_json_field(metadata, KEY_ALIASES))
     if model is None:
         if not (directory / "config.json").is_file():
             raise CheckpointError(f"{directory}: no config.json; pass the float model as `model=`")
-        model = _build_hf_skeleton(directory, metadata.get(KEY_MODEL_CLASS, ""))
+        num_tensors = sum(len(h.entries) for h in headers)
+        model = build_hf_skeleton(directory, metadata.get(KEY_MODEL_CLASS, ""), num_tensors)
     for name, spec in specs.items():
         try:
             target = model.get_submodule(name) if name else None
