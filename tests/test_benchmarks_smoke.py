@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,3 +69,18 @@ def test_run_all_lists_every_script():
     scripts = ("bench_weight_only", "bench_act_quant", "bench_w8a8", "bench_fp8", "bench_decode")
     for script in scripts:
         assert script in text and (BENCHMARKS / f"{script}.py").exists()
+
+
+def test_kernel_resources_compiles_for_a_gpu_without_one():
+    """The ahead-of-time compile check runs the real Triton pipeline down to ptxas."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    script = BENCHMARKS / "kernel_resources.py"
+    args = ["--arch", "80", "--first", "--only", "gemv w8"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| gemv w8"))
+    registers = int(row.split("|")[4])
+    assert 0 < registers <= 255
