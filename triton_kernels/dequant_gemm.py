@@ -117,7 +117,9 @@ def _config(bm, bn, bk, split_k, warps, stages, group_m=8) -> triton.Config:
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
-# decode / small batch: 16-row MMA tiles, the weight split over K across the SMs
+# decode / small batch: 16-row MMA tiles, the weight split over K across the SMs.  The
+# 8-warp tiles are the ones ptxas compiles without spills for 4-bit weights on sm_90
+# (benchmarks/kernel_resources.py); the autotuner decides by time.
 SPLIT_K_CONFIGS = (
     [
         _config(16, bn, bk, sk, 4, st)
@@ -125,6 +127,7 @@ SPLIT_K_CONFIGS = (
         for sk in (1, 2, 4, 8)
         for st in (3, 4)
     ]
+    + [_config(16, bn, bk, sk, 8, 3) for bn, bk in ((64, 128), (256, 64)) for sk in (1, 2, 4, 8)]
     + [_config(32, 64, 128, sk, 4, 4) for sk in (1, 2, 4)]
     + [_config(64, 64, 64, sk, 4, 4) for sk in (1, 2, 4)]
 )
