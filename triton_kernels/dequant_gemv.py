@@ -7,7 +7,9 @@ each program reduces one K slice of ``BLOCK_N`` weight rows and atomically adds 
 partial sums into a zeroed float32 ``(M, N)`` buffer, so that even an ``N = 4096``
 layer spreads over every SM.  When a K tile lies inside one quantization group the
 scale and zero are applied once per tile and row (``s * (sum(x*c) - z*sum(x))``)
-instead of once per weight.  Bias is added by the first K slice.
+instead of once per weight.  Bias is added by the first K slice.  (With that
+factoring an infinite activation meeting a zero code gives NaN where the unfactored
+product gives +-Inf: the row is non-finite either way.)
 """
 
 from __future__ import annotations
