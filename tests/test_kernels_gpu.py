@@ -109,6 +109,17 @@ def test_cuda_graph_capture_of_decode(scheme, batch):
         assert_matches(static_out, model(static_x))
 
 
+def test_capture_without_warm_up_says_what_to_do():
+    layer = _layer("w4a16", 1234, 640, group_size=64)  # a shape no other test tunes
+    x = torch.randn(3, 640, device="cuda", dtype=torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="run the model once with the same shapes"):
+        with torch.cuda.graph(graph):
+            layer(x)
+    torch.cuda.synchronize()
+    assert relative_error(layer(x), layer.cpu()(x.cpu())) < 1e-2  # fine after the warm-up
+
+
 @pytest.mark.skipif(not ON_GPU or fp8_supported(), reason="needs a GPU without FP8 support")
 def test_fp8_falls_back_on_older_gpus():
     layer = _layer("fp8", 64, 128)

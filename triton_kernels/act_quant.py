@@ -27,7 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, check_fp8_support, m_bucket, output, run_kernel
+from ._launch import (
+    autotune_benchmark,
+    check_device,
+    check_fp8_support,
+    m_bucket,
+    output,
+    run_kernel,
+)
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0
@@ -214,6 +221,7 @@ _quantize_rows_tuned = triton.autotune(
     key=["M_BUCKET", "K", "IS_FP8", "PER_TOKEN", "HAS_SMOOTH"],
     prune_configs_by={"early_config_prune": _prune_rows},
     cache_results=True,
+    do_bench=autotune_benchmark,
 )(_quantize_rows_kernel)
 
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import m_bucket, output, run_kernel
+from ._launch import autotune_benchmark, m_bucket, output, run_kernel
 from .dequant import check_weight, group_index, load_code_tile, load_qparams, weight_meta
 
 
@@ -145,9 +145,15 @@ TILED_CONFIGS = [
 
 _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS"]
 _split_k_tuned = triton.autotune(
-    SPLIT_K_CONFIGS, key=_KEY, reset_to_zero=["out_ptr"], cache_results=True
+    SPLIT_K_CONFIGS,
+    key=_KEY,
+    reset_to_zero=["out_ptr"],
+    cache_results=True,
+    do_bench=autotune_benchmark,
 )(_gemm_kernel)
-_tiled_tuned = triton.autotune(TILED_CONFIGS, key=_KEY, cache_results=True)(_gemm_kernel)
+_tiled_tuned = triton.autotune(
+    TILED_CONFIGS, key=_KEY, cache_results=True, do_bench=autotune_benchmark
+)(_gemm_kernel)
 
 
 def dequant_gemm(

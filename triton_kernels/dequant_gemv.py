@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import m_bucket, output, run_kernel
+from ._launch import autotune_benchmark, m_bucket, output, run_kernel
 from .dequant import check_weight, group_index, load_code_tile, load_qparams, weight_meta
 
 
@@ -123,6 +123,7 @@ _gemv_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_gemv},
     reset_to_zero=["acc_ptr"],
     cache_results=True,
+    do_bench=autotune_benchmark,
 )(_gemv_kernel)
 
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import m_bucket, output, run_kernel
+from ._launch import autotune_benchmark, m_bucket, output, run_kernel
 
 
 @triton.jit
@@ -117,6 +117,7 @@ def tune(configs: list[triton.Config], split_k: bool):
         key=["M_BUCKET", "N", "K"],
         reset_to_zero=["out_ptr"] if split_k else None,
         cache_results=True,
+        do_bench=autotune_benchmark,
     )(scaled_gemm_kernel)
 
 
