@@ -51,7 +51,7 @@ def _gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K,  # a runtime value: one binary serves every split factor (fewer compiles)
     ATOMIC: tl.constexpr,
 ):
     # -- output tile of this program, grouped along M so weight tiles are reused from L2
