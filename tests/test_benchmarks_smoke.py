@@ -48,6 +48,17 @@ def test_decode_smoke_run(benchmarks_on_path, capsys):
         assert f"| 2 | {scheme} |" in out
 
 
+def test_decode_step_bytes_count_weights_cache_rows_and_used_embeddings(benchmarks_on_path):
+    bench_decode = importlib.import_module("bench_decode")
+    shape, context = bench_decode.SMOKE_SHAPE, 16
+    model = bench_decode.build(shape, 4, context, "bf16", torch.float32, torch.device("cpu"))
+    weights = sum(p.numel() for n, p in model.named_parameters() if n != "embed_tokens.weight")
+    cache_per_sequence = shape.layers * 2 * shape.kv_heads * context * shape.hidden // shape.heads
+    for batch in (1, 4):
+        expected = 4 * (weights + batch * (cache_per_sequence + shape.hidden))
+        assert bench_decode.step_bytes(model, batch) == expected
+
+
 def test_table_ratios_and_wrong_results(benchmarks_on_path, capsys):
     bench_utils = importlib.import_module("bench_utils")
     table = bench_utils.Table("t", copy_gbs=1000.0, baselines={"ours": "theirs"})
