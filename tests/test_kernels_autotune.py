@@ -73,6 +73,7 @@ def tuner(monkeypatch):
         bench = _CountingBench()
         monkeypatch.setitem(tuned.__dict__, "do_bench", bench)  # a cached_property
         monkeypatch.setattr(tuned, "cache", {})
+        monkeypatch.setattr(tuned, "cache_results", False)  # no made-up timings on disk
         monkeypatch.setattr(tuned, "configs", configs)
         for module in modules:
             monkeypatch.setattr(module, "run_kernel", lambda k, grid, config, **a: k[grid](**a))
