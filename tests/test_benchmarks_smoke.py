@@ -67,12 +67,15 @@ def test_table_ratios_and_wrong_results(benchmarks_on_path, capsys):
     ref = torch.ones(4)
     assert table.check("8x8", 1, "ours", ref * 1.001, ref, 1e-2)
     assert not table.check("8x8", 16, "broken", ref * 2, ref, 1e-2)
+    table.unavailable("8x8", 16, "theirs", RuntimeError("K must be a multiple of 128\nmore"))
     with pytest.raises(SystemExit) as exit_info:
         table.finish("smoke ok", smoke=True)
     assert exit_info.value.code == 1
     out = capsys.readouterr().out
     assert "| 8x8 | 1 | ours | 10.0 | 3.00x | 3.00x vs theirs | 300 | 30% |" in out
     assert "broken WRONG" in out and "smoke ok" not in out
+    assert "theirs unavailable (RuntimeError: K must be a multiple of 128)" in out
+    assert out.count("WRONG") == 2  # the row and the summary; an unavailable baseline is not
 
 
 def test_run_all_lists_every_script():
