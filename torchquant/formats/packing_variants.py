@@ -1,0 +1,61 @@
+"""Int32 packings used by other libraries, expressed with our canonical bitstream packing.
+
+Our packing (``numerics.packing``) writes codes as one little-endian bitstream per row,
+``ceil(K/32)*bits`` words.  compressed-tensors (releases since mid-2026) writes the same bitstream
+but keeps only the ``ceil(K*bits/32)`` words that hold codes; its earlier releases
+wrote ``32 // bits`` codes per word, leaving the top bits of each word unused for
+3/5/6/7 bits.  GPTQ packs the same bitstream along the *input* dimension of a
+``(K, N)`` matrix, which is our layout transposed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchquant.errors import CheckpointError
+from torchquant.numerics import pack_codes, packed_width, unpack_codes
+
+
+def dense_width(num_codes: int, bits: int) -> int:
+    """Words holding ``num_codes`` codes densely, without trailing padding words."""
+    return -(-num_codes * bits // 32)
+
+
+def padded_width(num_codes: int, bits: int) -> int:
+    """Words holding ``num_codes`` codes at ``32 // bits`` codes per word."""
+    return -(-num_codes // (32 // bits))
+
+
+def pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``(rows, K)`` -> int32 ``(rows, ceil(K*bits/32))``, little-endian bitstream."""
+    return pack_codes(codes, bits)[:, : dense_width(codes.shape[1], bits)].contiguous()
+
+
+def unpack_dense(words: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
+    full = packed_width(num_codes, bits)
+    padded = torch.nn.functional.pad(words, (0, full - words.shape[1]))
+    return unpack_codes(padded.contiguous(), bits, num_codes)
+
+
+def unpack_per_word(words: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
+    """Inverse of ``32 // bits`` codes per word, lowest bits first."""
+    per_word = 32 // bits
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    codes = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(words.shape[0], -1)[:, :num_codes].to(torch.uint8)
+
+
+def unpack_rows(words: torch.Tensor, bits: int, num_codes: int, what: str) -> torch.Tensor:
+    """Unpack compressed-tensors rows, telling the dense and per-word layouts by width."""
+    if words.dtype != torch.int32 or words.dim() != 2:
+        raise CheckpointError(f"{what}: expected a 2-D int32 tensor, got {words.dtype}")
+    width = words.shape[1]
+    if width == dense_width(num_codes, bits):
+        return unpack_dense(words, bits, num_codes)
+    if width == padded_width(num_codes, bits):
+        return unpack_per_word(words, bits, num_codes)
+    raise CheckpointError(
+        f"{what}: {width} words cannot hold {num_codes} codes of {bits} bits "
+        f"(expected {dense_width(num_codes, bits)} or {padded_width(num_codes, bits)})"
+    )
