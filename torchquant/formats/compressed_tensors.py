@@ -403,12 +403,14 @@ def load_compressed_tensors(directory: str | Path) -> nn.Module:
     The model is built on the meta device from ``config.json``; every tensor is taken
     straight from the files, so no full-precision weight is ever materialised.
     """
+    files, declared = hf.declared_tensors(directory)
     config = hf.read_config(directory)
     qc = parse_quantization_config(config.get("quantization_config"))
     model = hf.build_skeleton(directory, config)
     layer_types = hf.linear_layer_names(model)
     plan = _assign_groups(qc, layer_types)
-    tensors = hf.read_tensors(directory)
+    hf.check_float_tensors(model, declared, list(plan))
+    tensors = hf.read_tensors(files, model)
 
     def make(name: str, local: dict[str, torch.Tensor]) -> QuantLinear:
         if layer_types[name] != "Linear":

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from torchquant import checkpoint_checks as checks
 from torchquant.atomic import staged_directory
 from torchquant.errors import CheckpointError
 from torchquant.modules import QuantLinear
+from torchquant.safetensors_check import TensorEntry, check_safetensors
 from torchquant.serialization import (
     DEFAULT_MAX_SHARD_BYTES,
     INDEX_FILE,
@@ -29,6 +30,7 @@ from torchquant.serialization import (
     _build_hf_skeleton,
     _dedupe,
     _parse_size,
+    _read_tensors,
     _set_submodule,
     _shard,
 )
@@ -98,64 +100,51 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    data = checks.read_json_file(path, "config.json")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
 
 
-def _load_file(path: Path, into: dict[str, torch.Tensor]) -> list[str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            for key in keys:
-                if key in into:
-                    raise CheckpointError(f"{path.name}: tensor {key!r} appears in two shards")
-                into[key] = f.get_tensor(key)
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path.name}: unreadable or truncated ({exc})") from None
-    return keys
+def declared_tensors(directory: str | Path) -> tuple[list[Path], dict[str, TensorEntry]]:
+    """The folder's validated shards and every tensor they declare, read from headers only.
 
-
-def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of the folder; a shard index must match the shards' contents exactly."""
+    Shard names must stay inside the folder, each header must be sound (sizes that
+    match shapes and the file, within the memory budget) and a shard index must
+    agree with the shards tensor by tensor, all before any tensor is allocated.
+    """
     directory = Path(directory)
-    index_path = directory / INDEX_FILE
-    if not index_path.is_file():
-        if not (directory / SINGLE_FILE).is_file():
-            raise CheckpointError(f"{directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
-        state: dict[str, torch.Tensor] = {}
-        _load_file(directory / SINGLE_FILE, state)
-        return state
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not a mapping")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{INDEX_FILE}: malformed index ({exc})") from None
-    root = directory.resolve()
-    state = {}
-    for fname in sorted(set(weight_map.values())):
-        path = (directory / str(fname)).resolve()
-        if path.parent != root:
-            raise CheckpointError(f"{INDEX_FILE}: shard {fname!r} lies outside {directory}")
-        if not path.is_file():
-            raise CheckpointError(f"{INDEX_FILE}: shard {fname!r} is missing")
-        for key in _load_file(path, state):
-            if weight_map.get(key) != fname:
-                raise CheckpointError(
-                    f"{INDEX_FILE} does not match the shards: tensor {key!r} is in {fname!r} "
-                    f"but the index says {weight_map.get(key)!r}"
-                )
-    missing = sorted(set(weight_map) - set(state))
-    if missing:
-        raise CheckpointError(
-            f"{INDEX_FILE} does not match the shards: {len(missing)} indexed tensor(s) are "
-            f"absent, e.g. {missing[:3]}"
-        )
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    files = checks.shard_files(directory, SINGLE_FILE, INDEX_FILE)
+    headers = [check_safetensors(path) for path in files]
+    if (directory / INDEX_FILE).exists():
+        checks.check_index_matches_shards(directory, INDEX_FILE, headers)
+    return files, checks.declared_entries(headers)
+
+
+def check_float_tensors(
+    model: nn.Module, declared: dict[str, TensorEntry], quantized: list[str]
+) -> None:
+    """Tensors outside the quantized layers must be the skeleton's, shape for shape."""
+    expected = model.state_dict()
+    prefixes = tuple(f"{name}." for name in quantized)
+    for key, entry in declared.items():
+        if key.startswith(prefixes):
+            continue
+        if key not in expected:
+            raise CheckpointError(f"checkpoint has tensor {key!r}, which the model does not")
+        if entry.shape != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"tensor {key!r}: checkpoint declares {entry.shape}, the model expects "
+                f"{tuple(expected[key].shape)}"
+            )
+
+
+def read_tensors(files: list[Path], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the validated ``files``, refusing NaN/Inf values."""
+    state = _read_tensors(files)
+    checks.check_loaded_values(state, model)
     return state
 
 
@@ -188,7 +177,8 @@ def assemble(
     remaining = dict(tensors)
     for name in layer_names:
         prefix = f"{name}."
-        local = {k[len(prefix) :]: remaining.pop(k) for k in list(remaining) if k.startswith(prefix)}
+        keys = [k for k in remaining if k.startswith(prefix)]
+        local = {k[len(prefix) :]: remaining.pop(k) for k in keys}
         if not local:
             raise CheckpointError(f"layer {name!r}: no tensors for it in the checkpoint")
         layer = make_layer(name, local)
@@ -215,3 +205,36 @@ def assemble(
         if t.device.type == "meta":
             raise CheckpointError(f"tensor {key!r} is not in the checkpoint")
     return model.eval()
+
+
+def load_packed_folder(
+    directory: str | Path,
+    parse: Callable[[str | Path, dict[str, Any]], dict[str, Any]],
+    marker: str,
+    make_layer: Callable[[dict[str, torch.Tensor], dict[str, Any], str], QuantLinear],
+) -> nn.Module:
+    """Load a folder whose quantized layers are the ones holding a ``<layer>.<marker>`` tensor.
+
+    ``parse(directory, config)`` validates the format's config; ``make_layer(local,
+    parsed, name)`` builds each layer from its tensors.  Headers, the shard index and
+    the float tensors' shapes are all checked before any tensor is read.
+    """
+    files, declared = declared_tensors(directory)
+    config = read_config(directory)
+    parsed = parse(directory, config)
+    model = build_skeleton(directory, config)
+    linear = linear_layer_names(model)
+    suffix = f".{marker}"
+    marked = {k[: -len(suffix)] for k in declared if k.endswith(suffix)}
+    if not marked:
+        raise CheckpointError(f"{directory}: no quantized layers (no tensor named '*{suffix}')")
+    stray = sorted(marked - set(linear))
+    if stray:
+        raise CheckpointError(
+            f"layer {stray[0]!r} holds quantized tensors but is not a linear layer of "
+            f"{type(model).__name__}"
+        )
+    names = [name for name in linear if name in marked]
+    check_float_tensors(model, declared, names)
+    tensors = read_tensors(files, model)
+    return assemble(model, tensors, names, lambda name, local: make_layer(local, parsed, name))

@@ -5,7 +5,10 @@ Our packing (``numerics.packing``) writes codes as one little-endian bitstream p
 but keeps only the ``ceil(K*bits/32)`` words that hold codes; its earlier releases
 wrote ``32 // bits`` codes per word, leaving the top bits of each word unused for
 3/5/6/7 bits.  GPTQ packs the same bitstream along the *input* dimension of a
-``(K, N)`` matrix, which is our layout transposed.
+``(K, N)`` matrix (our layout transposed; its 3-bit packing is that bitstream too),
+its zero points along the output dimension.  AWQ's GEMM layout packs 4-bit codes
+along the output dimension, eight per word in the interleaved column order
+``0 2 4 6 1 3 5 7``.
 """
 
 from __future__ import annotations
@@ -59,3 +62,57 @@ def unpack_rows(words: torch.Tensor, bits: int, num_codes: int, what: str) -> to
         f"{what}: {width} words cannot hold {num_codes} codes of {bits} bits "
         f"(expected {dense_width(num_codes, bits)} or {padded_width(num_codes, bits)})"
     )
+
+
+# -- GPTQ and AWQ: (K, N) matrices, packed along the input (GPTQ qweight) or output dimension
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column AWQ_ORDER[i] of its 8
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+
+
+def pack_columns(values: torch.Tensor, bits: int, what: str) -> torch.Tensor:
+    """Codes ``(R, C)`` -> int32 ``(R, C*bits/32)``, a bitstream along each row."""
+    if values.shape[1] * bits % 32:
+        raise CheckpointError(
+            f"{what}: {values.shape[1]} codes of {bits} bits do not fill whole int32 words"
+        )
+    return pack_dense(values, bits)
+
+
+def unpack_columns(words: torch.Tensor, bits: int, num_codes: int, what: str) -> torch.Tensor:
+    """Inverse of :func:`pack_columns`, checking the word count."""
+    if words.dtype != torch.int32 or words.dim() != 2:
+        raise CheckpointError(f"{what}: expected a 2-D int32 tensor, got {words.dtype}")
+    if words.shape[1] * 32 != num_codes * bits:
+        raise CheckpointError(
+            f"{what}: {words.shape[1]} words per row cannot hold {num_codes} codes of {bits} bits"
+        )
+    return unpack_dense(words, bits, num_codes)
+
+
+def pack_rows(values: torch.Tensor, bits: int, what: str) -> torch.Tensor:
+    """Codes ``(R, C)`` -> int32 ``(R*bits/32, C)``, a bitstream down each column (GPTQ)."""
+    return pack_columns(values.t().contiguous(), bits, what).t().contiguous()
+
+
+def unpack_rows_gptq(words: torch.Tensor, bits: int, num_codes: int, what: str) -> torch.Tensor:
+    if words.dim() != 2:
+        raise CheckpointError(f"{what}: expected a 2-D int32 tensor, got {tuple(words.shape)}")
+    return unpack_columns(words.t().contiguous(), bits, num_codes, what).t().contiguous()
+
+
+def _awq_permute(values: torch.Tensor, order: tuple[int, ...], what: str) -> torch.Tensor:
+    rows, cols = values.shape
+    if cols % 8:
+        raise CheckpointError(f"{what}: {cols} columns is not a multiple of 8")
+    return values.reshape(rows, cols // 8, 8)[:, :, list(order)].reshape(rows, cols)
+
+
+def pack_awq(values: torch.Tensor, what: str) -> torch.Tensor:
+    """4-bit codes ``(R, C)`` -> int32 ``(R, C/8)`` in AWQ's interleaved nibble order."""
+    return pack_columns(_awq_permute(values, AWQ_ORDER, what).contiguous(), 4, what)
+
+
+def unpack_awq(words: torch.Tensor, num_codes: int, what: str) -> torch.Tensor:
+    nibbles = unpack_columns(words, 4, num_codes, what)
+    return _awq_permute(nibbles, AWQ_REVERSE_ORDER, what).contiguous()
