@@ -13,6 +13,16 @@ from torchquant.modules import QuantLinear
 
 transformers = pytest.importorskip("transformers")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: thread hand-offs cost more than they save, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SCHEMES = {
     "w4a16-g32-asym": scheme_from_name("w4a16", group_size=32),
     "w4a16-g32-sym": scheme_from_name("w4a16", group_size=32, symmetric=True),
