@@ -33,6 +33,8 @@ def detect_format(directory: str | Path) -> str | None:
     from torchquant.serialization import read_metadata
 
     directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
     config = hf.read_config(directory) if (directory / "config.json").is_file() else {}
     qc = config.get("quantization_config")
     if qc is None and (directory / "quantize_config.json").is_file():
