@@ -105,3 +105,18 @@ def test_format_that_cannot_hold_the_scheme_fails_cleanly(capsys, tmp_path, mode
     assert main([*args, "--format", "awq", "--out", str(tmp_path / "a")]) == 1
     assert "AWQ holds 4-bit only" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_examples_convert_then_load_a_compressed_tensors_folder(model_dir, tmp_path, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    examples = Path(__file__).parent.parent / "examples"
+    out = tmp_path / "ct"
+    monkeypatch.setattr("sys.argv", ["x", str(model_dir), str(out), "--group-size", "32"])
+    runpy.run_path(str(examples / "convert_hf_model.py"), run_name="__main__")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == (
+        "pack-quantized"
+    )
+    monkeypatch.setattr("sys.argv", ["x", str(out), "w1 w2 w3"])
+    runpy.run_path(str(examples / "load_compressed_tensors.py"), run_name="__main__")
