@@ -406,7 +406,7 @@ def load_compressed_tensors(directory: str | Path) -> nn.Module:
     files, declared = hf.declared_tensors(directory)
     config = hf.read_config(directory)
     qc = parse_quantization_config(config.get("quantization_config"))
-    model = hf.build_skeleton(directory, config)
+    model = hf.build_skeleton(directory, config, len(declared))
     layer_types = hf.linear_layer_names(model)
     plan = _assign_groups(qc, layer_types)
     hf.check_float_tensors(model, declared, list(plan))

@@ -15,22 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from torchquant import checkpoint_checks as checks
 from torchquant.atomic import staged_directory
 from torchquant.errors import CheckpointError
+from torchquant.hf_skeleton import build_hf_skeleton
 from torchquant.modules import QuantLinear
 from torchquant.safetensors_check import TensorEntry, check_safetensors
 from torchquant.serialization import (
     DEFAULT_MAX_SHARD_BYTES,
     INDEX_FILE,
     SINGLE_FILE,
-    _build_hf_skeleton,
     _dedupe,
     _parse_size,
-    _read_tensors,
     _set_submodule,
     _shard,
 )
@@ -143,7 +143,16 @@ def check_float_tensors(
 
 def read_tensors(files: list[Path], model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor of the validated ``files``, refusing NaN/Inf values."""
-    state = _read_tensors(files)
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    if key in state:
+                        raise CheckpointError(f"{path.name}: tensor {key!r} appears in two shards")
+                    state[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path.name}: unreadable or truncated ({exc})") from None
     checks.check_loaded_values(state, model)
     return state
 
@@ -155,12 +164,12 @@ def linear_layer_names(model: nn.Module) -> dict[str, str]:
     return {name: type(m).__name__ for name, m in model.named_modules() if is_linear_like(m)}
 
 
-def build_skeleton(directory: str | Path, config: dict[str, Any]) -> nn.Module:
+def build_skeleton(directory: str | Path, config: dict[str, Any], num_tensors: int) -> nn.Module:
     """The model named by ``config.json``'s ``architectures``, on the meta device."""
     arch = config.get("architectures") or []
     if not isinstance(arch, list) or len(arch) != 1 or not isinstance(arch[0], str):
         raise CheckpointError(f"config.json: 'architectures' must name one class, got {arch!r}")
-    return _build_hf_skeleton(Path(directory), arch[0])
+    return build_hf_skeleton(Path(directory), arch[0], num_tensors)
 
 
 def assemble(
@@ -222,7 +231,7 @@ def load_packed_folder(
     files, declared = declared_tensors(directory)
     config = read_config(directory)
     parsed = parse(directory, config)
-    model = build_skeleton(directory, config)
+    model = build_skeleton(directory, config, len(declared))
     linear = linear_layer_names(model)
     suffix = f".{marker}"
     marked = {k[: -len(suffix)] for k in declared if k.endswith(suffix)}
