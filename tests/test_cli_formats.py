@@ -120,3 +120,14 @@ def test_examples_convert_then_load_a_compressed_tensors_folder(model_dir, tmp_p
     )
     monkeypatch.setattr("sys.argv", ["x", str(out), "w1 w2 w3"])
     runpy.run_path(str(examples / "load_compressed_tensors.py"), run_name="__main__")
+
+
+def test_quantize_dtype_sets_the_unquantized_tensors(model_dir, tmp_path, capsys):
+    sizes = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        args = ["quantize", str(model_dir), "--format", "compressed-tensors", "--out", str(out)]
+        assert main([*args, "--group-size", "32", "--dtype", dtype]) == 0
+        assert main(["inspect", str(out), "--json"]) == 0
+        sizes[dtype] = json.loads(capsys.readouterr().out.splitlines()[-1])["float_tensor_bytes"]
+    assert sizes["float32"] == 2 * sizes["bfloat16"]

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         "gptq (v1), awq (GEMM, 4-bit)",
     )
     q.add_argument("--max-shard-size", default="4GB", help="shard size limit, e.g. 2GB")
+    q.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of the model before quantization (kept by the unquantized tensors)",
+    )
 
     e = sub.add_parser("eval", help="perplexity of a model or checkpoint on a text")
     e.add_argument("model", help="smollm2-135m, a .gguf file, a model folder or a checkpoint")
@@ -123,7 +129,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     config = _config(args)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    import torch
+
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
     model, summary = convert_model(model, config)
     save_checkpoint(
         model,

@@ -100,10 +100,11 @@ def report_model(model: nn.Module, directory: str | Path, fmt: str) -> Checkpoin
             report.bytes_16bit += values * BYTES_16BIT
     prefixes = tuple(f"{n}." for n in quantized)
     seen = set()
-    for key, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if key.startswith(prefixes) or id(t) in seen:
+    for key, t in model.state_dict().items():  # what a checkpoint holds: no transient buffers
+        storage = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape)
+        if key.startswith(prefixes) or storage in seen:
             continue
-        seen.add(id(t))  # tied tensors count once
+        seen.add(storage)  # tied tensors count once
         report.float_tensor_count += 1
         report.float_tensor_bytes += t.numel() * t.element_size()
         report.bytes_16bit += t.numel() * BYTES_16BIT
