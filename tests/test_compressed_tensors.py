@@ -329,3 +329,17 @@ def test_plain_g_idx_is_accepted(tmp_path):
     state["model.layers.0.self_attn.q_proj.weight_g_idx"] = g_idx
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     assert isinstance(load_compressed_tensors(folder).model.layers[0].self_attn.q_proj, QuantLinear)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("k", [7, 32, 45, 96])
+def test_dense_rows_become_our_packing_without_unpacking(bits, k):
+    from torchquant.formats.packing_variants import dense_to_canonical, pack_dense
+    from torchquant.numerics import pack_codes
+
+    codes = torch.randint(0, 1 << bits, (5, k), dtype=torch.uint8)
+    dense = pack_dense(codes, bits)
+    assert torch.equal(dense_to_canonical(dense, bits, k), pack_codes(codes, bits))
+    if k * bits % 32:  # stray bits after the last code are cleared, not taken as codes
+        dense[:, -1] |= torch.tensor(-(1 << 31), dtype=torch.int32)
+        assert torch.equal(dense_to_canonical(dense, bits, k), pack_codes(codes, bits))

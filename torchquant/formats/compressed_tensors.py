@@ -39,7 +39,12 @@ from torchquant.formats.int_layers import (
     int_weights_of,
     regroup_evenly,
 )
-from torchquant.formats.packing_variants import pack_dense, unpack_rows
+from torchquant.formats.packing_variants import (
+    dense_to_canonical,
+    dense_width,
+    pack_dense,
+    unpack_rows,
+)
 from torchquant.modules import QuantLinear
 
 QUANT_METHOD = "compressed-tensors"
@@ -351,9 +356,16 @@ def _take(local: dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
 def _packed_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
     w = scheme.weight
     n, k = (int(v) for v in _take(local, "weight_shape", name).tolist())
-    codes = unpack_rows(_take(local, "weight_packed", name), w.bits, k, f"{name}.weight_packed")
-    if codes.shape[0] != n:
-        raise CheckpointError(f"layer {name!r}: weight_packed has {codes.shape[0]} rows, not {n}")
+    words = _take(local, "weight_packed", name)
+    if words.dim() != 2 or words.shape[0] != n:
+        raise CheckpointError(
+            f"layer {name!r}: weight_packed {tuple(words.shape)} has not {n} rows"
+        )
+    codes = packed = None
+    if words.dtype == torch.int32 and words.shape[1] == dense_width(k, w.bits):
+        packed = dense_to_canonical(words, w.bits, k)  # our bitstream already
+    else:
+        codes = unpack_rows(words, w.bits, k, f"{name}.weight_packed")
     scales = _take(local, "weight_scale", name)
     if scales.dim() == 1:
         scales = scales.reshape(-1, 1)
@@ -364,7 +376,7 @@ def _packed_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
     local.pop("weight_zero_point", None)  # symmetric schemes may carry an all-zero one
     check_g_idx(local.pop("weight_g_idx", None), k, w.group_size, name)
     bias = local.pop("bias", None)
-    weights = IntLayerWeights(codes, scales, zeros, w.bits, w.group_size, bias, dtype)
+    weights = IntLayerWeights(codes, scales, zeros, w.bits, w.group_size, bias, dtype, packed, k)
     return build_int_layer(weights, w.symmetric, name)
 
 

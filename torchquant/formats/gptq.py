@@ -32,8 +32,12 @@ from torchquant.formats.int_layers import (
     int_weights_of,
     regroup_evenly,
 )
-from torchquant.formats.packing_variants import pack_columns, pack_rows, unpack_columns
-from torchquant.formats.packing_variants import unpack_rows_gptq as unpack_rows
+from torchquant.formats.packing_variants import (
+    dense_to_canonical,
+    pack_columns,
+    pack_rows,
+    unpack_columns,
+)
 from torchquant.modules import QuantLinear
 
 QUANT_METHOD = "gptq"
@@ -226,7 +230,9 @@ def gptq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str
         raise CheckpointError(f"layer {name!r}: qweight and scales must be 2-D")
     n = qweight.shape[1]
     k = qweight.shape[0] * 32 // bits
-    codes = unpack_rows(qweight, bits, k, f"{name}.qweight").t()  # (N, K)
+    if qweight.dtype != torch.int32 or qweight.shape[0] * 32 != k * bits:
+        raise CheckpointError(f"layer {name!r}: qweight must be int32 (K*bits/32, N)")
+    packed = dense_to_canonical(qweight.t().contiguous(), bits, k)  # the same bitstream, (N, .)
     groups = 1 if g == -1 else -(-k // g)
     if scales.shape != (groups, n):
         raise CheckpointError(
@@ -241,13 +247,15 @@ def gptq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str
     zeros = zeros.t().contiguous()  # (N, G)
     symmetric = bool(torch.all(zeros == 1 << (bits - 1)))
     weights = IntLayerWeights(
-        codes.contiguous(),
+        None,
         scales.t().contiguous(),
         None if symmetric else zeros,
         bits,
         g,
         local.pop("bias", None),
         scales.dtype,
+        packed,
+        k,
     )
     return build_int_layer(weights, symmetric, name)
 

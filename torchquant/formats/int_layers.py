@@ -26,19 +26,24 @@ class IntLayerWeights:
 
     ``group_size`` is -1 for one group per row.  Symmetric weights have the implied
     zero ``2**(bits-1)``.  ``bias`` is ``(N,)`` or ``None``; ``dtype`` is the layer's
-    compute dtype.
+    compute dtype.  Readers whose format stores our bitstream may give ``packed``
+    (int32 rows in our packed layout) instead of ``codes``, skipping an unpack/repack.
     """
 
-    codes: torch.Tensor
+    codes: torch.Tensor | None
     scales: torch.Tensor
     zeros: torch.Tensor | None
     bits: int
     group_size: int
     bias: torch.Tensor | None
     dtype: torch.dtype
+    packed: torch.Tensor | None = None
+    in_features: int | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
+        if self.codes is None:
+            return (self.scales.shape[0], self.in_features)
         return tuple(self.codes.shape)
 
     def zeros_or_implied(self) -> torch.Tensor:
@@ -137,7 +142,22 @@ def build_int_layer(weights: IntLayerWeights, symmetric: bool, name: str) -> Qua
     # grouped scales follow the layer dtype: take the checkpoint's so they stay exact
     dtype = weights.scales.dtype if g != -1 else weights.dtype
     layer = QuantLinear(k, n, scheme, weights.bias is not None, dtype)
-    layer.set_int_codes(weights.codes, weights.scales, None if symmetric else weights.zeros)
+    zeros = None if symmetric else weights.zeros
+    if weights.codes is not None:
+        layer.set_int_codes(weights.codes, weights.scales, zeros)
+    elif uses_int8_storage(scheme):
+        codes = unpack_codes(weights.packed, weights.bits, k)
+        layer.set_int_codes(codes, weights.scales, zeros)
+    else:  # already our bitstream: store it as is
+        if weights.packed.shape != layer.qweight.shape:
+            raise CheckpointError(
+                f"layer {name!r}: packed weight {tuple(weights.packed.shape)}, "
+                f"expected {tuple(layer.qweight.shape)}"
+            )
+        layer.qweight.copy_(weights.packed)
+        layer.scales.copy_(weights.scales.reshape(layer.scales.shape))
+        if zeros is not None:
+            layer.zeros.copy_(zeros)
     if weights.bias is not None:
         layer.bias.copy_(weights.bias)
     return layer

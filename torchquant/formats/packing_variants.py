@@ -95,12 +95,6 @@ def pack_rows(values: torch.Tensor, bits: int, what: str) -> torch.Tensor:
     return pack_columns(values.t().contiguous(), bits, what).t().contiguous()
 
 
-def unpack_rows_gptq(words: torch.Tensor, bits: int, num_codes: int, what: str) -> torch.Tensor:
-    if words.dim() != 2:
-        raise CheckpointError(f"{what}: expected a 2-D int32 tensor, got {tuple(words.shape)}")
-    return unpack_columns(words.t().contiguous(), bits, num_codes, what).t().contiguous()
-
-
 def _awq_permute(values: torch.Tensor, order: tuple[int, ...], what: str) -> torch.Tensor:
     rows, cols = values.shape
     if cols % 8:
@@ -116,3 +110,19 @@ def pack_awq(values: torch.Tensor, what: str) -> torch.Tensor:
 def unpack_awq(words: torch.Tensor, num_codes: int, what: str) -> torch.Tensor:
     nibbles = unpack_columns(words, 4, num_codes, what)
     return _awq_permute(nibbles, AWQ_REVERSE_ORDER, what).contiguous()
+
+
+def dense_to_canonical(words: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
+    """Dense bitstream rows -> our packed rows, without unpacking: the bits are the same.
+
+    Only the tail differs: our rows are padded with zero words to ``ceil(K/32)*bits``,
+    and any stray bits past the last code are cleared so padding codes stay zero.
+    """
+    dense = dense_width(num_codes, bits)
+    if words.dtype != torch.int32 or words.dim() != 2 or words.shape[1] != dense:
+        raise CheckpointError(f"expected int32 rows of {dense} words, got {tuple(words.shape)}")
+    out = torch.nn.functional.pad(words, (0, packed_width(num_codes, bits) - dense))
+    used = num_codes * bits - (dense - 1) * 32  # bits of the last dense word holding codes
+    if used < 32:
+        out[:, dense - 1] &= (1 << used) - 1
+    return out
