@@ -61,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--fp32-ppl", type=float, default=None, help="skip the fp32 eval, use this")
+    p.add_argument("--ptq-ppl", type=float, default=None, help="skip the PTQ eval, use this")
+    p.add_argument(
+        "--eval-fake-quant",
+        action="store_true",
+        help="also measure the fake-quantized model before converting it",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop training after this long (then evaluate and save as usual)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", default=None, help="JSON-lines loss log")
@@ -130,10 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     results["fp32"] = args.fp32_ppl if args.fp32_ppl else ppl(model)
     log.info("fp32 perplexity %.3f", results["fp32"])
-    ptq, _ = convert_model(copy.deepcopy(model), config)
-    results["ptq_rtn"] = ppl(ptq)
+    if args.ptq_ppl:
+        results["ptq_rtn"] = args.ptq_ppl
+    else:
+        ptq, _ = convert_model(copy.deepcopy(model), config)
+        results["ptq_rtn"] = ppl(ptq)
+        del ptq
     log.info("PTQ RTN perplexity %.3f", results["ptq_rtn"])
-    del ptq
 
     teacher = None
     if not args.no_distill:
@@ -144,9 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, args), betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: min(1.0, (s + 1) / max(1, args.warmup))
-        * 0.5
-        * (1 + math.cos(math.pi * min(1.0, s / max(1, args.steps)))),
+        lambda s: (
+            min(1.0, (s + 1) / max(1, args.warmup))
+            * 0.5
+            * (1 + math.cos(math.pi * min(1.0, s / max(1, args.steps))))
+        ),
     )
 
     gen = torch.Generator().manual_seed(args.seed)
@@ -182,11 +199,16 @@ def main(argv: list[str] | None = None) -> dict:
             if log_file:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
+        if args.max_minutes and time.perf_counter() - start > 60 * args.max_minutes:
+            log.info("time budget of %.1f min reached after step %d", args.max_minutes, step)
+            break
+    results["steps_done"] = step
     results["train_seconds"] = round(time.perf_counter() - start, 1)
     del teacher
 
-    results["qat_fake_quant"] = ppl(model)
-    log.info("QAT (fake-quant) perplexity %.3f", results["qat_fake_quant"])
+    if args.eval_fake_quant:
+        results["qat_fake_quant"] = ppl(model)
+        log.info("QAT (fake-quant) perplexity %.3f", results["qat_fake_quant"])
     model, _ = convert_qat(model, config)
     results["qat_converted"] = ppl(model)
     log.info("QAT (converted) perplexity %.3f", results["qat_converted"])

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import check_device, output
+
 MAX_TILE = 4096
 
 
@@ -214,29 +216,21 @@ def _launch_shape(w: torch.Tensor, scales: torch.Tensor, group_size: int) -> tup
     return group, block_g, block_n
 
 
-def _check_device(*tensors: torch.Tensor | None) -> None:
-    import os
-
-    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
-    for t in tensors:
-        if t is not None and t.device.type != "cuda" and not interpret:
-            raise ValueError(f"fake-quant kernels need CUDA tensors (or TRITON_INTERPRET=1), got {t.device}")
-
-
 def fake_quant_int_forward(
     w: torch.Tensor,
     scales: torch.Tensor,
     zeros: torch.Tensor | None,
     bits: int,
     group_size: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of :func:`fake_quant_int_forward_torch` (same contract, same bits)."""
-    _check_device(w, scales, zeros)
+    check_device(w, scales, zeros)
     w, scales = w.contiguous(), scales.contiguous().float()
     zf = zeros.contiguous().float() if zeros is not None else scales
-    n, k = w.shape
     group, block_g, block_n = _launch_shape(w, scales, group_size)
-    out = torch.empty_like(w)
+    n, k = w.shape
+    out = output(out, (n, k), w.dtype, w.device)
     grid = (triton.cdiv(n, block_n), scales.shape[1])
     _fake_quant_fwd_kernel[grid](
         w, scales, zf, out, n, k, scales.shape[1], group, w.stride(0),
@@ -255,12 +249,14 @@ def fake_quant_int_backward(
     group_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Triton version of :func:`fake_quant_int_backward_torch`."""
-    _check_device(grad, w, scales, zeros)
+    check_device(grad, w, scales, zeros)
     w, grad = w.contiguous(), grad.contiguous()
     s32 = scales.contiguous().float()
     zf = zeros.contiguous().float() if zeros is not None else s32
-    n, k = w.shape
     group, block_g, block_n = _launch_shape(w, s32, group_size)
+    n, k = w.shape
+    if grad.shape != w.shape:
+        raise ValueError(f"grad must have the weight's shape {(n, k)}, got {tuple(grad.shape)}")
     grad_w = torch.empty_like(w)
     grad_s = torch.empty_like(s32)
     grad_z = torch.empty_like(s32) if zeros is not None else grad_s

@@ -1,9 +1,9 @@
 """Custom op for INTn weight fake-quantization with a straight-through / LSQ backward.
 
 ``torchquant::fake_quant_int_weight(w, scales, zeros, bits, group_size) -> w_q`` and its
-backward op are registered with ``torch.library``: the CPU implementation is the
-PyTorch twin, the CUDA implementation the fused Triton kernel (both in
-``torchquant.triton_kernels.fake_quant``).  ``register_autograd`` ties them together and
+backward op are registered with ``torch.library``: the implementation here is the
+reference (``torchquant.numerics.fake_quant``), and ``torchquant.ops.cuda`` registers
+the fused Triton kernels as the CUDA implementation.  ``register_autograd`` ties them together and
 ``register_fake`` lets ``torch.compile`` trace both, so a compiled QAT model keeps one
 fused op per layer.  Shapes and formulas: see the kernel module.
 """
@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from torchquant.triton_kernels import fake_quant as kernels
+from torchquant.numerics.fake_quant import (
+    fake_quantize_int_backward_reference,
+    fake_quantize_int_reference,
+)
 
 
 @torch.library.custom_op("torchquant::fake_quant_int_weight", mutates_args=())
@@ -24,7 +27,7 @@ def fake_quant_int_weight(
     group_size: int,
 ) -> torch.Tensor:
     """Fake-quantized weight ``(N, K)``: quantize to INTn codes and dequantize again."""
-    return kernels.fake_quant_int_forward_torch(w, scales, zeros, bits, group_size)
+    return fake_quantize_int_reference(w, scales, zeros, bits, group_size)
 
 
 @torch.library.custom_op("torchquant::fake_quant_int_weight_backward", mutates_args=())
@@ -37,18 +40,7 @@ def fake_quant_int_weight_backward(
     group_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_w, grad_scales, grad_zeros)``; ``grad_zeros`` is all-zero for symmetric."""
-    gw, gs, gz = kernels.fake_quant_int_backward_torch(grad, w, scales, zeros, bits, group_size)
-    return gw, gs, gz if gz is not None else torch.zeros_like(scales)
-
-
-@fake_quant_int_weight.register_kernel("cuda")
-def _(w, scales, zeros, bits, group_size):
-    return kernels.fake_quant_int_forward(w, scales, zeros, bits, group_size)
-
-
-@fake_quant_int_weight_backward.register_kernel("cuda")
-def _(grad, w, scales, zeros, bits, group_size):
-    gw, gs, gz = kernels.fake_quant_int_backward(grad, w, scales, zeros, bits, group_size)
+    gw, gs, gz = fake_quantize_int_backward_reference(grad, w, scales, zeros, bits, group_size)
     return gw, gs, gz if gz is not None else torch.zeros_like(scales)
 
 
