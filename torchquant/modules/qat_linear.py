@@ -116,7 +116,7 @@ class QatLinear(nn.Linear):
 
     @torch.no_grad()
     def load_quantized(self, layer: QuantLinear, name: str = "") -> None:
-        """Start from a post-training result: its weight, scales and zero points.
+        """Start from a post-training result: its weight, bias, scales and zero points.
 
         The float weight becomes the PTQ layer's dequantized weight, so the fake-quant
         model starts out computing exactly what the PTQ model computes.
@@ -131,7 +131,11 @@ class QatLinear(nn.Linear):
             raise ConfigError(f"{label}: starting from PTQ scales needs learn_scales=True")
         if layer.smooth_scale is not None:
             raise ConfigError(f"{label}: PTQ layers with a smoothing scale are not supported")
+        if (layer.bias is None) != (self.bias is None):
+            raise ConfigError(f"{label}: PTQ layer and QAT layer differ in having a bias")
         self.weight.copy_(layer.dequantized_weight(self.weight.dtype))
+        if self.bias is not None:
+            self.bias.copy_(layer.bias)
         self.weight_scales.copy_(layer.scales.float().reshape(self.weight_scales.shape))
         if self.weight_zeros is not None:
             self.weight_zeros.copy_(layer.zeros.float())

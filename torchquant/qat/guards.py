@@ -49,7 +49,7 @@ def check_qat_state(model: nn.Module) -> None:
 
 def check_loss(loss: torch.Tensor | float, model: nn.Module, step: int | None = None) -> float:
     """The loss as a float; a NaN/Inf loss raises, naming the QAT tensors that caused it."""
-    value = float(loss)
+    value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
     if math.isfinite(value):
         return value
     where = f" at step {step}" if step is not None else ""
