@@ -59,6 +59,19 @@ def test_forward_and_backward_match_twin(n, k, bits, group_size, symmetric, dtyp
         torch.testing.assert_close(gz.cpu(), rz.cpu(), rtol=1e-5, atol=1e-5)
 
 
+def test_cuda_op_glue_matches_the_reference_op():
+    # what torch.library runs for CUDA tensors, called directly on interpreter tensors
+    from torchquant.ops import cuda as cuda_ops
+
+    w, scales, zeros = _case(6, 64, 4, 32, False, torch.float32)
+    out = cuda_ops.fake_quant_int_weight_cuda(w, scales, zeros, 4, 32)
+    assert torch.equal(out.cpu(), fake_quantize_int_reference(w, scales, zeros, 4, 32).cpu())
+    w8, s8, _ = _case(6, 64, 8, -1, True, torch.float32)
+    grad = torch.randn(6, 64, device=KERNEL_DEVICE)
+    gw, gs, gz = cuda_ops.fake_quant_int_weight_backward_cuda(grad, w8, s8, None, 8, -1)
+    assert gz.shape == gs.shape and not gz.any()  # symmetric: an all-zero placeholder
+
+
 def test_rounding_ties_go_to_even():
     # w / s exactly on .5: torch.round semantics (half to even) in the kernel too
     w = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 6.5]]).to(KERNEL_DEVICE)

@@ -199,3 +199,22 @@ def test_diverging_scale_gives_a_clear_error():
     assert torch.isfinite(model(x, labels=x).loss)
     with pytest.raises(QuantizationError, match="at or below min_scale"):
         check_qat_state(model)
+
+
+def test_distributed_data_parallel_syncs_all_qat_state(tmp_path):
+    # one CPU process (gloo): DDP must see every trainable tensor as a parameter and
+    # every one must get a gradient, or its reducer raises at backward time
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model, _ = prepare_qat(tiny_llama(), W4, progress=False)
+        model.lm_head.requires_grad_(False)
+        model.model.embed_tokens.requires_grad_(False)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        x = _ids()
+        ddp(x, labels=x).loss.backward()
+        layer = model.model.layers[0].self_attn.v_proj
+        assert layer.weight_scales.grad is not None and layer.weight_zeros.grad is not None
+    finally:
+        dist.destroy_process_group()
