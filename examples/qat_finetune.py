@@ -3,11 +3,14 @@
 Loads a model (default: the built-in SmolLM2-135M), measures perplexity in full
 precision and after round-to-nearest PTQ, prepares it for QAT, trains on a text
 corpus (knowledge distillation from the full-precision model by default: KL to the
-teacher's next-token distribution), measures the fake-quantized and the converted
-model again, and saves the quantized checkpoint with ``save_quantized``.
+teacher's next-token distribution), converts it and measures the converted model
+(``--eval-fake-quant`` also measures the fake-quantized one), and saves the quantized
+checkpoint with ``save_quantized``.  ``--fp32-ppl``/``--ptq-ppl`` reuse known
+baselines and ``--max-minutes`` caps the training time on slow machines.
 
-    python examples/qat_finetune.py --scheme w4a16 --group-size 128 --steps 200 \
-        --train-text austen/emma.txt --eval-text austen/prideprejudice.txt --out qat-w4
+    python examples/qat_finetune.py --scheme w3a16 --group-size 128 --steps 40 \
+        --train-text austen/persuasion.txt austen/mansfieldpark.txt \
+        --eval-text austen/prideprejudice.txt --out qat-w3
 
 Prints one JSON line with every measured number at the end (and logs the loss to
 ``--log`` as JSON lines).
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 from torchquant import QuantConfig, convert_model, scheme_from_name
 from torchquant.evaluation import perplexity, tokenize_text
 from torchquant.models import load_model
+from torchquant.modules import QatLinear
 from torchquant.qat import QatOptions, check_loss, check_qat_state, convert_qat, prepare_qat
 from torchquant.serialization import save_quantized
 
@@ -109,7 +113,7 @@ def param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]
         leaf = name.rsplit(".", 1)[-1]
         is_qparam = leaf in ("weight_scales", "weight_zeros", "input_scale")
         module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        is_qat_weight = leaf == "weight" and hasattr(module, "fake_quantized_weight")
+        is_qat_weight = leaf == "weight" and isinstance(module, QatLinear)
         train_q = is_qparam and args.train in ("qparams", "all") and p.requires_grad
         train_w = is_qat_weight and args.train in ("weights", "all")
         p.requires_grad_(train_q or train_w)
