@@ -7,7 +7,9 @@ each program reduces one K slice of ``BLOCK_N`` weight rows and atomically adds 
 partial sums into a zeroed float32 ``(M, N)`` buffer, so that even an ``N = 4096``
 layer spreads over every SM.  When a K tile lies inside one quantization group the
 scale and zero are applied once per tile and row (``s * (sum(x*c) - z*sum(x))``)
-instead of once per weight.  Bias is added by the first K slice.
+instead of once per weight.  Bias is added by the first K slice.  (With that
+factoring an infinite activation meeting a zero code gives NaN where the unfactored
+product gives +-Inf: the row is non-finite either way.)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import m_bucket, output, run_kernel
+from ._launch import autotune_benchmark, m_bucket, output, run_kernel
 from .dequant import check_weight, group_index, load_code_tile, load_qparams, weight_meta
 
 
@@ -44,15 +46,17 @@ def _gemv_kernel(
     GROUP_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K,  # a runtime value: one binary serves every split factor (fewer compiles)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     # -- the BLOCK_N weight rows and the run of K tiles owned by this program
+    # (row offsets in int64: N * row stride may pass 2**31 elements)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    rows = q_ptr + offs_n[:, None] * stride_qn
+    rows = q_ptr + offs_n[:, None].to(tl.int64) * stride_qn
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
     s_rows = s_ptr + offs_n * stride_sn
     z_rows = z_ptr + offs_n * stride_zn
     tiles = tl.cdiv(K, BLOCK_K)
@@ -63,7 +67,7 @@ def _gemv_kernel(
     for t in range(t_start, t_end):
         # -- activations (zero past K) and codes of this tile
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        x = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         codes = load_code_tile(rows, t, n_mask[:, None], K, BITS, PACKED, BLOCK_K)
         # -- dequantize and reduce: per tile when the tile sits in one group, else per weight
         if GROUP_SIZE == 0 or GROUP_SIZE % BLOCK_K == 0:
@@ -82,7 +86,8 @@ def _gemv_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc += tl.where(pid_k == 0, bias, 0.0)
-    tl.atomic_add(acc_ptr + m * stride_am + offs_n, acc, mask=n_mask, sem="relaxed")
+    out_row = acc_ptr + m.to(tl.int64) * stride_am
+    tl.atomic_add(out_row + offs_n, acc, mask=n_mask, sem="relaxed")
 
 
 def _gemv_configs() -> list[triton.Config]:
@@ -118,6 +123,7 @@ _gemv_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_gemv},
     reset_to_zero=["acc_ptr"],
     cache_results=True,
+    do_bench=autotune_benchmark,
 )(_gemv_kernel)
 
 

@@ -5,9 +5,10 @@ float8_e4m3fn (float32 accumulation); ``out = (a @ b^T) * a_scale * b_scale + bi
 with ``a_scale`` ``(M, 1)`` per token or ``(1, 1)`` per tensor and ``b_scale``
 ``(N, 1)`` per channel or ``(1, 1)`` per tensor, both float32; the product of the
 scales is applied in float32 to the accumulator, the result is cast to the output
-dtype and the bias added in the output dtype (the reference's order).  With
-``SPLIT_K > 1`` each K slice scales its partial tile and adds it atomically to a
-zeroed float32 buffer (the bias goes in with the first slice).
+dtype and the bias added in the output dtype (the reference's order).  The split-K
+tuning (``ATOMIC``) has each K slice scale its partial tile and add it atomically to a
+zeroed float32 buffer (the bias goes in with the first slice); ``SPLIT_K`` is a
+runtime value, so one binary serves every split factor.
 
 :mod:`.w8a8_gemm` and :mod:`.fp8_gemm` tune this kernel separately and hold the
 launchers and PyTorch twins.
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import m_bucket, output, run_kernel
+from ._launch import autotune_benchmark, m_bucket, output, run_kernel
 
 
 @triton.jit
@@ -44,7 +45,8 @@ def scaled_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K,
+    ATOMIC: tl.constexpr,
 ):
     # -- output tile, grouped along M for L2 reuse of b
     pid = tl.program_id(0)
@@ -60,6 +62,9 @@ def scaled_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    # -- row bases in int64: M or N times a row stride may pass 2**31 elements
+    a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
+    b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
     # -- K slice of this split, 8-bit products accumulated exactly (int32) or in float32
     tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(tiles, SPLIT_K)
@@ -73,12 +78,12 @@ def scaled_gemm_kernel(
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         a = tl.load(
-            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
+            a_rows + offs_k[None, :],
             mask=m_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
         b = tl.load(
-            b_ptr + offs_k[:, None] + offs_n[None, :] * stride_bn,
+            b_cols + offs_k[:, None],
             mask=k_mask[:, None] & n_mask[None, :],
             other=0.0,
         )
@@ -87,9 +92,9 @@ def scaled_gemm_kernel(
     a_scale = tl.load(a_scale_ptr + offs_m * stride_asm, mask=m_mask, other=0.0)
     b_scale = tl.load(b_scale_ptr + offs_n * stride_bsn, mask=n_mask, other=0.0)
     out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K > 1:
+    if ATOMIC:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             out += tl.where(pid_k == 0, bias, 0.0)[None, :]
@@ -114,6 +119,7 @@ def tune(configs: list[triton.Config], split_k: bool):
         key=["M_BUCKET", "N", "K"],
         reset_to_zero=["out_ptr"] if split_k else None,
         cache_results=True,
+        do_bench=autotune_benchmark,
     )(scaled_gemm_kernel)
 
 
@@ -199,6 +205,7 @@ def launch_scaled_gemm(
         stride_om=acc.stride(0),
         M_BUCKET=m_bucket(m),
         HAS_BIAS=bias is not None,
+        ATOMIC=split_k,
     )
     return out if acc is out else out.copy_(acc)
 
