@@ -31,9 +31,11 @@ from checkpoint_tools import (
 from fuzz_strategies import apply_byte_edits, byte_edits, fuzz_settings, json_edits
 from hypothesis import event, given
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
-from torchquant import TorchquantError
+from torchquant import QuantConfig, TorchquantError
 from torchquant.serialization import INDEX_FILE, KEY_LAYERS, SINGLE_FILE, load_quantized
+from torchquant.streaming import convert_from_safetensors
 
 
 class Pristine:
@@ -151,3 +153,37 @@ def test_config_json_edits_load_or_raise_our_error(pristine, data, sealed):
         if sealed:
             reseal_config_json(directory)
         source.check(directory, must_match=not sealed)
+
+
+@pytest.fixture(scope="module")
+def float_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("float") / "float.safetensors"
+    save_file(make_model().state_dict(), str(path))
+    return path.read_bytes()
+
+
+@fuzz_settings
+@given(data=st.data(), raw=st.booleans())
+def test_float_weight_edits_convert_or_raise_our_error(float_file, data, raw):
+    """Streamed conversion reads foreign float files (no digests): any result but a crash."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "float.safetensors"
+        if raw:
+            edits = data.draw(
+                byte_edits(len(float_file), 8 + int.from_bytes(float_file[:8], "little"))
+            )
+            path.write_bytes(apply_byte_edits(float_file, edits))
+        else:
+            path.write_bytes(float_file)
+            header, payload = read_safetensors(path)
+            edited = data.draw(json_edits(header))
+            edited = edited if isinstance(edited, dict) else {"__metadata__": edited}
+            write_safetensors(path, edited, payload)
+        try:
+            convert_from_safetensors(
+                make_model().to("meta"), [path], QuantConfig("w4a16", ignore=()), progress=False
+            )
+        except TorchquantError as exc:
+            event(f"refused: {type(exc).__name__}")
+            return
+        event("converted")
