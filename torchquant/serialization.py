@@ -3,9 +3,14 @@
 A checkpoint directory holds ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors``
 shards plus ``model.safetensors.index.json``).  Every shard's metadata carries the
 format version, the per-layer schemes (the authoritative description of which
-module is a ``QuantLinear`` and how), the ``QuantConfig`` when known, and aliases
-for tied tensors.  Hugging Face models also get ``config.json`` (with a
+module is a ``QuantLinear`` and how), the ``QuantConfig`` when known, aliases
+for tied tensors, and digests of its tensors, its metadata and ``config.json``
+(see ``digests``).  Hugging Face models also get ``config.json`` (with a
 ``quantization_config``) and their tokenizer files.
+
+Loading treats the directory as untrusted: headers, index, metadata and digests
+are checked before any tensor is read (``safetensors_check``, ``checkpoint_checks``),
+and any damage is reported as a ``CheckpointError`` naming the file, tensor or field.
 """
 
 from __future__ import annotations
