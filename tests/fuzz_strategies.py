@@ -6,6 +6,7 @@ stays fast; set it to thousands for a long local run).
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -199,14 +200,14 @@ def _paths(doc, prefix=()):
 @st.composite
 def json_edits(draw, doc):
     """``doc`` (parsed JSON) with one to three nodes replaced, deleted or given a sibling."""
-    import copy
-
     doc = copy.deepcopy(doc)
     for _ in range(draw(st.integers(1, 3))):
         path = draw(st.sampled_from(list(_paths(doc))))
+        # -- drawn values are copied: sampled lists are shared objects and must stay pristine
+        value = copy.deepcopy(draw(hostile_values))
         if not path:
             if draw(st.integers(0, 9)) == 0:
-                doc = draw(hostile_values)
+                doc = value
             continue
         parent = doc
         for key in path[:-1]:
@@ -215,7 +216,7 @@ def json_edits(draw, doc):
         if op == "delete" and isinstance(parent, dict):
             del parent[path[-1]]
         elif op == "add" and isinstance(parent, dict):
-            parent[draw(st.text(max_size=12))] = draw(hostile_values)
+            parent[draw(st.text(max_size=12))] = value
         else:
-            parent[path[-1]] = draw(hostile_values)
+            parent[path[-1]] = value
     return doc
