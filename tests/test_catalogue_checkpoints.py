@@ -609,6 +609,12 @@ def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("pristine")
     save_small_checkpoint(root / SINGLE)
     save_small_checkpoint(root / SHARDED, max_shard_size=20_000)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pristine_hf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pristine_hf")
     save_small_hf_checkpoint(root / HF)
     return root
 
@@ -617,10 +623,11 @@ def pristine(tmp_path_factory):
     "kind,mutate,fragment", [pytest.param(k, m, f, id=i) for k, i, m, f in CASES]
 )
 def test_damaged_checkpoint_is_refused_naming_the_culprit(
-    pristine, tmp_path, kind, mutate, fragment
+    request, tmp_path, kind, mutate, fragment
 ):
+    root = request.getfixturevalue("pristine_hf" if kind == HF else "pristine")
     directory = tmp_path / "ck"
-    shutil.copytree(pristine / kind, directory, symlinks=True)
+    shutil.copytree(root / kind, directory, symlinks=True)
     mutate(directory)
     model = None if kind == HF else make_model(1)
     with pytest.raises(CheckpointError) as info:
