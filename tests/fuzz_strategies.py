@@ -1,7 +1,13 @@
 """Hypothesis strategies shared by the fuzz tests: config dicts, tensors, checkpoint mutations.
 
-The example budget comes from ``TORCHQUANT_FUZZ_EXAMPLES`` (small by default so CI
-stays fast; set it to thousands for a long local run).
+The example budget comes from ``TORCHQUANT_FUZZ_EXAMPLES``: 30 per test by default,
+so that all fuzz tests together stay within seconds in CI.  A long local run::
+
+    TORCHQUANT_FUZZ_EXAMPLES=5000 nice -n 10 python -m pytest tests/test_fuzz_*.py \
+        --hypothesis-show-statistics
+
+No example database is kept, so every run explores fresh examples; a failure
+prints the example (and the seed to replay it with ``--hypothesis-seed``).
 """
 
 from __future__ import annotations
