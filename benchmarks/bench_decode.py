@@ -51,6 +51,8 @@ SMOKE_SHAPE = Shape(layers=2, hidden=64, mlp=160, heads=4, kv_heads=2, vocab=100
 
 
 class DecoderLayer(nn.Module):
+    """One Llama block; the static KV cache holds ``batch`` rows, a step uses the first ``b``."""
+
     def __init__(self, s: Shape, batch: int, context: int) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = s.heads, s.kv_heads, s.hidden // s.heads
@@ -74,9 +76,10 @@ class DecoderLayer(nn.Module):
         q = self.q_proj(h).view(b, self.heads, 1, self.head_dim)
         k = self.k_proj(h).view(b, self.kv_heads, 1, self.head_dim)
         v = self.v_proj(h).view(b, self.kv_heads, 1, self.head_dim)
-        self.k_cache.index_copy_(2, pos, k)
-        self.v_cache.index_copy_(2, pos, v)
-        attn = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, enable_gqa=True)
+        k_cache, v_cache = self.k_cache[:b], self.v_cache[:b]
+        k_cache.index_copy_(2, pos, k)
+        v_cache.index_copy_(2, pos, v)
+        attn = F.scaled_dot_product_attention(q, k_cache, v_cache, enable_gqa=True)
         x = x + self.o_proj(attn.reshape(b, -1))
         h = self.post_attention_layernorm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -98,7 +101,10 @@ class DecoderModel(nn.Module):
 
 
 def build(shape: Shape, batch: int, context: int, scheme: str, dtype, device) -> nn.Module:
-    """A random model (same seed for every scheme), quantized unless ``scheme`` is bf16."""
+    """A random model (same seed for every scheme), quantized unless ``scheme`` is bf16.
+
+    ``batch`` is the largest batch it will decode (the KV cache rows).
+    """
     torch.manual_seed(0)
     with torch.device("meta"):
         model = DecoderModel(shape, batch, context)
@@ -115,10 +121,15 @@ def build(shape: Shape, batch: int, context: int, scheme: str, dtype, device) ->
 
 
 def step_bytes(model: nn.Module, batch: int) -> int:
-    """Bytes one decode step reads: all weights and caches, only ``batch`` embedding rows."""
-    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    embed = model.embed_tokens.weight
-    return total - embed.numel() * embed.element_size() + batch * embed[0].nbytes
+    """Bytes one step of ``batch`` sequences reads: all weights, ``batch`` rows of every
+    KV cache and ``batch`` embedding rows."""
+    total = 0
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if name.endswith(("k_cache", "v_cache")):
+            total += t[:batch].numel() * t.element_size()
+        elif name != "embed_tokens.weight":
+            total += t.numel() * t.element_size()
+    return total + batch * model.embed_tokens.weight[0].nbytes
 
 
 @torch.inference_mode()
@@ -158,33 +169,35 @@ def main(argv: list[str] | None = None) -> None:
     context = 16 if args.smoke else args.context
     dtype = torch.bfloat16 if cuda else torch.float32
     copy_gbs = copy_bandwidth_gbs(args.smoke)
-    rows, failures = [], []
-    for batch in (int(b) for b in args.batches.split(",")):
-        tokens = torch.randint(0, shape.vocab, (batch,), device=device)
-        pos = torch.tensor([context // 2], device=device)
-        reference, base_ms = None, None
-        for scheme in args.schemes.split(","):
-            model = build(shape, batch, context, scheme, dtype, device)
-            nbytes = step_bytes(model, batch)
-            if args.compile:
-                model = torch.compile(model, fullgraph=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    torch.manual_seed(1)
+    tokens = torch.randint(0, shape.vocab, (max(batches),), device=device)
+    pos = torch.tensor([context // 2], device=device)
+    rows, failures, references, base_ms = [], [], {}, {}
+    for scheme in args.schemes.split(","):  # one model per scheme serves every batch size
+        model = build(shape, max(batches), context, scheme, dtype, device)
+        nbytes = {batch: step_bytes(model, batch) for batch in batches}
+        if args.compile:
+            model = torch.compile(model, fullgraph=True, dynamic=False)
+        for batch in batches:
             with torch.inference_mode():
-                logits = model(tokens, pos).float()
-            reference = logits if reference is None else reference
+                logits = model(tokens[:batch], pos).float()
+            reference = references.setdefault(batch, logits)
             err = relative_error(logits, reference)
             ms = float("nan")
             if not math.isfinite(err):
                 failures.append(f"{scheme} batch {batch}: non-finite logits")
             elif not args.smoke:
-                ms, replayed = graph_step(model, tokens, pos, args.rep)
+                ms, replayed = graph_step(model, tokens[:batch], pos, args.rep)
                 if relative_error(replayed, logits) > 1e-2:
                     failures.append(f"{scheme} batch {batch}: graph replay differs from eager")
-            base_ms = base_ms or ms
-            gbs = nbytes / (ms * 1e-3) / 1e9
-            rows.append((batch, scheme, ms, batch / ms * 1e3, base_ms / ms, gbs, err))
-            del model
-            if cuda:
-                torch.cuda.empty_cache()
+            base = base_ms.setdefault(batch, ms)
+            gbs = nbytes[batch] / (ms * 1e-3) / 1e9
+            rows.append((batch, scheme, ms, batch / ms * 1e3, base / ms, gbs, err))
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    rows.sort(key=lambda row: row[0])  # stable: schemes stay in order within a batch
     mode = "torch.compile + CUDA graph" if args.compile else "CUDA graph"
     name = "smoke shapes" if args.smoke else "Llama-3-8B shapes"
     print(f"\n## decode step, {name}, context {context}, {mode} replay (do_bench median)")

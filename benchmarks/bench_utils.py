@@ -118,6 +118,12 @@ class Table:
         self.rows.append((shape, m, f"{method} WRONG (err {err:.3g}), not timed", *[math.nan] * 4))
         return False
 
+    def unavailable(self, shape: str, m: int, method: str, error: Exception) -> None:
+        """A baseline that refuses this shape (e.g. tinygemm needs K % 128 == 0): a note row."""
+        reason = str(error).strip().splitlines()[0][:80] if str(error).strip() else ""
+        note = f"{method} unavailable ({type(error).__name__}: {reason})"
+        self.rows.append((shape, m, note, *[math.nan] * 4))
+
     def _baseline_ratio(self, shape: str, m: int, method: str, us: float) -> str:
         base = self.baselines.get(method)
         for row in self.rows if base else ():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,6 +48,17 @@ def test_decode_smoke_run(benchmarks_on_path, capsys):
         assert f"| 2 | {scheme} |" in out
 
 
+def test_decode_step_bytes_count_weights_cache_rows_and_used_embeddings(benchmarks_on_path):
+    bench_decode = importlib.import_module("bench_decode")
+    shape, context = bench_decode.SMOKE_SHAPE, 16
+    model = bench_decode.build(shape, 4, context, "bf16", torch.float32, torch.device("cpu"))
+    weights = sum(p.numel() for n, p in model.named_parameters() if n != "embed_tokens.weight")
+    cache_per_sequence = shape.layers * 2 * shape.kv_heads * context * shape.hidden // shape.heads
+    for batch in (1, 4):
+        expected = 4 * (weights + batch * (cache_per_sequence + shape.hidden))
+        assert bench_decode.step_bytes(model, batch) == expected
+
+
 def test_table_ratios_and_wrong_results(benchmarks_on_path, capsys):
     bench_utils = importlib.import_module("bench_utils")
     table = bench_utils.Table("t", copy_gbs=1000.0, baselines={"ours": "theirs"})
@@ -54,12 +67,15 @@ def test_table_ratios_and_wrong_results(benchmarks_on_path, capsys):
     ref = torch.ones(4)
     assert table.check("8x8", 1, "ours", ref * 1.001, ref, 1e-2)
     assert not table.check("8x8", 16, "broken", ref * 2, ref, 1e-2)
+    table.unavailable("8x8", 16, "theirs", RuntimeError("K must be a multiple of 128\nmore"))
     with pytest.raises(SystemExit) as exit_info:
         table.finish("smoke ok", smoke=True)
     assert exit_info.value.code == 1
     out = capsys.readouterr().out
     assert "| 8x8 | 1 | ours | 10.0 | 3.00x | 3.00x vs theirs | 300 | 30% |" in out
     assert "broken WRONG" in out and "smoke ok" not in out
+    assert "theirs unavailable (RuntimeError: K must be a multiple of 128)" in out
+    assert out.count("WRONG") == 2  # the row and the summary; an unavailable baseline is not
 
 
 def test_run_all_lists_every_script():
@@ -67,3 +83,18 @@ def test_run_all_lists_every_script():
     scripts = ("bench_weight_only", "bench_act_quant", "bench_w8a8", "bench_fp8", "bench_decode")
     for script in scripts:
         assert script in text and (BENCHMARKS / f"{script}.py").exists()
+
+
+def test_kernel_resources_compiles_for_a_gpu_without_one():
+    """The ahead-of-time compile check runs the real Triton pipeline down to ptxas."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    script = BENCHMARKS / "kernel_resources.py"
+    args = ["--arch", "80", "--first", "--only", "gemv w8"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| gemv w8"))
+    registers = int(row.split("|")[4])
+    assert 0 < registers <= 255

@@ -69,7 +69,9 @@ def test_long_rows_take_the_two_pass_path(monkeypatch, per_token):
     monkeypatch.setattr(act_quant, "MAX_ROW_BLOCK", 64)  # rows of 300 span 5 blocks
     x = _activations(5, 300, torch.bfloat16)
     for config in (cfg(BLOCK_M=1), cfg(BLOCK_M=4)):
-        out = quantize_activation(x, "int8", per_token, config=config)
+        out = quantize_activation(
+            x, "int8", per_token, config=config, out=poisoned((5, 300), torch.int8)
+        )
         _assert_same(out, reference_quantize(x.cpu(), "int8", per_token))
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from kernel_utils import KERNEL_DEVICE, int_weight, poisoned, relative_error, requires_kernels
 from torchquant.triton_kernels import act_quant, dequant_gemm, dequant_gemv, scaled_gemm, w8a8_gemm
-from torchquant.triton_kernels._launch import m_bucket
+from torchquant.triton_kernels._launch import autotune_benchmark, m_bucket
 from torchquant.triton_kernels.dequant_matmul import dequant_matmul_torch
 from torchquant.triton_kernels.fp8_gemm import _fp8_split_k, _fp8_tiled
 
@@ -41,6 +41,16 @@ def test_decode_sizes_and_prefill_sizes_fall_in_separate_buckets():
 def test_every_tuned_kernel_is_keyed_on_the_token_bucket(name):
     assert "M_BUCKET" in TUNED[name].keys
     assert TUNED[name].keys[1:3] == ["N", "K"] or name == "act quant"
+    assert TUNED[name]._do_bench is autotune_benchmark
+
+
+def test_tuning_inside_a_cuda_graph_capture_is_refused_clearly(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    ran = []
+    with pytest.raises(RuntimeError, match="run the model once with the same shapes"):
+        autotune_benchmark(lambda: ran.append(1), quantiles=(0.5, 0.2, 0.8))
+    assert not ran  # nothing was timed (timing would synchronise inside the capture)
 
 
 class _CountingBench:
@@ -63,6 +73,7 @@ def tuner(monkeypatch):
         bench = _CountingBench()
         monkeypatch.setitem(tuned.__dict__, "do_bench", bench)  # a cached_property
         monkeypatch.setattr(tuned, "cache", {})
+        monkeypatch.setattr(tuned, "cache_results", False)  # no made-up timings on disk
         monkeypatch.setattr(tuned, "configs", configs)
         for module in modules:
             monkeypatch.setattr(module, "run_kernel", lambda k, grid, config, **a: k[grid](**a))

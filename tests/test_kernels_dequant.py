@@ -111,7 +111,8 @@ def test_gemv_fp8_weight_storage():
     q, s = quantize_fp8_weight(w, per_channel=False)
     q, s = q.to(KERNEL_DEVICE), s.reshape(1, 1).to(KERNEL_DEVICE)
     x = torch.randn(1, 90, device=KERNEL_DEVICE).to(torch.float16)
-    out = dequant_gemv(x, q, s, None, None, 8, -1, config=cfg(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2))
+    config = cfg(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2)
+    out = dequant_gemv(x, q, s, None, None, 8, -1, config, poisoned((1, 23), torch.float16))
     assert_matches(out, dm.dequant_matmul_torch(x, q, s, None, None, 8, -1))
     assert relative_error(out, reference_linear(x, q, s, None, None, 8, -1)) < 1e-2
 

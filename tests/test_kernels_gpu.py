@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_utils import ON_GPU, assert_matches, int_weight, relative_error
+from torchquant.triton_kernels import dequant_gemm as dequant_gemm_module
 from torchquant.triton_kernels.act_quant import quantize_activation
 from torchquant.triton_kernels.dequant import dequantize_weight
 from torchquant.triton_kernels.dequant_gemm import dequant_gemm
@@ -107,6 +108,20 @@ def test_cuda_graph_capture_of_decode(scheme, batch):
         static_x.copy_(torch.randn_like(static_x))
         graph.replay()
         assert_matches(static_out, model(static_x))
+
+
+def test_capture_without_warm_up_says_what_to_do(monkeypatch):
+    tuned = dequant_gemm_module._split_k_tuned  # the path of M = 3
+    monkeypatch.setattr(tuned, "cache", {})  # nothing tuned yet, in memory ...
+    monkeypatch.setattr(tuned, "cache_results", False)  # ... or on disk from an earlier run
+    layer = _layer("w4a16", 1234, 640, group_size=64)
+    x = torch.randn(3, 640, device="cuda", dtype=torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="run the model once with the same shapes"):
+        with torch.cuda.graph(graph):
+            layer(x)
+    torch.cuda.synchronize()
+    assert relative_error(layer(x), layer.cpu()(x.cpu())) < 1e-2  # fine after the warm-up
 
 
 @pytest.mark.skipif(not ON_GPU or fp8_supported(), reason="needs a GPU without FP8 support")

@@ -93,7 +93,9 @@ def test_int32_accumulation_is_exact():
     b = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=KERNEL_DEVICE)
     one_m = torch.ones(m, 1, device=KERNEL_DEVICE)
     one_n = torch.ones(n, 1, device=KERNEL_DEVICE)
-    out = int8_gemm(a, b, one_m, one_n, None, torch.float32, False, TILED)
+    out = int8_gemm(
+        a, b, one_m, one_n, None, torch.float32, False, TILED, poisoned((m, n), torch.float32)
+    )
     exact = a.cpu().to(torch.int64) @ b.cpu().to(torch.int64).t()
     assert torch.equal(out.cpu().to(torch.int64), exact)
 

@@ -3,6 +3,7 @@
 from torchquant.config import ActivationQuant, QuantConfig, QuantScheme, WeightQuant
 from torchquant.convert import ConversionSummary, convert_model
 from torchquant.errors import CheckpointError, ConfigError, QuantizationError, TorchquantError
+from torchquant.formats.dispatch import detect_format, load_checkpoint, save_checkpoint
 from torchquant.modules import QuantLinear
 from torchquant.schemes import scheme_from_name
 
@@ -20,5 +21,8 @@ __all__ = [
     "TorchquantError",
     "WeightQuant",
     "convert_model",
+    "detect_format",
+    "load_checkpoint",
+    "save_checkpoint",
     "scheme_from_name",
 ]

@@ -1,4 +1,4 @@
-"""The ``torchquant`` command line: quantize, eval, demo.
+"""The ``torchquant`` command line: quantize, eval, inspect, bench, demo.
 
 Exit codes: 0 success, 2 usage error (argparse), 1 failure with a one-line reason.
 """
@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from torchquant.errors import TorchquantError
+from torchquant.formats.dispatch import FORMATS
 
 DEFAULT_SEQ_LEN = 1024
 
@@ -39,12 +40,56 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="smollm2-135m, a .gguf file, or a Hugging Face model folder")
     _scheme_args(q)
     q.add_argument("--out", required=True, help="output checkpoint folder")
+    q.add_argument(
+        "--format",
+        default="native",
+        choices=FORMATS,
+        help="checkpoint format: native (torchquant), compressed-tensors (vLLM, llm-compressor), "
+        "gptq (v1), awq (GEMM, 4-bit)",
+    )
     q.add_argument("--max-shard-size", default="4GB", help="shard size limit, e.g. 2GB")
+    q.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of the model before quantization (kept by the unquantized tensors)",
+    )
 
     e = sub.add_parser("eval", help="perplexity of a model or checkpoint on a text")
     e.add_argument("model", help="smollm2-135m, a .gguf file, a model folder or a checkpoint")
     _eval_args(e, max_tokens=None)
     e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    i = sub.add_parser(
+        "inspect", help="per-layer scheme, bits, group and size of a checkpoint; compression"
+    )
+    i.add_argument("directory", help="a quantized checkpoint folder (any supported format)")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+
+    b = sub.add_parser("bench", help="prefill/decode throughput of a checkpoint vs its 16-bit copy")
+    b.add_argument("directory", help="a quantized checkpoint folder (any supported format)")
+    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    b.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float16", "float32"),
+        help="dtype of the unquantized baseline",
+    )
+    b.add_argument("--batch", type=int, default=1, help="sequences per batch")
+    b.add_argument(
+        "--prompt-len",
+        type=int,
+        default=None,
+        help="prompt tokens (default: 512 on cuda, 32 on cpu)",
+    )
+    b.add_argument(
+        "--new-tokens",
+        type=int,
+        default=None,
+        help="generated tokens (default: 64 on cuda, 8 on cpu)",
+    )
+    b.add_argument("--repeats", type=int, default=3, help="timed runs (median is reported)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
 
     d = sub.add_parser("demo", help="quantize the default model, save, load, compare perplexity")
     d.add_argument("--model", default="smollm2-135m")
@@ -79,19 +124,26 @@ def _dir_bytes(path: Path) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from torchquant.convert import convert_model
+    from torchquant.formats.dispatch import save_checkpoint
     from torchquant.models import load_model
-    from torchquant.serialization import save_quantized
 
     config = _config(args)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    import torch
+
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
     model, summary = convert_model(model, config)
-    save_quantized(
-        model, args.out, config=config, tokenizer=tokenizer, max_shard_size=args.max_shard_size
+    save_checkpoint(
+        model,
+        args.out,
+        args.format,
+        config=config,
+        tokenizer=tokenizer,
+        max_shard_size=args.max_shard_size,
     )
     print(summary.table())
     print(
-        f"saved {args.out} ({_dir_bytes(Path(args.out)) / 2**20:.1f} MiB) "
+        f"saved {args.out} as {args.format} ({_dir_bytes(Path(args.out)) / 2**20:.1f} MiB) "
         f"in {time.perf_counter() - start:.1f} s"
     )
 
@@ -111,6 +163,44 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from torchquant.inspection import inspect_checkpoint
+
+    report = inspect_checkpoint(args.directory)
+    print(json.dumps(report.to_dict()) if args.json else report.table())
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from torchquant.benchmark import dequantized_copy, measure_throughput, throughput_table
+    from torchquant.formats.dispatch import load_checkpoint
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TorchquantError("--device cuda: no CUDA device is available")
+    on_gpu = device.type == "cuda"
+    kw = {
+        "batch": args.batch,
+        "prompt_len": args.prompt_len or (512 if on_gpu else 32),
+        "new_tokens": args.new_tokens or (64 if on_gpu else 8),
+        "repeats": args.repeats,
+    }
+    quantized = load_checkpoint(args.directory).to(device)
+    baseline = dequantized_copy(quantized, getattr(torch, args.dtype))
+    rows = [measure_throughput(baseline, args.dtype, **kw)]
+    del baseline
+    rows.append(measure_throughput(quantized, "quantized", **kw))
+    if args.json:
+        print(json.dumps({"device": str(device), **kw, "rows": [r.to_dict() for r in rows]}))
+    else:
+        print(
+            f"device {device}, batch {kw['batch']}, prompt {kw['prompt_len']} tokens, "
+            f"{kw['new_tokens']} new tokens, median of {kw['repeats']}"
+        )
+        print(throughput_table(rows))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from torchquant.convert import convert_model
     from torchquant.evaluation import perplexity
@@ -120,7 +210,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     config = _config(args)
     model, tokenizer = load_model(args.model)
     ids = _text_ids(tokenizer, args)
-    fp_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    # -- tied tensors (embedding and lm_head) share storage: count each storage once
+    unique = {t.untyped_storage().data_ptr(): t for t in model.state_dict().values()}
+    fp_bytes = sum(t.numel() * t.element_size() for t in unique.values())
     base = perplexity(model, ids, args.seq_len)
     start = time.perf_counter()
     model, summary = convert_model(model, config)
@@ -142,7 +234,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "eval": cmd_eval,
+    "inspect": cmd_inspect,
+    "bench": cmd_bench,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from torchquant.errors import CheckpointError, TorchquantError
+from torchquant.errors import TorchquantError
 
 
 @dataclass(frozen=True)
@@ -107,12 +107,13 @@ def _drop_gguf_marker(model: Any) -> None:
 def load_model(spec: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for a known name, a ``.gguf`` file, or a model folder.
 
-    A folder may be a torchquant checkpoint (loaded quantized, without ever building
-    full-precision weights) or a plain Hugging Face model folder.
+    A folder may be a quantized checkpoint in any format torchquant reads (native,
+    compressed-tensors, GPTQ, AWQ; loaded without ever building full-precision
+    weights) or a plain Hugging Face model folder.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from torchquant.serialization import load_quantized, read_metadata
+    from torchquant.formats.dispatch import detect_format, load_checkpoint
 
     spec = str(spec)
     if spec.lower() in MODELS:
@@ -130,9 +131,7 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32) -> tuple[An
         known = ", ".join(MODELS)
         raise TorchquantError(f"model {spec!r}: not a known name ({known}), .gguf file or folder")
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    try:
-        read_metadata(path)
-    except CheckpointError:
+    if detect_format(path) is None:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
         return model.eval(), tokenizer
-    return load_quantized(path), tokenizer
+    return load_checkpoint(path), tokenizer

@@ -69,6 +69,23 @@ def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(int(m), 1)), 8192)
 
 
+def autotune_benchmark(fn: Callable[[], object], quantiles=None, **kwargs: Any):
+    """The autotuners' timer: ``triton.testing.do_bench``, refused during CUDA-graph capture.
+
+    Timing synchronises the device, which would invalidate a capture with an opaque CUDA
+    error; a layer seen for the first time inside a capture gets this message instead.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "a Triton kernel met a new shape while a CUDA graph was being captured, and "
+            "autotuning cannot run inside a capture: run the model once with the same "
+            "shapes before capturing (warm-up tunes and caches every kernel)"
+        )
+    import triton.testing
+
+    return triton.testing.do_bench(fn, quantiles=quantiles, **kwargs)
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
     for t in tensors:

@@ -27,7 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, check_fp8_support, m_bucket, output, run_kernel
+from ._launch import (
+    autotune_benchmark,
+    check_device,
+    check_fp8_support,
+    m_bucket,
+    output,
+    run_kernel,
+)
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0
@@ -193,13 +200,18 @@ def _row_configs() -> list[triton.Config]:
 
 
 def _prune_rows(configs, named_args, **kwargs):
-    """Keep tiles of at most 16K values (registers) and at least 1K values (bytes in flight)."""
+    """Keep tiles of 1K..16K values with 4..64 values per thread.
+
+    At least 1K values keeps enough bytes in flight; at most 64 float32 values per
+    thread keeps the tile in registers (ptxas spills at 128 on sm_90, see
+    ``benchmarks/kernel_resources.py``).
+    """
     block_k = {**named_args, **kwargs}["BLOCK_K"]
     kept = [
         c
         for c in configs
         if 1024 <= c.kwargs["BLOCK_M"] * block_k <= MAX_ROW_BLOCK
-        and c.num_warps * 32 <= c.kwargs["BLOCK_M"] * block_k // 4
+        and 4 * 32 * c.num_warps <= c.kwargs["BLOCK_M"] * block_k <= 64 * 32 * c.num_warps
     ]
     return kept or configs[:1]
 
@@ -209,6 +221,7 @@ _quantize_rows_tuned = triton.autotune(
     key=["M_BUCKET", "K", "IS_FP8", "PER_TOKEN", "HAS_SMOOTH"],
     prune_configs_by={"early_config_prune": _prune_rows},
     cache_results=True,
+    do_bench=autotune_benchmark,
 )(_quantize_rows_kernel)
 
 

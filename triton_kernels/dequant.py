@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, check_fp8_support, output, run_kernel
+from ._launch import autotune_benchmark, check_device, check_fp8_support, output, run_kernel
 
 PACKED_DTYPES = (torch.int32,)
 BYTE_DTYPES = (torch.int8, torch.float8_e4m3fn)
@@ -168,7 +168,10 @@ _DEQUANT_CONFIGS = [
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=8),
 ]
 _dequantize_tuned = triton.autotune(
-    _DEQUANT_CONFIGS, key=["N", "K", "BITS", "GROUP_SIZE"], cache_results=True
+    _DEQUANT_CONFIGS,
+    key=["N", "K", "BITS", "GROUP_SIZE"],
+    cache_results=True,
+    do_bench=autotune_benchmark,
 )(_dequantize_kernel)
 
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import m_bucket, output, run_kernel
+from ._launch import autotune_benchmark, m_bucket, output, run_kernel
 from .dequant import check_weight, group_index, load_code_tile, load_qparams, weight_meta
 
 
@@ -51,7 +51,7 @@ def _gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K,  # a runtime value: one binary serves every split factor (fewer compiles)
     ATOMIC: tl.constexpr,
 ):
     # -- output tile of this program, grouped along M so weight tiles are reused from L2
@@ -117,7 +117,9 @@ def _config(bm, bn, bk, split_k, warps, stages, group_m=8) -> triton.Config:
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
-# decode / small batch: 16-row MMA tiles, the weight split over K across the SMs
+# decode / small batch: 16-row MMA tiles, the weight split over K across the SMs.  The
+# 8-warp tiles are the ones ptxas compiles without spills for 4-bit weights on sm_90
+# (benchmarks/kernel_resources.py); the autotuner decides by time.
 SPLIT_K_CONFIGS = (
     [
         _config(16, bn, bk, sk, 4, st)
@@ -125,6 +127,7 @@ SPLIT_K_CONFIGS = (
         for sk in (1, 2, 4, 8)
         for st in (3, 4)
     ]
+    + [_config(16, bn, bk, sk, 8, 3) for bn, bk in ((64, 128), (256, 64)) for sk in (1, 2, 4, 8)]
     + [_config(32, 64, 128, sk, 4, 4) for sk in (1, 2, 4)]
     + [_config(64, 64, 64, sk, 4, 4) for sk in (1, 2, 4)]
 )
@@ -142,9 +145,15 @@ TILED_CONFIGS = [
 
 _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS"]
 _split_k_tuned = triton.autotune(
-    SPLIT_K_CONFIGS, key=_KEY, reset_to_zero=["out_ptr"], cache_results=True
+    SPLIT_K_CONFIGS,
+    key=_KEY,
+    reset_to_zero=["out_ptr"],
+    cache_results=True,
+    do_bench=autotune_benchmark,
 )(_gemm_kernel)
-_tiled_tuned = triton.autotune(TILED_CONFIGS, key=_KEY, cache_results=True)(_gemm_kernel)
+_tiled_tuned = triton.autotune(
+    TILED_CONFIGS, key=_KEY, cache_results=True, do_bench=autotune_benchmark
+)(_gemm_kernel)
 
 
 def dequant_gemm(

@@ -7,7 +7,9 @@ each program reduces one K slice of ``BLOCK_N`` weight rows and atomically adds 
 partial sums into a zeroed float32 ``(M, N)`` buffer, so that even an ``N = 4096``
 layer spreads over every SM.  When a K tile lies inside one quantization group the
 scale and zero are applied once per tile and row (``s * (sum(x*c) - z*sum(x))``)
-instead of once per weight.  Bias is added by the first K slice.
+instead of once per weight.  Bias is added by the first K slice.  (With that
+factoring an infinite activation meeting a zero code gives NaN where the unfactored
+product gives +-Inf: the row is non-finite either way.)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import m_bucket, output, run_kernel
+from ._launch import autotune_benchmark, m_bucket, output, run_kernel
 from .dequant import check_weight, group_index, load_code_tile, load_qparams, weight_meta
 
 
@@ -44,7 +46,7 @@ def _gemv_kernel(
     GROUP_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K,  # a runtime value: one binary serves every split factor (fewer compiles)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -121,6 +123,7 @@ _gemv_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_gemv},
     reset_to_zero=["acc_ptr"],
     cache_results=True,
+    do_bench=autotune_benchmark,
 )(_gemv_kernel)
 
 

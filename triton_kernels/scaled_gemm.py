@@ -5,9 +5,10 @@ float8_e4m3fn (float32 accumulation); ``out = (a @ b^T) * a_scale * b_scale + bi
 with ``a_scale`` ``(M, 1)`` per token or ``(1, 1)`` per tensor and ``b_scale``
 ``(N, 1)`` per channel or ``(1, 1)`` per tensor, both float32; the product of the
 scales is applied in float32 to the accumulator, the result is cast to the output
-dtype and the bias added in the output dtype (the reference's order).  With
-``SPLIT_K > 1`` each K slice scales its partial tile and adds it atomically to a
-zeroed float32 buffer (the bias goes in with the first slice).
+dtype and the bias added in the output dtype (the reference's order).  The split-K
+tuning (``ATOMIC``) has each K slice scale its partial tile and add it atomically to a
+zeroed float32 buffer (the bias goes in with the first slice); ``SPLIT_K`` is a
+runtime value, so one binary serves every split factor.
 
 :mod:`.w8a8_gemm` and :mod:`.fp8_gemm` tune this kernel separately and hold the
 launchers and PyTorch twins.
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import m_bucket, output, run_kernel
+from ._launch import autotune_benchmark, m_bucket, output, run_kernel
 
 
 @triton.jit
@@ -44,7 +45,8 @@ def scaled_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K,
+    ATOMIC: tl.constexpr,
 ):
     # -- output tile, grouped along M for L2 reuse of b
     pid = tl.program_id(0)
@@ -92,7 +94,7 @@ def scaled_gemm_kernel(
     out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K > 1:
+    if ATOMIC:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             out += tl.where(pid_k == 0, bias, 0.0)[None, :]
@@ -117,6 +119,7 @@ def tune(configs: list[triton.Config], split_k: bool):
         key=["M_BUCKET", "N", "K"],
         reset_to_zero=["out_ptr"] if split_k else None,
         cache_results=True,
+        do_bench=autotune_benchmark,
     )(scaled_gemm_kernel)
 
 
@@ -202,6 +205,7 @@ def launch_scaled_gemm(
         stride_om=acc.stride(0),
         M_BUCKET=m_bucket(m),
         HAS_BIAS=bias is not None,
+        ATOMIC=split_k,
     )
     return out if acc is out else out.copy_(acc)
 

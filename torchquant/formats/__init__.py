@@ -1,0 +1,1 @@
+"""Checkpoint formats shared with other tools: compressed-tensors, GPTQ and AWQ."""

@@ -1,0 +1,345 @@
+"""compressed-tensors export/import, checked against the compressed-tensors library itself."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from torchquant import CheckpointError, ConfigError, QuantConfig, convert_model, scheme_from_name
+from torchquant.formats.compressed_tensors import load_compressed_tensors, save_compressed_tensors
+from torchquant.modules import QuantLinear
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: thread hand-offs cost more than they save, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SCHEMES = {
+    "w4a16-g32-asym": scheme_from_name("w4a16", group_size=32),
+    "w4a16-g32-sym": scheme_from_name("w4a16", group_size=32, symmetric=True),
+    "w4a16-channel-asym": scheme_from_name("w4a16", group_size=-1),
+    "w3a16-g32-asym": scheme_from_name("w3a16", group_size=32),
+    "w2a16-g16-sym": scheme_from_name("w2a16", group_size=16, symmetric=True),
+    "w8a16-channel-sym": scheme_from_name("w8a16"),
+    "w8a8-int8": scheme_from_name("w8a8"),
+    "fp8": scheme_from_name("fp8"),
+    "w8a16-fp8": scheme_from_name("w8a16-fp8"),
+}
+
+
+def tiny_llama(dtype=torch.float32, hidden=64, inter=96, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+
+
+def quantized_llama(scheme, dtype=torch.float32, **kw):
+    model, _ = convert_model(tiny_llama(dtype, **kw), QuantConfig(default=scheme), progress=False)
+    return model
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_export_import_roundtrip_is_exact(tmp_path, name):
+    model = quantized_llama(SCHEMES[name])
+    save_compressed_tensors(model, tmp_path / "ct")
+    loaded = load_compressed_tensors(tmp_path / "ct")
+    ids = torch.randint(0, 128, (2, 9))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert not isinstance(loaded.lm_head, QuantLinear)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qc["ignore"] == ["lm_head"] and qc["config_groups"]["group_0"]["targets"] == ["Linear"]
+
+
+def test_partial_last_group_is_regrouped_exactly(tmp_path):
+    # K = 96 with group 64: the last group is 32 wide; exported as group gcd(64, 96) = 32
+    model = quantized_llama(scheme_from_name("w4a16", group_size=64), hidden=96, inter=128)
+    save_compressed_tensors(model, tmp_path / "ct")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    sizes = sorted(g["weights"]["group_size"] for g in qc["config_groups"].values())
+    assert sizes == [32, 64]  # the 96-wide inputs regrouped, the 128-wide down_proj kept
+    loaded = load_compressed_tensors(tmp_path / "ct")
+    ids = torch.randint(0, 128, (1, 7))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+# -- the compressed-tensors library as the judge
+
+ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+
+
+def _library_scheme(qc, layer_name):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    config = QuantizationConfig.model_validate(qc)
+    for group in config.config_groups.values():
+        if "Linear" in group.targets or layer_name in group.targets:
+            return group
+    raise AssertionError(f"no group for {layer_name}")
+
+
+def _local(state, prefix):
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_library_decompresses_our_export_exactly(tmp_path, name, dtype):
+    from compressed_tensors.compressors import BaseCompressor
+
+    model = quantized_llama(SCHEMES[name], dtype)
+    save_compressed_tensors(model, tmp_path / "ct")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    state = load_file(tmp_path / "ct" / "model.safetensors")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 14
+    for layer_name, layer in layers.items():
+        scheme = _library_scheme(qc, layer_name)
+        compressor = BaseCompressor.get_value_from_registry(scheme.format)
+        theirs = compressor.decompress(_local(state, f"{layer_name}."), scheme)["weight"]
+        # the library decompresses in the scales' dtype; a layer computes in its own
+        assert torch.equal(theirs.to(dtype), layer.dequantized_weight()), layer_name
+
+
+def _library_compress(weight, scheme, bits, symmetric, group_size):
+    """Quantization parameters from the weight's range, then the library's own compressor."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    n, k = weight.shape
+    g = k if group_size == -1 else group_size
+    w = weight.float().reshape(n, k // g, g)
+    lo = w.amin(-1).clamp(max=0)
+    hi = w.amax(-1).clamp(min=0)
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if symmetric:
+        scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2)
+        zp = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
+    state = {
+        "weight": weight,
+        "weight_scale": scale.to(weight.dtype),
+        "weight_zero_point": zp.to(torch.int8),
+    }
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    compressed = compressor.compress(state, scheme)
+    decompressed = compressor.decompress(compressed, scheme)["weight"]
+    return compressed, decompressed
+
+
+@pytest.mark.parametrize(
+    ("bits", "symmetric", "group_size"),
+    [(4, False, 32), (4, True, 32), (4, False, -1), (8, True, -1), (3, False, 32), (2, True, 16)],
+)
+def test_checkpoint_compressed_by_the_library_loads_with_identical_outputs(
+    tmp_path, bits, symmetric, group_size
+):
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
+
+    strategy = "channel" if group_size == -1 else "group"
+    args = QuantizationArgs(
+        num_bits=bits,
+        type="int",
+        symmetric=symmetric,
+        strategy=strategy,
+        group_size=None if group_size == -1 else group_size,
+    )
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "ct")
+    state = dict(model.state_dict())
+    state.pop("lm_head.weight")  # tied to the embedding
+    reference = tiny_llama()
+    ref_state = reference.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            compressed, decompressed = _library_compress(
+                module.weight.detach(), scheme, bits, symmetric, group_size
+            )
+            del state[f"{name}.weight"]
+            state.update({f"{name}.{k}": v for k, v in compressed.items()})
+            ref_state[f"{name}.weight"] = decompressed
+    save_file(state, str(tmp_path / "ct" / "model.safetensors"), metadata={"format": "pt"})
+    qconfig = QuantizationConfig(
+        config_groups={"group_0": scheme},
+        format="pack-quantized",
+        quantization_status="compressed",
+        ignore=["lm_head"],
+    )
+    ModelCompressor(quantization_config=qconfig).update_config(str(tmp_path / "ct"))
+    reference.load_state_dict(ref_state)
+
+    loaded = load_compressed_tensors(tmp_path / "ct")
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, QuantLinear)
+    ids = torch.randint(0, 128, (2, 11))
+    assert torch.equal(loaded(ids).logits, reference(ids).logits)
+    x = torch.randn(3, 64)
+    q_proj = loaded.model.layers[0].self_attn.q_proj
+    want = F.linear(x, ref_state["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(q_proj(x), want)
+
+
+@pytest.mark.parametrize("fmt", ["int-quantized", "float-quantized"])
+def test_library_w8a8_checkpoint_loads_with_identical_weights(tmp_path, fmt):
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    kind = "int" if fmt == "int-quantized" else "float"
+    weights = QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy="channel")
+    acts = QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy="token", dynamic=True)
+    scheme = QuantizationScheme(
+        targets=["Linear"], weights=weights, input_activations=acts, format=fmt
+    )
+    model = quantized_llama(scheme_from_name("w8a8" if kind == "int" else "fp8"))
+    save_compressed_tensors(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == fmt
+    weight = torch.randn(64, 64)  # q_proj: (hidden, hidden)
+    absmax = weight.abs().amax(dim=1, keepdim=True)
+    scale = absmax / (127.0 if kind == "int" else 448.0)
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    compressed = compressor.compress({"weight": weight, "weight_scale": scale}, scheme)
+    decompressed = compressor.decompress(compressed, scheme)["weight"]
+    # put the library's tensors in place of one of our layers and load the folder
+    state = load_file(tmp_path / "ours" / "model.safetensors")
+    prefix = "model.layers.0.self_attn.q_proj."
+    for key in ("weight", "weight_scale"):
+        assert state[prefix + key].shape == compressed[key].shape, key
+        assert state[prefix + key].dtype == compressed[key].dtype, key
+        state[prefix + key] = compressed[key]
+    save_file(state, str(tmp_path / "ours" / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_compressed_tensors(tmp_path / "ours")
+    layer = loaded.model.layers[0].self_attn.q_proj
+    assert layer.scheme.activation is not None
+    assert torch.equal(layer.dequantized_weight(torch.float32), decompressed)
+
+
+# -- refusals
+
+
+def _export(tmp_path):
+    save_compressed_tensors(quantized_llama(SCHEMES["w4a16-g32-asym"]), tmp_path / "ct")
+    return tmp_path / "ct"
+
+
+def _edit_config(folder, edit):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+def test_unknown_quantization_config_field_is_refused(tmp_path):
+    folder = _export(tmp_path)
+    _edit_config(folder, lambda c: c["quantization_config"].update(secret_sauce=True))
+    with pytest.raises(ConfigError, match="unknown field.*secret_sauce"):
+        load_compressed_tensors(folder)
+
+
+def test_unknown_quantization_args_field_is_refused(tmp_path):
+    folder = _export(tmp_path)
+    edit = lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(  # noqa: E731
+        hadamard=True
+    )
+    _edit_config(folder, edit)
+    with pytest.raises(ConfigError, match="group_0.weights: unknown field.*hadamard"):
+        load_compressed_tensors(folder)
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "0.3.1", "banana"])
+def test_unsupported_library_version_is_refused(tmp_path, version):
+    folder = _export(tmp_path)
+    _edit_config(folder, lambda c: c["quantization_config"].update(version=version))
+    with pytest.raises(CheckpointError, match="version"):
+        load_compressed_tensors(folder)
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    folder = _export(tmp_path)
+    _edit_config(folder, lambda c: c.update(architectures=["TotallyNewForCausalLM"]))
+    with pytest.raises(CheckpointError, match="TotallyNewForCausalLM"):
+        load_compressed_tensors(folder)
+
+
+def test_sparse_checkpoint_is_refused(tmp_path):
+    folder = _export(tmp_path)
+    _edit_config(folder, lambda c: c["quantization_config"].update(sparsity_config={"x": 1}))
+    with pytest.raises(CheckpointError, match="sparsity_config"):
+        load_compressed_tensors(folder)
+
+
+def test_mismatched_shard_index_is_refused(tmp_path):
+    model = quantized_llama(SCHEMES["w4a16-g32-asym"])
+    save_compressed_tensors(model, tmp_path / "ct", max_shard_size=20_000)
+    index_path = tmp_path / "ct" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    weight_map = index["weight_map"]
+    shards = list(weight_map.values())
+    key = next(k for k, f in weight_map.items() if shards.count(f) > 1)
+    home = weight_map[key]
+    weight_map[key] = next(f for f in set(shards) if f != home)
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"{key}.*the index says"):
+        load_compressed_tensors(tmp_path / "ct")
+    weight_map[key] = home
+    weight_map["model.ghost.weight"] = home
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="tensor.*that no shard holds.*model.ghost.weight"):
+        load_compressed_tensors(tmp_path / "ct")
+
+
+def test_permuted_g_idx_is_refused(tmp_path):
+    folder = _export(tmp_path)
+    state = load_file(folder / "model.safetensors")
+    perm = torch.randperm(64)
+    state["model.layers.0.self_attn.q_proj.weight_g_idx"] = (perm // 32).to(torch.int32)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="g_idx reorders"):
+        load_compressed_tensors(folder)
+
+
+def test_plain_g_idx_is_accepted(tmp_path):
+    folder = _export(tmp_path)
+    state = load_file(folder / "model.safetensors")
+    g_idx = torch.arange(64, dtype=torch.int32) // 32
+    state["model.layers.0.self_attn.q_proj.weight_g_idx"] = g_idx
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert isinstance(load_compressed_tensors(folder).model.layers[0].self_attn.q_proj, QuantLinear)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("k", [7, 32, 45, 96])
+def test_dense_rows_become_our_packing_without_unpacking(bits, k):
+    from torchquant.formats.packing_variants import dense_to_canonical, pack_dense
+    from torchquant.numerics import pack_codes
+
+    codes = torch.randint(0, 1 << bits, (5, k), dtype=torch.uint8)
+    dense = pack_dense(codes, bits)
+    assert torch.equal(dense_to_canonical(dense, bits, k), pack_codes(codes, bits))
+    if k * bits % 32:  # stray bits after the last code are cleared, not taken as codes
+        dense[:, -1] |= torch.tensor(-(1 << 31), dtype=torch.int32)
+        assert torch.equal(dense_to_canonical(dense, bits, k), pack_codes(codes, bits))

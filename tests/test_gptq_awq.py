@@ -1,0 +1,275 @@
+"""GPTQ (v1, v2) and AWQ-GEMM export/import against the formats' own definitions."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from torchquant import CheckpointError, ConfigError, QuantConfig, convert_model, scheme_from_name
+from torchquant.formats.awq import load_awq, save_awq
+from torchquant.formats.gptq import load_gptq, save_gptq
+from torchquant.modules import QuantLinear
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: thread hand-offs cost more than they save, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def tiny_llama(hidden=64, inter=128, dtype=torch.float32):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+
+
+def quantized(scheme, **kw):
+    model, _ = convert_model(tiny_llama(**kw), QuantConfig(default=scheme), progress=False)
+    return model
+
+
+# -- the formats' definitions, written out bit by bit (independent of torchquant's packing)
+
+
+def ref_unpack_dim0(words, bits, count):
+    """A bitstream down each column of int32 ``words`` -> ``count`` codes per column."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros(count, words.shape[1], dtype=torch.int64)
+    for i in range(count):
+        bit = i * bits
+        word, shift = divmod(bit, 32)
+        value = w[word] >> shift
+        if shift + bits > 32:
+            value = value | (w[word + 1] << (32 - shift))
+        out[i] = value & ((1 << bits) - 1)
+    return out
+
+
+def ref_pack_dim1(codes, bits):
+    """Codes ``(R, C)`` into ``32 // bits`` codes per int32 word along each row (2/4/8 bits)."""
+    per = 32 // bits
+    c = codes.to(torch.int64)
+    words = torch.zeros(c.shape[0], c.shape[1] // per, dtype=torch.int64)
+    for j in range(per):
+        words |= c[:, j::per] << (bits * j)
+    return words.to(torch.uint32).view(torch.int32) if hasattr(torch, "uint32") else words
+
+
+def ref_gptq_dequant(tensors, bits, group, version):
+    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    q = ref_unpack_dim0(qweight, bits, k)  # (K, N)
+    z = ref_unpack_dim0(qzeros.t().contiguous(), bits, n).t()  # (G, N)
+    if version == "gptq":
+        z = z + 1
+    g_idx = tensors["g_idx"].long()
+    assert torch.equal(g_idx, torch.arange(k) // group)
+    w = (q - z[g_idx]).to(scales.dtype) * scales[g_idx]
+    return w.t()
+
+
+def ref_awq_unpack(words):
+    """AWQ GEMM: nibble i of each word holds column AWQ_ORDER[i] of its block of eight."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    rows, blocks = w.shape
+    out = torch.zeros(rows, blocks * 8, dtype=torch.int64)
+    for i, col in enumerate(AWQ_ORDER):
+        out[:, col::8] = (w >> (4 * i)) & 0xF
+    return out
+
+
+def ref_awq_dequant(tensors, group):
+    q = ref_awq_unpack(tensors["qweight"])  # (K, N)
+    z = ref_awq_unpack(tensors["qzeros"])  # (G, N)
+    g = torch.arange(q.shape[0]) // group
+    return ((q - z[g]).to(tensors["scales"].dtype) * tensors["scales"][g]).t()
+
+
+def layer_tensors(folder, name):
+    state = load_file(folder / "model.safetensors")
+    return {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+
+
+# -- GPTQ
+
+
+GPTQ_CASES = [
+    ("gptq", 4, 32, False),
+    ("gptq", 4, 32, True),
+    ("gptq_v2", 4, 64, False),
+    ("gptq_v2", 3, 32, False),
+    ("gptq", 2, 16, True),
+    ("gptq", 8, -1, True),
+]
+
+
+@pytest.mark.parametrize(("version", "bits", "group", "sym"), GPTQ_CASES)
+def test_gptq_export_matches_format_definition_and_round_trips(tmp_path, version, bits, group, sym):
+    model = quantized(scheme_from_name(f"w{bits}a16", group_size=group, symmetric=sym))
+    if version == "gptq":  # v1 cannot hold a zero point of 0: keep this test about layout
+        for m in model.modules():
+            if isinstance(m, QuantLinear) and m.zeros is not None:
+                m.zeros.clamp_(min=1)
+    save_gptq(model, tmp_path / "q", version=version)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["checkpoint_format"]) == (
+        bits, group, sym, version,
+    )  # fmt: skip
+    k = 64
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            tensors = layer_tensors(tmp_path / "q", name)
+            group_k = layer.in_features if group == -1 else group
+            want = ref_gptq_dequant(tensors, bits, group_k, version)
+            assert torch.equal(want.to(layer.dtype), layer.dequantized_weight()), name
+    loaded = load_gptq(tmp_path / "q")
+    ids = torch.randint(0, 96, (1, k // 8))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, QuantLinear)
+
+
+def test_gptq_checkpoint_written_by_the_format_definition_loads_exactly(tmp_path):
+    """A v1 folder packed bit by bit here (not by torchquant) loads to the defined weights."""
+    model = tiny_llama()
+    torch.manual_seed(1)
+    state = dict(model.state_dict())
+    expected = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            n, k = m.weight.shape
+            g = 32
+            codes = torch.randint(0, 16, (k, n))
+            zeros = torch.randint(1, 16, (k // g, n))
+            scales = (torch.rand(k // g, n) * 0.02 + 0.001).half()
+            del state[f"{name}.weight"]
+            tensors = {
+                "qweight": ref_pack_dim1(codes.t().contiguous(), 4).t().contiguous(),
+                "qzeros": ref_pack_dim1(zeros - 1, 4),
+                "scales": scales,
+                "g_idx": (torch.arange(k) // g).to(torch.int32),
+            }
+            state.update({f"{name}.{key}": v for key, v in tensors.items()})
+            expected[name] = ref_gptq_dequant(tensors, 4, g, "gptq")
+    model.save_pretrained(tmp_path / "q")
+    save_file(state, str(tmp_path / "q" / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": 32,
+        "desc_act": False,
+        "sym": False,
+        "damp_percent": 0.01,
+        "true_sequential": True,
+        "checkpoint_format": "gptq",
+    }
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    loaded = load_gptq(tmp_path / "q")
+    for name, want in expected.items():
+        assert torch.equal(loaded.get_submodule(name).dequantized_weight(), want), name
+
+
+def test_gptq_v1_refuses_a_zero_point_of_zero(tmp_path):
+    model = quantized(scheme_from_name("w4a16", group_size=32))
+    next(m for m in model.modules() if isinstance(m, QuantLinear)).zeros[0, 0] = 0
+    with pytest.raises(CheckpointError, match="zero point of 0 cannot be stored in GPTQ v1"):
+        save_gptq(model, tmp_path / "q")
+    save_gptq(model, tmp_path / "q2", version="gptq_v2")  # v2 holds it
+
+
+def _gptq_folder(tmp_path):
+    model = quantized(scheme_from_name("w4a16", group_size=32))
+    save_gptq(model, tmp_path / "q", version="gptq_v2")
+    return tmp_path / "q"
+
+
+def _edit_qc(folder, **changes):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"].update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"checkpoint_format": "marlin"}, CheckpointError, "checkpoint_format 'marlin'"),
+        ({"bits": 5}, ConfigError, "bits=5"),
+        ({"magic_rotation": True}, ConfigError, "unknown field.*magic_rotation"),
+        ({"dynamic": {"-:.*down_proj": {}}}, CheckpointError, "dynamic"),
+    ],
+)
+def test_gptq_config_we_cannot_honour_is_refused(tmp_path, change, error, match):
+    folder = _gptq_folder(tmp_path)
+    _edit_qc(folder, **change)
+    with pytest.raises(error, match=match):
+        load_gptq(folder)
+
+
+def test_gptq_act_order_g_idx_is_refused(tmp_path):
+    folder = _gptq_folder(tmp_path)
+    state = load_file(folder / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.g_idx"
+    state[key] = state[key][torch.randperm(64)]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="q_proj.*g_idx reorders"):
+        load_gptq(folder)
+
+
+def test_gptq_mixed_group_sizes_are_refused(tmp_path):
+    # K = 96 regroups to 32 while the 128-wide down_proj keeps 64: one global group size fails
+    model = quantized(scheme_from_name("w4a16", group_size=64), hidden=96, inter=128)
+    with pytest.raises(CheckpointError, match="one bit width, group size"):
+        save_gptq(model, tmp_path / "q", version="gptq_v2")
+
+
+# -- AWQ
+
+
+@pytest.mark.parametrize(("group", "sym"), [(32, False), (64, True), (-1, False)])
+def test_awq_export_matches_format_definition_and_round_trips(tmp_path, group, sym):
+    model = quantized(scheme_from_name("w4a16", group_size=group, symmetric=sym))
+    save_awq(model, tmp_path / "a")
+    qc = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert qc["version"] == "gemm" and qc["modules_to_not_convert"] == ["lm_head"]
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            tensors = layer_tensors(tmp_path / "a", name)
+            assert tensors["qweight"].shape == (layer.in_features, layer.out_features // 8)
+            want = ref_awq_dequant(tensors, layer.in_features if group == -1 else group)
+            assert torch.equal(want.to(layer.dtype), layer.dequantized_weight()), name
+    loaded = load_awq(tmp_path / "a")
+    ids = torch.randint(0, 96, (2, 5))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_awq_refuses_other_versions_bits_and_fields(tmp_path):
+    save_awq(quantized(scheme_from_name("w4a16", group_size=32)), tmp_path / "a")
+    folder = tmp_path / "a"
+    _edit_qc(folder, version="gemv")
+    with pytest.raises(CheckpointError, match="AWQ version 'gemv' is not supported"):
+        load_awq(folder)
+    _edit_qc(folder, version="gemm", quantum=1)
+    with pytest.raises(ConfigError, match="unknown field.*quantum"):
+        load_awq(folder)
+
+
+def test_awq_refuses_non_4_bit_models(tmp_path):
+    with pytest.raises(CheckpointError, match="AWQ holds 4-bit only"):
+        save_awq(quantized(scheme_from_name("w3a16", group_size=32)), tmp_path / "a")

@@ -1,0 +1,439 @@
+"""The compressed-tensors checkpoint format (written by llm-compressor, served by vLLM).
+
+Per quantized ``nn.Linear`` named ``p`` the folder holds:
+
+- ``pack-quantized`` (INTn weight-only, n = 2..8): ``p.weight_packed`` int32
+  ``(N, ceil(K*n/32))``, the signed codes plus ``2**(n-1)`` as a little-endian
+  bitstream along the input dimension; ``p.weight_scale`` ``(N, G)`` (``(N, 1)`` per
+  channel); ``p.weight_shape`` int64 ``[N, K]``; for asymmetric weights
+  ``p.weight_zero_point`` int32 ``(ceil(N*n/32), G)``, the zero points (shifted the same
+  way) packed along the *output* dimension; optionally ``p.weight_g_idx``.
+- ``int-quantized`` (W8A8 INT8): ``p.weight`` int8 ``(N, K)``, ``p.weight_scale``
+  ``(N, 1)``, ``p.input_scale`` ``(1,)`` for static activations.
+- ``float-quantized`` (FP8 W8A8) / ``naive-quantized`` (FP8 weight-only):
+  ``p.weight`` float8_e4m3fn ``(N, K)``, ``p.weight_scale`` ``(N, 1)`` or ``(1,)``.
+
+Signed codes ``q`` with zero point ``zp`` are our unsigned codes and zeros minus
+``2**(n-1)``, so ``(q - zp) * s`` equals our ``(code - zero) * s`` exactly.
+``config.json`` carries ``quantization_config`` with ``config_groups`` (targets and
+quantization args), ``ignore``, ``format`` and ``version``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchquant.config import ActivationQuant, QuantScheme, WeightQuant
+from torchquant.errors import CheckpointError, ConfigError
+from torchquant.formats import hf_checkpoint as hf
+from torchquant.formats.int_layers import (
+    IntLayerWeights,
+    build_int_layer,
+    check_g_idx,
+    int_weights_of,
+    regroup_evenly,
+)
+from torchquant.formats.packing_variants import (
+    dense_to_canonical,
+    dense_width,
+    pack_dense,
+    unpack_rows,
+)
+from torchquant.modules import QuantLinear
+
+QUANT_METHOD = "compressed-tensors"
+# the compressed-tensors release whose layout we write (dense packing for every width)
+WRITTEN_VERSION = "0.20.0"
+SUPPORTED_MAJOR = 0
+MIN_MINOR = 7
+
+TOP_LEVEL_FIELDS = {
+    "quant_method",
+    "format",
+    "quantization_status",
+    "version",
+    "config_groups",
+    "ignore",
+    "kv_cache_scheme",
+    "global_compression_ratio",
+    "sparsity_config",
+    "transform_config",
+    "moe_sparsity_config",
+}
+GROUP_FIELDS = {"targets", "weights", "input_activations", "output_activations", "format"}
+ARGS_FIELDS = {
+    "num_bits",
+    "type",
+    "symmetric",
+    "group_size",
+    "strategy",
+    "block_structure",
+    "dynamic",
+    "actorder",
+    "scale_dtype",
+    "zp_dtype",
+    "observer",
+    "observer_kwargs",
+}
+FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized")
+
+
+# -- export
+
+
+def _weight_args(scheme: QuantScheme, group_size: int) -> dict[str, Any]:
+    w = scheme.weight
+    if w.type == "fp8":
+        strategy = "channel" if w.group_size == -1 else "tensor"
+        return _args(8, "float", True, strategy, None)
+    strategy = "channel" if group_size == -1 else "group"
+    return _args(w.bits, "int", w.symmetric, strategy, None if group_size == -1 else group_size)
+
+
+def _args(bits: int, kind: str, sym: bool, strategy: str, group: int | None, dynamic=False):
+    return {
+        "num_bits": bits,
+        "type": kind,
+        "symmetric": sym,
+        "group_size": group,
+        "strategy": strategy,
+        "block_structure": None,
+        "dynamic": dynamic,
+        "actorder": None,
+        "observer": None if dynamic else "minmax",
+    }
+
+
+def _input_args(act: ActivationQuant | None, name: str) -> dict[str, Any] | None:
+    if act is None:
+        return None
+    if act.percentile != 100.0:
+        raise CheckpointError(
+            f"layer {name!r}: percentile activation scales ({act.percentile}) have no "
+            "compressed-tensors equivalent; use max-abs scales or the native format"
+        )
+    kind = "int" if act.type == "int8" else "float"
+    strategy = act.granularity if act.dynamic else "tensor"
+    return _args(8, kind, True, strategy, None, dynamic=act.dynamic)
+
+
+def _layer_tensors(name: str, layer: QuantLinear) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """(format, weight args, local tensors) of one layer."""
+    scheme = layer.scheme
+    w = scheme.weight
+    if layer.smooth_scale is not None:
+        raise CheckpointError(
+            f"layer {name!r}: has a SmoothQuant input divisor, which compressed-tensors cannot "
+            "hold; fold it into the preceding layer or save in the native format"
+        )
+    out: dict[str, torch.Tensor] = {}
+    if layer.bias is not None:
+        out["bias"] = layer.bias
+    if w.type == "fp8":
+        out["weight"] = layer.qweight
+        scales = layer.scales.reshape(-1, 1) if w.group_size == -1 else layer.scales.reshape(1)
+        out["weight_scale"] = scales
+        fmt = "float-quantized" if scheme.activation is not None else "naive-quantized"
+        args = _weight_args(scheme, -1)
+    elif scheme.activation is not None:
+        out["weight"] = layer.qweight
+        out["weight_scale"] = layer.scales.reshape(-1, 1)
+        fmt = "int-quantized"
+        args = _weight_args(scheme, -1)
+    else:
+        iw = regroup_evenly(int_weights_of(layer, name))
+        n, k = iw.shape
+        out["weight_packed"] = pack_dense(iw.codes, iw.bits)
+        out["weight_scale"] = iw.scales
+        out["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+        if iw.zeros is not None:
+            out["weight_zero_point"] = pack_dense(iw.zeros.t().contiguous(), iw.bits).t()
+        fmt = "pack-quantized"
+        args = _weight_args(scheme, iw.group_size)
+    if scheme.activation is not None and not scheme.activation.dynamic:
+        out["input_scale"] = layer.input_scale.reshape(1)
+    return fmt, args, out
+
+
+def _original_layer_types(model: nn.Module) -> dict[str, str]:
+    """Class names of the layers the model had before conversion (from a meta copy)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        skeleton = type(model)._from_config(model.config)
+    return hf.linear_layer_names(skeleton)
+
+
+def quantization_config_for(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The ``quantization_config`` and every tensor of ``model`` in compressed-tensors form."""
+    layers = hf.quantized_layers(model)
+    if not layers:
+        raise CheckpointError("model has no QuantLinear layers; run convert_model first")
+    types = _original_layer_types(model)
+    tensors = hf.float_state(model)
+    groups: dict[str, dict[str, Any]] = {}
+    for name, layer in layers.items():
+        if types.get(name, "Linear") != "Linear":
+            raise CheckpointError(
+                f"layer {name!r} is a {types[name]}, not nn.Linear; compressed-tensors readers "
+                "expect Linear weights (N, K): save this model in the native format"
+            )
+        fmt, wargs, local = _layer_tensors(name, layer)
+        iargs = _input_args(layer.scheme.activation, name)
+        key = repr((fmt, sorted(wargs.items()), sorted((iargs or {}).items())))
+        group = groups.setdefault(
+            key,
+            {
+                "targets": [],
+                "weights": wargs,
+                "input_activations": iargs,
+                "output_activations": None,
+                "format": fmt,
+            },
+        )
+        group["targets"].append(name)
+        tensors.update({f"{name}.{k}": v for k, v in local.items()})
+    ignore = sorted(n for n in types if n not in layers)
+    if len(groups) == 1:
+        # one scheme everywhere: the idiomatic form, every Linear minus the ignored ones
+        next(iter(groups.values()))["targets"] = ["Linear"]
+    formats = {g["format"] for g in groups.values()}
+    config = {
+        "quant_method": QUANT_METHOD,
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "version": WRITTEN_VERSION,
+        "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+    }
+    return config, tensors
+
+
+def save_compressed_tensors(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    tokenizer: Any = None,
+    max_shard_size: int | str = hf.DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a converted Hugging Face model as a compressed-tensors checkpoint folder."""
+    qconfig, tensors = quantization_config_for(model)
+    config = hf.model_config_dict(model)
+    config["quantization_config"] = qconfig
+    return hf.write_checkpoint(
+        directory, config, tensors, tokenizer=tokenizer, max_shard_size=max_shard_size
+    )
+
+
+# -- import
+
+
+def _check_fields(data: object, known: set[str], where: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown field(s) {unknown}; this torchquant understands {sorted(known)}"
+        )
+    return data
+
+
+def _check_version(version: object) -> None:
+    m = re.match(r"^(\d+)\.(\d+)", str(version)) if version is not None else None
+    if m is None:
+        raise CheckpointError(f"quantization_config.version={version!r}: not a version number")
+    major, minor = int(m.group(1)), int(m.group(2))
+    if major != SUPPORTED_MAJOR or minor < MIN_MINOR:
+        raise CheckpointError(
+            f"compressed-tensors version {version} is not supported; this torchquant reads "
+            f"{SUPPORTED_MAJOR}.{MIN_MINOR} up to (not including) {SUPPORTED_MAJOR + 1}.0"
+        )
+
+
+def parse_quantization_config(qc: object) -> dict[str, Any]:
+    """Validate a compressed-tensors ``quantization_config``; refuse what we cannot honour."""
+    qc = dict(_check_fields(qc, TOP_LEVEL_FIELDS, "quantization_config"))
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise ConfigError(f"quantization_config.quant_method={qc.get('quant_method')!r}")
+    _check_version(qc.get("version"))
+    status = qc.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise CheckpointError(
+            f"quantization_status={status!r}: only compressed checkpoints can be loaded"
+        )
+    for key in ("sparsity_config", "transform_config", "moe_sparsity_config", "kv_cache_scheme"):
+        if qc.get(key):
+            raise CheckpointError(f"quantization_config.{key} is set; it is not supported")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, Mapping) or not groups:
+        raise ConfigError("quantization_config.config_groups must be a non-empty mapping")
+    for gname, group in groups.items():
+        where = f"config_groups.{gname}"
+        group = _check_fields(group, GROUP_FIELDS, where)
+        for part in ("weights", "input_activations", "output_activations"):
+            if group.get(part) is not None:
+                _check_fields(group[part], ARGS_FIELDS, f"{where}.{part}")
+        if group.get("output_activations") is not None:
+            raise CheckpointError(f"{where}: output activation quantization is not supported")
+        if not isinstance(group.get("targets"), list) or not group["targets"]:
+            raise ConfigError(f"{where}.targets must be a non-empty list")
+        fmt = group.get("format") or qc.get("format")
+        if fmt not in FORMATS:
+            raise CheckpointError(f"{where}: format {fmt!r} is not supported; expected {FORMATS}")
+    return qc
+
+
+def _matches(pattern: str, name: str, class_name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return pattern in (name, class_name)
+
+
+def _assign_groups(qc: dict[str, Any], layers: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Layer name -> its config group (first group whose targets match, minus ``ignore``)."""
+    ignore = qc.get("ignore") or []
+    plan = {}
+    for name, cls in layers.items():
+        if any(_matches(p, name, cls) for p in ignore):
+            continue
+        for group in qc["config_groups"].values():
+            if any(_matches(t, name, cls) for t in group["targets"]):
+                plan[name] = {**group, "format": group.get("format") or qc.get("format")}
+                break
+    if not plan:
+        raise CheckpointError("quantization_config targets match no linear layer of the model")
+    return plan
+
+
+def _scheme_of(group: dict[str, Any], name: str) -> QuantScheme:
+    w, a = group["weights"], group.get("input_activations")
+    if w is None or w.get("num_bits") is None:
+        raise CheckpointError(f"layer {name!r}: its config group quantizes no weights")
+    bad = w.get("actorder") not in (None, "weight", "static", "group")
+    if w.get("block_structure") or bad or w.get("strategy") not in ("channel", "group", "tensor"):
+        raise CheckpointError(
+            f"layer {name!r}: weight strategy {w.get('strategy')!r} / block / actorder "
+            f"{w.get('actorder')!r} is not supported"
+        )
+    act = None
+    if a is not None:
+        if a.get("num_bits") != 8 or not a.get("symmetric", True):
+            raise CheckpointError(f"layer {name!r}: only symmetric 8-bit activations supported")
+        dynamic = a.get("dynamic") is True
+        gran = a.get("strategy") if dynamic else "tensor"
+        if gran not in ("token", "tensor") or a.get("dynamic") not in (True, False):
+            raise CheckpointError(f"layer {name!r}: activation strategy {a!r} is not supported")
+        act = ActivationQuant("int8" if a.get("type") == "int" else "fp8", gran, dynamic)
+    try:
+        if w.get("type") == "float":
+            if w.get("num_bits") != 8 or w.get("strategy") == "group":
+                raise ConfigError("FP8 weights must be 8-bit, per channel or per tensor")
+            gs = -1 if w["strategy"] == "channel" else 0
+            return QuantScheme(WeightQuant("fp8", 8, gs, True), act)
+        gs = w.get("group_size") if w["strategy"] == "group" else -1
+        return QuantScheme(WeightQuant("int", w["num_bits"], gs, bool(w["symmetric"])), act)
+    except ValueError as exc:
+        raise CheckpointError(f"layer {name!r}: unsupported quantization args ({exc})") from None
+
+
+def _take(local: dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
+    if key not in local:
+        raise CheckpointError(f"layer {name!r}: tensor {key!r} is missing")
+    return local.pop(key)
+
+
+def _packed_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
+    w = scheme.weight
+    n, k = (int(v) for v in _take(local, "weight_shape", name).tolist())
+    words = _take(local, "weight_packed", name)
+    if words.dim() != 2 or words.shape[0] != n:
+        raise CheckpointError(
+            f"layer {name!r}: weight_packed {tuple(words.shape)} has not {n} rows"
+        )
+    codes = packed = None
+    if words.dtype == torch.int32 and words.shape[1] == dense_width(k, w.bits):
+        packed = dense_to_canonical(words, w.bits, k)  # our bitstream already
+    else:
+        codes = unpack_rows(words, w.bits, k, f"{name}.weight_packed")
+    scales = _take(local, "weight_scale", name)
+    if scales.dim() == 1:
+        scales = scales.reshape(-1, 1)
+    zeros = None
+    if not w.symmetric:
+        zp = _take(local, "weight_zero_point", name)
+        zeros = unpack_rows(zp.t().contiguous(), w.bits, n, f"{name}.weight_zero_point").t()
+    local.pop("weight_zero_point", None)  # symmetric schemes may carry an all-zero one
+    check_g_idx(local.pop("weight_g_idx", None), k, w.group_size, name)
+    bias = local.pop("bias", None)
+    weights = IntLayerWeights(codes, scales, zeros, w.bits, w.group_size, bias, dtype, packed, k)
+    return build_int_layer(weights, w.symmetric, name)
+
+
+def _dense_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
+    w = scheme.weight
+    weight = _take(local, "weight", name)
+    if weight.dim() != 2:
+        raise CheckpointError(f"layer {name!r}: weight must be 2-D, got {tuple(weight.shape)}")
+    n, k = weight.shape
+    scales = _take(local, "weight_scale", name).float()
+    if w.type == "int" and scales.numel() == 1:
+        scales = scales.reshape(1, 1).expand(n, 1)  # per-tensor = every channel alike
+    local.pop("weight_zero_point", None)
+    bias = local.pop("bias", None)
+    layer = QuantLinear(k, n, scheme, bias is not None, dtype)
+    want = torch.int8 if w.type == "int" else torch.float8_e4m3fn
+    if weight.dtype != want or w.bits != 8:
+        raise CheckpointError(f"layer {name!r}: weight is {weight.dtype}, expected {want}")
+    if scales.numel() != layer.scales.numel():
+        raise CheckpointError(
+            f"layer {name!r}: weight_scale has {scales.numel()} values, expected "
+            f"{layer.scales.numel()}"
+        )
+    layer.qweight.copy_(weight)
+    layer.scales.copy_(scales.reshape(layer.scales.shape))
+    if layer.input_scale is not None:
+        layer.input_scale.copy_(_take(local, "input_scale", name).float().reshape(1))
+    if bias is not None:
+        layer.bias.copy_(bias)
+    return layer
+
+
+def load_compressed_tensors(directory: str | Path) -> nn.Module:
+    """Load a compressed-tensors folder into a ``transformers`` model with ``QuantLinear`` layers.
+
+    The model is built on the meta device from ``config.json``; every tensor is taken
+    straight from the files, so no full-precision weight is ever materialised.
+    """
+    files, declared = hf.declared_tensors(directory)
+    config = hf.read_config(directory)
+    qc = parse_quantization_config(config.get("quantization_config"))
+    model = hf.build_skeleton(directory, config, len(declared))
+    layer_types = hf.linear_layer_names(model)
+    plan = _assign_groups(qc, layer_types)
+    hf.check_float_tensors(model, declared, list(plan))
+    tensors = hf.read_tensors(files, model)
+
+    def make(name: str, local: dict[str, torch.Tensor]) -> QuantLinear:
+        if layer_types[name] != "Linear":
+            raise CheckpointError(f"layer {name!r} is a {layer_types[name]}, not nn.Linear")
+        group = plan[name]
+        scheme = _scheme_of(group, name)
+        dtype = model.get_submodule(name).weight.dtype
+        if group["format"] == "pack-quantized":
+            if scheme.activation is not None:
+                raise CheckpointError(f"layer {name!r}: packed INT with activations unsupported")
+            return _packed_layer(name, local, scheme, dtype)
+        return _dense_layer(name, local, scheme, dtype)
+
+    return hf.assemble(model, tensors, list(plan), make)

@@ -1,0 +1,110 @@
+"""One entry point for every checkpoint format torchquant writes and reads.
+
+The format of a folder is read from ``config.json``'s ``quantization_config.quant_method``
+(``torchquant``, ``compressed-tensors``, ``gptq``, ``awq``); a folder without one is a
+native torchquant checkpoint if its safetensors metadata says so, else a plain model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from torchquant.config import QuantConfig
+from torchquant.errors import CheckpointError, ConfigError
+from torchquant.formats import hf_checkpoint as hf
+
+FORMATS = ("native", "compressed-tensors", "gptq", "awq")
+QUANT_METHODS = {
+    "torchquant": "native",
+    "compressed-tensors": "compressed-tensors",
+    "gptq": "gptq",
+    "awq": "awq",
+}
+
+
+def detect_format(directory: str | Path) -> str | None:
+    """``native``, ``compressed-tensors``, ``gptq``, ``awq``, or ``None`` for an unquantized folder.
+
+    Raises :class:`CheckpointError` for a ``quant_method`` torchquant does not read.
+    """
+    from torchquant.serialization import read_metadata
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    config = hf.read_config(directory) if (directory / "config.json").is_file() else {}
+    qc = config.get("quantization_config")
+    if qc is None and (directory / "quantize_config.json").is_file():
+        return "gptq"
+    if qc is not None:
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        if method not in QUANT_METHODS:
+            raise CheckpointError(
+                f"{directory}: quantization_config.quant_method={method!r} is not a format "
+                f"torchquant reads ({sorted(QUANT_METHODS)})"
+            )
+        return QUANT_METHODS[method]
+    try:
+        read_metadata(directory)
+    except CheckpointError:
+        return None
+    return "native"
+
+
+def load_checkpoint(directory: str | Path) -> nn.Module:
+    """Load a quantized folder of any supported format into a model with ``QuantLinear`` layers.
+
+    The model is built on the meta device and filled straight from the files, so no
+    full-precision weight is ever materialised.
+    """
+    fmt = detect_format(directory)
+    if fmt is None:
+        raise CheckpointError(f"{directory} is not a quantized checkpoint")
+    if fmt == "native":
+        from torchquant.serialization import load_quantized
+
+        return load_quantized(directory)
+    if fmt == "compressed-tensors":
+        from torchquant.formats.compressed_tensors import load_compressed_tensors
+
+        return load_compressed_tensors(directory)
+    if fmt == "gptq":
+        from torchquant.formats.gptq import load_gptq
+
+        return load_gptq(directory)
+    from torchquant.formats.awq import load_awq
+
+    return load_awq(directory)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    directory: str | Path,
+    fmt: str = "native",
+    *,
+    config: QuantConfig | None = None,
+    tokenizer: Any = None,
+    max_shard_size: int | str = hf.DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Save a converted model in ``fmt`` (one of :data:`FORMATS`; ``gptq`` writes version 1)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r}: expected one of {FORMATS}")
+    kw: dict[str, Any] = {"tokenizer": tokenizer, "max_shard_size": max_shard_size}
+    if fmt == "native":
+        from torchquant.serialization import save_quantized
+
+        return save_quantized(model, directory, config=config, **kw)
+    if fmt == "compressed-tensors":
+        from torchquant.formats.compressed_tensors import save_compressed_tensors
+
+        return save_compressed_tensors(model, directory, **kw)
+    if fmt == "gptq":
+        from torchquant.formats.gptq import save_gptq
+
+        return save_gptq(model, directory, **kw)
+    from torchquant.formats.awq import save_awq
+
+    return save_awq(model, directory, **kw)

@@ -1,0 +1,269 @@
+"""GPTQ checkpoints (AutoGPTQ / GPTQModel layout, ``checkpoint_format`` v1 and v2).
+
+Per quantized linear layer ``p`` with ``K`` inputs, ``N`` outputs, ``G`` groups:
+
+- ``p.qweight`` int32 ``(K*bits/32, N)``: unsigned codes packed along the *input*
+  dimension, a little-endian bitstream down each column (3-bit codes straddle words);
+- ``p.qzeros`` int32 ``(G, N*bits/32)``: zero points packed along the output
+  dimension; format v1 stores ``zero - 1``, v2 stores ``zero``;
+- ``p.scales`` ``(G, N)``; ``p.g_idx`` int32 ``(K,)``: the group of each input column;
+- ``p.bias`` ``(N,)`` when the layer has one.
+
+The weight is ``w[n, k] = (q[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n]``.
+``config.json`` carries ``quantization_config`` (``quant_method: gptq``, ``bits``,
+``group_size``, ``sym``, ``desc_act``, ``checkpoint_format``); older folders keep it
+in ``quantize_config.json`` instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchquant.errors import CheckpointError, ConfigError
+from torchquant.formats import hf_checkpoint as hf
+from torchquant.formats.int_layers import (
+    IntLayerWeights,
+    build_int_layer,
+    check_g_idx,
+    int_weights_of,
+    regroup_evenly,
+)
+from torchquant.formats.packing_variants import (
+    dense_to_canonical,
+    pack_columns,
+    pack_rows,
+    unpack_columns,
+)
+from torchquant.modules import QuantLinear
+
+QUANT_METHOD = "gptq"
+VERSIONS = ("gptq", "gptq_v2")
+BITS = (2, 3, 4, 8)
+# fields that change how tensors are read
+SEMANTIC_FIELDS = {
+    "quant_method",
+    "bits",
+    "group_size",
+    "sym",
+    "desc_act",
+    "checkpoint_format",
+    "format",
+    "static_groups",
+    "lm_head",
+    "dynamic",
+    "pack_dtype",
+    "modules_to_not_convert",
+}
+# records of how the checkpoint was made, or loader hints; they do not change the weights
+INFORMATIONAL_FIELDS = {
+    "damp_percent",
+    "damp_auto_increment",
+    "true_sequential",
+    "model_name_or_path",
+    "model_file_base_name",
+    "meta",
+    "mse",
+    "act_group_aware",
+    "tokenizer",
+    "dataset",
+    "use_cuda_fp16",
+    "model_seqlen",
+    "block_name_to_quantize",
+    "module_name_preceding_first_block",
+    "batch_size",
+    "pad_token_id",
+    "use_exllama",
+    "max_input_length",
+    "exllama_config",
+    "cache_block_outputs",
+    "modules_in_block_to_quantize",
+    "backend",
+}
+QUANTIZE_CONFIG_FILE = "quantize_config.json"
+
+
+# -- config
+
+
+def parse_gptq_config(qc: object) -> dict[str, Any]:
+    """Validated ``{bits, group_size, sym, version}``; refuses what would change the weights."""
+    if not isinstance(qc, dict):
+        raise ConfigError(f"GPTQ quantization_config must be an object, got {type(qc).__name__}")
+    unknown = sorted(set(qc) - SEMANTIC_FIELDS - INFORMATIONAL_FIELDS)
+    if unknown:
+        raise ConfigError(
+            f"GPTQ quantization_config: unknown field(s) {unknown}; this torchquant understands "
+            f"{sorted(SEMANTIC_FIELDS | INFORMATIONAL_FIELDS)}"
+        )
+    if qc.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
+        raise ConfigError(f"quantization_config.quant_method={qc.get('quant_method')!r}")
+    version = qc.get("checkpoint_format", qc.get("format", "gptq"))
+    if version not in VERSIONS:
+        raise CheckpointError(
+            f"GPTQ checkpoint_format {version!r} is not supported; this torchquant reads {VERSIONS}"
+        )
+    bits, group = qc.get("bits"), qc.get("group_size", -1)
+    if bits not in BITS:
+        raise ConfigError(f"GPTQ bits={bits!r}: expected one of {BITS}")
+    if type(group) is not int or not (group == -1 or group > 0):
+        raise ConfigError(f"GPTQ group_size={group!r}: expected -1 or a positive int")
+    if qc.get("lm_head"):
+        raise CheckpointError("GPTQ lm_head=true (a quantized lm_head) is not supported")
+    if qc.get("dynamic"):
+        raise CheckpointError("GPTQ 'dynamic' per-module overrides are not supported")
+    if qc.get("pack_dtype", "int32") != "int32":
+        raise CheckpointError(f"GPTQ pack_dtype={qc['pack_dtype']!r}: only int32 is supported")
+    return {"bits": bits, "group_size": group, "sym": bool(qc.get("sym", True)), "version": version}
+
+
+def read_gptq_config(directory: str | Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The ``quantization_config`` of ``config.json``, else ``quantize_config.json``."""
+    qc = config.get("quantization_config")
+    path = Path(directory) / QUANTIZE_CONFIG_FILE
+    if qc is None and path.is_file():
+        from torchquant.checkpoint_checks import read_json_file
+
+        qc = read_json_file(path, QUANTIZE_CONFIG_FILE)
+    if qc is None:
+        raise CheckpointError(f"{directory}: no GPTQ quantization_config or {QUANTIZE_CONFIG_FILE}")
+    return parse_gptq_config(qc)
+
+
+# -- export
+
+
+def gptq_tensors(weights: IntLayerWeights, version: str, name: str) -> dict[str, torch.Tensor]:
+    """The GPTQ tensors of one layer (group sizes must divide ``K``: regroup first)."""
+    n, k = weights.shape
+    bits, g = weights.bits, weights.group_size
+    zeros = weights.zeros_or_implied().to(torch.int16)  # (N, G)
+    if version == "gptq":
+        if bool((zeros == 0).any()):
+            raise CheckpointError(
+                f"layer {name!r}: a zero point of 0 cannot be stored in GPTQ v1 (it stores "
+                "zero - 1); save with checkpoint_format 'gptq_v2' or symmetric weights"
+            )
+        zeros = zeros - 1
+    group = k if g == -1 else g
+    out = {
+        "qweight": pack_rows(weights.codes.t(), bits, f"{name}.qweight"),
+        "qzeros": pack_columns(zeros.t().to(torch.uint8).contiguous(), bits, f"{name}.qzeros"),
+        "scales": weights.scales.t().contiguous(),
+        "g_idx": (torch.arange(k) // group).to(torch.int32),
+    }
+    if weights.bias is not None:
+        out["bias"] = weights.bias
+    return out
+
+
+def _common_layout(layers: dict[str, IntLayerWeights]) -> tuple[int, int, bool]:
+    layouts = {(w.bits, w.group_size, w.zeros is None) for w in layers.values()}
+    if len(layouts) != 1:
+        raise CheckpointError(
+            f"GPTQ holds one bit width, group size and symmetry for the whole model, but the "
+            f"layers use {sorted(layouts)} (bits, group, symmetric); a group size that divides "
+            "every layer's input, or the compressed-tensors format, avoids this"
+        )
+    return layouts.pop()
+
+
+def save_gptq(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    version: str = "gptq",
+    tokenizer: Any = None,
+    max_shard_size: int | str = hf.DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a converted Hugging Face model as a GPTQ checkpoint folder (v1 or v2)."""
+    if version not in VERSIONS:
+        raise ConfigError(f"version={version!r}: expected one of {VERSIONS}")
+    layers = hf.quantized_layers(model)
+    if not layers:
+        raise CheckpointError("model has no QuantLinear layers; run convert_model first")
+    weights = {name: regroup_evenly(int_weights_of(layer, name)) for name, layer in layers.items()}
+    for name, w in weights.items():
+        if w.bits not in BITS:
+            raise CheckpointError(f"layer {name!r}: {w.bits}-bit weights; GPTQ holds {BITS}")
+    bits, group, sym = _common_layout(weights)
+    tensors = hf.float_state(model)
+    for name, w in weights.items():
+        tensors.update({f"{name}.{k}": v for k, v in gptq_tensors(w, version, name).items()})
+    qc = {
+        "quant_method": QUANT_METHOD,
+        "bits": bits,
+        "group_size": group,
+        "sym": sym,
+        "desc_act": False,
+        "static_groups": False,
+        "checkpoint_format": version,
+        "true_sequential": True,
+    }
+    config = hf.model_config_dict(model)
+    config["quantization_config"] = qc
+    extra = {QUANTIZE_CONFIG_FILE: qc}
+    return hf.write_checkpoint(
+        directory, config, tensors, tokenizer=tokenizer, extra_json=extra,
+        max_shard_size=max_shard_size,
+    )  # fmt: skip
+
+
+# -- import
+
+
+def _take(local: dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
+    if key not in local:
+        raise CheckpointError(f"layer {name!r}: tensor {key!r} is missing")
+    return local.pop(key)
+
+
+def gptq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str) -> QuantLinear:
+    """A ``QuantLinear`` from one layer's GPTQ tensors (consumed from ``local``)."""
+    bits, g = parsed["bits"], parsed["group_size"]
+    qweight = _take(local, "qweight", name)
+    scales = _take(local, "scales", name)
+    if qweight.dim() != 2 or scales.dim() != 2:
+        raise CheckpointError(f"layer {name!r}: qweight and scales must be 2-D")
+    n = qweight.shape[1]
+    k = qweight.shape[0] * 32 // bits
+    if qweight.dtype != torch.int32 or qweight.shape[0] * 32 != k * bits:
+        raise CheckpointError(f"layer {name!r}: qweight must be int32 (K*bits/32, N)")
+    packed = dense_to_canonical(qweight.t().contiguous(), bits, k)  # the same bitstream, (N, .)
+    groups = 1 if g == -1 else -(-k // g)
+    if scales.shape != (groups, n):
+        raise CheckpointError(
+            f"layer {name!r}: scales have shape {tuple(scales.shape)}, expected ({groups}, {n})"
+        )
+    zeros = unpack_columns(_take(local, "qzeros", name), bits, n, f"{name}.qzeros")
+    if zeros.shape[0] != groups:
+        raise CheckpointError(f"layer {name!r}: qzeros has {zeros.shape[0]} rows, not {groups}")
+    if parsed["version"] == "gptq":
+        zeros = ((zeros.to(torch.int16) + 1) & ((1 << bits) - 1)).to(torch.uint8)
+    check_g_idx(local.pop("g_idx", None), k, g, name)
+    zeros = zeros.t().contiguous()  # (N, G)
+    symmetric = bool(torch.all(zeros == 1 << (bits - 1)))
+    weights = IntLayerWeights(
+        None,
+        scales.t().contiguous(),
+        None if symmetric else zeros,
+        bits,
+        g,
+        local.pop("bias", None),
+        scales.dtype,
+        packed,
+        k,
+    )
+    return build_int_layer(weights, symmetric, name)
+
+
+def load_gptq(directory: str | Path) -> nn.Module:
+    """Load a GPTQ folder into a ``transformers`` model with ``QuantLinear`` layers.
+
+    The layers that carry a ``qweight`` are quantized; the model is built on the
+    meta device and every tensor comes straight from the files.
+    """
+    return hf.load_packed_folder(directory, read_gptq_config, "qweight", gptq_layer)

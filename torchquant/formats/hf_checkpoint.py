@@ -1,0 +1,249 @@
+"""Hugging Face style checkpoint folders shared by the exchange formats.
+
+A folder holds ``config.json`` (the model config plus a ``quantization_config``),
+``model.safetensors`` or shards with ``model.safetensors.index.json``, and the
+tokenizer.  Formats decide the tensor names of quantized layers; this module writes
+and reads the folder, checks the shard index, and rebuilds the model on the meta
+device so that no full-precision weight is ever materialised.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from torchquant import checkpoint_checks as checks
+from torchquant.atomic import staged_directory
+from torchquant.errors import CheckpointError
+from torchquant.hf_skeleton import build_hf_skeleton
+from torchquant.modules import QuantLinear
+from torchquant.safetensors_check import TensorEntry, check_safetensors
+from torchquant.serialization import (
+    DEFAULT_MAX_SHARD_BYTES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    _dedupe,
+    _parse_size,
+    _set_submodule,
+    _shard,
+)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors of everything but the ``QuantLinear`` layers, tied copies dropped."""
+    prefixes = tuple(f"{name}." for name in quantized_layers(model))
+    state, _aliases = _dedupe(model.state_dict())
+    return {k: v for k, v in state.items() if not k.startswith(prefixes)}
+
+
+def model_config_dict(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise CheckpointError(
+            "this format needs a Hugging Face model (with .config); use the native format"
+        )
+    data = config.to_dict()
+    data.pop("quantization_config", None)
+    data["architectures"] = [type(model).__name__]
+    return data
+
+
+def write_checkpoint(
+    directory: str | Path,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    *,
+    tokenizer: Any = None,
+    extra_json: dict[str, dict[str, Any]] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write ``config.json``, the (sharded) safetensors and the tokenizer atomically."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} exists and is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / "config.json").exists():
+        raise CheckpointError(f"refusing to overwrite {directory}: not empty and not a checkpoint")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    shards = _shard(tensors, _parse_size(max_shard_size))
+    with staged_directory(directory) as staging:
+        if len(shards) == 1:
+            save_file(shards[0], str(staging / SINGLE_FILE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(staging / fname), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, fname))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        for fname, data in (extra_json or {}).items():
+            (staging / fname).write_text(json.dumps(data, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+    return directory
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json")
+    data = checks.read_json_file(path, "config.json")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def declared_tensors(directory: str | Path) -> tuple[list[Path], dict[str, TensorEntry]]:
+    """The folder's validated shards and every tensor they declare, read from headers only.
+
+    Shard names must stay inside the folder, each header must be sound (sizes that
+    match shapes and the file, within the memory budget) and a shard index must
+    agree with the shards tensor by tensor, all before any tensor is allocated.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    files = checks.shard_files(directory, SINGLE_FILE, INDEX_FILE)
+    headers = [check_safetensors(path) for path in files]
+    if (directory / INDEX_FILE).exists():
+        checks.check_index_matches_shards(directory, INDEX_FILE, headers)
+    return files, checks.declared_entries(headers)
+
+
+def check_float_tensors(
+    model: nn.Module, declared: dict[str, TensorEntry], quantized: list[str]
+) -> None:
+    """Tensors outside the quantized layers must be the skeleton's, shape for shape."""
+    expected = model.state_dict()
+    prefixes = tuple(f"{name}." for name in quantized)
+    for key, entry in declared.items():
+        if key.startswith(prefixes):
+            continue
+        if key not in expected:
+            raise CheckpointError(f"checkpoint has tensor {key!r}, which the model does not")
+        if entry.shape != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"tensor {key!r}: checkpoint declares {entry.shape}, the model expects "
+                f"{tuple(expected[key].shape)}"
+            )
+
+
+def read_tensors(files: list[Path], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the validated ``files``, refusing NaN/Inf values."""
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    if key in state:
+                        raise CheckpointError(f"{path.name}: tensor {key!r} appears in two shards")
+                    state[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path.name}: unreadable or truncated ({exc})") from None
+    checks.check_loaded_values(state, model)
+    return state
+
+
+def linear_layer_names(model: nn.Module) -> dict[str, str]:
+    """Name -> class name of every linear-like layer of a (meta) model."""
+    from torchquant.convert import is_linear_like
+
+    return {name: type(m).__name__ for name, m in model.named_modules() if is_linear_like(m)}
+
+
+def build_skeleton(directory: str | Path, config: dict[str, Any], num_tensors: int) -> nn.Module:
+    """The model named by ``config.json``'s ``architectures``, on the meta device."""
+    arch = config.get("architectures") or []
+    if not isinstance(arch, list) or len(arch) != 1 or not isinstance(arch[0], str):
+        raise CheckpointError(f"config.json: 'architectures' must name one class, got {arch!r}")
+    return build_hf_skeleton(Path(directory), arch[0], num_tensors)
+
+
+def assemble(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    layer_names: list[str],
+    make_layer: Callable[[str, dict[str, torch.Tensor]], QuantLinear],
+) -> nn.Module:
+    """Replace ``layer_names`` by the layers ``make_layer`` builds, assign the rest.
+
+    ``make_layer(name, local)`` gets the tensors under ``name.`` with local names and
+    must consume them all (what it leaves is reported as unexpected).
+    """
+    remaining = dict(tensors)
+    for name in layer_names:
+        prefix = f"{name}."
+        keys = [k for k in remaining if k.startswith(prefix)]
+        local = {k[len(prefix) :]: remaining.pop(k) for k in keys}
+        if not local:
+            raise CheckpointError(f"layer {name!r}: no tensors for it in the checkpoint")
+        layer = make_layer(name, local)
+        if local:
+            raise CheckpointError(f"layer {name!r}: unexpected tensor(s) {sorted(local)}")
+        _set_submodule(model, name, layer)
+    expected = model.state_dict()
+    quantized = tuple(f"{n}." for n in layer_names)
+    unexpected = sorted(k for k in remaining if k not in expected)
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint has {len(unexpected)} tensor(s) the model does not, e.g. {unexpected[:3]}"
+        )
+    for key, t in remaining.items():
+        want = expected[key]
+        if key.startswith(quantized) or t.shape != want.shape:
+            raise CheckpointError(
+                f"tensor {key!r}: checkpoint shape {tuple(t.shape)}, model {tuple(want.shape)}"
+            )
+    model.load_state_dict(remaining, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    for key, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise CheckpointError(f"tensor {key!r} is not in the checkpoint")
+    return model.eval()
+
+
+def load_packed_folder(
+    directory: str | Path,
+    parse: Callable[[str | Path, dict[str, Any]], dict[str, Any]],
+    marker: str,
+    make_layer: Callable[[dict[str, torch.Tensor], dict[str, Any], str], QuantLinear],
+) -> nn.Module:
+    """Load a folder whose quantized layers are the ones holding a ``<layer>.<marker>`` tensor.
+
+    ``parse(directory, config)`` validates the format's config; ``make_layer(local,
+    parsed, name)`` builds each layer from its tensors.  Headers, the shard index and
+    the float tensors' shapes are all checked before any tensor is read.
+    """
+    files, declared = declared_tensors(directory)
+    config = read_config(directory)
+    parsed = parse(directory, config)
+    model = build_skeleton(directory, config, len(declared))
+    linear = linear_layer_names(model)
+    suffix = f".{marker}"
+    marked = {k[: -len(suffix)] for k in declared if k.endswith(suffix)}
+    if not marked:
+        raise CheckpointError(f"{directory}: no quantized layers (no tensor named '*{suffix}')")
+    stray = sorted(marked - set(linear))
+    if stray:
+        raise CheckpointError(
+            f"layer {stray[0]!r} holds quantized tensors but is not a linear layer of "
+            f"{type(model).__name__}"
+        )
+    names = [name for name in linear if name in marked]
+    check_float_tensors(model, declared, names)
+    tensors = read_tensors(files, model)
+    return assemble(model, tensors, names, lambda name, local: make_layer(local, parsed, name))
