@@ -1,6 +1,6 @@
 """Hypothesis strategies shared by the fuzz tests: config dicts, tensors, checkpoint mutations.
 
-The example budget comes from ``TORCHQUANT_FUZZ_EXAMPLES``: 30 per test by default,
+The example budget comes from ``TORCHQUANT_FUZZ_EXAMPLES``: 20 per test by default,
 so that all fuzz tests together stay within seconds in CI.  A long local run::
 
     TORCHQUANT_FUZZ_EXAMPLES=5000 nice -n 10 python -m pytest tests/test_fuzz_*.py \
@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-FUZZ_EXAMPLES = int(os.environ.get("TORCHQUANT_FUZZ_EXAMPLES", "30"))
+FUZZ_EXAMPLES = int(os.environ.get("TORCHQUANT_FUZZ_EXAMPLES", "20"))
 fuzz_settings = settings(
     max_examples=FUZZ_EXAMPLES,
     deadline=None,
