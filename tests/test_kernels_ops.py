@@ -79,4 +79,6 @@ def test_every_op_has_a_cuda_kernel():
         "torchquant::linear_w8a8_int8",
         "torchquant::linear_w8a8_fp8",
         "torchquant::quantize_activation",
+        "torchquant::fake_quant_int_weight",
+        "torchquant::fake_quant_int_weight_backward",
     }

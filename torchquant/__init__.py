@@ -4,7 +4,8 @@ from torchquant.config import ActivationQuant, QuantConfig, QuantScheme, WeightQ
 from torchquant.convert import ConversionSummary, convert_model
 from torchquant.errors import CheckpointError, ConfigError, QuantizationError, TorchquantError
 from torchquant.formats.dispatch import detect_format, load_checkpoint, save_checkpoint
-from torchquant.modules import QuantLinear
+from torchquant.modules import QatLinear, QuantLinear
+from torchquant.qat import QatOptions, convert_qat, prepare_qat
 from torchquant.schemes import scheme_from_name
 
 __version__ = "0.1.0"
@@ -14,6 +15,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ConversionSummary",
+    "QatLinear",
+    "QatOptions",
     "QuantConfig",
     "QuantLinear",
     "QuantScheme",
@@ -21,8 +24,10 @@ __all__ = [
     "TorchquantError",
     "WeightQuant",
     "convert_model",
+    "convert_qat",
     "detect_format",
     "load_checkpoint",
+    "prepare_qat",
     "save_checkpoint",
     "scheme_from_name",
 ]

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from torchquant.config import QuantConfig, QuantScheme
 from torchquant.errors import ConfigError, QuantizationError
 from torchquant.matching import first_match
-from torchquant.modules import QuantLinear
+from torchquant.modules import QatLinear, QuantLinear
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -94,6 +94,14 @@ def convert_model(
         plan.items(), desc="quantizing", unit="layer", disable=not progress
     ):
         layer = model.get_submodule(name)
+        if isinstance(layer, QatLinear):
+            # -- a QAT-trained layer keeps its learned scales (and must match the config)
+            quantized = layer.to_quant_linear(name, expected=scheme)
+            summary.bytes_before += _tensor_bytes(layer)
+            summary.bytes_after += quantized.nbytes()
+            summary.converted[name] = scheme.describe()
+            _set_submodule(model, name, quantized)
+            continue
         if scheme is None:
             summary.skipped[name] = why
             continue

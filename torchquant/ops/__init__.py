@@ -6,6 +6,7 @@ as the CUDA implementation of the same ops.  Every op has a fake (meta)
 implementation so ``torch.compile`` can trace models that use it.
 """
 
+from torchquant.ops.fake_quant import fake_quant_int_weight, fake_quant_int_weight_backward
 from torchquant.ops.linear import (
     linear_fp8_weight,
     linear_int8_weight,
@@ -26,6 +27,8 @@ else:
 
 __all__ = [
     "HAS_TRITON_KERNELS",
+    "fake_quant_int_weight",
+    "fake_quant_int_weight_backward",
     "linear_fp8_weight",
     "linear_int8_weight",
     "linear_intn",

@@ -22,6 +22,7 @@ from torchquant.numerics import quantize_activation
 from torchquant.ops.linear import _w8a8
 from torchquant.triton_kernels.act_quant import quantize_activation as quantize_activation_kernel
 from torchquant.triton_kernels.dequant_matmul import dequant_matmul
+from torchquant.triton_kernels.fake_quant import fake_quant_int_backward, fake_quant_int_forward
 from torchquant.triton_kernels.fp8_gemm import fp8_gemm, fp8_supported
 from torchquant.triton_kernels.w8a8_gemm import int8_gemm
 
@@ -120,6 +121,28 @@ def quantize_activation_cuda(
     return quantize_activation_kernel(x, act_type, per_token, smooth)
 
 
+def fake_quant_int_weight_cuda(
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    return fake_quant_int_forward(w, scales, zeros, bits, group_size)
+
+
+def fake_quant_int_weight_backward_cuda(
+    grad: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gw, gs, gz = fake_quant_int_backward(grad, w, scales, zeros, bits, group_size)
+    return gw, gs, gz if gz is not None else torch.zeros_like(scales)
+
+
 CUDA_KERNELS = {
     "torchquant::linear_intn": linear_intn_cuda,
     "torchquant::linear_int8_weight": linear_int8_weight_cuda,
@@ -127,6 +150,8 @@ CUDA_KERNELS = {
     "torchquant::linear_w8a8_int8": linear_w8a8_int8_cuda,
     "torchquant::linear_w8a8_fp8": linear_w8a8_fp8_cuda,
     "torchquant::quantize_activation": quantize_activation_cuda,
+    "torchquant::fake_quant_int_weight": fake_quant_int_weight_cuda,
+    "torchquant::fake_quant_int_weight_backward": fake_quant_int_weight_backward_cuda,
 }
 
 for _name, _impl in CUDA_KERNELS.items():

@@ -1,0 +1,233 @@
+"""``QatLinear``: an ``nn.Linear`` that trains through fake quantization of its weight and input."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchquant.config import QuantScheme
+from torchquant.errors import ConfigError, QuantizationError
+from torchquant.modules.quant_linear import QuantLinear, _scale_dtype
+from torchquant.numerics import num_groups, quantize_codes
+from torchquant.numerics.qparams import FP8_E4M3_MAX
+from torchquant.qat.fake_quant import (
+    cast_ste,
+    fake_quantize_activation,
+    fake_quantize_fp8_weight,
+    fake_quantize_int_weight,
+    int_zero_points,
+    minmax_weight_qparams,
+)
+from torchquant.qat.options import QatOptions
+
+
+class QatLinear(nn.Linear):
+    """``y = fq_a(x) fq_w(W)^T + b``, with fake quantization as ``scheme`` says.
+
+    State lives only in parameters and buffers (so DDP, ``state_dict`` and optimizers
+    see all of it): ``weight``/``bias`` as in ``nn.Linear``; ``weight_scales`` ``(N, G)``
+    float32 and ``weight_zeros`` ``(N, G)`` float (integer-valued in use) when scales are
+    learned (:class:`QatOptions`), otherwise the scales follow the weight's min-max range
+    at every step; ``input_scale`` ``(1,)`` for static activation schemes.
+    :meth:`to_quant_linear` turns the layer into the ``QuantLinear`` that computes the
+    same function.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: QuantScheme,
+        bias: bool = True,
+        options: QatOptions | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        if not isinstance(scheme, QuantScheme):
+            raise ConfigError(f"scheme must be a QuantScheme, got {type(scheme).__name__}")
+        self.scheme = scheme
+        self.options = options or QatOptions()
+        self.observing = False  # set by calibration: static input scales track max |x|
+        self._make_qparams(self.weight.device)
+
+    def _qparam_shape(self) -> tuple[int, int]:
+        w = self.scheme.weight
+        if w.type == "fp8":
+            return (self.out_features if w.group_size == -1 else 1, 1)
+        return self.out_features, num_groups(self.in_features, w.group_size)
+
+    def _make_qparams(self, device: torch.device) -> None:
+        w, act, opts = self.scheme.weight, self.scheme.activation, self.options
+        shape = self._qparam_shape()
+        scales = zeros = input_scale = None
+        if opts.learn_scales:
+            scales = nn.Parameter(torch.ones(shape, device=device))
+            if w.type == "int" and not w.symmetric:
+                zeros = nn.Parameter(torch.zeros(shape, device=device), opts.learn_zeros)
+        if act is not None and not act.dynamic:
+            input_scale = nn.Parameter(torch.ones(1, device=device), opts.learn_input_scale)
+        self.weight_scales = scales
+        self.weight_zeros = zeros
+        self.input_scale = input_scale
+
+    # -- construction
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        scheme: QuantScheme,
+        options: QatOptions | None = None,
+        name: str = "",
+    ) -> QatLinear:
+        """Wrap ``linear`` (its weight and bias parameters are shared, not copied)."""
+        if not isinstance(linear, nn.Linear):
+            raise QuantizationError(
+                f"{name or 'layer'}: QAT needs an nn.Linear, got {type(linear).__name__}"
+            )
+        if linear.weight.device.type == "meta":
+            raise QuantizationError(f"{name}: weight is on the meta device; load it first")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            scheme,
+            linear.bias is not None,
+            options,
+            device="meta",
+            dtype=linear.weight.dtype,
+        )
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer._make_qparams(linear.weight.device)
+        layer.reset_qparams()
+        return layer
+
+    @torch.no_grad()
+    def reset_qparams(self) -> None:
+        """Learned scales and zero points from the weight's current min-max (RTN's choice)."""
+        if self.weight_scales is None:
+            return
+        s, z = minmax_weight_qparams(self.weight, self.scheme.weight, self._scale_dtype())
+        self.weight_scales.copy_(s.reshape(self.weight_scales.shape))
+        if self.weight_zeros is not None:
+            self.weight_zeros.copy_(z)
+
+    @torch.no_grad()
+    def load_quantized(self, layer: QuantLinear, name: str = "") -> None:
+        """Start from a post-training result: its weight, bias, scales and zero points.
+
+        The float weight becomes the PTQ layer's dequantized weight, so the fake-quant
+        model starts out computing exactly what the PTQ model computes.
+        """
+        label = name or "layer"
+        if layer.scheme.weight != self.scheme.weight:
+            raise ConfigError(
+                f"{label}: PTQ layer is {layer.scheme.describe()}, QAT layer is "
+                f"{self.scheme.describe()}"
+            )
+        if self.weight_scales is None:
+            raise ConfigError(f"{label}: starting from PTQ scales needs learn_scales=True")
+        if layer.smooth_scale is not None:
+            raise ConfigError(f"{label}: PTQ layers with a smoothing scale are not supported")
+        if (layer.bias is None) != (self.bias is None):
+            raise ConfigError(f"{label}: PTQ layer and QAT layer differ in having a bias")
+        self.weight.copy_(layer.dequantized_weight(self.weight.dtype))
+        if self.bias is not None:
+            self.bias.copy_(layer.bias)
+        self.weight_scales.copy_(layer.scales.float().reshape(self.weight_scales.shape))
+        if self.weight_zeros is not None:
+            self.weight_zeros.copy_(layer.zeros.float())
+
+    # -- forward
+
+    def _scale_dtype(self) -> torch.dtype:
+        return _scale_dtype(self.scheme, self.weight.dtype)
+
+    def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scales (float32, rounded to the storage dtype) and integer-valued zeros in use."""
+        w = self.scheme.weight
+        if self.weight_scales is None:
+            s, z = minmax_weight_qparams(self.weight, w, self._scale_dtype())
+            return s.float(), z
+        s = cast_ste(self.weight_scales.clamp_min(self.options.min_scale), self._scale_dtype())
+        z = None if self.weight_zeros is None else int_zero_points(self.weight_zeros, w.bits)
+        return s, z
+
+    def fake_quantized_weight(self) -> torch.Tensor:
+        w = self.scheme.weight
+        scales, zeros = self.weight_qparams()
+        if w.type == "fp8":
+            return fake_quantize_fp8_weight(self.weight, scales)
+        return fake_quantize_int_weight(self.weight, scales, zeros, w.bits, w.group_size)
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        qmax = 127.0 if self.scheme.activation.type == "int8" else FP8_E4M3_MAX
+        seen = x.detach().abs().amax().float().reshape(1) / qmax
+        self.input_scale.copy_(torch.maximum(self.input_scale, seen))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise QuantizationError(
+                f"input has {x.shape[-1]} features, layer expects {self.in_features}"
+            )
+        weight = self.fake_quantized_weight()
+        act = self.scheme.activation
+        if act is not None:
+            scale = None
+            if not act.dynamic:
+                if self.observing:
+                    self._observe(x)
+                scale = self.input_scale.clamp_min(self.options.min_scale)
+            x = fake_quantize_activation(x, act, scale)
+        return F.linear(x, weight, self.bias)
+
+    # -- conversion
+
+    @torch.no_grad()
+    def to_quant_linear(
+        self, name: str = "", expected: QuantScheme | None | str = "any"
+    ) -> QuantLinear:
+        """The inference layer computing what this layer computes (learned scales included).
+
+        ``expected`` is the scheme a config assigns to this layer; a different one
+        (or ``None``, "skip it") raises :class:`ConfigError` rather than silently
+        quantizing the layer differently from how it was trained.
+        """
+        label = name or "layer"
+        if expected != "any" and expected != self.scheme:
+            wanted = "skipping it" if expected is None else expected.describe()
+            raise ConfigError(
+                f"{label}: trained as {self.scheme.describe()}, but the config asks for {wanted}"
+            )
+        w = self.scheme.weight
+        scales, zeros = self.weight_qparams()
+        weight = self.weight.detach()
+        layer = QuantLinear(
+            self.in_features,
+            self.out_features,
+            self.scheme,
+            self.bias is not None,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+        if w.type == "fp8":
+            q = torch.clamp(weight.float() / scales, -FP8_E4M3_MAX, FP8_E4M3_MAX)
+            layer.qweight.copy_(q.to(torch.float8_e4m3fn))
+            layer.scales.copy_(scales.reshape(layer.scales.shape))
+        else:
+            stored = scales.to(self._scale_dtype())
+            zeros_u8 = None if zeros is None else zeros.to(torch.uint8)
+            codes = quantize_codes(weight, stored, zeros_u8, w.bits, w.group_size)
+            layer.set_int_codes(codes, stored, zeros_u8)
+        if self.bias is not None:
+            layer.bias.copy_(self.bias)
+        if self.input_scale is not None:
+            layer.input_scale.copy_(self.input_scale.clamp_min(self.options.min_scale))
+        return layer
+
+    def extra_repr(self) -> str:
+        learned = "learned" if self.weight_scales is not None else "min-max"
+        return f"{super().extra_repr()}, scheme={self.scheme.describe()}, scales={learned}"

@@ -1,0 +1,270 @@
+"""Fused INTn weight fake-quantization for quantization-aware training, forward and backward.
+
+Shapes and dtypes: ``w (N, K)`` fp32/bf16/fp16; ``scales (N, G)`` and ``zeros (N, G)``
+float (integer-valued zero points) or ``zeros=None`` for symmetric schemes (implied zero
+``2**(bits-1)``); ``G = ceil(K / group_size)`` groups along K, the last one shorter when
+``group_size`` does not divide K; ``group_size=-1`` is one group per row.
+
+Forward: ``w_q = (clamp(round(w / s) + z, 0, 2**bits - 1) - z) * s``, in float32, cast back
+to ``w.dtype`` (IEEE division, round half to even: bit-identical to the reference numerics).
+
+Backward (straight-through estimator, LSQ scale gradient): with ``x = w / s``,
+``r = round(x)`` and ``c = r + z``, an element is *inside* when ``0 <= c <= qmax``.
+``grad_w = grad * inside``; ``grad_s = sum_group grad * (r - x | -z below | qmax - z above)``;
+``grad_z = sum_group grad * (0 inside | -s outside)``.
+
+Each program of the kernels owns ``BLOCK_N`` rows of one group, so the per-group sums of
+the backward need no atomics.  Every kernel has a PyTorch twin here with the same
+signature (``*_torch``): the CPU path and the test oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import check_device, output
+
+MAX_TILE = 4096
+
+
+# -- PyTorch twins
+
+
+def _group_view(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(N, K)`` -> ``(N, G, g)``, zero-padding a short last group."""
+    n, k = t.shape
+    g = k if group_size == -1 else group_size
+    groups = -(-k // g)
+    return torch.nn.functional.pad(t, (0, groups * g - k)).view(n, groups, g)
+
+
+def _expand(t: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    if group_size == -1:
+        return t[:, :1].expand(t.shape[0], k)
+    return t.repeat_interleave(group_size, dim=1)[:, :k]
+
+
+def _codes_torch(w, scales, zeros, bits, group_size):
+    k = w.shape[1]
+    s = _expand(scales, group_size, k).float()
+    z = _expand(zeros, group_size, k).float() if zeros is not None else float(1 << (bits - 1))
+    x = w.float() / s
+    r = torch.round(x)
+    return s, z, x, r, r + z
+
+
+def fake_quant_int_forward_torch(
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """``(clamp(round(w/s) + z, 0, qmax) - z) * s`` as ``w.dtype`` (see the module docstring)."""
+    s, z, _, _, c = _codes_torch(w, scales, zeros, bits, group_size)
+    codes = torch.clamp(c, 0, (1 << bits) - 1)
+    return ((codes - z) * s).to(w.dtype)
+
+
+def fake_quant_int_backward_torch(
+    grad: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(grad_w, grad_scales, grad_zeros)``; ``grad_zeros`` is ``None`` when ``zeros`` is."""
+    qmax = float((1 << bits) - 1)
+    s, z, x, r, c = _codes_torch(w, scales, zeros, bits, group_size)
+    g = grad.float()
+    inside = (c >= 0) & (c <= qmax)
+    grad_w = torch.where(inside, g, 0.0).to(w.dtype)
+    d_scale = torch.where(inside, r - x, torch.where(c < 0, -z, qmax - z))
+    grad_s = _group_view(g * d_scale, group_size).sum(dim=2).to(scales.dtype)
+    grad_z = None
+    if zeros is not None:
+        d_zero = torch.where(inside, 0.0, -s)
+        grad_z = _group_view(g * d_zero, group_size).sum(dim=2).to(zeros.dtype)
+    return grad_w, grad_s, grad_z
+
+
+# -- Triton kernels
+
+
+@triton.jit
+def _round_half_even(v):
+    """``torch.round`` semantics: nearest integer, ties to even."""
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def _load_tile(
+    w_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, G, stride_wn, HAS_ZERO: tl.constexpr, ZERO_SYM
+):
+    """float32 tile of ``w``, its group's scale and zero (broadcast over the tile's columns)."""
+    g = tl.program_id(1)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0)
+    s = tl.load(s_ptr + offs_n * G + g, mask=offs_n < N, other=1.0).to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + offs_n * G + g, mask=offs_n < N, other=0.0).to(tl.float32)
+    else:
+        z = tl.zeros_like(s) + ZERO_SYM
+    return w.to(tl.float32), s[:, None], z[:, None], mask
+
+
+@triton.jit
+def _fake_quant_fwd_kernel(
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    N,
+    K,
+    G,
+    GROUP,
+    stride_wn,
+    QMAX: tl.constexpr,
+    ZERO_SYM: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    # -- the tile: BLOCK_N rows x one group of columns
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * GROUP + tl.arange(0, BLOCK_G)
+    offs_k = tl.where(tl.arange(0, BLOCK_G) < GROUP, offs_k, K)  # past the group: masked off
+    w, s, z, mask = _load_tile(
+        w_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, G, stride_wn, HAS_ZERO, ZERO_SYM
+    )
+    # -- quantize, clamp, dequantize (float32, IEEE division)
+    c = _round_half_even(tl.math.div_rn(w, s)) + z
+    c = tl.minimum(tl.maximum(c, 0.0), QMAX)
+    out = (c - z) * s
+    tl.store(
+        out_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+@triton.jit
+def _fake_quant_bwd_kernel(
+    grad_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    gw_ptr,
+    gs_ptr,
+    gz_ptr,
+    N,
+    K,
+    G,
+    GROUP,
+    stride_wn,
+    QMAX: tl.constexpr,
+    ZERO_SYM: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * GROUP + tl.arange(0, BLOCK_G)
+    offs_k = tl.where(tl.arange(0, BLOCK_G) < GROUP, offs_k, K)
+    w, s, z, mask = _load_tile(
+        w_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, G, stride_wn, HAS_ZERO, ZERO_SYM
+    )
+    ptrs = offs_n[:, None] * stride_wn + offs_k[None, :]
+    grad = tl.load(grad_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+    # -- straight-through weight gradient: pass inside the clipping range, block outside
+    x = tl.math.div_rn(w, s)
+    r = _round_half_even(x)
+    c = r + z
+    inside = (c >= 0.0) & (c <= QMAX)
+    tl.store(gw_ptr + ptrs, tl.where(inside, grad, 0.0).to(gw_ptr.dtype.element_ty), mask=mask)
+    # -- LSQ scale gradient and zero-point gradient, summed over the group
+    d_scale = tl.where(inside, r - x, tl.where(c < 0.0, -z, QMAX - z))
+    grad_s = tl.sum(tl.where(mask, grad * d_scale, 0.0), axis=1)
+    g = tl.program_id(1)
+    tl.store(gs_ptr + offs_n * G + g, grad_s, mask=offs_n < N)
+    if HAS_ZERO:
+        grad_z = tl.sum(tl.where(mask & (~inside), -grad * s, 0.0), axis=1)
+        tl.store(gz_ptr + offs_n * G + g, grad_z, mask=offs_n < N)
+
+
+# -- launchers
+
+
+def _launch_shape(w: torch.Tensor, scales: torch.Tensor, group_size: int) -> tuple[int, int, int]:
+    """``(group length, padded block, rows per program)``, after checking shapes."""
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"w must be a 2-D float tensor (N, K), got {w.dtype} {tuple(w.shape)}")
+    n, k = w.shape
+    group = k if group_size == -1 else group_size
+    groups = -(-k // group)
+    if tuple(scales.shape) != (n, groups):
+        raise ValueError(f"scales must be ({n}, {groups}), got {tuple(scales.shape)}")
+    block_g = triton.next_power_of_2(group)
+    block_n = max(1, min(triton.next_power_of_2(n), MAX_TILE // block_g))
+    return group, block_g, block_n
+
+
+def fake_quant_int_forward(
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton version of :func:`fake_quant_int_forward_torch` (same contract, same bits)."""
+    check_device(w, scales, zeros)
+    w, scales = w.contiguous(), scales.contiguous().float()
+    zf = zeros.contiguous().float() if zeros is not None else scales
+    group, block_g, block_n = _launch_shape(w, scales, group_size)
+    n, k = w.shape
+    out = output(out, (n, k), w.dtype, w.device)
+    grid = (triton.cdiv(n, block_n), scales.shape[1])
+    _fake_quant_fwd_kernel[grid](
+        w, scales, zf, out, n, k, scales.shape[1], group, w.stride(0),
+        QMAX=float((1 << bits) - 1), ZERO_SYM=float(1 << (bits - 1)), HAS_ZERO=zeros is not None,
+        BLOCK_N=block_n, BLOCK_G=block_g,
+    )  # fmt: skip
+    return out
+
+
+def fake_quant_int_backward(
+    grad: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Triton version of :func:`fake_quant_int_backward_torch`."""
+    check_device(grad, w, scales, zeros)
+    w, grad = w.contiguous(), grad.contiguous()
+    s32 = scales.contiguous().float()
+    zf = zeros.contiguous().float() if zeros is not None else s32
+    group, block_g, block_n = _launch_shape(w, s32, group_size)
+    n, k = w.shape
+    if grad.shape != w.shape:
+        raise ValueError(f"grad must have the weight's shape {(n, k)}, got {tuple(grad.shape)}")
+    grad_w = torch.empty_like(w)
+    grad_s = torch.empty_like(s32)
+    grad_z = torch.empty_like(s32) if zeros is not None else grad_s
+    grid = (triton.cdiv(n, block_n), s32.shape[1])
+    _fake_quant_bwd_kernel[grid](
+        grad, w, s32, zf, grad_w, grad_s, grad_z, n, k, s32.shape[1], group, w.stride(0),
+        QMAX=float((1 << bits) - 1), ZERO_SYM=float(1 << (bits - 1)), HAS_ZERO=zeros is not None,
+        BLOCK_N=block_n, BLOCK_G=block_g,
+    )  # fmt: skip
+    gz = grad_z.to(zeros.dtype) if zeros is not None else None
+    return grad_w, grad_s.to(scales.dtype), gz
