@@ -77,7 +77,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tenso
         # -- no code straddles a word: shift each word once per code it holds
         shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
         codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return codes.reshape(rows, -1)[:, :num_codes].to(torch.uint8)
+        return codes.reshape(rows, width * (32 // bits))[:, :num_codes].to(torch.uint8)
     # -- codes straddle words: 32 codes fill ``bits`` words; read each code position at once
     # -- across all rows and blocks (32 strided slices beat one gather by ~30x on CPU)
     blocks = width // bits
