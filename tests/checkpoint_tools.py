@@ -88,7 +88,10 @@ def reseal_config_json(directory: Path) -> None:
 
 def make_hf_model(seed: int = 0) -> nn.Module:
     """A two-layer Llama small enough to build in a fraction of a second."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    LlamaConfig, LlamaForCausalLM = transformers.LlamaConfig, transformers.LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -1,18 +1,25 @@
 """Hypothesis strategies shared by the fuzz tests: config dicts, tensors, checkpoint mutations.
 
-The example budget comes from ``TORCHQUANT_FUZZ_EXAMPLES`` (small by default so CI
-stays fast; set it to thousands for a long local run).
+The example budget comes from ``TORCHQUANT_FUZZ_EXAMPLES``: 20 per test by default,
+so that all fuzz tests together stay within seconds in CI.  A long local run::
+
+    TORCHQUANT_FUZZ_EXAMPLES=5000 nice -n 10 python -m pytest tests/test_fuzz_*.py \
+        --hypothesis-show-statistics
+
+No example database is kept, so every run explores fresh examples; a failure
+prints the example (and the seed to replay it with ``--hypothesis-seed``).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-FUZZ_EXAMPLES = int(os.environ.get("TORCHQUANT_FUZZ_EXAMPLES", "30"))
+FUZZ_EXAMPLES = int(os.environ.get("TORCHQUANT_FUZZ_EXAMPLES", "20"))
 fuzz_settings = settings(
     max_examples=FUZZ_EXAMPLES,
     deadline=None,
@@ -151,3 +158,71 @@ def odd_tensors(draw) -> torch.Tensor:
     shape = draw(st.sampled_from([(), (7,), (0, 8), (8, 0), (2, 3, 4), (4, 16), (1, 1, 1, 1)]))
     t = torch.randn(shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
     return t.to(draw(st.one_of(float_dtypes, odd_dtypes)))
+
+
+# -- checkpoint bytes: raw byte edits and edits of parsed JSON documents
+hostile_values = st.one_of(
+    json_values,
+    st.sampled_from(["../x.safetensors", "/etc/passwd", ".", "", "F8_E5M2", "I64", "BOOL"]),
+    st.sampled_from([-1, 2**31, 2**40, 2**63, [0, 2**62], [2**20, 2**20], [-1]]),
+)
+
+
+@st.composite
+def byte_edits(draw, size: int, hot_end: int) -> list[tuple[str, int, int]]:
+    """A few edits ``(op, position, value)`` of a ``size``-byte file, often in ``[0, hot_end)``."""
+    position = st.one_of(st.integers(0, max(0, hot_end - 1)), st.integers(0, max(0, size - 1)))
+    op = st.sampled_from(["flip", "set", "insert", "delete", "truncate"])
+    return draw(st.lists(st.tuples(op, position, st.integers(0, 255)), min_size=1, max_size=4))
+
+
+def apply_byte_edits(raw: bytes, edits: list[tuple[str, int, int]]) -> bytes:
+    out = bytearray(raw)
+    for op, pos, value in edits:
+        pos = min(pos, max(0, len(out) - 1))
+        if op == "flip" and out:
+            out[pos] ^= 1 << (value % 8)
+        elif op == "set" and out:
+            out[pos] = value
+        elif op == "insert":
+            out[pos:pos] = bytes([value]) * (1 + value % 8)
+        elif op == "delete":
+            del out[pos : pos + 1 + value % 8]
+        elif op == "truncate":
+            del out[pos:]
+    return bytes(out)
+
+
+def _paths(doc, prefix=()):
+    yield prefix
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            yield from _paths(value, (*prefix, key))
+    elif isinstance(doc, list):
+        for i, value in enumerate(doc):
+            yield from _paths(value, (*prefix, i))
+
+
+@st.composite
+def json_edits(draw, doc):
+    """``doc`` (parsed JSON) with one to three nodes replaced, deleted or given a sibling."""
+    doc = copy.deepcopy(doc)
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(list(_paths(doc))))
+        # -- drawn values are copied: sampled lists are shared objects and must stay pristine
+        value = copy.deepcopy(draw(hostile_values))
+        if not path:
+            if draw(st.integers(0, 9)) == 0:
+                doc = value
+            continue
+        parent = doc
+        for key in path[:-1]:
+            parent = parent[key]
+        op = draw(st.sampled_from(["replace", "replace", "delete", "add"]))
+        if op == "delete" and isinstance(parent, dict):
+            del parent[path[-1]]
+        elif op == "add" and isinstance(parent, dict):
+            parent[draw(st.text(max_size=12))] = value
+        else:
+            parent[path[-1]] = value
+    return doc

@@ -30,6 +30,7 @@ from checkpoint_tools import (
 from safetensors.torch import load_file
 
 from torchquant import CheckpointError
+from torchquant.checkpoint_checks import check_total_size
 from torchquant.safetensors_check import check_safetensors
 from torchquant.serialization import (
     INDEX_FILE,
@@ -390,6 +391,16 @@ CASES = [
         layers_edit(lambda layers: layers["0"].pop("in_features")),
         "layer '0'",
     ),
+    (SINGLE, "layer-in-features-a-string", layer_field("in_features", "96"), "in_features='96'"),
+    (SINGLE, "layer-in-features-a-float", layer_field("in_features", 96.0), "in_features=96.0"),
+    (SINGLE, "layer-bias-a-string", layer_field("bias", "false"), "bias='false' must be bool"),
+    (SINGLE, "layer-unknown-field", layer_field("sparse", True), "unknown field(s) ['sparse']"),
+    (
+        SINGLE,
+        "layer-not-a-mapping",
+        layers_edit(lambda layers: layers.__setitem__("0", [96])),
+        "layer '0': layer description must be a mapping",
+    ),
     (SINGLE, "layer-implausible-shape", layer_field("in_features", 2**40), "implausible shape"),
     (SINGLE, "layer-unknown-dtype", layer_field("dtype", "torch.int8"), "dtype 'torch.int8'"),
     (SINGLE, "layer-shape-disagrees-with-model", layer_field("in_features", 95), "layer '0'"),
@@ -598,6 +609,12 @@ def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("pristine")
     save_small_checkpoint(root / SINGLE)
     save_small_checkpoint(root / SHARDED, max_shard_size=20_000)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pristine_hf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pristine_hf")
     save_small_hf_checkpoint(root / HF)
     return root
 
@@ -606,10 +623,11 @@ def pristine(tmp_path_factory):
     "kind,mutate,fragment", [pytest.param(k, m, f, id=i) for k, i, m, f in CASES]
 )
 def test_damaged_checkpoint_is_refused_naming_the_culprit(
-    pristine, tmp_path, kind, mutate, fragment
+    request, tmp_path, kind, mutate, fragment
 ):
+    root = request.getfixturevalue("pristine_hf" if kind == HF else "pristine")
     directory = tmp_path / "ck"
-    shutil.copytree(pristine / kind, directory, symlinks=True)
+    shutil.copytree(root / kind, directory, symlinks=True)
     mutate(directory)
     model = None if kind == HF else make_model(1)
     with pytest.raises(CheckpointError) as info:
@@ -621,6 +639,14 @@ def test_declared_sizes_beyond_the_memory_budget_are_refused(pristine):
     path = pristine / SINGLE / SINGLE_FILE
     with pytest.raises(CheckpointError, match="model.safetensors: tensors declare 29408 bytes"):
         check_safetensors(path, memory_budget=10_000)
+
+
+def test_shards_together_beyond_the_memory_budget_are_refused(pristine):
+    directory = pristine / SHARDED
+    headers = [check_safetensors(p) for p in sorted(directory.glob("*.safetensors"))]
+    check_total_size(headers, 29408)
+    with pytest.raises(CheckpointError, match="shards declare 29408 bytes in all"):
+        check_total_size(headers, 29407)
 
 
 def test_catalogue_is_large_and_distinct():

@@ -146,6 +146,16 @@ def check_index_matches_shards(
         )
 
 
+def check_total_size(headers: list[SafetensorsHeader], budget: int) -> None:
+    """All shards together must fit the memory budget (each one alone was checked already)."""
+    total = sum(h.data_bytes for h in headers)
+    if total > budget:
+        raise CheckpointError(
+            f"{headers[0].path.parent.name}: shards declare {total} bytes in all, more than the "
+            f"memory budget of {budget} bytes"
+        )
+
+
 def check_same_metadata(headers: list[SafetensorsHeader], keys: tuple[str, ...]) -> None:
     """Every shard must describe the checkpoint identically (no shard may contradict another)."""
     first = headers[0]

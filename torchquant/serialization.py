@@ -3,17 +3,20 @@
 A checkpoint directory holds ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors``
 shards plus ``model.safetensors.index.json``).  Every shard's metadata carries the
 format version, the per-layer schemes (the authoritative description of which
-module is a ``QuantLinear`` and how), the ``QuantConfig`` when known, and aliases
-for tied tensors.  Hugging Face models also get ``config.json`` (with a
+module is a ``QuantLinear`` and how), the ``QuantConfig`` when known, aliases
+for tied tensors, and digests of its tensors, its metadata and ``config.json``
+(see ``digests``).  Hugging Face models also get ``config.json`` (with a
 ``quantization_config``) and their tokenizer files.
+
+Loading treats the directory as untrusted: headers, index, metadata and digests
+are checked before any tensor is read (``safetensors_check``, ``checkpoint_checks``),
+and any damage is reported as a ``CheckpointError`` naming the file, tensor or field.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +28,16 @@ from torch import nn
 from torchquant import checkpoint_checks as checks
 from torchquant import digests
 from torchquant.atomic import staged_directory
-from torchquant.config import QuantConfig, QuantScheme
-from torchquant.errors import CheckpointError, ConfigError, TorchquantError
+from torchquant.config import QuantConfig
+from torchquant.errors import CheckpointError, ConfigError
 from torchquant.hf_skeleton import build_hf_skeleton
+from torchquant.layer_spec import LayerSpec
 from torchquant.modules import QuantLinear
-from torchquant.safetensors_check import SafetensorsHeader, check_safetensors
+from torchquant.safetensors_check import (
+    SafetensorsHeader,
+    check_safetensors,
+    physical_memory_bytes,
+)
 
 FORMAT_VERSION = 1
 SINGLE_FILE = "model.safetensors"
@@ -41,78 +49,6 @@ KEY_ALIASES = "torchquant_aliases"
 KEY_MODEL_CLASS = "torchquant_model_class"
 KEY_DIGESTS = "torchquant_digests"
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """Enough to rebuild an empty ``QuantLinear`` shell before loading its tensors."""
-
-    in_features: int
-    out_features: int
-    bias: bool
-    smooth: bool
-    dtype: str
-    scheme: QuantScheme
-
-    @classmethod
-    def of(cls, layer: QuantLinear) -> LayerSpec:
-        return cls(
-            layer.in_features,
-            layer.out_features,
-            layer.bias is not None,
-            layer.smooth_scale is not None,
-            str(layer.dtype),
-            layer.scheme,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias,
-            "smooth": self.smooth,
-            "dtype": self.dtype,
-            "scheme": self.scheme.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, name: str, data: object) -> LayerSpec:
-        try:
-            if not isinstance(data, Mapping):
-                raise CheckpointError("expected a mapping")
-            spec = cls(
-                in_features=int(data["in_features"]),
-                out_features=int(data["out_features"]),
-                bias=bool(data["bias"]),
-                smooth=bool(data.get("smooth", False)),
-                dtype=str(data["dtype"]),
-                scheme=QuantScheme.from_dict(data["scheme"]),
-            )
-        except (KeyError, TypeError, ValueError, OverflowError, TorchquantError) as exc:
-            raise CheckpointError(
-                f"layer {name!r}: bad layer description in metadata: {exc}"
-            ) from None
-        if spec.dtype not in _DTYPES:
-            raise CheckpointError(
-                f"layer {name!r}: dtype {spec.dtype!r} not one of {list(_DTYPES)}"
-            )
-        if not (0 < spec.in_features <= 2**20 and 0 < spec.out_features <= 2**22):
-            raise CheckpointError(
-                f"layer {name!r}: implausible shape {spec.out_features}x{spec.in_features}"
-            )
-        return spec
-
-    def build(self) -> QuantLinear:
-        return QuantLinear(
-            self.in_features,
-            self.out_features,
-            self.scheme,
-            bias=self.bias,
-            dtype=_DTYPES[self.dtype],
-            device="meta",
-            smooth=self.smooth,
-        )
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -361,6 +297,7 @@ def load_quantized(
     directory = Path(directory)
     files = checkpoint_files(directory)
     headers = [check_safetensors(path) for path in files]
+    checks.check_total_size(headers, physical_memory_bytes())
     if (directory / INDEX_FILE).exists():
         checks.check_index_matches_shards(directory, INDEX_FILE, headers)
     records = [_verified_digests(header) for header in headers]

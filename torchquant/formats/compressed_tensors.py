@@ -261,6 +261,20 @@ def _check_version(version: object) -> None:
         )
 
 
+def _check_patterns(patterns: object, where: str) -> None:
+    """Targets and ignores: a list of layer names, class names or ``re:`` expressions."""
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"{where} must be a list of strings, got {patterns!r}")
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except (re.error, OverflowError, RecursionError) as exc:
+                raise ConfigError(
+                    f"{where}: invalid regular expression {pattern!r}: {exc}"
+                ) from None
+
+
 def parse_quantization_config(qc: object) -> dict[str, Any]:
     """Validate a compressed-tensors ``quantization_config``; refuse what we cannot honour."""
     qc = dict(_check_fields(qc, TOP_LEVEL_FIELDS, "quantization_config"))
@@ -275,6 +289,7 @@ def parse_quantization_config(qc: object) -> dict[str, Any]:
     for key in ("sparsity_config", "transform_config", "moe_sparsity_config", "kv_cache_scheme"):
         if qc.get(key):
             raise CheckpointError(f"quantization_config.{key} is set; it is not supported")
+    _check_patterns(qc.get("ignore") or [], "quantization_config.ignore")
     groups = qc.get("config_groups")
     if not isinstance(groups, Mapping) or not groups:
         raise ConfigError("quantization_config.config_groups must be a non-empty mapping")
@@ -288,6 +303,7 @@ def parse_quantization_config(qc: object) -> dict[str, Any]:
             raise CheckpointError(f"{where}: output activation quantization is not supported")
         if not isinstance(group.get("targets"), list) or not group["targets"]:
             raise ConfigError(f"{where}.targets must be a non-empty list")
+        _check_patterns(group["targets"], f"{where}.targets")
         fmt = group.get("format") or qc.get("format")
         if fmt not in FORMATS:
             raise CheckpointError(f"{where}: format {fmt!r} is not supported; expected {FORMATS}")
@@ -343,8 +359,8 @@ def _scheme_of(group: dict[str, Any], name: str) -> QuantScheme:
             return QuantScheme(WeightQuant("fp8", 8, gs, True), act)
         gs = w.get("group_size") if w["strategy"] == "group" else -1
         return QuantScheme(WeightQuant("int", w["num_bits"], gs, bool(w["symmetric"])), act)
-    except ValueError as exc:
-        raise CheckpointError(f"layer {name!r}: unsupported quantization args ({exc})") from None
+    except (ValueError, KeyError, TypeError) as exc:  # ConfigError is a ValueError
+        raise CheckpointError(f"layer {name!r}: unsupported quantization args ({exc!r})") from None
 
 
 def _take(local: dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:

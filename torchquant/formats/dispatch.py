@@ -41,7 +41,7 @@ def detect_format(directory: str | Path) -> str | None:
         return "gptq"
     if qc is not None:
         method = qc.get("quant_method") if isinstance(qc, dict) else None
-        if method not in QUANT_METHODS:
+        if not isinstance(method, str) or method not in QUANT_METHODS:
             raise CheckpointError(
                 f"{directory}: quantization_config.quant_method={method!r} is not a format "
                 f"torchquant reads ({sorted(QUANT_METHODS)})"
