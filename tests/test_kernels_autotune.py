@@ -118,7 +118,7 @@ def test_split_k_gemm_tunings_are_cached_per_bucket(tuner):
 
 
 def test_int8_split_k_result_is_right_after_tuning(tuner):
-    bench = tuner(w8a8_gemm._int8_split_k, [scaled_gemm], w8a8_gemm.INT8_SPLIT_K_CONFIGS[1:7:2])
+    bench = tuner(w8a8_gemm._int8_split_k, [scaled_gemm], scaled_gemm.SPLIT_K_CONFIGS[1:7:2])
     a = torch.randint(-128, 128, (5, 160), dtype=torch.int8, device=KERNEL_DEVICE)
     b = torch.randint(-128, 128, (40, 160), dtype=torch.int8, device=KERNEL_DEVICE)
     a_scale = torch.rand(5, 1, device=KERNEL_DEVICE) + 0.5

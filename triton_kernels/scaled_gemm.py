@@ -112,6 +112,28 @@ def gemm_config(bm, bn, bk, split_k, warps, stages, group_m=8) -> triton.Config:
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
+SPLIT_K_MAX_M = 32  # decode and small batches split K so the weight streams on every SM
+
+# -- one search space serves INT8 and FP8 (both 1-byte operands, MMA tiles 32+ along K);
+# -- each dtype gets its own tuned instance, so the choices are made and cached separately
+SPLIT_K_CONFIGS = [
+    gemm_config(16, bn, bk, sk, 4, st)
+    for bn, bk in ((64, 128), (128, 128), (64, 256), (32, 256))
+    for sk in (1, 2, 4, 8)
+    for st in (3, 4)
+] + [gemm_config(32, 64, 128, sk, 4, 4) for sk in (1, 2, 4)]
+
+TILED_CONFIGS = [
+    gemm_config(128, 256, 128, 1, 8, 3),
+    gemm_config(128, 128, 128, 1, 8, 3),
+    gemm_config(128, 128, 64, 1, 4, 4),
+    gemm_config(64, 128, 128, 1, 4, 4),
+    gemm_config(128, 64, 128, 1, 4, 4),
+    gemm_config(64, 64, 128, 1, 4, 4),
+    gemm_config(32, 64, 128, 1, 4, 4),
+]
+
+
 def tune(configs: list[triton.Config], split_k: bool):
     """An autotuned instance of the kernel keyed on the M bucket and the problem size."""
     return triton.autotune(
@@ -223,3 +245,19 @@ def scaled_gemm_torch(
     out = acc * a_scale.reshape(-1, 1).double() * b_scale.reshape(1, -1).double()
     out = out.to(out_dtype)
     return out + bias.to(out_dtype) if bias is not None else out
+
+
+def scaled_gemm_twin(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    split_k: bool | None = None,
+    config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The launchers' signature over :func:`scaled_gemm_torch` (``split_k``, ``config`` ignored)."""
+    result = scaled_gemm_torch(a, b, a_scale, b_scale, bias, out_dtype)
+    return out.copy_(result) if out is not None else result

@@ -4,8 +4,8 @@
 or per-tensor quantized activations, see :mod:`.act_quant`), ``b (N, K)`` int8
 symmetric per-channel weights, float32 scales ``a_scale (M|1, 1)``, ``b_scale
 (N|1, 1)``; returns ``(M, N)`` in ``out_dtype``.  Products accumulate exactly in int32
-(K up to 131072 cannot overflow).  The kernel lives in :mod:`.scaled_gemm`; the
-configs below are the INT8 tunings (int8 MMA tiles take 32+ along K).
+(K up to 131072 cannot overflow).  The kernel and its search space live in :mod:`.scaled_gemm`;
+this module holds the INT8 instances, tuned and cached on their own.
 """
 
 from __future__ import annotations
@@ -14,34 +14,17 @@ import torch
 import triton
 
 from .scaled_gemm import (
+    SPLIT_K_CONFIGS,
+    SPLIT_K_MAX_M,
+    TILED_CONFIGS,
     check_operands,
-    gemm_config,
     launch_scaled_gemm,
-    scaled_gemm_torch,
+    scaled_gemm_twin,
     tune,
 )
 
-SPLIT_K_MAX_M = 32  # decode and small batches split K so the weight streams on every SM
-
-INT8_SPLIT_K_CONFIGS = [
-    gemm_config(16, bn, bk, sk, 4, st)
-    for bn, bk in ((64, 128), (128, 128), (64, 256), (32, 256))
-    for sk in (1, 2, 4, 8)
-    for st in (3, 4)
-] + [gemm_config(32, 64, 128, sk, 4, 4) for sk in (1, 2, 4)]
-
-INT8_TILED_CONFIGS = [
-    gemm_config(128, 256, 128, 1, 8, 3),
-    gemm_config(128, 128, 128, 1, 8, 3),
-    gemm_config(128, 128, 64, 1, 4, 4),
-    gemm_config(64, 128, 128, 1, 4, 4),
-    gemm_config(128, 64, 128, 1, 4, 4),
-    gemm_config(64, 64, 128, 1, 4, 4),
-    gemm_config(32, 64, 128, 1, 4, 4),
-]
-
-_int8_split_k = tune(INT8_SPLIT_K_CONFIGS, split_k=True)
-_int8_tiled = tune(INT8_TILED_CONFIGS, split_k=False)
+_int8_split_k = tune(SPLIT_K_CONFIGS, split_k=True)
+_int8_tiled = tune(TILED_CONFIGS, split_k=False)
 
 
 def int8_gemm(
@@ -63,17 +46,4 @@ def int8_gemm(
     )
 
 
-def int8_gemm_torch(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    a_scale: torch.Tensor,
-    b_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    split_k: bool | None = None,
-    config: triton.Config | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """PyTorch twin of :func:`int8_gemm` (``split_k`` and ``config`` are ignored)."""
-    result = scaled_gemm_torch(a, b, a_scale, b_scale, bias, out_dtype)
-    return out.copy_(result) if out is not None else result
+int8_gemm_torch = scaled_gemm_twin  # the PyTorch twin of :func:`int8_gemm`
