@@ -15,6 +15,7 @@ from torchquant.numerics import (
     quantize_fp8_weight,
     quantize_int_weight,
 )
+from torchquant.ops.gidx import linear_intn_gidx
 
 
 def uses_int8_storage(scheme: QuantScheme) -> bool:
@@ -84,6 +85,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_scale", input_scale)
         smooth_scale = torch.empty(k, dtype=torch.float32, device=device) if smooth else None
         self.register_buffer("smooth_scale", smooth_scale)
+        # -- g_idx (K,) int32: group of each input column (GPTQ act-order); None = k // group
+        self.register_buffer("g_idx", None)
 
     # -- construction from float layers
 
@@ -165,6 +168,10 @@ class QuantLinear(nn.Module):
             return ops.linear_fp8_weight(x, self.qweight, self.scales, self.bias)
         if uses_int8_storage(self.scheme):
             return ops.linear_int8_weight(x, self.qweight, self.scales, self.bias, w.group_size)
+        if self.g_idx is not None:
+            return linear_intn_gidx(
+                x, self.qweight, self.scales, self.zeros, self.g_idx, self.bias, w.bits
+            )
         return ops.linear_intn(
             x, self.qweight, self.scales, self.zeros, self.bias, w.bits, w.group_size
         )
