@@ -13,10 +13,11 @@ def rel_err(out, ref):
 
 
 @pytest.mark.parametrize("name", SCHEMES)
-def test_every_scheme_tracks_the_float_layer(name):
-    lin = nn.Linear(200, 48)
-    x = torch.randn(2, 5, 200)
+def test_every_scheme_tracks_the_float_layer(name, device):
+    lin = nn.Linear(200, 48).to(device)
+    x = torch.randn(2, 5, 200, device=device)
     q = QuantLinear.from_linear(lin, scheme_from_name(name))
+    assert q.qweight.device.type == device.type
     out = q(x)
     assert out.shape == (2, 5, 48) and out.dtype == torch.float32
     limit = {"w2a16": 0.6, "w3a16": 0.25, "w4a16": 0.12}.get(name, 0.05)

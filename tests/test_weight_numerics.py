@@ -36,7 +36,8 @@ def test_codes_in_range_and_error_within_half_step(bits, group_size, symmetric, 
     assert int(q.codes.max()) <= (1 << bits) - 1
     step = expand_groups(q.scales, group_size, k)
     # both grids cover [min(w, 0), max(w, 0)], so every weight is within half a step
-    assert torch.all((deq - w).abs() <= step / 2 * (1 + 1e-5) + 1e-12)
+    # (the top symmetric code is exactly half a step below +absmax: allow float32 rounding)
+    assert torch.all((deq - w).abs() <= step / 2 + 1e-6 * w.abs())
 
 
 def test_partial_last_group_has_its_own_scale():

@@ -22,10 +22,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from torchquant import checkpoint_checks as checks
 from torchquant.atomic import staged_directory
 from torchquant.config import QuantConfig, QuantScheme
 from torchquant.errors import CheckpointError, TorchquantError
 from torchquant.modules import QuantLinear
+from torchquant.safetensors_check import SafetensorsHeader, check_safetensors
 
 FORMAT_VERSION = 1
 SINGLE_FILE = "model.safetensors"
@@ -84,7 +86,7 @@ class LayerSpec:
                 dtype=str(data["dtype"]),
                 scheme=QuantScheme.from_dict(data["scheme"]),
             )
-        except (KeyError, TypeError, ValueError, TorchquantError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, TorchquantError) as exc:
             raise CheckpointError(
                 f"layer {name!r}: bad layer description in metadata: {exc}"
             ) from None
@@ -232,35 +234,16 @@ def checkpoint_files(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    if (directory / INDEX_FILE).exists():
-        try:
-            index = json.loads((directory / INDEX_FILE).read_text())
-            names = sorted(set(index["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{INDEX_FILE}: malformed index ({exc})") from None
-        root = directory.resolve()
-        files = []
-        for name in names:
-            path = (directory / str(name)).resolve()
-            if not isinstance(name, str) or path.parent != root:
-                raise CheckpointError(f"{INDEX_FILE}: shard {name!r} lies outside {directory}")
-            if not path.is_file():
-                raise CheckpointError(f"{INDEX_FILE}: shard {name!r} is missing")
-            files.append(path)
-        return files
-    if (directory / SINGLE_FILE).is_file():
-        return [directory / SINGLE_FILE]
-    raise CheckpointError(f"{directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+    return checks.shard_files(directory, SINGLE_FILE, INDEX_FILE)
 
 
 def read_metadata(directory: str | Path) -> dict[str, str]:
     """The torchquant metadata of a checkpoint (from its first shard), version-checked."""
-    path = checkpoint_files(directory)[0]
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path.name}: not a readable safetensors file ({exc})") from None
+    return _checked_metadata(check_safetensors(checkpoint_files(directory)[0]))
+
+
+def _checked_metadata(header: SafetensorsHeader) -> dict[str, str]:
+    path, metadata = header.path, header.metadata
     version = metadata.get(KEY_VERSION)
     if version is None:
         raise CheckpointError(
@@ -313,7 +296,9 @@ def _build_hf_skeleton(directory: Path, class_name: str) -> nn.Module:
     cls = getattr(transformers, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise CheckpointError(f"model class {class_name!r} is not a transformers model class")
-    config_data = json.loads((directory / "config.json").read_text())
+    config_data = checks.read_json_file(directory / "config.json", "config.json")
+    if not isinstance(config_data, dict):
+        raise CheckpointError("config.json: expected a JSON object")
     config_data.pop("quantization_config", None)
     model_type = config_data.pop("model_type", None)
     try:
@@ -365,27 +350,36 @@ def load_quantized(
     """
     directory = Path(directory)
     files = checkpoint_files(directory)
-    metadata = read_metadata(directory)
+    headers = [check_safetensors(path) for path in files]
+    if (directory / INDEX_FILE).exists():
+        checks.check_index_matches_shards(directory, INDEX_FILE, headers)
+    checks.check_same_metadata(headers, (KEY_VERSION, KEY_LAYERS, KEY_CONFIG, KEY_ALIASES))
+    metadata = _checked_metadata(headers[0])
+    checks.check_quantization_config(directory, metadata, FORMAT_VERSION, KEY_CONFIG)
     specs = layer_specs(metadata)
-    aliases = _json_field(metadata, KEY_ALIASES)
+    aliases = checks.check_aliases(_json_field(metadata, KEY_ALIASES))
     if model is None:
         if not (directory / "config.json").is_file():
             raise CheckpointError(f"{directory}: no config.json; pass the float model as `model=`")
         model = _build_hf_skeleton(directory, metadata.get(KEY_MODEL_CLASS, ""))
     for name, spec in specs.items():
         try:
-            model.get_submodule(name)
+            target = model.get_submodule(name) if name else None
         except AttributeError:
-            raise CheckpointError(
-                f"layer {name!r} from the checkpoint is not in the model"
-            ) from None
+            target = None
+        if target is None:
+            raise CheckpointError(f"layer {name!r} from the checkpoint is not in the model")
+        checks.check_layer_fits(name, target, spec)
         _set_submodule(model, name, spec.build())
-    expected = {k: v for k, v in model.state_dict().items() if k not in aliases}
+    full = model.state_dict()
+    expected = {k: v for k, v in full.items() if k not in aliases}
+    checks.check_declared(expected, checks.declared_entries(headers))
     state = _read_tensors(files)
     _check_state(expected, state)
+    checks.check_loaded_values(state, model)
     model.load_state_dict(state, strict=False, assign=True)
     for alias, source in aliases.items():
-        if alias in expected or source not in state:
+        if alias not in full or alias in expected or source not in state:
             raise CheckpointError(f"alias {alias!r} -> {source!r} does not fit the model")
         module_name, _, attr = alias.rpartition(".")
         src_module, _, src_attr = source.rpartition(".")

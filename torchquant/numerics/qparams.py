@@ -22,6 +22,7 @@ def choose_int_qparams(
     bits: int,
     symmetric: bool,
     scale_dtype: torch.dtype = torch.float32,
+    what: str = "weight",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales and integer zero points so that ``w ~= (code - zero) * scale``.
 
@@ -30,26 +31,35 @@ def choose_int_qparams(
     ``scale = absmax / (2**(bits-1) - 1)`` and the implied zero ``2**(bits-1)``
     (returned as ``None``).  The scale is rounded to ``scale_dtype`` *before* the
     zero point is chosen, so codes are computed with the scale that is stored.
+    Scales are computed in float64, so ranges near the float32 limit do not
+    overflow on the way; a scale that underflows to 0 in ``scale_dtype`` (a group
+    of subnormal weights) becomes 1, which stores that group as exact zeros; a
+    scale that overflows ``scale_dtype`` is an error naming ``what``.
     """
-    min_vals = torch.clamp(min_vals.float(), max=0.0)
-    max_vals = torch.clamp(max_vals.float(), min=0.0)
+    min_vals = torch.clamp(min_vals.double(), max=0.0)
+    max_vals = torch.clamp(max_vals.double(), min=0.0)
     if symmetric:
         qmax = (1 << (bits - 1)) - 1
         scales = torch.maximum(-min_vals, max_vals) / qmax
     else:
         scales = (max_vals - min_vals) / ((1 << bits) - 1)
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales)).to(scale_dtype)
+    scales = scales.to(scale_dtype)
     if torch.isinf(scales).any():
         raise QuantizationError(
-            f"scale overflows {scale_dtype}: the range is too large; use scale_dtype=float32"
+            f"{what}: a quantization scale overflows {scale_dtype} (range up to "
+            f"{float(torch.maximum(-min_vals, max_vals).max()):.3g}); store scales in float32"
         )
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     if symmetric:
         return scales, None
-    zeros = torch.clamp(torch.round(-min_vals / scales.float()), 0, (1 << bits) - 1)
+    zeros = torch.clamp(torch.round(-min_vals / scales.double()), 0, (1 << bits) - 1)
     return scales, zeros.to(torch.uint8)
 
 
 def choose_fp8_scale(absmax: torch.Tensor) -> torch.Tensor:
-    """float32 scale mapping ``absmax`` onto the E4M3 maximum (448); zero ranges get scale 1."""
-    scale = absmax.float() / FP8_E4M3_MAX
+    """float32 scale mapping ``absmax`` onto the E4M3 maximum (448); zero ranges get scale 1.
+
+    A scale that underflows float32 (subnormal weights) also becomes 1, storing zeros.
+    """
+    scale = (absmax.double() / FP8_E4M3_MAX).float()
     return torch.where(scale > 0, scale, torch.ones_like(scale))

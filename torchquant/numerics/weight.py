@@ -103,9 +103,39 @@ def quantize_int_weight(
         raise QuantizationError(f"bits for {what} must be in 2..8, got {bits}")
     scale_dtype = scale_dtype or (w.dtype if group_size != -1 else torch.float32)
     lo, hi = group_min_max(w, group_size)
-    scales, zeros = choose_int_qparams(lo, hi, bits, symmetric, scale_dtype)
+    scales, zeros = choose_int_qparams(lo, hi, bits, symmetric, scale_dtype, what)
     codes = quantize_codes(w, scales, zeros, bits, group_size)
+    _check_grid_fits(w, lo, hi, scales, codes, zeros, bits, group_size, what)
     return IntWeight(codes, scales, zeros, bits, group_size)
+
+
+def _check_grid_fits(
+    w: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    scales: torch.Tensor,
+    codes: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    what: str,
+) -> None:
+    """Refuse weights whose dequantized values would overflow the model dtype.
+
+    Rounding to the grid can land up to half a step beyond a group's extreme, so
+    weights right at the dtype's limit (e.g. 65504 in float16) could dequantize to
+    Inf.  The exact check runs only when that cheap bound says it is possible.
+    """
+    limit = torch.finfo(w.dtype).max
+    bound = torch.maximum(-lo.double(), hi.double()) + scales.double()
+    if bool((bound <= limit).all()):
+        return
+    deq = dequantize_int_weight(codes, scales, zeros, bits, group_size, torch.float64)
+    if bool((deq.abs() > limit).any()):
+        raise QuantizationError(
+            f"{what}: magnitudes near the {w.dtype} limit ({float(w.abs().max()):.4g}) would "
+            f"dequantize beyond {limit:.4g} (Inf); quantize from a wider dtype or rescale"
+        )
 
 
 def dequantize_int_weight(

@@ -15,7 +15,17 @@ from torchquant.ops.linear import (
     quantize_activation_op,
 )
 
+try:  # the Triton kernels become the CUDA implementation of the ops above
+    import triton  # noqa: F401
+except ImportError:  # no Triton (e.g. not Linux): the reference implementation runs everywhere
+    HAS_TRITON_KERNELS = False
+else:
+    from torchquant.ops import cuda  # noqa: F401
+
+    HAS_TRITON_KERNELS = True
+
 __all__ = [
+    "HAS_TRITON_KERNELS",
     "linear_fp8_weight",
     "linear_int8_weight",
     "linear_intn",

@@ -86,7 +86,22 @@ def _w8a8(
     out = out.to(x.dtype)
     if bias is not None:
         out = out + bias.to(x.dtype)
+    out = _poison_nonfinite_rows(x2, out, shared_scale=not per_token and input_scale is None)
     return out.reshape(_out_shape(x, qweight.shape[0]))
+
+
+def _poison_nonfinite_rows(x2: torch.Tensor, out: torch.Tensor, shared_scale: bool) -> torch.Tensor:
+    """NaN/Inf in an input row makes that output row NaN, as a float linear would.
+
+    Quantizing a non-finite value has no meaning (NaN casts to an arbitrary integer),
+    so without this a bad activation would come out as plausible finite garbage.
+    With one dynamic scale for the whole tensor every row depends on it, so the
+    whole output becomes NaN.
+    """
+    bad = ~torch.isfinite(x2).all(dim=-1, keepdim=True)
+    if shared_scale:
+        bad = bad.any().expand_as(bad)
+    return torch.where(bad, torch.full_like(out, float("nan")), out)
 
 
 @torch.library.custom_op("torchquant::linear_w8a8_int8", mutates_args=())

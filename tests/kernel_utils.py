@@ -1,0 +1,89 @@
+"""Shared helpers for the kernel tests: where kernels run, poisoned outputs, tolerances.
+
+Kernels run compiled on CUDA, or through Triton's interpreter on CPU tensors when
+``TRITON_INTERPRET=1`` was set before the kernels were imported.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+from torchquant.triton_kernels._launch import interpreting
+
+from torchquant.numerics import pack_codes, quantize_int_weight
+
+ON_GPU = torch.cuda.is_available() and not interpreting()
+KERNEL_DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+requires_kernels = pytest.mark.skipif(
+    not (ON_GPU or interpreting()),
+    reason="Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set before torchquant "
+    "is imported (tests/conftest.py sets it on machines without CUDA)",
+)
+
+# Triton 3.9's interpreter implements tl.dot on bfloat16 as np.matmul over the raw
+# uint16 storage (runtime/interpreter.py, create_dot), which yields garbage, so the
+# bf16 tensor-core paths are checked compiled on the GPU; fp16 and fp32 run the same
+# dequantization code under the interpreter.
+BF16_DOT_SKIP = pytest.mark.skipif(
+    interpreting(),
+    reason="Triton 3.9 interpreter: tl.dot on bfloat16 multiplies the raw uint16 storage "
+    "(np.matmul in interpreter.create_dot); bf16 tensor-core paths run in the gpu tests",
+)
+
+# Tolerances per output dtype.  Under the interpreter a float32 -> bfloat16 cast
+# truncates instead of rounding to nearest (interpreter._convert_float), so bf16
+# outputs may sit one bf16 ulp (2**-8 relative) from a correctly rounded value.
+TOLERANCES = {
+    torch.float32: (2e-5, 1e-5),
+    torch.float16: (2e-3, 1e-3),
+    torch.bfloat16: (1.6e-2, 8e-3),
+}
+
+
+def poisoned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An output buffer every element of which a kernel must overwrite: NaN or random ints."""
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), device=KERNEL_DEVICE).to(dtype)
+    info = torch.iinfo(dtype)
+    return torch.randint(info.min, info.max, shape, device=KERNEL_DEVICE).to(dtype)
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """Per-dtype ``assert_close``; the absolute part scales with the reference's magnitude."""
+    dtype = dtype or out.dtype
+    rtol, atol = TOLERANCES[dtype]
+    assert torch.isfinite(out.float()).all(), "output has NaN/Inf (an element was not written?)"
+    scale = ref.float().abs().max().clamp(min=1.0).item()
+    torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), rtol=rtol, atol=atol * scale)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double().cpu()
+    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+def int_weight(
+    n: int, k: int, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Random weight quantized by the reference: ``(qweight, scales, zeros, codes)``.
+
+    8-bit symmetric weights are stored as int8 ``(N, K)``; everything else packed.
+    """
+    w = torch.randn(n, k) * torch.rand(n, 1) + 0.1 * torch.randn(1, k)
+    iw = quantize_int_weight(w, bits, group_size, symmetric, scale_dtype)
+    if bits == 8 and symmetric:
+        qweight = (iw.codes.to(torch.int16) - 128).to(torch.int8)
+    else:
+        qweight = pack_codes(iw.codes, bits)
+    to = KERNEL_DEVICE
+    zeros = iw.zeros.to(to) if iw.zeros is not None else None
+    return qweight.to(to), iw.scales.to(to), zeros, iw.codes.to(to)
+
+
+def cfg(**meta) -> triton.Config:
+    """A launch config; ``num_warps`` and ``num_stages`` keys become launch options."""
+    warps = meta.pop("num_warps", 4)
+    stages = meta.pop("num_stages", 2)
+    return triton.Config(meta, num_warps=warps, num_stages=stages)

@@ -1,0 +1,188 @@
+"""Weight-only kernels (dequantize, GEMV, split-K and tiled GEMM, path selection) vs
+their PyTorch twins and vs the reference numerics, on ragged shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_utils import (
+    BF16_DOT_SKIP,
+    KERNEL_DEVICE,
+    assert_matches,
+    cfg,
+    int_weight,
+    poisoned,
+    relative_error,
+    requires_kernels,
+)
+from torchquant.triton_kernels import dequant_matmul as dm
+from torchquant.triton_kernels.dequant import dequantize_weight, dequantize_weight_torch
+from torchquant.triton_kernels.dequant_gemm import dequant_gemm
+from torchquant.triton_kernels.dequant_gemv import dequant_gemv
+
+from torchquant import ops
+from torchquant.numerics import dequantize_int_weight, quantize_fp8_weight, unpack_codes
+
+pytestmark = requires_kernels
+
+# (bits, group_size, symmetric): every width, grouped / per-channel / partial last group
+FORMATS = [
+    (2, 32, False),
+    (3, 48, False),
+    (4, 64, True),
+    (5, -1, False),
+    (6, 32, True),
+    (7, 48, False),
+    (8, -1, False),
+    (8, 64, True),
+]
+
+
+def reference_linear(x, qweight, scales, zeros, bias, bits, group_size):
+    """The CPU reference op for the stored weight format."""
+    args = [t.cpu() if t is not None else None for t in (x, qweight, scales, zeros, bias)]
+    x, qweight, scales, zeros, bias = args
+    if qweight.dtype == torch.int8:
+        return ops.linear_int8_weight(x, qweight, scales, bias, group_size)
+    if qweight.dtype == torch.float8_e4m3fn:
+        return ops.linear_fp8_weight(x, qweight, scales, bias)
+    return ops.linear_intn(x, qweight, scales, zeros, bias, bits, group_size)
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", FORMATS)
+def test_dequantize_is_exact(bits, group_size, symmetric):
+    n, k = 19, 100  # K not a multiple of 32, of the group or of BLOCK_K
+    qweight, scales, zeros, codes = int_weight(n, k, bits, group_size, symmetric, torch.float16)
+    if qweight.dtype == torch.int32:
+        assert torch.equal(unpack_codes(qweight.cpu(), bits, k), codes.cpu())
+    ref = dequantize_int_weight(
+        codes.cpu(), scales.cpu(), zeros.cpu() if zeros is not None else None, bits, group_size
+    )
+    for dtype in (torch.float32, torch.float16):
+        out = poisoned((n, k), dtype)
+        config = cfg(BLOCK_N=16, BLOCK_K=64)
+        dequantize_weight(qweight, scales, zeros, bits, group_size, k, dtype, config, out)
+        assert torch.equal(out.cpu(), ref.to(dtype))
+        twin = dequantize_weight_torch(qweight, scales, zeros, bits, group_size, k, dtype)
+        assert torch.equal(twin.cpu(), ref.to(dtype))
+
+
+def test_dequantize_fp8_storage_is_exact():
+    w = torch.randn(21, 70)
+    q, s = quantize_fp8_weight(w, per_channel=True)
+    q, s = q.to(KERNEL_DEVICE), s.to(KERNEL_DEVICE)
+    out = poisoned((21, 70), torch.float32)
+    dequantize_weight(q, s, None, 8, -1, 70, torch.float32, cfg(BLOCK_N=16, BLOCK_K=32), out)
+    assert torch.equal(out.cpu(), q.float().cpu() * s.cpu())
+
+
+# (bits, group, symmetric, dtype, M, N, K, config): GEMV configs cover split-K > 1,
+# K tiles inside one group (scales applied per tile) and spanning groups (per weight)
+GEMV_CASES = [
+    (4, 128, False, torch.bfloat16, 1, 33, 300, cfg(BLOCK_N=16, BLOCK_K=128, SPLIT_K=2)),
+    (4, 32, False, torch.float16, 1, 20, 96, cfg(BLOCK_N=16, BLOCK_K=64, SPLIT_K=1)),
+    (3, 64, False, torch.bfloat16, 1, 17, 200, cfg(BLOCK_N=16, BLOCK_K=64, SPLIT_K=3)),
+    (3, -1, True, torch.float32, 2, 20, 130, cfg(BLOCK_N=32, BLOCK_K=128, SPLIT_K=2)),
+    (2, 64, True, torch.bfloat16, 1, 24, 256, cfg(BLOCK_N=16, BLOCK_K=32, SPLIT_K=4)),
+    (8, 128, False, torch.float32, 1, 18, 160, cfg(BLOCK_N=16, BLOCK_K=64, SPLIT_K=2)),
+    (5, 32, False, torch.float16, 1, 9, 70, cfg(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2)),
+    (8, -1, True, torch.bfloat16, 1, 25, 150, cfg(BLOCK_N=16, BLOCK_K=64, SPLIT_K=2)),
+    (8, 32, True, torch.float16, 3, 16, 100, cfg(BLOCK_N=16, BLOCK_K=64, SPLIT_K=1)),
+]
+
+
+@pytest.mark.parametrize("bits,group,sym,dtype,m,n,k,config", GEMV_CASES)
+def test_gemv_matches_twin_and_reference(bits, group, sym, dtype, m, n, k, config):
+    sdt = dtype if group != -1 else torch.float32
+    qweight, scales, zeros, _ = int_weight(n, k, bits, group, sym, sdt)
+    x = torch.randn(m, k, device=KERNEL_DEVICE).to(dtype)
+    bias = torch.randn(n, device=KERNEL_DEVICE).to(dtype) if bits != 5 else None
+    out = dequant_gemv(
+        x, qweight, scales, zeros, bias, bits, group, config=config, out=poisoned((m, n), dtype)
+    )
+    twin = dm.dequant_matmul_torch(x, qweight, scales, zeros, bias, bits, group)
+    assert_matches(out, twin)
+    ref = reference_linear(x, qweight, scales, zeros, bias, bits, group)
+    assert relative_error(out, ref) < {torch.float32: 1e-5}.get(dtype, 1e-2)
+
+
+def test_gemv_fp8_weight_storage():
+    w = torch.randn(23, 90)
+    q, s = quantize_fp8_weight(w, per_channel=False)
+    q, s = q.to(KERNEL_DEVICE), s.reshape(1, 1).to(KERNEL_DEVICE)
+    x = torch.randn(1, 90, device=KERNEL_DEVICE).to(torch.float16)
+    out = dequant_gemv(x, q, s, None, None, 8, -1, config=cfg(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2))
+    assert_matches(out, dm.dequant_matmul_torch(x, q, s, None, None, 8, -1))
+    assert relative_error(out, reference_linear(x, q, s, None, None, 8, -1)) < 1e-2
+
+
+SPLIT = cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3, GROUP_M=4)
+TILED = cfg(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, GROUP_M=2)
+
+# (bits, group, symmetric, M, N, K, split_k, config)
+GEMM_CASES = [
+    (4, 64, False, 5, 40, 200, True, SPLIT),
+    (3, 32, False, 17, 33, 100, True, SPLIT),
+    (2, -1, True, 3, 20, 150, True, SPLIT),
+    (8, -1, True, 9, 30, 130, True, SPLIT),
+    (4, 48, False, 37, 24, 100, False, TILED),
+    (6, 64, True, 40, 17, 96, False, TILED),
+    (8, 128, False, 33, 20, 140, False, TILED),
+]
+
+
+def _gemm_case(bits, group, sym, m, n, k, split_k, config, dtype):
+    sdt = dtype if group != -1 else torch.float32
+    qweight, scales, zeros, _ = int_weight(n, k, bits, group, sym, sdt)
+    x = torch.randn(m, k, device=KERNEL_DEVICE).to(dtype)
+    bias = torch.randn(n, device=KERNEL_DEVICE).to(dtype)
+    out = dequant_gemm(
+        x, qweight, scales, zeros, bias, bits, group, split_k, config, poisoned((m, n), dtype)
+    )
+    # -- the GEMM rounds dequantized weights to x.dtype before the MMA, as the reference does
+    ref = reference_linear(x, qweight, scales, zeros, bias, bits, group)
+    assert_matches(out, ref)
+    twin = dm.dequant_matmul_torch(x, qweight, scales, zeros, bias, bits, group)
+    assert relative_error(out, twin) < {torch.float32: 1e-5}.get(dtype, 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("bits,group,sym,m,n,k,split_k,config", GEMM_CASES)
+def test_gemm_matches_reference_and_twin(bits, group, sym, m, n, k, split_k, config, dtype):
+    _gemm_case(bits, group, sym, m, n, k, split_k, config, dtype)
+
+
+@BF16_DOT_SKIP
+@pytest.mark.parametrize("bits,group,sym,m,n,k,split_k,config", GEMM_CASES[:1] + GEMM_CASES[4:5])
+def test_gemm_bf16(bits, group, sym, m, n, k, split_k, config):
+    _gemm_case(bits, group, sym, m, n, k, split_k, config, torch.bfloat16)
+
+
+def test_path_selection_by_batch_size():
+    assert [dm.select_path(m) for m in (1, 2, 16, 64, 65, 1023, 1024, 8192)] == [
+        "gemv", "split_k", "split_k", "split_k", "tiled", "tiled", "cublas", "cublas",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("m", [1, 6, 70, 1030])
+def test_dequant_matmul_every_path(m):
+    dtype = torch.float16 if m > 1 else torch.bfloat16
+    n, k = 24, 96
+    qweight, scales, zeros, _ = int_weight(n, k, 4, 32, False, dtype)
+    x = torch.randn(m, k, device=KERNEL_DEVICE).to(dtype)
+    bias = torch.randn(n, device=KERNEL_DEVICE).to(dtype)
+    out = dm.dequant_matmul(x, qweight, scales, zeros, bias, 4, 32)
+    assert out.shape == (m, n) and out.dtype == dtype
+    ref = reference_linear(x, qweight, scales, zeros, bias, 4, 32)
+    assert relative_error(out, ref) < 1e-2
+
+
+def test_rejects_mismatched_weight():
+    qweight, scales, zeros, _ = int_weight(8, 64, 4, 32, False, torch.float32)
+    x = torch.randn(1, 64, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="qweight must be"):
+        dequant_gemv(x, qweight[:, :-1], scales, zeros, None, 4, 32)
+    with pytest.raises(ValueError, match="scales must be"):
+        dequant_gemv(x, qweight, scales[:, :1], zeros, None, 4, 32)
+    with pytest.raises(ValueError, match="out must be"):
+        dequant_gemv(x, qweight, scales, zeros, None, 4, 32, out=torch.empty(2, 8))

@@ -1,0 +1,112 @@
+"""Compiled kernels on a CUDA device: autotuned paths on model-sized shapes, QuantLinear
+dispatch, ``torch.compile(fullgraph=True)`` and CUDA-graph capture of decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_utils import ON_GPU, assert_matches, relative_error
+from torchquant.triton_kernels.act_quant import quantize_activation
+from torchquant.triton_kernels.dequant_matmul import dequant_matmul_torch, select_path
+from torchquant.triton_kernels.fp8_gemm import fp8_supported
+
+from torchquant import QuantConfig, QuantLinear, convert_model, scheme_from_name
+from torchquant.numerics import quantize_activation as reference_quantize
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not ON_GPU, reason="compiled kernels need CUDA (and no TRITON_INTERPRET)"),
+]
+needs_fp8 = pytest.mark.skipif(
+    not (ON_GPU and fp8_supported()), reason="FP8 needs compute capability >= 8.9"
+)
+
+
+def _layer(scheme: str, n: int, k: int, dtype=torch.bfloat16, group_size=None) -> QuantLinear:
+    linear = torch.nn.Linear(k, n, device="cuda", dtype=dtype)
+    return QuantLinear.from_linear(linear, scheme_from_name(scheme, group_size))
+
+
+@pytest.mark.parametrize("m", [1, 16, 64, 300, 2048])
+@pytest.mark.parametrize("scheme,group", [("w4a16", 128), ("w3a16", 64), ("w8a16", None)])
+def test_autotuned_weight_only_paths(scheme, group, m):
+    layer = _layer(scheme, 1000, 1536, group_size=group)
+    x = torch.randn(m, 1536, device="cuda", dtype=torch.bfloat16)
+    out = layer(x)
+    w = layer.scheme.weight
+    twin = dequant_matmul_torch(
+        x, layer.qweight, layer.scales, layer.zeros, layer.bias, w.bits, w.group_size
+    )
+    assert relative_error(out, twin) < 1e-2, select_path(m)
+    ref = layer.cpu()(x.cpu())  # the reference op on CPU
+    assert relative_error(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 16, 256, 1000])
+@pytest.mark.parametrize(
+    "scheme",
+    ["w8a8", pytest.param("fp8", marks=needs_fp8), pytest.param("w8a16-fp8", marks=needs_fp8)],
+)
+def test_autotuned_activation_quantized_paths(scheme, m):
+    layer = _layer(scheme, 1000, 1536)
+    x = torch.randn(m, 1536, device="cuda", dtype=torch.bfloat16)
+    out = layer(x)
+    ref = layer.cpu()(x.cpu())
+    assert relative_error(out, ref) < 2e-2
+
+
+@pytest.mark.parametrize("act_dtype", ["int8", pytest.param("fp8", marks=needs_fp8)])
+@pytest.mark.parametrize("per_token", [True, False])
+def test_activation_quantization_is_bit_exact(act_dtype, per_token):
+    x = torch.randn(513, 4096, device="cuda", dtype=torch.bfloat16) * 4
+    x[7] = 0
+    q, s = quantize_activation(x, act_dtype, per_token)
+    q_ref, s_ref = reference_quantize(x.cpu(), act_dtype, per_token)
+    assert torch.equal(q.cpu().view(torch.int8), q_ref.view(torch.int8))
+    assert torch.equal(s.cpu(), s_ref)
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self, dim: int = 512, hidden: int = 1408) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(dim, hidden)
+        self.down = torch.nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.up(x)))
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16", "w8a8", pytest.param("fp8", marks=needs_fp8)])
+def test_torch_compile_fullgraph(scheme):
+    model, _ = convert_model(_Mlp().to("cuda", torch.bfloat16), QuantConfig(scheme), progress=False)
+    x = torch.randn(4, 7, 512, device="cuda", dtype=torch.bfloat16)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    assert_matches(compiled(x), eager)
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a8"])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_cuda_graph_capture_of_decode(scheme, batch):
+    model, _ = convert_model(_Mlp().to("cuda", torch.bfloat16), QuantConfig(scheme), progress=False)
+    static_x = torch.randn(batch, 512, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up runs the autotuner outside the capture
+        for _ in range(3):
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = model(static_x)
+    for _ in range(2):
+        static_x.copy_(torch.randn_like(static_x))
+        graph.replay()
+        assert_matches(static_out, model(static_x))
+
+
+@pytest.mark.skipif(not ON_GPU or fp8_supported(), reason="needs a GPU without FP8 support")
+def test_fp8_falls_back_on_older_gpus():
+    layer = _layer("fp8", 64, 128)
+    with pytest.warns(UserWarning, match="compute capability"):
+        layer(torch.randn(3, 128, device="cuda", dtype=torch.bfloat16))

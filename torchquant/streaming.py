@@ -1,0 +1,126 @@
+"""Convert a model straight from float safetensors files, one layer in memory at a time.
+
+``convert_model`` needs the float model materialised; for a model larger than
+the memory at hand, build its skeleton on the meta device instead and let
+:func:`convert_from_safetensors` read each linear layer's weight from disk,
+quantize it, and drop it before reading the next.  Peak memory is then the
+quantized model plus one float layer (and its quantization temporaries).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from torchquant.config import QuantConfig
+from torchquant.convert import ConversionSummary, plan_conversion
+from torchquant.errors import CheckpointError, ConfigError
+from torchquant.modules import QuantLinear
+from torchquant.safetensors_check import TensorEntry, check_safetensors
+
+
+class FloatWeights:
+    """Tensors of one or more validated safetensors files, read one at a time on request."""
+
+    def __init__(self, files: Sequence[str | Path]) -> None:
+        self._where: dict[str, tuple[Path, TensorEntry]] = {}
+        self._data_start: dict[Path, int] = {}
+        for path in map(Path, files):
+            header = check_safetensors(path)
+            self._data_start[path] = path.stat().st_size - header.data_bytes
+            for name, entry in header.entries.items():
+                if name in self._where:
+                    raise CheckpointError(f"tensor {name!r} appears in two files")
+                self._where[name] = (path, entry)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Read tensor ``name``; with ``like``, its shape must match (dtype follows the file)."""
+        if name not in self._where:
+            raise CheckpointError(f"tensor {name!r} is not in the float weights")
+        path, entry = self._where[name]
+        if like is not None and tuple(like.shape) != entry.shape:
+            raise CheckpointError(
+                f"tensor {name!r}: {path.name} declares {entry.shape}, the model expects "
+                f"{tuple(like.shape)}"
+            )
+        # -- a plain read into a fresh buffer: no mapping of the whole file, one tensor at a time
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        try:
+            with open(path, "rb") as f:
+                f.seek(self._data_start[path] + entry.start)
+                got = f.readinto(memoryview(buffer.numpy()))
+        except OSError as exc:
+            raise CheckpointError(f"{path.name}: cannot read tensor {name!r} ({exc})") from None
+        if got != entry.nbytes:
+            raise CheckpointError(f"{path.name}: tensor {name!r} is truncated")
+        return buffer.view(entry.dtype).reshape(entry.shape)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+@torch.no_grad()
+def convert_from_safetensors(
+    model: nn.Module,
+    files: Sequence[str | Path],
+    config: QuantConfig,
+    *,
+    progress: bool = True,
+) -> tuple[nn.Module, ConversionSummary]:
+    """Quantize ``model`` (a skeleton, typically on the meta device) from float ``files``.
+
+    Every linear layer the config selects is read from the files, quantized
+    round-to-nearest exactly as :func:`convert_model` would, and put in place; all
+    other parameters and buffers are then assigned from the files unchanged.  Each
+    tensor's declared shape is checked against the skeleton before it is read.
+    Tied parameters are not re-tied (call the model's ``tie_weights`` if it has one).
+    """
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
+    weights = FloatWeights(files)
+    plan = plan_conversion(model, config)
+    summary = ConversionSummary()
+    for name, (scheme, why) in tqdm(
+        plan.items(), desc="quantizing", unit="layer", disable=not progress
+    ):
+        if scheme is None:
+            summary.skipped[name] = why
+            continue
+        layer = model.get_submodule(name)
+        weight = weights.get(f"{name}.weight", layer.weight)
+        if not isinstance(layer, nn.Linear):  # GPT-2 Conv1D stores (in, out)
+            weight = weight.t()
+        bias = getattr(layer, "bias", None)
+        if bias is not None:
+            bias = weights.get(f"{name}.bias", bias)
+        quantized = QuantLinear.from_weight(weight, bias, scheme, f"{name}.weight")
+        summary.bytes_before += weight.numel() * weight.element_size()
+        summary.bytes_after += quantized.nbytes()
+        summary.converted[name] = scheme.describe()
+        _set_submodule(model, name, quantized)
+        del weight, bias, quantized
+    rest = {
+        name: weights.get(name, t)
+        for name, t in model.state_dict().items()
+        if not _is_quantized_buffer(model, name)
+    }
+    model.load_state_dict(rest, strict=False, assign=True)
+    return model, summary
+
+
+def _is_quantized_buffer(model: nn.Module, name: str) -> bool:
+    module_name = name.rpartition(".")[0]
+    return isinstance(model.get_submodule(module_name), QuantLinear)

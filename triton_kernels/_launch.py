@@ -1,0 +1,78 @@
+"""Launch helpers shared by the kernel families: interpreter detection, M buckets, configs.
+
+Autotuned kernels are keyed on ``M_BUCKET`` (a power of two >= M) rather than on
+``M`` itself, so that each decode size 1, 2, 4, 8, 16 and each prefill size class
+gets its own tuned config without re-tuning for every distinct token count.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+
+# Triton decides at decoration time whether a kernel is compiled or interpreted, so
+# the mode is read once, when this package (and with it every kernel) is imported.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def interpreting() -> bool:
+    """True when the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return _INTERPRET
+
+
+def output(
+    out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``out`` checked against ``shape``/``dtype`` (callers may pass a preallocated buffer)."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, "
+            f"got {out.dtype} {tuple(out.shape)}"
+        )
+    return out
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for the token count: the next power of two, capped at 8192."""
+    return min(triton.next_power_of_2(max(int(m), 1)), 8192)
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cuda" and not interpreting():
+            raise ValueError(
+                f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU); got {t.device}"
+            )
+
+
+def run_kernel(
+    kernel: Any,
+    grid: Callable[[dict], tuple[int, ...]],
+    config: triton.Config | None,
+    **args: Any,
+) -> None:
+    """Launch an autotuned ``kernel``, or one explicit ``config`` of it.
+
+    Under the interpreter nothing can be timed, so the first config of the
+    autotuner's list runs unless ``config`` names another (tests use this to cover
+    several block shapes and split-K factors).
+    """
+    if config is None and not interpreting():
+        kernel[grid](**args)
+        return
+    config = config or kernel.configs[0]
+    meta = config.all_kwargs()
+    if interpreting():
+        meta = dict(config.kwargs)
+    if config.pre_hook is not None:
+        config.pre_hook({**args, **meta})
+    kernel.fn[grid({**args, **meta})](**args, **meta)

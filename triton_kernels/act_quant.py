@@ -1,0 +1,276 @@
+"""Dynamic activation quantization to INT8 or FP8 E4M3 (per token or per tensor).
+
+``x (rows, K)`` fp32/bf16/fp16 -> ``q (rows, K)`` int8 or float8_e4m3fn and a float32
+``scale`` ``(rows, 1)`` per token or ``(1, 1)`` per tensor, ``x ~= q * scale``.  The
+scale is ``max|x| / qmax`` (qmax 127 or 448; an all-zero row gets 1).  An optional
+SmoothQuant divisor ``smooth (K,)`` divides ``x`` column-wise first, fused in.
+Numerics follow the reference exactly: IEEE division, round half to even, int8
+clamped to [-128, 127], FP8 saturated at +-448 and rounded to nearest even on the
+E4M3 grid in float32 before the (then exact) conversion.
+
+Per token, a program holds whole rows in registers (one read of ``x``, one write
+of ``q``); rows longer than ``MAX_ROW_BLOCK`` are read twice (the second time mostly
+from L2).  Per tensor needs the global maximum first: one reduction kernel with an
+atomic max, then the quantize kernel (two reads of ``x``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import check_device, m_bucket, output, run_kernel
+
+INT8_MAX = 127.0
+FP8_MAX = 448.0
+MAX_ROW_BLOCK = 16384
+
+
+@triton.jit
+def round_half_even(v):
+    """Round to the nearest integer, ties to even (``torch.round``), for |v| < 2**22."""
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def round_to_e4m3(v):
+    """Round float32 ``v`` (already clamped to +-448) to the nearest E4M3 value, ties to even."""
+    exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    exponent = tl.maximum(exponent, -6)  # subnormals share the step of the smallest normal
+    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    inv_step = ((3 - exponent + 127) << 23).to(tl.float32, bitcast=True)
+    magnitude = round_half_even(tl.abs(v) * inv_step) * step
+    return tl.where(v < 0.0, -magnitude, magnitude)  # keeps the sign of -0, as the cast does
+
+
+@triton.jit
+def _quantize_values(v, scale, IS_FP8: tl.constexpr):
+    q = tl.math.div_rn(v, scale)
+    if IS_FP8:
+        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+        return round_to_e4m3(q).to(tl.float8e4nv)
+    else:
+        q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+        return round_half_even(q).to(tl.int8)
+
+
+@triton.jit
+def _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH: tl.constexpr):
+    """float32 ``x / smooth`` for a (rows, K-slice) tile; zero where masked."""
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if HAS_SMOOTH:
+        sm = tl.load(sm_ptr + offs_k, mask=offs_k < K, other=1.0)
+        x = tl.math.div_rn(x, sm.to(tl.float32)[None, :])
+    return x
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr,
+    sm_ptr,
+    q_ptr,
+    scale_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_qm,
+    M_BUCKET,
+    QMAX: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    PER_TOKEN: tl.constexpr,
+    K_BOUND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Per token: scales from each row's max; per tensor: ``scale_ptr`` holds the scale."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    if PER_TOKEN and BLOCK_K >= K_BOUND:
+        # -- one pass: whole rows in registers, max |x|, scale, quantize, store
+        offs_k = tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (offs_k[None, :] < K)
+        x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
+        scale = _scale_from_absmax(tl.max(tl.abs(x), axis=1), QMAX)
+        tl.store(scale_ptr + rows, scale, mask=row_mask)
+        q = _quantize_values(x, scale[:, None], IS_FP8)
+        tl.store(q_ptr + rows[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
+    else:
+        if PER_TOKEN:
+            # -- long rows: max |x| block by block, then a second (mostly L2) read
+            amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask = row_mask[:, None] & (offs_k[None, :] < K)
+                x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
+                amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+            scale = _scale_from_absmax(amax, QMAX)
+            tl.store(scale_ptr + rows, scale, mask=row_mask)
+        else:
+            scale = tl.load(scale_ptr + rows * 0)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = row_mask[:, None] & (offs_k[None, :] < K)
+            x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
+            q = _quantize_values(x, scale[:, None], IS_FP8)
+            tl.store(q_ptr + rows[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
+
+
+@triton.jit
+def _scale_from_absmax(amax, QMAX: tl.constexpr):
+    scale = tl.math.div_rn(amax, QMAX)
+    return tl.where(scale > 0.0, scale, 1.0)
+
+
+@triton.jit
+def _absmax_kernel(
+    x_ptr,
+    sm_ptr,
+    amax_ptr,
+    M,
+    K,
+    stride_xm,
+    HAS_SMOOTH: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Per-tensor max |x / smooth|, combined across programs with an atomic max."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < M) & (offs_k[None, :] < K)
+    x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
+    tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), axis=1), axis=0), sem="relaxed")
+
+
+@triton.jit
+def _scale_from_absmax_kernel(amax_ptr, scale_ptr, QMAX: tl.constexpr):
+    tl.store(scale_ptr, _scale_from_absmax(tl.load(amax_ptr), QMAX))
+
+
+def _row_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (8, 4, 2, 1) for w in (4, 8, 16)]
+
+
+def _prune_rows(configs, named_args, **kwargs):
+    """Keep tiles of at most 16K values (registers) and at least 1K values (bytes in flight)."""
+    block_k = {**named_args, **kwargs}["BLOCK_K"]
+    kept = [
+        c
+        for c in configs
+        if 1024 <= c.kwargs["BLOCK_M"] * block_k <= MAX_ROW_BLOCK
+        and c.num_warps * 32 <= c.kwargs["BLOCK_M"] * block_k // 4
+    ]
+    return kept or configs[:1]
+
+
+_quantize_rows_tuned = triton.autotune(
+    _row_configs(),
+    key=["M_BUCKET", "K", "IS_FP8", "PER_TOKEN", "HAS_SMOOTH"],
+    prune_configs_by={"early_config_prune": _prune_rows},
+    cache_results=True,
+)(_quantize_rows_kernel)
+
+
+def quantize_activation(
+    x: torch.Tensor,
+    act_dtype: str = "int8",
+    per_token: bool = True,
+    smooth: torch.Tensor | None = None,
+    static_scale: torch.Tensor | None = None,
+    config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x (rows, K)``; returns ``(q, scale)`` (see the module docstring).
+
+    ``static_scale`` (one float32 value) replaces the dynamic scale; ``config`` runs
+    one explicit ``BLOCK_M`` config of the row kernel instead of autotuning; ``out``
+    is an optional preallocated ``q``.
+    """
+    if act_dtype not in ("int8", "fp8"):
+        raise ValueError(f"act_dtype must be 'int8' or 'fp8', got {act_dtype!r}")
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a 2-D float tensor (rows, K), got {x.dtype} {tuple(x.shape)}")
+    check_device(x, smooth, static_scale)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    if smooth is not None and tuple(smooth.shape) != (k,):
+        raise ValueError(f"smooth must be ({k},), got {tuple(smooth.shape)}")
+    is_fp8 = act_dtype == "fp8"
+    qmax = FP8_MAX if is_fp8 else INT8_MAX
+    q = output(out, (m, k), torch.float8_e4m3fn if is_fp8 else torch.int8, x.device)
+    dynamic_rows = per_token and static_scale is None
+    block_k = min(triton.next_power_of_2(max(k, 1)), MAX_ROW_BLOCK)
+    sm = smooth if smooth is not None else x
+    if dynamic_rows:
+        scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    elif static_scale is not None:
+        scale = static_scale.to(device=x.device, dtype=torch.float32).reshape(1, 1).clone()
+    else:
+        scale = torch.ones(1, 1, dtype=torch.float32, device=x.device)
+        if m * k > 0:
+            # -- per tensor: global max |x| first
+            amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+            am_m, am_k = max(1, 8192 // block_k), min(block_k, 8192)
+            grid = (triton.cdiv(m, am_m), triton.cdiv(k, am_k))
+            _absmax_kernel[grid](
+                x, sm, amax, m, k, x.stride(0),
+                HAS_SMOOTH=smooth is not None, BLOCK_M=am_m, BLOCK_K=am_k, num_warps=8,
+            )  # fmt: skip
+            _scale_from_absmax_kernel[(1,)](amax, scale, QMAX=qmax)
+    if m * k == 0:
+        return q, scale.fill_(1.0) if dynamic_rows else scale
+    run_kernel(
+        _quantize_rows_tuned,
+        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),),
+        config,
+        x_ptr=x,
+        sm_ptr=sm,
+        q_ptr=q,
+        scale_ptr=scale,
+        M=m,
+        K=k,
+        stride_xm=x.stride(0),
+        stride_qm=q.stride(0),
+        M_BUCKET=m_bucket(m),
+        QMAX=qmax,
+        IS_FP8=is_fp8,
+        HAS_SMOOTH=smooth is not None,
+        PER_TOKEN=dynamic_rows,
+        K_BOUND=triton.next_power_of_2(max(k, 1)),
+        BLOCK_K=block_k,
+    )
+    return q, scale
+
+
+def quantize_activation_torch(
+    x: torch.Tensor,
+    act_dtype: str = "int8",
+    per_token: bool = True,
+    smooth: torch.Tensor | None = None,
+    static_scale: torch.Tensor | None = None,
+    config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch twin of :func:`quantize_activation` (``config`` is ignored)."""
+    xf = x.float()
+    if smooth is not None:
+        xf = xf / smooth.float()
+    qmax = FP8_MAX if act_dtype == "fp8" else INT8_MAX
+    if static_scale is not None:
+        scale = static_scale.float().reshape(1, 1)
+    else:
+        amax = xf.abs().amax(dim=1, keepdim=True) if per_token else xf.abs().amax().reshape(1, 1)
+        scale = amax / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if act_dtype == "fp8":
+        q = torch.clamp(xf / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    else:
+        q = torch.clamp(torch.round(xf / scale), -128, 127).to(torch.int8)
+    return (out.copy_(q) if out is not None else q), scale

@@ -1,0 +1,201 @@
+"""Weight-only GEMM on tensor cores: dequantize tiles in registers, then ``tl.dot``.
+
+``x (M, K)`` bf16/fp16/fp32 times the dequantized weight ``(N, K)`` (formats in
+:mod:`.dequant`), float32 accumulation.  Each program owns a ``BLOCK_M x BLOCK_N``
+output tile; weight tiles are loaded ``(BLOCK_N, BLOCK_K)`` (contiguous along K),
+dequantized in float32, cast to the activation dtype and transposed into the MMA.
+Two tunings of the same kernel:
+
+* split-K (``M <= 64``, decode and small batches): the grid adds a K dimension so
+  a 16-row problem still streams the weight with every SM; partial tiles are
+  atomically added to a zeroed float32 buffer.
+* tiled (larger M): one program per output tile, grouped along M for L2 reuse,
+  bias and the output cast fused in the epilogue.
+
+fp32 activations use IEEE fp32 dot products (no TF32) to stay close to the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import m_bucket, output, run_kernel
+from .dequant import check_weight, group_index, load_code_tile, load_qparams, weight_meta
+
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qn,
+    stride_sn,
+    stride_zn,
+    stride_om,
+    M_BUCKET,
+    BITS: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    ATOMIC: tl.constexpr,
+):
+    # -- output tile of this program, grouped along M so weight tiles are reused from L2
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rows = q_ptr + offs_n[:, None] * stride_qn
+    s_rows = s_ptr + offs_n[:, None] * stride_sn
+    z_rows = z_ptr + offs_n[:, None] * stride_zn
+    # -- the run of K tiles of this split
+    tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(tiles, SPLIT_K)
+    t_start = pid_k * per_split
+    t_end = tl.minimum(t_start + per_split, tiles)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(t_start, t_end):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        x_mask = m_mask[:, None] & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        # -- dequantize the (BLOCK_N, BLOCK_K) weight tile in float32
+        codes = load_code_tile(rows, t, n_mask[:, None], K, BITS, PACKED, BLOCK_K)
+        if GROUP_SIZE == 0 or GROUP_SIZE % BLOCK_K == 0:
+            g = group_index(t * BLOCK_K, GROUP_SIZE)
+            scale, zero = load_qparams(s_rows, z_rows, g, n_mask[:, None], BITS, PACKED, HAS_ZEROS)
+        else:
+            g = group_index(offs_k[None, :], GROUP_SIZE)
+            w_mask = n_mask[:, None] & (offs_k[None, :] < K)
+            scale, zero = load_qparams(s_rows, z_rows, g, w_mask, BITS, PACKED, HAS_ZEROS)
+        w = ((codes - zero) * scale).to(x.dtype)
+        # -- tensor-core product (IEEE for fp32 activations)
+        if x.dtype == tl.float32:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    # -- epilogue: bias, then atomics into float32 (split-K) or a cast store
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if ATOMIC:
+            bias = tl.where(pid_k == 0, bias, 0.0)
+        acc += bias[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _config(bm, bn, bk, split_k, warps, stages, group_m=8) -> triton.Config:
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "GROUP_M": group_m}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+# decode / small batch: 16-row MMA tiles, the weight split over K across the SMs
+SPLIT_K_CONFIGS = (
+    [
+        _config(16, bn, bk, sk, 4, st)
+        for bn, bk in ((64, 128), (32, 128), (64, 64), (128, 64))
+        for sk in (1, 2, 4, 8)
+        for st in (3, 4)
+    ]
+    + [_config(32, 64, 128, sk, 4, 4) for sk in (1, 2, 4)]
+    + [_config(64, 64, 64, sk, 4, 4) for sk in (1, 2, 4)]
+)
+
+# prefill: classic tiles, one program per output tile
+TILED_CONFIGS = [
+    _config(128, 128, 64, 1, 8, 3),
+    _config(128, 128, 32, 1, 4, 4),
+    _config(64, 128, 64, 1, 4, 4),
+    _config(128, 64, 64, 1, 4, 4),
+    _config(64, 64, 64, 1, 4, 4),
+    _config(128, 256, 64, 1, 8, 3),
+    _config(32, 64, 128, 1, 4, 4),
+]
+
+_KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS"]
+_split_k_tuned = triton.autotune(
+    SPLIT_K_CONFIGS, key=_KEY, reset_to_zero=["out_ptr"], cache_results=True
+)(_gemm_kernel)
+_tiled_tuned = triton.autotune(TILED_CONFIGS, key=_KEY, cache_results=True)(_gemm_kernel)
+
+
+def dequant_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    split_k: bool = False,
+    config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x (M, K) @ dequant(W)^T + bias`` -> ``(M, N)`` in ``x.dtype`` on tensor cores.
+
+    ``split_k`` picks the split-K tuning (small M, float32 atomics); otherwise the
+    tiled one.  ``config`` runs one explicit config of that tuning instead of autotuning.
+    """
+    m, k = x.shape
+    check_weight(qweight, scales, zeros, bits, group_size, k)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n = qweight.shape[0]
+    out = output(out, (m, n), x.dtype, x.device)
+    if split_k:  # float32 partial sums; float32 outputs accumulate in place
+        acc = (
+            out.zero_() if x.dtype == torch.float32 else torch.zeros_like(out, dtype=torch.float32)
+        )
+    else:
+        acc = out
+
+    def grid(meta):
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return (tiles, meta["SPLIT_K"])
+
+    if config is not None and not split_k and config.kwargs["SPLIT_K"] != 1:
+        raise ValueError("the tiled GEMM takes SPLIT_K=1 configs only")
+    run_kernel(
+        _split_k_tuned if split_k else _tiled_tuned,
+        grid,
+        config,
+        x_ptr=x,
+        b_ptr=bias if bias is not None else acc,
+        out_ptr=acc,
+        M=m,
+        N=n,
+        K=k,
+        stride_xm=x.stride(0),
+        stride_om=acc.stride(0),
+        M_BUCKET=m_bucket(m),
+        HAS_BIAS=bias is not None,
+        ATOMIC=split_k,
+        **weight_meta(qweight, scales, zeros, bits, group_size),
+    )
+    return out if acc is out else out.copy_(acc)

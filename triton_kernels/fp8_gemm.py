@@ -1,0 +1,104 @@
+"""FP8 W8A8 GEMM: E4M3 activations x E4M3 weights on tensor cores (sm_89 and newer).
+
+``fp8_gemm(a, b, a_scale, b_scale, bias, out_dtype)``: ``a (M, K)`` and ``b (N, K)``
+float8_e4m3fn, float32 scales ``a_scale (M|1, 1)`` and ``b_scale (N|1, 1)``; float32
+accumulation, the same scaled epilogue as the INT8 GEMM (kernel in
+:mod:`.scaled_gemm`, FP8 tunings below).  FP8 tensor cores exist from Ada (sm_89)
+and Hopper (sm_90) on; older GPUs get :class:`FP8Unsupported` from
+:func:`check_fp8_support` so callers can fall back.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ._launch import interpreting
+from .scaled_gemm import (
+    check_operands,
+    gemm_config,
+    launch_scaled_gemm,
+    scaled_gemm_torch,
+    tune,
+)
+
+SPLIT_K_MAX_M = 32
+MIN_CAPABILITY = (8, 9)
+
+
+class FP8Unsupported(RuntimeError):
+    """The GPU has no FP8 tensor cores (compute capability below 8.9)."""
+
+
+def fp8_supported(device: torch.device | str | None = None) -> bool:
+    """True where the FP8 kernels can run: sm_89+ GPUs, or the CPU interpreter."""
+    if interpreting():
+        return True
+    if not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+
+
+def check_fp8_support(device: torch.device | str | None = None) -> None:
+    if not fp8_supported(device):
+        cap = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None
+        raise FP8Unsupported(
+            f"FP8 GEMM needs a GPU with compute capability >= 8.9 (Ada/Hopper), got {cap}"
+        )
+
+
+FP8_SPLIT_K_CONFIGS = [
+    gemm_config(16, bn, bk, sk, 4, st)
+    for bn, bk in ((64, 128), (128, 128), (64, 256), (32, 256))
+    for sk in (1, 2, 4, 8)
+    for st in (3, 4)
+] + [gemm_config(32, 64, 128, sk, 4, 4) for sk in (1, 2, 4)]
+
+FP8_TILED_CONFIGS = [
+    gemm_config(128, 256, 128, 1, 8, 3),
+    gemm_config(128, 128, 128, 1, 8, 3),
+    gemm_config(128, 128, 64, 1, 4, 4),
+    gemm_config(64, 128, 128, 1, 4, 4),
+    gemm_config(128, 64, 128, 1, 4, 4),
+    gemm_config(64, 64, 128, 1, 4, 4),
+    gemm_config(32, 64, 128, 1, 4, 4),
+]
+
+_fp8_split_k = tune(FP8_SPLIT_K_CONFIGS, split_k=True)
+_fp8_tiled = tune(FP8_TILED_CONFIGS, split_k=False)
+
+
+def fp8_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    split_k: bool | None = None,
+    config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(a @ b^T) * a_scale * b_scale + bias`` in FP8 (Triton); ``split_k`` None picks by M."""
+    check_operands(a, b, a_scale, b_scale, bias, torch.float8_e4m3fn)
+    check_fp8_support(a.device)
+    split_k = a.shape[0] <= SPLIT_K_MAX_M if split_k is None else split_k
+    return launch_scaled_gemm(
+        _fp8_split_k, _fp8_tiled, a, b, a_scale, b_scale, bias, out_dtype, split_k, config, out
+    )
+
+
+def fp8_gemm_torch(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    split_k: bool | None = None,
+    config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """PyTorch twin of :func:`fp8_gemm` (``split_k`` and ``config`` are ignored)."""
+    result = scaled_gemm_torch(a, b, a_scale, b_scale, bias, out_dtype)
+    return out.copy_(result) if out is not None else result

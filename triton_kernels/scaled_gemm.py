@@ -1,0 +1,218 @@
+"""The GEMM shared by the W8A8 families: 8-bit x 8-bit on tensor cores, scaled epilogue.
+
+``a (M, K)`` and ``b (N, K)`` both int8 (int32 accumulation) or both
+float8_e4m3fn (float32 accumulation); ``out = (a @ b^T) * a_scale * b_scale + bias``
+with ``a_scale`` ``(M, 1)`` per token or ``(1, 1)`` per tensor and ``b_scale``
+``(N, 1)`` per channel or ``(1, 1)`` per tensor, both float32; the product of the
+scales is applied in float32 to the accumulator, the result is cast to the output
+dtype and the bias added in the output dtype (the reference's order).  With
+``SPLIT_K > 1`` each K slice scales its partial tile and adds it atomically to a
+zeroed float32 buffer (the bias goes in with the first slice).
+
+:mod:`.w8a8_gemm` and :mod:`.fp8_gemm` tune this kernel separately and hold the
+launchers and PyTorch twins.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import m_bucket, output, run_kernel
+
+
+@triton.jit
+def scaled_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    a_scale_ptr,
+    b_scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_bn,
+    stride_asm,
+    stride_bsn,
+    stride_om,
+    M_BUCKET,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    # -- output tile, grouped along M for L2 reuse of b
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    # -- K slice of this split, 8-bit products accumulated exactly (int32) or in float32
+    tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(tiles, SPLIT_K)
+    t_start = pid_k * per_split
+    t_end = tl.minimum(t_start + per_split, tiles)
+    if a_ptr.dtype.element_ty == tl.int8:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(t_start, t_end):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + offs_k[:, None] + offs_n[None, :] * stride_bn,
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc)
+    # -- epilogue: per-row x per-column scales in float32, cast, bias in the output dtype
+    a_scale = tl.load(a_scale_ptr + offs_m * stride_asm, mask=m_mask, other=0.0)
+    b_scale = tl.load(b_scale_ptr + offs_n * stride_bsn, mask=n_mask, other=0.0)
+    out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            out += tl.where(pid_k == 0, bias, 0.0)[None, :]
+        tl.atomic_add(out_ptrs, out, mask=out_mask, sem="relaxed")
+    else:
+        out = out.to(out_ptr.dtype.element_ty)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+            out = (out.to(tl.float32) + bias.to(tl.float32)[None, :]).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptrs, out, mask=out_mask)
+
+
+def gemm_config(bm, bn, bk, split_k, warps, stages, group_m=8) -> triton.Config:
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "GROUP_M": group_m}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+def tune(configs: list[triton.Config], split_k: bool):
+    """An autotuned instance of the kernel keyed on the M bucket and the problem size."""
+    return triton.autotune(
+        configs,
+        key=["M_BUCKET", "N", "K"],
+        reset_to_zero=["out_ptr"] if split_k else None,
+        cache_results=True,
+    )(scaled_gemm_kernel)
+
+
+def check_operands(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> None:
+    """Shapes and dtypes of a scaled GEMM (raises ValueError naming the operand)."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"a (M, K) and b (N, K) must share K, got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
+    if a.dtype != dtype or b.dtype != dtype:
+        raise ValueError(f"a and b must both be {dtype}, got {a.dtype} and {b.dtype}")
+    m, n = a.shape[0], b.shape[0]
+    if a_scale.numel() not in (1, m) or b_scale.numel() not in (1, n):
+        raise ValueError(
+            f"a_scale must hold 1 or {m} values and b_scale 1 or {n}, "
+            f"got {tuple(a_scale.shape)} and {tuple(b_scale.shape)}"
+        )
+    if a_scale.dtype != torch.float32 or b_scale.dtype != torch.float32:
+        raise ValueError("a_scale and b_scale must be float32")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must be ({n},), got {tuple(bias.shape)}")
+
+
+def launch_scaled_gemm(
+    split_k_kernel,
+    tiled_kernel,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    split_k: bool,
+    config: triton.Config | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Allocate the output, compute the grid and launch one of the two tunings."""
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    b = b if b.stride(-1) == 1 else b.contiguous()
+    a_scale = a_scale.reshape(-1, 1)
+    b_scale = b_scale.reshape(-1, 1)
+    (m, k), n = a.shape, b.shape[0]
+    out = output(out, (m, n), out_dtype, a.device)
+    if split_k:  # float32 partial sums; float32 outputs accumulate in place
+        acc = (
+            out.zero_()
+            if out_dtype == torch.float32
+            else torch.zeros_like(out, dtype=torch.float32)
+        )
+    else:
+        acc = out
+    if config is not None and not split_k and config.kwargs["SPLIT_K"] != 1:
+        raise ValueError("the tiled GEMM takes SPLIT_K=1 configs only")
+
+    def grid(meta):
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return (tiles, meta["SPLIT_K"])
+
+    run_kernel(
+        split_k_kernel if split_k else tiled_kernel,
+        grid,
+        config,
+        a_ptr=a,
+        b_ptr=b,
+        a_scale_ptr=a_scale,
+        b_scale_ptr=b_scale,
+        bias_ptr=bias if bias is not None else acc,
+        out_ptr=acc,
+        M=m,
+        N=n,
+        K=k,
+        stride_am=a.stride(0),
+        stride_bn=b.stride(0),
+        stride_asm=0 if a_scale.shape[0] == 1 else 1,
+        stride_bsn=0 if b_scale.shape[0] == 1 else 1,
+        stride_om=acc.stride(0),
+        M_BUCKET=m_bucket(m),
+        HAS_BIAS=bias is not None,
+    )
+    return out if acc is out else out.copy_(acc)
+
+
+def scaled_gemm_torch(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """PyTorch twin: exact products in float64, scaled, cast, then bias in ``out_dtype``."""
+    acc = a.to(torch.float64) @ b.to(torch.float64).t()
+    out = acc * a_scale.reshape(-1, 1).double() * b_scale.reshape(1, -1).double()
+    out = out.to(out_dtype)
+    return out + bias.to(out_dtype) if bias is not None else out
