@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from torchquant import QuantConfig, convert_model
 from torchquant.calibration import calibration_tokens
 from torchquant.config import (
@@ -50,24 +52,25 @@ def _static(observer: str, percentile: float = 100.0) -> ActivationQuant:
 
 
 def rows(group: int, alpha: float, awq: AWQConfig) -> dict[str, QuantScheme]:
+    """Every row of the table, the calibrated ones first (``--only`` picks a subset)."""
     return {
-        f"w4a16 g{group} RTN": _wna16(4, group),
         f"w4a16 g{group} GPTQ": _wna16(4, group, "gptq"),
-        f"w4a16 g{group} GPTQ act-order": _wna16(4, group, "gptq", gptq=GPTQConfig(act_order=True)),
-        f"w4a16 g{group} GPTQ act-order static": _wna16(
-            4, group, "gptq", gptq=GPTQConfig(act_order=True, static_groups=True)
-        ),
         f"w4a16 g{group} AWQ": _wna16(4, group, "awq", awq=awq),
-        f"w3a16 g{group} RTN": _wna16(3, group),
         f"w3a16 g{group} GPTQ": _wna16(3, group, "gptq"),
         f"w3a16 g{group} AWQ": _wna16(3, group, "awq", awq=awq),
-        "w8a8 dynamic": _w8a8(),
         f"w8a8 dynamic SmoothQuant {alpha}": _w8a8(
             "smoothquant", smoothquant=SmoothQuantConfig(alpha)
         ),
+        f"w4a16 g{group} GPTQ act-order": _wna16(4, group, "gptq", gptq=GPTQConfig(act_order=True)),
         "w8a8 static minmax": _w8a8(act=_static("minmax")),
         "w8a8 static KL": _w8a8(act=_static("kl")),
         "w8a8 static percentile 99.99": _w8a8(act=_static("percentile", 99.99)),
+        f"w4a16 g{group} GPTQ act-order static": _wna16(
+            4, group, "gptq", gptq=GPTQConfig(act_order=True, static_groups=True)
+        ),
+        f"w4a16 g{group} RTN": _wna16(4, group),
+        f"w3a16 g{group} RTN": _wna16(3, group),
+        "w8a8 dynamic": _w8a8(),
     }
 
 
@@ -105,16 +108,26 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.8, help="SmoothQuant alpha")
     parser.add_argument("--awq-tokens", type=int, default=2048)
     parser.add_argument("--only", nargs="*", help="substrings selecting rows to run")
-    parser.add_argument("--skip-fp32", action="store_true")
+    parser.add_argument("--awq-grid", type=int, default=20)
+    parser.add_argument(
+        "--reference", type=float, default=None, help="fp32 perplexity, to skip measuring it"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     base, tokenizer = load_model(args.model)
     ids = tokenize_text(tokenizer, Path(args.text).read_text(encoding="utf-8"), args.max_tokens)
     calib = calibration_tokens(args.calib, tokenizer, args.calib_samples, args.calib_seq_len)
-    ref = perplexity(base, ids, args.seq_len, progress=False).perplexity
+    if args.reference is None:
+        ref = perplexity(base, ids, args.seq_len, progress=False).perplexity
+        print(f"fp32: {ref:.3f} (measured)", flush=True)
+    else:
+        ref = args.reference
+        print(f"fp32: {ref:.3f} (given)", flush=True)
     table = [("fp32", ref, 0.0, 0.0, 0.0)]
-    print(f"fp32: {ref:.3f}", flush=True)
-    awq = AWQConfig(max_tokens=args.awq_tokens)
+    awq = AWQConfig(grid=args.awq_grid, max_tokens=args.awq_tokens)
     for name, scheme in rows(args.group_size, args.alpha, awq).items():
         if args.only and not any(s in name for s in args.only):
             continue
@@ -125,7 +138,11 @@ def main() -> None:
         seconds = time.perf_counter() - start
         ppl = perplexity(model, ids, args.seq_len, progress=False).perplexity
         table.append((name, ppl, 100 * (ppl / ref - 1), seconds, mem.peak / 2**30))
-        print(f"{name}: {ppl:.3f} ({seconds:.0f} s)", flush=True)
+        print(
+            f"{name}: ppl {ppl:.3f} ({100 * (ppl / ref - 1):+.2f}%), convert {seconds:.0f} s, "
+            f"peak RSS {mem.peak / 2**30:.2f} GiB",
+            flush=True,
+        )
         del model
 
     print(

@@ -244,6 +244,15 @@ def check_loaded_values(state: Mapping[str, torch.Tensor], model: nn.Module) -> 
             raise CheckpointError(f"tensor {name!r} holds NaN/Inf; refusing to load it")
     for prefix, module in model.named_modules():
         scheme = getattr(module, "scheme", None)
+        g_idx = state.get(f"{prefix}.g_idx" if prefix else "g_idx")
+        groups = getattr(module, "scales", None)
+        if g_idx is not None and groups is not None and g_idx.numel():
+            lo, hi = int(g_idx.min()), int(g_idx.max())
+            if lo < 0 or hi >= groups.shape[-1]:
+                raise CheckpointError(
+                    f"tensor {prefix}.g_idx: group indices span {lo}..{hi}, the layer has "
+                    f"{groups.shape[-1]} groups"
+                )
         zeros = state.get(f"{prefix}.zeros" if prefix else "zeros")
         if scheme is None or zeros is None or scheme.weight.type != "int":
             continue

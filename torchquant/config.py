@@ -266,6 +266,15 @@ class QuantScheme:
                 w.type,
                 f"'int' weights for algorithm {self.algorithm!r}",
             )
+        g = self.gptq
+        if self.algorithm == "gptq" and g.act_order and not g.static_groups:
+            _require(
+                not (w.bits == 8 and w.symmetric and w.group_size > 0),
+                "gptq.static_groups",
+                g.static_groups,
+                "True for grouped symmetric 8-bit weights with act_order (stored unpacked, "
+                "they cannot carry a g_idx)",
+            )
         if self.algorithm == "smoothquant":
             _require(
                 act is not None,

@@ -51,6 +51,7 @@ class LayerSpec:
     smooth: bool
     dtype: str
     scheme: QuantScheme
+    g_idx: bool = False
 
     @classmethod
     def of(cls, layer: QuantLinear) -> LayerSpec:
@@ -61,6 +62,7 @@ class LayerSpec:
             layer.smooth_scale is not None,
             str(layer.dtype),
             layer.scheme,
+            layer.g_idx is not None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,6 +73,7 @@ class LayerSpec:
             "smooth": self.smooth,
             "dtype": self.dtype,
             "scheme": self.scheme.to_dict(),
+            "g_idx": self.g_idx,
         }
 
     @classmethod
@@ -85,6 +88,7 @@ class LayerSpec:
                 smooth=bool(data.get("smooth", False)),
                 dtype=str(data["dtype"]),
                 scheme=QuantScheme.from_dict(data["scheme"]),
+                g_idx=bool(data.get("g_idx", False)),
             )
         except (KeyError, TypeError, ValueError, OverflowError, TorchquantError) as exc:
             raise CheckpointError(
@@ -109,6 +113,7 @@ class LayerSpec:
             dtype=_DTYPES[self.dtype],
             device="meta",
             smooth=self.smooth,
+            g_idx=self.g_idx,
         )
 
 

@@ -80,12 +80,14 @@ def build_quant_linear(
         layer = QuantLinear.from_weight(w, bias, scheme, f"{name}.weight")
     else:
         n, k = w.shape
-        layer = QuantLinear(k, n, scheme, bias is not None, w.dtype, w.device)
+        layer = QuantLinear(
+            k, n, scheme, bias is not None, w.dtype, w.device, g_idx=g_idx is not None
+        )
         layer.set_int_codes(*int_codes)
         if bias is not None:
             layer.bias.copy_(bias.detach())
     if g_idx is not None:
-        layer.g_idx = g_idx.to(device=w.device, dtype=torch.int32)
+        layer.g_idx.copy_(g_idx)
     if smooth is not None:
         layer.smooth_scale = smooth.to(device=w.device, dtype=torch.float32)
     if input_scale is not None:

@@ -163,6 +163,7 @@ class Observer:
         self.batches = 0
         self.hist: torch.Tensor | None = None
         self.hist_edge = 0.0
+        self.seen_max = 0.0
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
@@ -218,6 +219,7 @@ class Observer:
 
     def _update_histogram(self, a: torch.Tensor) -> None:
         top = float(a.max())
+        self.seen_max = max(self.seen_max, top)
         if self.hist is None:
             self.hist_edge = top if top > 0 else 1.0
             self.hist = torch.zeros(KL_BINS, dtype=torch.float64)
@@ -233,7 +235,8 @@ class Observer:
         if self.kind == "kl":
             levels = 1 << (self.bits - 1)
             t = kl_threshold(self.hist, self.hist_edge / KL_BINS, levels)
-            t = torch.tensor([[min(t, self.hist_edge)]])
+            # -- a bin's upper edge can pass the largest value seen: never exceed min-max
+            t = torch.tensor([[min(t, self.seen_max)]])
             return -t, t
         return self.lo, self.hi
 

@@ -38,7 +38,9 @@ class QuantLinear(nn.Module):
     INT8 symmetric, float8_e4m3fn ``(N, K)`` for FP8; ``scales`` ``(N, G)`` (or
     ``(1, 1)`` per tensor); ``zeros`` uint8 ``(N, G)`` for asymmetric INT;
     ``bias`` ``(N,)``; ``input_scale`` ``(1,)`` for static activation scales;
-    ``smooth_scale`` ``(K,)`` SmoothQuant divisor applied to the input.
+    ``smooth_scale`` ``(K,)`` SmoothQuant divisor applied to the input;
+    ``g_idx`` int32 ``(K,)`` the group of each input column (GPTQ act-order), absent
+    when column ``k`` is in group ``k // group_size``.
     The constructor allocates empty buffers of the right shapes (use
     ``device="meta"`` to build a skeleton for loading); :meth:`from_linear`
     quantizes an existing layer.
@@ -53,6 +55,7 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         smooth: bool = False,
+        g_idx: bool = False,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -86,7 +89,13 @@ class QuantLinear(nn.Module):
         smooth_scale = torch.empty(k, dtype=torch.float32, device=device) if smooth else None
         self.register_buffer("smooth_scale", smooth_scale)
         # -- g_idx (K,) int32: group of each input column (GPTQ act-order); None = k // group
-        self.register_buffer("g_idx", None)
+        if g_idx and not (w.type == "int" and not uses_int8_storage(scheme) and w.group_size > 0):
+            raise QuantizationError(
+                f"g_idx needs grouped packed INT weights, got scheme {scheme.describe()!r}"
+            )
+        self.register_buffer(
+            "g_idx", torch.empty(k, dtype=torch.int32, device=device) if g_idx else None
+        )
 
     # -- construction from float layers
 
