@@ -1,5 +1,6 @@
 """The sequential calibration engine on tiny random models of each mapped architecture."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -16,7 +17,7 @@ from transformers import (
     OPTForCausalLM,
 )
 
-from torchquant import QuantConfig, QuantLinear, convert_model
+from torchquant import QuantConfig, QuantLinear, convert_model, scheme_from_name
 from torchquant.calibration import find_layout
 from torchquant.config import (
     ActivationQuant,
@@ -122,6 +123,16 @@ def test_smoothquant_folds_into_norms_and_beats_plain_w8a8():
     assert layer.self_attn.o_proj.smooth_scale is not None
     err = logits_error(model, ref, held_out)
     assert err < 0.85 * plain_err, (err, plain_err)
+
+
+def test_smoothquant_also_helps_fp8_activations():
+    held_out = tokens(2, 32, seed=1)
+    ref = reference_logits(tiny_llama(), held_out)
+    fp8 = scheme_from_name("fp8")
+    plain_err = logits_error(quantize(tiny_llama(), fp8)[0], ref, held_out)
+    smooth = dataclasses.replace(fp8, algorithm="smoothquant")
+    err = logits_error(quantize(tiny_llama(), smooth, tokens())[0], ref, held_out)
+    assert err < 0.9 * plain_err, (err, plain_err)
 
 
 @pytest.mark.parametrize("observer", ["minmax", "moving_minmax", "percentile", "kl", "mse"])
@@ -307,7 +318,7 @@ def test_mapped_architectures_calibrate(build, arch, linears, algorithm):
     if algorithm == "smoothquant":
         scheme = w8a8("smoothquant")
     else:
-        scheme = wna16(4, algorithm, awq=FAST_AWQ)
+        scheme = wna16(4, algorithm, awq=AWQConfig(grid=4, clip_grid=4, max_tokens=64))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a mapped model calibrates without fallback warnings
         model, summary = quantize(model, scheme, tokens(4, 16))
