@@ -5,6 +5,9 @@ every run); on top of that each call takes the next of several copies of its
 inputs and weights, so that a quantized weight smaller than the 50 MB L2 of an H100
 is never served from cache.  ``--smoke`` runs only the correctness checks on tiny
 shapes (CPU with ``TRITON_INTERPRET=1``, or a GPU) and prints the tables with no times.
+
+A method whose output is wrong is not timed: its row says so, the other rows are still
+measured and printed, and the script exits non-zero at the end.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -84,26 +88,42 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
 
 
-def check(what: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
-    """Refuse to time a kernel whose output is wrong."""
-    err = relative_error(out, ref)
-    if not math.isfinite(err) or err > tol:
-        raise SystemExit(f"{what}: relative error {err:.3g} exceeds {tol:g}; not timing it")
-    return err
-
-
 class Table:
-    """Rows of (shape, M, method, time, speedup vs bf16, GB/s, % of copy bandwidth)."""
+    """Rows of (shape, M, method, time, speedup vs bf16, vs the named baseline, GB/s, % copy).
 
-    header = ("N x K", "M", "method", "us", "vs bf16", "GB/s", "% copy")
+    ``baselines`` maps a method to the method it is compared with in the same run (same
+    shape and M), e.g. ours end to end -> torch quantization + ``_int_mm``.  GB/s is the
+    bytes a method must move (given per row) over its time; "% copy" compares it with
+    the measured device copy bandwidth.
+    """
 
-    def __init__(self, title: str, copy_gbs: float) -> None:
+    header = ("N x K", "M", "method", "us", "vs bf16", "vs baseline", "GB/s", "% copy")
+
+    def __init__(self, title: str, copy_gbs: float, baselines: dict[str, str] | None = None):
         self.title, self.copy_gbs, self.rows = title, copy_gbs, []
+        self.baselines = baselines or {}
+        self.failures: list[str] = []
 
     def add(self, shape: str, m: int, method: str, us: float, base_us: float, nbytes: int):
         gbs = nbytes / (us * 1e-6) / 1e9 if us == us else float("nan")
         pct = 100 * gbs / self.copy_gbs if self.copy_gbs == self.copy_gbs else float("nan")
         self.rows.append((shape, m, method, us, base_us / us if us else float("nan"), gbs, pct))
+
+    def check(self, shape: str, m: int, method: str, out, ref, tol: float) -> bool:
+        """True if ``out`` is within ``tol`` (relative) of ``ref``; else a failed row."""
+        err = relative_error(out, ref)
+        if math.isfinite(err) and err <= tol:
+            return True
+        self.failures.append(f"{shape} M={m} {method}: relative error {err:.3g} > {tol:g}")
+        self.rows.append((shape, m, f"{method} WRONG (err {err:.3g}), not timed", *[math.nan] * 4))
+        return False
+
+    def _baseline_ratio(self, shape: str, m: int, method: str, us: float) -> str:
+        base = self.baselines.get(method)
+        for row in self.rows if base else ():
+            if row[:3] == (shape, m, base) and row[3] == row[3]:
+                return f"{row[3] / us:.2f}x vs {base}"
+        return "-"
 
     def print(self) -> None:
         print(f"\n## {self.title}")
@@ -111,6 +131,17 @@ class Table:
         print("| " + " | ".join(self.header) + " |")
         print("|" + "---|" * len(self.header))
         for shape, m, method, us, speedup, gbs, pct in self.rows:
+            vs = self._baseline_ratio(shape, m, method, us)
             print(
-                f"| {shape} | {m} | {method} | {us:.1f} | {speedup:.2f}x | {gbs:.0f} | {pct:.0f}% |"
+                f"| {shape} | {m} | {method} | {us:.1f} | {speedup:.2f}x | {vs} "
+                f"| {gbs:.0f} | {pct:.0f}% |"
             )
+
+    def finish(self, smoke_message: str, smoke: bool) -> None:
+        """Print the table, then exit non-zero if any method was wrong."""
+        self.print()
+        if self.failures:
+            print("\nWRONG RESULTS (not timed):\n" + "\n".join(self.failures))
+            sys.exit(1)
+        if smoke:
+            print(smoke_message)

@@ -8,7 +8,11 @@ quantization kernel + int8 GEMM with the fused epilogue, what ``QuantLinear`` ru
 ours GEMM only (activations already quantized); ``torch._int_mm`` with the scaling
 done in torch, end to end (torch quantization) and GEMM only.  ``_int_mm`` needs
 more than 16 rows, so smaller batches are padded to 32 rows for it.  GB/s counts
-the int8 weight, the bf16 input and output, and the scales.
+the int8 weight, the bf16 input and output, and the scales.  "vs baseline" compares
+ours end to end with torch quantization + the torch GEMM, and GEMM only with GEMM only.
+
+H100 targets (speedup over bf16 at 8192 x 8192, quantization included): INT8 M=4096
+>= 1.5x and faster than ``_int_mm`` + torch scaling at every M; FP8 M=4096 >= 1.7x.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from bench_utils import Table, check, copy_bandwidth_gbs, parse_args, rotating, time_us
+from bench_utils import Table, copy_bandwidth_gbs, parse_args, rotating, time_us
 from torchquant.triton_kernels.act_quant import quantize_activation
 from torchquant.triton_kernels.fp8_gemm import fp8_gemm, fp8_supported
 from torchquant.triton_kernels.w8a8_gemm import int8_gemm
@@ -77,7 +81,11 @@ def run(act_dtype: str, argv: list[str] | None, description: str) -> None:
         return
     name = "W8A8 INT8" if act_dtype == "int8" else "W8A8 FP8 E4M3"
     baseline = "_int_mm" if act_dtype == "int8" else "_scaled_mm"
-    table = Table(f"{name} linear, bf16 activations", copy_bandwidth_gbs(smoke))
+    baselines = {
+        "ours (quant + GEMM)": f"torch quant + {baseline}",
+        "ours GEMM only": f"{baseline} only",
+    }
+    table = Table(f"{name} linear, bf16 activations", copy_bandwidth_gbs(smoke), baselines)
     for n, k in args.shapes:
         torch.manual_seed(0)
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
@@ -93,8 +101,11 @@ def run(act_dtype: str, argv: list[str] | None, description: str) -> None:
             xq, xs = quantize_activation(x, act_dtype, True)
             out = ours_end_to_end(x, qweight, scales, act_dtype)
             exact = (xq.double() @ qweight.double().t()) * xs.double() * scales.double().t()
-            check(f"{name} M={m}", out, exact, 1e-2)
-            check(f"{name} M={m} vs bf16", out, F.linear(x, w), 0.2)
+            if not (
+                table.check(shape, m, "ours (quant + GEMM)", out, exact, 1e-2)
+                and table.check(shape, m, "ours vs bf16", out, F.linear(x, w), 0.2)
+            ):
+                continue
             nbytes = n * k + io_bytes
             sets = rotating((x, qweight, scales, act_dtype), nbytes, smoke)
             us = time_us(ours_end_to_end, sets, smoke, args.rep)
@@ -104,16 +115,16 @@ def run(act_dtype: str, argv: list[str] | None, description: str) -> None:
             table.add(shape, m, "ours GEMM only", us, base_us, nbytes)
             if dev.type != "cuda":
                 continue  # the torch baselines are CUDA kernels
-            check(f"{baseline} M={m}", torch_gemm(xq, xs, qweight, scales, act_dtype), exact, 1e-2)
+            torch_out = torch_gemm(xq, xs, qweight, scales, act_dtype)
+            if not table.check(shape, m, baseline, torch_out, exact, 1e-2):
+                continue
             sets = rotating((x, qweight, scales, act_dtype), nbytes, smoke)
             us = time_us(torch_end_to_end, sets, smoke, args.rep)
             table.add(shape, m, f"torch quant + {baseline}", us, base_us, nbytes)
             sets = rotating((xq, xs, qweight, scales, act_dtype), nbytes, smoke)
             us = time_us(torch_gemm, sets, smoke, args.rep)
             table.add(shape, m, f"{baseline} only", us, base_us, nbytes)
-    table.print()
-    if smoke:
-        print(f"smoke ok: {name} kernels match their references")
+    table.finish(f"smoke ok: {name} kernels match their references", smoke)
 
 
 def main(argv: list[str] | None = None) -> None:

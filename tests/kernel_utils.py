@@ -19,7 +19,7 @@ KERNEL_DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 requires_kernels = pytest.mark.skipif(
     not (ON_GPU or interpreting()),
     reason="Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set before torchquant "
-    "is imported (tests/conftest.py sets it on machines without CUDA)",
+    "is imported (the CI command sets it)",
 )
 
 # Triton 3.9's interpreter implements tl.dot on bfloat16 as np.matmul over the raw

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_utils import ON_GPU, assert_matches, relative_error
+from kernel_utils import ON_GPU, assert_matches, int_weight, relative_error
 from torchquant.triton_kernels.act_quant import quantize_activation
+from torchquant.triton_kernels.dequant import dequantize_weight
+from torchquant.triton_kernels.dequant_gemm import dequant_gemm
+from torchquant.triton_kernels.dequant_gemv import dequant_gemv
 from torchquant.triton_kernels.dequant_matmul import dequant_matmul_torch, select_path
 from torchquant.triton_kernels.fp8_gemm import fp8_supported
+from torchquant.triton_kernels.w8a8_gemm import int8_gemm, int8_gemm_torch
 
 from torchquant import QuantConfig, QuantLinear, convert_model, scheme_from_name
 from torchquant.numerics import quantize_activation as reference_quantize
@@ -85,7 +89,7 @@ def test_torch_compile_fullgraph(scheme):
     assert_matches(compiled(x), eager)
 
 
-@pytest.mark.parametrize("scheme", ["w4a16", "w8a8"])
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16", "w8a8", pytest.param("fp8", marks=needs_fp8)])
 @pytest.mark.parametrize("batch", [1, 16])
 def test_cuda_graph_capture_of_decode(scheme, batch):
     model, _ = convert_model(_Mlp().to("cuda", torch.bfloat16), QuantConfig(scheme), progress=False)
@@ -110,3 +114,60 @@ def test_fp8_falls_back_on_older_gpus():
     layer = _layer("fp8", 64, 128)
     with pytest.warns(UserWarning, match="compute capability"):
         layer(torch.randn(3, 128, device="cuda", dtype=torch.bfloat16))
+
+
+# -- operands past 2**31 elements: row offsets times strides must not wrap in int32
+
+BIG_ROWS = 2**31 // 4096 + 3  # rows of K = 4096: just past 2**31 elements
+needs_memory = pytest.mark.skipif(
+    not ON_GPU or torch.cuda.get_device_properties(0).total_memory < 32 * 2**30,
+    reason="needs a GPU with 32 GiB",
+)
+
+
+def _last_rows_match(out: torch.Tensor, ref_rows: torch.Tensor) -> None:
+    assert relative_error(out[-ref_rows.shape[0] :], ref_rows) < 1e-2
+
+
+@needs_memory
+def test_activation_quantization_past_2_31_elements():
+    x = torch.randn(BIG_ROWS, 4096, device="cuda", dtype=torch.bfloat16)
+    q, s = quantize_activation(x, "int8", True)
+    q_ref, s_ref = reference_quantize(x[-64:].cpu(), "int8", True)
+    assert torch.equal(q[-64:].cpu(), q_ref) and torch.equal(s[-64:].cpu(), s_ref)
+
+
+@needs_memory
+def test_dequantize_and_gemv_past_2_31_weight_elements():
+    qweight = torch.randint(-127, 128, (BIG_ROWS, 4096), dtype=torch.int8, device="cuda")
+    scales = torch.rand(BIG_ROWS, 1, device="cuda") * 0.01
+    w = dequantize_weight(qweight, scales, None, 8, -1, 4096, torch.bfloat16)
+    assert torch.equal(w[-64:], (qweight[-64:].float() * scales[-64:]).to(torch.bfloat16))
+    del w
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    out = dequant_gemv(x, qweight, scales, None, None, 8, -1)
+    _last_rows_match(out.t(), (x.float() @ (qweight[-64:].float() * scales[-64:]).t()).t())
+
+
+@needs_memory
+def test_tiled_gemm_past_2_31_activation_elements():
+    qweight, scales, zeros, _ = int_weight(64, 4096, 4, 128, False, torch.bfloat16)
+    x = torch.randn(BIG_ROWS, 4096, device="cuda", dtype=torch.bfloat16)
+    out = dequant_gemm(x, qweight, scales, zeros, None, 4, 128, split_k=False)
+    _last_rows_match(out, dequant_matmul_torch(x[-64:], qweight, scales, zeros, None, 4, 128))
+
+
+@needs_memory
+def test_int8_gemm_past_2_31_elements_in_either_operand():
+    big = torch.randint(-127, 128, (BIG_ROWS, 4096), dtype=torch.int8, device="cuda")
+    small = torch.randint(-127, 128, (48, 4096), dtype=torch.int8, device="cuda")
+    big_scale = torch.rand(BIG_ROWS, 1, device="cuda")
+    small_scale = torch.rand(48, 1, device="cuda")
+    out = int8_gemm(big, small, big_scale, small_scale, None, torch.float32)  # M is huge
+    ref = int8_gemm_torch(big[-64:], small, big_scale[-64:], small_scale, None, torch.float32)
+    _last_rows_match(out, ref)
+    out = int8_gemm(small[:2], big, small_scale[:2], big_scale, None, torch.float32)  # N is
+    ref = int8_gemm_torch(
+        small[:2], big[-64:], small_scale[:2], big_scale[-64:], None, torch.float32
+    )
+    _last_rows_match(out.t(), ref.t())

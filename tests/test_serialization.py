@@ -5,7 +5,8 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from checkpoint_tools import edit_metadata, reseal
+from safetensors.torch import load_file
 from torch import nn
 
 from torchquant import CheckpointError, QuantConfig, convert_model
@@ -113,14 +114,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
 
 
 def _corrupt_metadata(path, **changes):
-    tensors = load_file(path)
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    meta.update(changes)
-    meta = {k: v for k, v in meta.items() if v is not None}
-    save_file(tensors, str(path), metadata=meta)
+    edit_metadata(path, **changes)
 
 
 def test_bad_checkpoints_are_refused(tmp_path, quantized):
@@ -157,13 +151,13 @@ def test_bad_checkpoints_are_refused(tmp_path, quantized):
     tensors = load_file(ck / SINGLE_FILE)
     meta = read_metadata(ck)
     del tensors["2.scales"]
-    save_file(tensors, str(ck / SINGLE_FILE), metadata=meta)
+    reseal(ck / SINGLE_FILE, tensors, meta)
     with pytest.raises(CheckpointError, match="lacks 1 tensor"):
         load_quantized(ck, skeleton())
 
     tensors["2.scales"] = torch.ones(96, 1)
     tensors["2.extra"] = torch.ones(1)
-    save_file(tensors, str(ck / SINGLE_FILE), metadata=meta)
+    reseal(ck / SINGLE_FILE, tensors, meta)
     with pytest.raises(CheckpointError, match="unexpected"):
         load_quantized(ck, skeleton())
 

@@ -26,15 +26,25 @@ MAX_JSON_BYTES = 64 * 2**20
 QUANTIZATION_CONFIG_FIELDS = ("quant_method", "format_version", "config")
 
 
-def read_json_file(path: Path, what: str) -> Any:
-    """Parse a small JSON file, refusing oversized files and duplicate keys."""
+def read_small_file(path: Path, what: str) -> bytes:
+    """The bytes of a regular file beside the checkpoint (no symlink out, no FIFO, bounded)."""
+    if not path.parent.resolve() == path.resolve().parent:
+        raise CheckpointError(f"{what}: is a symlink leading outside {path.parent}")
+    if not path.is_file():
+        raise CheckpointError(f"{what}: missing or not a regular file")
     try:
         size = path.stat().st_size
         if size > MAX_JSON_BYTES:
             raise CheckpointError(f"{what}: {size} bytes exceeds the {MAX_JSON_BYTES}-byte limit")
-        text = path.read_bytes().decode("utf-8")
+        return path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"{what}: cannot read ({exc})") from None
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """Parse a small JSON file, refusing oversized files and duplicate keys."""
+    try:
+        text = read_small_file(path, what).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CheckpointError(f"{what}: not UTF-8 text ({exc})") from None
 
@@ -238,12 +248,22 @@ def _has_nonfinite(t: torch.Tensor) -> bool:
 
 
 def check_loaded_values(state: Mapping[str, torch.Tensor], model: nn.Module) -> None:
-    """Values a correct save never writes: NaN/Inf anywhere, zero points beyond the bit width."""
+    """Values a correct save never writes: NaN/Inf, scales <= 0, zero points beyond the bits."""
     for name, t in state.items():
         if t.is_floating_point() and _has_nonfinite(t):
             raise CheckpointError(f"tensor {name!r} holds NaN/Inf; refusing to load it")
     for prefix, module in model.named_modules():
         scheme = getattr(module, "scheme", None)
+        if scheme is None:
+            continue
+        for field in ("scales", "input_scale", "smooth_scale"):
+            key = f"{prefix}.{field}" if prefix else field
+            t = state.get(key)
+            if t is not None and t.numel() and not bool((t.float() > 0).all()):
+                raise CheckpointError(
+                    f"tensor {key!r}: holds a scale <= 0 ({float(t.float().min()):.3g}); every "
+                    "scale must be positive"
+                )
         g_idx = state.get(f"{prefix}.g_idx" if prefix else "g_idx")
         groups = getattr(module, "scales", None)
         if g_idx is not None and groups is not None and g_idx.numel():
@@ -254,7 +274,7 @@ def check_loaded_values(state: Mapping[str, torch.Tensor], model: nn.Module) -> 
                     f"{groups.shape[-1]} groups"
                 )
         zeros = state.get(f"{prefix}.zeros" if prefix else "zeros")
-        if scheme is None or zeros is None or scheme.weight.type != "int":
+        if zeros is None or scheme.weight.type != "int":
             continue
         limit = (1 << scheme.weight.bits) - 1
         if zeros.numel() and int(zeros.max()) > limit:

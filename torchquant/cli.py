@@ -145,7 +145,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     config = _config(args)
     model, tokenizer = load_model(args.model)
     ids = _text_ids(tokenizer, args)
-    fp_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    # -- tied tensors (embedding and lm_head) share storage: count each storage once
+    unique = {t.untyped_storage().data_ptr(): t for t in model.state_dict().values()}
+    fp_bytes = sum(t.numel() * t.element_size() for t in unique.values())
     base = perplexity(model, ids, args.seq_len)
     start = time.perf_counter()
     model, summary = _convert(model, tokenizer, config, args)

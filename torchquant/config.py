@@ -63,9 +63,11 @@ class WeightQuant:
         _require(self.type in WEIGHT_TYPES, "weight.type", self.type, f"one of {WEIGHT_TYPES}")
         _require(isinstance(self.symmetric, bool), "weight.symmetric", self.symmetric, "a bool")
         if self.type == "fp8":
-            _require(self.bits == 8, "weight.bits", self.bits, "8 for fp8 weights")
             _require(
-                self.group_size in (-1, 0),
+                _is_int(self.bits) and self.bits == 8, "weight.bits", self.bits, "8 for fp8 weights"
+            )
+            _require(
+                _is_int(self.group_size) and self.group_size in (-1, 0),
                 "weight.group_size",
                 self.group_size,
                 "-1 (per channel) or 0 (per tensor) for fp8 weights",
@@ -115,8 +117,8 @@ class ActivationQuant:
         ok = (
             isinstance(self.percentile, (int, float))
             and not isinstance(self.percentile, bool)
+            and 0.0 < self.percentile <= 100.0  # compared first: an int too big for a float
             and math.isfinite(self.percentile)
-            and 0.0 < self.percentile <= 100.0
         )
         _require(ok, "activation.percentile", self.percentile, "a number in (0, 100]")
         _require(
@@ -373,7 +375,14 @@ class QuantConfig:
             validate_pattern(pattern, f"overrides[{i}]")
             normalized.append((pattern, _as_scheme(scheme, f"overrides[{pattern!r}]")))
         object.__setattr__(self, "overrides", tuple(normalized))
-        ignore = (self.ignore,) if isinstance(self.ignore, str) else tuple(self.ignore or ())
+        ignore = self.ignore
+        if isinstance(ignore, str):
+            ignore = (ignore,)
+        if ignore is None:
+            ignore = ()
+        if not isinstance(ignore, Sequence):
+            raise ConfigError(f"ignore: expected a pattern or a list of patterns, got {ignore!r}")
+        ignore = tuple(ignore)
         for i, pattern in enumerate(ignore):
             validate_pattern(pattern, f"ignore[{i}]")
         object.__setattr__(self, "ignore", ignore)

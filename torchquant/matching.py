@@ -21,7 +21,7 @@ def validate_pattern(pattern: object, field: str) -> None:
     if pattern.startswith("re:"):
         try:
             re.compile(pattern[3:])
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:
             raise ConfigError(f"{field}: invalid regular expression {pattern!r}: {exc}") from None
 
 

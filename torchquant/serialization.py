@@ -23,9 +23,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from torchquant import checkpoint_checks as checks
+from torchquant import digests
 from torchquant.atomic import staged_directory
 from torchquant.config import QuantConfig, QuantScheme
-from torchquant.errors import CheckpointError, TorchquantError
+from torchquant.errors import CheckpointError, ConfigError, TorchquantError
+from torchquant.hf_skeleton import build_hf_skeleton
 from torchquant.modules import QuantLinear
 from torchquant.safetensors_check import SafetensorsHeader, check_safetensors
 
@@ -37,6 +39,7 @@ KEY_LAYERS = "torchquant_layers"
 KEY_CONFIG = "torchquant_config"
 KEY_ALIASES = "torchquant_aliases"
 KEY_MODEL_CLASS = "torchquant_model_class"
+KEY_DIGESTS = "torchquant_digests"
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
@@ -210,21 +213,27 @@ def save_quantized(
     if config is not None:
         metadata[KEY_CONFIG] = json.dumps(config.to_dict())
     shards = _shard(state, _parse_size(max_shard_size))
+    hf_config = _hf_config_dict(model, metadata)
+    config_json = "" if hf_config is None else json.dumps(hf_config, indent=2, default=str)
+
+    def write_shard(shard: dict[str, torch.Tensor], path: Path) -> None:
+        record = digests.shard_digests(shard, metadata, KEY_DIGESTS, config_json)
+        save_file(shard, str(path), metadata={**metadata, KEY_DIGESTS: record})
+
     with staged_directory(directory) as staging:
         if len(shards) == 1:
-            save_file(shards[0], str(staging / SINGLE_FILE), metadata=metadata)
+            write_shard(shards[0], staging / SINGLE_FILE)
         else:
             weight_map = {}
             for i, shard in enumerate(shards, start=1):
                 fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(staging / fname), metadata=metadata)
+                write_shard(shard, staging / fname)
                 weight_map.update(dict.fromkeys(shard, fname))
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        hf_config = _hf_config_dict(model, metadata)
-        if hf_config is not None:
-            (staging / "config.json").write_text(json.dumps(hf_config, indent=2, default=str))
+        if config_json:
+            (staging / "config.json").write_text(config_json)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
     return directory
@@ -262,6 +271,29 @@ def _checked_metadata(header: SafetensorsHeader) -> dict[str, str]:
     return metadata
 
 
+def _verified_digests(header: SafetensorsHeader) -> dict:
+    """The shard's digest record, after its version and metadata digest are checked."""
+    metadata = _checked_metadata(header)
+    record = digests.parse_digests(header.path.name, metadata, KEY_DIGESTS)
+    digests.check_metadata_digest(header.path.name, metadata, record, KEY_DIGESTS)
+    if set(record["tensors"]) != set(header.entries):
+        raise CheckpointError(f"{header.path.name}: digests list other tensors than the header")
+    return record
+
+
+def _check_config_field(metadata: dict[str, str]) -> None:
+    """The recorded ``QuantConfig``, when there is one, must be a valid config."""
+    if KEY_CONFIG not in metadata:
+        return
+    data = _json_field(metadata, KEY_CONFIG)
+    try:
+        QuantConfig.from_dict(data)
+    except ConfigError as exc:
+        raise CheckpointError(
+            f"metadata field {KEY_CONFIG!r} is not a valid QuantConfig: {exc}"
+        ) from None
+
+
 def _json_field(metadata: dict[str, str], key: str) -> Any:
     try:
         return json.loads(metadata.get(key, "{}"))
@@ -276,44 +308,22 @@ def layer_specs(metadata: dict[str, str]) -> dict[str, LayerSpec]:
     return {name: LayerSpec.from_dict(name, spec) for name, spec in raw.items()}
 
 
-def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def _read_tensors(files: list[Path], records: list[dict]) -> dict[str, torch.Tensor]:
+    """Every tensor of every shard, each shard checked against its digests."""
     state: dict[str, torch.Tensor] = {}
-    for path in files:
+    for path, record in zip(files, records, strict=True):
+        shard: dict[str, torch.Tensor] = {}
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     if key in state:
                         raise CheckpointError(f"{path.name}: tensor {key!r} appears in two shards")
-                    state[key] = f.get_tensor(key)
+                    shard[key] = f.get_tensor(key)
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path.name}: unreadable or truncated ({exc})") from None
+        digests.check_tensor_digests(path.name, shard, record)
+        state.update(shard)
     return state
-
-
-def _build_hf_skeleton(directory: Path, class_name: str) -> nn.Module:
-    try:
-        import transformers
-        from accelerate import init_empty_weights
-    except ImportError as exc:
-        raise CheckpointError(
-            f"loading a Hugging Face checkpoint needs transformers ({exc})"
-        ) from None
-    cls = getattr(transformers, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise CheckpointError(f"model class {class_name!r} is not a transformers model class")
-    config_data = checks.read_json_file(directory / "config.json", "config.json")
-    if not isinstance(config_data, dict):
-        raise CheckpointError("config.json: expected a JSON object")
-    config_data.pop("quantization_config", None)
-    model_type = config_data.pop("model_type", None)
-    try:
-        config = transformers.AutoConfig.for_model(model_type, **config_data)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"config.json: unknown or bad model_type {model_type!r} ({exc})"
-        ) from None
-    with init_empty_weights(include_buffers=False):
-        return cls._from_config(config)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -358,15 +368,20 @@ def load_quantized(
     headers = [check_safetensors(path) for path in files]
     if (directory / INDEX_FILE).exists():
         checks.check_index_matches_shards(directory, INDEX_FILE, headers)
+    records = [_verified_digests(header) for header in headers]
     checks.check_same_metadata(headers, (KEY_VERSION, KEY_LAYERS, KEY_CONFIG, KEY_ALIASES))
-    metadata = _checked_metadata(headers[0])
+    metadata = headers[0].metadata
+    for record in records:
+        digests.check_config_json_digest(directory, record)
+    _check_config_field(metadata)
     checks.check_quantization_config(directory, metadata, FORMAT_VERSION, KEY_CONFIG)
     specs = layer_specs(metadata)
     aliases = checks.check_aliases(_json_field(metadata, KEY_ALIASES))
     if model is None:
         if not (directory / "config.json").is_file():
             raise CheckpointError(f"{directory}: no config.json; pass the float model as `model=`")
-        model = _build_hf_skeleton(directory, metadata.get(KEY_MODEL_CLASS, ""))
+        num_tensors = sum(len(h.entries) for h in headers)
+        model = build_hf_skeleton(directory, metadata.get(KEY_MODEL_CLASS, ""), num_tensors)
     for name, spec in specs.items():
         try:
             target = model.get_submodule(name) if name else None
@@ -379,7 +394,7 @@ def load_quantized(
     full = model.state_dict()
     expected = {k: v for k, v in full.items() if k not in aliases}
     checks.check_declared(expected, checks.declared_entries(headers))
-    state = _read_tensors(files)
+    state = _read_tensors(files, records)
     _check_state(expected, state)
     checks.check_loaded_values(state, model)
     model.load_state_dict(state, strict=False, assign=True)

@@ -53,6 +53,11 @@ class FloatWeights:
                 f"tensor {name!r}: {path.name} declares {entry.shape}, the model expects "
                 f"{tuple(like.shape)}"
             )
+        if like is not None and like.is_floating_point() != entry.dtype.is_floating_point:
+            raise CheckpointError(
+                f"tensor {name!r}: {path.name} stores {entry.dtype}, the model expects a "
+                f"{'floating-point' if like.is_floating_point() else 'non-float'} tensor"
+            )
         # -- a plain read into a fresh buffer: no mapping of the whole file, one tensor at a time
         buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
         try:

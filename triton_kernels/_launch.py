@@ -38,6 +38,32 @@ def output(
     return out
 
 
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+class FP8Unsupported(RuntimeError):
+    """The GPU has no FP8 E4M3 support in Triton (compute capability below 8.9)."""
+
+
+def fp8_supported(device: torch.device | str | None = None) -> bool:
+    """True where FP8 kernels can run: sm_89+ GPUs (Ada, Hopper, ...) or the CPU interpreter."""
+    if interpreting():
+        return True
+    if not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
+
+
+def check_fp8_support(device: torch.device | str | None = None) -> None:
+    """Raise :class:`FP8Unsupported` naming the capability found, before Triton fails to compile."""
+    if not fp8_supported(device):
+        cap = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None
+        raise FP8Unsupported(
+            f"FP8 E4M3 kernels need a GPU with compute capability >= 8.9 (Ada/Hopper), got {cap}; "
+            "use an INT8 or weight-only scheme, or the reference implementation"
+        )
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for the token count: the next power of two, capped at 8192."""
     return min(triton.next_power_of_2(max(int(m), 1)), 8192)

@@ -8,6 +8,13 @@ Numerics follow the reference exactly: IEEE division, round half to even, int8
 clamped to [-128, 127], FP8 saturated at +-448 and rounded to nearest even on the
 E4M3 grid in float32 before the (then exact) conversion.
 
+Non-finite input is never quantized into plausible numbers: a row holding NaN/Inf
+gets a NaN scale (per tensor: every row does), so a scaled GEMM turns exactly the
+rows a float linear would spoil into NaN.  Its codes are defined (NaN quantizes to 0)
+but meaningless.  ``row_scales=True`` returns one scale per row in every mode (the
+static or per-tensor scale repeated, NaN in non-finite rows), which is what the
+W8A8 GEMMs take.
+
 Per token, a program holds whole rows in registers (one read of ``x``, one write
 of ``q``); rows longer than ``MAX_ROW_BLOCK`` are read twice (the second time mostly
 from L2).  Per tensor needs the global maximum first: one reduction kernel with an
@@ -20,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, m_bucket, output, run_kernel
+from ._launch import check_device, check_fp8_support, m_bucket, output, run_kernel
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0
@@ -51,6 +58,7 @@ def round_to_e4m3(v):
 @triton.jit
 def _quantize_values(v, scale, IS_FP8: tl.constexpr):
     q = tl.math.div_rn(v, scale)
+    q = tl.where(q == q, q, 0.0)  # NaN (only in rows whose scale is NaN) -> code 0
     if IS_FP8:
         q = tl.minimum(tl.maximum(q, -448.0), 448.0)
         return round_to_e4m3(q).to(tl.float8e4nv)
@@ -62,7 +70,8 @@ def _quantize_values(v, scale, IS_FP8: tl.constexpr):
 @triton.jit
 def _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH: tl.constexpr):
     """float32 ``x / smooth`` for a (rows, K-slice) tile; zero where masked."""
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm  # rows * K may pass 2**31
+    x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     if HAS_SMOOTH:
         sm = tl.load(sm_ptr + offs_k, mask=offs_k < K, other=1.0)
@@ -71,11 +80,18 @@ def _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH: 
 
 
 @triton.jit
+def _nonfinite(x):
+    """Per row: 0.0, or NaN when the row holds a NaN or Inf (``x * 0`` is NaN only there)."""
+    return tl.sum(x * 0.0, axis=1)
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr,
     sm_ptr,
     q_ptr,
     scale_ptr,
+    row_scale_ptr,
     M,
     K,
     stride_xm,
@@ -86,22 +102,29 @@ def _quantize_rows_kernel(
     HAS_SMOOTH: tl.constexpr,
     PER_TOKEN: tl.constexpr,
     K_BOUND: tl.constexpr,
+    ROW_SCALES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Per token: scales from each row's max; per tensor: ``scale_ptr`` holds the scale."""
+    """Per token: scales from each row's max; per tensor: ``scale_ptr`` holds the scale.
+
+    With ``ROW_SCALES`` a per-tensor (or static) scale is also written per row to
+    ``row_scale_ptr``, NaN in rows holding NaN/Inf.
+    """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
+    q_rows = q_ptr + rows[:, None].to(tl.int64) * stride_qm
     if PER_TOKEN and BLOCK_K >= K_BOUND:
         # -- one pass: whole rows in registers, max |x|, scale, quantize, store
         offs_k = tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (offs_k[None, :] < K)
         x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
-        scale = _scale_from_absmax(tl.max(tl.abs(x), axis=1), QMAX)
+        scale = _scale_from_absmax(tl.max(tl.abs(x), axis=1), QMAX) + _nonfinite(x)
         tl.store(scale_ptr + rows, scale, mask=row_mask)
         q = _quantize_values(x, scale[:, None], IS_FP8)
-        tl.store(q_ptr + rows[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
+        tl.store(q_rows + offs_k[None, :], q, mask=mask)
     else:
+        bad = tl.zeros((BLOCK_M,), dtype=tl.float32)
         if PER_TOKEN:
             # -- long rows: max |x| block by block, then a second (mostly L2) read
             amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -110,7 +133,8 @@ def _quantize_rows_kernel(
                 mask = row_mask[:, None] & (offs_k[None, :] < K)
                 x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
                 amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-            scale = _scale_from_absmax(amax, QMAX)
+                bad += _nonfinite(x)
+            scale = _scale_from_absmax(amax, QMAX) + bad
             tl.store(scale_ptr + rows, scale, mask=row_mask)
         else:
             scale = tl.load(scale_ptr + rows * 0)
@@ -119,13 +143,19 @@ def _quantize_rows_kernel(
             mask = row_mask[:, None] & (offs_k[None, :] < K)
             x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
             q = _quantize_values(x, scale[:, None], IS_FP8)
-            tl.store(q_ptr + rows[:, None] * stride_qm + offs_k[None, :], q, mask=mask)
+            tl.store(q_rows + offs_k[None, :], q, mask=mask)
+            if ROW_SCALES and not PER_TOKEN:
+                bad += _nonfinite(x)
+        if ROW_SCALES and not PER_TOKEN:
+            tl.store(row_scale_ptr + rows, scale + bad, mask=row_mask)
 
 
 @triton.jit
 def _scale_from_absmax(amax, QMAX: tl.constexpr):
+    """``amax / QMAX``; 1 for an all-zero row, NaN for an infinite (or NaN) maximum."""
     scale = tl.math.div_rn(amax, QMAX)
-    return tl.where(scale > 0.0, scale, 1.0)
+    scale = tl.where(scale > 0.0, scale, 1.0)
+    return tl.where(amax <= 3.4028234663852886e38, scale, float("nan"))
 
 
 @triton.jit
@@ -140,12 +170,17 @@ def _absmax_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Per-tensor max |x / smooth|, combined across programs with an atomic max."""
+    """Per-tensor max |x / smooth|, combined across programs with an atomic max.
+
+    A block holding NaN/Inf contributes +Inf (an atomic max of NaN is not defined).
+    """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (offs_k[None, :] < K)
     x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
-    tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), axis=1), axis=0), sem="relaxed")
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    amax = tl.where(tl.sum(_nonfinite(x), axis=0) == 0.0, amax, float("inf"))
+    tl.atomic_max(amax_ptr, amax, sem="relaxed")
 
 
 @triton.jit
@@ -185,18 +220,22 @@ def quantize_activation(
     static_scale: torch.Tensor | None = None,
     config: triton.Config | None = None,
     out: torch.Tensor | None = None,
+    row_scales: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x (rows, K)``; returns ``(q, scale)`` (see the module docstring).
 
     ``static_scale`` (one float32 value) replaces the dynamic scale; ``config`` runs
     one explicit ``BLOCK_M`` config of the row kernel instead of autotuning; ``out``
-    is an optional preallocated ``q``.
+    is an optional preallocated ``q``; ``row_scales`` returns ``scale`` as ``(rows, 1)``
+    in every mode.
     """
     if act_dtype not in ("int8", "fp8"):
         raise ValueError(f"act_dtype must be 'int8' or 'fp8', got {act_dtype!r}")
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a 2-D float tensor (rows, K), got {x.dtype} {tuple(x.shape)}")
     check_device(x, smooth, static_scale)
+    if act_dtype == "fp8":
+        check_fp8_support(x.device)
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -225,7 +264,13 @@ def quantize_activation(
             )  # fmt: skip
             _scale_from_absmax_kernel[(1,)](amax, scale, QMAX=qmax)
     if m * k == 0:
-        return q, scale.fill_(1.0) if dynamic_rows else scale
+        scale = scale.fill_(1.0) if dynamic_rows else scale
+        return q, scale.expand(m, 1).clone() if row_scales and not dynamic_rows else scale
+    per_row = (
+        torch.empty(m, 1, dtype=torch.float32, device=x.device)
+        if row_scales and not dynamic_rows
+        else scale
+    )
     run_kernel(
         _quantize_rows_tuned,
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),),
@@ -234,6 +279,7 @@ def quantize_activation(
         sm_ptr=sm,
         q_ptr=q,
         scale_ptr=scale,
+        row_scale_ptr=per_row,
         M=m,
         K=k,
         stride_xm=x.stride(0),
@@ -244,9 +290,10 @@ def quantize_activation(
         HAS_SMOOTH=smooth is not None,
         PER_TOKEN=dynamic_rows,
         K_BOUND=triton.next_power_of_2(max(k, 1)),
+        ROW_SCALES=row_scales and not dynamic_rows,
         BLOCK_K=block_k,
     )
-    return q, scale
+    return q, per_row
 
 
 def quantize_activation_torch(
@@ -257,20 +304,27 @@ def quantize_activation_torch(
     static_scale: torch.Tensor | None = None,
     config: triton.Config | None = None,
     out: torch.Tensor | None = None,
+    row_scales: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch twin of :func:`quantize_activation` (``config`` is ignored)."""
     xf = x.float()
     if smooth is not None:
         xf = xf / smooth.float()
     qmax = FP8_MAX if act_dtype == "fp8" else INT8_MAX
+    bad = torch.where(torch.isfinite(xf).all(dim=1, keepdim=True), 0.0, float("nan"))
     if static_scale is not None:
         scale = static_scale.float().reshape(1, 1)
     else:
         amax = xf.abs().amax(dim=1, keepdim=True) if per_token else xf.abs().amax().reshape(1, 1)
         scale = amax / qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = torch.where(torch.isfinite(amax), scale, float("nan"))
+        scale = scale + bad if per_token else scale
     if act_dtype == "fp8":
-        q = torch.clamp(xf / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        q = torch.clamp(xf / scale, -FP8_MAX, FP8_MAX)
     else:
-        q = torch.clamp(torch.round(xf / scale), -128, 127).to(torch.int8)
+        q = torch.clamp(torch.round(xf / scale), -128, 127)
+    q = torch.nan_to_num(q, nan=0.0).to(torch.float8_e4m3fn if act_dtype == "fp8" else torch.int8)
+    if row_scales and scale.shape[0] == 1:
+        scale = scale.expand(x.shape[0], 1) + bad
     return (out.copy_(q) if out is not None else q), scale

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, output, run_kernel
+from ._launch import check_device, check_fp8_support, output, run_kernel
 
 PACKED_DTYPES = (torch.int32,)
 BYTE_DTYPES = (torch.int8, torch.float8_e4m3fn)
@@ -149,7 +149,7 @@ def _dequantize_kernel(
     # -- tile of the (N, K) weight owned by this program
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    n = offs_n[:, None]
+    n = offs_n[:, None].to(tl.int64)  # N * K may pass 2**31 elements
     k = offs_k[None, :]
     mask = (n < N) & (k < K)
     # -- codes and qparams, then (code - zero) * scale in float32
@@ -204,6 +204,8 @@ def check_weight(
             raise ValueError(f"{qweight.dtype} qweight must be (N, {k}) with bits=8")
         if zeros is not None:
             raise ValueError("8-bit int8/fp8 storage is symmetric: zeros must be None")
+        if qweight.dtype == torch.float8_e4m3fn:
+            check_fp8_support(qweight.device)
     else:
         raise ValueError(f"qweight dtype {qweight.dtype} is not int32 (packed), int8 or fp8")
     if qweight.stride(-1) != 1:

@@ -68,7 +68,9 @@ def _gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    rows = q_ptr + offs_n[:, None] * stride_qn
+    # -- row bases in int64: M or N times a row stride may pass 2**31 elements
+    rows = q_ptr + offs_n[:, None].to(tl.int64) * stride_qn
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     s_rows = s_ptr + offs_n[:, None] * stride_sn
     z_rows = z_ptr + offs_n[:, None] * stride_zn
     # -- the run of K tiles of this split
@@ -80,7 +82,7 @@ def _gemm_kernel(
     for t in range(t_start, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         x_mask = m_mask[:, None] & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
         # -- dequantize the (BLOCK_N, BLOCK_K) weight tile in float32
         codes = load_code_tile(rows, t, n_mask[:, None], K, BITS, PACKED, BLOCK_K)
         if GROUP_SIZE == 0 or GROUP_SIZE % BLOCK_K == 0:
@@ -102,7 +104,7 @@ def _gemm_kernel(
         if ATOMIC:
             bias = tl.where(pid_k == 0, bias, 0.0)
         acc += bias[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if ATOMIC:
         tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")

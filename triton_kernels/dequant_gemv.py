@@ -50,9 +50,11 @@ def _gemv_kernel(
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     # -- the BLOCK_N weight rows and the run of K tiles owned by this program
+    # (row offsets in int64: N * row stride may pass 2**31 elements)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    rows = q_ptr + offs_n[:, None] * stride_qn
+    rows = q_ptr + offs_n[:, None].to(tl.int64) * stride_qn
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
     s_rows = s_ptr + offs_n * stride_sn
     z_rows = z_ptr + offs_n * stride_zn
     tiles = tl.cdiv(K, BLOCK_K)
@@ -63,7 +65,7 @@ def _gemv_kernel(
     for t in range(t_start, t_end):
         # -- activations (zero past K) and codes of this tile
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        x = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         codes = load_code_tile(rows, t, n_mask[:, None], K, BITS, PACKED, BLOCK_K)
         # -- dequantize and reduce: per tile when the tile sits in one group, else per weight
         if GROUP_SIZE == 0 or GROUP_SIZE % BLOCK_K == 0:
@@ -82,7 +84,8 @@ def _gemv_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc += tl.where(pid_k == 0, bias, 0.0)
-    tl.atomic_add(acc_ptr + m * stride_am + offs_n, acc, mask=n_mask, sem="relaxed")
+    out_row = acc_ptr + m.to(tl.int64) * stride_am
+    tl.atomic_add(out_row + offs_n, acc, mask=n_mask, sem="relaxed")
 
 
 def _gemv_configs() -> list[triton.Config]:

@@ -5,7 +5,7 @@ float8_e4m3fn, float32 scales ``a_scale (M|1, 1)`` and ``b_scale (N|1, 1)``; flo
 accumulation, the same scaled epilogue as the INT8 GEMM (kernel in
 :mod:`.scaled_gemm`, FP8 tunings below).  FP8 tensor cores exist from Ada (sm_89)
 and Hopper (sm_90) on; older GPUs get :class:`FP8Unsupported` from
-:func:`check_fp8_support` so callers can fall back.
+:func:`check_fp8_support` (from :mod:`._launch`) so callers can fall back.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._launch import interpreting
+from ._launch import FP8Unsupported, check_fp8_support, fp8_supported
 from .scaled_gemm import (
     check_operands,
     gemm_config,
@@ -22,30 +22,9 @@ from .scaled_gemm import (
     tune,
 )
 
+__all__ = ["FP8Unsupported", "check_fp8_support", "fp8_gemm", "fp8_gemm_torch", "fp8_supported"]
+
 SPLIT_K_MAX_M = 32
-MIN_CAPABILITY = (8, 9)
-
-
-class FP8Unsupported(RuntimeError):
-    """The GPU has no FP8 tensor cores (compute capability below 8.9)."""
-
-
-def fp8_supported(device: torch.device | str | None = None) -> bool:
-    """True where the FP8 kernels can run: sm_89+ GPUs, or the CPU interpreter."""
-    if interpreting():
-        return True
-    if not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
-
-
-def check_fp8_support(device: torch.device | str | None = None) -> None:
-    if not fp8_supported(device):
-        cap = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None
-        raise FP8Unsupported(
-            f"FP8 GEMM needs a GPU with compute capability >= 8.9 (Ada/Hopper), got {cap}"
-        )
-
 
 FP8_SPLIT_K_CONFIGS = [
     gemm_config(16, bn, bk, sk, 4, st)

@@ -60,6 +60,9 @@ def scaled_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    # -- row bases in int64: M or N times a row stride may pass 2**31 elements
+    a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
+    b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
     # -- K slice of this split, 8-bit products accumulated exactly (int32) or in float32
     tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(tiles, SPLIT_K)
@@ -73,12 +76,12 @@ def scaled_gemm_kernel(
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         a = tl.load(
-            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
+            a_rows + offs_k[None, :],
             mask=m_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
         b = tl.load(
-            b_ptr + offs_k[:, None] + offs_n[None, :] * stride_bn,
+            b_cols + offs_k[:, None],
             mask=k_mask[:, None] & n_mask[None, :],
             other=0.0,
         )
@@ -87,7 +90,7 @@ def scaled_gemm_kernel(
     a_scale = tl.load(a_scale_ptr + offs_m * stride_asm, mask=m_mask, other=0.0)
     b_scale = tl.load(b_scale_ptr + offs_n * stride_bsn, mask=n_mask, other=0.0)
     out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
         if HAS_BIAS:

@@ -65,6 +65,8 @@ def _check_weight(w: torch.Tensor, what: str) -> None:
         raise QuantizationError(f"{what} must be 2-D (out, in), got shape {tuple(w.shape)}")
     if not w.is_floating_point() or w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise QuantizationError(f"{what} must be fp32/fp16/bf16, got {w.dtype}")
+    if w.numel() == 0:
+        raise QuantizationError(f"{what} is empty (shape {tuple(w.shape)}); nothing to quantize")
     check_finite(w, what)
 
 

@@ -90,7 +90,10 @@ def _w8a8_cuda(
     if act_type == "fp8" and not fp8_supported(x.device):
         _warn_fallback("linear_w8a8_fp8", "FP8 tensor cores need compute capability >= 8.9")
         return _w8a8(x, qweight, scales, bias, act_type, per_token, percentile, input_scale, smooth)
-    xq, xs = quantize_activation_kernel(_rows(x), act_type, per_token, smooth, input_scale)
+    # -- per-row scales in every mode: NaN in rows with NaN/Inf makes those output rows NaN
+    xq, xs = quantize_activation_kernel(
+        _rows(x), act_type, per_token, smooth, input_scale, row_scales=True
+    )
     gemm = int8_gemm if act_type == "int8" else fp8_gemm
     out = gemm(xq, qweight, xs, scales.float(), bias, x.dtype)
     return _unflatten(out, x)

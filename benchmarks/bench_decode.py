@@ -1,0 +1,207 @@
+"""End-to-end decode speed of a Llama-3-8B-shaped model: bf16 vs w4a16, w8a16, w8a8, fp8.
+
+    python benchmarks/bench_decode.py                 # batch 1 and 16, CUDA graphs
+    python benchmarks/bench_decode.py --compile       # torch.compile'd step in the graph
+    TRITON_INTERPRET=1 python benchmarks/bench_decode.py --smoke
+
+The model has Llama-3-8B's shapes (32 layers, hidden 4096, MLP 14336, 32 query and
+8 key/value heads, vocabulary 128256) and random weights.  One decode step (RMSNorm,
+q/k/v/o projections, attention over a static KV cache of ``--context`` tokens, SwiGLU
+MLP, final norm, bf16 ``lm_head``) is captured in a CUDA graph after a warm-up (which
+also runs the autotuner) and replayed; tokens/s = batch / median step time.  Rotary
+embeddings are left out (element-wise, negligible next to the weight traffic).
+Every layer is quantized by ``convert_model`` except ``lm_head`` (the default).
+
+GB/s counts the bytes one step must read: every weight (quantized: codes, scales,
+zeros), the whole KV cache and ``lm_head``, plus the embedding rows used; "% copy" is
+against the measured device copy bandwidth.  The weights of one step (5 to 16 GB) are
+far larger than the L2, so no input rotation is needed.  The replayed graph is checked
+against an eager step; the logits' relative error vs bf16 is reported, not judged.
+Target on the H100: w4a16 at batch 1 >= 2.5x bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from bench_utils import copy_bandwidth_gbs, relative_error
+from torch import nn
+
+from torchquant import QuantConfig, convert_model
+
+SCHEMES = ("bf16", "w4a16", "w8a16", "w8a8", "fp8")
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int = 32
+    hidden: int = 4096
+    mlp: int = 14336
+    heads: int = 32
+    kv_heads: int = 8
+    vocab: int = 128256
+
+
+SMOKE_SHAPE = Shape(layers=2, hidden=64, mlp=160, heads=4, kv_heads=2, vocab=100)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, s: Shape, batch: int, context: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = s.heads, s.kv_heads, s.hidden // s.heads
+        kv = s.kv_heads * self.head_dim
+        self.input_layernorm = nn.RMSNorm(s.hidden)
+        self.q_proj = nn.Linear(s.hidden, s.hidden, bias=False)
+        self.k_proj = nn.Linear(s.hidden, kv, bias=False)
+        self.v_proj = nn.Linear(s.hidden, kv, bias=False)
+        self.o_proj = nn.Linear(s.hidden, s.hidden, bias=False)
+        self.post_attention_layernorm = nn.RMSNorm(s.hidden)
+        self.gate_proj = nn.Linear(s.hidden, s.mlp, bias=False)
+        self.up_proj = nn.Linear(s.hidden, s.mlp, bias=False)
+        self.down_proj = nn.Linear(s.mlp, s.hidden, bias=False)
+        cache = torch.zeros(batch, s.kv_heads, context, self.head_dim)
+        self.register_buffer("k_cache", cache, persistent=False)
+        self.register_buffer("v_cache", cache.clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        h = self.input_layernorm(x)
+        q = self.q_proj(h).view(b, self.heads, 1, self.head_dim)
+        k = self.k_proj(h).view(b, self.kv_heads, 1, self.head_dim)
+        v = self.v_proj(h).view(b, self.kv_heads, 1, self.head_dim)
+        self.k_cache.index_copy_(2, pos, k)
+        self.v_cache.index_copy_(2, pos, v)
+        attn = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, enable_gqa=True)
+        x = x + self.o_proj(attn.reshape(b, -1))
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, s: Shape, batch: int, context: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(s.vocab, s.hidden)
+        self.layers = nn.ModuleList(DecoderLayer(s, batch, context) for _ in range(s.layers))
+        self.norm = nn.RMSNorm(s.hidden)
+        self.lm_head = nn.Linear(s.hidden, s.vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, pos)
+        return self.lm_head(self.norm(x))
+
+
+def build(shape: Shape, batch: int, context: int, scheme: str, dtype, device) -> nn.Module:
+    """A random model (same seed for every scheme), quantized unless ``scheme`` is bf16."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = DecoderModel(shape, batch, context)
+    model = model.to_empty(device=device).to(dtype)
+    for name, p in model.named_parameters():
+        p.data.normal_(0.0, 0.02) if p.dim() > 1 else p.data.fill_(1.0)
+        if name.endswith("proj.weight"):  # a few outlier input channels, as real models have
+            p.data[:, :: max(1, p.shape[1] // 8)] *= 4
+    for b in model.buffers():
+        b.normal_(0.0, 1.0)
+    if scheme != "bf16":
+        model, _ = convert_model(model, QuantConfig(scheme), progress=False)
+    return model.eval()
+
+
+def step_bytes(model: nn.Module, batch: int) -> int:
+    """Bytes one decode step reads: all weights and caches, only ``batch`` embedding rows."""
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    embed = model.embed_tokens.weight
+    return total - embed.numel() * embed.element_size() + batch * embed[0].nbytes
+
+
+@torch.inference_mode()
+def graph_step(model: nn.Module, tokens: torch.Tensor, pos: torch.Tensor, rep: int):
+    """Median time (ms) of one CUDA-graph replay of a decode step, and its logits."""
+    import triton.testing
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compiles and autotunes every kernel outside the capture
+            model(tokens, pos)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = model(tokens, pos)
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = logits.float().clone()
+    return triton.testing.do_bench(graph.replay, rep=rep, return_mode="median"), replayed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument("--rep", type=int, default=200)
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model first")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not args.smoke and not cuda:
+        parser.error("timing needs a CUDA device; use --smoke")
+    device = torch.device("cuda" if cuda else "cpu")
+    shape = SMOKE_SHAPE if args.smoke else Shape()
+    context = 16 if args.smoke else args.context
+    dtype = torch.bfloat16 if cuda else torch.float32
+    copy_gbs = copy_bandwidth_gbs(args.smoke)
+    rows, failures = [], []
+    for batch in (int(b) for b in args.batches.split(",")):
+        tokens = torch.randint(0, shape.vocab, (batch,), device=device)
+        pos = torch.tensor([context // 2], device=device)
+        reference, base_ms = None, None
+        for scheme in args.schemes.split(","):
+            model = build(shape, batch, context, scheme, dtype, device)
+            nbytes = step_bytes(model, batch)
+            if args.compile:
+                model = torch.compile(model, fullgraph=True)
+            with torch.inference_mode():
+                logits = model(tokens, pos).float()
+            reference = logits if reference is None else reference
+            err = relative_error(logits, reference)
+            ms = float("nan")
+            if not math.isfinite(err):
+                failures.append(f"{scheme} batch {batch}: non-finite logits")
+            elif not args.smoke:
+                ms, replayed = graph_step(model, tokens, pos, args.rep)
+                if relative_error(replayed, logits) > 1e-2:
+                    failures.append(f"{scheme} batch {batch}: graph replay differs from eager")
+            base_ms = base_ms or ms
+            gbs = nbytes / (ms * 1e-3) / 1e9
+            rows.append((batch, scheme, ms, batch / ms * 1e3, base_ms / ms, gbs, err))
+            del model
+            if cuda:
+                torch.cuda.empty_cache()
+    mode = "torch.compile + CUDA graph" if args.compile else "CUDA graph"
+    name = "smoke shapes" if args.smoke else "Llama-3-8B shapes"
+    print(f"\n## decode step, {name}, context {context}, {mode} replay (do_bench median)")
+    print(f"copy bandwidth (measured): {copy_gbs:.0f} GB/s")
+    print("| batch | scheme | ms/step | tokens/s | vs bf16 | GB/s | % copy | logits rel. err |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch, scheme, ms, tps, speedup, gbs, err in rows:
+        print(
+            f"| {batch} | {scheme} | {ms:.3f} | {tps:.0f} | {speedup:.2f}x | {gbs:.0f} "
+            f"| {100 * gbs / copy_gbs:.0f}% | {err:.3f} |"
+        )
+    if failures:
+        print("\nWRONG RESULTS:\n" + "\n".join(failures))
+        sys.exit(1)
+    if args.smoke:
+        print("smoke ok: every scheme builds, converts and decodes")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
