@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from torchquant.cli import main
 
@@ -36,3 +37,65 @@ def test_quantize_then_eval_the_real_model(shared_data, tmp_path, capsys, monkey
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "torchquant"
     assert (out / "tokenizer.json").exists()
+
+
+class CharTokenizer:
+    """One token per character (ids below 128), enough for the calibration windows."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+    def save_pretrained(self, directory):
+        return ()
+
+
+def test_quantize_with_gptq_calibrates_on_the_given_file(tmp_path, monkeypatch, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from torchquant import models
+    from torchquant.serialization import load_quantized
+
+    def tiny(seed=0):
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        return LlamaForCausalLM(config).eval()
+
+    monkeypatch.setattr(models, "load_model", lambda spec: (tiny(), CharTokenizer()))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    out = tmp_path / "gptq"
+    args = ["quantize", "tiny", "--scheme", "w4a16", "--group-size", "32", "--out", str(out)]
+    calib_args = ["--calib", str(calib), "--calib-samples", "4", "--calib-seq-len", "64"]
+    assert main([*args, "--algorithm", "gptq", *calib_args]) == 0
+    assert "converted 14 layer(s)" in capsys.readouterr().out
+    loaded = load_quantized(out, tiny())
+    assert loaded.model.layers[1].mlp.down_proj.scheme.algorithm == "gptq"
+    # -- calibrated codes differ from round-to-nearest ones
+    assert main([*args[:-1], str(tmp_path / "rtn")]) == 0
+    rtn = load_quantized(tmp_path / "rtn", tiny())
+    assert not torch.equal(
+        rtn.model.layers[1].mlp.down_proj.qweight, loaded.model.layers[1].mlp.down_proj.qweight
+    )
+
+
+def test_calibrated_algorithms_need_a_calibration_file(tmp_path, monkeypatch, capsys):
+    from torchquant import models
+
+    def refuse(spec):
+        raise AssertionError("the model must not be loaded before the arguments are checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    out = str(tmp_path / "o")
+    assert main(["quantize", "m", "--algorithm", "gptq", "--out", out]) == 1
+    assert "--calib" in capsys.readouterr().err
+    assert main(["quantize", "m", "--algorithm", "smoothquant", "--out", out]) == 1
+    assert "activation" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["quantize", "m", "--algorithm", "magic", "--out", out])

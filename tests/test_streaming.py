@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from torchquant import CheckpointError, QuantConfig, convert_model
+from torchquant import CheckpointError, ConfigError, QuantConfig, convert_model
 from torchquant.streaming import convert_from_safetensors
 
 
@@ -45,3 +45,18 @@ def test_streamed_conversion_checks_shapes_and_names(tmp_path):
     save_file(state, str(tmp_path / "f.safetensors"))
     with pytest.raises(CheckpointError, match="'0.weight' is not in the float weights"):
         convert_from_safetensors(skeleton(), [tmp_path / "f.safetensors"], CONFIG, progress=False)
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        {"weight": {"bits": 4, "group_size": 32}, "algorithm": "gptq"},
+        {"weight": {"bits": 8}, "activation": {"granularity": "tensor", "dynamic": False}},
+    ],
+    ids=["gptq", "static-activation"],
+)
+def test_streamed_conversion_refuses_schemes_that_need_calibration(tmp_path, scheme):
+    save_file(make_model().state_dict(), str(tmp_path / "f.safetensors"))
+    config = QuantConfig(scheme, ignore=())
+    with pytest.raises(ConfigError, match="need calibration"):
+        convert_from_safetensors(skeleton(), [tmp_path / "f.safetensors"], config, progress=False)

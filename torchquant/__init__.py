@@ -1,8 +1,23 @@
 """torchquant: quantize PyTorch models (INT8, INT2-8 per group, FP8, W8A8) and run them fast."""
 
-from torchquant.config import ActivationQuant, QuantConfig, QuantScheme, WeightQuant
+from torchquant.calibration import calibration_tokens
+from torchquant.config import (
+    ActivationQuant,
+    AWQConfig,
+    GPTQConfig,
+    QuantConfig,
+    QuantScheme,
+    SmoothQuantConfig,
+    WeightQuant,
+)
 from torchquant.convert import ConversionSummary, convert_model
-from torchquant.errors import CheckpointError, ConfigError, QuantizationError, TorchquantError
+from torchquant.errors import (
+    CalibrationError,
+    CheckpointError,
+    ConfigError,
+    QuantizationError,
+    TorchquantError,
+)
 from torchquant.formats.dispatch import detect_format, load_checkpoint, save_checkpoint
 from torchquant.modules import QatLinear, QuantLinear
 from torchquant.qat import QatOptions, convert_qat, prepare_qat
@@ -11,18 +26,23 @@ from torchquant.schemes import scheme_from_name
 __version__ = "0.1.0"
 
 __all__ = [
+    "AWQConfig",
     "ActivationQuant",
+    "CalibrationError",
     "CheckpointError",
     "ConfigError",
     "ConversionSummary",
+    "GPTQConfig",
     "QatLinear",
     "QatOptions",
     "QuantConfig",
     "QuantLinear",
     "QuantScheme",
     "QuantizationError",
+    "SmoothQuantConfig",
     "TorchquantError",
     "WeightQuant",
+    "calibration_tokens",
     "convert_model",
     "convert_qat",
     "detect_format",

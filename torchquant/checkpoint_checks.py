@@ -274,6 +274,15 @@ def check_loaded_values(state: Mapping[str, torch.Tensor], model: nn.Module) -> 
                     f"tensor {key!r}: holds a scale <= 0 ({float(t.float().min()):.3g}); every "
                     "scale must be positive"
                 )
+        g_idx = state.get(f"{prefix}.g_idx" if prefix else "g_idx")
+        groups = getattr(module, "scales", None)
+        if g_idx is not None and groups is not None and g_idx.numel():
+            lo, hi = int(g_idx.min()), int(g_idx.max())
+            if lo < 0 or hi >= groups.shape[-1]:
+                raise CheckpointError(
+                    f"tensor {prefix}.g_idx: group indices span {lo}..{hi}, the layer has "
+                    f"{groups.shape[-1]} groups"
+                )
         zeros = state.get(f"{prefix}.zeros" if prefix else "zeros")
         if zeros is None or scheme.weight.type != "int":
             continue

@@ -6,11 +6,13 @@ Exit codes: 0 success, 2 usage error (argparse), 1 failure with a one-line reaso
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
+from torchquant.config import ALGORITHMS
 from torchquant.errors import TorchquantError
 from torchquant.formats.dispatch import FORMATS
 
@@ -24,6 +26,15 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ignore", nargs="*", default=["lm_head"], help="layer patterns to keep in float"
     )
+    p.add_argument(
+        "--algorithm",
+        default="rtn",
+        choices=ALGORITHMS,
+        help="how weights are chosen (all but rtn need --calib)",
+    )
+    p.add_argument("--calib", default=None, help="calibration text file (UTF-8)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per sequence")
 
 
 def _eval_args(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
@@ -105,7 +116,23 @@ def _config(args: argparse.Namespace):
 
     symmetric = True if args.symmetric else None
     scheme = scheme_from_name(args.scheme, group_size=args.group_size, symmetric=symmetric)
+    scheme = dataclasses.replace(scheme, algorithm=args.algorithm)
+    if scheme.needs_calibration and not args.calib:
+        raise TorchquantError(f"--algorithm {args.algorithm} needs --calib FILE (a text file)")
     return QuantConfig(default=scheme, ignore=tuple(args.ignore))
+
+
+def _convert(model, tokenizer, config, args: argparse.Namespace):
+    """Round-to-nearest, or calibrated on ``--calib`` when the scheme needs it."""
+    from torchquant.calibration import calibration_tokens
+    from torchquant.convert import convert_model
+
+    if not config.default.needs_calibration:
+        if args.calib:
+            print("torchquant: note: --calib is unused with --algorithm rtn", file=sys.stderr)
+        return convert_model(model, config)
+    ids = calibration_tokens(args.calib, tokenizer, args.calib_samples, args.calib_seq_len)
+    return convert_model(model, config, calibration_data=ids)
 
 
 def _text_ids(tokenizer, args: argparse.Namespace):
@@ -123,16 +150,15 @@ def _dir_bytes(path: Path) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from torchquant.convert import convert_model
+    import torch
+
     from torchquant.formats.dispatch import save_checkpoint
     from torchquant.models import load_model
 
     config = _config(args)
     start = time.perf_counter()
-    import torch
-
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-    model, summary = convert_model(model, config)
+    model, summary = _convert(model, tokenizer, config, args)
     save_checkpoint(
         model,
         args.out,
@@ -202,7 +228,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from torchquant.convert import convert_model
     from torchquant.evaluation import perplexity
     from torchquant.models import load_model
     from torchquant.serialization import save_quantized
@@ -215,7 +240,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     fp_bytes = sum(t.numel() * t.element_size() for t in unique.values())
     base = perplexity(model, ids, args.seq_len)
     start = time.perf_counter()
-    model, summary = convert_model(model, config)
+    model, summary = _convert(model, tokenizer, config, args)
     save_quantized(model, args.out, config=config, tokenizer=tokenizer)
     quantize_s = time.perf_counter() - start
     del model

@@ -18,9 +18,10 @@ from torchquant.matching import first_match, validate_pattern
 WEIGHT_TYPES = ("int", "fp8")
 ACTIVATION_TYPES = ("int8", "fp8")
 ACTIVATION_GRANULARITIES = ("token", "tensor")
-ALGORITHMS = ("rtn",)
+ALGORITHMS = ("rtn", "gptq", "awq", "smoothquant")
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
-OBSERVERS = ("minmax",)
+OBSERVERS = ("minmax", "moving_minmax", "percentile", "kl", "mse")
+WEIGHT_OBSERVERS = ("minmax", "mse")
 
 
 def _require(cond: bool, field_name: str, value: object, allowed: str) -> None:
@@ -132,6 +133,103 @@ class ActivationQuant:
             )
 
 
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ parameters: column ``block_size``, ``dampening`` (fraction of the mean Hessian
+    diagonal added to it), ``act_order`` (columns by decreasing Hessian diagonal) and
+    ``static_groups`` (group qparams fixed before reordering, so no ``g_idx`` is needed),
+    ``observer`` choosing each group's range (``minmax`` or ``mse`` clipping search).
+    """
+
+    block_size: int = 128
+    dampening: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        _require(
+            _is_int(self.block_size) and self.block_size > 0,
+            "gptq.block_size",
+            self.block_size,
+            "a positive int",
+        )
+        _require(
+            _is_number(self.dampening) and 0.0 < self.dampening < 1.0,
+            "gptq.dampening",
+            self.dampening,
+            "a number in (0, 1)",
+        )
+        _require(isinstance(self.act_order, bool), "gptq.act_order", self.act_order, "a bool")
+        _require(
+            isinstance(self.static_groups, bool), "gptq.static_groups", self.static_groups, "a bool"
+        )
+        _require(
+            self.observer in WEIGHT_OBSERVERS,
+            "gptq.observer",
+            self.observer,
+            f"one of {WEIGHT_OBSERVERS}",
+        )
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """AWQ parameters: ``grid`` points for the scale exponent alpha in [0, 1), ``clip``
+    search on or off with ``clip_grid`` points down to ``max_shrink`` of the range,
+    and ``max_tokens`` of calibration activations used in the searches.
+    """
+
+    grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    max_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.grid) and self.grid >= 1, "awq.grid", self.grid, "an int >= 1")
+        _require(isinstance(self.clip, bool), "awq.clip", self.clip, "a bool")
+        _require(
+            _is_int(self.clip_grid) and self.clip_grid >= 1,
+            "awq.clip_grid",
+            self.clip_grid,
+            "an int >= 1",
+        )
+        _require(
+            _is_number(self.max_shrink) and 0.0 < self.max_shrink < 1.0,
+            "awq.max_shrink",
+            self.max_shrink,
+            "a number in (0, 1)",
+        )
+        _require(
+            _is_int(self.max_tokens) and self.max_tokens > 0,
+            "awq.max_tokens",
+            self.max_tokens,
+            "a positive int",
+        )
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig:
+    """SmoothQuant migration strength: ``s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)``."""
+
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        _require(
+            _is_number(self.alpha) and 0.0 <= self.alpha <= 1.0,
+            "smoothquant.alpha",
+            self.alpha,
+            "a number in [0, 1]",
+        )
+
+
+_ALGORITHM_PARAMS = {"gptq": GPTQConfig, "awq": AWQConfig, "smoothquant": SmoothQuantConfig}
+
+
 @dataclass(frozen=True)
 class QuantScheme:
     """A weight format, an optional activation format, and the algorithm that picks the weights."""
@@ -139,8 +237,16 @@ class QuantScheme:
     weight: WeightQuant = field(default_factory=WeightQuant)
     activation: ActivationQuant | None = None
     algorithm: str = "rtn"
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    awq: AWQConfig = field(default_factory=AWQConfig)
+    smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
 
     def __post_init__(self) -> None:
+        for name, cls in _ALGORITHM_PARAMS.items():
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, _from_mapping(cls, value, name))
+            _require(isinstance(getattr(self, name), cls), name, value, f"a {cls.__name__}")
         if isinstance(self.weight, Mapping):
             object.__setattr__(self, "weight", _from_mapping(WeightQuant, self.weight, "weight"))
         if isinstance(self.activation, Mapping):
@@ -155,6 +261,29 @@ class QuantScheme:
         )
         _require(self.algorithm in ALGORITHMS, "algorithm", self.algorithm, f"one of {ALGORITHMS}")
         act, w = self.activation, self.weight
+        if self.algorithm in ("gptq", "awq"):
+            _require(
+                w.type == "int",
+                "weight.type",
+                w.type,
+                f"'int' weights for algorithm {self.algorithm!r}",
+            )
+        g = self.gptq
+        if self.algorithm == "gptq" and g.act_order and not g.static_groups:
+            _require(
+                not (w.bits == 8 and w.symmetric and w.group_size > 0),
+                "gptq.static_groups",
+                g.static_groups,
+                "True for grouped symmetric 8-bit weights with act_order (stored unpacked, "
+                "they cannot carry a g_idx)",
+            )
+        if self.algorithm == "smoothquant":
+            _require(
+                act is not None,
+                "activation",
+                act,
+                "an activation format (w8a8 or fp8) for algorithm 'smoothquant'",
+            )
         if act is None:
             return
         if act.type == "int8":
@@ -173,6 +302,12 @@ class QuantScheme:
             )
 
     @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing with this scheme needs calibration activations."""
+        static_act = self.activation is not None and not self.activation.dynamic
+        return self.algorithm != "rtn" or static_act
+
+    @property
     def weight_only(self) -> bool:
         return self.activation is None
 
@@ -187,7 +322,8 @@ class QuantScheme:
             if a is None
             else f"a8 {a.type} {'dyn' if a.dynamic else 'static'} {a.granularity}"
         )
-        return f"w-{wname} {gran}{sym} {act}".strip()
+        algo = "" if self.algorithm == "rtn" else f" {self.algorithm}"
+        return f"w-{wname} {gran}{sym} {act}{algo}".strip()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

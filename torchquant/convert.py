@@ -78,8 +78,15 @@ def convert_model(
     *,
     device: torch.device | str | None = None,
     progress: bool = True,
+    calibration_data: torch.Tensor | None = None,
+    offload: bool = True,
 ) -> tuple[nn.Module, ConversionSummary]:
     """Quantize ``model`` in place, layer by layer, round-to-nearest; returns it and a summary.
+
+    If any layer's scheme needs calibration (an algorithm other than ``rtn`` or static
+    activation scales), ``calibration_data`` (token ids ``(n, seq_len)``, see
+    ``torchquant.calibration.calibration_tokens``) is run through the model block by
+    block instead (``torchquant.calibration.calibrate_model``).
 
     Each layer is quantized on ``device`` (default: where its weight lives) and the
     result is moved back to the layer's own device, so a model larger than the
@@ -89,6 +96,19 @@ def convert_model(
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
     plan = plan_conversion(model, config)
+    needing = [n for n, (s, _) in plan.items() if s is not None and s.needs_calibration]
+    if needing:
+        if calibration_data is None:
+            raise ConfigError(
+                f"calibration_data is required: {len(needing)} layer(s) (e.g. {needing[0]!r}) "
+                "use an algorithm or static activation scales that need calibration"
+            )
+        from torchquant.calibration.engine import calibrate_model
+
+        summary = calibrate_model(
+            model, config, calibration_data, device=device, offload=offload, progress=progress
+        )
+        return model, summary
     summary = ConversionSummary()
     for name, (scheme, why) in tqdm(
         plan.items(), desc="quantizing", unit="layer", disable=not progress

@@ -15,3 +15,7 @@ class QuantizationError(TorchquantError, ValueError):
 
 class CheckpointError(TorchquantError, ValueError):
     """A checkpoint on disk is missing, malformed, or disagrees with its config."""
+
+
+class CalibrationError(TorchquantError, ValueError):
+    """Calibration cannot proceed: no data, NaN activations, a layer that saw no tokens, ..."""

@@ -20,7 +20,9 @@ _SPEC_TYPES = {
     "smooth": bool,
     "dtype": str,
     "scheme": dict,
+    "g_idx": bool,
 }
+_OPTIONAL = {"smooth", "g_idx"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class LayerSpec:
     smooth: bool
     dtype: str
     scheme: QuantScheme
+    g_idx: bool = False
 
     @classmethod
     def of(cls, layer: QuantLinear) -> LayerSpec:
@@ -43,6 +46,7 @@ class LayerSpec:
             layer.smooth_scale is not None,
             str(layer.dtype),
             layer.scheme,
+            layer.g_idx is not None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -53,6 +57,7 @@ class LayerSpec:
             "smooth": self.smooth,
             "dtype": self.dtype,
             "scheme": self.scheme.to_dict(),
+            "g_idx": self.g_idx,
         }
 
     @classmethod
@@ -62,7 +67,7 @@ class LayerSpec:
         if not isinstance(data, Mapping):
             raise CheckpointError(f"{where}: layer description must be a mapping, got {data!r}")
         unknown = sorted(set(data) - _SPEC_TYPES.keys())
-        missing = sorted(_SPEC_TYPES.keys() - set(data) - {"smooth"})
+        missing = sorted(_SPEC_TYPES.keys() - set(data) - _OPTIONAL)
         if unknown or missing:
             raise CheckpointError(
                 f"{where}: layer description has unknown field(s) {unknown}, lacks {missing}"
@@ -82,6 +87,7 @@ class LayerSpec:
             data.get("smooth", False),
             data["dtype"],
             scheme,
+            data.get("g_idx", False),
         )
         if spec.dtype not in _DTYPES:
             raise CheckpointError(f"{where}: dtype {spec.dtype!r} not one of {list(_DTYPES)}")
@@ -100,4 +106,5 @@ class LayerSpec:
             dtype=_DTYPES[self.dtype],
             device="meta",
             smooth=self.smooth,
+            g_idx=self.g_idx,
         )

@@ -97,6 +97,13 @@ def convert_from_safetensors(
         raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
     weights = FloatWeights(files)
     plan = plan_conversion(model, config)
+    needing = [n for n, (s, _) in plan.items() if s is not None and s.needs_calibration]
+    if needing:
+        raise ConfigError(
+            f"{needing[0]!r} (and {len(needing) - 1} more) use an algorithm or static activation "
+            "scales that need calibration; streaming conversion is round-to-nearest only: load "
+            "the model and call convert_model(model, config, calibration_data=...)"
+        )
     summary = ConversionSummary()
     for name, (scheme, why) in tqdm(
         plan.items(), desc="quantizing", unit="layer", disable=not progress

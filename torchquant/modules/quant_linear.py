@@ -15,6 +15,7 @@ from torchquant.numerics import (
     quantize_fp8_weight,
     quantize_int_weight,
 )
+from torchquant.ops.gidx import linear_intn_gidx
 
 
 def uses_int8_storage(scheme: QuantScheme) -> bool:
@@ -37,7 +38,9 @@ class QuantLinear(nn.Module):
     INT8 symmetric, float8_e4m3fn ``(N, K)`` for FP8; ``scales`` ``(N, G)`` (or
     ``(1, 1)`` per tensor); ``zeros`` uint8 ``(N, G)`` for asymmetric INT;
     ``bias`` ``(N,)``; ``input_scale`` ``(1,)`` for static activation scales;
-    ``smooth_scale`` ``(K,)`` SmoothQuant divisor applied to the input.
+    ``smooth_scale`` ``(K,)`` SmoothQuant divisor applied to the input;
+    ``g_idx`` int32 ``(K,)`` the group of each input column (GPTQ act-order), absent
+    when column ``k`` is in group ``k // group_size``.
     The constructor allocates empty buffers of the right shapes (use
     ``device="meta"`` to build a skeleton for loading); :meth:`from_linear`
     quantizes an existing layer.
@@ -52,6 +55,7 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         smooth: bool = False,
+        g_idx: bool = False,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -84,6 +88,14 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_scale", input_scale)
         smooth_scale = torch.empty(k, dtype=torch.float32, device=device) if smooth else None
         self.register_buffer("smooth_scale", smooth_scale)
+        # -- g_idx (K,) int32: group of each input column (GPTQ act-order); None = k // group
+        if g_idx and not (w.type == "int" and not uses_int8_storage(scheme) and w.group_size > 0):
+            raise QuantizationError(
+                f"g_idx needs grouped packed INT weights, got scheme {scheme.describe()!r}"
+            )
+        self.register_buffer(
+            "g_idx", torch.empty(k, dtype=torch.int32, device=device) if g_idx else None
+        )
 
     # -- construction from float layers
 
@@ -165,6 +177,10 @@ class QuantLinear(nn.Module):
             return ops.linear_fp8_weight(x, self.qweight, self.scales, self.bias)
         if uses_int8_storage(self.scheme):
             return ops.linear_int8_weight(x, self.qweight, self.scales, self.bias, w.group_size)
+        if self.g_idx is not None:
+            return linear_intn_gidx(
+                x, self.qweight, self.scales, self.zeros, self.g_idx, self.bias, w.bits
+            )
         return ops.linear_intn(
             x, self.qweight, self.scales, self.zeros, self.bias, w.bits, w.group_size
         )

@@ -1,0 +1,166 @@
+"""Perplexity of calibrated quantization (GPTQ, AWQ, SmoothQuant, static scales) vs RTN.
+
+    nice -n 10 python benchmarks/calibration_ppl.py \\
+        --calib ../shared/data/text/wikipedia_excerpt.txt \\
+        --text ../shared/data/text/austen/prideprejudice.txt
+
+Each row quantizes a fresh copy of the float model, calibrating on ``--calib`` where
+the method needs it, and scores perplexity on the first ``--max-tokens`` tokens of
+``--text`` (non-overlapping windows, no BOS).  Prints one table: method, perplexity,
+change vs fp32, calibration seconds and peak resident memory during conversion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from torchquant import QuantConfig, convert_model
+from torchquant.calibration import calibration_tokens
+from torchquant.config import (
+    ActivationQuant,
+    AWQConfig,
+    GPTQConfig,
+    QuantScheme,
+    SmoothQuantConfig,
+    WeightQuant,
+)
+from torchquant.evaluation import perplexity, tokenize_text
+from torchquant.models import load_model
+
+
+def _wna16(bits: int, group: int, algorithm: str = "rtn", **params) -> QuantScheme:
+    return QuantScheme(
+        WeightQuant(bits=bits, group_size=group, symmetric=False), None, algorithm, **params
+    )
+
+
+def _w8a8(algorithm: str = "rtn", act: ActivationQuant | None = None, **params) -> QuantScheme:
+    return QuantScheme(WeightQuant(bits=8), act or ActivationQuant(), algorithm, **params)
+
+
+def _static(observer: str, percentile: float = 100.0) -> ActivationQuant:
+    return ActivationQuant(
+        granularity="tensor", dynamic=False, observer=observer, percentile=percentile
+    )
+
+
+def rows(group: int, alpha: float, awq: AWQConfig, damp: float) -> dict[str, QuantScheme]:
+    """Every row of the table, the calibrated ones first (``--only`` picks a subset)."""
+    gptq = GPTQConfig(dampening=damp)
+    return {
+        f"w4a16 g{group} GPTQ": _wna16(4, group, "gptq", gptq=gptq),
+        f"w4a16 g{group} AWQ": _wna16(4, group, "awq", awq=awq),
+        f"w3a16 g{group} GPTQ": _wna16(3, group, "gptq", gptq=gptq),
+        f"w3a16 g{group} AWQ": _wna16(3, group, "awq", awq=awq),
+        f"w8a8 dynamic SmoothQuant {alpha}": _w8a8(
+            "smoothquant", smoothquant=SmoothQuantConfig(alpha)
+        ),
+        f"w4a16 g{group} GPTQ act-order": _wna16(
+            4, group, "gptq", gptq=GPTQConfig(dampening=damp, act_order=True)
+        ),
+        "w8a8 static minmax": _w8a8(act=_static("minmax")),
+        "w8a8 static KL": _w8a8(act=_static("kl")),
+        "w8a8 static percentile 99.99": _w8a8(act=_static("percentile", 99.99)),
+        f"w4a16 g{group} GPTQ act-order static": _wna16(
+            4, group, "gptq", gptq=GPTQConfig(dampening=damp, act_order=True, static_groups=True)
+        ),
+        f"w4a16 g{group} RTN": _wna16(4, group),
+        f"w3a16 g{group} RTN": _wna16(3, group),
+        "w8a8 dynamic": _w8a8(),
+    }
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 50 ms)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+            self._stop.wait(0.05)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib", required=True)
+    parser.add_argument("--text", required=True)
+    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--alpha", type=float, default=0.8, help="SmoothQuant alpha")
+    parser.add_argument("--awq-tokens", type=int, default=2048)
+    parser.add_argument("--only", nargs="*", help="row names to run, in this order")
+    parser.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ dampening")
+    parser.add_argument("--awq-grid", type=int, default=20)
+    parser.add_argument(
+        "--reference", type=float, default=None, help="fp32 perplexity, to skip measuring it"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    base, tokenizer = load_model(args.model)
+    ids = tokenize_text(tokenizer, Path(args.text).read_text(encoding="utf-8"), args.max_tokens)
+    calib = calibration_tokens(args.calib, tokenizer, args.calib_samples, args.calib_seq_len)
+    if args.reference is None:
+        ref = perplexity(base, ids, args.seq_len, progress=False).perplexity
+        print(f"fp32: {ref:.3f} (measured)", flush=True)
+    else:
+        ref = args.reference
+        print(f"fp32: {ref:.3f} (given)", flush=True)
+    table = [("fp32", ref, 0.0, 0.0, 0.0)]
+    awq = AWQConfig(grid=args.awq_grid, max_tokens=args.awq_tokens)
+    table_rows = rows(args.group_size, args.alpha, awq, args.gptq_damp)
+    if args.only:
+        unknown = [n for n in args.only if n not in table_rows]
+        if unknown:
+            parser.error(f"unknown rows {unknown}; rows are {list(table_rows)}")
+        table_rows = {n: table_rows[n] for n in args.only}
+    for name, scheme in table_rows.items():
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        with PeakRSS() as mem:
+            convert_model(model, QuantConfig(scheme), calibration_data=calib, progress=False)
+        seconds = time.perf_counter() - start
+        ppl = perplexity(model, ids, args.seq_len, progress=False).perplexity
+        table.append((name, ppl, 100 * (ppl / ref - 1), seconds, mem.peak / 2**30))
+        print(
+            f"{name}: ppl {ppl:.3f} ({100 * (ppl / ref - 1):+.2f}%), convert {seconds:.0f} s, "
+            f"peak RSS {mem.peak / 2**30:.2f} GiB",
+            flush=True,
+        )
+        del model
+
+    print(
+        f"\n{ids.numel()} eval tokens in {args.seq_len}-token windows; calibration: "
+        f"{calib.shape[0]} x {calib.shape[1]} tokens of {Path(args.calib).name}"
+    )
+    print(f"{'method':<36}{'ppl':>9}{'delta %':>9}{'convert s':>11}{'peak RSS GiB':>14}")
+    for name, ppl, delta, secs, peak in table:
+        print(f"{name:<36}{ppl:>9.3f}{delta:>+9.2f}{secs:>11.1f}{peak:>14.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The baseline for calibration_ppl.py: llm-compressor's GPTQ, AWQ and SmoothQuant.
+
+Same model, the same calibration windows (``torchquant.calibration.calibration_tokens``)
+and the same perplexity (``torchquant.evaluation``).  llm-compressor pins its own
+transformers, so this runs in a separate environment::
+
+    python3 -m venv .venv-llmc && .venv-llmc/bin/pip install torch==2.13.0
+    .venv-llmc/bin/pip install "llmcompressor==0.14.*" gguf
+    .venv-llmc/bin/pip install --no-deps -e .
+    nice -n 10 .venv-llmc/bin/python benchmarks/llmcompressor_ppl.py \\
+        --calib ../shared/data/text/wikipedia_excerpt.txt \\
+        --text ../shared/data/text/austen/prideprejudice.txt
+
+llm-compressor refuses a group size that does not divide a layer's input width (576
+on SmolLM2-135M), so the grouped rows default to group 64; run calibration_ppl.py
+with ``--group-size 64`` for the matching torchquant rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.gptq import GPTQModifier
+from llmcompressor.modifiers.quantization import QuantizationModifier
+from llmcompressor.modifiers.transform.awq import AWQModifier
+from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+from torchquant.calibration import calibration_tokens
+from torchquant.evaluation import perplexity, tokenize_text
+from torchquant.models import load_model
+
+IGNORE = ["lm_head"]
+
+
+def weight_groups(bits: int, group: int) -> dict:
+    """Asymmetric INT weights per group, as calibration_ppl.py's wNa16 rows."""
+    weights = {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": False,
+        "strategy": "group",
+        "group_size": group,
+    }
+    return {"group_0": {"targets": ["Linear"], "weights": weights}}
+
+
+def recipes(group: int, alpha: float) -> dict[str, list | None]:
+    """Row name -> recipe (``None``: the float model)."""
+    rows: dict[str, list | None] = {}
+    for bits in (4, 3):
+        groups = weight_groups(bits, group)
+        rows[f"w{bits}a16 g{group} RTN"] = [
+            QuantizationModifier(config_groups=groups, ignore=IGNORE)
+        ]
+        rows[f"w{bits}a16 g{group} GPTQ"] = [
+            GPTQModifier(config_groups=groups, ignore=IGNORE, actorder=None)
+        ]
+        if bits == 4:
+            rows[f"w{bits}a16 g{group} GPTQ act-order"] = [
+                GPTQModifier(config_groups=groups, ignore=IGNORE, actorder="group")
+            ]
+        rows[f"w{bits}a16 g{group} AWQ"] = [
+            AWQModifier(),
+            QuantizationModifier(config_groups=groups, ignore=IGNORE),
+        ]
+    rows["w8a8 dynamic"] = [QuantizationModifier(scheme="W8A8", targets="Linear", ignore=IGNORE)]
+    rows[f"w8a8 dynamic SmoothQuant {alpha}"] = [
+        SmoothQuantModifier(smoothing_strength=alpha),
+        QuantizationModifier(scheme="W8A8", targets="Linear", ignore=IGNORE),
+    ]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib", required=True)
+    parser.add_argument("--text", required=True)
+    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--alpha", type=float, default=0.8, help="SmoothQuant strength")
+    parser.add_argument("--only", nargs="*", help="substrings selecting rows to run")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    base, tokenizer = load_model(args.model)
+    ids = tokenize_text(tokenizer, Path(args.text).read_text(encoding="utf-8"), args.max_tokens)
+    calib = calibration_tokens(args.calib, tokenizer, args.calib_samples, args.calib_seq_len)
+    dataset = Dataset.from_dict(
+        {"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()}
+    )
+    table = []
+    for name, recipe in {"fp32": None, **recipes(args.group_size, args.alpha)}.items():
+        if args.only and name != "fp32" and not any(s in name for s in args.only):
+            continue
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        if recipe is not None:
+            oneshot(
+                model=model,
+                tokenizer=tokenizer,
+                dataset=dataset,
+                recipe=recipe,
+                num_calibration_samples=calib.shape[0],
+                max_seq_length=calib.shape[1],
+                shuffle_calibration_samples=False,
+            )
+        seconds = time.perf_counter() - start
+        ppl = perplexity(model, ids, args.seq_len, progress=False).perplexity
+        table.append((name, ppl, seconds))
+        print(f"{name}: ppl {ppl:.3f}, calibrate {seconds:.0f} s", flush=True)
+        del model
+
+    ref = table[0][1]
+    print(f"\n{'method (llm-compressor)':<36}{'ppl':>9}{'delta %':>9}{'calib s':>9}")
+    for name, ppl, secs in table:
+        print(f"{name:<36}{ppl:>9.3f}{100 * (ppl / ref - 1):>+9.2f}{secs:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()

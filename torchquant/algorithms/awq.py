@@ -1,0 +1,105 @@
+"""AWQ: activation-aware per-input-channel scaling and weight clipping.
+
+Salient input channels (large mean ``|x|``) are scaled up in the weight before
+rounding and down in the input: ``s = mean|x|^alpha`` (normalised), alpha chosen on a
+grid to minimise the output error of an inspected module.  Then each group's range is
+shrunk to the factor minimising the error of that group's partial products.  Pure
+functions; the calibration engine supplies activations and the objective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from torchquant.numerics import (
+    choose_int_qparams,
+    dequantize_int_weight,
+    group_min_max,
+    num_groups,
+    quantize_codes,
+)
+
+
+def fake_quantize(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, ranges: tuple | None = None
+) -> torch.Tensor:
+    """``dequant(quant(w))`` round-to-nearest, from min/max or the given ``(lo, hi)``."""
+    lo, hi = ranges if ranges is not None else group_min_max(w, group_size)
+    scales, zeros = choose_int_qparams(lo, hi, bits, symmetric)
+    codes = quantize_codes(w, scales, zeros, bits, group_size)
+    return dequantize_int_weight(codes, scales, zeros, bits, group_size, w.dtype)
+
+
+def scale_candidates(act_mean: torch.Tensor, grid: int) -> list[tuple[float, torch.Tensor]]:
+    """``(alpha, s)`` for alpha in ``{0, 1/grid, ...}``; ``s = act_mean^alpha`` normalised
+    so that ``max(s) * min(s) = 1``."""
+    a = act_mean.float().clamp(min=1e-4)
+    out = []
+    for i in range(grid):
+        alpha = i / grid
+        s = a.pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        out.append((alpha, s))
+    return out
+
+
+@torch.no_grad()
+def search_scales(
+    act_mean: torch.Tensor,
+    weights: list[torch.Tensor],
+    quantize: Callable[[torch.Tensor], torch.Tensor],
+    loss_with: Callable[[list[torch.Tensor]], float],
+    grid: int,
+) -> tuple[torch.Tensor, float, float]:
+    """Best factors ``s (K,)`` for linears ``(N_i, K)`` sharing one input.
+
+    ``loss_with(ws)`` runs the inspected module with effective weights ``ws`` and
+    returns its output error; each candidate is scored with ``quantize(W s) / s``.
+    Returns ``(s, alpha, loss)``.
+    """
+    best = (torch.ones_like(act_mean, dtype=torch.float32), 0.0, float("inf"))
+    for alpha, s in scale_candidates(act_mean, grid):
+        s = s.to(weights[0].device)
+        trial = [(quantize(w * s) / s).to(w.dtype) for w in weights]
+        loss = loss_with(trial)
+        if loss < best[2]:
+            best = (s, alpha, loss)
+    return best
+
+
+@torch.no_grad()
+def search_clip(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    grid: int = 20,
+    max_shrink: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ranges ``(lo, hi)`` ``(N, G)``: min/max shrunk by the factor that
+    minimises ``sum_t (x_t . w_g - x_t . q(w_g))^2`` for each group ``g`` separately."""
+    n, k = w.shape
+    gs = k if group_size == -1 else group_size
+    g = num_groups(k, group_size)
+    pad = g * gs - k
+    wf, xf = w.float(), x.reshape(-1, k).float()
+    # -- per-group partial products as one batched matmul: (G, T, gs) @ (G, gs, N)
+    xg = torch.nn.functional.pad(xf, (0, pad)).reshape(-1, g, gs).transpose(0, 1)
+    wg = torch.nn.functional.pad(wf, (0, pad)).reshape(n, g, gs).permute(1, 2, 0)
+    ref = torch.bmm(xg, wg)  # (G, T, N)
+    lo0, hi0 = group_min_max(wf, group_size)
+    best_err = torch.full((n, g), float("inf"), device=w.device)
+    best_p = torch.ones(n, g, device=w.device)
+    steps = max(1, int(grid * max_shrink))
+    for i in range(steps):
+        p = 1.0 - i / grid
+        q = fake_quantize(wf, bits, group_size, symmetric, (lo0 * p, hi0 * p))
+        qg = torch.nn.functional.pad(q, (0, pad)).reshape(n, g, gs).permute(1, 2, 0)
+        err = (torch.bmm(xg, qg) - ref).pow(2).mean(dim=1).t()  # (N, G)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_p = torch.where(better, torch.full_like(best_p, p), best_p)
+    return lo0 * best_p, hi0 * best_p
