@@ -67,7 +67,7 @@ def test_quantize_with_gptq_calibrates_on_the_given_file(tmp_path, monkeypatch, 
         )
         return LlamaForCausalLM(config).eval()
 
-    monkeypatch.setattr(models, "load_model", lambda spec: (tiny(), CharTokenizer()))
+    monkeypatch.setattr(models, "load_model", lambda spec, **_: (tiny(), CharTokenizer()))
     calib = tmp_path / "calib.txt"
     calib.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
     out = tmp_path / "gptq"
