@@ -189,8 +189,13 @@ class Observer:
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "percentile":
             v = _view_groups(x, self.granularity, self.group_size)
-            v = torch.nan_to_num(v, nan=0.0)
             q = torch.tensor([1.0 - self.percentile / 100.0, self.percentile / 100.0])
+            if self.granularity == "group":
+                # -- a short last group is NaN-padded: its quantiles must skip the padding
+                # -- (groups are small, so nanquantile's size limit never applies)
+                lo = torch.nanquantile(v, float(q[0]), dim=1, keepdim=True, interpolation="lower")
+                hi = torch.nanquantile(v, float(q[1]), dim=1, keepdim=True, interpolation="higher")
+                return self._reshape_units(lo, x), self._reshape_units(hi, x)
             n = v.shape[1]
             k_lo = max(1, min(n, math.ceil(float(q[0]) * n)))
             k_hi = max(1, min(n, math.ceil(float(q[1]) * n)))
