@@ -334,3 +334,37 @@ def test_block_by_block_on_cuda_keeps_the_model_on_the_cpu():
     model, _ = quantize(model, wna16(4, "gptq"), tokens(), device="cuda")
     assert all(b.device.type == "cpu" for b in model.buffers())
     assert isinstance(model.model.layers[1].mlp.down_proj, QuantLinear)
+
+
+def test_gptq_quantizes_stage_by_stage_in_execution_order(monkeypatch):
+    """q/k/v share an input, then o, then gate/up, then down; later stages see earlier ones."""
+    from torchquant.calibration import engine
+
+    seen: list[list[str]] = []
+    hessian_inputs: dict[str, list[type]] = {}  # first linear of a stage -> module kinds
+    original_stages = engine.BlockCalibrator.gptq_stages
+    original_regather = engine.BlockCalibrator.regather_hessians
+
+    def stages(self, sample):
+        found = original_stages(self, sample)
+        seen.append(found)
+        return found
+
+    def regather(self, samples, stats, stage):
+        # -- when a stage's Hessian is collected, every earlier stage is already quantized
+        hessian_inputs[stage[0]] = [type(self.block.get_submodule(r)) for r in self.schemes]
+        return original_regather(self, samples, stats, stage)
+
+    monkeypatch.setattr(engine.BlockCalibrator, "gptq_stages", stages)
+    monkeypatch.setattr(engine.BlockCalibrator, "regather_hessians", regather)
+    quantize(tiny_llama(), wna16(4, "gptq"), tokens(4, 16))
+    assert seen[0] == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+    # -- down_proj's Hessian comes from a block whose other six linears are already quantized
+    quantized = [kind is QuantLinear for kind in hessian_inputs["mlp.down_proj"]]
+    assert sum(quantized) == 6
+    assert sum(kind is QuantLinear for kind in hessian_inputs["self_attn.o_proj"]) == 3

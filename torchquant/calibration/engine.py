@@ -263,14 +263,64 @@ class BlockCalibrator:
             scales[rel] = static_input_scale(st.observer.absmax(), act_type)
         return scales
 
+    # -- GPTQ in execution order: each stage sees the error of the stages before it
+
+    def gptq_stages(self, sample: BlockInput) -> list[list[str]]:
+        """GPTQ linears in the order the block runs them, grouped by shared input.
+
+        Quantizing stage by stage (q/k/v, then o, then gate/up, then down on a Llama
+        block) lets each stage's Hessian come from the already-quantized stages before it,
+        so GPTQ compensates their error too instead of fitting a float input it never sees.
+        """
+        order: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them distinct
+        gptq_rels = [r for r in self.schemes if self._algo(r) == "gptq"]
+
+        def hook(module, args, rel):
+            if all(r != rel for r, _ in order):
+                order.append((rel, args[0]))
+
+        handles = [
+            self.modules[r].register_forward_pre_hook(lambda m, a, r=r: hook(m, a, r))
+            for r in gptq_rels
+        ]
+        try:
+            with torch.no_grad():
+                run_block(self.block, sample, self.device)
+        finally:
+            for h in handles:
+                h.remove()
+        stages: list[list[str]] = []
+        last_input = None
+        for rel, x in order:
+            if stages and x is last_input:
+                stages[-1].append(rel)
+            else:
+                stages.append([rel])
+            last_input = x
+        return stages
+
+    def regather_hessians(
+        self, samples: list[BlockInput], stats: dict[str, LayerStats], stage: list[str]
+    ) -> None:
+        """Fresh Hessians for ``stage`` from the block as it is now (earlier stages quantized)."""
+        fresh = {rel: LayerStats(self.full(rel), want_hessian=True) for rel in stage}
+        self._run(samples, fresh)
+        for rel in stage:
+            stats[rel].hessian, stats[rel].tokens = fresh[rel].hessian, fresh[rel].tokens
+
     # -- quantization into QuantLinear
 
     @torch.no_grad()
     def quantize(
-        self, stats: dict[str, LayerStats], input_scales: dict[str, torch.Tensor]
+        self,
+        stats: dict[str, LayerStats],
+        input_scales: dict[str, torch.Tensor],
+        only: set[str] | None = None,
     ) -> dict[str, str]:
         described = {}
         for rel, scheme in self.schemes.items():
+            if only is not None and rel not in only:
+                continue
             module, wq = self.modules[rel], scheme.weight
             st = stats.get(rel)
             codes = g_idx = None
@@ -393,7 +443,13 @@ def calibrate_model(
         cal.awq_scale(stats)
         cal.awq_clip(stats)
         input_scales = cal.observe_static(samples)
-        described = cal.quantize(stats, input_scales)
+        stages = cal.gptq_stages(samples[0]) if samples else []
+        described = {}
+        for k, stage in enumerate(stages):
+            if k:
+                cal.regather_hessians(samples, stats, stage)
+            described |= cal.quantize(stats, input_scales, only=set(stage))
+        described |= cal.quantize(stats, input_scales, only=set(cal.schemes) - set(described))
         for rel, desc in described.items():
             full = f"{prefix}.{rel}" if prefix else rel
             summary.converted[full] = desc
