@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._launch import autotune_benchmark, m_bucket, output, run_kernel
+from ._tiles import grouped_tile
 
 
 @triton.jit
@@ -51,13 +52,7 @@ def scaled_gemm_kernel(
     # -- output tile, grouped along M for L2 reuse of b
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
