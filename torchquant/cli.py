@@ -32,6 +32,12 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
         choices=ALGORITHMS,
         help="how weights are chosen (all but rtn need --calib)",
     )
+    p.add_argument(
+        "--act-order",
+        action="store_true",
+        help="GPTQ: visit columns by decreasing activation energy; groups follow that order "
+        "(saved with a g_idx: gptq desc_act, compressed-tensors actorder group)",
+    )
     p.add_argument("--calib", default=None, help="calibration text file (UTF-8)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per sequence")
@@ -117,6 +123,10 @@ def _config(args: argparse.Namespace):
     symmetric = True if args.symmetric else None
     scheme = scheme_from_name(args.scheme, group_size=args.group_size, symmetric=symmetric)
     scheme = dataclasses.replace(scheme, algorithm=args.algorithm)
+    if args.act_order:
+        if args.algorithm != "gptq":
+            raise TorchquantError("--act-order applies to --algorithm gptq only")
+        scheme = dataclasses.replace(scheme, gptq=dataclasses.replace(scheme.gptq, act_order=True))
     if scheme.needs_calibration and not args.calib:
         raise TorchquantError(f"--algorithm {args.algorithm} needs --calib FILE (a text file)")
     return QuantConfig(default=scheme, ignore=tuple(args.ignore))

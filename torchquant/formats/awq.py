@@ -8,7 +8,8 @@ Per quantized linear layer ``p`` with ``K`` inputs, ``N`` outputs, ``G`` groups:
 - ``p.qzeros`` int32 ``(G, N/8)``: zero points, packed the same way, stored as is;
 - ``p.scales`` ``(G, N)``; ``p.bias`` ``(N,)`` when the layer has one.
 
-The weight is ``w[n, k] = (q[k, n] - zero[k // group, n]) * scale[k // group, n]``.
+The weight is ``w[n, k] = (q[k, n] - zero[k // group, n]) * scale[k // group, n]``:
+groups are always contiguous, so act-order weights (a ``g_idx``) cannot be stored.
 ``config.json`` carries ``quantization_config`` (``quant_method: awq``, ``bits``,
 ``group_size``, ``zero_point``, ``version``, ``modules_to_not_convert``).
 """
@@ -95,6 +96,12 @@ def awq_tensors(weights: IntLayerWeights, name: str) -> dict[str, torch.Tensor]:
     """The AWQ GEMM tensors of one 4-bit layer (group sizes must divide ``K``)."""
     if weights.bits != BITS:
         raise CheckpointError(f"layer {name!r}: {weights.bits}-bit weights; AWQ holds 4-bit only")
+    if weights.g_idx is not None:
+        raise CheckpointError(
+            f"layer {name!r}: act-order weights (groups given by a g_idx) cannot be stored in "
+            "AWQ, whose groups are contiguous; save as gptq or compressed-tensors, or quantize "
+            "with GPTQ static_groups"
+        )
     out = {
         "qweight": pack_awq(weights.codes.t().contiguous(), f"{name}.qweight"),
         "qzeros": pack_awq(weights.zeros_or_implied().t().contiguous(), f"{name}.qzeros"),

@@ -7,7 +7,10 @@ Per quantized ``nn.Linear`` named ``p`` the folder holds:
   bitstream along the input dimension; ``p.weight_scale`` ``(N, G)`` (``(N, 1)`` per
   channel); ``p.weight_shape`` int64 ``[N, K]``; for asymmetric weights
   ``p.weight_zero_point`` int32 ``(ceil(N*n/32), G)``, the zero points (shifted the same
-  way) packed along the *output* dimension; optionally ``p.weight_g_idx``.
+  way) packed along the *output* dimension; for act-order (GPTQ ``actorder: group``)
+  ``p.weight_g_idx`` int32 ``(K,)``, the group of each input column, every group
+  ``group_size`` columns wide (the library sorts columns by group, then cuts them
+  into equal groups).
 - ``int-quantized`` (W8A8 INT8): ``p.weight`` int8 ``(N, K)``, ``p.weight_scale``
   ``(N, 1)``, ``p.input_scale`` ``(1,)`` for static activations.
 - ``float-quantized`` (FP8 W8A8) / ``naive-quantized`` (FP8 weight-only):
@@ -17,6 +20,10 @@ Signed codes ``q`` with zero point ``zp`` are our unsigned codes and zeros minus
 ``2**(n-1)``, so ``(q - zp) * s`` equals our ``(code - zero) * s`` exactly.
 ``config.json`` carries ``quantization_config`` with ``config_groups`` (targets and
 quantization args), ``ignore``, ``format`` and ``version``.
+
+compressed-tensors 0.19 dropped act-order groups: its readers refuse ``actorder:
+group``, so act-order exports are for readers built on compressed-tensors 0.18 or
+older (GPTQ's ``desc_act`` checkpoints carry the same weights).
 """
 
 from __future__ import annotations
@@ -35,7 +42,6 @@ from torchquant.formats import hf_checkpoint as hf
 from torchquant.formats.int_layers import (
     IntLayerWeights,
     build_int_layer,
-    check_g_idx,
     int_weights_of,
     regroup_evenly,
 )
@@ -82,18 +88,24 @@ ARGS_FIELDS = {
     "observer_kwargs",
 }
 FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized")
+# "weight"/"static" reorder only during calibration; "group"/"dynamic" (older releases:
+# true) store a weight_g_idx.  Either way the tensors say how to read the weight.
+ACTORDERS = (None, False, True, "weight", "static", "group", "dynamic")
 
 
 # -- export
 
 
-def _weight_args(scheme: QuantScheme, group_size: int) -> dict[str, Any]:
+def _weight_args(scheme: QuantScheme, group_size: int, act_order: bool = False) -> dict[str, Any]:
     w = scheme.weight
     if w.type == "fp8":
         strategy = "channel" if w.group_size == -1 else "tensor"
         return _args(8, "float", True, strategy, None)
     strategy = "channel" if group_size == -1 else "group"
-    return _args(w.bits, "int", w.symmetric, strategy, None if group_size == -1 else group_size)
+    args = _args(w.bits, "int", w.symmetric, strategy, None if group_size == -1 else group_size)
+    if act_order:
+        args["actorder"] = "group"
+    return args
 
 
 def _args(bits: int, kind: str, sym: bool, strategy: str, group: int | None, dynamic=False):
@@ -154,8 +166,10 @@ def _layer_tensors(name: str, layer: QuantLinear) -> tuple[str, dict, dict[str, 
         out["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
         if iw.zeros is not None:
             out["weight_zero_point"] = pack_dense(iw.zeros.t().contiguous(), iw.bits).t()
+        if iw.g_idx is not None:
+            out["weight_g_idx"] = iw.g_idx
         fmt = "pack-quantized"
-        args = _weight_args(scheme, iw.group_size)
+        args = _weight_args(scheme, iw.group_size, act_order=iw.g_idx is not None)
     if scheme.activation is not None and not scheme.activation.dynamic:
         out["input_scale"] = layer.input_scale.reshape(1)
     return fmt, args, out
@@ -336,7 +350,7 @@ def _scheme_of(group: dict[str, Any], name: str) -> QuantScheme:
     w, a = group["weights"], group.get("input_activations")
     if w is None or w.get("num_bits") is None:
         raise CheckpointError(f"layer {name!r}: its config group quantizes no weights")
-    bad = w.get("actorder") not in (None, "weight", "static", "group")
+    bad = w.get("actorder") not in ACTORDERS
     if w.get("block_structure") or bad or w.get("strategy") not in ("channel", "group", "tensor"):
         raise CheckpointError(
             f"layer {name!r}: weight strategy {w.get('strategy')!r} / block / actorder "
@@ -390,9 +404,13 @@ def _packed_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
         zp = _take(local, "weight_zero_point", name)
         zeros = unpack_rows(zp.t().contiguous(), w.bits, n, f"{name}.weight_zero_point").t()
     local.pop("weight_zero_point", None)  # symmetric schemes may carry an all-zero one
-    check_g_idx(local.pop("weight_g_idx", None), k, w.group_size, name)
+    g_idx = local.pop("weight_g_idx", None)
+    if g_idx is not None and not g_idx.is_floating_point() and bool((g_idx == -1).all()):
+        g_idx = None  # the library's "not yet computed" fill: column order
     bias = local.pop("bias", None)
-    weights = IntLayerWeights(codes, scales, zeros, w.bits, w.group_size, bias, dtype, packed, k)
+    weights = IntLayerWeights(
+        codes, scales, zeros, w.bits, w.group_size, bias, dtype, packed, k, g_idx=g_idx
+    )
     return build_int_layer(weights, w.symmetric, name)
 
 

@@ -10,6 +10,9 @@ Per quantized linear layer ``p`` with ``K`` inputs, ``N`` outputs, ``G`` groups:
 - ``p.bias`` ``(N,)`` when the layer has one.
 
 The weight is ``w[n, k] = (q[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n]``.
+With ``desc_act`` (act-order) ``g_idx`` is a permuted grouping, each group still
+``group_size`` columns; such layers load into a ``QuantLinear`` that keeps ``g_idx``,
+and layers whose ``g_idx`` is the plain ``k // group_size`` load without one.
 ``config.json`` carries ``quantization_config`` (``quant_method: gptq``, ``bits``,
 ``group_size``, ``sym``, ``desc_act``, ``checkpoint_format``); older folders keep it
 in ``quantize_config.json`` instead.
@@ -28,7 +31,6 @@ from torchquant.formats import hf_checkpoint as hf
 from torchquant.formats.int_layers import (
     IntLayerWeights,
     build_int_layer,
-    check_g_idx,
     int_weights_of,
     regroup_evenly,
 )
@@ -137,7 +139,10 @@ def read_gptq_config(directory: str | Path, config: dict[str, Any]) -> dict[str,
 
 
 def gptq_tensors(weights: IntLayerWeights, version: str, name: str) -> dict[str, torch.Tensor]:
-    """The GPTQ tensors of one layer (group sizes must divide ``K``: regroup first)."""
+    """The GPTQ tensors of one layer (group sizes must divide ``K``: regroup first).
+
+    ``g_idx`` is the layer's act-order grouping when it has one, else ``k // group``.
+    """
     n, k = weights.shape
     bits, g = weights.bits, weights.group_size
     zeros = weights.zeros_or_implied().to(torch.int16)  # (N, G)
@@ -153,7 +158,9 @@ def gptq_tensors(weights: IntLayerWeights, version: str, name: str) -> dict[str,
         "qweight": pack_rows(weights.codes.t(), bits, f"{name}.qweight"),
         "qzeros": pack_columns(zeros.t().to(torch.uint8).contiguous(), bits, f"{name}.qzeros"),
         "scales": weights.scales.t().contiguous(),
-        "g_idx": (torch.arange(k) // group).to(torch.int32),
+        "g_idx": (torch.arange(k) // group).to(torch.int32)
+        if weights.g_idx is None
+        else weights.g_idx.to(torch.int32),
     }
     if weights.bias is not None:
         out["bias"] = weights.bias
@@ -190,6 +197,8 @@ def save_gptq(
         if w.bits not in BITS:
             raise CheckpointError(f"layer {name!r}: {w.bits}-bit weights; GPTQ holds {BITS}")
     bits, group, sym = _common_layout(weights)
+    # act-order layers need readers to honour g_idx; plain layers' g_idx reads the same
+    desc_act = any(w.g_idx is not None for w in weights.values())
     tensors = hf.float_state(model)
     for name, w in weights.items():
         tensors.update({f"{name}.{k}": v for k, v in gptq_tensors(w, version, name).items()})
@@ -198,7 +207,7 @@ def save_gptq(
         "bits": bits,
         "group_size": group,
         "sym": sym,
-        "desc_act": False,
+        "desc_act": desc_act,
         "static_groups": False,
         "checkpoint_format": version,
         "true_sequential": True,
@@ -243,7 +252,6 @@ def gptq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str
         raise CheckpointError(f"layer {name!r}: qzeros has {zeros.shape[0]} rows, not {groups}")
     if parsed["version"] == "gptq":
         zeros = ((zeros.to(torch.int16) + 1) & ((1 << bits) - 1)).to(torch.uint8)
-    check_g_idx(local.pop("g_idx", None), k, g, name)
     zeros = zeros.t().contiguous()  # (N, G)
     symmetric = bool(torch.all(zeros == 1 << (bits - 1)))
     weights = IntLayerWeights(
@@ -256,6 +264,7 @@ def gptq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str
         scales.dtype,
         packed,
         k,
+        g_idx=local.pop("g_idx", None),
     )
     return build_int_layer(weights, symmetric, name)
 

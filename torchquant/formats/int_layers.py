@@ -2,8 +2,15 @@
 
 Every exchange format (compressed-tensors, GPTQ, AWQ) stores the same facts as our
 ``QuantLinear``: unsigned codes ``(N, K)``, per-group scales ``(N, G)`` and zero points
-``(N, G)``; only the packing and naming differ.  :class:`IntLayerWeights` is that
-common form: format modules convert to and from it, never touching packed buffers.
+``(N, G)``, and for act-order weights the group ``g_idx[k]`` of each input column;
+only the packing and naming differ.  :class:`IntLayerWeights` is that common form:
+format modules convert to and from it, never touching packed buffers.
+
+An act-order ``g_idx`` is only well defined across the formats when every group holds
+``group_size`` columns (the last one the remainder): readers such as compressed-tensors
+sort the columns by group and cut them into equal groups, while GPTQ kernels look each
+column's group up, and the two agree only then.  GPTQ act-order always writes such
+groups; anything else is refused as malformed.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ class IntLayerWeights:
     zero ``2**(bits-1)``.  ``bias`` is ``(N,)`` or ``None``; ``dtype`` is the layer's
     compute dtype.  Readers whose format stores our bitstream may give ``packed``
     (int32 rows in our packed layout) instead of ``codes``, skipping an unpack/repack.
+    ``g_idx`` is the group of each input column ``(K,)`` for act-order weights, ``None``
+    when column ``k`` is in group ``k // group_size``.
     """
 
     codes: torch.Tensor | None
@@ -39,6 +48,7 @@ class IntLayerWeights:
     dtype: torch.dtype
     packed: torch.Tensor | None = None
     in_features: int | None = None
+    g_idx: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -72,7 +82,12 @@ def int_weights_of(layer: QuantLinear, name: str) -> IntLayerWeights:
         scales = scales.reshape(layer.out_features, 1)
     zeros = None if layer.zeros is None else layer.zeros.detach().clone()
     bias = None if layer.bias is None else layer.bias.detach().clone()
-    return IntLayerWeights(codes, scales, zeros, w.bits, w.group_size, bias, layer.dtype)
+    g_idx = None
+    if layer.g_idx is not None:
+        g_idx = checked_g_idx(layer.g_idx.cpu(), layer.in_features, w.group_size, name)
+    return IntLayerWeights(
+        codes, scales, zeros, w.bits, w.group_size, bias, layer.dtype, g_idx=g_idx
+    )
 
 
 def regroup_evenly(weights: IntLayerWeights) -> IntLayerWeights:
@@ -81,7 +96,8 @@ def regroup_evenly(weights: IntLayerWeights) -> IntLayerWeights:
     Formats that need ``K % group_size == 0`` (compressed-tensors, GPTQ, AWQ) cannot
     hold our partial last group.  Groups of ``gcd(group_size, K)`` tile both the full
     groups and the partial one, so repeating each scale/zero gives the very same
-    dequantized weight.
+    dequantized weight.  An act-order group is split the same way: its columns, taken
+    in order, fill the sub-groups that share its scale and zero point.
     """
     n, k = weights.shape
     g = weights.group_size
@@ -94,6 +110,14 @@ def regroup_evenly(weights: IntLayerWeights) -> IntLayerWeights:
     def spread(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.repeat_interleave(repeat, dim=1)[:, :count].contiguous()
 
+    g_idx = None
+    if weights.g_idx is not None:
+        group = weights.g_idx.long()
+        order = torch.sort(group, stable=True).indices  # columns grouped, each in order
+        within = torch.arange(k) - torch.searchsorted(group[order], group[order])
+        rank = torch.empty(k, dtype=torch.long)
+        rank[order] = within  # position of each column inside its group
+        g_idx = (group * repeat + rank // new_g).to(torch.int32)
     return IntLayerWeights(
         weights.codes,
         spread(weights.scales),
@@ -102,29 +126,54 @@ def regroup_evenly(weights: IntLayerWeights) -> IntLayerWeights:
         new_g,
         weights.bias,
         weights.dtype,
+        g_idx=g_idx,
     )
 
 
-def check_g_idx(g_idx: torch.Tensor | None, k: int, group_size: int, name: str) -> None:
-    """Accept a ``g_idx`` only when it is the plain ``k // group_size`` mapping.
+def checked_g_idx(
+    g_idx: torch.Tensor | None, k: int, group_size: int, name: str
+) -> torch.Tensor | None:
+    """A checkpoint's ``g_idx`` as int32 ``(K,)``, or ``None`` for the plain ``k // group_size``.
 
-    A permuted ``g_idx`` (GPTQ act-order without static groups) assigns columns to
-    groups out of order, which ``QuantLinear``'s contiguous groups cannot express.
+    Refuses a wrong shape or dtype, groups outside ``[0, G)`` and groups that do not
+    each hold ``group_size`` columns (the last one ``K - (G - 1) * group_size``).
     """
     if g_idx is None:
-        return
+        return None
     if g_idx.shape != (k,):
         raise CheckpointError(f"layer {name!r}: g_idx has shape {tuple(g_idx.shape)}, need ({k},)")
-    plain = torch.arange(k, device=g_idx.device) // (k if group_size == -1 else group_size)
-    if not torch.equal(g_idx.to(torch.int64), plain):
+    if g_idx.dtype.is_floating_point or g_idx.dtype.is_complex or g_idx.dtype == torch.bool:
+        raise CheckpointError(f"layer {name!r}: g_idx must hold integers, got {g_idx.dtype}")
+    gs = k if group_size == -1 else group_size
+    groups = num_groups(k, group_size) if group_size != -1 else 1
+    group = g_idx.to(torch.int64)
+    if k and (int(group.min()) < 0 or int(group.max()) >= groups):
         raise CheckpointError(
-            f"layer {name!r}: g_idx reorders input columns (act-order without static groups); "
-            "QuantLinear holds contiguous groups only, so this checkpoint cannot be loaded exactly"
+            f"layer {name!r}: g_idx holds groups {int(group.min())}..{int(group.max())}, "
+            f"outside [0, {groups}) for {k} inputs in groups of {gs}"
         )
+    plain = torch.arange(k) // gs
+    if torch.equal(group, plain):
+        return None
+    counts = torch.bincount(group, minlength=groups)
+    expected = torch.bincount(plain, minlength=groups)
+    if not torch.equal(counts, expected):
+        bad = int(torch.nonzero(counts != expected)[0])
+        raise CheckpointError(
+            f"layer {name!r}: g_idx puts {int(counts[bad])} columns in group {bad}, but its "
+            f"scales are for groups of {int(expected[bad])} columns (group size {gs})"
+        )
+    return group.to(torch.int32)
 
 
 def build_int_layer(weights: IntLayerWeights, symmetric: bool, name: str) -> QuantLinear:
-    """A ``QuantLinear`` holding exactly ``weights`` (on CPU)."""
+    """A ``QuantLinear`` holding exactly ``weights`` (on CPU).
+
+    An act-order ``weights.g_idx`` is checked (see :func:`checked_g_idx`); a plain one
+    is dropped so the layer keeps the contiguous-group path.  Symmetric 8-bit weights
+    with a real ``g_idx`` are held as asymmetric ones with zero point 128 (the same
+    values), since the unpacked int8 storage cannot carry a ``g_idx``.
+    """
     n, k = weights.shape
     g = weights.group_size
     expect = 1 if g == -1 else num_groups(k, g)
@@ -135,14 +184,17 @@ def build_int_layer(weights: IntLayerWeights, symmetric: bool, name: str) -> Qua
         )
     if not symmetric and (weights.zeros is None or weights.zeros.shape != (n, expect)):
         raise CheckpointError(f"layer {name!r}: zero points missing or of the wrong shape")
+    g_idx = checked_g_idx(weights.g_idx, k, g, name)
+    zeros = None if symmetric else weights.zeros
+    if g_idx is not None and symmetric and weights.bits == 8:
+        symmetric, zeros = False, weights.zeros_or_implied()
     try:
         scheme = QuantScheme(WeightQuant("int", weights.bits, g, symmetric))
     except ValueError as exc:
         raise CheckpointError(f"layer {name!r}: unsupported weight layout ({exc})") from None
     # grouped scales follow the layer dtype: take the checkpoint's so they stay exact
     dtype = weights.scales.dtype if g != -1 else weights.dtype
-    layer = QuantLinear(k, n, scheme, weights.bias is not None, dtype)
-    zeros = None if symmetric else weights.zeros
+    layer = QuantLinear(k, n, scheme, weights.bias is not None, dtype, g_idx=g_idx is not None)
     if weights.codes is not None:
         layer.set_int_codes(weights.codes, weights.scales, zeros)
     elif uses_int8_storage(scheme):
@@ -158,6 +210,8 @@ def build_int_layer(weights: IntLayerWeights, symmetric: bool, name: str) -> Qua
         layer.scales.copy_(weights.scales.reshape(layer.scales.shape))
         if zeros is not None:
             layer.zeros.copy_(zeros)
+    if g_idx is not None:
+        layer.g_idx.copy_(g_idx)
     if weights.bias is not None:
         layer.bias.copy_(weights.bias)
     return layer

@@ -1,0 +1,55 @@
+"""The exchange formats' weight definitions written out bit by bit, independent of torchquant.
+
+Tests compare torchquant's exports with these and build checkpoints with them, so a
+mistake in torchquant's packing cannot hide behind the same mistake in the oracle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def ref_unpack_dim0(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """A bitstream down each column of int32 ``words`` -> ``count`` codes per column."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros(count, words.shape[1], dtype=torch.int64)
+    for i in range(count):
+        bit = i * bits
+        word, shift = divmod(bit, 32)
+        value = w[word] >> shift
+        if shift + bits > 32:
+            value = value | (w[word + 1] << (32 - shift))
+        out[i] = value & ((1 << bits) - 1)
+    return out
+
+
+def ref_pack_dim1(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``(R, C)`` into ``32 // bits`` codes per int32 word along each row (2/4/8 bits)."""
+    per = 32 // bits
+    c = codes.to(torch.int64)
+    words = torch.zeros(c.shape[0], c.shape[1] // per, dtype=torch.int64)
+    for j in range(per):
+        words |= c[:, j::per] << (bits * j)
+    return words.to(torch.uint32).view(torch.int32) if hasattr(torch, "uint32") else words
+
+
+def ref_gptq_dequant(tensors: dict[str, torch.Tensor], bits: int, version: str) -> torch.Tensor:
+    """``w[n, k] = (q[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n]``, as ``(N, K)``."""
+    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    q = ref_unpack_dim0(qweight, bits, k)  # (K, N)
+    z = ref_unpack_dim0(qzeros.t().contiguous(), bits, n).t()  # (G, N)
+    if version == "gptq":
+        z = z + 1
+    g_idx = tensors["g_idx"].long()
+    w = (q - z[g_idx]).to(scales.dtype) * scales[g_idx]
+    return w.t()
+
+
+def layer_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of layer ``name`` in ``folder/model.safetensors``, by local name."""
+    state = load_file(folder / "model.safetensors")
+    return {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
