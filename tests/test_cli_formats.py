@@ -131,3 +131,41 @@ def test_quantize_dtype_sets_the_unquantized_tensors(model_dir, tmp_path, capsys
         assert main(["inspect", str(out), "--json"]) == 0
         sizes[dtype] = json.loads(capsys.readouterr().out.splitlines()[-1])["float_tensor_bytes"]
     assert sizes["float32"] == 2 * sizes["bfloat16"]
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_gptq_act_order_quantize_inspect_eval(model_dir, tmp_path, capsys, fmt):
+    from torchquant.formats.dispatch import load_checkpoint
+    from torchquant.modules import QuantLinear
+
+    out = tmp_path / fmt
+    text = str(model_dir / "text.txt")
+    args = ["quantize", str(model_dir), "--scheme", "w4a16", "--group-size", "32"]
+    args += ["--algorithm", "gptq", "--act-order", "--calib", text]
+    args += ["--calib-samples", "4", "--calib-seq-len", "16"]
+    assert main([*args, "--format", fmt, "--out", str(out)]) == 0
+    assert f"saved {out} as {fmt}" in capsys.readouterr().out
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    if fmt == "gptq":
+        assert qc["desc_act"] is True
+    else:
+        assert {g["weights"]["actorder"] for g in qc["config_groups"].values()} == {"group"}
+    layers = [m for m in load_checkpoint(out).modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 7 and all(m.g_idx is not None for m in layers)
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == fmt
+    eval_args = ["eval", str(out), "--text", text, "--max-tokens", "32", "--seq-len", "16"]
+    assert main([*eval_args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 32
+
+
+def test_act_order_refusals_exit_1_with_a_reason(model_dir, tmp_path, capsys):
+    text = str(model_dir / "text.txt")
+    base = ["quantize", str(model_dir), "--group-size", "32", "--calib", text]
+    base += ["--calib-samples", "2", "--calib-seq-len", "16"]
+    assert main([*base, "--act-order", "--out", str(tmp_path / "r")]) == 1
+    assert "--act-order applies to --algorithm gptq only" in capsys.readouterr().err
+    awq = [*base, "--algorithm", "gptq", "--act-order", "--format", "awq"]
+    assert main([*awq, "--out", str(tmp_path / "a")]) == 1
+    assert "g_idx, which AWQ cannot store" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

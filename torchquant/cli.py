@@ -166,6 +166,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from torchquant.models import load_model
 
     config = _config(args)
+    if args.act_order and args.format == "awq":  # refuse before the costly calibration
+        raise TorchquantError(
+            "--act-order weights carry a g_idx, which AWQ cannot store; use --format gptq, "
+            "compressed-tensors or native"
+        )
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
     model, summary = _convert(model, tokenizer, config, args)
