@@ -11,6 +11,8 @@ import json
 import pytest
 import torch
 from format_definitions import layer_tensors, ref_gptq_dequant, ref_pack_dim1
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from torchquant import CheckpointError, QuantConfig, convert_model, scheme_from_name
@@ -18,6 +20,7 @@ from torchquant.config import GPTQConfig, QuantScheme, WeightQuant
 from torchquant.formats.awq import save_awq
 from torchquant.formats.dispatch import load_checkpoint, save_checkpoint
 from torchquant.formats.gptq import save_gptq
+from torchquant.formats.int_layers import IntLayerWeights, checked_g_idx, regroup_evenly
 from torchquant.modules import QuantLinear
 
 transformers = pytest.importorskip("transformers")
@@ -151,6 +154,36 @@ def test_partial_last_act_order_group_is_regrouped_exactly(tmp_path):
                 want = ref_gptq_dequant(layer_tensors(tmp_path / fmt, name), 4, fmt)
                 assert torch.equal(want, layer.dequantized_weight()), name
         assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def _dequant(w: IntLayerWeights) -> torch.Tensor:
+    k = w.shape[1]
+    group = torch.arange(k) // w.group_size if w.g_idx is None else w.g_idx.long()
+    return (w.codes.float() - w.zeros[:, group].float()) * w.scales[:, group]
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(1, 96), group=st.integers(1, 48), seed=st.integers(0, 2**16))
+def test_regrouping_act_order_groups_keeps_every_weight(k, group, seed):
+    """Act-order groups (consecutive in a visiting order, the last one short) regroup exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    g_idx = (torch.argsort(torch.randperm(k, generator=gen)) // group).to(torch.int32)
+    groups = -(-k // group)
+    w = IntLayerWeights(
+        torch.randint(0, 16, (3, k), generator=gen, dtype=torch.uint8),
+        torch.rand(3, groups, generator=gen) + 0.1,
+        torch.randint(0, 16, (3, groups), generator=gen, dtype=torch.uint8),
+        4,
+        group,
+        None,
+        torch.float32,
+        g_idx=g_idx,
+    )
+    regrouped = regroup_evenly(w)
+    assert k % regrouped.group_size == 0
+    assert regrouped.scales.shape[1] == k // regrouped.group_size
+    checked_g_idx(regrouped.g_idx, k, regrouped.group_size, "x")  # every group full: no raise
+    assert torch.equal(_dequant(regrouped), _dequant(w))
 
 
 def test_awq_refuses_act_order_weights(tmp_path, models):
