@@ -153,7 +153,9 @@ def test_gptq_act_order_quantize_inspect_eval(model_dir, tmp_path, capsys, fmt):
     layers = [m for m in load_checkpoint(out).modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 7 and all(m.g_idx is not None for m in layers)
     assert main(["inspect", str(out), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["format"] == fmt
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == fmt
+    assert all(row["scheme"].endswith(" act-order") for row in report["layers"])
     eval_args = ["eval", str(out), "--text", text, "--max-tokens", "32", "--seq-len", "16"]
     assert main([*eval_args, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == 32

@@ -52,13 +52,14 @@ class CheckpointReport:
 
     def table(self) -> str:
         width = max([len(r.name) for r in self.layers] + [5])
+        sw = max([len(r.scheme) + 2 for r in self.layers] + [28])
         lines = [
-            f"{'layer':<{width}}  {'scheme':<28}{'bits':>5}{'group':>7}{'shape':>13}{'KiB':>10}"
+            f"{'layer':<{width}}  {'scheme':<{sw}}{'bits':>5}{'group':>7}{'shape':>13}{'KiB':>10}"
         ]
         for r in self.layers:
             shape = f"{r.shape[0]}x{r.shape[1]}"
             lines.append(
-                f"{r.name:<{width}}  {r.scheme:<28}{r.bits:>5}{r.group_size:>7}{shape:>13}"
+                f"{r.name:<{width}}  {r.scheme:<{sw}}{r.bits:>5}{r.group_size:>7}{shape:>13}"
                 f"{r.nbytes / 1024:>10.1f}"
             )
         quant = sum(r.nbytes for r in self.layers)
@@ -76,9 +77,10 @@ class CheckpointReport:
 
 def _layer_row(name: str, layer: QuantLinear) -> LayerRow:
     w = layer.scheme.weight
+    act_order = " act-order" if layer.g_idx is not None else ""  # groups given by a g_idx
     return LayerRow(
         name,
-        layer.scheme.describe(),
+        layer.scheme.describe() + act_order,
         w.bits,
         w.group_size,
         (layer.out_features, layer.in_features),
