@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from torchquant.cli import main
+from torchquant.formats.dispatch import load_checkpoint
+from torchquant.modules import QuantLinear
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -135,9 +137,6 @@ def test_quantize_dtype_sets_the_unquantized_tensors(model_dir, tmp_path, capsys
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
 def test_gptq_act_order_quantize_inspect_eval(model_dir, tmp_path, capsys, fmt):
-    from torchquant.formats.dispatch import load_checkpoint
-    from torchquant.modules import QuantLinear
-
     out = tmp_path / fmt
     text = str(model_dir / "text.txt")
     args = ["quantize", str(model_dir), "--scheme", "w4a16", "--group-size", "32"]
@@ -171,3 +170,9 @@ def test_act_order_refusals_exit_1_with_a_reason(model_dir, tmp_path, capsys):
     assert main([*awq, "--out", str(tmp_path / "a")]) == 1
     assert "g_idx, which AWQ cannot store" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+    assert main([*base, "--static-groups", "--out", str(tmp_path / "s")]) == 1
+    assert "--static-groups goes with --act-order" in capsys.readouterr().err
+    # static groups keep contiguous groups: no g_idx, so AWQ holds them
+    assert main([*awq, "--static-groups", "--out", str(tmp_path / "a")]) == 0
+    layers = [m for m in load_checkpoint(tmp_path / "a").modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 7 and all(m.g_idx is None for m in layers)

@@ -38,6 +38,12 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
         help="GPTQ: visit columns by decreasing activation energy; groups follow that order "
         "(saved with a g_idx: gptq desc_act, compressed-tensors actorder group)",
     )
+    p.add_argument(
+        "--static-groups",
+        action="store_true",
+        help="GPTQ with --act-order: fix each group's scales before reordering, keeping "
+        "contiguous groups (no g_idx; every format, AWQ included, can store them)",
+    )
     p.add_argument("--calib", default=None, help="calibration text file (UTF-8)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per sequence")
@@ -123,10 +129,13 @@ def _config(args: argparse.Namespace):
     symmetric = True if args.symmetric else None
     scheme = scheme_from_name(args.scheme, group_size=args.group_size, symmetric=symmetric)
     scheme = dataclasses.replace(scheme, algorithm=args.algorithm)
+    if args.static_groups and not args.act_order:
+        raise TorchquantError("--static-groups goes with --act-order")
     if args.act_order:
         if args.algorithm != "gptq":
             raise TorchquantError("--act-order applies to --algorithm gptq only")
-        scheme = dataclasses.replace(scheme, gptq=dataclasses.replace(scheme.gptq, act_order=True))
+        gptq = dataclasses.replace(scheme.gptq, act_order=True, static_groups=args.static_groups)
+        scheme = dataclasses.replace(scheme, gptq=gptq)
     if scheme.needs_calibration and not args.calib:
         raise TorchquantError(f"--algorithm {args.algorithm} needs --calib FILE (a text file)")
     return QuantConfig(default=scheme, ignore=tuple(args.ignore))
@@ -166,10 +175,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from torchquant.models import load_model
 
     config = _config(args)
-    if args.act_order and args.format == "awq":  # refuse before the costly calibration
-        raise TorchquantError(
-            "--act-order weights carry a g_idx, which AWQ cannot store; use --format gptq, "
-            "compressed-tensors or native"
+    if args.act_order and not args.static_groups and args.format == "awq":
+        raise TorchquantError(  # said before the costly calibration
+            "--act-order weights carry a g_idx, which AWQ cannot store; add --static-groups "
+            "or use --format gptq, compressed-tensors or native"
         )
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
