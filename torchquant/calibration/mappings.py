@@ -74,9 +74,7 @@ ARCH_MAPPINGS: tuple[ArchMapping, ...] = (
                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                 "self_attn",
             ),
-            BalanceMapping(
-                "self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj", True
-            ),
+            BalanceMapping("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj", True),
             BalanceMapping("final_layer_norm", ("fc1",), "fc1"),
         ),
     ),
