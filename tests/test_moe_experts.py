@@ -273,3 +273,23 @@ def test_compressed_tensors_library_decompresses_expert_weights_exactly(tmp_path
             }
             theirs = compressor.decompress(local, group)["weight"]
             assert torch.equal(theirs.to(layer.dtype), layer.dequantized_weight()), name
+
+
+def test_qat_trains_and_converts_split_experts():
+    from torchquant.modules import QatLinear
+    from torchquant.qat import convert_qat, prepare_qat
+
+    config = QuantConfig(scheme_from_name("w4a16", group_size=16))
+    model, summary = prepare_qat(tiny("mixtral"), config, progress=False)
+    assert all(isinstance(m, QatLinear) for m in expert_linears(model).values())
+    assert f"{EXPERTS}.2.down_proj" in summary.converted
+    ids = torch.randint(0, 64, (2, 7))
+    model(ids, labels=ids).loss.backward()
+    grads = [m.weight.grad for m in expert_linears(model).values()]
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+    with torch.no_grad():
+        trained = model(ids).logits
+    model, _ = convert_qat(model, config, progress=False)
+    assert all(isinstance(m, QuantLinear) for m in expert_linears(model).values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, trained, rtol=1e-4, atol=1e-4)

@@ -158,7 +158,12 @@ def split_experts_for_names(model: nn.Module, names: Iterable[str]) -> None:
     split_fused_experts(model, lambda _name, linears: any(n in names for n in linears))
 
 
-def _split_for_config(model: nn.Module, config: QuantConfig) -> dict[str, str]:
+def split_experts_for_config(model: nn.Module, config: QuantConfig) -> dict[str, str]:
+    """Split the fused experts modules in which ``config`` quantizes at least one projection.
+
+    Returns ``{experts module name: why}`` for those left fused.
+    """
+
     def wanted(name: str, linears: dict[str, tuple[str, ...]]) -> bool:
         return any(config.resolve(n, a)[0] is not None for n, a in linears.items())
 
@@ -194,7 +199,7 @@ def convert_model(
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
     plan_conversion(model, config)  # -- refuse a bad override before any module changes
-    experts_left = _split_for_config(model, config)
+    experts_left = split_experts_for_config(model, config)
     split = {n: m.num_experts for n, m in model.named_modules() if isinstance(m, QuantExperts)}
     plan = plan_conversion(model, config)
     needing = [n for n, (s, _) in plan.items() if s is not None and s.needs_calibration]
