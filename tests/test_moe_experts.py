@@ -293,3 +293,30 @@ def test_qat_trains_and_converts_split_experts():
     assert all(isinstance(m, QuantLinear) for m in expert_linears(model).values())
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, trained, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+def test_streamed_conversion_reads_experts_per_expert_or_fused(tmp_path, layout):
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+
+    from torchquant.streaming import convert_from_safetensors
+
+    config = QuantConfig(
+        scheme_from_name("w4a16", group_size=16), overrides={f"{EXPERTS}.2.up_proj": None}
+    )
+    if layout == "per-expert":  # what transformers' save_pretrained writes
+        tiny("qwen3-moe").save_pretrained(tmp_path)
+    else:
+        save_file(tiny("qwen3-moe").state_dict(), str(tmp_path / "model.safetensors"))
+    want, _ = convert_model(tiny("qwen3-moe"), config, progress=False)
+    with init_empty_weights(include_buffers=False):
+        skeleton = transformers.Qwen3MoeForCausalLM(tiny("qwen3-moe").config)
+    got, summary = convert_from_safetensors(
+        skeleton, [tmp_path / "model.safetensors"], config, progress=False
+    )
+    got.tie_weights()
+    assert summary.split_experts == {EXPERTS: 4}
+    assert want.state_dict().keys() == got.state_dict().keys()
+    for key, value in want.state_dict().items():
+        assert torch.equal(value, got.state_dict()[key]), key

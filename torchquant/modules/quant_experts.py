@@ -171,6 +171,17 @@ class QuantExperts(nn.Module):
     def expert(self, index: int) -> Expert:
         return self._modules[str(index)]
 
+    def fused_sources(self) -> dict[str, tuple[str, tuple[int | slice, ...]]]:
+        """Per-expert linear (relative name) -> (fused attribute, index of its weight in it)."""
+        layout = next(lay for lay in FUSED_EXPERTS_LAYOUTS if lay.name == self.layout)
+        inter = self.expert(0).gate_proj.out_features
+        out: dict[str, tuple[str, tuple[int | slice, ...]]] = {}
+        for e in range(self.num_experts):
+            out[f"{e}.gate_proj"] = (layout.gate_up, (e, slice(0, inter)))
+            out[f"{e}.up_proj"] = (layout.gate_up, (e, slice(inter, 2 * inter)))
+            out[f"{e}.down_proj"] = (layout.down, (e,))
+        return out
+
     def release_views(self) -> None:
         """Give float linears still viewing the fused weight their own copy.
 
