@@ -320,3 +320,53 @@ def test_streamed_conversion_reads_experts_per_expert_or_fused(tmp_path, layout)
     assert want.state_dict().keys() == got.state_dict().keys()
     for key, value in want.state_dict().items():
         assert torch.equal(value, got.state_dict()[key]), key
+
+
+def test_per_expert_checkpoint_compressed_by_the_library_loads(tmp_path):
+    """What llm-compressor writes for a Qwen-style MoE: every expert's linears packed."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
+    from safetensors.torch import load_file, save_file
+    from test_compressed_tensors import _library_compress
+
+    from torchquant.formats.compressed_tensors import load_compressed_tensors
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=16)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
+    tiny("qwen3-moe").save_pretrained(tmp_path)  # per-expert tensor names
+    state = load_file(tmp_path / "model.safetensors")
+    reference = tiny("qwen3-moe")
+    fused = reference.get_submodule(EXPERTS)
+    names = [k.removesuffix(".weight") for k in state if k.endswith("_proj.weight")]
+    assert f"{EXPERTS}.3.up_proj" in names
+    with torch.no_grad():
+        for name in names:
+            weight = state.pop(f"{name}.weight")
+            compressed, decompressed = _library_compress(weight, scheme, 4, True, 16)
+            state.update({f"{name}.{k}": v for k, v in compressed.items()})
+            if not name.startswith(f"{EXPERTS}."):
+                reference.get_submodule(name).weight.copy_(decompressed)
+                continue
+            e, proj = name.split(".")[-2:]
+            rows = {"gate_proj": slice(0, 32), "up_proj": slice(32, 64)}.get(proj)
+            target = fused.down_proj[int(e)] if rows is None else fused.gate_up_proj[int(e), rows]
+            target.copy_(decompressed)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    qconfig = QuantizationConfig(
+        config_groups={"group_0": scheme},
+        format="pack-quantized",
+        quantization_status="compressed",
+        ignore=["lm_head", "re:.*mlp.gate$"],
+    )
+    ModelCompressor(quantization_config=qconfig).update_config(str(tmp_path))
+
+    loaded = load_compressed_tensors(tmp_path)
+    assert isinstance(loaded.get_submodule(f"{EXPERTS}.3.up_proj"), QuantLinear)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits)

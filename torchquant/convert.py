@@ -123,39 +123,42 @@ def plan_conversion(
 
 
 def split_fused_experts(
-    model: nn.Module, wanted: Callable[[str, dict[str, tuple[str, ...]]], bool]
+    model: nn.Module, why_not: Callable[[dict[str, tuple[str, ...]]], str | None]
 ) -> dict[str, str]:
-    """Replace fused experts modules by ``QuantExperts`` where ``wanted(name, linears)`` says so.
+    """Replace fused experts modules by ``QuantExperts`` unless ``why_not(linears)`` objects.
 
-    ``linears`` maps each per-expert linear name to its config aliases.  Fused experts in a
-    layout not in ``FUSED_EXPERTS_LAYOUTS`` keep their float weights, with a warning.
-    Returns ``{experts module name: why}`` for the modules left fused.
+    ``linears`` maps each per-expert linear name the module would split into to its
+    config aliases; ``why_not`` returns ``None`` to split, else the reason to keep it.
+    Fused experts in a layout not in ``FUSED_EXPERTS_LAYOUTS`` keep their float
+    weights, with a warning.  Returns ``{experts module name: why}`` for those kept.
     """
     _split, fused = _expert_aliases(model)
-    left: dict[str, str] = {}
+    kept: dict[str, str] = {}
     for name, module in list(model.named_modules()):
         if not holds_fused_experts(module):
             continue
-        layout = fused_experts_layout(module)
-        if layout is None:
+        if fused_experts_layout(module) is None:
             warnings.warn(
                 f"{name}: {type(module).__name__} holds fused expert weights in a layout "
                 "torchquant does not know; its experts stay in full precision",
                 stacklevel=3,
             )
-            left[name] = f"fused experts layout of {type(module).__name__} not supported"
+            kept[name] = f"fused experts layout of {type(module).__name__} not supported"
             continue
-        if not wanted(name, fused[name]):
-            left[name] = "no expert projection selected"
+        why = why_not(fused[name])
+        if why is not None:
+            kept[name] = why
             continue
-        _set_submodule(model, name, QuantExperts.from_fused(module, layout))
-    return left
+        _set_submodule(model, name, QuantExperts.from_fused(module, fused_experts_layout(module)))
+    return kept
 
 
 def split_experts_for_names(model: nn.Module, names: Iterable[str]) -> None:
-    """Split the fused experts modules that tensor or layer ``names`` reach into per expert."""
+    """Split the fused experts modules whose per-expert linears ``names`` mention."""
     names = set(names)
-    split_fused_experts(model, lambda _name, linears: any(n in names for n in linears))
+    split_fused_experts(
+        model, lambda linears: None if any(n in names for n in linears) else "not named"
+    )
 
 
 def split_experts_for_config(model: nn.Module, config: QuantConfig) -> dict[str, str]:
@@ -164,14 +167,11 @@ def split_experts_for_config(model: nn.Module, config: QuantConfig) -> dict[str,
     Returns ``{experts module name: why}`` for those left fused.
     """
 
-    def wanted(name: str, linears: dict[str, tuple[str, ...]]) -> bool:
-        return any(config.resolve(n, a)[0] is not None for n, a in linears.items())
+    def why_not(linears: dict[str, tuple[str, ...]]) -> str | None:
+        resolved = [config.resolve(n, aliases) for n, aliases in linears.items()]
+        return None if any(s is not None for s, _ in resolved) else resolved[0][1]
 
-    left = split_fused_experts(model, wanted)
-    return {
-        name: why if why != "no expert projection selected" else config.resolve(name)[1]
-        for name, why in left.items()
-    }
+    return split_fused_experts(model, why_not)
 
 
 @torch.no_grad()

@@ -200,11 +200,13 @@ class QuantExperts(nn.Module):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         n = self.num_experts
-        if top_k_index.numel() and (int(top_k_index.min()) < 0 or int(top_k_index.max()) > n):
-            raise QuantizationError(
-                f"experts: top_k_index spans {int(top_k_index.min())}..{int(top_k_index.max())}, "
-                f"expected expert indices in 0..{n - 1} (or {n} for none)"
-            )
+        if top_k_index.numel():
+            lo, hi = (int(v) for v in torch.aminmax(top_k_index))
+            if lo < 0 or hi > n:
+                raise QuantizationError(
+                    f"experts: top_k_index spans {lo}..{hi}, expected expert indices in "
+                    f"0..{n - 1} (or {n} for none)"
+                )
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
             # -- mask: (E + 1, k, T), the last row collecting slots routed to no expert
