@@ -26,6 +26,7 @@ from torchquant.modules.quant_experts import (
     expert_linear_aliases,
     fused_experts_layout,
     holds_fused_experts,
+    layout_named,
 )
 
 
@@ -85,14 +86,14 @@ def _expert_aliases(
     fused: dict[str, dict[str, tuple[str, ...]]] = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantExperts):
-            num, target = module.num_experts, split
+            layout, num, target = layout_named(module.layout), module.num_experts, split
         elif holds_fused_experts(module) and fused_experts_layout(module) is not None:
             layout = fused_experts_layout(module)
             num, target = getattr(module, layout.gate_up).shape[0], fused.setdefault(name, {})
         else:
             continue
         prefix = f"{name}." if name else ""
-        for rel, aliases in expert_linear_aliases(num).items():
+        for rel, aliases in expert_linear_aliases(num, layout).items():
             target[prefix + rel] = tuple(f"{prefix}{a}" if a else name for a in aliases)
     return split, fused
 

@@ -103,13 +103,19 @@ def holds_fused_experts(module: nn.Module) -> bool:
     )
 
 
-def expert_linear_aliases(num_experts: int) -> dict[str, tuple[str, ...]]:
+def layout_named(name: str) -> FusedExpertsLayout:
+    return next(layout for layout in FUSED_EXPERTS_LAYOUTS if layout.name == name)
+
+
+def expert_linear_aliases(
+    num_experts: int, layout: FusedExpertsLayout
+) -> dict[str, tuple[str, ...]]:
     """Per-expert linear name (relative) -> other names the config may use for it.
 
-    ``""`` stands for the experts module itself; ``gate_up_proj`` / ``down_proj`` for
-    the fused attribute the linear came from.
+    ``""`` stands for the experts module itself; the fused attribute's name (e.g.
+    ``gate_up_proj``) for the weight the linear came from.
     """
-    fused = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+    fused = {"gate_proj": layout.gate_up, "up_proj": layout.gate_up, "down_proj": layout.down}
     return {f"{e}.{proj}": (fused[proj], "") for e in range(num_experts) for proj in PROJECTIONS}
 
 
@@ -173,7 +179,7 @@ class QuantExperts(nn.Module):
 
     def fused_sources(self) -> dict[str, tuple[str, tuple[int | slice, ...]]]:
         """Per-expert linear (relative name) -> (fused attribute, index of its weight in it)."""
-        layout = next(lay for lay in FUSED_EXPERTS_LAYOUTS if lay.name == self.layout)
+        layout = layout_named(self.layout)
         inter = self.expert(0).gate_proj.out_features
         out: dict[str, tuple[str, tuple[int | slice, ...]]] = {}
         for e in range(self.num_experts):
