@@ -370,3 +370,32 @@ def test_per_expert_checkpoint_compressed_by_the_library_loads(tmp_path):
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, reference(ids).logits)
+
+
+def test_loading_into_a_given_float_model(tmp_path):
+    from torchquant.serialization import load_quantized, save_quantized
+
+    model, _ = convert_model(tiny("qwen3-moe"), QuantConfig("w8a16"), progress=False)
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q", model=tiny("qwen3-moe"))
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_checkpoint_naming_an_expert_the_model_lacks_is_refused(tmp_path):
+    from checkpoint_tools import metadata_of, reseal
+    from safetensors.torch import load_file
+
+    from torchquant.errors import CheckpointError
+    from torchquant.serialization import KEY_LAYERS
+
+    model, _ = convert_model(tiny("mixtral"), QuantConfig("w8a16"), progress=False)
+    save_checkpoint(model, tmp_path / "q", "native")
+    shard = tmp_path / "q" / "model.safetensors"
+    meta = metadata_of(shard)
+    meta[KEY_LAYERS] = meta[KEY_LAYERS].replace(f"{EXPERTS}.3.", f"{EXPERTS}.7.")
+    tensors = {k.replace(f"{EXPERTS}.3.", f"{EXPERTS}.7."): v for k, v in load_file(shard).items()}
+    reseal(shard, tensors, meta)
+    with pytest.raises(CheckpointError, match=f"layer '{EXPERTS}.7.gate_proj' from the checkpoint"):
+        load_checkpoint(tmp_path / "q")
