@@ -22,6 +22,7 @@ quantization args), ``ignore``, ``format`` and ``version``.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,9 @@ def _original_layer_types(model: nn.Module) -> dict[str, str]:
 
     with init_empty_weights(include_buffers=False):
         skeleton = type(model)._from_config(model.config)
-    split_experts_for_names(skeleton, (name for name, _ in model.named_modules()))
+    with warnings.catch_warnings():  # -- unknown fused experts were reported at conversion
+        warnings.simplefilter("ignore")
+        split_experts_for_names(skeleton, (name for name, _ in model.named_modules()))
     return hf.linear_layer_names(skeleton)
 
 
