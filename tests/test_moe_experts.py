@@ -129,7 +129,7 @@ def test_quantized_experts_equal_the_fused_module_on_their_dequantized_weights(s
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-@pytest.mark.parametrize("fmt", ["native", "compressed-tensors"])
+@pytest.mark.parametrize("fmt", ["native", "compressed-tensors", "gptq", "awq"])
 def test_generate_save_load_identical(tmp_path, arch, fmt):
     config = QuantConfig(
         default=scheme_from_name("w4a16", group_size=16),
