@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,8 +63,9 @@ def recipes(group: int, alpha: float) -> dict[str, list | None]:
             GPTQModifier(config_groups=groups, ignore=IGNORE, actorder=None)
         ]
         if bits == 4:
-            rows[f"w{bits}a16 g{group} GPTQ act-order"] = [
-                GPTQModifier(config_groups=groups, ignore=IGNORE, actorder="group")
+            # 0.14 accepts only "weight"/"static" act-order (no g_idx) in its GPTQ
+            rows[f"w{bits}a16 g{group} GPTQ act-order (weight)"] = [
+                GPTQModifier(config_groups=groups, ignore=IGNORE, actorder="weight")
             ]
         rows[f"w{bits}a16 g{group} AWQ"] = [
             AWQModifier(),
@@ -95,6 +97,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     base, tokenizer = load_model(args.model)
+    # oneshot re-reads the config from disk; a GGUF folder has none, so give it a plain one
+    if hasattr(base.config, "quantization_config"):
+        del base.config.quantization_config
+    config_dir = tempfile.mkdtemp(prefix="llmc-config-")
+    base.config.save_pretrained(config_dir)
+    base.config._name_or_path = config_dir
     ids = tokenize_text(tokenizer, Path(args.text).read_text(encoding="utf-8"), args.max_tokens)
     calib = calibration_tokens(args.calib, tokenizer, args.calib_samples, args.calib_seq_len)
     dataset = Dataset.from_dict(

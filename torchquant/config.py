@@ -214,9 +214,16 @@ class AWQConfig:
 
 @dataclass(frozen=True)
 class SmoothQuantConfig:
-    """SmoothQuant migration strength: ``s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)``."""
+    """SmoothQuant migration strength: ``s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)``.
+
+    As in the SmoothQuant paper, only inputs that come out of a norm are smoothed by
+    default; the inputs a linear produces (``o_proj`` from ``v_proj``, ``down_proj`` from
+    ``up_proj``) carry outliers too large to move into per-channel weights, and smoothing
+    them costs accuracy.  ``smooth_linear_inputs`` smooths those too.
+    """
 
     alpha: float = 0.5
+    smooth_linear_inputs: bool = False
 
     def __post_init__(self) -> None:
         _require(
@@ -224,6 +231,12 @@ class SmoothQuantConfig:
             "smoothquant.alpha",
             self.alpha,
             "a number in [0, 1]",
+        )
+        _require(
+            isinstance(self.smooth_linear_inputs, bool),
+            "smoothquant.smooth_linear_inputs",
+            self.smooth_linear_inputs,
+            "true or false",
         )
 
 
