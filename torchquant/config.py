@@ -402,13 +402,22 @@ class QuantConfig:
         if self.default is None and not any(s is not None for _, s in self.overrides):
             raise ConfigError("default is None and no override names a scheme: nothing to quantize")
 
-    def resolve(self, name: str) -> tuple[QuantScheme | None, str]:
-        """The scheme for module ``name`` and why (``"default"``, ``"override 'x'"``, ...)."""
-        pattern = first_match(self.ignore, name)
+    def resolve(self, name: str, aliases: Sequence[str] = ()) -> tuple[QuantScheme | None, str]:
+        """The scheme for module ``name`` and why (``"default"``, ``"override 'x'"``, ...).
+
+        A pattern that matches one of ``aliases`` counts as matching ``name`` (a per-expert
+        linear answers to its experts module's name too, see ``QuantExperts``).
+        """
+        names = (name, *aliases)
+
+        def hit(patterns: Sequence[str]) -> str | None:
+            return next((p for p in patterns if any(first_match((p,), n) for n in names)), None)
+
+        pattern = hit(self.ignore)
         if pattern is not None:
             return None, f"ignored by {pattern!r}"
         for pattern, scheme in self.overrides:
-            if first_match((pattern,), name) is not None:
+            if hit((pattern,)) is not None:
                 return scheme, f"override {pattern!r}" if scheme else f"skipped by {pattern!r}"
         return self.default, "default" if self.default else "no default scheme"
 

@@ -22,6 +22,7 @@ quantization args), ``ignore``, ``format`` and ``version``.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -162,11 +163,20 @@ def _layer_tensors(name: str, layer: QuantLinear) -> tuple[str, dict, dict[str, 
 
 
 def _original_layer_types(model: nn.Module) -> dict[str, str]:
-    """Class names of the layers the model had before conversion (from a meta copy)."""
+    """Class names of the layers the model had before conversion (from a meta copy).
+
+    Fused experts the model has split (``QuantExperts``) are split in the copy too, so
+    their per-expert projections count as the ``nn.Linear`` layers they now are.
+    """
     from accelerate import init_empty_weights
+
+    from torchquant.convert import split_experts_for_names
 
     with init_empty_weights(include_buffers=False):
         skeleton = type(model)._from_config(model.config)
+    with warnings.catch_warnings():  # -- unknown fused experts were reported at conversion
+        warnings.simplefilter("ignore")
+        split_experts_for_names(skeleton, (name for name, _ in model.named_modules()))
     return hf.linear_layer_names(skeleton)
 
 
@@ -434,7 +444,7 @@ def load_compressed_tensors(directory: str | Path) -> nn.Module:
     files, declared = hf.declared_tensors(directory)
     config = hf.read_config(directory)
     qc = parse_quantization_config(config.get("quantization_config"))
-    model = hf.build_skeleton(directory, config, len(declared))
+    model = hf.build_skeleton(directory, config, declared)
     layer_types = hf.linear_layer_names(model)
     plan = _assign_groups(qc, layer_types)
     hf.check_float_tensors(model, declared, list(plan))

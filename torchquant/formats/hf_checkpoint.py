@@ -164,12 +164,22 @@ def linear_layer_names(model: nn.Module) -> dict[str, str]:
     return {name: type(m).__name__ for name, m in model.named_modules() if is_linear_like(m)}
 
 
-def build_skeleton(directory: str | Path, config: dict[str, Any], num_tensors: int) -> nn.Module:
-    """The model named by ``config.json``'s ``architectures``, on the meta device."""
+def build_skeleton(
+    directory: str | Path, config: dict[str, Any], declared: dict[str, TensorEntry]
+) -> nn.Module:
+    """The model named by ``config.json``'s ``architectures``, on the meta device.
+
+    Fused experts modules whose per-expert linears (``<experts>.<e>.gate_proj`` ...) the
+    ``declared`` tensors name are split into them (``QuantExperts``).
+    """
+    from torchquant.convert import split_experts_for_names
+
     arch = config.get("architectures") or []
     if not isinstance(arch, list) or len(arch) != 1 or not isinstance(arch[0], str):
         raise CheckpointError(f"config.json: 'architectures' must name one class, got {arch!r}")
-    return build_hf_skeleton(Path(directory), arch[0], num_tensors)
+    model = build_hf_skeleton(Path(directory), arch[0], len(declared))
+    split_experts_for_names(model, (key.rpartition(".")[0] for key in declared))
+    return model
 
 
 def assemble(
@@ -231,7 +241,7 @@ def load_packed_folder(
     files, declared = declared_tensors(directory)
     config = read_config(directory)
     parsed = parse(directory, config)
-    model = build_skeleton(directory, config, len(declared))
+    model = build_skeleton(directory, config, declared)
     linear = linear_layer_names(model)
     suffix = f".{marker}"
     marked = {k[: -len(suffix)] for k in declared if k.endswith(suffix)}
