@@ -90,10 +90,11 @@ def quantize(model: nn.Module, scheme_or_config, calib: torch.Tensor | None = No
     "scheme",
     [
         wna16(3, "gptq"),
-        wna16(3, "gptq", gptq=GPTQConfig(act_order=True)),
+        wna16(3, "gptq", gptq=GPTQConfig(act_order=False, static_groups=False)),
+        wna16(3, "gptq", gptq=GPTQConfig(act_order=True, static_groups=False)),
         wna16(3, "awq", awq=FAST_AWQ),
     ],
-    ids=["gptq", "gptq-act-order", "awq"],
+    ids=["gptq-act-order-static", "gptq-natural-order", "gptq-act-order-g-idx", "awq"],
 )
 def test_calibrated_w3_beats_round_to_nearest_on_held_out_tokens(scheme):
     held_out = tokens(2, 32, seed=1)
@@ -184,7 +185,7 @@ def test_clipping_observers_give_smaller_static_scales_than_minmax():
 
 
 def test_act_order_g_idx_survives_save_and_load(tmp_path):
-    scheme = wna16(4, "gptq", gptq=GPTQConfig(act_order=True))
+    scheme = wna16(4, "gptq", gptq=GPTQConfig(act_order=True, static_groups=False))
     model, _ = quantize(tiny_llama(), scheme, tokens())
     q_proj = model.model.layers[0].self_attn.q_proj
     assert q_proj.g_idx is not None and q_proj.g_idx.dtype == torch.int32

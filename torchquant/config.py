@@ -143,12 +143,15 @@ class GPTQConfig:
     diagonal added to it), ``act_order`` (columns by decreasing Hessian diagonal) and
     ``static_groups`` (group qparams fixed before reordering, so no ``g_idx`` is needed),
     ``observer`` choosing each group's range (``minmax`` or ``mse`` clipping search).
+
+    Act-order with static groups is the default: visiting the outlier-fed columns first
+    matters most on models with activation outliers, and it keeps the plain group layout.
     """
 
     block_size: int = 128
     dampening: float = 0.01
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = True
+    static_groups: bool = True
     observer: str = "minmax"
 
     def __post_init__(self) -> None:
