@@ -23,6 +23,7 @@ from torch import nn
 
 from torchquant.errors import CheckpointError, ConfigError
 from torchquant.formats import hf_checkpoint as hf
+from torchquant.formats.checkpoint_names import names_for_model
 from torchquant.formats.int_layers import (
     IntLayerWeights,
     build_int_layer,
@@ -127,13 +128,15 @@ def save_awq(
     for name, w in weights.items():
         tensors.update({f"{name}.{k}": v for k, v in awq_tensors(w, name).items()})
     linear = hf.linear_layer_names(model)
+    names = names_for_model(model)
     qc = {
         "quant_method": QUANT_METHOD,
         "bits": BITS,
         "group_size": groups.pop(),
         "zero_point": True,
         "version": VERSION,
-        "modules_to_not_convert": sorted(n for n in linear if n not in layers) or None,
+        "modules_to_not_convert": sorted(names.to_checkpoint(n) for n in linear if n not in layers)
+        or None,
     }
     config = hf.model_config_dict(model)
     config["quantization_config"] = qc
