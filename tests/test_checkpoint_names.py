@@ -77,15 +77,27 @@ def test_every_table_entry_is_checked_here():
 
 @pytest.mark.parametrize("model_type", list(TINY))
 def test_table_gives_the_names_transformers_saves(tmp_path, model_type):
-    model = tiny(model_type, num_hidden_layers=2)
-    model.save_pretrained(tmp_path)  # reverses transformers' load-time renaming
+    tiny(model_type).save_pretrained(tmp_path / "float")  # reverses the load-time renaming
+    theirs = stored_names(tmp_path / "float")
+    model = tiny(model_type)
     split_fused_experts(model, lambda linears: None)  # per-expert linears, our names
     names = names_for_type(model.config.model_type)
-    ours = {k for k in model.state_dict() if k != "lm_head.weight"}
-    theirs = {k for k in stored_names(tmp_path) if k != "lm_head.weight"}
-    assert {names.to_checkpoint(k) for k in ours} == theirs
-    assert {names.to_model(k) for k in theirs} == ours
+    ours = set(model.state_dict())
+    assert {names.to_checkpoint(k) for k in ours} - {"lm_head.weight"} == theirs - {
+        "lm_head.weight"
+    }
+    assert {names.to_model(k) for k in theirs} <= ours
     assert all(names.to_model(k) == k for k in ours)  # our own names are read as they are
+    # -- a quantized export names the same modules (Phi-MoE's router is no nn.Linear there)
+    config = QuantConfig(scheme_from_name("w4a16", group_size=16), ignore=["lm_head", "router"])
+    quantized, _ = convert_model(model, config, progress=False)
+    save_checkpoint(quantized, tmp_path / "ct", "compressed-tensors")
+    modules = {k.rpartition(".")[0] for k in stored_names(tmp_path / "ct")}
+    assert modules == {k.rpartition(".")[0] for k in theirs}
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        want = quantized(ids).logits
+        assert torch.equal(load_checkpoint(tmp_path / "ct")(ids).logits, want)
 
 
 def test_mixtral_names_example():
@@ -278,3 +290,19 @@ def test_streaming_reads_a_mixtral_checkpoint_transformers_saved(tmp_path):
     assert want.state_dict().keys() == got.state_dict().keys()
     for key, value in want.state_dict().items():
         assert torch.equal(value, got.state_dict()[key]), key
+
+
+def test_streaming_refuses_a_tensor_under_both_names(tmp_path):
+    from accelerate import init_empty_weights
+
+    from torchquant.streaming import convert_from_safetensors
+
+    tiny("mixtral").save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = load_file(path)
+    state[f"{MODULE}.gate.weight"] = state[f"{STORED}.gate.weight"].clone()
+    save_file(state, str(path), {"format": "pt"})
+    with init_empty_weights(include_buffers=False):
+        skeleton = transformers.MixtralForCausalLM(tiny("mixtral").config)
+    with pytest.raises(CheckpointError, match=f"'{MODULE}.gate.weight' appears twice"):
+        convert_from_safetensors(skeleton, [path], QuantConfig("w8a16"), progress=False)

@@ -41,15 +41,21 @@ class FloatWeights:
         names = names or names_for_type(None)
         self._where: dict[str, tuple[Path, TensorEntry]] = {}
         self._data_start: dict[Path, int] = {}
+        stored_as: dict[str, str] = {}
         for path in map(Path, files):
             header = check_safetensors(path)
             self._data_start[path] = path.stat().st_size - header.data_bytes
             for stored, entry in header.entries.items():
                 name = names.to_model(stored)
                 if name in self._where:
+                    first = stored_as[name]
+                    if stored == first:
+                        raise CheckpointError(f"tensor {name!r} appears in two files")
                     raise CheckpointError(
-                        f"tensor {name!r} appears twice in the files (as {stored!r} in {path.name})"
+                        f"tensor {name!r} appears twice, as {first!r} "
+                        f"({self._where[name][0].name}) and as {stored!r} ({path.name})"
                     )
+                stored_as[name] = stored
                 self._where[name] = (path, entry)
 
     def __contains__(self, name: str) -> bool:
