@@ -243,8 +243,9 @@ def test_compressed_tensors_ignore_lists_float_expert_projections(tmp_path):
     model, _ = convert_model(tiny("mixtral"), config, progress=False)
     save_checkpoint(model, tmp_path / "ct", "compressed-tensors")
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
-    assert f"{EXPERTS}.0.gate_proj" in qc["ignore"]
-    assert not any(name.startswith(f"{EXPERTS}.1") for name in qc["ignore"])
+    stored = "model.layers.0.block_sparse_moe.experts"  # Mixtral checkpoints' name for it
+    assert f"{stored}.0.w1" in qc["ignore"]
+    assert not any(name.startswith(f"{stored}.1") for name in qc["ignore"])
 
 
 def test_compressed_tensors_library_decompresses_expert_weights_exactly(tmp_path):

@@ -10,6 +10,8 @@ Fused mixture-of-experts modules are split into per-expert linears first (see
 ``QuantExperts``); their weights are read under the per-expert names Hugging Face
 checkpoints use (``<experts>.<e>.gate_proj.weight`` ...) or, failing that, sliced
 from the fused tensors (``<experts>.gate_up_proj``), one experts module's at a time.
+Files may name tensors as the model type's original checkpoints do (Mixtral's
+``block_sparse_moe.experts.<e>.w1`` ..., see ``formats.checkpoint_names``).
 """
 
 from __future__ import annotations
@@ -24,22 +26,36 @@ from tqdm.auto import tqdm
 from torchquant.config import QuantConfig
 from torchquant.convert import ConversionSummary, plan_conversion, split_experts_for_config
 from torchquant.errors import CheckpointError, ConfigError
+from torchquant.formats.checkpoint_names import CheckpointNames, names_for_model, names_for_type
 from torchquant.modules import QuantExperts, QuantLinear
 from torchquant.safetensors_check import TensorEntry, check_safetensors
 
 
 class FloatWeights:
-    """Tensors of one or more validated safetensors files, read one at a time on request."""
+    """Tensors of one or more validated safetensors files, read one at a time on request.
 
-    def __init__(self, files: Sequence[str | Path]) -> None:
+    Tensors are looked up by the model's names; ``names`` maps the files' names to them.
+    """
+
+    def __init__(self, files: Sequence[str | Path], names: CheckpointNames | None = None) -> None:
+        names = names or names_for_type(None)
         self._where: dict[str, tuple[Path, TensorEntry]] = {}
         self._data_start: dict[Path, int] = {}
+        stored_as: dict[str, str] = {}
         for path in map(Path, files):
             header = check_safetensors(path)
             self._data_start[path] = path.stat().st_size - header.data_bytes
-            for name, entry in header.entries.items():
+            for stored, entry in header.entries.items():
+                name = names.to_model(stored)
                 if name in self._where:
-                    raise CheckpointError(f"tensor {name!r} appears in two files")
+                    first = stored_as[name]
+                    if stored == first:
+                        raise CheckpointError(f"tensor {name!r} appears in two files")
+                    raise CheckpointError(
+                        f"tensor {name!r} appears twice, as {first!r} "
+                        f"({self._where[name][0].name}) and as {stored!r} ({path.name})"
+                    )
+                stored_as[name] = stored
                 self._where[name] = (path, entry)
 
     def __contains__(self, name: str) -> bool:
@@ -145,7 +161,7 @@ def convert_from_safetensors(
         raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
     plan_conversion(model, config)  # -- refuse a bad override before any module changes
     experts_left = split_experts_for_config(model, config)
-    weights = ExpertWeights(model, FloatWeights(files))
+    weights = ExpertWeights(model, FloatWeights(files, names_for_model(model)))
     plan = plan_conversion(model, config)
     needing = [n for n, (s, _) in plan.items() if s is not None and s.needs_calibration]
     if needing:
