@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import threading
 import time
@@ -51,26 +52,25 @@ def _static(observer: str, percentile: float = 100.0) -> ActivationQuant:
     )
 
 
-def rows(group: int, alpha: float, awq: AWQConfig, damp: float) -> dict[str, QuantScheme]:
+def rows(group: int, alpha: float, awq: AWQConfig, gptq: GPTQConfig) -> dict[str, QuantScheme]:
     """Every row of the table, the calibrated ones first (``--only`` picks a subset)."""
-    gptq = GPTQConfig(dampening=damp)
+    plain = dataclasses.replace(gptq, act_order=False, static_groups=False)
+    ordered = dataclasses.replace(gptq, act_order=True, static_groups=False)
+    static = dataclasses.replace(gptq, act_order=True, static_groups=True)
     return {
-        f"w4a16 g{group} GPTQ": _wna16(4, group, "gptq", gptq=gptq),
+        f"w4a16 g{group} GPTQ": _wna16(4, group, "gptq", gptq=plain),
+        f"w4a16 g{group} GPTQ act-order static": _wna16(4, group, "gptq", gptq=static),
         f"w4a16 g{group} AWQ": _wna16(4, group, "awq", awq=awq),
-        f"w3a16 g{group} GPTQ": _wna16(3, group, "gptq", gptq=gptq),
+        f"w3a16 g{group} GPTQ": _wna16(3, group, "gptq", gptq=plain),
+        f"w3a16 g{group} GPTQ act-order static": _wna16(3, group, "gptq", gptq=static),
         f"w3a16 g{group} AWQ": _wna16(3, group, "awq", awq=awq),
         f"w8a8 dynamic SmoothQuant {alpha}": _w8a8(
             "smoothquant", smoothquant=SmoothQuantConfig(alpha)
         ),
-        f"w4a16 g{group} GPTQ act-order": _wna16(
-            4, group, "gptq", gptq=GPTQConfig(dampening=damp, act_order=True)
-        ),
+        f"w4a16 g{group} GPTQ act-order": _wna16(4, group, "gptq", gptq=ordered),
         "w8a8 static minmax": _w8a8(act=_static("minmax")),
         "w8a8 static KL": _w8a8(act=_static("kl")),
         "w8a8 static percentile 99.99": _w8a8(act=_static("percentile", 99.99)),
-        f"w4a16 g{group} GPTQ act-order static": _wna16(
-            4, group, "gptq", gptq=GPTQConfig(dampening=damp, act_order=True, static_groups=True)
-        ),
         f"w4a16 g{group} RTN": _wna16(4, group),
         f"w3a16 g{group} RTN": _wna16(3, group),
         "w8a8 dynamic": _w8a8(),
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--awq-tokens", type=int, default=2048)
     parser.add_argument("--only", nargs="*", help="row names to run, in this order")
     parser.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ dampening")
+    parser.add_argument("--gptq-observer", default="minmax", help="GPTQ group ranges")
     parser.add_argument("--awq-grid", type=int, default=20)
     parser.add_argument(
         "--reference", type=float, default=None, help="fp32 perplexity, to skip measuring it"
@@ -132,7 +133,8 @@ def main() -> None:
         print(f"fp32: {ref:.3f} (given)", flush=True)
     table = [("fp32", ref, 0.0, 0.0, 0.0)]
     awq = AWQConfig(grid=args.awq_grid, max_tokens=args.awq_tokens)
-    table_rows = rows(args.group_size, args.alpha, awq, args.gptq_damp)
+    gptq = GPTQConfig(dampening=args.gptq_damp, observer=args.gptq_observer)
+    table_rows = rows(args.group_size, args.alpha, awq, gptq)
     if args.only:
         unknown = [n for n in args.only if n not in table_rows]
         if unknown:

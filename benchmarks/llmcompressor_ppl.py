@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.awq import AWQModifier
 from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+from llmcompressor.pipelines.cache import IntermediatesCache
 
 from torchquant.calibration import calibration_tokens
 from torchquant.evaluation import perplexity, tokenize_text
@@ -61,10 +63,10 @@ def recipes(group: int, alpha: float) -> dict[str, list | None]:
         rows[f"w{bits}a16 g{group} GPTQ"] = [
             GPTQModifier(config_groups=groups, ignore=IGNORE, actorder=None)
         ]
-        if bits == 4:
-            rows[f"w{bits}a16 g{group} GPTQ act-order"] = [
-                GPTQModifier(config_groups=groups, ignore=IGNORE, actorder="group")
-            ]
+        # 0.14 accepts only "weight"/"static" act-order (no g_idx), its GPTQ default
+        rows[f"w{bits}a16 g{group} GPTQ act-order static"] = [
+            GPTQModifier(config_groups=groups, ignore=IGNORE, actorder="static")
+        ]
         rows[f"w{bits}a16 g{group} AWQ"] = [
             AWQModifier(),
             QuantizationModifier(config_groups=groups, ignore=IGNORE),
@@ -93,8 +95,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not torch.cuda.is_available():
+        # 0.14's sequential pipeline pins cached activations, which fails without CUDA
+        IntermediatesCache._pin_intermediate = classmethod(lambda cls, value: None)
 
     base, tokenizer = load_model(args.model)
+    # oneshot re-reads the config from disk; a GGUF folder has none, so give it a plain one
+    if hasattr(base.config, "quantization_config"):
+        del base.config.quantization_config
+    config_dir = tempfile.mkdtemp(prefix="llmc-config-")
+    base.config.save_pretrained(config_dir)
+    base.config._name_or_path = config_dir
     ids = tokenize_text(tokenizer, Path(args.text).read_text(encoding="utf-8"), args.max_tokens)
     calib = calibration_tokens(args.calib, tokenizer, args.calib_samples, args.calib_seq_len)
     dataset = Dataset.from_dict(

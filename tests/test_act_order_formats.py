@@ -52,7 +52,9 @@ def tiny_llama(hidden=64, inter=128):
 
 def act_order_model(bits=4, group=32, symmetric=False, **kw):
     weight = WeightQuant("int", bits, group, symmetric)
-    scheme = QuantScheme(weight, algorithm="gptq", gptq=GPTQConfig(act_order=True))
+    scheme = QuantScheme(
+        weight, algorithm="gptq", gptq=GPTQConfig(act_order=True, static_groups=False)
+    )
     ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
     config = QuantConfig(default=scheme)
     model, _ = convert_model(tiny_llama(**kw), config, calibration_data=ids, progress=False)

@@ -140,7 +140,7 @@ def test_gptq_act_order_quantize_inspect_eval(model_dir, tmp_path, capsys, fmt):
     out = tmp_path / fmt
     text = str(model_dir / "text.txt")
     args = ["quantize", str(model_dir), "--scheme", "w4a16", "--group-size", "32"]
-    args += ["--algorithm", "gptq", "--act-order", "--calib", text]
+    args += ["--algorithm", "gptq", "--act-order", "group", "--calib", text]
     args += ["--calib-samples", "4", "--calib-seq-len", "16"]
     assert main([*args, "--format", fmt, "--out", str(out)]) == 0
     assert f"saved {out} as {fmt}" in capsys.readouterr().out
@@ -160,19 +160,20 @@ def test_gptq_act_order_quantize_inspect_eval(model_dir, tmp_path, capsys, fmt):
     assert json.loads(capsys.readouterr().out)["tokens"] == 32
 
 
-def test_act_order_refusals_exit_1_with_a_reason(model_dir, tmp_path, capsys):
+def test_act_order_choices_and_refusals(model_dir, tmp_path, capsys):
     text = str(model_dir / "text.txt")
     base = ["quantize", str(model_dir), "--group-size", "32", "--calib", text]
     base += ["--calib-samples", "2", "--calib-seq-len", "16"]
-    assert main([*base, "--act-order", "--out", str(tmp_path / "r")]) == 1
+    assert main([*base, "--act-order", "group", "--out", str(tmp_path / "r")]) == 1
     assert "--act-order applies to --algorithm gptq only" in capsys.readouterr().err
-    awq = [*base, "--algorithm", "gptq", "--act-order", "--format", "awq"]
-    assert main([*awq, "--out", str(tmp_path / "a")]) == 1
+    awq = [*base, "--algorithm", "gptq", "--format", "awq", "--act-order"]
+    assert main([*awq, "group", "--out", str(tmp_path / "a")]) == 1
     assert "g_idx, which AWQ cannot store" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
-    assert main([*base, "--static-groups", "--out", str(tmp_path / "s")]) == 1
-    assert "--static-groups goes with --act-order" in capsys.readouterr().err
     # static groups keep contiguous groups: no g_idx, so AWQ holds them
-    assert main([*awq, "--static-groups", "--out", str(tmp_path / "a")]) == 0
+    assert main([*awq, "static", "--out", str(tmp_path / "a")]) == 0
     layers = [m for m in load_checkpoint(tmp_path / "a").modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 7 and all(m.g_idx is None for m in layers)
+    with pytest.raises(SystemExit) as exc:
+        main([*awq, "sideways", "--out", str(tmp_path / "b")])
+    assert exc.value.code == 2 and "invalid choice: 'sideways'" in capsys.readouterr().err

@@ -127,7 +127,9 @@ def library_compress(state: dict, scheme: QuantizationScheme) -> dict:
 
 def act_order_model(group=32, symmetric=False, **kw):
     weight = WeightQuant("int", 4, group, symmetric)
-    scheme = QuantScheme(weight, algorithm="gptq", gptq=GPTQConfig(act_order=True))
+    scheme = QuantScheme(
+        weight, algorithm="gptq", gptq=GPTQConfig(act_order=True, static_groups=False)
+    )
     ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
     config = QuantConfig(default=scheme)
     model, _ = convert_model(tiny_llama(**kw), config, calibration_data=ids, progress=False)

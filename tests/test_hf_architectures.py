@@ -77,6 +77,7 @@ def test_convert_run_save_load_identical(tmp_path, arch):
     err = (want - outputs(reference, ids)).norm() / outputs(reference, ids).norm()
     assert torch.isfinite(want).all() and 0 < err < 0.5, err  # quantized, yet close
     assert not any(isinstance(m, QuantLinear) for n, m in model.named_modules() if "lm_head" in n)
+    assert not any(p.dim() == 3 for p in model.parameters())  # MoE experts too are quantized
     formats = ["native", "compressed-tensors"]
     if arch == "gpt2":  # Conv1D layers: compressed-tensors readers expect nn.Linear weights
         with pytest.raises(CheckpointError, match="Conv1D, not nn.Linear"):

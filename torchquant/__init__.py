@@ -19,7 +19,7 @@ from torchquant.errors import (
     TorchquantError,
 )
 from torchquant.formats.dispatch import detect_format, load_checkpoint, save_checkpoint
-from torchquant.modules import QatLinear, QuantLinear
+from torchquant.modules import QatLinear, QuantExperts, QuantLinear
 from torchquant.qat import QatOptions, convert_qat, prepare_qat
 from torchquant.schemes import scheme_from_name
 
@@ -34,6 +34,7 @@ __all__ = [
     "ConversionSummary",
     "GPTQConfig",
     "QatLinear",
+    "QuantExperts",
     "QatOptions",
     "QuantConfig",
     "QuantLinear",

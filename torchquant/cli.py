@@ -17,6 +17,8 @@ from torchquant.errors import TorchquantError
 from torchquant.formats.dispatch import FORMATS
 
 DEFAULT_SEQ_LEN = 1024
+# --act-order choice -> GPTQConfig (act_order, static_groups)
+ACT_ORDERS = {"static": (True, True), "group": (True, False), "off": (False, False)}
 
 
 def _scheme_args(p: argparse.ArgumentParser) -> None:
@@ -34,15 +36,11 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--act-order",
-        action="store_true",
-        help="GPTQ: visit columns by decreasing activation energy; groups follow that order "
-        "(saved with a g_idx: gptq desc_act, compressed-tensors actorder group)",
-    )
-    p.add_argument(
-        "--static-groups",
-        action="store_true",
-        help="GPTQ with --act-order: fix each group's scales before reordering, keeping "
-        "contiguous groups (no g_idx; every format, AWQ included, can store them)",
+        default=None,
+        choices=tuple(ACT_ORDERS),
+        help="GPTQ column order: static (by activation energy, groups fixed first: the "
+        "default), group (groups follow that order, saved with a g_idx: gptq desc_act, "
+        "compressed-tensors actorder group; not awq), off (input order)",
     )
     p.add_argument("--calib", default=None, help="calibration text file (UTF-8)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences")
@@ -129,12 +127,11 @@ def _config(args: argparse.Namespace):
     symmetric = True if args.symmetric else None
     scheme = scheme_from_name(args.scheme, group_size=args.group_size, symmetric=symmetric)
     scheme = dataclasses.replace(scheme, algorithm=args.algorithm)
-    if args.static_groups and not args.act_order:
-        raise TorchquantError("--static-groups goes with --act-order")
-    if args.act_order:
+    if args.act_order is not None:
         if args.algorithm != "gptq":
             raise TorchquantError("--act-order applies to --algorithm gptq only")
-        gptq = dataclasses.replace(scheme.gptq, act_order=True, static_groups=args.static_groups)
+        act_order, static_groups = ACT_ORDERS[args.act_order]
+        gptq = dataclasses.replace(scheme.gptq, act_order=act_order, static_groups=static_groups)
         scheme = dataclasses.replace(scheme, gptq=gptq)
     if scheme.needs_calibration and not args.calib:
         raise TorchquantError(f"--algorithm {args.algorithm} needs --calib FILE (a text file)")
@@ -175,10 +172,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from torchquant.models import load_model
 
     config = _config(args)
-    if args.act_order and not args.static_groups and args.format == "awq":
+    if args.act_order == "group" and args.format == "awq":
         raise TorchquantError(  # said before the costly calibration
-            "--act-order weights carry a g_idx, which AWQ cannot store; add --static-groups "
-            "or use --format gptq, compressed-tensors or native"
+            "--act-order group weights carry a g_idx, which AWQ cannot store; use "
+            "--act-order static or --format gptq, compressed-tensors or native"
         )
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))

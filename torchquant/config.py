@@ -143,12 +143,15 @@ class GPTQConfig:
     diagonal added to it), ``act_order`` (columns by decreasing Hessian diagonal) and
     ``static_groups`` (group qparams fixed before reordering, so no ``g_idx`` is needed),
     ``observer`` choosing each group's range (``minmax`` or ``mse`` clipping search).
+
+    Act-order with static groups is the default: visiting the outlier-fed columns first
+    matters most on models with activation outliers, and it keeps the plain group layout.
     """
 
     block_size: int = 128
     dampening: float = 0.01
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = True
+    static_groups: bool = True
     observer: str = "minmax"
 
     def __post_init__(self) -> None:
@@ -214,9 +217,16 @@ class AWQConfig:
 
 @dataclass(frozen=True)
 class SmoothQuantConfig:
-    """SmoothQuant migration strength: ``s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)``."""
+    """SmoothQuant migration strength: ``s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)``.
+
+    As in the SmoothQuant paper, only inputs that come out of a norm are smoothed by
+    default; the inputs a linear produces (``o_proj`` from ``v_proj``, ``down_proj`` from
+    ``up_proj``) carry outliers too large to move into per-channel weights, and smoothing
+    them costs accuracy.  ``smooth_linear_inputs`` smooths those too.
+    """
 
     alpha: float = 0.5
+    smooth_linear_inputs: bool = False
 
     def __post_init__(self) -> None:
         _require(
@@ -224,6 +234,12 @@ class SmoothQuantConfig:
             "smoothquant.alpha",
             self.alpha,
             "a number in [0, 1]",
+        )
+        _require(
+            isinstance(self.smooth_linear_inputs, bool),
+            "smoothquant.smooth_linear_inputs",
+            self.smooth_linear_inputs,
+            "true or false",
         )
 
 
@@ -389,13 +405,22 @@ class QuantConfig:
         if self.default is None and not any(s is not None for _, s in self.overrides):
             raise ConfigError("default is None and no override names a scheme: nothing to quantize")
 
-    def resolve(self, name: str) -> tuple[QuantScheme | None, str]:
-        """The scheme for module ``name`` and why (``"default"``, ``"override 'x'"``, ...)."""
-        pattern = first_match(self.ignore, name)
+    def resolve(self, name: str, aliases: Sequence[str] = ()) -> tuple[QuantScheme | None, str]:
+        """The scheme for module ``name`` and why (``"default"``, ``"override 'x'"``, ...).
+
+        A pattern that matches one of ``aliases`` counts as matching ``name`` (a per-expert
+        linear answers to its experts module's name too, see ``QuantExperts``).
+        """
+        names = (name, *aliases)
+
+        def hit(patterns: Sequence[str]) -> str | None:
+            return next((p for p in patterns if any(first_match((p,), n) for n in names)), None)
+
+        pattern = hit(self.ignore)
         if pattern is not None:
             return None, f"ignored by {pattern!r}"
         for pattern, scheme in self.overrides:
-            if first_match((pattern,), name) is not None:
+            if hit((pattern,)) is not None:
                 return scheme, f"override {pattern!r}" if scheme else f"skipped by {pattern!r}"
         return self.default, "default" if self.default else "no default scheme"
 

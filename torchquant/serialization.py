@@ -29,6 +29,7 @@ from torchquant import checkpoint_checks as checks
 from torchquant import digests
 from torchquant.atomic import staged_directory
 from torchquant.config import QuantConfig
+from torchquant.convert import split_experts_for_names
 from torchquant.errors import CheckpointError, ConfigError
 from torchquant.hf_skeleton import build_hf_skeleton
 from torchquant.layer_spec import LayerSpec
@@ -291,8 +292,10 @@ def load_quantized(
     Without ``model`` the directory must hold a Hugging Face ``config.json``: the model
     is built on the meta device from it (no code from the checkpoint runs).  With
     ``model`` (a float skeleton, on any device including meta), its linear layers
-    named in the checkpoint are replaced by ``QuantLinear`` shells.  Tensors are then
-    assigned straight from the files, so no full-precision copy is materialised.
+    named in the checkpoint are replaced by ``QuantLinear`` shells (fused experts modules
+    whose per-expert linears the checkpoint holds are split first, see ``QuantExperts``).
+    Tensors are then assigned straight from the files, so no full-precision copy is
+    materialised.
     """
     directory = Path(directory)
     files = checkpoint_files(directory)
@@ -314,6 +317,8 @@ def load_quantized(
             raise CheckpointError(f"{directory}: no config.json; pass the float model as `model=`")
         num_tensors = sum(len(h.entries) for h in headers)
         model = build_hf_skeleton(directory, metadata.get(KEY_MODEL_CLASS, ""), num_tensors)
+    declared = checks.declared_entries(headers)
+    split_experts_for_names(model, [*specs, *(k.rpartition(".")[0] for k in declared)])
     for name, spec in specs.items():
         try:
             target = model.get_submodule(name) if name else None
@@ -325,7 +330,7 @@ def load_quantized(
         _set_submodule(model, name, spec.build())
     full = model.state_dict()
     expected = {k: v for k, v in full.items() if k not in aliases}
-    checks.check_declared(expected, checks.declared_entries(headers))
+    checks.check_declared(expected, declared)
     state = _read_tensors(files, records)
     _check_state(expected, state)
     checks.check_loaded_values(state, model)

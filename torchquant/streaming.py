@@ -5,6 +5,13 @@ the memory at hand, build its skeleton on the meta device instead and let
 :func:`convert_from_safetensors` read each linear layer's weight from disk,
 quantize it, and drop it before reading the next.  Peak memory is then the
 quantized model plus one float layer (and its quantization temporaries).
+
+Fused mixture-of-experts modules are split into per-expert linears first (see
+``QuantExperts``); their weights are read under the per-expert names Hugging Face
+checkpoints use (``<experts>.<e>.gate_proj.weight`` ...) or, failing that, sliced
+from the fused tensors (``<experts>.gate_up_proj``), one experts module's at a time.
+Files may name tensors as the model type's original checkpoints do (Mixtral's
+``block_sparse_moe.experts.<e>.w1`` ..., see ``formats.checkpoint_names``).
 """
 
 from __future__ import annotations
@@ -17,24 +24,38 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from torchquant.config import QuantConfig
-from torchquant.convert import ConversionSummary, plan_conversion
+from torchquant.convert import ConversionSummary, plan_conversion, split_experts_for_config
 from torchquant.errors import CheckpointError, ConfigError
-from torchquant.modules import QuantLinear
+from torchquant.formats.checkpoint_names import CheckpointNames, names_for_model, names_for_type
+from torchquant.modules import QuantExperts, QuantLinear
 from torchquant.safetensors_check import TensorEntry, check_safetensors
 
 
 class FloatWeights:
-    """Tensors of one or more validated safetensors files, read one at a time on request."""
+    """Tensors of one or more validated safetensors files, read one at a time on request.
 
-    def __init__(self, files: Sequence[str | Path]) -> None:
+    Tensors are looked up by the model's names; ``names`` maps the files' names to them.
+    """
+
+    def __init__(self, files: Sequence[str | Path], names: CheckpointNames | None = None) -> None:
+        names = names or names_for_type(None)
         self._where: dict[str, tuple[Path, TensorEntry]] = {}
         self._data_start: dict[Path, int] = {}
+        stored_as: dict[str, str] = {}
         for path in map(Path, files):
             header = check_safetensors(path)
             self._data_start[path] = path.stat().st_size - header.data_bytes
-            for name, entry in header.entries.items():
+            for stored, entry in header.entries.items():
+                name = names.to_model(stored)
                 if name in self._where:
-                    raise CheckpointError(f"tensor {name!r} appears in two files")
+                    first = stored_as[name]
+                    if stored == first:
+                        raise CheckpointError(f"tensor {name!r} appears in two files")
+                    raise CheckpointError(
+                        f"tensor {name!r} appears twice, as {first!r} "
+                        f"({self._where[name][0].name}) and as {stored!r} ({path.name})"
+                    )
+                stored_as[name] = stored
                 self._where[name] = (path, entry)
 
     def __contains__(self, name: str) -> bool:
@@ -71,6 +92,49 @@ class FloatWeights:
         return buffer.view(entry.dtype).reshape(entry.shape)
 
 
+class ExpertWeights:
+    """Reads per-expert weights by name, or slices them from the fused tensor in the files.
+
+    The fused tensors of the experts module last read from stay cached (gate/up and
+    down alternate as the experts are converted in order).
+    """
+
+    def __init__(self, model: nn.Module, weights: FloatWeights) -> None:
+        self.weights = weights
+        self.sources: dict[str, tuple[str, str, tuple[int | slice, ...]]] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, QuantExperts):
+                for rel, (attr, index) in module.fused_sources().items():
+                    self.sources[f"{name}.{rel}.weight"] = (name, f"{name}.{attr}", index)
+        self._module = ""
+        self._fused: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+        if name in self.weights or name not in self.sources:
+            return self.weights.get(name, like)
+        module, fused_name, index = self.sources[name]
+        if fused_name not in self.weights:
+            raise CheckpointError(
+                f"tensor {name!r} is not in the float weights, nor its fused {fused_name!r}"
+            )
+        if module != self._module:
+            self._module, self._fused = module, {}
+        if fused_name not in self._fused:
+            self._fused[fused_name] = self.weights.get(fused_name)
+        fused = self._fused[fused_name]
+        if fused.dim() != 3 or not all(isinstance(i, slice) or i < fused.shape[0] for i in index):
+            raise CheckpointError(
+                f"tensor {fused_name!r}: shape {tuple(fused.shape)} does not hold {name!r}"
+            )
+        weight = fused[index]
+        if like is not None and tuple(weight.shape) != tuple(like.shape):
+            raise CheckpointError(
+                f"tensor {fused_name!r}: shape {tuple(fused.shape)} gives {name!r} the shape "
+                f"{tuple(weight.shape)}, the model expects {tuple(like.shape)}"
+            )
+        return weight.clone()  # -- its own storage: the fused tensor can go with its module
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -95,7 +159,9 @@ def convert_from_safetensors(
     """
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
-    weights = FloatWeights(files)
+    plan_conversion(model, config)  # -- refuse a bad override before any module changes
+    experts_left = split_experts_for_config(model, config)
+    weights = ExpertWeights(model, FloatWeights(files, names_for_model(model)))
     plan = plan_conversion(model, config)
     needing = [n for n, (s, _) in plan.items() if s is not None and s.needs_calibration]
     if needing:
@@ -104,7 +170,10 @@ def convert_from_safetensors(
             "scales that need calibration; streaming conversion is round-to-nearest only: load "
             "the model and call convert_model(model, config, calibration_data=...)"
         )
-    summary = ConversionSummary()
+    summary = ConversionSummary(skipped=experts_left)
+    summary.split_experts = {
+        n: m.num_experts for n, m in model.named_modules() if isinstance(m, QuantExperts)
+    }
     for name, (scheme, why) in tqdm(
         plan.items(), desc="quantizing", unit="layer", disable=not progress
     ):

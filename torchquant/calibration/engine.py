@@ -151,7 +151,11 @@ class BlockCalibrator:
                 continue
             if any(stats[x].tokens == 0 for x in m.linears):
                 continue
-            alpha = self.schemes[m.linears[0]].smoothquant.alpha
+            config = self.schemes[m.linears[0]].smoothquant
+            if m.source_is_linear and not config.smooth_linear_inputs:
+                done.update(m.linears)
+                continue
+            alpha = config.alpha
             absmax = torch.stack([stats[x].absmax for x in m.linears]).amax(dim=0)
             ws = [get_weight(self.modules[x]) for x in m.linears]
             s = smoothquant.smoothing_factors(absmax, ws, alpha).to(ws[0].device)

@@ -19,11 +19,16 @@ from torch import nn
 
 @dataclass(frozen=True)
 class BalanceMapping:
-    """``source`` output -> input of every one of ``linears``; AWQ scores ``inspect``'s output."""
+    """``source`` output -> input of every one of ``linears``; AWQ scores ``inspect``'s output.
+
+    ``source_is_linear`` marks inputs another linear produces, which SmoothQuant leaves
+    alone unless asked (:class:`~torchquant.config.SmoothQuantConfig`).
+    """
 
     source: str
     linears: tuple[str, ...]
     inspect: str | None = None
+    source_is_linear: bool = False
 
 
 @dataclass(frozen=True)
@@ -38,9 +43,9 @@ _LLAMA_LIKE = (
     BalanceMapping(
         "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"
     ),
-    BalanceMapping("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    BalanceMapping("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", True),
     BalanceMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-    BalanceMapping("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+    BalanceMapping("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", True),
 )
 
 ARCH_MAPPINGS: tuple[ArchMapping, ...] = (
@@ -69,7 +74,7 @@ ARCH_MAPPINGS: tuple[ArchMapping, ...] = (
                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                 "self_attn",
             ),
-            BalanceMapping("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
+            BalanceMapping("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj", True),
             BalanceMapping("final_layer_norm", ("fc1",), "fc1"),
         ),
     ),
@@ -80,7 +85,10 @@ ARCH_MAPPINGS: tuple[ArchMapping, ...] = (
         ("bert.encoder.layer", "roberta.encoder.layer", "encoder.layer"),
         (
             BalanceMapping(
-                "attention.self.value", ("attention.output.dense",), "attention.output.dense"
+                "attention.self.value",
+                ("attention.output.dense",),
+                "attention.output.dense",
+                True,
             ),
         ),
     ),

@@ -24,6 +24,7 @@ from torch import nn
 
 from torchquant.errors import CheckpointError, ConfigError
 from torchquant.formats import hf_checkpoint as hf
+from torchquant.formats.checkpoint_names import names_for_model
 from torchquant.formats.int_layers import (
     IntLayerWeights,
     build_int_layer,
@@ -133,14 +134,15 @@ def save_awq(
     tensors = hf.float_state(model)
     for name, w in weights.items():
         tensors.update({f"{name}.{k}": v for k, v in awq_tensors(w, name).items()})
-    linear = hf.linear_layer_names(model)
+    names = names_for_model(model)
+    kept_float = [names.to_checkpoint(n) for n in hf.linear_layer_names(model) if n not in layers]
     qc = {
         "quant_method": QUANT_METHOD,
         "bits": BITS,
         "group_size": groups.pop(),
         "zero_point": True,
         "version": VERSION,
-        "modules_to_not_convert": sorted(n for n in linear if n not in layers) or None,
+        "modules_to_not_convert": sorted(kept_float) or None,
     }
     config = hf.model_config_dict(model)
     config["quantization_config"] = qc

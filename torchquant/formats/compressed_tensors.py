@@ -29,6 +29,7 @@ older (GPTQ's ``desc_act`` checkpoints carry the same weights).
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from torch import nn
 from torchquant.config import ActivationQuant, QuantScheme, WeightQuant
 from torchquant.errors import CheckpointError, ConfigError
 from torchquant.formats import hf_checkpoint as hf
+from torchquant.formats.checkpoint_names import CheckpointNames, names_for_model
 from torchquant.formats.int_layers import (
     IntLayerWeights,
     build_int_layer,
@@ -176,20 +178,34 @@ def _layer_tensors(name: str, layer: QuantLinear) -> tuple[str, dict, dict[str, 
 
 
 def _original_layer_types(model: nn.Module) -> dict[str, str]:
-    """Class names of the layers the model had before conversion (from a meta copy)."""
+    """Class names of the layers the model had before conversion (from a meta copy).
+
+    Fused experts the model has split (``QuantExperts``) are split in the copy too, so
+    their per-expert projections count as the ``nn.Linear`` layers they now are.
+    """
     from accelerate import init_empty_weights
+
+    from torchquant.convert import split_experts_for_names
 
     with init_empty_weights(include_buffers=False):
         skeleton = type(model)._from_config(model.config)
+    with warnings.catch_warnings():  # -- unknown fused experts were reported at conversion
+        warnings.simplefilter("ignore")
+        split_experts_for_names(skeleton, (name for name, _ in model.named_modules()))
     return hf.linear_layer_names(skeleton)
 
 
 def quantization_config_for(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The ``quantization_config`` and every tensor of ``model`` in compressed-tensors form."""
+    """The ``quantization_config`` and every tensor of ``model`` in compressed-tensors form.
+
+    Targets and ignores name layers as the files do; the tensors are keyed by the
+    model's names (``hf.write_checkpoint`` stores them under the files' names).
+    """
     layers = hf.quantized_layers(model)
     if not layers:
         raise CheckpointError("model has no QuantLinear layers; run convert_model first")
     types = _original_layer_types(model)
+    names = names_for_model(model)
     tensors = hf.float_state(model)
     groups: dict[str, dict[str, Any]] = {}
     for name, layer in layers.items():
@@ -211,9 +227,9 @@ def quantization_config_for(model: nn.Module) -> tuple[dict[str, Any], dict[str,
                 "format": fmt,
             },
         )
-        group["targets"].append(name)
+        group["targets"].append(names.to_checkpoint(name))
         tensors.update({f"{name}.{k}": v for k, v in local.items()})
-    ignore = sorted(n for n in types if n not in layers)
+    ignore = sorted(names.to_checkpoint(n) for n in types if n not in layers)
     if len(groups) == 1:
         # one scheme everywhere: the idiomatic form, every Linear minus the ignored ones
         next(iter(groups.values()))["targets"] = ["Linear"]
@@ -330,15 +346,21 @@ def _matches(pattern: str, name: str, class_name: str) -> bool:
     return pattern in (name, class_name)
 
 
-def _assign_groups(qc: dict[str, Any], layers: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Layer name -> its config group (first group whose targets match, minus ``ignore``)."""
+def _assign_groups(
+    qc: dict[str, Any], layers: dict[str, str], names: CheckpointNames
+) -> dict[str, dict[str, Any]]:
+    """Layer name -> its config group (first group whose targets match, minus ``ignore``).
+
+    Patterns may name a layer as the model does or as the checkpoint's files do.
+    """
     ignore = qc.get("ignore") or []
     plan = {}
     for name, cls in layers.items():
-        if any(_matches(p, name, cls) for p in ignore):
+        aliases = names.all_names(name)
+        if any(_matches(p, alias, cls) for p in ignore for alias in aliases):
             continue
         for group in qc["config_groups"].values():
-            if any(_matches(t, name, cls) for t in group["targets"]):
+            if any(_matches(t, alias, cls) for t in group["targets"] for alias in aliases):
                 plan[name] = {**group, "format": group.get("format") or qc.get("format")}
                 break
     if not plan:
@@ -452,9 +474,9 @@ def load_compressed_tensors(directory: str | Path) -> nn.Module:
     files, declared = hf.declared_tensors(directory)
     config = hf.read_config(directory)
     qc = parse_quantization_config(config.get("quantization_config"))
-    model = hf.build_skeleton(directory, config, len(declared))
+    model = hf.build_skeleton(directory, config, declared)
     layer_types = hf.linear_layer_names(model)
-    plan = _assign_groups(qc, layer_types)
+    plan = _assign_groups(qc, layer_types, names_for_model(model))
     hf.check_float_tensors(model, declared, list(plan))
     tensors = hf.read_tensors(files, model)
 

@@ -4,7 +4,9 @@ A folder holds ``config.json`` (the model config plus a ``quantization_config``)
 ``model.safetensors`` or shards with ``model.safetensors.index.json``, and the
 tokenizer.  Formats decide the tensor names of quantized layers; this module writes
 and reads the folder, checks the shard index, and rebuilds the model on the meta
-device so that no full-precision weight is ever materialised.
+device so that no full-precision weight is ever materialised.  Tensors are stored
+under the names the model type's original checkpoints use (``checkpoint_names``) and
+are keyed by the model's own module names everywhere else.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from torchquant import checkpoint_checks as checks
 from torchquant.atomic import staged_directory
 from torchquant.errors import CheckpointError
+from torchquant.formats.checkpoint_names import names_for_model, names_for_type
 from torchquant.hf_skeleton import build_hf_skeleton
 from torchquant.modules import QuantLinear
 from torchquant.safetensors_check import TensorEntry, check_safetensors
@@ -68,13 +71,18 @@ def write_checkpoint(
     extra_json: dict[str, dict[str, Any]] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Write ``config.json``, the (sharded) safetensors and the tokenizer atomically."""
+    """Write ``config.json``, the (sharded) safetensors and the tokenizer atomically.
+
+    ``tensors`` are keyed by the model's names and stored under the checkpoint names of
+    ``config["model_type"]``.
+    """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} exists and is not a directory")
     if directory.is_dir() and any(directory.iterdir()) and not (directory / "config.json").exists():
         raise CheckpointError(f"refusing to overwrite {directory}: not empty and not a checkpoint")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    tensors = names_for_type(config.get("model_type")).keys_to_checkpoint(tensors)
     shards = _shard(tensors, _parse_size(max_shard_size))
     with staged_directory(directory) as staging:
         if len(shards) == 1:
@@ -112,6 +120,7 @@ def declared_tensors(directory: str | Path) -> tuple[list[Path], dict[str, Tenso
     Shard names must stay inside the folder, each header must be sound (sizes that
     match shapes and the file, within the memory budget) and a shard index must
     agree with the shards tensor by tensor, all before any tensor is allocated.
+    Tensors are keyed by the model's names (see ``checkpoint_names``).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -120,7 +129,9 @@ def declared_tensors(directory: str | Path) -> tuple[list[Path], dict[str, Tenso
     headers = [check_safetensors(path) for path in files]
     if (directory / INDEX_FILE).exists():
         checks.check_index_matches_shards(directory, INDEX_FILE, headers)
-    return files, checks.declared_entries(headers)
+    has_config = (directory / "config.json").is_file()
+    model_type = read_config(directory).get("model_type") if has_config else None
+    return files, names_for_type(model_type).keys_to_model(checks.declared_entries(headers))
 
 
 def check_float_tensors(
@@ -142,7 +153,7 @@ def check_float_tensors(
 
 
 def read_tensors(files: list[Path], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor of the validated ``files``, refusing NaN/Inf values."""
+    """Every tensor of the validated ``files`` under the model's names, refusing NaN/Inf values."""
     state: dict[str, torch.Tensor] = {}
     for path in files:
         try:
@@ -153,6 +164,7 @@ def read_tensors(files: list[Path], model: nn.Module) -> dict[str, torch.Tensor]
                     state[key] = f.get_tensor(key)
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path.name}: unreadable or truncated ({exc})") from None
+    state = names_for_model(model).keys_to_model(state)
     checks.check_loaded_values(state, model)
     return state
 
@@ -164,12 +176,22 @@ def linear_layer_names(model: nn.Module) -> dict[str, str]:
     return {name: type(m).__name__ for name, m in model.named_modules() if is_linear_like(m)}
 
 
-def build_skeleton(directory: str | Path, config: dict[str, Any], num_tensors: int) -> nn.Module:
-    """The model named by ``config.json``'s ``architectures``, on the meta device."""
+def build_skeleton(
+    directory: str | Path, config: dict[str, Any], declared: dict[str, TensorEntry]
+) -> nn.Module:
+    """The model named by ``config.json``'s ``architectures``, on the meta device.
+
+    Fused experts modules whose per-expert linears (``<experts>.<e>.gate_proj`` ...) the
+    ``declared`` tensors name are split into them (``QuantExperts``).
+    """
+    from torchquant.convert import split_experts_for_names
+
     arch = config.get("architectures") or []
     if not isinstance(arch, list) or len(arch) != 1 or not isinstance(arch[0], str):
         raise CheckpointError(f"config.json: 'architectures' must name one class, got {arch!r}")
-    return build_hf_skeleton(Path(directory), arch[0], num_tensors)
+    model = build_hf_skeleton(Path(directory), arch[0], len(declared))
+    split_experts_for_names(model, (key.rpartition(".")[0] for key in declared))
+    return model
 
 
 def assemble(
@@ -231,7 +253,7 @@ def load_packed_folder(
     files, declared = declared_tensors(directory)
     config = read_config(directory)
     parsed = parse(directory, config)
-    model = build_skeleton(directory, config, len(declared))
+    model = build_skeleton(directory, config, declared)
     linear = linear_layer_names(model)
     suffix = f".{marker}"
     marked = {k[: -len(suffix)] for k in declared if k.endswith(suffix)}

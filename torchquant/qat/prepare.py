@@ -16,7 +16,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from torchquant.config import QuantConfig
-from torchquant.convert import ConversionSummary, _set_submodule, _tensor_bytes, plan_conversion
+from torchquant.convert import (
+    ConversionSummary,
+    _set_submodule,
+    _tensor_bytes,
+    plan_conversion,
+    split_experts_for_config,
+)
 from torchquant.errors import ConfigError, QuantizationError
 from torchquant.modules import QatLinear, QuantLinear
 from torchquant.qat.options import QatOptions
@@ -49,8 +55,10 @@ def prepare_qat(
     if qat_layers(model):
         raise QuantizationError("the model already has QatLinear layers: it is prepared")
     ptq = _quantized_layers(ptq_model) if ptq_model is not None else None
+    plan_conversion(model, config)  # -- refuse a bad override before any module changes
+    experts_left = split_experts_for_config(model, config)
     plan = plan_conversion(model, config)
-    summary = ConversionSummary()
+    summary = ConversionSummary(skipped=experts_left)
     for name, (scheme, why) in tqdm(
         plan.items(), desc="preparing QAT", unit="layer", disable=not progress
     ):
