@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--awq-tokens", type=int, default=2048)
     parser.add_argument("--only", nargs="*", help="row names to run, in this order")
     parser.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ dampening")
-    parser.add_argument("--gptq-observer", default="minmax", help="GPTQ group ranges")
+    parser.add_argument("--gptq-observer", default="mse", help="GPTQ group ranges")
     parser.add_argument("--awq-grid", type=int, default=20)
     parser.add_argument(
         "--reference", type=float, default=None, help="fp32 perplexity, to skip measuring it"
