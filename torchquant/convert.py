@@ -28,6 +28,7 @@ from torchquant.modules.quant_experts import (
     holds_fused_experts,
     layout_named,
 )
+from torchquant.offload import carry_hook, execution_device, is_offloaded, onloaded
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -205,6 +206,13 @@ def convert_model(
     plan = plan_conversion(model, config)
     needing = [n for n, (s, _) in plan.items() if s is not None and s.needs_calibration]
     if needing:
+        offloaded = [n for n, m in model.named_modules() if is_offloaded(m)]
+        if offloaded:
+            raise QuantizationError(
+                f"{offloaded[0]}: weights are offloaded by accelerate (device_map), which "
+                f"calibration does not support ({len(needing)} layer(s), e.g. {needing[0]!r}, "
+                "need it); load the model without offloading, or convert round-to-nearest"
+            )
         if calibration_data is None:
             raise ConfigError(
                 f"calibration_data is required: {len(needing)} layer(s) (e.g. {needing[0]!r}) "
@@ -233,14 +241,20 @@ def convert_model(
         if scheme is None:
             summary.skipped[name] = why
             continue
-        if layer.weight.device.type == "meta":
-            raise QuantizationError(f"{name}: weight is on the meta device; load it first")
-        home = layer.weight.device
-        work = layer if device is None else layer.to(device)
-        quantized = QuantLinear.from_linear(work, scheme, name).to(home)
-        summary.bytes_before += _tensor_bytes(layer)
+        with onloaded(layer):
+            if layer.weight.device.type == "meta":
+                raise QuantizationError(
+                    f"{name}: weight is on the meta device and no accelerate offload hook "
+                    "holds it; load the model's weights first, or build a meta skeleton and "
+                    "use torchquant.streaming.convert_from_safetensors"
+                )
+            home = execution_device(layer, layer.weight.device)
+            work = layer if device is None else layer.to(device)
+            quantized = QuantLinear.from_linear(work, scheme, name).to(home)
+            summary.bytes_before += _tensor_bytes(layer)
         summary.bytes_after += quantized.nbytes()
         summary.converted[name] = scheme.describe()
+        carry_hook(layer, quantized)
         _set_submodule(model, name, quantized)
         del layer, work
     _finish_experts(model, summary, experts_left, split)

@@ -34,6 +34,7 @@ from torchquant.errors import CheckpointError, ConfigError
 from torchquant.hf_skeleton import build_hf_skeleton
 from torchquant.layer_spec import LayerSpec
 from torchquant.modules import QuantLinear
+from torchquant.offload import materialized_state_dict
 from torchquant.safetensors_check import (
     SafetensorsHeader,
     check_safetensors,
@@ -131,7 +132,11 @@ def save_quantized(
         raise CheckpointError(f"{directory} exists and is not a directory")
     if directory.is_dir() and any(directory.iterdir()) and not _is_checkpoint(directory):
         raise CheckpointError(f"refusing to overwrite {directory}: not empty and not a checkpoint")
-    state, aliases = _dedupe(model.state_dict())
+    full_state = materialized_state_dict(model)
+    for name, t in full_state.items():
+        if t.device.type == "meta":
+            raise CheckpointError(f"tensor {name!r} is on the meta device; load it before saving")
+    state, aliases = _dedupe(full_state)
     for name, t in state.items():
         if t.is_floating_point() and not torch.isfinite(t.float()).all():
             raise CheckpointError(f"tensor {name!r} holds NaN/Inf; refusing to save it")
