@@ -14,7 +14,7 @@ import torch
 
 from torchquant import QuantConfig, convert_model, scheme_from_name
 from torchquant.errors import QuantizationError
-from torchquant.modules import QuantLinear
+from torchquant.modules import QuantExperts, QuantLinear
 from torchquant.serialization import load_quantized, save_quantized
 
 transformers = pytest.importorskip("transformers")
@@ -145,3 +145,27 @@ def test_fully_offloaded_tied_model_saves_its_tie(tmp_path):
     loaded = load_quantized(tmp_path / "quantized")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert torch.equal(logits(loaded), logits(reference))
+
+
+def test_offloaded_fused_experts_are_refused(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "float")
+    model = load(
+        tmp_path / "float",
+        device_map="auto",
+        max_memory={"cpu": 1},
+        offload_folder=str(tmp_path / "off"),
+    )
+    with pytest.raises(QuantizationError, match=r"model\.layers\.0\.mlp\.experts: fused expert"):
+        convert_model(model, CONFIG, progress=False)
+    assert not any(isinstance(m, (QuantLinear, QuantExperts)) for m in model.modules())

@@ -133,9 +133,11 @@ def split_fused_experts(
     config aliases; ``why_not`` returns ``None`` to split, else the reason to keep it.
     Fused experts in a layout not in ``FUSED_EXPERTS_LAYOUTS`` keep their float
     weights, with a warning.  Returns ``{experts module name: why}`` for those kept.
+    Fused experts that accelerate offloads are refused (``QuantizationError``).
     """
     _split, fused = _expert_aliases(model)
     kept: dict[str, str] = {}
+    to_split: dict[str, nn.Module] = {}
     for name, module in list(model.named_modules()):
         if not holds_fused_experts(module):
             continue
@@ -151,6 +153,16 @@ def split_fused_experts(
         if why is not None:
             kept[name] = why
             continue
+        to_split[name] = module
+    for name, module in to_split.items():  # -- refuse before any module changes
+        if is_offloaded(module):
+            raise QuantizationError(
+                f"{name}: fused expert weights are offloaded by accelerate (device_map); "
+                "splitting them would load every expert at once. Load the model without "
+                "offloading, or build a meta skeleton and use "
+                "torchquant.streaming.convert_from_safetensors"
+            )
+    for name, module in to_split.items():
         _set_submodule(model, name, QuantExperts.from_fused(module, fused_experts_layout(module)))
     return kept
 
@@ -197,6 +209,11 @@ def convert_model(
     result is moved back to the layer's own device, so a model larger than the
     accelerator converts one layer at a time.  The float weight of each layer is
     released as soon as its quantized replacement is in place.
+
+    A model dispatched by accelerate (``device_map``) converts too: a layer whose
+    weight is offloaded (meta behind an ``AlignDevicesHook``) is read from the hook's
+    weights map, quantized, and kept resident on the hook's execution device.
+    Calibration and fused experts are refused when their weights are offloaded.
     """
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
