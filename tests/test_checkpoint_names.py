@@ -50,12 +50,7 @@ STORED = "model.layers.1.block_sparse_moe"  # Mixtral's MoE block in its checkpo
 MODULE = "model.layers.1.mlp"  # ... and in transformers 5's module tree
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(model_type: str, **overrides):

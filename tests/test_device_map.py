@@ -24,13 +24,7 @@ CONFIG = QuantConfig(scheme_from_name("w4a16", group_size=16))
 TOKENS = torch.tensor([[1, 5, 9, 17, 33, 2, 40, 11]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: thread hand-offs cost more than they save, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_tiny_llama(directory, *, tied: bool):

@@ -15,13 +15,7 @@ from torchquant.modules import QuantLinear
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: thread hand-offs cost more than they save, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
