@@ -20,10 +20,9 @@ import threading
 import time
 from pathlib import Path
 
-import torch
+from calibration_setup import add_run_args, load_run
 
 from torchquant import QuantConfig, convert_model
-from torchquant.calibration import calibration_tokens
 from torchquant.config import (
     ActivationQuant,
     AWQConfig,
@@ -32,8 +31,7 @@ from torchquant.config import (
     SmoothQuantConfig,
     WeightQuant,
 )
-from torchquant.evaluation import perplexity, tokenize_text
-from torchquant.models import load_model
+from torchquant.evaluation import perplexity
 
 
 def _wna16(bits: int, group: int, algorithm: str = "rtn", **params) -> QuantScheme:
@@ -100,15 +98,7 @@ class PeakRSS:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib", required=True)
-    parser.add_argument("--text", required=True)
-    parser.add_argument("--max-tokens", type=int, default=16384)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--calib-samples", type=int, default=32)
-    parser.add_argument("--calib-seq-len", type=int, default=512)
-    parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--alpha", type=float, default=0.8, help="SmoothQuant alpha")
+    add_run_args(parser, calib_samples=32, group_size=128)
     parser.add_argument("--awq-tokens", type=int, default=2048)
     parser.add_argument("--only", nargs="*", help="row names to run, in this order")
     parser.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ dampening")
@@ -117,14 +107,8 @@ def main() -> None:
     parser.add_argument(
         "--reference", type=float, default=None, help="fp32 perplexity, to skip measuring it"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    base, tokenizer = load_model(args.model)
-    ids = tokenize_text(tokenizer, Path(args.text).read_text(encoding="utf-8"), args.max_tokens)
-    calib = calibration_tokens(args.calib, tokenizer, args.calib_samples, args.calib_seq_len)
+    base, _, ids, calib = load_run(args)
     if args.reference is None:
         ref = perplexity(base, ids, args.seq_len, progress=False).perplexity
         print(f"fp32: {ref:.3f} (measured)", flush=True)

@@ -22,9 +22,9 @@ import argparse
 import copy
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from calibration_setup import add_run_args, load_run
 from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
@@ -33,9 +33,7 @@ from llmcompressor.modifiers.transform.awq import AWQModifier
 from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 from llmcompressor.pipelines.cache import IntermediatesCache
 
-from torchquant.calibration import calibration_tokens
-from torchquant.evaluation import perplexity, tokenize_text
-from torchquant.models import load_model
+from torchquant.evaluation import perplexity
 
 IGNORE = ["lm_head"]
 
@@ -81,33 +79,20 @@ def recipes(group: int, alpha: float) -> dict[str, list | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib", required=True)
-    parser.add_argument("--text", required=True)
-    parser.add_argument("--max-tokens", type=int, default=16384)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--calib-samples", type=int, default=16)
-    parser.add_argument("--calib-seq-len", type=int, default=512)
-    parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--alpha", type=float, default=0.8, help="SmoothQuant strength")
+    add_run_args(parser, calib_samples=16, group_size=64)
     parser.add_argument("--only", nargs="*", help="substrings selecting rows to run")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if not torch.cuda.is_available():
         # 0.14's sequential pipeline pins cached activations, which fails without CUDA
         IntermediatesCache._pin_intermediate = classmethod(lambda cls, value: None)
 
-    base, tokenizer = load_model(args.model)
+    base, tokenizer, ids, calib = load_run(args)
     # oneshot re-reads the config from disk; a GGUF folder has none, so give it a plain one
     if hasattr(base.config, "quantization_config"):
         del base.config.quantization_config
     config_dir = tempfile.mkdtemp(prefix="llmc-config-")
     base.config.save_pretrained(config_dir)
     base.config._name_or_path = config_dir
-    ids = tokenize_text(tokenizer, Path(args.text).read_text(encoding="utf-8"), args.max_tokens)
-    calib = calibration_tokens(args.calib, tokenizer, args.calib_samples, args.calib_seq_len)
     dataset = Dataset.from_dict(
         {"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()}
     )

@@ -1,0 +1,36 @@
+"""What calibration_ppl.py and llmcompressor_ppl.py share, so both tables measure alike:
+the same command-line knobs, model, evaluation tokens and calibration windows."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from torchquant.calibration import calibration_tokens
+from torchquant.evaluation import tokenize_text
+from torchquant.models import load_model
+
+
+def add_run_args(parser: argparse.ArgumentParser, calib_samples: int, group_size: int) -> None:
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib", required=True)
+    parser.add_argument("--text", required=True)
+    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--calib-samples", type=int, default=calib_samples)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--group-size", type=int, default=group_size)
+    parser.add_argument("--alpha", type=float, default=0.8, help="SmoothQuant alpha")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+
+def load_run(args: argparse.Namespace) -> tuple:
+    """``(model, tokenizer, eval_ids, calibration_ids)`` for the parsed ``args``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    ids = tokenize_text(tokenizer, Path(args.text).read_text(encoding="utf-8"), args.max_tokens)
+    calib = calibration_tokens(args.calib, tokenizer, args.calib_samples, args.calib_seq_len)
+    return model, tokenizer, ids, calib
