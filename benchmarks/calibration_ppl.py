@@ -102,8 +102,11 @@ def main() -> None:
     parser.add_argument("--awq-tokens", type=int, default=2048)
     parser.add_argument("--only", nargs="*", help="row names to run, in this order")
     parser.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ dampening")
-    parser.add_argument("--gptq-observer", default="mse", help="GPTQ group ranges")
+    parser.add_argument("--gptq-observer", default="hessian_mse", help="GPTQ group ranges")
     parser.add_argument("--awq-grid", type=int, default=20)
+    parser.add_argument(
+        "--awq-duo", choices=["on", "off", "both"], default="off", help="AWQ duo scaling"
+    )
     parser.add_argument(
         "--reference", type=float, default=None, help="fp32 perplexity, to skip measuring it"
     )
@@ -116,7 +119,8 @@ def main() -> None:
         ref = args.reference
         print(f"fp32: {ref:.3f} (given)", flush=True)
     table = [("fp32", ref, 0.0, 0.0, 0.0)]
-    awq = AWQConfig(grid=args.awq_grid, max_tokens=args.awq_tokens)
+    duo = {"on": True, "off": False, "both": "both"}[args.awq_duo]
+    awq = AWQConfig(grid=args.awq_grid, max_tokens=args.awq_tokens, duo_scaling=duo)
     gptq = GPTQConfig(dampening=args.gptq_damp, observer=args.gptq_observer)
     table_rows = rows(args.group_size, args.alpha, awq, gptq)
     if args.only:

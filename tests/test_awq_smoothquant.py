@@ -2,7 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from torchquant.algorithms.awq import fake_quantize, scale_candidates, search_clip, search_scales
+from torchquant.algorithms.awq import (
+    fake_quantize,
+    scale_candidates,
+    search_clip,
+    search_scales,
+    weight_salience,
+)
 from torchquant.algorithms.smoothquant import smoothing_factors
 from torchquant.calibration.layers import fold_into_source, scale_inputs
 from torchquant.numerics import group_min_max
@@ -21,7 +27,29 @@ def test_scale_candidates_are_normalised():
         assert float(s.max() * s.min()) == pytest.approx(1.0, rel=1e-4)
 
 
-def test_awq_scales_reduce_output_error_vs_rtn():
+def test_weight_salience_is_group_relative_magnitude():
+    w = torch.tensor([[1.0, -2.0, 4.0, 0.5, 1.0], [2.0, 2.0, -1.0, 1.0, 3.0]])
+    # groups of 2 (the last one short): |w| / max|w| in the group, averaged over rows
+    want = torch.tensor([[0.5, 1.0, 1.0, 0.125, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0]]).mean(0)
+    torch.testing.assert_close(weight_salience([w[:1], w[1:]], 2), want)
+    per_channel = weight_salience([w], -1)
+    torch.testing.assert_close(per_channel, (w.abs() / w.abs().amax(1, keepdim=True)).mean(0))
+
+
+def test_duo_scaling_candidates_divide_by_weight_salience():
+    act, wm = torch.tensor([4.0, 1.0, 2.0]), torch.tensor([0.5, 1.0, 0.25])
+    for (alpha, s), (alpha0, _) in zip(
+        scale_candidates(act, 4, wm), scale_candidates(act, 4), strict=True
+    ):
+        assert alpha == alpha0
+        raw = act.pow(alpha) / (wm.pow(1 - alpha) + 1e-4)
+        torch.testing.assert_close(s, raw / (raw.max() * raw.min()).sqrt())
+        assert float(s.max() * s.min()) == pytest.approx(1.0, rel=1e-4)
+    assert not torch.allclose(scale_candidates(act, 4, wm)[0][1], torch.ones(3))
+
+
+@pytest.mark.parametrize("w_means", ["act", "duo", "both"])
+def test_awq_scales_reduce_output_error_vs_rtn(w_means):
     torch.manual_seed(0)
     k, n = 128, 64
     x = outlier_inputs(1024, k)
@@ -34,9 +62,14 @@ def test_awq_scales_reduce_output_error_vs_rtn():
     def loss_with(ws):
         return float((x @ ws[0].t() - ref).pow(2).mean())
 
-    s, alpha, loss = search_scales(x.abs().mean(0), [w], quantize, loss_with, grid=20)
+    duo = weight_salience([w], 32)
+    choices = {"act": [None], "duo": [duo], "both": [None, duo]}[w_means]
+    s, alpha, loss = search_scales(x.abs().mean(0), [w], quantize, loss_with, 20, choices)
     assert alpha > 0.0
     assert loss < loss_with([quantize(w)])
+    if w_means == "both":
+        for single in ([None], [duo]):
+            assert loss <= search_scales(x.abs().mean(0), [w], quantize, loss_with, 20, single)[2]
 
 
 def test_clip_search_never_worse_than_minmax():

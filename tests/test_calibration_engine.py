@@ -92,9 +92,18 @@ def quantize(model: nn.Module, scheme_or_config, calib: torch.Tensor | None = No
         wna16(3, "gptq"),
         wna16(3, "gptq", gptq=GPTQConfig(act_order=False, static_groups=False)),
         wna16(3, "gptq", gptq=GPTQConfig(act_order=True, static_groups=False)),
+        wna16(3, "gptq", gptq=GPTQConfig(observer="hessian_mse")),
         wna16(3, "awq", awq=FAST_AWQ),
+        wna16(3, "awq", awq=dataclasses.replace(FAST_AWQ, duo_scaling="both")),
     ],
-    ids=["gptq-act-order-static", "gptq-natural-order", "gptq-act-order-g-idx", "awq"],
+    ids=[
+        "gptq-act-order-static",
+        "gptq-natural-order",
+        "gptq-act-order-g-idx",
+        "gptq-hessian-mse",
+        "awq",
+        "awq-duo-both",
+    ],
 )
 def test_calibrated_w3_beats_round_to_nearest_on_held_out_tokens(scheme):
     held_out = tokens(2, 32, seed=1)
@@ -215,6 +224,19 @@ def test_algorithm_is_overridable_per_layer():
     a, b = mixed.model.layers[1], rtn.model.layers[1]
     assert torch.equal(a.self_attn.q_proj.qweight, b.self_attn.q_proj.qweight)
     assert not torch.equal(a.mlp.up_proj.qweight, b.mlp.up_proj.qweight)
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: AWQConfig(duo_scaling="yes"), "awq.duo_scaling"),
+        (lambda: AWQConfig(duo_scaling=1), "awq.duo_scaling"),
+        (lambda: GPTQConfig(observer="kl"), "gptq.observer"),
+    ],
+)
+def test_bad_algorithm_parameters_name_the_field(make, field):
+    with pytest.raises(ConfigError, match=field):
+        make()
 
 
 def test_calibration_data_is_required_and_checked():

@@ -83,6 +83,20 @@ def test_mse_range_beats_minmax_on_heavy_tails():
     assert err(s, z) < err(rtn.scales, rtn.zeros)
 
 
+def test_mse_range_weighs_columns():
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(2.0).sample((8, 64))
+    heavy = torch.ones(64)
+    heavy[w[0].abs().argmax()] = 1e6  # the largest weight of row 0 must be kept exactly
+    lo, hi = mse_range(w, 3, False, "group", 32, column_weight=heavy)
+    plain = mse_range(w, 3, False, "group", 32)
+    assert lo.shape == plain[0].shape == (8, 2)
+    g = int(w[0].abs().argmax()) // 32
+    assert float(hi[0, g] - lo[0, g]) >= float(plain[1][0, g] - plain[0][0, g])
+    uniform = mse_range(w, 3, False, "group", 32, column_weight=torch.full((64,), 3.0))
+    torch.testing.assert_close(uniform, plain)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     kind=st.sampled_from(["minmax", "moving_minmax", "percentile", "mse"]),

@@ -22,6 +22,7 @@ ALGORITHMS = ("rtn", "gptq", "awq", "smoothquant")
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
 OBSERVERS = ("minmax", "moving_minmax", "percentile", "kl", "mse")
 WEIGHT_OBSERVERS = ("minmax", "mse")
+GPTQ_OBSERVERS = (*WEIGHT_OBSERVERS, "hessian_mse")
 
 
 def _require(cond: bool, field_name: str, value: object, allowed: str) -> None:
@@ -142,19 +143,22 @@ class GPTQConfig:
     """GPTQ parameters: column ``block_size``, ``dampening`` (fraction of the mean Hessian
     diagonal added to it), ``act_order`` (columns by decreasing Hessian diagonal) and
     ``static_groups`` (group qparams fixed before reordering, so no ``g_idx`` is needed),
-    ``observer`` choosing each group's range (``minmax`` or ``mse`` clipping search).
+    ``observer`` choosing each group's range (``minmax``, ``mse`` clipping search, or
+    ``hessian_mse``: the search weighing each column by its input Hessian diagonal).
 
     Act-order with static groups is the default: visiting the outlier-fed columns first
     matters most on models with activation outliers, and it keeps the plain group layout.
-    The groups' ranges come from the MSE clipping search, which beats min-max once GPTQ
-    spreads each column's rounding error over the rest.
+    The groups' ranges come from the clipping search weighted by the Hessian diagonal:
+    GPTQ's objective counts a column's error in proportion to its inputs' energy, so the
+    range should too (SmolLM2-135M g128: w4 28.51 -> 26.62, w3 46.58 -> 39.39 perplexity
+    vs the unweighted search).
     """
 
     block_size: int = 128
     dampening: float = 0.01
     act_order: bool = True
     static_groups: bool = True
-    observer: str = "mse"
+    observer: str = "hessian_mse"
 
     def __post_init__(self) -> None:
         _require(
@@ -174,10 +178,10 @@ class GPTQConfig:
             isinstance(self.static_groups, bool), "gptq.static_groups", self.static_groups, "a bool"
         )
         _require(
-            self.observer in WEIGHT_OBSERVERS,
+            self.observer in GPTQ_OBSERVERS,
             "gptq.observer",
             self.observer,
-            f"one of {WEIGHT_OBSERVERS}",
+            f"one of {GPTQ_OBSERVERS}",
         )
 
 
@@ -186,9 +190,13 @@ class AWQConfig:
     """AWQ parameters: ``grid`` points for the scale exponent alpha in [0, 1), ``clip``
     search on or off with ``clip_grid`` points down to ``max_shrink`` of the range,
     and ``max_tokens`` of calibration activations used in the searches.
+    ``duo_scaling`` divides the activation term by the weights' group-relative
+    magnitude (``True``), leaves it out (``False``, the default: on SmolLM2-135M w4 g128
+    it measured 26.94 perplexity vs 27.32 with it) or searches both (``"both"``).
     """
 
     grid: int = 20
+    duo_scaling: bool | str = False
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
@@ -196,6 +204,12 @@ class AWQConfig:
 
     def __post_init__(self) -> None:
         _require(_is_int(self.grid) and self.grid >= 1, "awq.grid", self.grid, "an int >= 1")
+        _require(
+            isinstance(self.duo_scaling, bool) or self.duo_scaling == "both",
+            "awq.duo_scaling",
+            self.duo_scaling,
+            'True, False or "both"',
+        )
         _require(isinstance(self.clip, bool), "awq.clip", self.clip, "a bool")
         _require(
             _is_int(self.clip_grid) and self.clip_grid >= 1,

@@ -2,7 +2,9 @@
 
 Salient input channels (large mean ``|x|``) are scaled up in the weight before
 rounding and down in the input: ``s = mean|x|^alpha`` (normalised), alpha chosen on a
-grid to minimise the output error of an inspected module.  Then each group's range is
+grid to minimise the output error of an inspected module.  Duo scaling also divides by
+the channel's mean group-relative weight magnitude to the ``1 - alpha``, so channels
+whose weights already span their groups' ranges are scaled less.  Then each group's range is
 shrunk to the factor minimising the error of that group's partial products.  Pure
 functions; the calibration engine supplies activations and the objective.
 """
@@ -32,14 +34,32 @@ def fake_quantize(
     return dequantize_int_weight(codes, scales, zeros, bits, group_size, w.dtype)
 
 
-def scale_candidates(act_mean: torch.Tensor, grid: int) -> list[tuple[float, torch.Tensor]]:
-    """``(alpha, s)`` for alpha in ``{0, 1/grid, ...}``; ``s = act_mean^alpha`` normalised
-    so that ``max(s) * min(s) = 1``."""
+def weight_salience(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Mean over output rows of ``|w| / max|w|`` within each weight group, per input
+    channel ``(K,)``, for linears ``(N_i, K)`` sharing one input."""
+    w = torch.cat([t.float() for t in weights]).abs()
+    n, k = w.shape
+    gs = k if group_size == -1 else group_size
+    g = num_groups(k, group_size)
+    padded = torch.nn.functional.pad(w, (0, g * gs - k)).view(n, g, gs)
+    rel = padded / padded.amax(dim=2, keepdim=True).clamp(min=1e-12)
+    return rel.view(n, g * gs)[:, :k].mean(dim=0)
+
+
+def scale_candidates(
+    act_mean: torch.Tensor, grid: int, w_mean: torch.Tensor | None = None
+) -> list[tuple[float, torch.Tensor]]:
+    """``(alpha, s)`` for alpha in ``{0, 1/grid, ...}``; ``s = act_mean^alpha``, divided by
+    ``w_mean^(1 - alpha)`` when given (duo scaling), normalised so that
+    ``max(s) * min(s) = 1``."""
     a = act_mean.float().clamp(min=1e-4)
     out = []
     for i in range(grid):
         alpha = i / grid
-        s = a.pow(alpha).clamp(min=1e-4)
+        s = a.pow(alpha)
+        if w_mean is not None:
+            s = s / (w_mean.float().to(s.device).pow(1.0 - alpha) + 1e-4)
+        s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         out.append((alpha, s))
     return out
@@ -52,15 +72,18 @@ def search_scales(
     quantize: Callable[[torch.Tensor], torch.Tensor],
     loss_with: Callable[[list[torch.Tensor]], float],
     grid: int,
+    w_means: list[torch.Tensor | None] = (None,),
 ) -> tuple[torch.Tensor, float, float]:
     """Best factors ``s (K,)`` for linears ``(N_i, K)`` sharing one input.
 
     ``loss_with(ws)`` runs the inspected module with effective weights ``ws`` and
     returns its output error; each candidate is scored with ``quantize(W s) / s``.
+    Candidates come from each of ``w_means`` (``None``: activation-only scaling).
     Returns ``(s, alpha, loss)``.
     """
     best = (torch.ones_like(act_mean, dtype=torch.float32), 0.0, float("inf"))
-    for alpha, s in scale_candidates(act_mean, grid):
+    candidates = [c for wm in w_means for c in scale_candidates(act_mean, grid, wm)]
+    for alpha, s in candidates:
         s = s.to(weights[0].device)
         trial = [(quantize(w * s) / s).to(w.dtype) for w in weights]
         loss = loss_with(trial)

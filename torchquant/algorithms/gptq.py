@@ -47,12 +47,20 @@ class GPTQResult:
 
 
 def _qparams(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, observer: str, sdt: torch.dtype
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    observer: str,
+    sdt: torch.dtype,
+    h_diag: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row (``group_size=-1``) or per-group qparams ``(N, G)`` of ``w: (N, cols)``."""
-    if observer == "mse":
+    """Per-row (``group_size=-1``) or per-group qparams ``(N, G)`` of ``w: (N, cols)``;
+    ``h_diag (cols,)`` weighs each column's error for the ``hessian_mse`` observer."""
+    if observer in ("mse", "hessian_mse"):
         gran = "channel" if group_size == -1 else "group"
-        lo, hi = mse_range(w, bits, symmetric, gran, group_size)
+        weight = h_diag if observer == "hessian_mse" else None
+        lo, hi = mse_range(w, bits, symmetric, gran, group_size, column_weight=weight)
     else:
         lo, hi = group_min_max(w, group_size)
     return choose_int_qparams(lo, hi, bits, symmetric, sdt)
@@ -123,17 +131,19 @@ def gptq_quantize(
     gs = k if group_size == -1 else group_size
     g_count = num_groups(k, group_size)
 
-    static = None
-    if group_size != -1 and static_groups:
-        static = _qparams(w, bits, group_size, symmetric, observer, sdt)
-    elif group_size == -1:
-        static = _qparams(w, bits, -1, symmetric, observer, sdt)
-
     perm = torch.arange(k, device=w.device)
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
-    hinv = _inverse_hessian_factor(h, dampening, name)
+    hinv = _inverse_hessian_factor(h[perm][:, perm], dampening, name)
+    importance = torch.diag(h)  # how much each column's error costs, for hessian_mse
+
+    static = None
+    if group_size != -1 and static_groups:
+        static = _qparams(w, bits, group_size, symmetric, observer, sdt, importance)
+    elif group_size == -1:
+        static = _qparams(w, bits, -1, symmetric, observer, sdt, importance)
+    if act_order:
+        w, importance = w[:, perm], importance[perm]
 
     codes = torch.zeros(n, k, dtype=torch.float32, device=w.device)
     scales = torch.zeros(n, g_count, dtype=sdt, device=w.device)
@@ -161,7 +171,8 @@ def gptq_quantize(
                 rest = max(0, col + gs - i2)
                 later = w[:, i2 : i2 + rest] - err1[:, :i] @ hinv[i1 : i1 + i, i2 : i2 + rest]
                 upcoming = torch.cat([w1[:, i:], later], dim=1)[:, :gs]
-                scale, zero = _qparams(upcoming, bits, -1, symmetric, observer, sdt)
+                cols = importance[col : col + upcoming.shape[1]]
+                scale, zero = _qparams(upcoming, bits, -1, symmetric, observer, sdt, cols)
                 g = col // gs
                 scales[:, g : g + 1] = scale
                 if zeros is not None:

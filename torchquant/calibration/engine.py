@@ -217,7 +217,9 @@ class BlockCalibrator:
                 return awq.fake_quantize(w, wq.bits, wq.group_size, wq.symmetric)
 
             act_mean = stats[m.linears[0]].act_mean.to(self.device)
-            s, _, _ = awq.search_scales(act_mean, originals, quantize, loss_with, cfg.grid)
+            duo = awq.weight_salience(originals, wq.group_size)
+            w_means = {True: [duo], False: [None], "both": [None, duo]}[cfg.duo_scaling]
+            s, _, _ = awq.search_scales(act_mean, originals, quantize, loss_with, cfg.grid, w_means)
             for lin in linears:
                 scale_inputs(lin, s)
             fold_into_source(source, s)

@@ -53,13 +53,21 @@ def _unit_min_max(x: torch.Tensor, granularity: str, group_size: int) -> tuple:
 
 
 def _fake_quant_error(
-    v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
+    v: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sum of squared fake-quantization errors per unit row of ``v`` (NaN padding ignored)."""
+    """Sum of (optionally weighted) squared fake-quantization errors per unit row of
+    ``v`` (NaN padding ignored)."""
     scales, zeros = choose_int_qparams(lo, hi, bits, symmetric)
     zero = (1 << (bits - 1)) if zeros is None else zeros.float()
     q = torch.clamp(torch.round(v / scales) + zero, 0, (1 << bits) - 1)
     err = ((q - zero) * scales - v).pow(2)
+    if weight is not None:
+        err = err * weight
     return torch.nan_to_num(err, nan=0.0).sum(dim=1, keepdim=True)
 
 
@@ -71,16 +79,23 @@ def mse_range(
     group_size: int = -1,
     grid: int = MSE_GRID,
     min_shrink: float = 0.2,
+    column_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-unit ``(lo, hi)`` among ``grid`` shrinks of min/max with the least squared error."""
+    """Per-unit ``(lo, hi)`` among ``grid`` shrinks of min/max with the least squared error,
+    each column's error scaled by ``column_weight (cols,)`` when given (e.g. the
+    diagonal of a layer's input Hessian, so columns that see large inputs count more)."""
     v = _view_groups(x.float(), granularity, group_size)
+    weight = None
+    if column_weight is not None:
+        full = column_weight.float().to(x.device).expand(x.shape)
+        weight = torch.nan_to_num(_view_groups(full, granularity, group_size), nan=0.0)
     lo0 = torch.nan_to_num(v, nan=float("inf")).amin(dim=1, keepdim=True)
     hi0 = torch.nan_to_num(v, nan=float("-inf")).amax(dim=1, keepdim=True)
     best_err = torch.full_like(lo0, float("inf"))
     best_lo, best_hi = lo0.clone(), hi0.clone()
     for i in range(grid):
         p = 1.0 - (1.0 - min_shrink) * i / max(grid - 1, 1)
-        err = _fake_quant_error(v, lo0 * p, hi0 * p, bits, symmetric)
+        err = _fake_quant_error(v, lo0 * p, hi0 * p, bits, symmetric, weight)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, lo0 * p, best_lo)
