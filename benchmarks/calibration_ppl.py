@@ -55,13 +55,16 @@ def rows(group: int, alpha: float, awq: AWQConfig, gptq: GPTQConfig) -> dict[str
     plain = dataclasses.replace(gptq, act_order=False, static_groups=False)
     ordered = dataclasses.replace(gptq, act_order=True, static_groups=False)
     static = dataclasses.replace(gptq, act_order=True, static_groups=True)
+    awq_gptq = dataclasses.replace(awq, rounding="gptq")
     return {
         f"w4a16 g{group} GPTQ": _wna16(4, group, "gptq", gptq=plain),
         f"w4a16 g{group} GPTQ act-order static": _wna16(4, group, "gptq", gptq=static),
         f"w4a16 g{group} AWQ": _wna16(4, group, "awq", awq=awq),
+        f"w4a16 g{group} AWQ+GPTQ": _wna16(4, group, "awq", awq=awq_gptq, gptq=gptq),
         f"w3a16 g{group} GPTQ": _wna16(3, group, "gptq", gptq=plain),
         f"w3a16 g{group} GPTQ act-order static": _wna16(3, group, "gptq", gptq=static),
         f"w3a16 g{group} AWQ": _wna16(3, group, "awq", awq=awq),
+        f"w3a16 g{group} AWQ+GPTQ": _wna16(3, group, "awq", awq=awq_gptq, gptq=gptq),
         f"w8a8 dynamic SmoothQuant {alpha}": _w8a8(
             "smoothquant", smoothquant=SmoothQuantConfig(alpha)
         ),

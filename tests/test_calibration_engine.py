@@ -95,6 +95,7 @@ def quantize(model: nn.Module, scheme_or_config, calib: torch.Tensor | None = No
         wna16(3, "gptq", gptq=GPTQConfig(observer="hessian_mse")),
         wna16(3, "awq", awq=FAST_AWQ),
         wna16(3, "awq", awq=dataclasses.replace(FAST_AWQ, duo_scaling="both")),
+        wna16(3, "awq", awq=dataclasses.replace(FAST_AWQ, rounding="gptq")),
     ],
     ids=[
         "gptq-act-order-static",
@@ -103,6 +104,7 @@ def quantize(model: nn.Module, scheme_or_config, calib: torch.Tensor | None = No
         "gptq-hessian-mse",
         "awq",
         "awq-duo-both",
+        "awq-gptq-rounding",
     ],
 )
 def test_calibrated_w3_beats_round_to_nearest_on_held_out_tokens(scheme):
@@ -232,6 +234,7 @@ def test_algorithm_is_overridable_per_layer():
         (lambda: AWQConfig(duo_scaling="yes"), "awq.duo_scaling"),
         (lambda: AWQConfig(duo_scaling=1), "awq.duo_scaling"),
         (lambda: GPTQConfig(observer="kl"), "gptq.observer"),
+        (lambda: AWQConfig(rounding="nearest"), "awq.rounding"),
     ],
 )
 def test_bad_algorithm_parameters_name_the_field(make, field):
@@ -406,3 +409,34 @@ def test_gptq_quantizes_stage_by_stage_in_execution_order(monkeypatch):
     quantized = [kind is QuantLinear for kind in hessian_inputs["mlp.down_proj"]]
     assert sum(quantized) == 6
     assert sum(kind is QuantLinear for kind in hessian_inputs["self_attn.o_proj"]) == 3
+
+
+def test_awq_with_gptq_rounding_takes_hessians_after_scaling(monkeypatch):
+    """AWQ folds its scales first; GPTQ must then see the scaled inputs, not the originals."""
+    from torchquant.calibration import engine
+
+    hessians: dict[str, torch.Tensor] = {}
+    original = engine.gptq.gptq_quantize
+
+    def record(weight, hessian, *args, name, **kw):
+        hessians[name] = hessian.clone()
+        return original(weight, hessian, *args, name=name, **kw)
+
+    monkeypatch.setattr(engine.gptq, "gptq_quantize", record)
+    awq_gptq = dataclasses.replace(FAST_AWQ, rounding="gptq")
+    model, summary = quantize(tiny_llama(), wna16(4, "awq", awq=awq_gptq), tokens(4, 16))
+    assert len(hessians) == len(summary.converted) == 14  # every linear rounded by GPTQ
+    # -- q_proj's input is the folded norm's output: its Hessian is the one GPTQ used
+    norm_out: list[torch.Tensor] = []
+    model.model.layers[0].input_layernorm.register_forward_hook(
+        lambda m, a, out: norm_out.append(out.reshape(-1, out.shape[-1]))
+    )
+    with torch.no_grad():
+        model(tokens(4, 16))
+    x = torch.cat(norm_out)
+    torch.testing.assert_close(
+        hessians["model.layers.0.self_attn.q_proj"],
+        2 * x.t() @ x / x.shape[0],
+        rtol=1e-4,
+        atol=1e-5,
+    )

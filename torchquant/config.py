@@ -193,10 +193,13 @@ class AWQConfig:
     ``duo_scaling`` divides the activation term by the weights' group-relative
     magnitude (``True``), leaves it out (``False``, the default: on SmolLM2-135M w4 g128
     it measured 26.94 perplexity vs 27.32 with it) or searches both (``"both"``).
+    ``rounding="gptq"`` rounds the scaled weights with GPTQ (the scheme's ``gptq``
+    parameters) instead of round-to-nearest with the clipping search.
     """
 
     grid: int = 20
     duo_scaling: bool | str = False
+    rounding: str = "rtn"
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
@@ -210,6 +213,7 @@ class AWQConfig:
             self.duo_scaling,
             'True, False or "both"',
         )
+        _require(self.rounding in ("rtn", "gptq"), "awq.rounding", self.rounding, "'rtn' or 'gptq'")
         _require(isinstance(self.clip, bool), "awq.clip", self.clip, "a bool")
         _require(
             _is_int(self.clip_grid) and self.clip_grid >= 1,
@@ -301,7 +305,7 @@ class QuantScheme:
                 f"'int' weights for algorithm {self.algorithm!r}",
             )
         g = self.gptq
-        if self.algorithm == "gptq" and g.act_order and not g.static_groups:
+        if self.rounds_with_gptq and g.act_order and not g.static_groups:
             _require(
                 not (w.bits == 8 and w.symmetric and w.group_size > 0),
                 "gptq.static_groups",
@@ -332,6 +336,11 @@ class QuantScheme:
                 w.type,
                 "'fp8' when activations are fp8",
             )
+
+    @property
+    def rounds_with_gptq(self) -> bool:
+        """Whether GPTQ rounds the weights (plain GPTQ, or AWQ with ``rounding="gptq"``)."""
+        return self.algorithm == "gptq" or (self.algorithm == "awq" and self.awq.rounding == "gptq")
 
     @property
     def needs_calibration(self) -> bool:

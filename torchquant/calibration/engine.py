@@ -92,7 +92,7 @@ class BlockCalibrator:
                 continue
             stats[rel] = LayerStats(
                 self.full(rel),
-                want_hessian=algo == "gptq",
+                want_hessian=scheme.rounds_with_gptq,
                 want_absmax=algo == "smoothquant",
                 want_samples=max(scheme.awq.max_tokens, AWQ_CLIP_TOKENS) if algo == "awq" else 0,
             )
@@ -235,7 +235,8 @@ class BlockCalibrator:
     def awq_clip(self, stats: dict[str, LayerStats]) -> None:
         for rel, st in stats.items():
             scheme = self.schemes[rel]
-            if scheme.algorithm != "awq" or st.tokens == 0 or not scheme.awq.clip:
+            awq_rounds = scheme.algorithm == "awq" and not scheme.rounds_with_gptq
+            if not awq_rounds or st.tokens == 0 or not scheme.awq.clip:
                 continue
             x = st.sample_matrix()[:AWQ_CLIP_TOKENS].to(self.device)
             if rel in self.divisor:
@@ -279,7 +280,7 @@ class BlockCalibrator:
         so GPTQ compensates their error too instead of fitting a float input it never sees.
         """
         order: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them distinct
-        gptq_rels = [r for r in self.schemes if self._algo(r) == "gptq"]
+        gptq_rels = [r for r, scheme in self.schemes.items() if scheme.rounds_with_gptq]
 
         def hook(module, args, rel):
             if all(r != rel for r, _ in order):
@@ -330,7 +331,7 @@ class BlockCalibrator:
             module, wq = self.modules[rel], scheme.weight
             st = stats.get(rel)
             codes = g_idx = None
-            if scheme.algorithm == "gptq" and st is not None and st.tokens > 0:
+            if scheme.rounds_with_gptq and st is not None and st.tokens > 0:
                 p = scheme.gptq
                 res = gptq.gptq_quantize(
                     get_weight(module),
@@ -452,7 +453,7 @@ def calibrate_model(
         stages = cal.gptq_stages(samples[0]) if samples else []
         described = {}
         for k, stage in enumerate(stages):
-            if k:
+            if k or any(rel in cal.divisor for rel in stage):  # after stages or AWQ scaling
                 cal.regather_hessians(samples, stats, stage)
             described |= cal.quantize(stats, input_scales, only=set(stage))
         described |= cal.quantize(stats, input_scales, only=set(cal.schemes) - set(described))
