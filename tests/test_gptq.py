@@ -85,16 +85,17 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size, act_order, static
     assert output_error(w, dequant(res, bits, group_size), x) < output_error(w, rtn_w, x)
 
 
+@pytest.mark.parametrize("group_size", [32, -1])
 @pytest.mark.parametrize("act_order, static", [(False, False), (True, False), (True, True)])
-def test_hessian_weighted_ranges_beat_rtn(act_order, static):
+def test_hessian_weighted_ranges_beat_rtn(act_order, static, group_size):
     torch.manual_seed(2)
     w = torch.distributions.StudentT(3.0).sample((32, 96))
     x = correlated_inputs(1024, 96, seed=3)
     h, _ = accumulate_hessian(None, 0, x)
-    res = gptq_quantize(w, h, 3, 32, False, 32, 0.01, act_order, static, "hessian_mse")
-    rtn = quantize_int_weight(w, 3, 32, False)
-    rtn_w = dequantize_int_weight(rtn.codes, rtn.scales, rtn.zeros, 3, 32)
-    assert output_error(w, dequant(res, 3, 32), x) < output_error(w, rtn_w, x)
+    res = gptq_quantize(w, h, 3, group_size, False, 32, 0.01, act_order, static, "hessian_mse")
+    rtn = quantize_int_weight(w, 3, group_size, False)
+    rtn_w = dequantize_int_weight(rtn.codes, rtn.scales, rtn.zeros, 3, group_size)
+    assert output_error(w, dequant(res, 3, group_size), x) < output_error(w, rtn_w, x)
 
 
 def test_hessian_accumulation_equals_full_batch():
