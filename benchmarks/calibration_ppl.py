@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 from calibration_setup import add_run_args, load_run
 
 from torchquant import QuantConfig, convert_model
@@ -113,7 +114,21 @@ def main() -> None:
     parser.add_argument(
         "--reference", type=float, default=None, help="fp32 perplexity, to skip measuring it"
     )
+    parser.add_argument(
+        "--device", default=None, help="calibrate block by block there (the model stays on CPU)"
+    )
+    parser.add_argument(
+        "--gpu-memory-fraction",
+        type=float,
+        default=None,
+        help="cap this process's CUDA memory (torch.cuda.set_per_process_memory_fraction)",
+    )
     args = parser.parse_args()
+    on_cuda = args.device is not None and torch.device(args.device).type == "cuda"
+    if args.gpu_memory_fraction is not None:
+        if not on_cuda:
+            parser.error("--gpu-memory-fraction needs --device cuda")
+        torch.cuda.set_per_process_memory_fraction(args.gpu_memory_fraction)
     base, _, ids, calib = load_run(args)
     if args.reference is None:
         ref = perplexity(base, ids, args.seq_len, progress=False).perplexity
@@ -134,9 +149,19 @@ def main() -> None:
     for name, scheme in table_rows.items():
         model = copy.deepcopy(base)
         start = time.perf_counter()
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats()
         with PeakRSS() as mem:
-            convert_model(model, QuantConfig(scheme), calibration_data=calib, progress=False)
+            convert_model(
+                model,
+                QuantConfig(scheme),
+                calibration_data=calib,
+                device=args.device,
+                progress=False,
+            )
         seconds = time.perf_counter() - start
+        if on_cuda:
+            print(f"{name}: peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
         ppl = perplexity(model, ids, args.seq_len, progress=False).perplexity
         table.append((name, ppl, 100 * (ppl / ref - 1), seconds, mem.peak / 2**30))
         print(
