@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny_models import tiny_llama
 from torch import nn
 
 from torchquant import QuantConfig, convert_model
@@ -88,22 +89,9 @@ def reseal_config_json(directory: Path) -> None:
 
 def make_hf_model(seed: int = 0) -> nn.Module:
     """A two-layer Llama small enough to build in a fraction of a second."""
-    import pytest
-
-    transformers = pytest.importorskip("transformers")
-    LlamaConfig, LlamaForCausalLM = transformers.LlamaConfig, transformers.LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
+    return tiny_llama(
+        vocab=64, hidden=32, inter=64, layers=2, seed=seed, max_position_embeddings=64
     )
-    return LlamaForCausalLM(config).eval()
 
 
 HF_CONFIG = QuantConfig("w4a16", overrides={"re:.*mlp.*": "w8a16"})

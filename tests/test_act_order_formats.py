@@ -14,6 +14,7 @@ from format_definitions import layer_tensors, ref_gptq_dequant, ref_pack_dim1
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from tiny_models import tiny_llama as shared_tiny_llama
 
 from torchquant import CheckpointError, QuantConfig, convert_model, scheme_from_name
 from torchquant.config import GPTQConfig, QuantScheme, WeightQuant
@@ -31,17 +32,8 @@ VOCAB = 96
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_llama(hidden=64, inter=128):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+def tiny_llama(**kw):
+    return shared_tiny_llama(vocab=VOCAB, **kw)
 
 
 def act_order_model(bits=4, group=32, symmetric=False, **kw):

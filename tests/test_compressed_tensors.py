@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tiny_models import tiny_llama as shared_tiny_llama
 
 from torchquant import CheckpointError, ConfigError, QuantConfig, convert_model, scheme_from_name
 from torchquant.formats.compressed_tensors import load_compressed_tensors, save_compressed_tensors
@@ -30,18 +31,9 @@ SCHEMES = {
 }
 
 
-def tiny_llama(dtype=torch.float32, hidden=64, inter=96, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+def tiny_llama(dtype=torch.float32, **kw):
+    shape = {"vocab": 128, "inter": 96, "layers": 2, "heads": 4, "kv_heads": 2, **kw}
+    return shared_tiny_llama(dtype=dtype, tie_word_embeddings=True, **shape)
 
 
 def quantized_llama(scheme, dtype=torch.float32, **kw):

@@ -33,6 +33,7 @@ from compressed_tensors.quantization import (  # noqa: E402
     QuantizationScheme,
 )
 from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize  # noqa: E402
+from tiny_models import tiny_llama as shared_tiny_llama  # noqa: E402
 
 VOCAB = 96
 FORMAT = "pack-quantized"
@@ -52,18 +53,8 @@ READS_G_IDX = _library_reads_g_idx()
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_llama(hidden=64, inter=128):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+def tiny_llama(**kw):
+    return shared_tiny_llama(vocab=VOCAB, tie_word_embeddings=True, **kw)
 
 
 # -- the library's reading of a group with a g_idx

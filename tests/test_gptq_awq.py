@@ -6,6 +6,7 @@ import pytest
 import torch
 from format_definitions import layer_tensors, ref_gptq_dequant, ref_pack_dim1
 from safetensors.torch import save_file
+from tiny_models import tiny_llama as shared_tiny_llama
 
 from torchquant import CheckpointError, ConfigError, QuantConfig, convert_model, scheme_from_name
 from torchquant.formats.awq import load_awq, save_awq
@@ -21,17 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
 
-def tiny_llama(hidden=64, inter=128, dtype=torch.float32):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+def tiny_llama(**kw):
+    return shared_tiny_llama(vocab=96, **kw)
 
 
 def quantized(scheme, **kw):
