@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 from torchquant import QuantConfig, convert_model, scheme_from_name
 from torchquant.errors import QuantizationError
@@ -28,17 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_tiny_llama(directory, *, tied: bool):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=tied,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    tiny_llama(vocab=64, layers=2, tie_word_embeddings=tied).save_pretrained(directory)
     return directory
 
 
