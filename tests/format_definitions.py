@@ -49,6 +49,22 @@ def ref_gptq_dequant(tensors: dict[str, torch.Tensor], bits: int, version: str) 
     return w.t()
 
 
+def ref_signed_qparams(
+    groups: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' min-max qparams for ``groups (N, G, g)``: signed codes, the range
+    widened to hold 0; returns ``scale`` in ``dtype`` and ``zero_point`` int8, ``(N, G)``."""
+    lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if symmetric:
+        scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2)
+        zp = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
+    return scale.to(dtype), zp.to(torch.int8)
+
+
 def layer_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
     """The tensors of layer ``name`` in ``folder/model.safetensors``, by local name."""
     state = load_file(folder / "model.safetensors")

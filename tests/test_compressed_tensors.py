@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from format_definitions import ref_signed_qparams
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_llama as shared_tiny_llama
 
@@ -111,20 +112,8 @@ def _library_compress(weight, scheme, bits, symmetric, group_size):
     n, k = weight.shape
     g = k if group_size == -1 else group_size
     w = weight.float().reshape(n, k // g, g)
-    lo = w.amin(-1).clamp(max=0)
-    hi = w.amax(-1).clamp(min=0)
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    if symmetric:
-        scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2)
-        zp = torch.zeros_like(scale)
-    else:
-        scale = (hi - lo) / (qmax - qmin)
-        zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
-    state = {
-        "weight": weight,
-        "weight_scale": scale.to(weight.dtype),
-        "weight_zero_point": zp.to(torch.int8),
-    }
+    scale, zp = ref_signed_qparams(w, bits, symmetric, weight.dtype)
+    state = {"weight": weight, "weight_scale": scale, "weight_zero_point": zp}
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
     compressed = compressor.compress(state, scheme)
     decompressed = compressor.decompress(compressed, scheme)["weight"]

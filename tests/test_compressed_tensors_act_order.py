@@ -33,6 +33,7 @@ from compressed_tensors.quantization import (  # noqa: E402
     QuantizationScheme,
 )
 from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize  # noqa: E402
+from format_definitions import ref_signed_qparams  # noqa: E402
 from tiny_models import tiny_llama as shared_tiny_llama  # noqa: E402
 
 VOCAB = 96
@@ -151,15 +152,7 @@ def _act_order_qparams(weight, g_idx, bits, symmetric, group):
     """Per act-order group min/max qparams (signed codes, as the library stores them)."""
     n, k = weight.shape
     w = weight[:, torch.argsort(g_idx)].reshape(n, k // group, group)
-    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    if symmetric:
-        scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2)
-        zp = torch.zeros_like(scale)
-    else:
-        scale = (hi - lo) / (qmax - qmin)
-        zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
-    return scale.to(weight.dtype), zp.to(torch.int8)
+    return ref_signed_qparams(w, bits, symmetric, weight.dtype)
 
 
 @pytest.mark.parametrize(("bits", "symmetric"), [(4, False), (4, True), (3, False), (8, True)])
