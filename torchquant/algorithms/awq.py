@@ -18,6 +18,7 @@ import torch
 from torchquant.numerics import (
     choose_int_qparams,
     dequantize_int_weight,
+    expand_groups,
     group_min_max,
     num_groups,
     quantize_codes,
@@ -38,12 +39,9 @@ def weight_salience(weights: list[torch.Tensor], group_size: int) -> torch.Tenso
     """Mean over output rows of ``|w| / max|w|`` within each weight group, per input
     channel ``(K,)``, for linears ``(N_i, K)`` sharing one input."""
     w = torch.cat([t.float() for t in weights]).abs()
-    n, k = w.shape
-    gs = k if group_size == -1 else group_size
-    g = num_groups(k, group_size)
-    padded = torch.nn.functional.pad(w, (0, g * gs - k)).view(n, g, gs)
-    rel = padded / padded.amax(dim=2, keepdim=True).clamp(min=1e-12)
-    return rel.view(n, g * gs)[:, :k].mean(dim=0)
+    _, group_max = group_min_max(w, group_size)
+    per_column = expand_groups(group_max, group_size, w.shape[1])
+    return (w / per_column.clamp(min=1e-12)).mean(dim=0)
 
 
 def scale_candidates(
