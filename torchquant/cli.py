@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+from torchquant import cli_types
 from torchquant.config import ALGORITHMS
 from torchquant.errors import TorchquantError
 from torchquant.formats.dispatch import FORMATS
+from torchquant.text_files import read_utf8
 
 DEFAULT_SEQ_LEN = 1024
 # --act-order choice -> GPTQConfig (act_order, static_groups)
@@ -23,7 +25,12 @@ ACT_ORDERS = {"static": (True, True), "group": (True, False), "off": (False, Fal
 
 def _scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheme", default="w4a16", help="w8a16, wNa16 (N=2..8), w8a16-fp8, w8a8, fp8")
-    p.add_argument("--group-size", type=int, default=None, help="group size (-1 = per channel)")
+    p.add_argument(
+        "--group-size",
+        type=cli_types.group_size,
+        default=None,
+        help="group size (-1 = per channel)",
+    )
     p.add_argument("--symmetric", action="store_true", help="symmetric INT weights (zero-free)")
     p.add_argument(
         "--ignore", nargs="*", default=["lm_head"], help="layer patterns to keep in float"
@@ -43,14 +50,25 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
         "compressed-tensors actorder group; not awq), off (input order)",
     )
     p.add_argument("--calib", default=None, help="calibration text file (UTF-8)")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences")
-    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per sequence")
+    p.add_argument(
+        "--calib-samples", type=cli_types.positive_int, default=128, help="calibration sequences"
+    )
+    p.add_argument(
+        "--calib-seq-len", type=cli_types.int_at_least(2), default=512, help="tokens per sequence"
+    )
 
 
 def _eval_args(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
     p.add_argument("--text", default=None, help="text file (default: the Lee news corpus)")
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help="evaluate this many tokens")
-    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="window length")
+    p.add_argument(
+        "--max-tokens",
+        type=cli_types.positive_int,
+        default=max_tokens,
+        help="evaluate this many tokens",
+    )
+    p.add_argument(
+        "--seq-len", type=cli_types.int_at_least(2), default=DEFAULT_SEQ_LEN, help="window length"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint format: native (torchquant), compressed-tensors (vLLM, llm-compressor), "
         "gptq (v1), awq (GEMM, 4-bit)",
     )
-    q.add_argument("--max-shard-size", default="4GB", help="shard size limit, e.g. 2GB")
+    q.add_argument(
+        "--max-shard-size",
+        type=cli_types.shard_size,
+        default="4GB",
+        help="shard size limit, e.g. 2GB",
+    )
     q.add_argument(
         "--dtype",
         default="float32",
@@ -89,27 +112,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="prefill/decode throughput of a checkpoint vs its 16-bit copy")
     b.add_argument("directory", help="a quantized checkpoint folder (any supported format)")
-    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    b.add_argument(
+        "--device",
+        type=cli_types.device_name,
+        default=None,
+        help="cuda or cpu (default: cuda when available)",
+    )
     b.add_argument(
         "--dtype",
         default="bfloat16",
         choices=("bfloat16", "float16", "float32"),
         help="dtype of the unquantized baseline",
     )
-    b.add_argument("--batch", type=int, default=1, help="sequences per batch")
+    b.add_argument("--batch", type=cli_types.positive_int, default=1, help="sequences per batch")
     b.add_argument(
         "--prompt-len",
-        type=int,
+        type=cli_types.positive_int,
         default=None,
         help="prompt tokens (default: 512 on cuda, 32 on cpu)",
     )
     b.add_argument(
         "--new-tokens",
-        type=int,
+        type=cli_types.positive_int,
         default=None,
         help="generated tokens (default: 64 on cuda, 8 on cpu)",
     )
-    b.add_argument("--repeats", type=int, default=3, help="timed runs (median is reported)")
+    b.add_argument(
+        "--repeats", type=cli_types.positive_int, default=3, help="timed runs (median is reported)"
+    )
     b.add_argument("--json", action="store_true", help="print one JSON object")
 
     d = sub.add_parser("demo", help="quantize the default model, save, load, compare perplexity")
@@ -158,7 +188,7 @@ def _text_ids(tokenizer, args: argparse.Namespace):
     path = Path(args.text) if args.text else default_text()
     if not path.is_file():
         raise TorchquantError(f"text file {path} does not exist")
-    return tokenize_text(tokenizer, path.read_text(encoding="utf-8"), args.max_tokens)
+    return tokenize_text(tokenizer, read_utf8(path, "text file"), args.max_tokens)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -226,6 +256,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TorchquantError("--device cuda: no CUDA device is available")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise TorchquantError(
+            f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
     on_gpu = device.type == "cuda"
     kw = {
         "batch": args.batch,
@@ -295,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except (TorchquantError, OSError) as exc:
         print(f"torchquant: error: {exc}", file=sys.stderr)
+        return 1
+    except UnicodeDecodeError as exc:  # -- a text read the checks above did not cover
+        print(f"torchquant: error: a file is not UTF-8 text ({exc})", file=sys.stderr)
         return 1
     return 0
 

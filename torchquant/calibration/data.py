@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from torchquant.errors import CalibrationError
+from torchquant.text_files import read_utf8
 
 
 def _read_texts(source: str | Path | Sequence[str]) -> list[str]:
@@ -17,7 +18,7 @@ def _read_texts(source: str | Path | Sequence[str]) -> list[str]:
         path = Path(source)
         if not path.is_file():
             raise CalibrationError(f"calibration text file {str(path)!r} does not exist")
-        return [path.read_text(encoding="utf-8")]
+        return [read_utf8(path, "calibration text file", CalibrationError)]
     if isinstance(source, str):
         return [source]
     texts = list(source)
