@@ -40,11 +40,17 @@ from torchquant.safetensors_check import (
     check_safetensors,
     physical_memory_bytes,
 )
+from torchquant.save_guard import (
+    NATIVE_KEY,
+    check_tensors_to_save,
+    model_sources,
+    resolve_save_target,
+)
 
 FORMAT_VERSION = 1
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-KEY_VERSION = "torchquant_format_version"
+KEY_VERSION = NATIVE_KEY  # also how the save guard recognises a native checkpoint
 KEY_LAYERS = "torchquant_layers"
 KEY_CONFIG = "torchquant_config"
 KEY_ALIASES = "torchquant_aliases"
@@ -118,28 +124,22 @@ def save_quantized(
     config: QuantConfig | None = None,
     tokenizer: Any = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (with its ``QuantLinear`` layers) as safetensors into ``directory``.
 
     The directory is built beside the target and swapped in atomically, so a crash
-    mid-save leaves any previous checkpoint there intact.
+    mid-save leaves any previous checkpoint there intact.  Which folders a save may
+    replace, and what ``overwrite`` allows, is :mod:`torchquant.save_guard`'s rule.
     """
-    directory = Path(directory)
     layers = quantized_layers(model)
     if not layers:
         raise CheckpointError("model has no QuantLinear layers; run convert_model first")
-    if directory.exists() and not directory.is_dir():
-        raise CheckpointError(f"{directory} exists and is not a directory")
-    if directory.is_dir() and any(directory.iterdir()) and not _is_checkpoint(directory):
-        raise CheckpointError(f"refusing to overwrite {directory}: not empty and not a checkpoint")
+    target = resolve_save_target(directory, overwrite=overwrite, sources=model_sources(model))
+    max_bytes = _parse_size(max_shard_size)
     full_state = materialized_state_dict(model)
-    for name, t in full_state.items():
-        if t.device.type == "meta":
-            raise CheckpointError(f"tensor {name!r} is on the meta device; load it before saving")
+    check_tensors_to_save(full_state)
     state, aliases = _dedupe(full_state)
-    for name, t in state.items():
-        if t.is_floating_point() and not torch.isfinite(t.float()).all():
-            raise CheckpointError(f"tensor {name!r} holds NaN/Inf; refusing to save it")
     metadata = {
         "format": "pt",
         KEY_VERSION: str(FORMAT_VERSION),
@@ -149,7 +149,7 @@ def save_quantized(
     }
     if config is not None:
         metadata[KEY_CONFIG] = json.dumps(config.to_dict())
-    shards = _shard(state, _parse_size(max_shard_size))
+    shards = _shard(state, max_bytes)
     hf_config = _hf_config_dict(model, metadata)
     config_json = "" if hf_config is None else json.dumps(hf_config, indent=2, default=str)
 
@@ -157,7 +157,7 @@ def save_quantized(
         record = digests.shard_digests(shard, metadata, KEY_DIGESTS, config_json)
         save_file(shard, str(path), metadata={**metadata, KEY_DIGESTS: record})
 
-    with staged_directory(directory) as staging:
+    with staged_directory(target.path, merge=target.merge) as staging:
         if len(shards) == 1:
             write_shard(shards[0], staging / SINGLE_FILE)
         else:
@@ -173,11 +173,7 @@ def save_quantized(
             (staging / "config.json").write_text(config_json)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-    return directory
-
-
-def _is_checkpoint(directory: Path) -> bool:
-    return (directory / SINGLE_FILE).exists() or (directory / INDEX_FILE).exists()
+    return Path(directory)
 
 
 def checkpoint_files(directory: str | Path) -> list[Path]:

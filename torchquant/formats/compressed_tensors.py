@@ -54,6 +54,7 @@ from torchquant.formats.packing_variants import (
     unpack_rows,
 )
 from torchquant.modules import QuantLinear
+from torchquant.save_guard import model_sources
 
 QUANT_METHOD = "compressed-tensors"
 # the compressed-tensors release whose layout we write (dense packing for every width)
@@ -255,13 +256,15 @@ def save_compressed_tensors(
     *,
     tokenizer: Any = None,
     max_shard_size: int | str = hf.DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
 ) -> Path:
     """Write a converted Hugging Face model as a compressed-tensors checkpoint folder."""
     qconfig, tensors = quantization_config_for(model)
     config = hf.model_config_dict(model)
     config["quantization_config"] = qconfig
     return hf.write_checkpoint(
-        directory, config, tensors, tokenizer=tokenizer, max_shard_size=max_shard_size
+        directory, config, tensors, tokenizer=tokenizer, max_shard_size=max_shard_size,
+        overwrite=overwrite, sources=model_sources(model),
     )
 
 

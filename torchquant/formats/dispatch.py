@@ -88,11 +88,20 @@ def save_checkpoint(
     config: QuantConfig | None = None,
     tokenizer: Any = None,
     max_shard_size: int | str = hf.DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
 ) -> Path:
-    """Save a converted model in ``fmt`` (one of :data:`FORMATS`; ``gptq`` writes version 1)."""
+    """Save a converted model in ``fmt`` (one of :data:`FORMATS`; ``gptq`` writes version 1).
+
+    ``overwrite`` lets a save replace the checkpoint files of a folder that holds other
+    files too (see :mod:`torchquant.save_guard`).
+    """
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r}: expected one of {FORMATS}")
-    kw: dict[str, Any] = {"tokenizer": tokenizer, "max_shard_size": max_shard_size}
+    kw: dict[str, Any] = {
+        "tokenizer": tokenizer,
+        "max_shard_size": max_shard_size,
+        "overwrite": overwrite,
+    }
     if fmt == "native":
         from torchquant.serialization import save_quantized
 

@@ -12,7 +12,7 @@ are keyed by the model's own module names everywhere else.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from torchquant.formats.checkpoint_names import names_for_model, names_for_type
 from torchquant.hf_skeleton import build_hf_skeleton
 from torchquant.modules import QuantLinear
 from torchquant.safetensors_check import TensorEntry, check_safetensors
+from torchquant.save_guard import WRITER_KEY, check_tensors_to_save, resolve_save_target
 from torchquant.serialization import (
     DEFAULT_MAX_SHARD_BYTES,
     INDEX_FILE,
@@ -70,28 +71,31 @@ def write_checkpoint(
     tokenizer: Any = None,
     extra_json: dict[str, dict[str, Any]] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    sources: Iterable[str | Path] = (),
 ) -> Path:
     """Write ``config.json``, the (sharded) safetensors and the tokenizer atomically.
 
     ``tensors`` are keyed by the model's names and stored under the checkpoint names of
-    ``config["model_type"]``.
+    ``config["model_type"]``.  The target is checked by :mod:`torchquant.save_guard`
+    (``sources``: folders the model came from, never written) and the tensors must be
+    finite, all before anything is written.
     """
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise CheckpointError(f"{directory} exists and is not a directory")
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / "config.json").exists():
-        raise CheckpointError(f"refusing to overwrite {directory}: not empty and not a checkpoint")
+    target = resolve_save_target(directory, overwrite=overwrite, sources=sources)
+    max_bytes = _parse_size(max_shard_size)
+    check_tensors_to_save(tensors)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     tensors = names_for_type(config.get("model_type")).keys_to_checkpoint(tensors)
-    shards = _shard(tensors, _parse_size(max_shard_size))
-    with staged_directory(directory) as staging:
+    shards = _shard(tensors, max_bytes)
+    metadata = {"format": "pt", WRITER_KEY: "torchquant"}
+    with staged_directory(target.path, merge=target.merge) as staging:
         if len(shards) == 1:
-            save_file(shards[0], str(staging / SINGLE_FILE), metadata={"format": "pt"})
+            save_file(shards[0], str(staging / SINGLE_FILE), metadata=metadata)
         else:
             weight_map = {}
             for i, shard in enumerate(shards, start=1):
                 fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(staging / fname), metadata={"format": "pt"})
+                save_file(shard, str(staging / fname), metadata=metadata)
                 weight_map.update(dict.fromkeys(shard, fname))
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -101,7 +105,7 @@ def write_checkpoint(
             (staging / fname).write_text(json.dumps(data, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-    return directory
+    return Path(directory)
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
