@@ -22,66 +22,110 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchquant.errors import CheckpointError, ConfigError
+from torchquant.errors import CheckpointError
 from torchquant.formats import hf_checkpoint as hf
 from torchquant.formats.checkpoint_names import names_for_model
+from torchquant.formats.config_fields import MISSING, FieldTable
 from torchquant.formats.int_layers import (
     IntLayerWeights,
     build_int_layer,
+    check_scale_values,
+    hold_model_dtype,
     int_weights_of,
     regroup_evenly,
 )
 from torchquant.formats.packing_variants import pack_awq, unpack_awq
 from torchquant.modules import QuantLinear
-from torchquant.save_guard import model_sources
 
 QUANT_METHOD = "awq"
 VERSION = "gemm"
 BITS = 4
-SEMANTIC_FIELDS = {
-    "quant_method",
-    "bits",
-    "group_size",
-    "zero_point",
-    "version",
-    "modules_to_not_convert",
-    "modules_to_fuse",
-}
-# loader hints: they pick kernels or fusing, not what the weights are
-INFORMATIONAL_FIELDS = {"backend", "do_fuse", "fuse_max_seq_len", "exllama_config"}
+# AutoAWQ, transformers' AwqConfig and GPTQModel fields; anything else is refused
+FIELDS = FieldTable(
+    "AWQ",
+    read={
+        "quant_method": "the format: 'awq'",
+        "method": "GPTQModel's name for the quantization method: 'awq'",
+        "bits": "bits per code: 4 (the GEMM layout)",
+        "w_bit": "AutoAWQ's name for bits; must agree with it",
+        "group_size": "input columns per scale and zero point; -1: one group per row",
+        "q_group_size": "AutoAWQ's name for group_size; must agree with it",
+        "zero_point": "false: symmetric, every zero point is 8 (qzeros may be absent)",
+        "version": "the packing: 'gemm' only",
+        "format": "GPTQModel's name for version; must agree with it",
+        "checkpoint_format": "GPTQModel's name for version; must agree with it",
+        "pack_dtype": "word type of qweight and qzeros: int32 only",
+        "backend": "'llm-awq' means the GEMV_FAST packing, refused; others name a loader",
+        "desc_act": "act-order: AWQ groups are contiguous, so true is refused",
+        "sym": "GPTQModel's symmetry flag; type-checked, zero_point decides",
+        "lm_head": "true: a quantized lm_head, refused",
+        "dynamic": "per-module overrides: refused unless empty",
+        "modules_to_fuse": "fused attention/MLP modules: refused unless empty",
+        "modules_to_not_convert": "float layers; type-checked, the tensors decide",
+    },
+    ignored={
+        "meta": "GPTQModel's record of the tool, version and calibration settings",
+        "do_fuse": "a loader option (fuse modules at load time)",
+        "fuse_max_seq_len": "a loader option for fused modules",
+        "exllama_config": "a kernel choice for loaders",
+        "true_sequential": "calibration order; the weights are final",
+        "damp_percent": "calibration damping; the weights are final",
+        "damp_auto_increment": "calibration damping; the weights are final",
+        "static_groups": "a GPTQ calibration option; AWQ groups are contiguous",
+        "mse": "calibration clipping search; the weights are final",
+        "act_group_aware": "a GPTQ calibration option; the weights are final",
+    },
+)
 
 
 # -- config
 
 
 def parse_awq_config(qc: object) -> dict[str, Any]:
-    """Validated ``{group_size}``; refuses other layouts and fields we do not understand."""
-    if not isinstance(qc, dict):
-        raise ConfigError(f"AWQ quantization_config must be an object, got {type(qc).__name__}")
-    unknown = sorted(set(qc) - SEMANTIC_FIELDS - INFORMATIONAL_FIELDS)
-    if unknown:
-        raise ConfigError(
-            f"AWQ quantization_config: unknown field(s) {unknown}; this torchquant understands "
-            f"{sorted(SEMANTIC_FIELDS | INFORMATIONAL_FIELDS)}"
-        )
-    if qc.get("quant_method") != QUANT_METHOD:
-        raise ConfigError(f"quantization_config.quant_method={qc.get('quant_method')!r}")
-    version = str(qc.get("version", VERSION)).lower()
-    if version != VERSION:
+    """Validated ``{group_size, zero_point}``; refuses other layouts and unknown fields.
+
+    Every field is type-checked and every failure is a :class:`CheckpointError`
+    naming the field.
+    """
+    qc = FIELDS.check_object(qc)
+    FIELDS.str_field(qc, "quant_method", (QUANT_METHOD,))
+    if "method" in qc:
+        FIELDS.str_field(qc, "method", (QUANT_METHOD,))
+    version = FIELDS.synonyms(
+        qc,
+        ("version", "format", "checkpoint_format"),
+        lambda f: FIELDS.str_field(qc, f, (VERSION, "gemv", "gemv_fast", "llm-awq", "marlin")),
+    )
+    if version not in (MISSING, VERSION):
         raise CheckpointError(
-            f"AWQ version {qc.get('version')!r} is not supported; this torchquant reads the "
+            f"AWQ version {version!r} is not supported; this torchquant reads the "
             f"{VERSION!r} layout only"
         )
-    if qc.get("bits", BITS) != BITS:
-        raise ConfigError(f"AWQ bits={qc.get('bits')!r}: the GEMM layout holds 4-bit weights")
-    if qc.get("zero_point", True) is not True:
-        raise CheckpointError("AWQ zero_point=false checkpoints are not supported")
-    if qc.get("modules_to_fuse"):
-        raise CheckpointError("AWQ modules_to_fuse (fused modules) are not supported")
-    group = qc.get("group_size")
-    if type(group) is not int or not (group == -1 or group > 0):
-        raise ConfigError(f"AWQ group_size={group!r}: expected -1 or a positive int")
-    return {"group_size": group}
+    bits = FIELDS.synonyms(qc, ("bits", "w_bit"), lambda f: FIELDS.int_field(qc, f))
+    if bits not in (MISSING, BITS):
+        raise CheckpointError(f"{FIELDS.where('bits')}={bits}: the GEMM layout holds 4-bit codes")
+    group = FIELDS.synonyms(qc, ("group_size", "q_group_size"), lambda f: FIELDS.int_field(qc, f))
+    if group is MISSING:
+        raise CheckpointError(f"{FIELDS.where('group_size')} is missing")
+    if not (group == -1 or group > 0):
+        raise CheckpointError(f"{FIELDS.where('group_size')}={group}: expected -1 or > 0")
+    zero_point = FIELDS.bool_field(qc, "zero_point", True)
+    if "pack_dtype" in qc:
+        FIELDS.str_field(qc, "pack_dtype", ("int32",))
+    backend = qc.get("backend")
+    if backend is not None and not isinstance(backend, str):
+        raise CheckpointError(f"{FIELDS.where('backend')}={backend!r}: expected a string")
+    if backend == "llm-awq":
+        raise CheckpointError(f"{FIELDS.where('backend')}='llm-awq': GEMV_FAST packing")
+    FIELDS.empty_or_null(qc, "desc_act", "act-order groups, which AWQ cannot hold")
+    FIELDS.optional_bool(qc, "sym")
+    FIELDS.str_list(qc, "modules_to_not_convert")
+    FIELDS.empty_or_null(qc, "lm_head", "a quantized lm_head")
+    FIELDS.empty_or_null(qc, "dynamic", "per-module overrides")
+    FIELDS.empty_or_null(qc, "modules_to_fuse", "fused modules")
+    if "meta" in qc and not isinstance(qc["meta"], dict | None):
+        raise CheckpointError(f"{FIELDS.where('meta')}: expected an object")
+    return {"group_size": group, "zero_point": zero_point}
 
 
 def read_awq_config(directory: str | Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +164,6 @@ def save_awq(
     *,
     tokenizer: Any = None,
     max_shard_size: int | str = hf.DEFAULT_MAX_SHARD_BYTES,
-    overwrite: bool = False,
 ) -> Path:
     """Write a converted Hugging Face model (4-bit INT weights) as an AWQ GEMM folder."""
     layers = hf.quantized_layers(model)
@@ -149,8 +192,7 @@ def save_awq(
     config = hf.model_config_dict(model)
     config["quantization_config"] = qc
     return hf.write_checkpoint(
-        directory, config, tensors, tokenizer=tokenizer, max_shard_size=max_shard_size,
-        overwrite=overwrite, sources=model_sources(model),
+        directory, config, tensors, tokenizer=tokenizer, max_shard_size=max_shard_size
     )
 
 
@@ -164,12 +206,17 @@ def _take(local: dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
 
 
 def awq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str) -> QuantLinear:
-    """A ``QuantLinear`` from one layer's AWQ tensors (consumed from ``local``)."""
+    """A ``QuantLinear`` from one layer's AWQ tensors (consumed from ``local``).
+
+    With ``zero_point: false`` every zero point is ``2**(bits-1)``: ``qzeros`` may be
+    absent, and when present must say so.
+    """
     g = parsed["group_size"]
     qweight = _take(local, "qweight", name)
     scales = _take(local, "scales", name)
     if qweight.dim() != 2 or scales.dim() != 2:
         raise CheckpointError(f"layer {name!r}: qweight and scales must be 2-D")
+    check_scale_values(scales, name)
     k, n = qweight.shape[0], qweight.shape[1] * 8
     groups = 1 if g == -1 else -(-k // g)
     if scales.shape != (groups, n):
@@ -177,21 +224,34 @@ def awq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str)
             f"layer {name!r}: scales have shape {tuple(scales.shape)}, expected ({groups}, {n})"
         )
     codes = unpack_awq(qweight, n, f"{name}.qweight").t()  # (N, K)
-    zeros = unpack_awq(_take(local, "qzeros", name), n, f"{name}.qzeros")
-    if zeros.shape[0] != groups:
-        raise CheckpointError(f"layer {name!r}: qzeros has {zeros.shape[0]} rows, not {groups}")
+    symmetric = not parsed["zero_point"]
+    zeros = None
+    if "qzeros" in local or not symmetric:
+        zeros = unpack_awq(_take(local, "qzeros", name), n, f"{name}.qzeros")
+        if zeros.shape[0] != groups:
+            raise CheckpointError(f"layer {name!r}: qzeros has {zeros.shape[0]} rows, not {groups}")
+        zeros = zeros.t().contiguous()
+        if symmetric and not bool((zeros == 1 << (BITS - 1)).all()):
+            raise CheckpointError(
+                f"layer {name!r}: zero_point is false (every zero point {1 << (BITS - 1)}), "
+                "but qzeros holds others"
+            )
     weights = IntLayerWeights(
         codes.contiguous(),
         scales.t().contiguous(),
-        zeros.t().contiguous(),
+        None if symmetric else zeros,
         BITS,
         g,
         local.pop("bias", None),
         scales.dtype,
     )
-    return build_int_layer(weights, False, name)
+    return build_int_layer(weights, symmetric, name)
 
 
 def load_awq(directory: str | Path) -> nn.Module:
-    """Load an AWQ GEMM folder into a ``transformers`` model with ``QuantLinear`` layers."""
-    return hf.load_packed_folder(directory, read_awq_config, "qweight", awq_layer)
+    """Load an AWQ GEMM folder into a ``transformers`` model with ``QuantLinear`` layers.
+
+    The layers take the model's dtype (see :func:`hold_model_dtype`).
+    """
+    model = hf.load_packed_folder(directory, read_awq_config, "qweight", awq_layer)
+    return hold_model_dtype(model)

@@ -28,9 +28,12 @@ from torch import nn
 
 from torchquant.errors import CheckpointError, ConfigError
 from torchquant.formats import hf_checkpoint as hf
+from torchquant.formats.config_fields import MISSING, FieldTable
 from torchquant.formats.int_layers import (
     IntLayerWeights,
     build_int_layer,
+    check_scale_values,
+    hold_model_dtype,
     int_weights_of,
     regroup_evenly,
 )
@@ -41,86 +44,104 @@ from torchquant.formats.packing_variants import (
     unpack_columns,
 )
 from torchquant.modules import QuantLinear
-from torchquant.save_guard import model_sources
 
 QUANT_METHOD = "gptq"
 VERSIONS = ("gptq", "gptq_v2")
 BITS = (2, 3, 4, 8)
-# fields that change how tensors are read
-SEMANTIC_FIELDS = {
-    "quant_method",
-    "bits",
-    "group_size",
-    "sym",
-    "desc_act",
-    "checkpoint_format",
-    "format",
-    "static_groups",
-    "lm_head",
-    "dynamic",
-    "pack_dtype",
-    "modules_to_not_convert",
-}
-# records of how the checkpoint was made, or loader hints; they do not change the weights
-INFORMATIONAL_FIELDS = {
-    "damp_percent",
-    "damp_auto_increment",
-    "true_sequential",
-    "model_name_or_path",
-    "model_file_base_name",
-    "meta",
-    "mse",
-    "act_group_aware",
-    "tokenizer",
-    "dataset",
-    "use_cuda_fp16",
-    "model_seqlen",
-    "block_name_to_quantize",
-    "module_name_preceding_first_block",
-    "batch_size",
-    "pad_token_id",
-    "use_exllama",
-    "max_input_length",
-    "exllama_config",
-    "cache_block_outputs",
-    "modules_in_block_to_quantize",
-    "backend",
-}
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
+# AutoGPTQ, GPTQModel and transformers' GPTQConfig fields; anything else is refused
+FIELDS = FieldTable(
+    "GPTQ",
+    read={
+        "quant_method": "the format: 'gptq'",
+        "method": "GPTQModel's name for the quantization method: 'gptq'",
+        "bits": f"bits per code, one of {BITS}",
+        "group_size": "input columns per scale and zero point; -1: one group per row",
+        "sym": "zero points implied; type-checked, the stored qzeros decide",
+        "desc_act": "act-order; type-checked, the stored g_idx decides",
+        "checkpoint_format": "'gptq' (qzeros hold zero - 1) or 'gptq_v2' (zero as is)",
+        "format": "GPTQModel's name for checkpoint_format; must agree with it",
+        "pack_dtype": "word type of qweight and qzeros: int32 only",
+        "lm_head": "true: a quantized lm_head, refused",
+        "dynamic": "per-module bits/group overrides: refused unless empty",
+        "adapter": "a LoRA (EoRA) adapter added to the output: refused unless null",
+        "rotation": "weights stored in a rotated basis: refused unless null",
+        "is_marlin_format": "true: Marlin-repacked tensors, refused",
+        "modules_to_not_convert": "float layers; type-checked, the tensors decide",
+    },
+    ignored={
+        "meta": "GPTQModel's record of the tool, version and calibration settings",
+        "static_groups": "how g_idx was chosen; the stored g_idx is read",
+        "damp_percent": "calibration damping; the weights are final",
+        "damp_auto_increment": "calibration damping; the weights are final",
+        "true_sequential": "calibration order; the weights are final",
+        "mse": "calibration clipping search; the weights are final",
+        "act_group_aware": "calibration column order; the stored g_idx is read",
+        "v2": "GPTQModel's GPTAQ calibration; the weights are final",
+        "v2_alpha": "GPTQModel's GPTAQ calibration; the weights are final",
+        "model_name_or_path": "where the model came from",
+        "model_file_base_name": "the file name AutoGPTQ wrote",
+        "tokenizer": "the calibration tokenizer",
+        "dataset": "the calibration data",
+        "batch_size": "the calibration batch",
+        "model_seqlen": "the calibration sequence length",
+        "pad_token_id": "the calibration padding",
+        "max_input_length": "an exllama buffer size for loaders",
+        "cache_block_outputs": "a calibration memory option",
+        "block_name_to_quantize": "which blocks calibration visited; the tensors decide",
+        "module_name_preceding_first_block": "a calibration hook point",
+        "modules_in_block_to_quantize": "which layers were quantized; the tensors decide",
+        "use_cuda_fp16": "a kernel choice for loaders",
+        "use_exllama": "a kernel choice for loaders",
+        "exllama_config": "a kernel choice for loaders",
+        "backend": "a kernel choice for loaders",
+    },
+)
 
 
 # -- config
 
 
-def parse_gptq_config(qc: object) -> dict[str, Any]:
-    """Validated ``{bits, group_size, sym, version}``; refuses what would change the weights."""
-    if not isinstance(qc, dict):
-        raise ConfigError(f"GPTQ quantization_config must be an object, got {type(qc).__name__}")
-    unknown = sorted(set(qc) - SEMANTIC_FIELDS - INFORMATIONAL_FIELDS)
-    if unknown:
-        raise ConfigError(
-            f"GPTQ quantization_config: unknown field(s) {unknown}; this torchquant understands "
-            f"{sorted(SEMANTIC_FIELDS | INFORMATIONAL_FIELDS)}"
-        )
-    if qc.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
-        raise ConfigError(f"quantization_config.quant_method={qc.get('quant_method')!r}")
-    version = qc.get("checkpoint_format", qc.get("format", "gptq"))
-    if version not in VERSIONS:
+def _version(qc: dict[str, Any], field: str) -> str:
+    value = qc[field]
+    if not isinstance(value, str) or value.lower() not in VERSIONS:
         raise CheckpointError(
-            f"GPTQ checkpoint_format {version!r} is not supported; this torchquant reads {VERSIONS}"
+            f"GPTQ {field} {value!r} is not supported; this torchquant reads {VERSIONS}"
         )
-    bits, group = qc.get("bits"), qc.get("group_size", -1)
+    return value.lower()
+
+
+def parse_gptq_config(qc: object) -> dict[str, Any]:
+    """Validated ``{bits, group_size, sym, version}``; refuses what would change the weights.
+
+    Every field is type-checked (``bits: 4.0`` or ``sym: 1`` is refused, naming the
+    field) and every failure is a :class:`CheckpointError`.
+    """
+    qc = FIELDS.check_object(qc)
+    for field in ("quant_method", "method"):
+        if field in qc:
+            FIELDS.str_field(qc, field, (QUANT_METHOD,))
+    version = FIELDS.synonyms(qc, ("checkpoint_format", "format"), lambda f: _version(qc, f))
+    version = "gptq" if version is MISSING else version
+    bits = FIELDS.int_field(qc, "bits")
     if bits not in BITS:
-        raise ConfigError(f"GPTQ bits={bits!r}: expected one of {BITS}")
-    if type(group) is not int or not (group == -1 or group > 0):
-        raise ConfigError(f"GPTQ group_size={group!r}: expected -1 or a positive int")
-    if qc.get("lm_head"):
-        raise CheckpointError("GPTQ lm_head=true (a quantized lm_head) is not supported")
-    if qc.get("dynamic"):
-        raise CheckpointError("GPTQ 'dynamic' per-module overrides are not supported")
-    if qc.get("pack_dtype", "int32") != "int32":
-        raise CheckpointError(f"GPTQ pack_dtype={qc['pack_dtype']!r}: only int32 is supported")
-    return {"bits": bits, "group_size": group, "sym": bool(qc.get("sym", True)), "version": version}
+        raise CheckpointError(f"{FIELDS.where('bits')}={bits}: expected one of {BITS}")
+    group = FIELDS.int_field(qc, "group_size", -1)
+    if not (group == -1 or group > 0):
+        raise CheckpointError(f"{FIELDS.where('group_size')}={group}: expected -1 or > 0")
+    sym = FIELDS.optional_bool(qc, "sym")
+    FIELDS.optional_bool(qc, "desc_act")
+    FIELDS.str_list(qc, "modules_to_not_convert")
+    if "pack_dtype" in qc:
+        FIELDS.str_field(qc, "pack_dtype", ("int32",))
+    FIELDS.empty_or_null(qc, "lm_head", "a quantized lm_head")
+    FIELDS.empty_or_null(qc, "dynamic", "per-module overrides")
+    FIELDS.empty_or_null(qc, "adapter", "an adapter added to the layers' output")
+    FIELDS.empty_or_null(qc, "rotation", "weights stored in a rotated basis")
+    FIELDS.empty_or_null(qc, "is_marlin_format", "Marlin-repacked tensors")
+    if "meta" in qc and not isinstance(qc["meta"], dict | None):
+        raise CheckpointError(f"{FIELDS.where('meta')}: expected an object")
+    return {"bits": bits, "group_size": group, "sym": sym is not False, "version": version}
 
 
 def read_gptq_config(directory: str | Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +207,6 @@ def save_gptq(
     version: str = "gptq",
     tokenizer: Any = None,
     max_shard_size: int | str = hf.DEFAULT_MAX_SHARD_BYTES,
-    overwrite: bool = False,
 ) -> Path:
     """Write a converted Hugging Face model as a GPTQ checkpoint folder (v1 or v2)."""
     if version not in VERSIONS:
@@ -220,7 +240,6 @@ def save_gptq(
     return hf.write_checkpoint(
         directory, config, tensors, tokenizer=tokenizer, extra_json=extra,
         max_shard_size=max_shard_size,
-        overwrite=overwrite, sources=model_sources(model),
     )  # fmt: skip
 
 
@@ -240,6 +259,7 @@ def gptq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str
     scales = _take(local, "scales", name)
     if qweight.dim() != 2 or scales.dim() != 2:
         raise CheckpointError(f"layer {name!r}: qweight and scales must be 2-D")
+    check_scale_values(scales, name)
     n = qweight.shape[1]
     k = qweight.shape[0] * 32 // bits
     if qweight.dtype != torch.int32 or qweight.shape[0] * 32 != k * bits:
@@ -276,6 +296,8 @@ def load_gptq(directory: str | Path) -> nn.Module:
     """Load a GPTQ folder into a ``transformers`` model with ``QuantLinear`` layers.
 
     The layers that carry a ``qweight`` are quantized; the model is built on the
-    meta device and every tensor comes straight from the files.
+    meta device and every tensor comes straight from the files.  The layers take the
+    model's dtype (see :func:`hold_model_dtype`).
     """
-    return hf.load_packed_folder(directory, read_gptq_config, "qweight", gptq_layer)
+    model = hf.load_packed_folder(directory, read_gptq_config, "qweight", gptq_layer)
+    return hold_model_dtype(model)

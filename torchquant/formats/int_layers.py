@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from torchquant.config import QuantScheme, WeightQuant
 from torchquant.errors import CheckpointError
@@ -215,3 +216,56 @@ def build_int_layer(weights: IntLayerWeights, symmetric: bool, name: str) -> Qua
     if weights.bias is not None:
         layer.bias.copy_(weights.bias)
     return layer
+
+
+def check_scale_values(scales: torch.Tensor, name: str) -> None:
+    """Refuse scales a correct writer never stores: not floating point, not finite, or <= 0.
+
+    Run before a layer is built: a zero or negative scale would load silently and give
+    a wrong (or sign-flipped) weight, an integer one would be read as a float.
+    """
+    if not scales.dtype.is_floating_point:
+        raise CheckpointError(f"layer {name!r}: scales are {scales.dtype}, not floating point")
+    if scales.numel() == 0:
+        return
+    values = scales.float()
+    if not bool(torch.isfinite(values).all()):
+        raise CheckpointError(f"layer {name!r}: scales hold NaN or Inf")
+    if not bool((values > 0).all()):
+        raise CheckpointError(
+            f"layer {name!r}: scales hold {float(values.min()):.3g}; every scale must be > 0"
+        )
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype hidden states have: the input embeddings', else the first float parameter's."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def hold_model_dtype(model: nn.Module) -> nn.Module:
+    """Give every ``QuantLinear`` the model's dtype, casting its scales and bias to it.
+
+    GPTQModel writes float16 scales into models whose other tensors (and
+    ``config.json``'s dtype) are float32; layers built in the scales' dtype would hand
+    float16 activations to float32 attention.  Widening float16 scales is exact.
+    """
+    dtype = model_dtype(model)
+    if dtype is None:
+        return model
+    for layer in model.modules():
+        if not isinstance(layer, QuantLinear) or layer.dtype == dtype:
+            continue
+        if layer.scales.dtype == layer.dtype:  # grouped INT scales follow the layer dtype
+            layer.scales = layer.scales.to(dtype)
+        if layer.bias is not None:
+            layer.bias = layer.bias.to(dtype)
+        layer.dtype = dtype
+    return model
