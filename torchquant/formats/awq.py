@@ -36,6 +36,7 @@ from torchquant.formats.int_layers import (
 )
 from torchquant.formats.packing_variants import pack_awq, unpack_awq
 from torchquant.modules import QuantLinear
+from torchquant.save_guard import model_sources
 
 QUANT_METHOD = "awq"
 VERSION = "gemm"
@@ -164,6 +165,7 @@ def save_awq(
     *,
     tokenizer: Any = None,
     max_shard_size: int | str = hf.DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
 ) -> Path:
     """Write a converted Hugging Face model (4-bit INT weights) as an AWQ GEMM folder."""
     layers = hf.quantized_layers(model)
@@ -192,7 +194,8 @@ def save_awq(
     config = hf.model_config_dict(model)
     config["quantization_config"] = qc
     return hf.write_checkpoint(
-        directory, config, tensors, tokenizer=tokenizer, max_shard_size=max_shard_size
+        directory, config, tensors, tokenizer=tokenizer, max_shard_size=max_shard_size,
+        overwrite=overwrite, sources=model_sources(model),
     )
 
 

@@ -44,6 +44,7 @@ from torchquant.formats.packing_variants import (
     unpack_columns,
 )
 from torchquant.modules import QuantLinear
+from torchquant.save_guard import model_sources
 
 QUANT_METHOD = "gptq"
 VERSIONS = ("gptq", "gptq_v2")
@@ -207,6 +208,7 @@ def save_gptq(
     version: str = "gptq",
     tokenizer: Any = None,
     max_shard_size: int | str = hf.DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
 ) -> Path:
     """Write a converted Hugging Face model as a GPTQ checkpoint folder (v1 or v2)."""
     if version not in VERSIONS:
@@ -240,6 +242,7 @@ def save_gptq(
     return hf.write_checkpoint(
         directory, config, tensors, tokenizer=tokenizer, extra_json=extra,
         max_shard_size=max_shard_size,
+        overwrite=overwrite, sources=model_sources(model),
     )  # fmt: skip
 
 
