@@ -170,3 +170,28 @@ def test_a_nan_model_never_replaces_a_good_checkpoint(tmp_path, quantized_llama,
         save_checkpoint(broken, target, fmt)
     assert snapshot(target) == before
     assert hidden_leftovers(tmp_path) == []
+
+
+def test_the_cli_refuses_unsafe_outputs_before_quantizing(tmp_path, monkeypatch, capsys):
+    from torchquant.cli import main
+
+    float_dir = tmp_path / "float"
+    tiny_llama().save_pretrained(float_dir)
+    (float_dir / "README.md").write_text("the float model\n")
+    before = snapshot(float_dir)
+    args = ["quantize", str(float_dir), "--group-size", "32", "--symmetric"]
+    for extra in ([], ["--overwrite"]):
+        assert main([*args, "--out", str(float_dir), *extra]) == 1
+        assert "loaded from there" in capsys.readouterr().err
+    assert snapshot(float_dir) == before
+
+    project = user_project(tmp_path / "project")
+    monkeypatch.chdir(project)
+    mine = snapshot(project)
+    assert main([*args, "--format", "gptq", "--out", "."]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert snapshot(project) == mine
+    assert main([*args, "--format", "gptq", "--out", ".", "--overwrite"]) == 0
+    assert (project / "src" / "train.py").read_text() == "print('mine')\n"
+    assert (project / "notes.md").read_text() == "my notes\n"
+    assert load_checkpoint(project) is not None

@@ -19,6 +19,10 @@ from torchquant.formats.dispatch import FORMATS
 from torchquant.text_files import read_utf8
 
 DEFAULT_SEQ_LEN = 1024
+OVERWRITE_HELP = (
+    "let --out be a folder that holds other files: only its checkpoint files (config.json, "
+    "*.safetensors, the index, tokenizer files) are replaced, the rest is kept"
+)
 # --act-order choice -> GPTQConfig (act_order, static_groups)
 ACT_ORDERS = {"static": (True, True), "group": (True, False), "off": (False, False)}
 
@@ -31,7 +35,13 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="group size (-1 = per channel)",
     )
-    p.add_argument("--symmetric", action="store_true", help="symmetric INT weights (zero-free)")
+    p.add_argument(
+        "--symmetric",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="symmetric INT weights (zero-free); default: symmetric for --format gptq (vLLM's "
+        "Marlin kernel needs it), else the scheme's (wNa16: asymmetric)",
+    )
     p.add_argument(
         "--ignore", nargs="*", default=["lm_head"], help="layer patterns to keep in float"
     )
@@ -79,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="smollm2-135m, a .gguf file, or a Hugging Face model folder")
     _scheme_args(q)
     q.add_argument("--out", required=True, help="output checkpoint folder")
+    q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.add_argument(
         "--format",
         default="native",
@@ -147,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     _scheme_args(d)
     _eval_args(d, max_tokens=16384)
     d.add_argument("--out", default="torchquant-demo", help="where to save the checkpoint")
+    d.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return parser
 
 
@@ -154,7 +166,9 @@ def _config(args: argparse.Namespace):
     from torchquant.config import QuantConfig
     from torchquant.schemes import scheme_from_name
 
-    symmetric = True if args.symmetric else None
+    symmetric = args.symmetric
+    if symmetric is None and getattr(args, "format", None) == "gptq":
+        symmetric = True  # the GPTQ vLLM serves with Marlin; --no-symmetric keeps zero points
     scheme = scheme_from_name(args.scheme, group_size=args.group_size, symmetric=symmetric)
     scheme = dataclasses.replace(scheme, algorithm=args.algorithm)
     if args.act_order is not None:
@@ -195,6 +209,15 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse a --out the save would refuse, before the model is loaded and quantized."""
+    from torchquant.save_guard import resolve_save_target
+
+    source = Path(args.model)
+    sources = [source] if source.exists() else []
+    resolve_save_target(args.out, overwrite=args.overwrite, sources=sources)
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     import torch
 
@@ -207,8 +230,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             "--act-order group weights carry a g_idx, which AWQ cannot store; use "
             "--act-order static or --format gptq, compressed-tensors or native"
         )
+    _check_out(args)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    model, tokenizer = load_model(args.model, dtype=dtype, require_tokenizer=bool(args.calib))
     model, summary = _convert(model, tokenizer, config, args)
     save_checkpoint(
         model,
@@ -217,6 +242,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         config=config,
         tokenizer=tokenizer,
         max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
     )
     print(summary.table())
     print(
@@ -288,6 +314,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from torchquant.serialization import save_quantized
 
     config = _config(args)
+    _check_out(args)
     model, tokenizer = load_model(args.model)
     ids = _text_ids(tokenizer, args)
     # -- tied tensors (embedding and lm_head) share storage: count each storage once
@@ -296,7 +323,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     base = perplexity(model, ids, args.seq_len)
     start = time.perf_counter()
     model, summary = _convert(model, tokenizer, config, args)
-    save_quantized(model, args.out, config=config, tokenizer=tokenizer)
+    save_quantized(model, args.out, config=config, tokenizer=tokenizer, overwrite=args.overwrite)
     quantize_s = time.perf_counter() - start
     del model
     start = time.perf_counter()

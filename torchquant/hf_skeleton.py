@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from torchquant.checkpoint_checks import read_json_file
+from torchquant.code_guard import check_config_data
 from torchquant.errors import CheckpointError
 from torchquant.safetensors_check import physical_memory_bytes
 
@@ -41,6 +42,7 @@ def build_hf_skeleton(directory: Path, class_name: str, num_tensors: int) -> nn.
     config_data = read_json_file(directory / "config.json", "config.json")
     if not isinstance(config_data, dict):
         raise CheckpointError("config.json: expected a JSON object")
+    check_config_data(config_data, "config.json")
     config_data.pop("quantization_config", None)
     model_type = config_data.pop("model_type", None)
     # -- third-party constructors validate untrusted values with many exception types

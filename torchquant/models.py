@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from torchquant.code_guard import has_tokenizer, refuse_folder_code
 from torchquant.errors import TorchquantError
 
 
@@ -104,15 +105,65 @@ def _drop_gguf_marker(model: Any) -> None:
             del config.quantization_config
 
 
-def load_model(spec: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+SAFE_LOAD = {"trust_remote_code": False, "local_files_only": True}
+
+
+def _load_tokenizer(folder: Path, required: bool, **kw: Any) -> Any:
+    """The folder's tokenizer, or ``None`` when it has none and none is ``required``."""
+    from transformers import AutoTokenizer
+
+    if "gguf_file" not in kw and not has_tokenizer(folder):
+        if not required:
+            return None
+        raise TorchquantError(
+            f"{folder}: no tokenizer files (tokenizer.json, tokenizer.model, vocab.json or "
+            "tokenizer_config.json); copy the original model's tokenizer files next to it"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), **SAFE_LOAD, **kw)
+    except Exception as exc:  # tokenizers raise many exception types on damaged files
+        raise TorchquantError(
+            f"{folder}: cannot load its tokenizer ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "no details"
+
+
+def _load_float_model(folder: Path, dtype: torch.dtype, **kw: Any) -> Any:
+    """A plain Hugging Face model from safetensors only: pickled weights are never read."""
+    from transformers import AutoModelForCausalLM
+
+    if "gguf_file" not in kw and not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+        what = f"only pickled weights ({', '.join(pickled)})" if pickled else "no *.safetensors"
+        raise TorchquantError(
+            f"{folder}: holds {what}; torchquant reads safetensors only (pickle can run code). "
+            "Convert the weights to safetensors with a tool you trust first"
+        )
+    options = {**SAFE_LOAD, **kw} if "gguf_file" in kw else {**SAFE_LOAD, "use_safetensors": True}
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **options)
+    except Exception as exc:  # transformers reports bad folders with many exception types
+        raise TorchquantError(
+            f"{folder}: cannot load the model ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+
+
+def load_model(
+    spec: str | Path, dtype: torch.dtype = torch.float32, *, require_tokenizer: bool = True
+) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for a known name, a ``.gguf`` file, or a model folder.
 
     A folder may be a quantized checkpoint in any format torchquant reads (native,
     compressed-tensors, GPTQ, AWQ; loaded without ever building full-precision
-    weights) or a plain Hugging Face model folder.
+    weights) or a plain Hugging Face model folder.  No code from the folder ever
+    runs and nothing is fetched (:mod:`torchquant.code_guard`); the tokenizer is
+    ``None`` for a folder without one unless ``require_tokenizer``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from torchquant.formats.dispatch import detect_format, load_checkpoint
 
     spec = str(spec)
@@ -122,16 +173,17 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32) -> tuple[An
     if path.suffix == ".gguf":
         if not path.is_file():
             raise TorchquantError(f"GGUF file {path} does not exist")
+        refuse_folder_code(path.parent)
         kw = {"gguf_file": path.name}
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+        model = _load_float_model(path.parent, dtype, **kw)
+        tokenizer = _load_tokenizer(path.parent, require_tokenizer, **kw)
         _drop_gguf_marker(model)
         return model.eval(), tokenizer
     if not path.is_dir():
         known = ", ".join(MODELS)
         raise TorchquantError(f"model {spec!r}: not a known name ({known}), .gguf file or folder")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    refuse_folder_code(path)
+    tokenizer = _load_tokenizer(path, require_tokenizer)
     if detect_format(path) is None:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-        return model.eval(), tokenizer
+        return _load_float_model(path, dtype).eval(), tokenizer
     return load_checkpoint(path), tokenizer
