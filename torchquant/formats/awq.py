@@ -35,6 +35,7 @@ from torchquant.formats.int_layers import (
     regroup_evenly,
 )
 from torchquant.formats.packing_variants import pack_awq, unpack_awq
+from torchquant.formats.serving import IntLayout, warn_if_unservable
 from torchquant.modules import QuantLinear
 from torchquant.save_guard import model_sources
 
@@ -178,6 +179,11 @@ def save_awq(
             f"AWQ holds one group size for the whole model, but the layers use {sorted(groups)}; "
             "a group size that divides every layer's input avoids this"
         )
+    for name, w in weights.items():
+        if w.bits != BITS:
+            raise CheckpointError(f"layer {name!r}: {w.bits}-bit weights; AWQ holds 4-bit only")
+    group = groups.pop()
+    warn_if_unservable("awq", [IntLayout(BITS, group, False)], "use group size 32, 64 or 128")
     tensors = hf.float_state(model)
     for name, w in weights.items():
         tensors.update({f"{name}.{k}": v for k, v in awq_tensors(w, name).items()})
@@ -186,7 +192,7 @@ def save_awq(
     qc = {
         "quant_method": QUANT_METHOD,
         "bits": BITS,
-        "group_size": groups.pop(),
+        "group_size": group,
         "zero_point": True,
         "version": VERSION,
         "modules_to_not_convert": sorted(kept_float) or None,

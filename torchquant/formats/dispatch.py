@@ -108,6 +108,9 @@ def save_checkpoint(
         return save_quantized(model, directory, config=config, **kw)
     if fmt == "compressed-tensors":
         from torchquant.formats.compressed_tensors import save_compressed_tensors
+        from torchquant.formats.serving import model_layouts, warn_if_unservable
+
+        warn_if_unservable(fmt, model_layouts(model), "4- or 8-bit weights serve")
 
         return save_compressed_tensors(model, directory, **kw)
     if fmt == "gptq":

@@ -43,6 +43,7 @@ from torchquant.formats.packing_variants import (
     pack_rows,
     unpack_columns,
 )
+from torchquant.formats.serving import IntLayout, warn_if_unservable
 from torchquant.modules import QuantLinear
 from torchquant.save_guard import model_sources
 
@@ -221,6 +222,12 @@ def save_gptq(
         if w.bits not in BITS:
             raise CheckpointError(f"layer {name!r}: {w.bits}-bit weights; GPTQ holds {BITS}")
     bits, group, sym = _common_layout(weights)
+    warn_if_unservable(
+        "gptq",
+        [IntLayout(bits, group, sym)],
+        "vLLM's Marlin kernel needs symmetric 4/8-bit GPTQ: quantize with symmetric=True "
+        "(--symmetric), or save as compressed-tensors, which it serves asymmetric",
+    )
     # act-order layers need readers to honour g_idx; plain layers' g_idx reads the same
     desc_act = any(w.g_idx is not None for w in weights.values())
     tensors = hf.float_state(model)
