@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from torchquant.config import QuantConfig, QuantScheme
+from torchquant.conversion_guards import ModelSnapshot, check_before_conversion
 from torchquant.errors import ConfigError, QuantizationError
 from torchquant.matching import first_match
 from torchquant.modules import QatLinear, QuantExperts, QuantLinear
@@ -217,29 +218,28 @@ def convert_model(
     """
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
-    plan_conversion(model, config)  # -- refuse a bad override before any module changes
+    # -- refuse a bad override, a meta or a NaN/Inf weight before any module changes
+    plan = plan_conversion(model, config)
+    schemes = [config.default, *(s for _, s in config.overrides)]
+    calibrated = [s for s in schemes if s is not None and s.needs_calibration]
+    check_before_conversion(model, config, plan)
+    snapshot = None
+    if calibrated:
+        rescales = any(s.algorithm in ("smoothquant", "awq") for s in calibrated)
+        snapshot = ModelSnapshot(model, rescaled=plan if rescales else None)
     experts_left = split_experts_for_config(model, config)
     split = {n: m.num_experts for n, m in model.named_modules() if isinstance(m, QuantExperts)}
     plan = plan_conversion(model, config)
     needing = [n for n, (s, _) in plan.items() if s is not None and s.needs_calibration]
     if needing:
-        offloaded = [n for n, m in model.named_modules() if is_offloaded(m)]
-        if offloaded:
-            raise QuantizationError(
-                f"{offloaded[0]}: weights are offloaded by accelerate (device_map), which "
-                f"calibration does not support ({len(needing)} layer(s), e.g. {needing[0]!r}, "
-                "need it); load the model without offloading, or convert round-to-nearest"
+        snapshot.keep(model, list(plan))
+        try:
+            summary = _calibrate(
+                model, config, calibration_data, needing, device, offload, progress
             )
-        if calibration_data is None:
-            raise ConfigError(
-                f"calibration_data is required: {len(needing)} layer(s) (e.g. {needing[0]!r}) "
-                "use an algorithm or static activation scales that need calibration"
-            )
-        from torchquant.calibration.engine import calibrate_model
-
-        summary = calibrate_model(
-            model, config, calibration_data, device=device, offload=offload, progress=progress
-        )
+        except BaseException:
+            snapshot.restore(model)  # -- e.g. NaN activations in a late block
+            raise
         _finish_experts(model, summary, experts_left, split)
         return model, summary
     summary = ConversionSummary()
@@ -259,12 +259,6 @@ def convert_model(
             summary.skipped[name] = why
             continue
         with onloaded(layer):
-            if layer.weight.device.type == "meta":
-                raise QuantizationError(
-                    f"{name}: weight is on the meta device and no accelerate offload hook "
-                    "holds it; load the model's weights first, or build a meta skeleton and "
-                    "use torchquant.streaming.convert_from_safetensors"
-                )
             home = execution_device(layer, layer.weight.device)
             work = layer if device is None else layer.to(device)
             quantized = QuantLinear.from_linear(work, scheme, name).to(home)
@@ -276,6 +270,34 @@ def convert_model(
         del layer, work
     _finish_experts(model, summary, experts_left, split)
     return model, summary
+
+
+def _calibrate(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration_data: torch.Tensor | None,
+    needing: list[str],
+    device: torch.device | str | None,
+    offload: bool,
+    progress: bool,
+) -> ConversionSummary:
+    offloaded = [n for n, m in model.named_modules() if is_offloaded(m)]
+    if offloaded:
+        raise QuantizationError(
+            f"{offloaded[0]}: weights are offloaded by accelerate (device_map), which "
+            f"calibration does not support ({len(needing)} layer(s), e.g. {needing[0]!r}, "
+            "need it); load the model without offloading, or convert round-to-nearest"
+        )
+    if calibration_data is None:
+        raise ConfigError(
+            f"calibration_data is required: {len(needing)} layer(s) (e.g. {needing[0]!r}) "
+            "use an algorithm or static activation scales that need calibration"
+        )
+    from torchquant.calibration.engine import calibrate_model
+
+    return calibrate_model(
+        model, config, calibration_data, device=device, offload=offload, progress=progress
+    )
 
 
 def _finish_experts(

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from torchquant.config import QuantConfig
+from torchquant.conversion_guards import count_nonfinite
 from torchquant.convert import ConversionSummary, plan_conversion, split_experts_for_config
 from torchquant.errors import CheckpointError, ConfigError
 from torchquant.formats.checkpoint_names import CheckpointNames, names_for_model, names_for_type
@@ -89,7 +90,14 @@ class FloatWeights:
             raise CheckpointError(f"{path.name}: cannot read tensor {name!r} ({exc})") from None
         if got != entry.nbytes:
             raise CheckpointError(f"{path.name}: tensor {name!r} is truncated")
-        return buffer.view(entry.dtype).reshape(entry.shape)
+        tensor = buffer.view(entry.dtype).reshape(entry.shape)
+        bad = count_nonfinite(tensor)
+        if bad:
+            raise CheckpointError(
+                f"tensor {name!r} in {path.name} holds {bad} NaN/Inf value(s); refusing to "
+                "convert the model from it"
+            )
+        return tensor
 
 
 class ExpertWeights:
@@ -174,6 +182,8 @@ def convert_from_safetensors(
     summary.split_experts = {
         n: m.num_experts for n, m in model.named_modules() if isinstance(m, QuantExperts)
     }
+    # -- nothing is swapped in until every tensor has been read and checked
+    quantized: dict[str, QuantLinear] = {}
     for name, (scheme, why) in tqdm(
         plan.items(), desc="quantizing", unit="layer", disable=not progress
     ):
@@ -187,21 +197,17 @@ def convert_from_safetensors(
         bias = getattr(layer, "bias", None)
         if bias is not None:
             bias = weights.get(f"{name}.bias", bias)
-        quantized = QuantLinear.from_weight(weight, bias, scheme, f"{name}.weight")
+        quantized[name] = QuantLinear.from_weight(weight, bias, scheme, f"{name}.weight")
         summary.bytes_before += weight.numel() * weight.element_size()
-        summary.bytes_after += quantized.nbytes()
+        summary.bytes_after += quantized[name].nbytes()
         summary.converted[name] = scheme.describe()
-        _set_submodule(model, name, quantized)
-        del weight, bias, quantized
+        del weight, bias
     rest = {
         name: weights.get(name, t)
         for name, t in model.state_dict().items()
-        if not _is_quantized_buffer(model, name)
+        if name.rpartition(".")[0] not in quantized
     }
+    for name, layer in quantized.items():
+        _set_submodule(model, name, layer)
     model.load_state_dict(rest, strict=False, assign=True)
     return model, summary
-
-
-def _is_quantized_buffer(model: nn.Module, name: str) -> bool:
-    module_name = name.rpartition(".")[0]
-    return isinstance(model.get_submodule(module_name), QuantLinear)

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from torchquant.config import QuantConfig
+from torchquant.conversion_guards import check_before_conversion, refuse_nonfinite
 from torchquant.convert import (
     ConversionSummary,
     _set_submodule,
@@ -55,28 +56,31 @@ def prepare_qat(
     if qat_layers(model):
         raise QuantizationError("the model already has QatLinear layers: it is prepared")
     ptq = _quantized_layers(ptq_model) if ptq_model is not None else None
-    plan_conversion(model, config)  # -- refuse a bad override before any module changes
+    # -- refuse a bad override or a NaN/Inf weight before any module changes
+    check_before_conversion(model, config, plan_conversion(model, config))
     experts_left = split_experts_for_config(model, config)
     plan = plan_conversion(model, config)
     summary = ConversionSummary(skipped=experts_left)
+    prepared: dict[str, QatLinear] = {}  # -- swapped in only once every layer is built
     for name, (scheme, why) in tqdm(
         plan.items(), desc="preparing QAT", unit="layer", disable=not progress
     ):
         if scheme is None:
             summary.skipped[name] = why
             continue
-        layer = QatLinear.from_linear(model.get_submodule(name), scheme, options, name)
-        if ptq is not None:
-            if name not in ptq:
-                raise ConfigError(f"{name}: ptq_model has no quantized layer of that name")
-            layer.load_quantized(ptq[name], name)
+        if ptq is not None and name not in ptq:
+            raise ConfigError(f"{name}: ptq_model has no quantized layer of that name")
+        prepared[name] = QatLinear.from_linear(model.get_submodule(name), scheme, options, name)
         summary.converted[name] = scheme.describe()
-        _set_submodule(model, name, layer)
     if not summary.converted:
         raise ConfigError(
             f"no linear layer matches the config (found {len(plan)} linear layer(s); "
             f"skipped: {dict(list(summary.skipped.items())[:3])})"
         )
+    for name, layer in prepared.items():
+        if ptq is not None:
+            layer.load_quantized(ptq[name], name)
+        _set_submodule(model, name, layer)
     static = [n for n, m in qat_layers(model).items() if m.input_scale is not None]
     if static:
         if calibration is None:
@@ -129,11 +133,15 @@ def convert_qat(
         raise QuantizationError("the model has no QatLinear layers; call prepare_qat first")
     summary = ConversionSummary()
     expected = plan_conversion(model, config) if config is not None else {}
+    converted: dict[str, QuantLinear] = {}  # -- swapped in only once every layer converted
     for name, layer in tqdm(layers.items(), desc="converting", unit="layer", disable=not progress):
+        for tname, t in [*layer.named_parameters(recurse=False), *layer.named_buffers()]:
+            refuse_nonfinite(f"{name}.{tname}", t, "the trained layer cannot be converted")
         scheme = expected[name][0] if config is not None else "any"
-        quantized = layer.to_quant_linear(name, scheme)
+        converted[name] = layer.to_quant_linear(name, scheme)
         summary.bytes_before += _tensor_bytes(layer)
-        summary.bytes_after += quantized.nbytes()
+        summary.bytes_after += converted[name].nbytes()
         summary.converted[name] = layer.scheme.describe()
+    for name, quantized in converted.items():
         _set_submodule(model, name, quantized)
     return model, summary
