@@ -3,41 +3,20 @@
 import json
 
 import pytest
-import torch
+from tiny_models import tiny_llama_folder, tiny_text
 
 from torchquant.cli import main
 from torchquant.formats.dispatch import load_checkpoint
 from torchquant.modules import QuantLinear
 
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-WORDS = [f"w{i}" for i in range(60)]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny random Llama with a word-level tokenizer, saved as a plain HF folder."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(
-        folder
-    )
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    text = folder / "text.txt"
-    text.write_text(" ".join(WORDS[i % 37] for i in range(200)))
+    """A tiny random Llama with a word-level tokenizer and a text, as a plain HF folder."""
+    folder = tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama"), tie_word_embeddings=True)
+    tiny_text(folder / "text.txt")
     return folder
 
 

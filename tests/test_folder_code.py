@@ -7,33 +7,22 @@ import sys
 
 import pytest
 import torch
-from tiny_models import tiny_llama
+from tiny_models import tiny_llama, tiny_llama_folder, tiny_text
 
 from torchquant import CheckpointError, QuantConfig, convert_model, scheme_from_name
 from torchquant.cli import main
 from torchquant.formats.dispatch import load_checkpoint, save_checkpoint
 
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-WORDS = [f"w{i}" for i in range(60)]
 EVIL = "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('ran')\n"
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    """A tiny Llama with a word-level tokenizer and a text, as a plain HF folder."""
-    folder = tmp_path_factory.mktemp("plain")
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-    fast.save_pretrained(folder)
-    tiny_llama(vocab=64).save_pretrained(folder)
-    (folder / "text.txt").write_text(" ".join(WORDS[i % 37] for i in range(200)))
-    return folder
+    return tiny_llama_folder(tmp_path_factory.mktemp("plain"))
 
 
 @pytest.fixture
@@ -53,9 +42,7 @@ def edit_json(path, **fields):
 
 
 def eval_args(folder):
-    text = folder.parent / "text.txt"
-    if not text.exists():
-        text.write_text(" ".join(WORDS[i % 37] for i in range(200)))
+    text = tiny_text(folder.parent / "text.txt")
     return ["eval", str(folder), "--text", str(text), "--max-tokens", "32", "--seq-len", "16"]
 
 

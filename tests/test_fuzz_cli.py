@@ -24,7 +24,7 @@ import pytest
 from fuzz_strategies import fuzz_settings, json_edits
 from hypothesis import event, given
 from hypothesis import strategies as st
-from tiny_models import tiny_llama
+from tiny_models import tiny_llama, tiny_llama_folder, tiny_text
 
 from torchquant import QuantConfig, TorchquantError, convert_model, scheme_from_name
 from torchquant.cli import main
@@ -33,12 +33,8 @@ from torchquant.models import load_model
 from torchquant.save_guard import CHECKPOINT_FILES, is_checkpoint_file
 
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-WORDS = [f"w{i}" for i in range(60)]
-
 
 def no_stdin():
     """Reading stdin (a prompt) fails instead of waiting."""
@@ -50,15 +46,9 @@ EVIL = "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('ran'
 def plain(tmp_path_factory):
     """A tiny Llama folder with a tokenizer, a text, a native checkpoint and planted code."""
     root = tmp_path_factory.mktemp("fuzz-cli")
-    folder = root / "plain"
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-    fast.save_pretrained(folder)
-    tiny_llama(vocab=64).save_pretrained(folder)
+    folder = tiny_llama_folder(root / "plain")
     (folder / "evil.py").write_text(EVIL)
-    (root / "text.txt").write_text(" ".join(WORDS[i % 37] for i in range(200)))
+    tiny_text(root / "text.txt")
     (root / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
     assert main(["quantize", str(folder), "--group-size", "32", "--out", str(root / "ck")]) == 0
     return root

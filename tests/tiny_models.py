@@ -33,3 +33,26 @@ def tiny_llama(
         **config,
     )
     return transformers.LlamaForCausalLM(llama_config).to(dtype).eval()
+
+
+TINY_WORDS = [f"w{i}" for i in range(60)]
+
+
+def tiny_llama_folder(folder, **config):
+    """A ``tiny_llama(vocab=64)`` saved as a plain Hugging Face folder with a word-level
+    tokenizer of :data:`TINY_WORDS`; returns the folder."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(TINY_WORDS)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    fast.save_pretrained(folder)
+    tiny_llama(vocab=64, **config).save_pretrained(folder)
+    return folder
+
+
+def tiny_text(path, words: int = 200):
+    """A text of ``words`` words the tiny tokenizer knows; returns the path."""
+    path.write_text(" ".join(TINY_WORDS[i % 37] for i in range(words)))
+    return path

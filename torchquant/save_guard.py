@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from torchquant.code_guard import TOKENIZER_FILES
 from torchquant.errors import CheckpointError
 
 # -- safetensors metadata key that marks a shard as written by torchquant (native shards
@@ -33,16 +34,7 @@ CHECKPOINT_FILES = (
     "quantize_config.json",
     "model.safetensors",
     "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
+    *TOKENIZER_FILES,
 )
 MAX_HEADER_BYTES = 100 * 2**20
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
