@@ -160,3 +160,16 @@ def test_any_other_undecodable_read_is_one_line_too(capsys, monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "inspect", undecodable)
     err = run_error(capsys, ["inspect", "somewhere"])
     assert "not UTF-8" in err
+
+
+def test_the_library_refuses_the_same_counts():
+    from torchquant.benchmark import measure_throughput
+    from torchquant.errors import TorchquantError
+    from torchquant.evaluation import tokenize_text
+
+    with pytest.raises(TorchquantError, match="max_tokens=0: expected a positive int"):
+        tokenize_text(CharTokenizer(), "some text", 0)
+    assert tokenize_text(CharTokenizer(), "some text", 4).numel() == 4
+    for field in ("batch", "prompt_len", "new_tokens", "repeats"):
+        with pytest.raises(TorchquantError, match=f"{field}=-3: expected a positive int"):
+            measure_throughput(tiny_llama(), "x", **{field: -3})

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchquant.errors import TorchquantError
 from torchquant.modules import QuantLinear
 
 
@@ -75,6 +76,10 @@ def measure_throughput(
     vocab: int | None = None,
 ) -> Throughput:
     """Prefill and decode tokens per second of ``model`` on the device its weights are on."""
+    counts = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens}
+    for name, value in {**counts, "repeats": repeats}.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise TorchquantError(f"{name}={value!r}: expected a positive int")
     device = next(model.parameters()).device
     vocab = vocab or model.config.vocab_size
     gen = torch.Generator().manual_seed(0)

@@ -27,8 +27,10 @@ class PerplexityResult:
 
 def tokenize_text(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch.Tensor:
     """1-D token ids of ``text`` without special tokens (no BOS), truncated to ``max_tokens``."""
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise TorchquantError(f"max_tokens={max_tokens!r}: expected a positive int or None")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    return ids[:max_tokens] if max_tokens else ids
+    return ids if max_tokens is None else ids[:max_tokens]
 
 
 @torch.no_grad()
