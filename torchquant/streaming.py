@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from torchquant.config import QuantConfig
 from torchquant.conversion_guards import count_nonfinite
 from torchquant.convert import ConversionSummary, plan_conversion, split_experts_for_config
-from torchquant.errors import CheckpointError, ConfigError
+from torchquant.errors import CheckpointError, ConfigError, QuantizationError
 from torchquant.formats.checkpoint_names import CheckpointNames, names_for_model, names_for_type
 from torchquant.modules import QuantExperts, QuantLinear
 from torchquant.safetensors_check import TensorEntry, check_safetensors
@@ -93,9 +93,9 @@ class FloatWeights:
         tensor = buffer.view(entry.dtype).reshape(entry.shape)
         bad = count_nonfinite(tensor)
         if bad:
-            raise CheckpointError(
-                f"tensor {name!r} in {path.name} holds {bad} NaN/Inf value(s); refusing to "
-                "convert the model from it"
+            raise QuantizationError(  # the same error as quantizing such a tensor directly
+                f"{name} contains {bad} NaN/Inf value(s): tensor {name!r} in {path.name}; "
+                "refusing to convert the model from it"
             )
         return tensor
 
