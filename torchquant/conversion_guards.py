@@ -92,7 +92,20 @@ def check_before_conversion(
             for tname, t in _own_tensors(layer):
                 refuse_nonfinite(f"{name}.{tname}", t)
     for name in _fused_experts_to_split(model, config):
-        for tname, t in _own_tensors(model.get_submodule(name)):
+        _check_fused_experts(name, model.get_submodule(name))
+
+
+def _check_fused_experts(name: str, module: nn.Module) -> None:
+    """Scan fused experts under the per-expert names the split will give them."""
+    layout = fused_experts_layout(module)
+    gate_up, down = getattr(module, layout.gate_up), getattr(module, layout.down)
+    inter = gate_up.shape[1] // 2
+    for e in range(gate_up.shape[0]):
+        refuse_nonfinite(f"{name}.{e}.gate_proj.weight", gate_up[e, :inter])
+        refuse_nonfinite(f"{name}.{e}.up_proj.weight", gate_up[e, inter:])
+        refuse_nonfinite(f"{name}.{e}.down_proj.weight", down[e])
+    for tname, t in _own_tensors(module):
+        if tname not in (layout.gate_up, layout.down):
             refuse_nonfinite(f"{name}.{tname}", t)
 
 
