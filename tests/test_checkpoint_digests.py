@@ -1,0 +1,101 @@
+"""The same model and config keep writing the same checkpoint: digests pinned per scheme and format.
+
+Every scheme, algorithm and format is saved from a small seeded Llama (one layer whose
+input does not divide the group, so partial groups are covered) and each checkpoint
+is reduced to one digest of its tensors (name, dtype, shape, bytes), the torchquant
+metadata of native shards and ``config.json``'s ``quantization_config``.  A change to
+any of them fails here; when a change is meant, regenerate the pins with
+``TORCHQUANT_PIN_DIGESTS=1 python -m pytest tests/test_checkpoint_digests.py`` and say
+why in the commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny_models import tiny_llama
+
+from torchquant import QuantConfig, TorchquantError, convert_model, scheme_from_name
+from torchquant.formats.dispatch import FORMATS, save_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PINS = Path(__file__).with_name("data") / "checkpoint_digests.json"
+SCHEMES = {
+    "w8a16": dict(name="w8a16"),
+    "w8a16-g32": dict(name="w8a16", group_size=32),
+    "w4a16-g32": dict(name="w4a16", group_size=32),
+    "w4a16-g32-sym": dict(name="w4a16", group_size=32, symmetric=True),
+    "w4a16-g64": dict(name="w4a16", group_size=64),  # 96 = 1.5 x 64: a partial group
+    "w3a16-g32": dict(name="w3a16", group_size=32),
+    "w2a16-g32-sym": dict(name="w2a16", group_size=32, symmetric=True),
+    "w8a16-fp8": dict(name="w8a16-fp8"),
+    "w8a8": dict(name="w8a8"),
+    "fp8": dict(name="fp8"),
+}
+CALIBRATED = {"gptq": "w4a16-g32-sym", "awq": "w4a16-g32", "smoothquant": "w8a8"}
+
+
+def digest_folder(folder: Path) -> str:
+    h = hashlib.sha256()
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            metadata = {k: v for k, v in (f.metadata() or {}).items() if k.startswith("torchquant")}
+            metadata.pop("torchquant_writer", None)  # a marker, not part of the model
+            h.update(json.dumps(metadata, sort_keys=True).encode())
+            for key in sorted(f.keys()):
+                t = f.get_tensor(key).contiguous()
+                h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    config = json.loads((folder / "config.json").read_text())
+    h.update(json.dumps(config.get("quantization_config"), sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def build(case: str) -> torch.nn.Module:
+    algorithm, _, scheme_name = case.partition(":")
+    spec = dict(SCHEMES[scheme_name])
+    scheme = scheme_from_name(spec.pop("name"), **spec)
+    scheme = dataclasses.replace(scheme, algorithm=algorithm)
+    model = tiny_llama(hidden=96, inter=128, heads=2, kv_heads=1, layers=2, seed=7)
+    config = QuantConfig(default=scheme)
+    if algorithm == "rtn":
+        return convert_model(model, config, progress=False)[0]
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(3))
+    return convert_model(model, config, calibration_data=ids, progress=False)[0]
+
+
+CASES = [f"rtn:{s}" for s in SCHEMES] + [f"{a}:{s}" for a, s in CALIBRATED.items()]
+
+
+def current_digests(tmp_path: Path) -> dict[str, str]:
+    out = {}
+    for case in CASES:
+        model = build(case)
+        for fmt in FORMATS:
+            folder = tmp_path / case.replace(":", "-") / fmt
+            try:
+                save_checkpoint(model, folder, fmt)
+            except TorchquantError as exc:
+                out[f"{case}/{fmt}"] = f"refused: {type(exc).__name__}"
+                continue
+            out[f"{case}/{fmt}"] = digest_folder(folder)
+    return out
+
+
+def test_checkpoints_are_bit_identical_to_the_pinned_ones(tmp_path):
+    got = current_digests(tmp_path)
+    if os.environ.get("TORCHQUANT_PIN_DIGESTS"):
+        PINS.parent.mkdir(exist_ok=True)
+        PINS.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    want = json.loads(PINS.read_text())
+    changed = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+    assert not changed, f"{len(changed)} checkpoint(s) changed, e.g. {changed[:5]}"
+    assert sum(not v.startswith("refused") for v in got.values()) >= 30
