@@ -367,3 +367,11 @@ def test_transformers_loads_symmetric_compressed_tensors(tmp_path):
     ids = torch.randint(0, 96, (1, 6))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, model(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_weight_only_formats_refuse_quantized_activations(tmp_path, fmt):
+    model, _ = convert_model(tiny_llama(), QuantConfig("w8a8"), progress=False)
+    with pytest.raises(CheckpointError, match="quantizes its activations"):
+        save_checkpoint(model, tmp_path / fmt, fmt)
+    assert not (tmp_path / fmt).exists()

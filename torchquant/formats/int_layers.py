@@ -69,6 +69,12 @@ def int_weights_of(layer: QuantLinear, name: str) -> IntLayerWeights:
     w = layer.scheme.weight
     if w.type != "int":
         raise CheckpointError(f"layer {name!r}: {layer.scheme.describe()} is not an INT weight")
+    if layer.scheme.activation is not None:
+        raise CheckpointError(
+            f"layer {name!r}: {layer.scheme.describe()} quantizes its activations, which a "
+            "weight-only format would silently drop; save in the native or compressed-tensors "
+            "format"
+        )
     if layer.smooth_scale is not None:
         raise CheckpointError(
             f"layer {name!r}: has a SmoothQuant input divisor, which this format cannot hold; "
