@@ -10,10 +10,10 @@ folders load the same way.
 import sys
 
 import torch
-from transformers import AutoTokenizer
 
-from torchquant.formats.dispatch import detect_format, load_checkpoint
+from torchquant.formats.dispatch import detect_format
 from torchquant.inspection import report_model
+from torchquant.models import load_model
 
 
 def main() -> None:
@@ -22,8 +22,8 @@ def main() -> None:
     directory = sys.argv[1]
     prompt = sys.argv[2] if len(sys.argv) > 2 else "Once upon a time"
 
-    model = load_checkpoint(directory)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    # -- the folder's tokenizer too, with the same guarantees: no code from the folder runs
+    model, tokenizer = load_model(directory)
     print(report_model(model, directory, detect_format(directory)).table())
 
     ids = tokenizer(prompt, return_tensors="pt")
