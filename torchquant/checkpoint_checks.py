@@ -12,6 +12,8 @@ After loading, the values are checked too (no NaN/Inf, zero points in range).
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from torchquant.errors import CheckpointError
-from torchquant.safetensors_check import SafetensorsHeader, TensorEntry
+from torchquant.safetensors_check import SafetensorsHeader, TensorEntry, open_regular_file
 
 MAX_JSON_BYTES = 64 * 2**20
 QUANTIZATION_CONFIG_FIELDS = ("quant_method", "format_version", "config")
@@ -30,15 +32,19 @@ def read_small_file(path: Path, what: str) -> bytes:
     """The bytes of a regular file beside the checkpoint (no symlink out, no FIFO, bounded)."""
     if not path.parent.resolve() == path.resolve().parent:
         raise CheckpointError(f"{what}: is a symlink leading outside {path.parent}")
-    if not path.is_file():
-        raise CheckpointError(f"{what}: missing or not a regular file")
-    try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise CheckpointError(f"{what}: {size} bytes exceeds the {MAX_JSON_BYTES}-byte limit")
-        return path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"{what}: cannot read ({exc})") from None
+    with open_regular_file(path, what) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_JSON_BYTES:
+                raise CheckpointError(
+                    f"{what}: {size} bytes exceeds the {MAX_JSON_BYTES}-byte limit"
+                )
+            data = f.read(MAX_JSON_BYTES + 1)
+        except OSError as exc:
+            raise CheckpointError(f"{what}: cannot read ({exc})") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{what}: grew past the {MAX_JSON_BYTES}-byte limit while read")
+    return data
 
 
 def read_json_file(path: Path, what: str) -> Any:
@@ -69,8 +75,12 @@ def resolve_inside(directory: Path, name: object, what: str) -> Path:
     path = (directory / name).resolve()
     if path.parent != directory.resolve():
         raise CheckpointError(f"{what}: shard {name!r} lies outside {directory} (symlink?)")
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{what}: shard {name!r} is missing")
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise CheckpointError(
+            f"{what}: shard {name!r} is missing as a regular file (a directory, FIFO, device?)"
+        )
     return path
 
 
@@ -255,6 +265,39 @@ def _has_nonfinite(t: torch.Tensor) -> bool:
     if t.dtype == torch.float8_e5m2:
         return bool(((t.view(torch.uint8) & 0x7C) == 0x7C).any())
     return bool((~torch.isfinite(t)).any())
+
+
+def check_scales(name: str, scales: torch.Tensor) -> None:
+    """Scales a correct save writes: floating point, finite and positive, every one of them.
+
+    An integer scale would be read as a float silently, a zero one turns the layer's
+    output into zeros or NaN, a negative one flips it; all are refused.
+    """
+    if not scales.is_floating_point():
+        raise CheckpointError(
+            f"tensor {name!r}: scales are {scales.dtype}; they must be floating point"
+        )
+    if _has_nonfinite(scales):
+        raise CheckpointError(f"tensor {name!r}: holds a NaN/Inf scale; refusing to load it")
+    if scales.numel() and not bool((scales.float() > 0).all()):
+        raise CheckpointError(
+            f"tensor {name!r}: holds a scale <= 0 ({float(scales.float().min()):.3g}); every "
+            "scale must be positive"
+        )
+
+
+def check_zero_points(name: str, zeros: torch.Tensor, low: int, high: int) -> None:
+    """Zero points are integers in ``[low, high]`` (the code range of the layer's bits)."""
+    if zeros.is_floating_point() or zeros.is_complex() or zeros.dtype == torch.bool:
+        raise CheckpointError(
+            f"tensor {name!r}: zero points are {zeros.dtype}; they must be integers"
+        )
+    if zeros.numel():
+        lo, hi = int(zeros.min()), int(zeros.max())
+        if lo < low or hi > high:
+            raise CheckpointError(
+                f"tensor {name!r}: zero points span {lo}..{hi}, outside [{low}, {high}]"
+            )
 
 
 def check_loaded_values(state: Mapping[str, torch.Tensor], model: nn.Module) -> None:

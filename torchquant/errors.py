@@ -19,3 +19,7 @@ class CheckpointError(TorchquantError, ValueError):
 
 class CalibrationError(TorchquantError, ValueError):
     """Calibration cannot proceed: no data, NaN activations, a layer that saw no tokens, ..."""
+
+
+class CheckpointConfigError(CheckpointError, ConfigError):
+    """A checkpoint's own config has a bad field: a loader's error that is also a config error."""

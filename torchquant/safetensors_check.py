@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -23,6 +25,8 @@ from torchquant.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own ceiling
 MAX_NDIM = 8
+# strides and element counts are int64 in torch: every dim counted as at least 1 must fit
+MAX_SPAN = 2**62
 HEADER_PREFIX_BYTES = 8
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -77,6 +81,27 @@ def physical_memory_bytes() -> int:
         return 2**40
 
 
+def open_regular_file(path: Path, what: str) -> BinaryIO:
+    """``path`` opened for reading, refused unless it is a regular file.
+
+    A FIFO or device named as part of a checkpoint would block ``open`` or a read
+    forever; the file is checked with ``stat`` first, opened without blocking, and
+    checked again on the open descriptor (the name may have been swapped in between).
+    """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise CheckpointError(f"{what}: {path.name} is not a regular file (FIFO, device?)")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"{what}: {path.name} is missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"{what}: cannot open {path.name} ({exc})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{what}: {path.name} is not a regular file (FIFO, device?)")
+    return os.fdopen(fd, "rb")
+
+
 def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in pairs:
@@ -111,6 +136,11 @@ def _parse_entry(where: str, name: str, raw: object) -> TensorEntry:
         raise CheckpointError(
             f"{where}: tensor {name!r}: shape {shape!r} must be a list of at most {MAX_NDIM} "
             "non-negative ints"
+        )
+    if math.prod(max(d, 1) for d in shape) > MAX_SPAN:
+        raise CheckpointError(
+            f"{where}: tensor {name!r}: shape {shape} is larger than any tensor can be "
+            f"(the dims multiply past {MAX_SPAN}, even where one of them is 0)"
         )
     offsets = raw["data_offsets"]
     if (
@@ -156,8 +186,8 @@ def check_safetensors(path: str | Path, *, memory_budget: int | None = None) -> 
     where = path.name
     budget = physical_memory_bytes() if memory_budget is None else memory_budget
     try:
-        file_size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular_file(path, where) as f:
+            file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(HEADER_PREFIX_BYTES)
             if len(prefix) < HEADER_PREFIX_BYTES:
                 raise CheckpointError(

@@ -313,12 +313,11 @@ def load_quantized(
     checks.check_quantization_config(directory, metadata, FORMAT_VERSION, KEY_CONFIG)
     specs = layer_specs(metadata)
     aliases = checks.check_aliases(_json_field(metadata, KEY_ALIASES))
+    declared = checks.declared_entries(headers)
     if model is None:
         if not (directory / "config.json").is_file():
             raise CheckpointError(f"{directory}: no config.json; pass the float model as `model=`")
-        num_tensors = sum(len(h.entries) for h in headers)
-        model = build_hf_skeleton(directory, metadata.get(KEY_MODEL_CLASS, ""), num_tensors)
-    declared = checks.declared_entries(headers)
+        model = build_hf_skeleton(directory, metadata.get(KEY_MODEL_CLASS, ""), declared)
     split_experts_for_names(model, [*specs, *(k.rpartition(".")[0] for k in declared)])
     for name, spec in specs.items():
         try:

@@ -38,9 +38,14 @@ import torch
 from torch import nn
 
 from torchquant.config import ActivationQuant, QuantScheme, WeightQuant
-from torchquant.errors import CheckpointError, ConfigError
+from torchquant.errors import CheckpointConfigError, CheckpointError, ConfigError
 from torchquant.formats import hf_checkpoint as hf
 from torchquant.formats.checkpoint_names import CheckpointNames, names_for_model
+from torchquant.formats.compressed_tensors_checks import (
+    check_config_types,
+    check_declared_layer,
+    check_layer_values,
+)
 from torchquant.formats.int_layers import (
     IntLayerWeights,
     build_int_layer,
@@ -53,7 +58,9 @@ from torchquant.formats.packing_variants import (
     pack_dense,
     unpack_rows,
 )
+from torchquant.matching import compile_regex, match_regex
 from torchquant.modules import QuantLinear
+from torchquant.safetensors_check import TensorEntry
 from torchquant.save_guard import model_sources
 
 QUANT_METHOD = "compressed-tensors"
@@ -273,10 +280,10 @@ def save_compressed_tensors(
 
 def _check_fields(data: object, known: set[str], where: str) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise CheckpointConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(
+        raise CheckpointConfigError(
             f"{where}: unknown field(s) {unknown}; this torchquant understands {sorted(known)}"
         )
     return data
@@ -297,22 +304,21 @@ def _check_version(version: object) -> None:
 def _check_patterns(patterns: object, where: str) -> None:
     """Targets and ignores: a list of layer names, class names or ``re:`` expressions."""
     if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-        raise ConfigError(f"{where} must be a list of strings, got {patterns!r}")
+        raise CheckpointConfigError(f"{where} must be a list of strings, got {patterns!r}")
     for pattern in patterns:
         if pattern.startswith("re:"):
             try:
-                re.compile(pattern[3:])
-            except (re.error, OverflowError, RecursionError) as exc:
-                raise ConfigError(
-                    f"{where}: invalid regular expression {pattern!r}: {exc}"
-                ) from None
+                compile_regex(pattern[3:], where)
+            except ConfigError as exc:
+                raise CheckpointConfigError(str(exc)) from None
 
 
 def parse_quantization_config(qc: object) -> dict[str, Any]:
     """Validate a compressed-tensors ``quantization_config``; refuse what we cannot honour."""
     qc = dict(_check_fields(qc, TOP_LEVEL_FIELDS, "quantization_config"))
+    check_config_types(qc)
     if qc.get("quant_method") != QUANT_METHOD:
-        raise ConfigError(f"quantization_config.quant_method={qc.get('quant_method')!r}")
+        raise CheckpointConfigError(f"quantization_config.quant_method={qc.get('quant_method')!r}")
     _check_version(qc.get("version"))
     status = qc.get("quantization_status", "compressed")
     if status != "compressed":
@@ -325,7 +331,7 @@ def parse_quantization_config(qc: object) -> dict[str, Any]:
     _check_patterns(qc.get("ignore") or [], "quantization_config.ignore")
     groups = qc.get("config_groups")
     if not isinstance(groups, Mapping) or not groups:
-        raise ConfigError("quantization_config.config_groups must be a non-empty mapping")
+        raise CheckpointConfigError("quantization_config.config_groups must be a non-empty mapping")
     for gname, group in groups.items():
         where = f"config_groups.{gname}"
         group = _check_fields(group, GROUP_FIELDS, where)
@@ -335,7 +341,7 @@ def parse_quantization_config(qc: object) -> dict[str, Any]:
         if group.get("output_activations") is not None:
             raise CheckpointError(f"{where}: output activation quantization is not supported")
         if not isinstance(group.get("targets"), list) or not group["targets"]:
-            raise ConfigError(f"{where}.targets must be a non-empty list")
+            raise CheckpointConfigError(f"{where}.targets must be a non-empty list")
         _check_patterns(group["targets"], f"{where}.targets")
         fmt = group.get("format") or qc.get("format")
         if fmt not in FORMATS:
@@ -343,9 +349,13 @@ def parse_quantization_config(qc: object) -> dict[str, Any]:
     return qc
 
 
-def _matches(pattern: str, name: str, class_name: str) -> bool:
+def _matches(pattern: str, name: str, class_name: str, where: str) -> bool:
+    """The library's rule: ``re:`` matches a prefix of the name, anything else the name or class."""
     if pattern.startswith("re:"):
-        return re.match(pattern[3:], name) is not None
+        try:
+            return match_regex(pattern[3:], name, where, whole=False)
+        except ConfigError as exc:
+            raise CheckpointConfigError(str(exc)) from None
     return pattern in (name, class_name)
 
 
@@ -360,10 +370,11 @@ def _assign_groups(
     plan = {}
     for name, cls in layers.items():
         aliases = names.all_names(name)
-        if any(_matches(p, alias, cls) for p in ignore for alias in aliases):
+        if any(_matches(p, a, cls, "quantization_config.ignore") for p in ignore for a in aliases):
             continue
-        for group in qc["config_groups"].values():
-            if any(_matches(t, alias, cls) for t in group["targets"] for alias in aliases):
+        for gname, group in qc["config_groups"].items():
+            where = f"config_groups.{gname}.targets"
+            if any(_matches(t, a, cls, where) for t in group["targets"] for a in aliases):
                 plan[name] = {**group, "format": group.get("format") or qc.get("format")}
                 break
     if not plan:
@@ -375,6 +386,10 @@ def _scheme_of(group: dict[str, Any], name: str) -> QuantScheme:
     w, a = group["weights"], group.get("input_activations")
     if w is None or w.get("num_bits") is None:
         raise CheckpointError(f"layer {name!r}: its config group quantizes no weights")
+    if w.get("type") not in ("int", "float"):
+        raise CheckpointError(
+            f"layer {name!r}: weights of type {w.get('type')!r}; expected 'int' or 'float'"
+        )
     bad = w.get("actorder") not in ACTORDERS
     if w.get("block_structure") or bad or w.get("strategy") not in ("channel", "group", "tensor"):
         raise CheckpointError(
@@ -468,28 +483,52 @@ def _dense_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
     return layer
 
 
+def _check_layers_declared(
+    plan: dict[str, dict[str, Any]], declared: dict[str, TensorEntry], model: nn.Module
+) -> dict[str, QuantScheme]:
+    """Each planned layer is an ``nn.Linear`` whose tensors (from the headers) fit it."""
+    by_layer: dict[str, dict[str, TensorEntry]] = {name: {} for name in plan}
+    for key, entry in declared.items():
+        layer, _, local = key.rpartition(".")
+        if layer in by_layer:
+            by_layer[layer][local] = entry
+    schemes = {}
+    for name, group in plan.items():
+        module = model.get_submodule(name)
+        if type(module) is not nn.Linear:
+            raise CheckpointError(f"layer {name!r} is a {type(module).__name__}, not nn.Linear")
+        schemes[name] = _scheme_of(group, name)
+        n, k = module.weight.shape
+        check_declared_layer(name, group["format"], by_layer[name], n, k)
+    return schemes
+
+
 def load_compressed_tensors(directory: str | Path) -> nn.Module:
     """Load a compressed-tensors folder into a ``transformers`` model with ``QuantLinear`` layers.
 
     The model is built on the meta device from ``config.json``; every tensor is taken
-    straight from the files, so no full-precision weight is ever materialised.
+    straight from the files, so no full-precision weight is ever materialised.  Every
+    refusal is a :class:`CheckpointError` (a bad config field a ``CheckpointConfigError``).
     """
     files, declared = hf.declared_tensors(directory)
     config = hf.read_config(directory)
     qc = parse_quantization_config(config.get("quantization_config"))
     model = hf.build_skeleton(directory, config, declared)
-    layer_types = hf.linear_layer_names(model)
-    plan = _assign_groups(qc, layer_types, names_for_model(model))
+    plan = _assign_groups(qc, hf.linear_layer_names(model), names_for_model(model))
     hf.check_float_tensors(model, declared, list(plan))
+    schemes = _check_layers_declared(plan, declared, model)
     tensors = hf.read_tensors(files, model)
+    for name, scheme in schemes.items():
+        n, k = model.get_submodule(name).weight.shape
+        prefix = f"{name}."
+        local = {key[len(prefix) :]: t for key, t in tensors.items() if key.startswith(prefix)}
+        w = scheme.weight
+        check_layer_values(name, plan[name]["format"], local, n, k, w.bits, w.symmetric)
 
     def make(name: str, local: dict[str, torch.Tensor]) -> QuantLinear:
-        if layer_types[name] != "Linear":
-            raise CheckpointError(f"layer {name!r} is a {layer_types[name]}, not nn.Linear")
-        group = plan[name]
-        scheme = _scheme_of(group, name)
+        scheme = schemes[name]
         dtype = model.get_submodule(name).weight.dtype
-        if group["format"] == "pack-quantized":
+        if plan[name]["format"] == "pack-quantized":
             if scheme.activation is not None:
                 raise CheckpointError(f"layer {name!r}: packed INT with activations unsupported")
             return _packed_layer(name, local, scheme, dtype)

@@ -35,9 +35,9 @@ def detect_format(directory: str | Path) -> str | None:
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    config = hf.read_config(directory) if (directory / "config.json").is_file() else {}
+    config = hf.read_config(directory) if (directory / "config.json").exists() else {}
     qc = config.get("quantization_config")
-    if qc is None and (directory / "quantize_config.json").is_file():
+    if qc is None and (directory / "quantize_config.json").exists():
         return "gptq"
     if qc is not None:
         method = qc.get("quant_method") if isinstance(qc, dict) else None

@@ -110,7 +110,7 @@ def write_checkpoint(
 
 def read_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{directory}: no config.json")
     data = checks.read_json_file(path, "config.json")
     if not isinstance(data, dict):
@@ -133,15 +133,24 @@ def declared_tensors(directory: str | Path) -> tuple[list[Path], dict[str, Tenso
     headers = [check_safetensors(path) for path in files]
     if (directory / INDEX_FILE).exists():
         checks.check_index_matches_shards(directory, INDEX_FILE, headers)
-    has_config = (directory / "config.json").is_file()
+    has_config = (directory / "config.json").exists()
     model_type = read_config(directory).get("model_type") if has_config else None
     return files, names_for_type(model_type).keys_to_model(checks.declared_entries(headers))
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_float_tensors(
     model: nn.Module, declared: dict[str, TensorEntry], quantized: list[str]
 ) -> None:
-    """Tensors outside the quantized layers must be the skeleton's, shape for shape."""
+    """Tensors outside the quantized layers must be the skeleton's, shape for shape.
+
+    A float tensor of the model (embeddings, norms, biases, unquantized layers) must be
+    stored as F16, BF16 or F32 and is loaded as stored: an integer one would be read as
+    garbage numbers, and F64 or FP8 would make the first forward fail on mixed dtypes,
+    so all three are refused here rather than cast behind the user's back.
+    """
     expected = model.state_dict()
     prefixes = tuple(f"{name}." for name in quantized)
     for key, entry in declared.items():
@@ -149,10 +158,20 @@ def check_float_tensors(
             continue
         if key not in expected:
             raise CheckpointError(f"checkpoint has tensor {key!r}, which the model does not")
-        if entry.shape != tuple(expected[key].shape):
+        want = expected[key]
+        if entry.shape != tuple(want.shape):
             raise CheckpointError(
                 f"tensor {key!r}: checkpoint declares {entry.shape}, the model expects "
-                f"{tuple(expected[key].shape)}"
+                f"{tuple(want.shape)}"
+            )
+        if want.is_floating_point() and entry.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"tensor {key!r}: checkpoint stores {entry.dtype}; a float tensor of the model "
+                f"must be one of {[str(d) for d in FLOAT_DTYPES]}"
+            )
+        if not want.is_floating_point() and entry.dtype != want.dtype:
+            raise CheckpointError(
+                f"tensor {key!r}: checkpoint stores {entry.dtype}, the model expects {want.dtype}"
             )
 
 
@@ -193,7 +212,7 @@ def build_skeleton(
     arch = config.get("architectures") or []
     if not isinstance(arch, list) or len(arch) != 1 or not isinstance(arch[0], str):
         raise CheckpointError(f"config.json: 'architectures' must name one class, got {arch!r}")
-    model = build_hf_skeleton(Path(directory), arch[0], len(declared))
+    model = build_hf_skeleton(Path(directory), arch[0], declared)
     split_experts_for_names(model, (key.rpartition(".")[0] for key in declared))
     return model
 
@@ -219,6 +238,7 @@ def assemble(
         layer = make_layer(name, local)
         if local:
             raise CheckpointError(f"layer {name!r}: unexpected tensor(s) {sorted(local)}")
+        checks.check_layer_fits(name, model.get_submodule(name), layer)
         _set_submodule(model, name, layer)
     expected = model.state_dict()
     quantized = tuple(f"{n}." for n in layer_names)
