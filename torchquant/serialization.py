@@ -16,6 +16,7 @@ and any damage is reported as a ``CheckpointError`` naming the file, tensor or f
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -315,7 +316,7 @@ def load_quantized(
     aliases = checks.check_aliases(_json_field(metadata, KEY_ALIASES))
     declared = checks.declared_entries(headers)
     if model is None:
-        if not (directory / "config.json").is_file():
+        if not os.path.lexists(directory / "config.json"):  # a FIFO is refused by name later
             raise CheckpointError(f"{directory}: no config.json; pass the float model as `model=`")
         model = build_hf_skeleton(directory, metadata.get(KEY_MODEL_CLASS, ""), declared)
     split_experts_for_names(model, [*specs, *(k.rpartition(".")[0] for k in declared)])

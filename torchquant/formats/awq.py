@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchquant import checkpoint_checks as read_checks
 from torchquant.errors import CheckpointError
 from torchquant.formats import hf_checkpoint as hf
 from torchquant.formats.checkpoint_names import names_for_model
@@ -29,7 +30,6 @@ from torchquant.formats.config_fields import MISSING, FieldTable
 from torchquant.formats.int_layers import (
     IntLayerWeights,
     build_int_layer,
-    check_scale_values,
     hold_model_dtype,
     int_weights_of,
     regroup_evenly,
@@ -225,7 +225,7 @@ def awq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str)
     scales = _take(local, "scales", name)
     if qweight.dim() != 2 or scales.dim() != 2:
         raise CheckpointError(f"layer {name!r}: qweight and scales must be 2-D")
-    check_scale_values(scales, name)
+    read_checks.check_scales(f"{name}.scales", scales)
     k, n = qweight.shape[0], qweight.shape[1] * 8
     groups = 1 if g == -1 else -(-k // g)
     if scales.shape != (groups, n):

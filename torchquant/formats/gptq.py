@@ -20,19 +20,20 @@ in ``quantize_config.json`` instead.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from torchquant import checkpoint_checks as read_checks
 from torchquant.errors import CheckpointError, ConfigError
 from torchquant.formats import hf_checkpoint as hf
 from torchquant.formats.config_fields import MISSING, FieldTable
 from torchquant.formats.int_layers import (
     IntLayerWeights,
     build_int_layer,
-    check_scale_values,
     hold_model_dtype,
     int_weights_of,
     regroup_evenly,
@@ -150,10 +151,8 @@ def read_gptq_config(directory: str | Path, config: dict[str, Any]) -> dict[str,
     """The ``quantization_config`` of ``config.json``, else ``quantize_config.json``."""
     qc = config.get("quantization_config")
     path = Path(directory) / QUANTIZE_CONFIG_FILE
-    if qc is None and path.is_file():
-        from torchquant.checkpoint_checks import read_json_file
-
-        qc = read_json_file(path, QUANTIZE_CONFIG_FILE)
+    if qc is None and os.path.lexists(path):  # a FIFO or a dangling link is refused by name
+        qc = read_checks.read_json_file(path, QUANTIZE_CONFIG_FILE)
     if qc is None:
         raise CheckpointError(f"{directory}: no GPTQ quantization_config or {QUANTIZE_CONFIG_FILE}")
     return parse_gptq_config(qc)
@@ -269,7 +268,7 @@ def gptq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str
     scales = _take(local, "scales", name)
     if qweight.dim() != 2 or scales.dim() != 2:
         raise CheckpointError(f"layer {name!r}: qweight and scales must be 2-D")
-    check_scale_values(scales, name)
+    read_checks.check_scales(f"{name}.scales", scales)
     n = qweight.shape[1]
     k = qweight.shape[0] * 32 // bits
     if qweight.dtype != torch.int32 or qweight.shape[0] * 32 != k * bits:

@@ -224,25 +224,6 @@ def build_int_layer(weights: IntLayerWeights, symmetric: bool, name: str) -> Qua
     return layer
 
 
-def check_scale_values(scales: torch.Tensor, name: str) -> None:
-    """Refuse scales a correct writer never stores: not floating point, not finite, or <= 0.
-
-    Run before a layer is built: a zero or negative scale would load silently and give
-    a wrong (or sign-flipped) weight, an integer one would be read as a float.
-    """
-    if not scales.dtype.is_floating_point:
-        raise CheckpointError(f"layer {name!r}: scales are {scales.dtype}, not floating point")
-    if scales.numel() == 0:
-        return
-    values = scales.float()
-    if not bool(torch.isfinite(values).all()):
-        raise CheckpointError(f"layer {name!r}: scales hold NaN or Inf")
-    if not bool((values > 0).all()):
-        raise CheckpointError(
-            f"layer {name!r}: scales hold {float(values.min()):.3g}; every scale must be > 0"
-        )
-
-
 def model_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype hidden states have: the input embeddings', else the first float parameter's."""
     get = getattr(model, "get_input_embeddings", None)
