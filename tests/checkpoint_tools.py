@@ -18,7 +18,7 @@ from tiny_models import tiny_llama
 from torch import nn
 
 from torchquant import QuantConfig, convert_model
-from torchquant.digests import digest_bytes, shard_digests
+from torchquant.checkpoint.digests import digest_bytes, shard_digests
 from torchquant.serialization import KEY_DIGESTS, save_quantized
 
 CONFIG = QuantConfig("w4a16", overrides={"2": "w8a8", "3": "fp8"}, ignore=())

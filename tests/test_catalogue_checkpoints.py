@@ -30,8 +30,8 @@ from checkpoint_tools import (
 from safetensors.torch import load_file
 
 from torchquant import CheckpointError
-from torchquant.checkpoint_checks import check_total_size
-from torchquant.safetensors_check import check_safetensors
+from torchquant.checkpoint.files import check_total_size
+from torchquant.checkpoint.safetensors_check import check_safetensors
 from torchquant.serialization import (
     INDEX_FILE,
     KEY_ALIASES,

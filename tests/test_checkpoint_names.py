@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from torchquant import QuantConfig, convert_model, scheme_from_name
-from torchquant.convert import split_fused_experts
+from torchquant.checkpoint.names import CHECKPOINT_NAMES, names_for_type
 from torchquant.errors import CheckpointError
-from torchquant.formats.checkpoint_names import CHECKPOINT_NAMES, names_for_type
 from torchquant.formats.dispatch import load_checkpoint, save_checkpoint
 from torchquant.modules import QuantLinear
+from torchquant.plan import split_fused_experts
 
 transformers = pytest.importorskip("transformers")
 

@@ -27,18 +27,21 @@ from hypothesis import strategies as st
 from tiny_models import tiny_llama, tiny_llama_folder, tiny_text
 
 from torchquant import QuantConfig, TorchquantError, convert_model, scheme_from_name
+from torchquant.checkpoint.save_guard import CHECKPOINT_FILES, is_checkpoint_file
 from torchquant.cli import main
 from torchquant.formats.dispatch import FORMATS, save_checkpoint
 from torchquant.models import load_model
-from torchquant.save_guard import CHECKPOINT_FILES, is_checkpoint_file
 
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 def no_stdin():
     """Reading stdin (a prompt) fails instead of waiting."""
     return mock.patch.object(sys, "stdin", None)
+
+
 EVIL = "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('ran')\n"
 
 

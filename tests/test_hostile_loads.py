@@ -364,7 +364,7 @@ def test_float_zero_points_are_refused(folder):
 
 
 def test_check_scales_is_shared():
-    from torchquant.checkpoint_checks import check_scales, check_zero_points
+    from torchquant.checkpoint.validate import check_scales, check_zero_points
 
     check_scales("s", torch.tensor([0.5, 1.0]))
     for bad, match in [

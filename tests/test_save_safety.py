@@ -8,8 +8,8 @@ from checkpoint_tools import make_model
 from tiny_models import tiny_llama
 
 from torchquant import CheckpointError, QuantConfig, convert_model, scheme_from_name
+from torchquant.checkpoint.save_guard import is_checkpoint_file
 from torchquant.formats.dispatch import FORMATS, load_checkpoint, save_checkpoint
-from torchquant.save_guard import is_checkpoint_file
 from torchquant.serialization import save_quantized
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -82,6 +82,7 @@ CRASH_SCRIPT = textwrap.dedent(
     import os, signal, sys, torch
     from torch import nn
     import safetensors.torch as st
+    import torchquant.checkpoint.folder as folder
     import torchquant.serialization as ser
     from torchquant import QuantConfig, convert_model
     torch.manual_seed(int(sys.argv[2]))
@@ -94,7 +95,7 @@ CRASH_SCRIPT = textwrap.dedent(
         calls.append(1)
         if len(calls) == 2:  # killed after the second shard is on disk
             os.kill(os.getpid(), signal.SIGKILL)
-    ser.save_file = dying_save
+    folder.save_file = dying_save
     ser.save_quantized(model, sys.argv[1], max_shard_size=6_000)
     """
 )

@@ -211,7 +211,7 @@ def _dir_bytes(path: Path) -> int:
 
 def _check_out(args: argparse.Namespace) -> None:
     """Refuse a --out the save would refuse, before the model is loaded and quantized."""
-    from torchquant.save_guard import resolve_save_target
+    from torchquant.checkpoint.save_guard import resolve_save_target
 
     source = Path(args.model)
     sources = [source] if source.exists() else []

@@ -10,8 +10,8 @@ import argparse
 import re
 from collections.abc import Callable
 
+from torchquant.checkpoint.folder import parse_size
 from torchquant.errors import CheckpointError
-from torchquant.serialization import _parse_size
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -58,7 +58,7 @@ def shard_size(text: str) -> int:
     """Shard size limit in bytes: plain bytes (``20000``) or with a unit (``2GB``, ``500MiB``)."""
     stripped = text.strip()
     try:
-        value = int(stripped) if stripped.isdigit() else _parse_size(stripped)
+        value = int(stripped) if stripped.isdigit() else parse_size(stripped)
     except CheckpointError:
         value = None
     if value is None or value < 1:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from torchquant.code_guard import has_tokenizer, refuse_folder_code
+from torchquant.checkpoint.code_guard import has_tokenizer, refuse_folder_code
 from torchquant.errors import TorchquantError
 
 
@@ -161,7 +161,7 @@ def load_model(
     A folder may be a quantized checkpoint in any format torchquant reads (native,
     compressed-tensors, GPTQ, AWQ; loaded without ever building full-precision
     weights) or a plain Hugging Face model folder.  No code from the folder ever
-    runs and nothing is fetched (:mod:`torchquant.code_guard`); the tokenizer is
+    runs and nothing is fetched (:mod:`torchquant.checkpoint.code_guard`); the tokenizer is
     ``None`` for a folder without one unless ``require_tokenizer``.
     """
     from torchquant.formats.dispatch import detect_format, load_checkpoint

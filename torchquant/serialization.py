@@ -1,353 +1,39 @@
-"""Quantized checkpoints as safetensors: save, shard, and load without pickle.
+"""Save and load quantized models as safetensors (the native format).
 
-A checkpoint directory holds ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors``
-shards plus ``model.safetensors.index.json``).  Every shard's metadata carries the
-format version, the per-layer schemes (the authoritative description of which
-module is a ``QuantLinear`` and how), the ``QuantConfig`` when known, aliases
-for tied tensors, and digests of its tensors, its metadata and ``config.json``
-(see ``digests``).  Hugging Face models also get ``config.json`` (with a
-``quantization_config``) and their tokenizer files.
-
-Loading treats the directory as untrusted: headers, index, metadata and digests
-are checked before any tensor is read (``safetensors_check``, ``checkpoint_checks``),
-and any damage is reported as a ``CheckpointError`` naming the file, tensor or field.
+The format itself is :mod:`torchquant.formats.native`; the checkpoint folder machinery
+it uses (shards, checks, digests) is :mod:`torchquant.checkpoint`.
 """
 
-from __future__ import annotations
-
-import json
-import os
-import re
-from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-from torch import nn
-
-from torchquant import checkpoint_checks as checks
-from torchquant import digests
-from torchquant.atomic import staged_directory
-from torchquant.config import QuantConfig
-from torchquant.convert import split_experts_for_names
-from torchquant.errors import CheckpointError, ConfigError
-from torchquant.hf_skeleton import build_hf_skeleton
-from torchquant.layer_spec import LayerSpec
-from torchquant.modules import QuantLinear
-from torchquant.offload import materialized_state_dict
-from torchquant.safetensors_check import (
-    SafetensorsHeader,
-    check_safetensors,
-    physical_memory_bytes,
-)
-from torchquant.save_guard import (
-    NATIVE_KEY,
-    check_tensors_to_save,
-    model_sources,
-    resolve_save_target,
+from torchquant.checkpoint.folder import DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, SINGLE_FILE
+from torchquant.formats.native import (
+    FORMAT_VERSION,
+    KEY_ALIASES,
+    KEY_CONFIG,
+    KEY_DIGESTS,
+    KEY_LAYERS,
+    KEY_MODEL_CLASS,
+    KEY_VERSION,
+    checkpoint_files,
+    layer_specs,
+    load_quantized,
+    read_metadata,
+    save_quantized,
 )
 
-FORMAT_VERSION = 1
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-KEY_VERSION = NATIVE_KEY  # also how the save guard recognises a native checkpoint
-KEY_LAYERS = "torchquant_layers"
-KEY_CONFIG = "torchquant_config"
-KEY_ALIASES = "torchquant_aliases"
-KEY_MODEL_CLASS = "torchquant_model_class"
-KEY_DIGESTS = "torchquant_digests"
-DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
-
-
-def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise CheckpointError(f"max_shard_size={size!r}: expected bytes or e.g. '2GB', '500MiB'")
-    unit = m.group(2).upper()
-    base = 1024 if "I" in unit else 1000
-    return int(float(m.group(1)) * base ** {"K": 1, "M": 2, "G": 3}[unit[0]])
-
-
-def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Drop tensors that share storage with an earlier one (tied weights); return the aliases."""
-    seen: dict[tuple, str] = {}
-    kept: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    for name, t in state.items():
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.dtype)
-        if t.numel() and key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        kept[name] = t.detach().to("cpu").contiguous()
-    return kept, aliases
-
-
-def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    return shards
-
-
-def _hf_config_dict(model: nn.Module, metadata: dict[str, str]) -> dict[str, Any] | None:
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        return None
-    data = config.to_dict()
-    data.pop("quantization_config", None)
-    data["architectures"] = [type(model).__name__]
-    data["quantization_config"] = {
-        "quant_method": "torchquant",
-        "format_version": FORMAT_VERSION,
-        "config": json.loads(metadata.get(KEY_CONFIG, "null")),
-    }
-    return data
-
-
-def save_quantized(
-    model: nn.Module,
-    directory: str | Path,
-    *,
-    config: QuantConfig | None = None,
-    tokenizer: Any = None,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``model`` (with its ``QuantLinear`` layers) as safetensors into ``directory``.
-
-    The directory is built beside the target and swapped in atomically, so a crash
-    mid-save leaves any previous checkpoint there intact.  Which folders a save may
-    replace, and what ``overwrite`` allows, is :mod:`torchquant.save_guard`'s rule.
-    """
-    layers = quantized_layers(model)
-    if not layers:
-        raise CheckpointError("model has no QuantLinear layers; run convert_model first")
-    target = resolve_save_target(directory, overwrite=overwrite, sources=model_sources(model))
-    max_bytes = _parse_size(max_shard_size)
-    full_state = materialized_state_dict(model)
-    check_tensors_to_save(full_state)
-    state, aliases = _dedupe(full_state)
-    metadata = {
-        "format": "pt",
-        KEY_VERSION: str(FORMAT_VERSION),
-        KEY_LAYERS: json.dumps({n: LayerSpec.of(m).to_dict() for n, m in layers.items()}),
-        KEY_ALIASES: json.dumps(aliases),
-        KEY_MODEL_CLASS: type(model).__name__,
-    }
-    if config is not None:
-        metadata[KEY_CONFIG] = json.dumps(config.to_dict())
-    shards = _shard(state, max_bytes)
-    hf_config = _hf_config_dict(model, metadata)
-    config_json = "" if hf_config is None else json.dumps(hf_config, indent=2, default=str)
-
-    def write_shard(shard: dict[str, torch.Tensor], path: Path) -> None:
-        record = digests.shard_digests(shard, metadata, KEY_DIGESTS, config_json)
-        save_file(shard, str(path), metadata={**metadata, KEY_DIGESTS: record})
-
-    with staged_directory(target.path, merge=target.merge) as staging:
-        if len(shards) == 1:
-            write_shard(shards[0], staging / SINGLE_FILE)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                write_shard(shard, staging / fname)
-                weight_map.update(dict.fromkeys(shard, fname))
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        if config_json:
-            (staging / "config.json").write_text(config_json)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(staging))
-    return Path(directory)
-
-
-def checkpoint_files(directory: str | Path) -> list[Path]:
-    """The safetensors files of a checkpoint, validated to stay inside ``directory``."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    return checks.shard_files(directory, SINGLE_FILE, INDEX_FILE)
-
-
-def read_metadata(directory: str | Path) -> dict[str, str]:
-    """The torchquant metadata of a checkpoint (from its first shard), version-checked."""
-    return _checked_metadata(check_safetensors(checkpoint_files(directory)[0]))
-
-
-def _checked_metadata(header: SafetensorsHeader) -> dict[str, str]:
-    path, metadata = header.path, header.metadata
-    version = metadata.get(KEY_VERSION)
-    if version is None:
-        raise CheckpointError(
-            f"{path.name}: no {KEY_VERSION} in metadata; not a torchquant checkpoint"
-        )
-    if version != str(FORMAT_VERSION):
-        raise CheckpointError(
-            f"{path.name}: format version {version!r} is not supported (this torchquant reads "
-            f"version {FORMAT_VERSION})"
-        )
-    return metadata
-
-
-def _verified_digests(header: SafetensorsHeader) -> dict:
-    """The shard's digest record, after its version and metadata digest are checked."""
-    metadata = _checked_metadata(header)
-    record = digests.parse_digests(header.path.name, metadata, KEY_DIGESTS)
-    digests.check_metadata_digest(header.path.name, metadata, record, KEY_DIGESTS)
-    if set(record["tensors"]) != set(header.entries):
-        raise CheckpointError(f"{header.path.name}: digests list other tensors than the header")
-    return record
-
-
-def _check_config_field(metadata: dict[str, str]) -> None:
-    """The recorded ``QuantConfig``, when there is one, must be a valid config."""
-    if KEY_CONFIG not in metadata:
-        return
-    data = _json_field(metadata, KEY_CONFIG)
-    try:
-        QuantConfig.from_dict(data)
-    except ConfigError as exc:
-        raise CheckpointError(
-            f"metadata field {KEY_CONFIG!r} is not a valid QuantConfig: {exc}"
-        ) from None
-
-
-def _json_field(metadata: dict[str, str], key: str) -> Any:
-    try:
-        return json.loads(metadata.get(key, "{}"))
-    except ValueError as exc:
-        raise CheckpointError(f"metadata field {key!r} is not valid JSON ({exc})") from None
-
-
-def layer_specs(metadata: dict[str, str]) -> dict[str, LayerSpec]:
-    raw = _json_field(metadata, KEY_LAYERS)
-    if not isinstance(raw, dict) or not raw:
-        raise CheckpointError(f"metadata field {KEY_LAYERS!r} must be a non-empty mapping")
-    return {name: LayerSpec.from_dict(name, spec) for name, spec in raw.items()}
-
-
-def _read_tensors(files: list[Path], records: list[dict]) -> dict[str, torch.Tensor]:
-    """Every tensor of every shard, each shard checked against its digests."""
-    state: dict[str, torch.Tensor] = {}
-    for path, record in zip(files, records, strict=True):
-        shard: dict[str, torch.Tensor] = {}
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    if key in state:
-                        raise CheckpointError(f"{path.name}: tensor {key!r} appears in two shards")
-                    shard[key] = f.get_tensor(key)
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path.name}: unreadable or truncated ({exc})") from None
-        digests.check_tensor_digests(path.name, shard, record)
-        state.update(shard)
-    return state
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing:
-        raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
-    if extra:
-        raise CheckpointError(f"checkpoint has {len(extra)} unexpected tensor(s), e.g. {extra[:5]}")
-    for name, t in state.items():
-        want = expected[name]
-        if t.shape != want.shape or t.dtype != want.dtype:
-            raise CheckpointError(
-                f"tensor {name!r}: checkpoint has {t.dtype} {tuple(t.shape)}, the layer's "
-                f"scheme expects {want.dtype} {tuple(want.shape)}"
-            )
-
-
-@torch.no_grad()
-def load_quantized(
-    directory: str | Path,
-    model: nn.Module | None = None,
-    *,
-    device: torch.device | str = "cpu",
-) -> nn.Module:
-    """Load a checkpoint written by :func:`save_quantized`.
-
-    Without ``model`` the directory must hold a Hugging Face ``config.json``: the model
-    is built on the meta device from it (no code from the checkpoint runs).  With
-    ``model`` (a float skeleton, on any device including meta), its linear layers
-    named in the checkpoint are replaced by ``QuantLinear`` shells (fused experts modules
-    whose per-expert linears the checkpoint holds are split first, see ``QuantExperts``).
-    Tensors are then assigned straight from the files, so no full-precision copy is
-    materialised.
-    """
-    directory = Path(directory)
-    files = checkpoint_files(directory)
-    headers = [check_safetensors(path) for path in files]
-    checks.check_total_size(headers, physical_memory_bytes())
-    if (directory / INDEX_FILE).exists():
-        checks.check_index_matches_shards(directory, INDEX_FILE, headers)
-    records = [_verified_digests(header) for header in headers]
-    checks.check_same_metadata(headers, (KEY_VERSION, KEY_LAYERS, KEY_CONFIG, KEY_ALIASES))
-    metadata = headers[0].metadata
-    for record in records:
-        digests.check_config_json_digest(directory, record)
-    _check_config_field(metadata)
-    checks.check_quantization_config(directory, metadata, FORMAT_VERSION, KEY_CONFIG)
-    specs = layer_specs(metadata)
-    aliases = checks.check_aliases(_json_field(metadata, KEY_ALIASES))
-    declared = checks.declared_entries(headers)
-    if model is None:
-        if not os.path.lexists(directory / "config.json"):  # a FIFO is refused by name later
-            raise CheckpointError(f"{directory}: no config.json; pass the float model as `model=`")
-        model = build_hf_skeleton(directory, metadata.get(KEY_MODEL_CLASS, ""), declared)
-    split_experts_for_names(model, [*specs, *(k.rpartition(".")[0] for k in declared)])
-    for name, spec in specs.items():
-        try:
-            target = model.get_submodule(name) if name else None
-        except AttributeError:
-            target = None
-        if target is None:
-            raise CheckpointError(f"layer {name!r} from the checkpoint is not in the model")
-        checks.check_layer_fits(name, target, spec)
-        _set_submodule(model, name, spec.build())
-    full = model.state_dict()
-    expected = {k: v for k, v in full.items() if k not in aliases}
-    checks.check_declared(expected, declared)
-    state = _read_tensors(files, records)
-    _check_state(expected, state)
-    checks.check_loaded_values(state, model)
-    model.load_state_dict(state, strict=False, assign=True)
-    for alias, source in aliases.items():
-        if alias not in full or alias in expected or source not in state:
-            raise CheckpointError(f"alias {alias!r} -> {source!r} does not fit the model")
-        module_name, _, attr = alias.rpartition(".")
-        src_module, _, src_attr = source.rpartition(".")
-        target = model.get_submodule(module_name)
-        value = getattr(model.get_submodule(src_module), src_attr)
-        if isinstance(value, nn.Parameter):
-            setattr(target, attr, value)
-        else:
-            target.register_buffer(attr, value)
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.device.type == "meta":
-            raise CheckpointError(f"tensor {name!r} was not restored from the checkpoint")
-    return model.to(device).eval()
+__all__ = [
+    "DEFAULT_MAX_SHARD_BYTES",
+    "FORMAT_VERSION",
+    "INDEX_FILE",
+    "KEY_ALIASES",
+    "KEY_CONFIG",
+    "KEY_DIGESTS",
+    "KEY_LAYERS",
+    "KEY_MODEL_CLASS",
+    "KEY_VERSION",
+    "SINGLE_FILE",
+    "checkpoint_files",
+    "layer_specs",
+    "load_quantized",
+    "read_metadata",
+    "save_quantized",
+]

@@ -23,13 +23,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from torchquant.checkpoint.names import CheckpointNames, names_for_model, names_for_type
+from torchquant.checkpoint.safetensors_check import TensorEntry, check_safetensors
 from torchquant.config import QuantConfig
 from torchquant.conversion_guards import count_nonfinite
-from torchquant.convert import ConversionSummary, plan_conversion, split_experts_for_config
 from torchquant.errors import CheckpointError, ConfigError, QuantizationError
-from torchquant.formats.checkpoint_names import CheckpointNames, names_for_model, names_for_type
 from torchquant.modules import QuantExperts, QuantLinear
-from torchquant.safetensors_check import TensorEntry, check_safetensors
+from torchquant.plan import (
+    ConversionSummary,
+    plan_conversion,
+    set_submodule,
+    split_experts_for_config,
+)
 
 
 class FloatWeights:
@@ -143,12 +148,6 @@ class ExpertWeights:
         return weight.clone()  # -- its own storage: the fused tensor can go with its module
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 @torch.no_grad()
 def convert_from_safetensors(
     model: nn.Module,
@@ -208,6 +207,6 @@ def convert_from_safetensors(
         if name.rpartition(".")[0] not in quantized
     }
     for name, layer in quantized.items():
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     model.load_state_dict(rest, strict=False, assign=True)
     return model, summary

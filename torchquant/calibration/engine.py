@@ -31,9 +31,9 @@ from torchquant.calibration.mappings import BalanceMapping, find_layout
 from torchquant.calibration.observers import Observer
 from torchquant.calibration.stats import LayerStats, attach
 from torchquant.config import QuantConfig, QuantScheme
-from torchquant.convert import ConversionSummary, _set_submodule, _tensor_bytes, plan_conversion
 from torchquant.errors import CalibrationError
 from torchquant.numerics import choose_int_qparams, quantize_codes
+from torchquant.plan import ConversionSummary, plan_conversion, set_submodule, tensor_bytes
 
 AWQ_CLIP_TOKENS = 512
 
@@ -361,7 +361,7 @@ class BlockCalibrator:
                 self.smooth.get(rel),
                 input_scales.get(rel),
             )
-            _set_submodule(self.block, rel, layer)
+            set_submodule(self.block, rel, layer)
             described[rel] = scheme.describe()
         return described
 
@@ -419,11 +419,11 @@ def calibrate_model(
                     stacklevel=2,
                 )
             layer = model.get_submodule(name)
-            summary.bytes_before += _tensor_bytes(layer)
+            summary.bytes_before += tensor_bytes(layer)
             new = build_quant_linear(layer, scheme, name)
             summary.bytes_after += new.nbytes()
             summary.converted[name] = scheme.describe()
-            _set_submodule(model, name, new)
+            set_submodule(model, name, new)
 
     if layout.blocks_path:
         # -- modules outside the blocks (embeddings, rotary, norms) run on the compute device
@@ -444,7 +444,7 @@ def calibrate_model(
         block.to(device)
         cal = BlockCalibrator(block, prefix, schemes, layout.balance, device)
         for rel in schemes:
-            summary.bytes_before += _tensor_bytes(cal.modules[rel])
+            summary.bytes_before += tensor_bytes(cal.modules[rel])
         stats = cal.gather(samples)
         cal.smooth_quant(stats)
         cal.awq_scale(stats)

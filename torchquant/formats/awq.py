@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchquant import checkpoint_checks as read_checks
+from torchquant.checkpoint.names import names_for_model
+from torchquant.checkpoint.save_guard import model_sources
+from torchquant.checkpoint.validate import check_scales
 from torchquant.errors import CheckpointError
 from torchquant.formats import hf_checkpoint as hf
-from torchquant.formats.checkpoint_names import names_for_model
 from torchquant.formats.config_fields import MISSING, FieldTable
 from torchquant.formats.int_layers import (
     IntLayerWeights,
@@ -37,7 +38,6 @@ from torchquant.formats.int_layers import (
 from torchquant.formats.packing_variants import pack_awq, unpack_awq
 from torchquant.formats.serving import IntLayout, warn_if_unservable
 from torchquant.modules import QuantLinear
-from torchquant.save_guard import model_sources
 
 QUANT_METHOD = "awq"
 VERSION = "gemm"
@@ -200,8 +200,13 @@ def save_awq(
     config = hf.model_config_dict(model)
     config["quantization_config"] = qc
     return hf.write_checkpoint(
-        directory, config, tensors, tokenizer=tokenizer, max_shard_size=max_shard_size,
-        overwrite=overwrite, sources=model_sources(model),
+        directory,
+        config,
+        tensors,
+        tokenizer=tokenizer,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        sources=model_sources(model),
     )
 
 
@@ -225,7 +230,7 @@ def awq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str)
     scales = _take(local, "scales", name)
     if qweight.dim() != 2 or scales.dim() != 2:
         raise CheckpointError(f"layer {name!r}: qweight and scales must be 2-D")
-    read_checks.check_scales(f"{name}.scales", scales)
+    check_scales(f"{name}.scales", scales)
     k, n = qweight.shape[0], qweight.shape[1] * 8
     groups = 1 if g == -1 else -(-k // g)
     if scales.shape != (groups, n):

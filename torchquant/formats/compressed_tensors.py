@@ -37,10 +37,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchquant.checkpoint.names import CheckpointNames, names_for_model
+from torchquant.checkpoint.safetensors_check import TensorEntry
+from torchquant.checkpoint.save_guard import model_sources
 from torchquant.config import ActivationQuant, QuantScheme, WeightQuant
 from torchquant.errors import CheckpointConfigError, CheckpointError, ConfigError
 from torchquant.formats import hf_checkpoint as hf
-from torchquant.formats.checkpoint_names import CheckpointNames, names_for_model
 from torchquant.formats.compressed_tensors_checks import (
     check_config_types,
     check_declared_layer,
@@ -60,8 +62,7 @@ from torchquant.formats.packing_variants import (
 )
 from torchquant.matching import compile_regex, match_regex
 from torchquant.modules import QuantLinear
-from torchquant.safetensors_check import TensorEntry
-from torchquant.save_guard import model_sources
+from torchquant.plan import split_experts_for_names
 
 QUANT_METHOD = "compressed-tensors"
 # the compressed-tensors release whose layout we write (dense packing for every width)
@@ -193,8 +194,6 @@ def _original_layer_types(model: nn.Module) -> dict[str, str]:
     """
     from accelerate import init_empty_weights
 
-    from torchquant.convert import split_experts_for_names
-
     with init_empty_weights(include_buffers=False):
         skeleton = type(model)._from_config(model.config)
     with warnings.catch_warnings():  # -- unknown fused experts were reported at conversion
@@ -270,8 +269,13 @@ def save_compressed_tensors(
     config = hf.model_config_dict(model)
     config["quantization_config"] = qconfig
     return hf.write_checkpoint(
-        directory, config, tensors, tokenizer=tokenizer, max_shard_size=max_shard_size,
-        overwrite=overwrite, sources=model_sources(model),
+        directory,
+        config,
+        tensors,
+        tokenizer=tokenizer,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        sources=model_sources(model),
     )
 
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from torchquant import checkpoint_checks as checks
+from torchquant.checkpoint.safetensors_check import TensorEntry
+from torchquant.checkpoint.validate import check_scales
 from torchquant.errors import CheckpointConfigError, CheckpointError
 from torchquant.formats.packing_variants import unpack_rows
-from torchquant.safetensors_check import TensorEntry
 
 NONE = type(None)
 TOP_LEVEL_TYPES: dict[str, tuple[type, ...]] = {
@@ -192,7 +192,7 @@ def check_layer_values(
     """``weight_shape`` names the model's layer, scales are positive, zero points are usable."""
     for key in ("weight_scale", "input_scale"):
         if key in local:
-            checks.check_scales(f"{name}.{key}", local[key])
+            check_scales(f"{name}.{key}", local[key])
     if fmt == "pack-quantized":
         stored = [int(v) for v in local["weight_shape"].tolist()]
         if stored != [out_features, in_features]:

@@ -93,7 +93,7 @@ def save_checkpoint(
     """Save a converted model in ``fmt`` (one of :data:`FORMATS`; ``gptq`` writes version 1).
 
     ``overwrite`` lets a save replace the checkpoint files of a folder that holds other
-    files too (see :mod:`torchquant.save_guard`).
+    files too (see :mod:`torchquant.checkpoint.save_guard`).
     """
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r}: expected one of {FORMATS}")

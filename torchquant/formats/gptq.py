@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchquant import checkpoint_checks as read_checks
+from torchquant.checkpoint.files import read_json_file
+from torchquant.checkpoint.save_guard import model_sources
+from torchquant.checkpoint.validate import check_scales
 from torchquant.errors import CheckpointError, ConfigError
 from torchquant.formats import hf_checkpoint as hf
 from torchquant.formats.config_fields import MISSING, FieldTable
@@ -46,7 +48,6 @@ from torchquant.formats.packing_variants import (
 )
 from torchquant.formats.serving import IntLayout, warn_if_unservable
 from torchquant.modules import QuantLinear
-from torchquant.save_guard import model_sources
 
 QUANT_METHOD = "gptq"
 VERSIONS = ("gptq", "gptq_v2")
@@ -152,7 +153,7 @@ def read_gptq_config(directory: str | Path, config: dict[str, Any]) -> dict[str,
     qc = config.get("quantization_config")
     path = Path(directory) / QUANTIZE_CONFIG_FILE
     if qc is None and os.path.lexists(path):  # a FIFO or a dangling link is refused by name
-        qc = read_checks.read_json_file(path, QUANTIZE_CONFIG_FILE)
+        qc = read_json_file(path, QUANTIZE_CONFIG_FILE)
     if qc is None:
         raise CheckpointError(f"{directory}: no GPTQ quantization_config or {QUANTIZE_CONFIG_FILE}")
     return parse_gptq_config(qc)
@@ -268,7 +269,7 @@ def gptq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str
     scales = _take(local, "scales", name)
     if qweight.dim() != 2 or scales.dim() != 2:
         raise CheckpointError(f"layer {name!r}: qweight and scales must be 2-D")
-    read_checks.check_scales(f"{name}.scales", scales)
+    check_scales(f"{name}.scales", scales)
     n = qweight.shape[1]
     k = qweight.shape[0] * 32 // bits
     if qweight.dtype != torch.int32 or qweight.shape[0] * 32 != k * bits:

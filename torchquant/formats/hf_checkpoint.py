@@ -5,7 +5,7 @@ A folder holds ``config.json`` (the model config plus a ``quantization_config``)
 tokenizer.  Formats decide the tensor names of quantized layers; this module writes
 and reads the folder, checks the shard index, and rebuilds the model on the meta
 device so that no full-precision weight is ever materialised.  Tensors are stored
-under the names the model type's original checkpoints use (``checkpoint_names``) and
+under the names the model type's original checkpoints use (``checkpoint.names``) and
 are keyed by the model's own module names everywhere else.
 """
 
@@ -17,37 +17,38 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from torchquant import checkpoint_checks as checks
-from torchquant.atomic import staged_directory
-from torchquant.errors import CheckpointError
-from torchquant.formats.checkpoint_names import names_for_model, names_for_type
-from torchquant.hf_skeleton import build_hf_skeleton
-from torchquant.modules import QuantLinear
-from torchquant.safetensors_check import TensorEntry, check_safetensors
-from torchquant.save_guard import WRITER_KEY, check_tensors_to_save, resolve_save_target
-from torchquant.serialization import (
+from torchquant.checkpoint.atomic import staged_directory
+from torchquant.checkpoint.files import declared_entries, read_json_file
+from torchquant.checkpoint.folder import (
     DEFAULT_MAX_SHARD_BYTES,
-    INDEX_FILE,
-    SINGLE_FILE,
-    _dedupe,
-    _parse_size,
-    _set_submodule,
-    _shard,
+    dedupe,
+    parse_size,
+    read_headers,
+    split_shards,
+    write_shards,
 )
-
-
-def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+from torchquant.checkpoint.folder import read_tensors as read_shards
+from torchquant.checkpoint.names import names_for_model, names_for_type
+from torchquant.checkpoint.safetensors_check import TensorEntry
+from torchquant.checkpoint.save_guard import WRITER_KEY, check_tensors_to_save, resolve_save_target
+from torchquant.checkpoint.skeleton import build_hf_skeleton
+from torchquant.checkpoint.validate import check_layer_fits, check_loaded_values
+from torchquant.errors import CheckpointError
+from torchquant.modules import QuantLinear
+from torchquant.plan import (
+    is_linear_like,
+    quantized_layers,
+    set_submodule,
+    split_experts_for_names,
+)
 
 
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Tensors of everything but the ``QuantLinear`` layers, tied copies dropped."""
     prefixes = tuple(f"{name}." for name in quantized_layers(model))
-    state, _aliases = _dedupe(model.state_dict())
+    state, _aliases = dedupe(model.state_dict())
     return {k: v for k, v in state.items() if not k.startswith(prefixes)}
 
 
@@ -77,29 +78,19 @@ def write_checkpoint(
     """Write ``config.json``, the (sharded) safetensors and the tokenizer atomically.
 
     ``tensors`` are keyed by the model's names and stored under the checkpoint names of
-    ``config["model_type"]``.  The target is checked by :mod:`torchquant.save_guard`
+    ``config["model_type"]``.  The target is checked by :mod:`torchquant.checkpoint.save_guard`
     (``sources``: folders the model came from, never written) and the tensors must be
     finite, all before anything is written.
     """
     target = resolve_save_target(directory, overwrite=overwrite, sources=sources)
-    max_bytes = _parse_size(max_shard_size)
+    max_bytes = parse_size(max_shard_size)
     check_tensors_to_save(tensors)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     tensors = names_for_type(config.get("model_type")).keys_to_checkpoint(tensors)
-    shards = _shard(tensors, max_bytes)
+    shards = split_shards(tensors, max_bytes)
     metadata = {"format": "pt", WRITER_KEY: "torchquant"}
     with staged_directory(target.path, merge=target.merge) as staging:
-        if len(shards) == 1:
-            save_file(shards[0], str(staging / SINGLE_FILE), metadata=metadata)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(staging / fname), metadata=metadata)
-                weight_map.update(dict.fromkeys(shard, fname))
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        write_shards(staging, shards, lambda shard: metadata)
         (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
         for fname, data in (extra_json or {}).items():
             (staging / fname).write_text(json.dumps(data, indent=2))
@@ -112,7 +103,7 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{directory}: no config.json")
-    data = checks.read_json_file(path, "config.json")
+    data = read_json_file(path, "config.json")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
@@ -124,18 +115,13 @@ def declared_tensors(directory: str | Path) -> tuple[list[Path], dict[str, Tenso
     Shard names must stay inside the folder, each header must be sound (sizes that
     match shapes and the file, within the memory budget) and a shard index must
     agree with the shards tensor by tensor, all before any tensor is allocated.
-    Tensors are keyed by the model's names (see ``checkpoint_names``).
+    Tensors are keyed by the model's names (see ``checkpoint.names``).
     """
     directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    files = checks.shard_files(directory, SINGLE_FILE, INDEX_FILE)
-    headers = [check_safetensors(path) for path in files]
-    if (directory / INDEX_FILE).exists():
-        checks.check_index_matches_shards(directory, INDEX_FILE, headers)
+    files, headers = read_headers(directory)
     has_config = (directory / "config.json").exists()
     model_type = read_config(directory).get("model_type") if has_config else None
-    return files, names_for_type(model_type).keys_to_model(checks.declared_entries(headers))
+    return files, names_for_type(model_type).keys_to_model(declared_entries(headers))
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -177,25 +163,14 @@ def check_float_tensors(
 
 def read_tensors(files: list[Path], model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor of the validated ``files`` under the model's names, refusing NaN/Inf values."""
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    if key in state:
-                        raise CheckpointError(f"{path.name}: tensor {key!r} appears in two shards")
-                    state[key] = f.get_tensor(key)
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path.name}: unreadable or truncated ({exc})") from None
+    state = read_shards(files)
     state = names_for_model(model).keys_to_model(state)
-    checks.check_loaded_values(state, model)
+    check_loaded_values(state, model)
     return state
 
 
 def linear_layer_names(model: nn.Module) -> dict[str, str]:
     """Name -> class name of every linear-like layer of a (meta) model."""
-    from torchquant.convert import is_linear_like
-
     return {name: type(m).__name__ for name, m in model.named_modules() if is_linear_like(m)}
 
 
@@ -207,8 +182,6 @@ def build_skeleton(
     Fused experts modules whose per-expert linears (``<experts>.<e>.gate_proj`` ...) the
     ``declared`` tensors name are split into them (``QuantExperts``).
     """
-    from torchquant.convert import split_experts_for_names
-
     arch = config.get("architectures") or []
     if not isinstance(arch, list) or len(arch) != 1 or not isinstance(arch[0], str):
         raise CheckpointError(f"config.json: 'architectures' must name one class, got {arch!r}")
@@ -238,8 +211,8 @@ def assemble(
         layer = make_layer(name, local)
         if local:
             raise CheckpointError(f"layer {name!r}: unexpected tensor(s) {sorted(local)}")
-        checks.check_layer_fits(name, model.get_submodule(name), layer)
-        _set_submodule(model, name, layer)
+        check_layer_fits(name, model.get_submodule(name), layer)
+        set_submodule(model, name, layer)
     expected = model.state_dict()
     quantized = tuple(f"{n}." for n in layer_names)
     unexpected = sorted(k for k in remaining if k not in expected)

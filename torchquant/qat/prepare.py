@@ -1,6 +1,6 @@
 """``prepare_qat`` and ``convert_qat``: swap linears for ``QatLinear`` and, after training, back.
 
-Which layers get which scheme is decided by ``convert.plan_conversion`` (the same
+Which layers get which scheme is decided by ``plan.plan_conversion`` (the same
 ``QuantConfig`` matcher ``convert_model`` uses), so a model prepared and converted
 with one config ends up exactly as ``convert_model`` would quantize it, with the
 trained weights and scales.
@@ -17,15 +17,15 @@ from tqdm.auto import tqdm
 
 from torchquant.config import QuantConfig
 from torchquant.conversion_guards import check_before_conversion, refuse_nonfinite
-from torchquant.convert import (
-    ConversionSummary,
-    _set_submodule,
-    _tensor_bytes,
-    plan_conversion,
-    split_experts_for_config,
-)
 from torchquant.errors import ConfigError, QuantizationError
 from torchquant.modules import QatLinear, QuantLinear
+from torchquant.plan import (
+    ConversionSummary,
+    plan_conversion,
+    set_submodule,
+    split_experts_for_config,
+    tensor_bytes,
+)
 from torchquant.qat.options import QatOptions
 
 
@@ -80,7 +80,7 @@ def prepare_qat(
     for name, layer in prepared.items():
         if ptq is not None:
             layer.load_quantized(ptq[name], name)
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     static = [n for n, m in qat_layers(model).items() if m.input_scale is not None]
     if static:
         if calibration is None:
@@ -139,9 +139,9 @@ def convert_qat(
             refuse_nonfinite(f"{name}.{tname}", t, "the trained layer cannot be converted")
         scheme = expected[name][0] if config is not None else "any"
         converted[name] = layer.to_quant_linear(name, scheme)
-        summary.bytes_before += _tensor_bytes(layer)
+        summary.bytes_before += tensor_bytes(layer)
         summary.bytes_after += converted[name].nbytes()
         summary.converted[name] = layer.scheme.describe()
     for name, quantized in converted.items():
-        _set_submodule(model, name, quantized)
+        set_submodule(model, name, quantized)
     return model, summary

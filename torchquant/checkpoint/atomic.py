@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from torchquant.save_guard import check_replaceable, is_checkpoint_file
+from torchquant.checkpoint.save_guard import check_replaceable, is_checkpoint_file
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from torchquant.code_guard import TOKENIZER_FILES
+from torchquant.checkpoint.code_guard import TOKENIZER_FILES
 from torchquant.errors import CheckpointError
 
 # -- safetensors metadata key that marks a shard as written by torchquant (native shards

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from torchquant.checkpoint_checks import read_json_file
-from torchquant.code_guard import check_config_data
+from torchquant.checkpoint.code_guard import check_config_data
+from torchquant.checkpoint.files import read_json_file
+from torchquant.checkpoint.safetensors_check import TensorEntry, physical_memory_bytes
 from torchquant.errors import CheckpointError
-from torchquant.safetensors_check import TensorEntry, physical_memory_bytes
 
 # the narrowest weights torchquant stores take 2 bits; 1 bit per parameter leaves margin
 MIN_BITS_PER_PARAMETER = 1

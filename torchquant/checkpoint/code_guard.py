@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from torchquant.checkpoint_checks import read_json_file
+from torchquant.checkpoint.files import read_json_file
 from torchquant.errors import CheckpointError
 
 # -- the JSON files transformers reads from a model folder to pick its classes
@@ -98,9 +98,7 @@ def _check_file_references(data: Any, folder: Path, where: str) -> None:
     for key, value in data.items():
         if isinstance(key, str) and key.endswith("_file") and isinstance(value, str):
             if Path(value).name != value or value in ("", ".", ".."):
-                raise CheckpointError(
-                    f"{where}.{key}={value!r}: must name a file inside {folder}"
-                )
+                raise CheckpointError(f"{where}.{key}={value!r}: must name a file inside {folder}")
 
 
 def refuse_folder_code(folder: str | Path) -> None:

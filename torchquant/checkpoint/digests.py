@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from torchquant.checkpoint.files import read_small_file
 from torchquant.errors import CheckpointError
 
 DIGEST_BYTES = 16
@@ -99,7 +100,5 @@ def check_config_json_digest(directory: Path, record: dict) -> None:
     want = record.get("config.json")
     if want is None:
         return
-    from torchquant.checkpoint_checks import read_small_file
-
     if digest_bytes(read_small_file(directory / "config.json", "config.json")) != want:
         raise CheckpointError("config.json: does not match its digest (edited or corrupted)")
