@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from torchquant import QuantConfig, QuantizationError, QuantLinear, convert_model
+from torchquant.config import scheme_from_name
 from torchquant.numerics import (
     dequantize_fp8_weight,
     dequantize_int_weight,
@@ -27,7 +28,6 @@ from torchquant.numerics import (
     quantize_fp8_weight,
     quantize_int_weight,
 )
-from torchquant.schemes import scheme_from_name
 
 WEIGHT_SCHEMES = ["w8a16", "w4a16", "w3a16", "w8a16-fp8"]
 ACT_SCHEMES = ["w8a8", "fp8"]

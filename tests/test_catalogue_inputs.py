@@ -25,6 +25,7 @@ from torchquant import (
     WeightQuant,
     convert_model,
 )
+from torchquant.config import scheme_from_name
 from torchquant.numerics import (
     pack_codes,
     quantize_activation,
@@ -32,7 +33,6 @@ from torchquant.numerics import (
     quantize_int_weight,
     unpack_codes,
 )
-from torchquant.schemes import scheme_from_name
 from torchquant.streaming import convert_from_safetensors
 
 

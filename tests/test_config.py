@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torchquant import ActivationQuant, ConfigError, QuantConfig, QuantScheme, WeightQuant
-from torchquant.schemes import scheme_from_name
+from torchquant.config import scheme_from_name
 
 int_weights = st.builds(
     WeightQuant,

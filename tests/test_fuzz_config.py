@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from torchquant import ConfigError, QuantConfig, QuantScheme, TorchquantError, convert_model
-from torchquant.matching import matches, validate_pattern
-from torchquant.schemes import scheme_from_name
+from torchquant.config import scheme_from_name
+from torchquant.config.matching import matches, validate_pattern
 
 LAYER_NAMES = ["0", "1", "2", "lm_head", "model.lm_head", "block.up", "block.down"]
 

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from torchquant import QuantizationError, QuantLinear
+from torchquant.config import scheme_from_name
 from torchquant.numerics import (
     dequantize_int_weight,
     expand_groups,
@@ -21,7 +22,6 @@ from torchquant.numerics import (
     quantize_int_weight,
     unpack_codes,
 )
-from torchquant.schemes import scheme_from_name
 
 SCHEMES = ["w8a16", "w4a16", "w3a16", "w2a16", "w8a16-fp8", "w8a8", "fp8"]
 group_sizes = st.sampled_from([-1, 16, 32, 64, 128])

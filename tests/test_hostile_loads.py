@@ -28,9 +28,9 @@ from torchquant import (
     ConfigError,
     QuantConfig,
     convert_model,
-    matching,
     scheme_from_name,
 )
+from torchquant.config import matching
 from torchquant.formats.dispatch import load_checkpoint, save_checkpoint
 from torchquant.serialization import KEY_CONFIG, SINGLE_FILE
 from torchquant.streaming import convert_from_safetensors

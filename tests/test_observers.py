@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchquant.calibration.observers import Observer, kl_threshold, mse_range, weight_qparams
 from torchquant.errors import CalibrationError, ConfigError
 from torchquant.numerics import group_min_max, quantize_int_weight
+from torchquant.numerics.observers import Observer, kl_threshold, mse_range, weight_qparams
 
 
 def test_minmax_accumulates_over_batches():

@@ -9,6 +9,7 @@ from torchquant.config import (
     QuantScheme,
     SmoothQuantConfig,
     WeightQuant,
+    scheme_from_name,
 )
 from torchquant.convert import ConversionSummary, convert_model
 from torchquant.errors import (
@@ -21,7 +22,6 @@ from torchquant.errors import (
 from torchquant.formats.dispatch import detect_format, load_checkpoint, save_checkpoint
 from torchquant.modules import QatLinear, QuantExperts, QuantLinear
 from torchquant.qat import QatOptions, convert_qat, prepare_qat
-from torchquant.schemes import scheme_from_name
 
 __version__ = "0.1.0"
 

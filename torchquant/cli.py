@@ -163,8 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace):
-    from torchquant.config import QuantConfig
-    from torchquant.schemes import scheme_from_name
+    from torchquant.config import QuantConfig, scheme_from_name
 
     symmetric = args.symmetric
     if symmetric is None and getattr(args, "format", None) == "gptq":

@@ -21,6 +21,7 @@ from torchquant.modules.quant_experts import (
     holds_fused_experts,
 )
 from torchquant.offload import is_offloaded, onloaded
+from torchquant.plan import set_submodule
 
 
 def count_nonfinite(t: torch.Tensor) -> int:
@@ -139,9 +140,7 @@ class ModelSnapshot:
 
     def restore(self, model: nn.Module) -> None:
         for name in sorted(self.modules, key=len, reverse=True):  # -- children first
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, self.modules[name])
+            set_submodule(model, name, self.modules[name])
         for name, t in _named_tensors(model):
             home = self.devices.get(name, t.device)
             if name in self.values:

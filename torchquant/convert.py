@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from torchquant.calibration.engine import calibrate_model
-from torchquant.config import QuantConfig
+from torchquant.config import QuantConfig, QuantScheme
 from torchquant.conversion_guards import ModelSnapshot, check_before_conversion
 from torchquant.errors import ConfigError, QuantizationError
 from torchquant.modules import QatLinear, QuantExperts, QuantLinear
@@ -74,7 +74,7 @@ def convert_model(
         snapshot.keep(model, list(plan))
         try:
             summary = _calibrate(
-                model, config, calibration_data, needing, device, offload, progress
+                model, config, calibration_data, plan, needing, device, offload, progress
             )
         except BaseException:
             snapshot.restore(model)  # -- e.g. NaN activations in a late block
@@ -115,6 +115,7 @@ def _calibrate(
     model: nn.Module,
     config: QuantConfig,
     calibration_data: torch.Tensor | None,
+    plan: dict[str, tuple[QuantScheme | None, str]],
     needing: list[str],
     device: torch.device | str | None,
     offload: bool,
@@ -133,7 +134,13 @@ def _calibrate(
             "use an algorithm or static activation scales that need calibration"
         )
     return calibrate_model(
-        model, config, calibration_data, device=device, offload=offload, progress=progress
+        model,
+        config,
+        calibration_data,
+        device=device,
+        offload=offload,
+        progress=progress,
+        plan=plan,
     )
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from torchquant.errors import CheckpointError
+from torchquant.formats.dispatch import detect_format, load_checkpoint
 from torchquant.modules import QuantLinear
 
 BYTES_16BIT = 2
@@ -116,9 +118,6 @@ def report_model(model: nn.Module, directory: str | Path, fmt: str) -> Checkpoin
 
 def inspect_checkpoint(directory: str | Path) -> CheckpointReport:
     """Load (validating) the checkpoint in ``directory`` and describe it."""
-    from torchquant.errors import CheckpointError
-    from torchquant.formats.dispatch import detect_format, load_checkpoint
-
     fmt = detect_format(directory)
     if fmt is None:
         raise CheckpointError(f"{directory} is not a quantized checkpoint")

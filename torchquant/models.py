@@ -24,6 +24,7 @@ import torch
 
 from torchquant.checkpoint.code_guard import has_tokenizer, refuse_folder_code
 from torchquant.errors import TorchquantError
+from torchquant.formats.dispatch import detect_format, load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -164,8 +165,6 @@ def load_model(
     runs and nothing is fetched (:mod:`torchquant.checkpoint.code_guard`); the tokenizer is
     ``None`` for a folder without one unless ``require_tokenizer``.
     """
-    from torchquant.formats.dispatch import detect_format, load_checkpoint
-
     spec = str(spec)
     if spec.lower() in MODELS:
         spec = str(fetch_asset(MODELS[spec.lower()]))

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from torchquant.config import QuantConfig, QuantScheme
+from torchquant.config.matching import first_match
 from torchquant.errors import ConfigError, QuantizationError
-from torchquant.matching import first_match
 from torchquant.modules import QuantExperts, QuantLinear
 from torchquant.modules.quant_experts import (
     expert_linear_aliases,

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from torchquant.calibration.observers import mse_range
 from torchquant.errors import CalibrationError, QuantizationError
 from torchquant.numerics import choose_int_qparams, group_min_max, num_groups
+from torchquant.numerics.observers import mse_range
 
 
 def accumulate_hessian(

@@ -1,10 +1,13 @@
-"""Calibration: observers, calibration data and the sequential block-by-block engine."""
+"""Calibration: calibration data, architecture mappings and the sequential block-by-block engine.
 
-from typing import Any
+Observers, which estimate ranges from what calibration shows them, are numerics
+(:mod:`torchquant.numerics.observers`); they are re-exported here.
+"""
 
 from torchquant.calibration.data import calibration_tokens
+from torchquant.calibration.engine import calibrate_model
 from torchquant.calibration.mappings import ARCH_MAPPINGS, find_layout
-from torchquant.calibration.observers import Observer, weight_qparams
+from torchquant.numerics.observers import Observer, weight_qparams
 
 __all__ = [
     "ARCH_MAPPINGS",
@@ -14,12 +17,3 @@ __all__ = [
     "find_layout",
     "weight_qparams",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # -- the engine imports the algorithms, which import the observers: load it lazily
-    if name == "calibrate_model":
-        from torchquant.calibration.engine import calibrate_model
-
-        return calibrate_model
-    raise AttributeError(name)

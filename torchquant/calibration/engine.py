@@ -28,11 +28,11 @@ from torchquant.calibration.layers import (
     static_input_scale,
 )
 from torchquant.calibration.mappings import BalanceMapping, find_layout
-from torchquant.calibration.observers import Observer
 from torchquant.calibration.stats import LayerStats, attach
 from torchquant.config import QuantConfig, QuantScheme
 from torchquant.errors import CalibrationError
 from torchquant.numerics import choose_int_qparams, quantize_codes
+from torchquant.numerics.observers import Observer
 from torchquant.plan import ConversionSummary, plan_conversion, set_submodule, tensor_bytes
 
 AWQ_CLIP_TOKENS = 512
@@ -375,20 +375,23 @@ def calibrate_model(
     device: torch.device | str | None = None,
     offload: bool = True,
     progress: bool = True,
+    plan: dict[str, tuple[QuantScheme | None, str]] | None = None,
 ) -> ConversionSummary:
     """Quantize ``model`` in place with calibration samples ``tokens: (n, seq_len)``.
 
     ``device`` is where each block computes (default: where the model's first weight
     is); with ``offload`` the stored block inputs stay on the CPU between blocks.
     Layers outside the blocks are quantized round-to-nearest (static activation
-    scales there are refused, as no activations are observed for them).
+    scales there are refused, as no activations are observed for them).  ``plan`` is
+    ``plan_conversion(model, config)`` when the caller has it already.
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] == 0:
         got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise CalibrationError(
             f"calibration_data must be a non-empty (n, seq_len) token tensor, got {got}"
         )
-    plan = plan_conversion(model, config)
+    if plan is None:
+        plan = plan_conversion(model, config)
     layout = find_layout(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home

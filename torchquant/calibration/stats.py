@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from torchquant.algorithms.gptq import accumulate_hessian
-from torchquant.calibration.observers import Observer
 from torchquant.errors import CalibrationError
+from torchquant.numerics.observers import Observer
 
 
 @dataclass

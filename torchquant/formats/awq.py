@@ -213,12 +213,6 @@ def save_awq(
 # -- import
 
 
-def _take(local: dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
-    if key not in local:
-        raise CheckpointError(f"layer {name!r}: tensor {key!r} is missing")
-    return local.pop(key)
-
-
 def awq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str) -> QuantLinear:
     """A ``QuantLinear`` from one layer's AWQ tensors (consumed from ``local``).
 
@@ -226,8 +220,8 @@ def awq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str)
     absent, and when present must say so.
     """
     g = parsed["group_size"]
-    qweight = _take(local, "qweight", name)
-    scales = _take(local, "scales", name)
+    qweight = hf.take(local, "qweight", name)
+    scales = hf.take(local, "scales", name)
     if qweight.dim() != 2 or scales.dim() != 2:
         raise CheckpointError(f"layer {name!r}: qweight and scales must be 2-D")
     check_scales(f"{name}.scales", scales)
@@ -241,7 +235,7 @@ def awq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str)
     symmetric = not parsed["zero_point"]
     zeros = None
     if "qzeros" in local or not symmetric:
-        zeros = unpack_awq(_take(local, "qzeros", name), n, f"{name}.qzeros")
+        zeros = unpack_awq(hf.take(local, "qzeros", name), n, f"{name}.qzeros")
         if zeros.shape[0] != groups:
             raise CheckpointError(f"layer {name!r}: qzeros has {zeros.shape[0]} rows, not {groups}")
         zeros = zeros.t().contiguous()

@@ -41,6 +41,7 @@ from torchquant.checkpoint.names import CheckpointNames, names_for_model
 from torchquant.checkpoint.safetensors_check import TensorEntry
 from torchquant.checkpoint.save_guard import model_sources
 from torchquant.config import ActivationQuant, QuantScheme, WeightQuant
+from torchquant.config.matching import compile_regex, match_regex
 from torchquant.errors import CheckpointConfigError, CheckpointError, ConfigError
 from torchquant.formats import hf_checkpoint as hf
 from torchquant.formats.compressed_tensors_checks import (
@@ -60,7 +61,6 @@ from torchquant.formats.packing_variants import (
     pack_dense,
     unpack_rows,
 )
-from torchquant.matching import compile_regex, match_regex
 from torchquant.modules import QuantLinear
 from torchquant.plan import split_experts_for_names
 
@@ -421,16 +421,10 @@ def _scheme_of(group: dict[str, Any], name: str) -> QuantScheme:
         raise CheckpointError(f"layer {name!r}: unsupported quantization args ({exc!r})") from None
 
 
-def _take(local: dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
-    if key not in local:
-        raise CheckpointError(f"layer {name!r}: tensor {key!r} is missing")
-    return local.pop(key)
-
-
 def _packed_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
     w = scheme.weight
-    n, k = (int(v) for v in _take(local, "weight_shape", name).tolist())
-    words = _take(local, "weight_packed", name)
+    n, k = (int(v) for v in hf.take(local, "weight_shape", name).tolist())
+    words = hf.take(local, "weight_packed", name)
     if words.dim() != 2 or words.shape[0] != n:
         raise CheckpointError(
             f"layer {name!r}: weight_packed {tuple(words.shape)} has not {n} rows"
@@ -440,12 +434,12 @@ def _packed_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
         packed = dense_to_canonical(words, w.bits, k)  # our bitstream already
     else:
         codes = unpack_rows(words, w.bits, k, f"{name}.weight_packed")
-    scales = _take(local, "weight_scale", name)
+    scales = hf.take(local, "weight_scale", name)
     if scales.dim() == 1:
         scales = scales.reshape(-1, 1)
     zeros = None
     if not w.symmetric:
-        zp = _take(local, "weight_zero_point", name)
+        zp = hf.take(local, "weight_zero_point", name)
         zeros = unpack_rows(zp.t().contiguous(), w.bits, n, f"{name}.weight_zero_point").t()
     local.pop("weight_zero_point", None)  # symmetric schemes may carry an all-zero one
     g_idx = local.pop("weight_g_idx", None)
@@ -460,11 +454,11 @@ def _packed_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
 
 def _dense_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
     w = scheme.weight
-    weight = _take(local, "weight", name)
+    weight = hf.take(local, "weight", name)
     if weight.dim() != 2:
         raise CheckpointError(f"layer {name!r}: weight must be 2-D, got {tuple(weight.shape)}")
     n, k = weight.shape
-    scales = _take(local, "weight_scale", name).float()
+    scales = hf.take(local, "weight_scale", name).float()
     if w.type == "int" and scales.numel() == 1:
         scales = scales.reshape(1, 1).expand(n, 1)  # per-tensor = every channel alike
     local.pop("weight_zero_point", None)
@@ -481,7 +475,7 @@ def _dense_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
     layer.qweight.copy_(weight)
     layer.scales.copy_(scales.reshape(layer.scales.shape))
     if layer.input_scale is not None:
-        layer.input_scale.copy_(_take(local, "input_scale", name).float().reshape(1))
+        layer.input_scale.copy_(hf.take(local, "input_scale", name).float().reshape(1))
     if bias is not None:
         layer.bias.copy_(bias)
     return layer

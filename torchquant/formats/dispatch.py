@@ -12,9 +12,15 @@ from typing import Any
 
 from torch import nn
 
+from torchquant.checkpoint.folder import DEFAULT_MAX_SHARD_BYTES
 from torchquant.config import QuantConfig
 from torchquant.errors import CheckpointError, ConfigError
 from torchquant.formats import hf_checkpoint as hf
+from torchquant.formats.awq import load_awq, save_awq
+from torchquant.formats.compressed_tensors import load_compressed_tensors, save_compressed_tensors
+from torchquant.formats.gptq import load_gptq, save_gptq
+from torchquant.formats.native import load_quantized, read_metadata, save_quantized
+from torchquant.formats.serving import model_layouts, warn_if_unservable
 
 FORMATS = ("native", "compressed-tensors", "gptq", "awq")
 QUANT_METHODS = {
@@ -30,7 +36,6 @@ def detect_format(directory: str | Path) -> str | None:
 
     Raises :class:`CheckpointError` for a ``quant_method`` torchquant does not read.
     """
-    from torchquant.serialization import read_metadata
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -64,19 +69,11 @@ def load_checkpoint(directory: str | Path) -> nn.Module:
     if fmt is None:
         raise CheckpointError(f"{directory} is not a quantized checkpoint")
     if fmt == "native":
-        from torchquant.serialization import load_quantized
-
         return load_quantized(directory)
     if fmt == "compressed-tensors":
-        from torchquant.formats.compressed_tensors import load_compressed_tensors
-
         return load_compressed_tensors(directory)
     if fmt == "gptq":
-        from torchquant.formats.gptq import load_gptq
-
         return load_gptq(directory)
-    from torchquant.formats.awq import load_awq
-
     return load_awq(directory)
 
 
@@ -87,7 +84,7 @@ def save_checkpoint(
     *,
     config: QuantConfig | None = None,
     tokenizer: Any = None,
-    max_shard_size: int | str = hf.DEFAULT_MAX_SHARD_BYTES,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
 ) -> Path:
     """Save a converted model in ``fmt`` (one of :data:`FORMATS`; ``gptq`` writes version 1).
@@ -103,20 +100,10 @@ def save_checkpoint(
         "overwrite": overwrite,
     }
     if fmt == "native":
-        from torchquant.serialization import save_quantized
-
         return save_quantized(model, directory, config=config, **kw)
     if fmt == "compressed-tensors":
-        from torchquant.formats.compressed_tensors import save_compressed_tensors
-        from torchquant.formats.serving import model_layouts, warn_if_unservable
-
         warn_if_unservable(fmt, model_layouts(model), "4- or 8-bit weights serve")
-
         return save_compressed_tensors(model, directory, **kw)
     if fmt == "gptq":
-        from torchquant.formats.gptq import save_gptq
-
         return save_gptq(model, directory, **kw)
-    from torchquant.formats.awq import save_awq
-
     return save_awq(model, directory, **kw)

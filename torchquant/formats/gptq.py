@@ -256,17 +256,11 @@ def save_gptq(
 # -- import
 
 
-def _take(local: dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
-    if key not in local:
-        raise CheckpointError(f"layer {name!r}: tensor {key!r} is missing")
-    return local.pop(key)
-
-
 def gptq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str) -> QuantLinear:
     """A ``QuantLinear`` from one layer's GPTQ tensors (consumed from ``local``)."""
     bits, g = parsed["bits"], parsed["group_size"]
-    qweight = _take(local, "qweight", name)
-    scales = _take(local, "scales", name)
+    qweight = hf.take(local, "qweight", name)
+    scales = hf.take(local, "scales", name)
     if qweight.dim() != 2 or scales.dim() != 2:
         raise CheckpointError(f"layer {name!r}: qweight and scales must be 2-D")
     check_scales(f"{name}.scales", scales)
@@ -280,7 +274,7 @@ def gptq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str
         raise CheckpointError(
             f"layer {name!r}: scales have shape {tuple(scales.shape)}, expected ({groups}, {n})"
         )
-    zeros = unpack_columns(_take(local, "qzeros", name), bits, n, f"{name}.qzeros")
+    zeros = unpack_columns(hf.take(local, "qzeros", name), bits, n, f"{name}.qzeros")
     if zeros.shape[0] != groups:
         raise CheckpointError(f"layer {name!r}: qzeros has {zeros.shape[0]} rows, not {groups}")
     if parsed["version"] == "gptq":

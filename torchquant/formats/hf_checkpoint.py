@@ -190,6 +190,13 @@ def build_skeleton(
     return model
 
 
+def take(local: dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
+    """Remove and return layer ``name``'s tensor ``key`` from ``local``; refuse a missing one."""
+    if key not in local:
+        raise CheckpointError(f"layer {name!r}: tensor {key!r} is missing")
+    return local.pop(key)
+
+
 def assemble(
     model: nn.Module,
     tensors: dict[str, torch.Tensor],

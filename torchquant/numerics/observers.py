@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from torchquant.config import OBSERVERS
+from torchquant.config.algorithms import OBSERVERS
 from torchquant.errors import CalibrationError, ConfigError
 from torchquant.numerics import choose_int_qparams, group_min_max, num_groups
 

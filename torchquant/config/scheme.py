@@ -1,0 +1,272 @@
+"""What one layer is quantized to: a weight format, an optional activation format, an algorithm.
+
+Every class is a frozen dataclass that checks itself at construction and round-trips
+through JSON; ``scheme_from_name`` turns the shorthands (``w4a16``, ``w8a8``, ``fp8`` ...)
+into schemes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torchquant.config.algorithms import (
+    ALGORITHMS,
+    OBSERVERS,
+    AWQConfig,
+    GPTQConfig,
+    SmoothQuantConfig,
+)
+from torchquant.config.fields import from_mapping, is_int, require
+from torchquant.errors import ConfigError
+
+WEIGHT_TYPES = ("int", "fp8")
+ACTIVATION_TYPES = ("int8", "fp8")
+ACTIVATION_GRANULARITIES = ("token", "tensor")
+GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """How a weight is stored.
+
+    ``type="int"``: ``bits`` in 2..8, ``group_size`` -1 (per output channel) or a
+    power of two from 16 to 1024 (per group along the input dimension),
+    ``symmetric`` or asymmetric (integer zero points).  ``type="fp8"``: E4M3 with a
+    float32 scale per channel (``group_size=-1``) or per tensor (``group_size=0``).
+    """
+
+    type: str = "int"
+    bits: int = 8
+    group_size: int = -1
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.type in WEIGHT_TYPES, "weight.type", self.type, f"one of {WEIGHT_TYPES}")
+        require(isinstance(self.symmetric, bool), "weight.symmetric", self.symmetric, "a bool")
+        if self.type == "fp8":
+            require(
+                is_int(self.bits) and self.bits == 8, "weight.bits", self.bits, "8 for fp8 weights"
+            )
+            require(
+                is_int(self.group_size) and self.group_size in (-1, 0),
+                "weight.group_size",
+                self.group_size,
+                "-1 (per channel) or 0 (per tensor) for fp8 weights",
+            )
+            require(self.symmetric, "weight.symmetric", self.symmetric, "True for fp8 weights")
+            return
+        require(
+            is_int(self.bits) and 2 <= self.bits <= 8, "weight.bits", self.bits, "an int in 2..8"
+        )
+        require(
+            self.group_size in GROUP_SIZES and is_int(self.group_size),
+            "weight.group_size",
+            self.group_size,
+            f"one of {GROUP_SIZES} (-1 = per channel)",
+        )
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    """How a layer's input is quantized at run time (W8A8 schemes).
+
+    ``dynamic=True`` computes the scale from each input (per ``token`` row or per
+    ``tensor``), from the max-abs value or the given ``percentile`` of ``|x|``.
+    ``dynamic=False`` uses a per-tensor scale fixed by calibration.
+    """
+
+    type: str = "int8"
+    granularity: str = "token"
+    dynamic: bool = True
+    percentile: float = 100.0
+    observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        require(
+            self.type in ACTIVATION_TYPES,
+            "activation.type",
+            self.type,
+            f"one of {ACTIVATION_TYPES}",
+        )
+        require(
+            self.granularity in ACTIVATION_GRANULARITIES,
+            "activation.granularity",
+            self.granularity,
+            f"one of {ACTIVATION_GRANULARITIES}",
+        )
+        require(isinstance(self.dynamic, bool), "activation.dynamic", self.dynamic, "a bool")
+        ok = (
+            isinstance(self.percentile, (int, float))
+            and not isinstance(self.percentile, bool)
+            and 0.0 < self.percentile <= 100.0  # compared first: an int too big for a float
+            and math.isfinite(self.percentile)
+        )
+        require(ok, "activation.percentile", self.percentile, "a number in (0, 100]")
+        require(
+            self.observer in OBSERVERS, "activation.observer", self.observer, f"one of {OBSERVERS}"
+        )
+        if not self.dynamic:
+            require(
+                self.granularity == "tensor",
+                "activation.granularity",
+                self.granularity,
+                "'tensor' for static (calibrated) activation scales",
+            )
+
+
+ALGORITHM_PARAMS = {"gptq": GPTQConfig, "awq": AWQConfig, "smoothquant": SmoothQuantConfig}
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """A weight format, an optional activation format, and the algorithm that picks the weights."""
+
+    weight: WeightQuant = field(default_factory=WeightQuant)
+    activation: ActivationQuant | None = None
+    algorithm: str = "rtn"
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    awq: AWQConfig = field(default_factory=AWQConfig)
+    smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in ALGORITHM_PARAMS.items():
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, from_mapping(cls, value, name))
+            require(isinstance(getattr(self, name), cls), name, value, f"a {cls.__name__}")
+        if isinstance(self.weight, Mapping):
+            object.__setattr__(self, "weight", from_mapping(WeightQuant, self.weight, "weight"))
+        if isinstance(self.activation, Mapping):
+            act = from_mapping(ActivationQuant, self.activation, "activation")
+            object.__setattr__(self, "activation", act)
+        require(isinstance(self.weight, WeightQuant), "weight", self.weight, "a WeightQuant")
+        require(
+            self.activation is None or isinstance(self.activation, ActivationQuant),
+            "activation",
+            self.activation,
+            "an ActivationQuant or None",
+        )
+        require(self.algorithm in ALGORITHMS, "algorithm", self.algorithm, f"one of {ALGORITHMS}")
+        act, w = self.activation, self.weight
+        if self.algorithm in ("gptq", "awq"):
+            require(
+                w.type == "int",
+                "weight.type",
+                w.type,
+                f"'int' weights for algorithm {self.algorithm!r}",
+            )
+        g = self.gptq
+        if self.rounds_with_gptq and g.act_order and not g.static_groups:
+            require(
+                not (w.bits == 8 and w.symmetric and w.group_size > 0),
+                "gptq.static_groups",
+                g.static_groups,
+                "True for grouped symmetric 8-bit weights with act_order (stored unpacked, "
+                "they cannot carry a g_idx)",
+            )
+        if self.algorithm == "smoothquant":
+            require(
+                act is not None,
+                "activation",
+                act,
+                "an activation format (w8a8 or fp8) for algorithm 'smoothquant'",
+            )
+        if act is None:
+            return
+        if act.type == "int8":
+            require(
+                w.type == "int" and w.bits == 8 and w.symmetric and w.group_size == -1,
+                "weight",
+                w,
+                "INT8 symmetric per-channel weights when activations are int8 (w8a8)",
+            )
+        else:
+            require(
+                w.type == "fp8",
+                "weight.type",
+                w.type,
+                "'fp8' when activations are fp8",
+            )
+
+    @property
+    def rounds_with_gptq(self) -> bool:
+        """Whether GPTQ rounds the weights (plain GPTQ, or AWQ with ``rounding="gptq"``)."""
+        return self.algorithm == "gptq" or (self.algorithm == "awq" and self.awq.rounding == "gptq")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing with this scheme needs calibration activations."""
+        static_act = self.activation is not None and not self.activation.dynamic
+        return self.algorithm != "rtn" or static_act
+
+    @property
+    def weight_only(self) -> bool:
+        return self.activation is None
+
+    def describe(self) -> str:
+        """Short human-readable name, e.g. ``w4a16 g128 asym`` or ``w8a8 int8``."""
+        w, a = self.weight, self.activation
+        wname = "fp8" if w.type == "fp8" else f"int{w.bits}"
+        gran = {-1: "per-channel", 0: "per-tensor"}.get(w.group_size, f"g{w.group_size}")
+        sym = "" if w.type == "fp8" else (" sym" if w.symmetric else " asym")
+        act = (
+            "a16"
+            if a is None
+            else f"a8 {a.type} {'dyn' if a.dynamic else 'static'} {a.granularity}"
+        )
+        algo = "" if self.algorithm == "rtn" else f" {self.algorithm}"
+        return f"w-{wname} {gran}{sym} {act}{algo}".strip()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantScheme:
+        return from_mapping(cls, data, "scheme")
+
+
+SCHEME_NAMES = ("w8a16", "w2a16..w7a16", "w8a16-fp8", "w8a8", "fp8")
+DEFAULT_GROUP_SIZE = 128
+
+
+def scheme_from_name(
+    name: str, group_size: int | None = None, symmetric: bool | None = None
+) -> QuantScheme:
+    """Turn ``w8a16``, ``wNa16`` (N = 2..8), ``w8a16-fp8``, ``w8a8`` or ``fp8`` into a scheme.
+
+    ``wNa16`` is asymmetric with ``group_size`` 128 by default; ``w8a16`` is INT8
+    symmetric per channel unless a group size is given.
+    """
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key == "w8a16-fp8":
+        return QuantScheme(WeightQuant(type="fp8", bits=8, group_size=-1))
+    if key == "fp8":
+        return QuantScheme(WeightQuant(type="fp8"), ActivationQuant(type="fp8"))
+    if key == "w8a8":
+        return QuantScheme(WeightQuant(bits=8, group_size=-1), ActivationQuant(type="int8"))
+    m = re.fullmatch(r"w([2-8])a16", key) if isinstance(key, str) else None
+    if m is None:
+        raise ConfigError(f"scheme={name!r} is not known; expected one of {SCHEME_NAMES}")
+    bits = int(m.group(1))
+    if bits == 8:
+        gs = -1 if group_size is None else group_size
+        sym = True if symmetric is None else symmetric
+    else:
+        gs = DEFAULT_GROUP_SIZE if group_size is None else group_size
+        sym = False if symmetric is None else symmetric
+    return QuantScheme(WeightQuant(type="int", bits=bits, group_size=gs, symmetric=sym))
+
+
+def as_scheme(value: object, where: str) -> QuantScheme | None:
+    """Accept a scheme, a shorthand name (``"w4a16"``), a mapping, or ``None``."""
+    if value is None or isinstance(value, QuantScheme):
+        return value
+    if isinstance(value, str):
+        return scheme_from_name(value)
+    if isinstance(value, Mapping):
+        return from_mapping(QuantScheme, value, where)
+    raise ConfigError(f"{where}: expected a QuantScheme, a scheme name or None, got {value!r}")
