@@ -52,8 +52,8 @@ class CharTokenizer:
 def test_quantize_with_gptq_calibrates_on_the_given_file(tmp_path, monkeypatch, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from torchquant import models
     from torchquant.serialization import load_quantized
+    from torchquant.tools import models
 
     def tiny(seed=0):
         torch.manual_seed(seed)
@@ -86,7 +86,7 @@ def test_quantize_with_gptq_calibrates_on_the_given_file(tmp_path, monkeypatch, 
 
 
 def test_calibrated_algorithms_need_a_calibration_file(tmp_path, monkeypatch, capsys):
-    from torchquant import models
+    from torchquant.tools import models
 
     def refuse(spec):
         raise AssertionError("the model must not be loaded before the arguments are checked")

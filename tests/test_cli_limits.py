@@ -9,8 +9,8 @@ import pytest
 import torch
 from tiny_models import tiny_llama
 
-from torchquant import models
 from torchquant.cli import build_parser, main
+from torchquant.tools import models
 
 
 class CharTokenizer:
@@ -165,7 +165,7 @@ def test_any_other_undecodable_read_is_one_line_too(capsys, monkeypatch):
 def test_the_library_refuses_the_same_counts():
     from torchquant.benchmark import measure_throughput
     from torchquant.errors import TorchquantError
-    from torchquant.evaluation import tokenize_text
+    from torchquant.tools.evaluation import tokenize_text
 
     with pytest.raises(TorchquantError, match="max_tokens=0: expected a positive int"):
         tokenize_text(CharTokenizer(), "some text", 0)

@@ -30,7 +30,7 @@ from torchquant import QuantConfig, TorchquantError, convert_model, scheme_from_
 from torchquant.checkpoint.save_guard import CHECKPOINT_FILES, is_checkpoint_file
 from torchquant.cli import main
 from torchquant.formats.dispatch import FORMATS, save_checkpoint
-from torchquant.models import load_model
+from torchquant.tools.models import load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,6 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torchquant.config import ActivationQuant, WeightQuant
+from torchquant.modules.qat_fake_quant import (
+    fake_quantize_activation,
+    fake_quantize_fp8_weight,
+    fake_quantize_int_weight,
+    minmax_weight_qparams,
+)
 from torchquant.numerics import (
     dequantize_activation,
     dequantize_int_weight,
@@ -16,12 +22,6 @@ from torchquant.numerics import (
 )
 from torchquant.numerics.fake_quant import fake_quantize_int_backward_reference
 from torchquant.numerics.qparams import FP8_E4M3_MAX
-from torchquant.qat.fake_quant import (
-    fake_quantize_activation,
-    fake_quantize_fp8_weight,
-    fake_quantize_int_weight,
-    minmax_weight_qparams,
-)
 
 
 def _weight(n: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torchquant.modules import QuantLinear
 
 def test_smollm2_compressed_tensors_round_trip(shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHQUANT_DATA", str(shared_data))
-    from torchquant.models import load_model
+    from torchquant.tools.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     model.model.layers = model.model.layers[:2]

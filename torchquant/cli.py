@@ -12,11 +12,20 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from torchquant import cli_types
-from torchquant.config import ALGORITHMS
+from torchquant.calibration import calibration_tokens
+from torchquant.checkpoint.save_guard import resolve_save_target
+from torchquant.config import ALGORITHMS, QuantConfig, scheme_from_name
+from torchquant.convert import convert_model
 from torchquant.errors import TorchquantError
-from torchquant.formats.dispatch import FORMATS
+from torchquant.formats.dispatch import FORMATS, save_checkpoint
+from torchquant.formats.native import save_quantized
 from torchquant.text_files import read_utf8
+from torchquant.tools import models
+from torchquant.tools.evaluation import perplexity, tokenize_text
+from torchquant.tools.inspection import inspect_checkpoint
 
 DEFAULT_SEQ_LEN = 1024
 OVERWRITE_HELP = (
@@ -121,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("directory", help="a quantized checkpoint folder (any supported format)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
 
-    b = sub.add_parser("bench", help="prefill/decode throughput of a checkpoint vs its 16-bit copy")
+    b = sub.add_parser(
+        "bench",
+        help="prefill/decode throughput of a checkpoint vs its 16-bit copy (and fp32 on CPU)",
+    )
     b.add_argument("directory", help="a quantized checkpoint folder (any supported format)")
     b.add_argument(
         "--device",
@@ -163,8 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace):
-    from torchquant.config import QuantConfig, scheme_from_name
-
     symmetric = args.symmetric
     if symmetric is None and getattr(args, "format", None) == "gptq":
         symmetric = True  # the GPTQ vLLM serves with Marlin; --no-symmetric keeps zero points
@@ -183,8 +193,6 @@ def _config(args: argparse.Namespace):
 
 def _convert(model, tokenizer, config, args: argparse.Namespace):
     """Round-to-nearest, or calibrated on ``--calib`` when the scheme needs it."""
-    from torchquant.calibration import calibration_tokens
-    from torchquant.convert import convert_model
 
     if not config.default.needs_calibration:
         if args.calib:
@@ -195,10 +203,7 @@ def _convert(model, tokenizer, config, args: argparse.Namespace):
 
 
 def _text_ids(tokenizer, args: argparse.Namespace):
-    from torchquant.evaluation import tokenize_text
-    from torchquant.models import default_text
-
-    path = Path(args.text) if args.text else default_text()
+    path = Path(args.text) if args.text else models.default_text()
     if not path.is_file():
         raise TorchquantError(f"text file {path} does not exist")
     return tokenize_text(tokenizer, read_utf8(path, "text file"), args.max_tokens)
@@ -210,7 +215,6 @@ def _dir_bytes(path: Path) -> int:
 
 def _check_out(args: argparse.Namespace) -> None:
     """Refuse a --out the save would refuse, before the model is loaded and quantized."""
-    from torchquant.checkpoint.save_guard import resolve_save_target
 
     source = Path(args.model)
     sources = [source] if source.exists() else []
@@ -218,11 +222,6 @@ def _check_out(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    import torch
-
-    from torchquant.formats.dispatch import save_checkpoint
-    from torchquant.models import load_model
-
     config = _config(args)
     if args.act_order == "group" and args.format == "awq":
         raise TorchquantError(  # said before the costly calibration
@@ -232,7 +231,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     _check_out(args)
     start = time.perf_counter()
     dtype = getattr(torch, args.dtype)
-    model, tokenizer = load_model(args.model, dtype=dtype, require_tokenizer=bool(args.calib))
+    need_tokenizer = bool(args.calib)
+    model, tokenizer = models.load_model(args.model, dtype=dtype, require_tokenizer=need_tokenizer)
     model, summary = _convert(model, tokenizer, config, args)
     save_checkpoint(
         model,
@@ -251,10 +251,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from torchquant.evaluation import perplexity
-    from torchquant.models import load_model
-
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = models.load_model(args.model)
     result = perplexity(model, _text_ids(tokenizer, args), args.seq_len, progress=not args.json)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -266,8 +263,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from torchquant.inspection import inspect_checkpoint
-
     report = inspect_checkpoint(args.directory)
     print(json.dumps(report.to_dict()) if args.json else report.table())
 
@@ -293,9 +288,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         "repeats": args.repeats,
     }
     quantized = load_checkpoint(args.directory).to(device)
-    baseline = dequantized_copy(quantized, getattr(torch, args.dtype))
-    rows = [measure_throughput(baseline, args.dtype, **kw)]
-    del baseline
+    # -- on CPU a user would run the float32 model: measure against it as well
+    dtypes = ["float32", args.dtype] if not on_gpu and args.dtype != "float32" else [args.dtype]
+    rows = []
+    for dtype in dtypes:
+        baseline = dequantized_copy(quantized, getattr(torch, dtype))
+        rows.append(measure_throughput(baseline, dtype, **kw))
+        del baseline
     rows.append(measure_throughput(quantized, "quantized", **kw))
     if args.json:
         print(json.dumps({"device": str(device), **kw, "rows": [r.to_dict() for r in rows]}))
@@ -308,13 +307,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from torchquant.evaluation import perplexity
-    from torchquant.models import load_model
-    from torchquant.serialization import save_quantized
-
     config = _config(args)
     _check_out(args)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = models.load_model(args.model)
     ids = _text_ids(tokenizer, args)
     # -- tied tensors (embedding and lm_head) share storage: count each storage once
     unique = {t.untyped_storage().data_ptr(): t for t in model.state_dict().values()}
@@ -326,7 +321,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     quantize_s = time.perf_counter() - start
     del model
     start = time.perf_counter()
-    loaded, _ = load_model(args.out)
+    loaded, _ = models.load_model(args.out)
     load_s = time.perf_counter() - start
     quant = perplexity(loaded, ids, args.seq_len)
     print(summary.table())

@@ -387,7 +387,7 @@ def _assign_groups(
 
 
 def _scheme_of(group: dict[str, Any], name: str) -> QuantScheme:
-    w, a = group["weights"], group.get("input_activations")
+    w, a = group.get("weights"), group.get("input_activations")
     if w is None or w.get("num_bits") is None:
         raise CheckpointError(f"layer {name!r}: its config group quantizes no weights")
     if w.get("type") not in ("int", "float"):

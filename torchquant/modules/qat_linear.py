@@ -7,11 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchquant.config import QuantScheme
+from torchquant.config.qat import QatOptions
 from torchquant.errors import ConfigError, QuantizationError
-from torchquant.modules.quant_linear import QuantLinear, _scale_dtype
-from torchquant.numerics import num_groups, quantize_codes
-from torchquant.numerics.qparams import FP8_E4M3_MAX
-from torchquant.qat.fake_quant import (
+from torchquant.modules.qat_fake_quant import (
     cast_ste,
     fake_quantize_activation,
     fake_quantize_fp8_weight,
@@ -19,7 +17,9 @@ from torchquant.qat.fake_quant import (
     int_zero_points,
     minmax_weight_qparams,
 )
-from torchquant.qat.options import QatOptions
+from torchquant.modules.quant_linear import QuantLinear, _scale_dtype
+from torchquant.numerics import num_groups, quantize_codes
+from torchquant.numerics.qparams import FP8_E4M3_MAX
 
 
 class QatLinear(nn.Linear):

@@ -1,27 +1,19 @@
 """Quantization-aware training: ``prepare_qat`` -> train -> ``convert_qat``.
 
-Names are resolved lazily so that ``torchquant.modules`` (which uses the fake-quant
-functions of this package) and ``prepare`` (which uses the modules) import cleanly.
+The workflow lives here (``prepare``, ``guards``); the layer it trains is
+:class:`torchquant.modules.QatLinear` (with its fake quantization,
+``modules.qat_fake_quant``) and its options are :class:`torchquant.config.qat.QatOptions`.
 """
 
-from __future__ import annotations
+from torchquant.config.qat import QatOptions
+from torchquant.qat.guards import check_loss, check_qat_state
+from torchquant.qat.prepare import calibrate_input_scales, convert_qat, prepare_qat
 
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "QatOptions": "torchquant.qat.options",
-    "prepare_qat": "torchquant.qat.prepare",
-    "convert_qat": "torchquant.qat.prepare",
-    "calibrate_input_scales": "torchquant.qat.prepare",
-    "check_qat_state": "torchquant.qat.guards",
-    "check_loss": "torchquant.qat.guards",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'torchquant.qat' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__all__ = [
+    "QatOptions",
+    "calibrate_input_scales",
+    "check_loss",
+    "check_qat_state",
+    "convert_qat",
+    "prepare_qat",
+]
