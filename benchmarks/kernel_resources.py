@@ -97,6 +97,32 @@ class Recorder:
         return Launch()
 
 
+def compile_only(arch: int, run_kernel: Callable, ptxas_log: bool = False):
+    """Make every launcher compile for ``sm_<arch>`` through ``run_kernel`` instead of running.
+
+    Sets the compile-only driver, lets the launchers accept CPU (or meta) tensors and
+    replaces the ``run_kernel`` each kernel module launches through.  Returns the
+    ``act_quant`` module, whose two direct launches callers may wrap as well.
+    """
+    triton.knobs.nvidia.dump_ptxas_log = ptxas_log
+    triton.knobs.compilation.always_compile = ptxas_log  # a fresh ptxas report per config
+    driver.set_active(CompileOnlyDriver(arch))
+
+    from torchquant.triton_kernels import (
+        _launch,
+        act_quant,
+        dequant,
+        dequant_gemm,
+        dequant_gemv,
+        scaled_gemm,
+    )
+
+    _launch._INTERPRET = True  # lets the launchers accept CPU tensors; nothing is launched
+    for module in (dequant, dequant_gemv, dequant_gemm, act_quant, scaled_gemm):
+        module.run_kernel = run_kernel
+    return act_quant
+
+
 def _describe(config: triton.Config) -> str:
     meta = " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in config.kwargs.items())
     return f"{meta} w{config.num_warps} s{config.num_stages}"
@@ -165,23 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("compiling needs the kernels built without TRITON_INTERPRET")
-    triton.knobs.nvidia.dump_ptxas_log = True
-    triton.knobs.compilation.always_compile = True
-    driver.set_active(CompileOnlyDriver(args.arch))
-
-    from torchquant.triton_kernels import (
-        _launch,
-        act_quant,
-        dequant,
-        dequant_gemm,
-        dequant_gemv,
-        scaled_gemm,
-    )
-
     recorder = Recorder(args.first)
-    _launch._INTERPRET = True  # lets the launchers accept CPU tensors; nothing is launched
-    for module in (dequant, dequant_gemv, dequant_gemm, act_quant, scaled_gemm):
-        module.run_kernel = recorder.run_kernel
+    act_quant = compile_only(args.arch, recorder.run_kernel, ptxas_log=True)
     act_quant._absmax_kernel = recorder.direct(act_quant._absmax_kernel)
     act_quant._scale_from_absmax_kernel = recorder.direct(act_quant._scale_from_absmax_kernel)
     wanted = [w for w in args.only.split(",") if w]

@@ -114,23 +114,26 @@ def _config(bm, bn, bk, split_k, warps, stages, group_m=8) -> triton.Config:
 
 # decode / small batch: 16-row MMA tiles, the weight split over K across the SMs.  The
 # 8-warp tiles are the ones ptxas compiles without spills for 4-bit weights on sm_90
-# (benchmarks/kernel_resources.py); the autotuner decides by time.
+# (benchmarks/kernel_resources.py), and the first of them is the default (untuned) config
+# with the fewest instructions per weight (benchmarks/kernel_model.py); the autotuner
+# decides by time.
 SPLIT_K_CONFIGS = (
-    [
+    [_config(16, bn, bk, sk, 8, 3) for bn, bk in ((256, 64), (64, 128)) for sk in (1, 2, 4, 8)]
+    + [
         _config(16, bn, bk, sk, 4, st)
         for bn, bk in ((64, 128), (32, 128), (64, 64), (128, 64))
         for sk in (1, 2, 4, 8)
         for st in (3, 4)
     ]
-    + [_config(16, bn, bk, sk, 8, 3) for bn, bk in ((64, 128), (256, 64)) for sk in (1, 2, 4, 8)]
     + [_config(32, 64, 128, sk, 4, 4) for sk in (1, 2, 4)]
     + [_config(64, 64, 64, sk, 4, 4) for sk in (1, 2, 4)]
 )
 
-# prefill: classic tiles, one program per output tile
+# prefill: classic tiles, one program per output tile; the first (the default) compiles
+# without spills for 4- and 8-bit weights on sm_90
 TILED_CONFIGS = [
-    _config(128, 128, 64, 1, 8, 3),
     _config(128, 128, 32, 1, 4, 4),
+    _config(128, 128, 64, 1, 8, 3),
     _config(64, 128, 64, 1, 4, 4),
     _config(128, 64, 64, 1, 4, 4),
     _config(64, 64, 64, 1, 4, 4),

@@ -1,0 +1,676 @@
+"""Cost model of the weight-only linear, read from the kernels' own SASS: no GPU needed.
+
+    python benchmarks/kernel_model.py                  # sm_90 on the H200, every tuning config
+    python benchmarks/kernel_model.py --quick          # default configs, 8192 x 8192 only
+    python benchmarks/kernel_model.py --arch 80,89,90 --json
+
+For every weight-only scheme, benchmark shape ``N x K`` and batch ``M``, the linear runs
+through the dispatch (``dequant_matmul``) exactly as a layer calls it, on meta tensors.
+Each Triton launch compiles its kernel for ``--arch`` (every config the autotuner may
+pick, or only the default one the launcher runs untuned with ``--quick``) through the
+compile-only driver of ``kernel_resources.py``; ``nvdisasm`` (shipped with Triton)
+disassembles the cubin and the hot loop -- the innermost loop that loads from global
+memory -- is counted by instruction class; ``cuobjdump -res-usage`` gives registers and
+local (spill) memory.  The rest of the call's device work (zero-fills, cast copies,
+cuBLAS) is counted from the aten ops it dispatches.
+
+Each launch is bounded below by the largest of
+
+* bytes / copy bandwidth -- every tensor the launch touches, read or written once;
+* warp-instructions / issue rate -- the hot loop times its trip count, over the SMs
+  the grid occupies (four schedulers per SM, each issuing one warp-instruction a clock);
+* flops / dense tensor-core peak, for launches that issue MMAs (or cuBLAS);
+
+and every launch after the first adds ``LAUNCH_GAP_US``.  The prediction is compared
+with bf16 cuBLAS at its own floor, ``max(2NK + 2MK + 2MN bytes / bandwidth, 2MNK / peak)``.
+
+This is a necessary condition, not a proof.  Latency, stalls, bank conflicts, wave tails
+and L2 misses only add time, so a kernel whose bound misses a target cannot meet it on
+the GPU; one whose bound meets it still has to be measured (``benchmarks/gpu_check.sh``).
+Constants the table marks as estimates should be replaced by measured copy bandwidth.
+Must run without ``TRITON_INTERPRET``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import triton
+from kernel_resources import compile_only
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    arch: int
+    sms: int
+    clock_ghz: float  # the clock held under sustained load, not the boost clock
+    issue_per_sm: int  # warp-instructions per clock per SM (one per scheduler)
+    bandwidth_gbs: float  # device copy bandwidth, (read + write) / time
+    bandwidth_note: str
+    tensor_tflops: float  # dense bf16 tensor-core peak
+
+
+# fmt: off
+MACHINES = {
+    "h200": Machine("H200 SXM", 90, 132, 1.755, 4, 4300.0,
+                    "estimate: 4.8 TB/s HBM3e x 0.9 (the H100's copy/spec ratio)", 989.0),
+    "h100": Machine("H100 SXM", 90, 132, 1.755, 4, 3000.0,
+                    "measured copy, benchmarks/bench_utils.copy_bandwidth_gbs", 989.0),
+    "l40s": Machine("L40S", 89, 142, 2.25, 4, 780.0, "estimate: 864 GB/s GDDR6 x 0.9", 362.0),
+    "a100": Machine("A100 SXM", 80, 108, 1.41, 4, 1800.0, "estimate: 2.04 TB/s HBM2e x 0.9",
+                    312.0),
+}
+# fmt: on
+DEFAULT_MACHINE = {90: "h200", 89: "l40s", 80: "a100"}
+LAUNCH_GAP_US = 1.0  # the least a dependent kernel boundary costs, even inside a CUDA graph
+
+# CLI scheme name -> (bits, group_size, storage); wNa16 is asymmetric, w8a16 symmetric INT8
+SCHEMES = {
+    "w2a16": (2, 128, "packed"),
+    "w3a16": (3, 128, "packed"),
+    "w4a16": (4, 128, "packed"),
+    "w8a16": (8, -1, "int8"),
+    "w8a16-fp8": (8, -1, "fp8"),
+}
+DEFAULT_SCHEMES = ("w4a16", "w3a16", "w8a16", "w8a16-fp8")
+SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)]  # (N, K), as benchmarked
+BATCHES = [1, 16, 64, 256, 4096]
+# (scheme, least M) -> speedup over bf16 the issue sets, at every benchmark shape
+TARGETS = {
+    ("w4a16", 1): 3.0,
+    ("w4a16", 2): 2.3,
+    ("w4a16", 17): 1.5,
+    ("w4a16", 256): 0.9,
+    ("w8a16", 1): 1.8,
+}
+
+# -- SASS: hot loop and instruction classes
+
+CLASSES = {
+    "global_load": ("LDG", "LDGSTS", "UTMALDG", "UBLKCP"),
+    "shared_store": ("STS", "STSM"),
+    "shared_load": ("LDS", "LDSM"),
+    "shuffle": ("SHFL",),
+    "barrier": ("BAR", "SYNCS"),
+    "mma": ("HMMA", "IMMA", "HGMMA", "IGMMA", "QGMMA", "WGMMA", "BMMA", "DMMA"),
+    "convert": ("I2F", "I2FP", "F2F", "F2I", "F2FP", "FRND", "I2I", "I2IP"),
+    "float": ("FFMA", "FADD", "FMUL", "FMNMX", "FSETP", "FSEL", "HFMA2", "HADD2", "HMUL2", "FCHK"),
+    "integer": (
+        "LOP3",
+        "SHF",
+        "IADD3",
+        "IMAD",
+        "LEA",
+        "PRMT",
+        "ISETP",
+        "SEL",
+        "MOV",
+        "IMNMX",
+        "BMSK",
+        "SGXT",
+        "IABS",
+        "VIADD",
+        "VIMNMX",
+        "CS2R",
+        "S2R",
+        "S2UR",
+        "ULDC",
+        "UMOV",
+        "UIADD3",
+        "ULOP3",
+        "USHF",
+        "UISETP",
+        "ULEA",
+        "UIMAD",
+        "USEL",
+        "UPRMT",
+        "R2UR",
+        "PLOP3",
+        "P2R",
+        "R2P",
+    ),
+    "atomic": ("RED", "ATOM", "ATOMG", "REDG"),
+    "spill": ("STL", "LDL"),
+    "branch": ("BRA", "BSSY", "BSYNC", "WARPSYNC", "EXIT", "CALL", "RET"),
+}
+_CLASS_OF = {op: name for name, ops in CLASSES.items() for op in ops}
+_INSTR = re.compile(
+    r"/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\.[^ ;]*)?\s*([^;]*);"
+)
+_LABEL = re.compile(r"^\.(L_x_\d+):")
+_TARGET = re.compile(r"`\(\.(L_x_\d+)\)")
+_RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def _tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def tools_available() -> bool:
+    return all(os.access(_tool(t), os.X_OK) for t in ("nvdisasm", "cuobjdump"))
+
+
+@dataclass
+class Sass:
+    """What one compiled kernel issues: its hot loop by instruction class, and its resources."""
+
+    loop: Counter  # warp-instructions per loop iteration, by class
+    has_loop: bool
+    registers: int
+    spill_bytes: int  # local memory per thread (ptxas spills)
+    smem: int
+    warps: int
+
+    @property
+    def loop_instructions(self) -> int:
+        return sum(self.loop.values())
+
+    def dominant(self) -> str:
+        return self.loop.most_common(1)[0][0] if self.loop else "-"
+
+
+def hot_loop(lines: list[str]) -> tuple[list[str], bool]:
+    """Opcodes of the innermost loop that loads from global memory (or of the whole kernel)."""
+    ops: list[str] = []
+    labels: dict[str, int] = {}
+    branches: list[tuple[int, str]] = []
+    for line in lines:
+        if label := _LABEL.match(line.strip()):
+            labels[label.group(1)] = len(ops)
+            continue
+        if not (ins := _INSTR.search(line)) or ins.group(1) == "NOP":
+            continue
+        if ins.group(1) == "BRA" and (target := _TARGET.search(ins.group(3))):
+            branches.append((len(ops), target.group(1)))
+        ops.append(ins.group(1))
+    loops = [(labels[t], i + 1) for i, t in branches if t in labels and labels[t] <= i]
+    loads = [(a, b) for a, b in loops if any(_CLASS_OF.get(op) == "global_load" for op in ops[a:b])]
+    innermost = [
+        (a, b)
+        for a, b in loads
+        if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loads)
+    ]
+    if not innermost:
+        return ops, False
+    a, b = max(innermost, key=lambda span: span[1] - span[0])
+    return ops[a:b], True
+
+
+def _disassemble(cubin: bytes) -> tuple[str, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run(
+            [_tool("nvdisasm"), "-c", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+        res = subprocess.run(
+            [_tool("cuobjdump"), "-res-usage", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    return sass, res
+
+
+def analyze(compiled) -> Sass:
+    """Count the hot loop of a compiled Triton kernel (``fn.warmup`` result)."""
+    return _analyze(compiled.asm["cubin"], compiled.metadata.shared, compiled.metadata.num_warps)
+
+
+@functools.cache
+def _analyze(cubin: bytes, shared: int, warps: int) -> Sass:
+    sass, res = _disassemble(cubin)
+    ops, has_loop = hot_loop(sass.splitlines())
+    usage = _RES.search(res)
+    regs, stack, static_smem, local = (int(v) for v in usage.groups()) if usage else (0, 0, 0, 0)
+    return Sass(
+        loop=Counter(_CLASS_OF.get(op, "other") for op in ops),
+        has_loop=has_loop,
+        registers=regs,
+        spill_bytes=local + stack,
+        smem=max(static_smem, shared),
+        warps=warps,
+    )
+
+
+# -- recording what one linear call launches
+
+
+@dataclass
+class Candidate:
+    """One config a launch may run with: its compiled kernel's counts and its grid."""
+
+    config: str
+    sass: Sass
+    grid: tuple[int, ...]
+    meta: dict
+
+
+@dataclass
+class Launch:
+    kernel: str
+    nbytes: int
+    flops: int = 0
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+def _tensor_bytes(*trees) -> int:
+    seen: dict[int, int] = {}
+    for leaf in tree_leaves(trees):
+        if isinstance(leaf, torch.Tensor):
+            seen[id(leaf)] = leaf.numel() * leaf.element_size()
+    return sum(seen.values())
+
+
+# aten ops that launch nothing on the device
+_FREE_OPS = {
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "view",
+    "_unsafe_view",
+    "t",
+    "transpose",
+    "permute",
+    "expand",
+    "as_strided",
+    "alias",
+    "detach",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "_reshape_alias",
+    "lift_fresh",
+    "reshape",
+    "contiguous",
+    "resize_",
+    "set_",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "sym_storage_offset",
+    "is_contiguous",
+}
+
+
+class DeviceWork(TorchDispatchMode):
+    """Records the aten ops of a call that would launch device kernels (bytes, flops)."""
+
+    def __init__(self, launches: list[Launch]) -> None:
+        super().__init__()
+        self.launches = launches
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name not in _FREE_OPS:
+            flops = 0
+            if name in ("mm", "addmm"):
+                a, b = args[-2], args[-1]
+                flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+            self.launches.append(Launch(f"aten.{name}", _tensor_bytes(args, kwargs, out), flops))
+        return out
+
+
+class Recorder:
+    """Stands in for ``run_kernel``: compiles each config a launch may use, nothing runs."""
+
+    def __init__(self, all_configs: bool) -> None:
+        self.all_configs = all_configs
+        self.launches: list[Launch] = []
+        self._compiled: dict[tuple, Sass] = {}
+
+    def run_kernel(self, kernel, grid, config, **args) -> None:
+        kernel.nargs = {}
+        configs = [config] if config is not None else kernel.prune_configs(args)
+        with torch.utils._python_dispatch._disable_current_modes():
+            launch = Launch(kernel.fn.__name__, _tensor_bytes(args))
+            if launch.kernel.startswith("_gemm"):
+                x = args["x_ptr"]
+                launch.flops = 2 * x.shape[0] * x.shape[1] * args["N"]
+            for cfg in configs if self.all_configs else configs[:1]:
+                meta = {**args, **cfg.all_kwargs()}
+                launch.candidates.append(
+                    Candidate(_describe(cfg), self._sass(kernel.fn, meta), tuple(grid(meta)), meta)
+                )
+            self.launches.append(launch)
+
+    def _sass(self, fn, meta) -> Sass:
+        with contextlib.redirect_stdout(sys.stderr):
+            compiled = fn.warmup(grid=(1,), **meta)  # Triton's caches skip known binaries
+        return analyze(compiled)
+
+
+def _describe(config: triton.Config) -> str:
+    meta = " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in config.kwargs.items())
+    return f"{meta} w{config.num_warps} s{config.num_stages}"
+
+
+# -- the bound
+
+
+def _occupancy(sass: Sass) -> int:
+    """CTAs one SM can hold (registers, shared memory, 64 warps), at least 1."""
+    regs = max(8, -(-sass.registers // 8) * 8) * 32 * sass.warps
+    by_regs = 65536 // regs
+    by_smem = (227 * 1024) // sass.smem if sass.smem else 32
+    return max(1, min(by_regs, by_smem, 64 // sass.warps, 32))
+
+
+def iterations(cand: Candidate) -> int:
+    """Hot-loop trips summed over the grid: one per BLOCK_K tile of every program's K run."""
+    ctas = math.prod(cand.grid)
+    if not cand.sass.has_loop:
+        return ctas
+    split = int(cand.meta.get("SPLIT_K", 1))
+    return ctas // split * triton.cdiv(cand.meta["K"], cand.meta["BLOCK_K"])
+
+
+def launch_bound(launch: Launch, cand: Candidate | None, machine: Machine) -> dict:
+    """Lower bound in microseconds for one launch and what sets it."""
+    bound = {"bytes": launch.nbytes / (machine.bandwidth_gbs * 1e3)}
+    mma = launch.kernel.startswith("aten.") or (cand is not None and cand.sass.loop["mma"] > 0)
+    if launch.flops and mma:
+        bound["flops"] = launch.flops / (machine.tensor_tflops * 1e6)
+    instr = 0
+    if cand is not None:
+        ctas = math.prod(cand.grid)
+        instr = cand.sass.loop_instructions * cand.sass.warps * iterations(cand)
+        busiest = -(-ctas // machine.sms)
+        resident = min(busiest, _occupancy(cand.sass))
+        width = min(machine.issue_per_sm, resident * cand.sass.warps)
+        per_cta = instr / ctas
+        bound["issue"] = busiest * per_cta / width / (machine.clock_ghz * 1e3)
+    limit = max(bound, key=bound.get)
+    return {"us": bound[limit], "limit": limit, "instructions": instr}
+
+
+def bf16_floor_us(m: int, n: int, k: int, machine: Machine) -> float:
+    nbytes = 2 * (n * k + m * k + m * n)
+    return max(
+        nbytes / (machine.bandwidth_gbs * 1e3), 2 * m * n * k / (machine.tensor_tflops * 1e6)
+    )
+
+
+def target_for(scheme: str, m: int) -> float | None:
+    found = [(least, t) for (s, least), t in TARGETS.items() if s == scheme and m >= least]
+    return max(found)[1] if found else None
+
+
+# -- one linear call
+
+
+def weight(scheme: str, n: int, k: int, device: str = "meta") -> tuple:
+    bits, group, storage = SCHEMES[scheme]
+    if storage == "packed":
+        g = -(-k // group)
+        return (
+            torch.empty(n, -(-k // 32) * bits, dtype=torch.int32, device=device),
+            torch.empty(n, g, dtype=torch.bfloat16, device=device),
+            torch.empty(n, g, dtype=torch.uint8, device=device),
+            bits,
+            group,
+        )
+    dtype = torch.int8 if storage == "int8" else torch.float8_e4m3fn
+    q = torch.empty(n, k, dtype=dtype, device=device)
+    return q, torch.empty(n, 1, device=device), None, 8, -1
+
+
+def model_call(recorder: Recorder, scheme: str, m: int, n: int, k: int) -> list[Launch]:
+    """Every launch of one ``dequant_matmul`` call after a first one (each with its config
+    candidates): buffers a launcher creates once and keeps are not counted."""
+    from torchquant.triton_kernels.dequant_matmul import dequant_matmul
+
+    qweight, scales, zeros, bits, group = weight(scheme, n, k)
+    x = torch.empty(m, k, dtype=torch.bfloat16, device="meta")
+    dequant_matmul(x, qweight, scales, zeros, None, bits, group)  # one-time setup is not counted
+    recorder.launches = []
+    with DeviceWork(recorder.launches):
+        dequant_matmul(x, qweight, scales, zeros, None, bits, group)
+    return recorder.launches
+
+
+def row(
+    scheme: str, m: int, n: int, k: int, arch: int, machine: Machine, launches: list[Launch]
+) -> dict:
+    """The table row of one call: each launch at its best config, summed."""
+    from torchquant.triton_kernels.dequant_matmul import select_path
+
+    total_us, instr, kernels, chosen = 0.0, 0, [], []
+    for launch in launches:
+        options = launch.candidates or [None]
+        scored = [(launch_bound(launch, c, machine), i, c) for i, c in enumerate(options)]
+        best, _, cand = min(scored, key=lambda s: (s[0]["us"], s[1]))
+        total_us += best["us"]
+        instr += best["instructions"]
+        kernels.append(launch.kernel)
+        if cand is not None:
+            chosen.append((launch, cand, best["limit"]))
+    total_us += LAUNCH_GAP_US * max(0, len(launches) - 1)
+    bf16 = bf16_floor_us(m, n, k, machine)
+    main = max(chosen, key=lambda c: c[0].nbytes, default=None)
+    sass = main[1].sass if main else None
+    per_iter = dict(sass.loop) if sass else {}
+    bits, group, _ = SCHEMES[scheme]
+    return {
+        "scheme": scheme,
+        "group_size": group,
+        "M": m,
+        "N": n,
+        "K": k,
+        "arch": arch,
+        "machine": machine.name,
+        "path": select_path(m),
+        "kernel": "+".join(kernels),
+        "config": main[1].config if main else "-",
+        "instr_per_weight": round(instr / (n * k), 4),
+        "loop_per_iteration": per_iter,
+        "dominant_class": sass.dominant() if sass else "-",
+        "global_loads": per_iter.get("global_load", 0),
+        "shared_stores": per_iter.get("shared_store", 0),
+        "shuffles": per_iter.get("shuffle", 0),
+        "barriers": per_iter.get("barrier", 0),
+        "mma": per_iter.get("mma", 0),
+        "registers": sass.registers if sass else 0,
+        "spill_bytes": max((c[1].sass.spill_bytes for c in chosen), default=0),
+        "smem": sass.smem if sass else 0,
+        "launches": len(launches),
+        "bytes": sum(launch.nbytes for launch in launches),
+        "limit": main[2] if main else "-",
+        "predicted_us": round(total_us, 2),
+        "bf16_floor_us": round(bf16, 2),
+        "predicted_speedup": round(bf16 / total_us, 3),
+        "target": target_for(scheme, m),
+    }
+
+
+def model(schemes, shapes, batches, arches, machines, all_configs: bool) -> list[dict]:
+    rows = []
+    for arch in arches:
+        recorder = Recorder(all_configs)
+        compile_only(arch, recorder.run_kernel)
+        for scheme in schemes:
+            if SCHEMES[scheme][2] == "fp8" and arch < 89:
+                continue  # the launchers refuse FP8 below sm_89
+            for n, k in shapes:
+                for m in batches:
+                    launches = model_call(recorder, scheme, m, n, k)
+                    print(f"modelled: sm_{arch} {scheme} {n}x{k} M={m}", file=sys.stderr)
+                    for name in machines.get(arch, [DEFAULT_MACHINE[arch]]):
+                        rows.append(row(scheme, m, n, k, arch, MACHINES[name], launches))
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n## machine constants")
+    print("| machine | arch | SMs | clock GHz | issue / SM / clk | copy GB/s | bf16 TFLOPS |")
+    print("|---|---|---|---|---|---|---|")
+    for mach in MACHINES.values():
+        print(
+            f"| {mach.name} | sm_{mach.arch} | {mach.sms} | {mach.clock_ghz} | "
+            f"{mach.issue_per_sm} | {mach.bandwidth_gbs:.0f} ({mach.bandwidth_note}) | "
+            f"{mach.tensor_tflops:.0f} |"
+        )
+    print(
+        f"\nlaunch gap: {LAUNCH_GAP_US} us per launch after the first; loop counts are "
+        "warp-instructions per iteration of the kernel with the most bytes"
+    )
+    print("\n## predicted lower bounds (a necessary condition, not a measurement)")
+    head = (
+        "scheme",
+        "N x K",
+        "M",
+        "sm",
+        "machine",
+        "path",
+        "config",
+        "instr/w",
+        "dominant",
+        "ldg",
+        "sts",
+        "shfl",
+        "bar",
+        "mma",
+        "regs",
+        "spill",
+        "smem",
+        "launches",
+        "limit",
+        "pred us",
+        "bf16 us",
+        "pred x",
+        "target",
+    )
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        target = (
+            "-"
+            if r["target"] is None
+            else (f"{r['target']}x {'ok' if r['predicted_speedup'] >= r['target'] else 'MISS'}")
+        )
+        print(
+            f"| {r['scheme']} | {r['N']}x{r['K']} | {r['M']} | {r['arch']} | {r['machine']} | "
+            f"{r['path']} | {r['config']} | {r['instr_per_weight']:.3f} | "
+            f"{r['dominant_class']} | {r['global_loads']} | {r['shared_stores']} | "
+            f"{r['shuffles']} | {r['barriers']} | {r['mma']} | {r['registers']} | "
+            f"{r['spill_bytes']} | {r['smem']} | {r['launches']} | {r['limit']} | "
+            f"{r['predicted_us']:.1f} | {r['bf16_floor_us']:.1f} | "
+            f"{r['predicted_speedup']:.2f}x | {target} |"
+        )
+
+
+BENCH_NAMES = {"w4a16": "w4 g128", "w3a16": "w3 g128", "w8a16": "w8 per-ch"}  # bench_weight_only
+
+
+def compare(model_json: str, table_md: str) -> None:
+    """The model's rows beside bench_weight_only.py's measured ones (same shape and M)."""
+    measured: dict[tuple, tuple[float, str]] = {}
+    for line in Path(table_md).read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 5 and "x" in cells[0] and cells[1].isdigit():
+            with contextlib.suppress(ValueError):
+                measured[cells[0], int(cells[1]), cells[2].split(" (")[0]] = (
+                    float(cells[3]),
+                    cells[4],
+                )
+    print("\n## predicted lower bound beside the measured time (bench_weight_only.py)")
+    print(
+        "| scheme | N x K | M | machine | path | pred us | pred x | measured us | measured x "
+        "| bf16 us | target |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in json.loads(Path(model_json).read_text()):
+        shape = f"{r['N']}x{r['K']}"
+        us, ratio = measured.get((shape, r["M"], BENCH_NAMES.get(r["scheme"], "")), (math.nan, "-"))
+        bf16 = measured.get((shape, r["M"], "F.linear"), (math.nan, ""))[0]
+        print(
+            f"| {r['scheme']} | {shape} | {r['M']} | {r['machine']} | {r['path']} | "
+            f"{r['predicted_us']:.1f} | {r['predicted_speedup']:.2f}x | {us:.1f} | {ratio} | "
+            f"{bf16:.1f} | {r['target'] or '-'} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="90", help="compute capabilities, e.g. 80,89,90")
+    parser.add_argument(
+        "--machine",
+        default="",
+        help=f"machines to predict for, from {', '.join(MACHINES)} "
+        "(default: h200 for sm_90, l40s for sm_89, a100 for sm_80)",
+    )
+    parser.add_argument(
+        "--schemes", default=",".join(DEFAULT_SCHEMES), help=f"comma list from {', '.join(SCHEMES)}"
+    )
+    parser.add_argument("--shapes", default="", help="N x K list, e.g. 8192x8192,4096x14336")
+    parser.add_argument("--batches", default="", help="M list, e.g. 1,16,64")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="default configs only, 8192x8192, M = 1, 16, 64 (unless given)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("MODEL_JSON", "TABLE_MD"),
+        help="print a --json output beside bench_weight_only.py's table",
+    )
+    args = parser.parse_args(argv)
+    if args.compare:
+        compare(*args.compare)
+        return
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("compiling needs the kernels built without TRITON_INTERPRET")
+    if not tools_available():
+        parser.error("nvdisasm/cuobjdump not found in Triton's NVIDIA backend")
+    arches = [int(a) for a in args.arch.split(",")]
+    machines: dict[int, list[str]] = {}
+    for name in filter(None, args.machine.split(",")):
+        if name not in MACHINES:
+            parser.error(f"unknown machine {name!r}; known: {', '.join(MACHINES)}")
+        machines.setdefault(MACHINES[name].arch, []).append(name)
+    schemes = [s for s in args.schemes.split(",") if s]
+    if unknown := [s for s in schemes if s not in SCHEMES]:
+        parser.error(f"unknown schemes {unknown}; known: {', '.join(SCHEMES)}")
+    shapes = (
+        [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+        if args.shapes
+        else [(8192, 8192)]
+        if args.quick
+        else SHAPES
+    )
+    batches = (
+        [int(v) for v in args.batches.split(",")]
+        if args.batches
+        else [1, 16, 64]
+        if args.quick
+        else BATCHES
+    )
+    rows = model(schemes, shapes, batches, arches, machines, all_configs=not args.quick)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
