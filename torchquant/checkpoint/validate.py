@@ -77,9 +77,15 @@ def check_quantization_config(
 
 
 def check_declared(
-    expected: Mapping[str, torch.Tensor], declared: Mapping[str, TensorEntry]
+    expected: Mapping[str, torch.Tensor],
+    declared: Mapping[str, TensorEntry | torch.Tensor],
+    verb: str = "declares",
 ) -> None:
-    """Missing/extra tensors and dtype/shape mismatches, from headers alone (nothing allocated)."""
+    """Missing/extra tensors and dtype/shape mismatches.
+
+    ``declared`` are header entries (nothing allocated yet) or, with ``verb="has"``, the
+    tensors read.
+    """
     missing = sorted(set(expected) - set(declared))
     extra = sorted(set(declared) - set(expected))
     if missing:
@@ -88,10 +94,10 @@ def check_declared(
         raise CheckpointError(f"checkpoint has {len(extra)} unexpected tensor(s), e.g. {extra[:5]}")
     for name, entry in declared.items():
         want = expected[name]
-        if entry.shape != tuple(want.shape) or entry.dtype != want.dtype:
+        if tuple(entry.shape) != tuple(want.shape) or entry.dtype != want.dtype:
             raise CheckpointError(
-                f"tensor {name!r}: checkpoint declares {entry.dtype} {entry.shape}, the layer's "
-                f"scheme expects {want.dtype} {tuple(want.shape)}"
+                f"tensor {name!r}: checkpoint {verb} {entry.dtype} {tuple(entry.shape)}, the "
+                f"layer's scheme expects {want.dtype} {tuple(want.shape)}"
             )
 
 

@@ -189,22 +189,6 @@ def layer_specs(metadata: dict[str, str]) -> dict[str, LayerSpec]:
     return {name: LayerSpec.from_dict(name, spec) for name, spec in raw.items()}
 
 
-def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing:
-        raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
-    if extra:
-        raise CheckpointError(f"checkpoint has {len(extra)} unexpected tensor(s), e.g. {extra[:5]}")
-    for name, t in state.items():
-        want = expected[name]
-        if t.shape != want.shape or t.dtype != want.dtype:
-            raise CheckpointError(
-                f"tensor {name!r}: checkpoint has {t.dtype} {tuple(t.shape)}, the layer's "
-                f"scheme expects {want.dtype} {tuple(want.shape)}"
-            )
-
-
 @torch.no_grad()
 def load_quantized(
     directory: str | Path,
@@ -256,7 +240,7 @@ def load_quantized(
         files,
         lambda path, shard: digests.check_tensor_digests(path.name, shard, shard_records[path]),
     )
-    _check_state(expected, state)
+    validate.check_declared(expected, state, "has")
     validate.check_loaded_values(state, model)
     model.load_state_dict(state, strict=False, assign=True)
     for alias, source in aliases.items():
