@@ -58,9 +58,9 @@ step() {  # step NAME TIMEOUT_S COMMAND... : run with a timeout, log to $OUT/NAM
 
 # -- 0. the cost model, on the host CPUs while the GPU steps run (compile-only, no GPU)
 if [ "$DRY" = 0 ]; then
-    (env -u TRITON_PRINT_AUTOTUNING timeout 400 nice -n 10 "$PYTHON" benchmarks/kernel_model.py \
+    env -u TRITON_PRINT_AUTOTUNING timeout 400 nice -n 10 "$PYTHON" benchmarks/kernel_model.py \
         --json --arch 90 --machine h200,h100 --shapes "$SHAPES" \
-        >"$OUT/kernel_model.json" 2>"$OUT/kernel_model.log") &
+        >"$OUT/kernel_model.json" 2>"$OUT/kernel_model.log" &
     model_pid=$!
 else
     echo "[dry-run] kernel_model (background, timeout 400s)"
@@ -94,6 +94,9 @@ step decode 60 "$PYTHON" benchmarks/bench_decode.py --batches 1,16 --rep 100
 # -- 5. autotune choices, the model beside the measurements, the summary
 if [ "$DRY" = 0 ]; then
     grep -h "best config selected" "$OUT"/*.log >"$OUT/autotune.txt" 2>/dev/null
+    if kill -0 "$model_pid" 2>/dev/null && [ $((TOTAL_S - SECONDS)) -lt 30 ]; then
+        kill "$model_pid"  # out of time: timeout passes the signal on to the model
+    fi
     wait "$model_pid" 2>/dev/null
     echo "model exit: $?" >>"$OUT/kernel_model.log"
     step compare 15 "$PYTHON" benchmarks/kernel_model.py --compare "$OUT/kernel_model.json" \

@@ -35,7 +35,7 @@ class CompileOnlyDriver:
         self.target = GPUTarget("cuda", capability, 32)
 
     def get_current_device(self) -> int:
-        return 0
+        return self.target.arch  # Triton caches binaries per device: one per architecture
 
     def get_current_stream(self, device: int | None = None) -> int:
         return 0

@@ -1,15 +1,32 @@
-"""Weight-only GEMV for decode (M = 1): stream the quantized weight once, split over K.
+"""Weight-only GEMV for decode (M = 1): stream the quantized weight once, one launch per call.
 
 ``x (M, K)`` fp32/bf16/fp16 times the dequantized weight ``(N, K)`` (formats in
-:mod:`.dequant`), accumulated in float32 on CUDA cores (no tensor cores: one row
-of activations cannot fill an MMA tile).  The grid is ``(N / BLOCK_N, SPLIT_K, M)``:
-each program reduces one K slice of ``BLOCK_N`` weight rows and atomically adds its
-partial sums into a zeroed float32 ``(M, N)`` buffer, so that even an ``N = 4096``
-layer spreads over every SM.  When a K tile lies inside one quantization group the
-scale and zero are applied once per tile and row (``s * (sum(x*c) - z*sum(x))``)
-instead of once per weight.  Bias is added by the first K slice.  (With that
-factoring an infinite activation meeting a zero code gives NaN where the unfactored
-product gives +-Inf: the row is non-finite either way.)
+:mod:`.dequant`), accumulated in float32 on CUDA cores (one row of activations cannot
+fill an MMA tile).  The grid is ``(N / BLOCK_N, SPLIT_K, M)``: each program reduces one
+K slice of ``BLOCK_N`` weight rows for one row of ``x``.  With ``SPLIT_K > 1`` every
+program writes its float32 partial sums to a workspace and bumps a per-tile counter;
+the last program of a tile adds the partials in split order, adds the bias, casts,
+stores the output and resets the counter to zero.  So a call is one launch (no
+zero-fill of an atomic buffer, no cast-copy), deterministic, and safe to capture in a
+CUDA graph (the counters are zero between calls).  The counters are per device: split
+GEMVs must not run concurrently on two streams of one device.
+
+Two kernels share that epilogue:
+
+* ``_gemv_w4_kernel`` -- 4-bit packed codes whose K steps lie inside one group (the
+  common W4 layouts).  Each thread owns whole weight rows and reduces along K itself:
+  no cross-thread reduction or layout conversion inside the loop.  A code becomes a
+  float with one ``LOP3`` (the magic-number trick: ``bits(c << p | 0x4B000000)`` is
+  ``2**23 + c * 2**p``, and subtracting ``2**23 + z * 2**p`` leaves ``(c - z) * 2**p``
+  exactly), one ``FADD`` and one ``FFMA`` into the accumulator of its bit position
+  ``p``; the powers of two and the scale are applied once per K step and row
+  (``s * sum_p 2**-p * acc_p``), as in ``s * sum((c - z) * x)``.
+* ``_gemv_kernel`` -- every other format (INT2-8 with any group, 8-bit storage, FP8):
+  a ``(BLOCK_N, BLOCK_K)`` tile per step, scales applied per tile when the tile lies
+  in one group (``s * (sum(x*c) - z*sum(x))``), else per weight.
+
+(With the factoring an infinite activation meeting a zero code gives NaN where the
+unfactored product gives +-Inf: the row is non-finite either way.)
 """
 
 from __future__ import annotations
@@ -18,8 +35,220 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune_benchmark, m_bucket, output, run_kernel
-from .dequant import check_weight, group_index, load_code_tile, load_qparams, weight_meta
+from ._launch import autotune_benchmark, interpreting, m_bucket, output, run_kernel
+from .dequant import (
+    PACKED_DTYPES,
+    check_weight,
+    group_index,
+    kernel_group_size,
+    load_code_tile,
+    load_qparams,
+    weight_meta,
+)
+
+MAX_SPLIT_K = 32
+LOCKS = 1 << 16  # split-K tile counters per device; a launch needing more runs unsplit
+MAGIC = 0x4B000000  # bits of 2**23: a float whose mantissa LSB is 1
+
+
+# -- the split-K epilogue shared by both kernels
+
+
+@triton.jit
+def _finish(
+    acc,
+    offs_n,
+    n_mask,
+    m,
+    N,
+    out_ptr,
+    stride_om,
+    b_ptr,
+    ws_ptr,
+    lock_ptr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K,
+):
+    """Store ``acc (BLOCK_N,)`` of row ``m``: directly, or via the last split of the tile."""
+    out_row = out_ptr + m.to(tl.int64) * stride_om
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_row + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        # -- publish this split's partial sums, then count the splits that are done
+        pid_k = tl.program_id(1)
+        rows = m.to(tl.int64) * N + offs_n
+        plane = tl.num_programs(2).to(tl.int64) * N  # one (M, N) plane per split
+        tl.store(ws_ptr + pid_k * plane + rows, acc, mask=n_mask)
+        tl.debug_barrier()  # every thread's stores precede the release below
+        lock = lock_ptr + m * tl.num_programs(0) + tl.program_id(0)
+        done = tl.atomic_add(lock, 1, sem="acq_rel")
+        if done == SPLIT_K - 1:
+            # -- the last split: sum the partials in split order, bias, cast, reset
+            total = tl.zeros_like(acc)
+            for s in range(0, SPLIT_K):
+                part = ws_ptr + s * plane + rows
+                total += tl.load(part, mask=n_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(out_row + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(lock, 0, sem="relaxed")
+
+
+# -- 4-bit codes, one thread per weight row
+
+
+@triton.jit
+def _quarters(v):
+    """The four ``(...)`` slices of ``v (..., 4)`` along its last axis (no data movement)."""
+    a, b = tl.split(tl.reshape(v, v.shape[:-1] + (2, 2)))
+    v0, v2 = tl.split(a)
+    v1, v3 = tl.split(b)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _pair(p):
+    """Two bf16 values packed in an int32 (low first) as float32: exact bit moves."""
+    p = p.to(tl.uint32, bitcast=True)
+    return (p << 16).to(tl.float32, bitcast=True), (p & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _activations8(x_row, k, X_BF16: tl.constexpr):
+    """The eight float32 activations ``x[k : k + 8]`` as scalars (one vector load)."""
+    if X_BF16:
+        pairs = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + k // 2
+        p0, p1, p2, p3 = _quarters(tl.load(pairs + tl.arange(0, 4)))
+        x0, x1 = _pair(p0)
+        x2, x3 = _pair(p1)
+        x4, x5 = _pair(p2)
+        x6, x7 = _pair(p3)
+    else:
+        v = tl.reshape(tl.load(x_row + k + tl.arange(0, 8)).to(tl.float32), (2, 4))
+        lo, hi = tl.split(tl.permute(v, (1, 0)))  # x[k:k+4], x[k+4:k+8]
+        x0, x1, x2, x3 = _quarters(lo)
+        x4, x5, x6, x7 = _quarters(hi)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _dot_word(w, magic, x_row, k, a0, a1, a2, a3, a4, m0, m1, m2, m3, m4, X_BF16: tl.constexpr):
+    """Accumulate the 8 codes of ``w (BLOCK_N,)`` (x[k : k+8]) into the position sums.
+
+    Codes 0-4 sit at bits 0, 4, 8, 12, 16 of ``w`` and codes 5-7 at bits 4, 8, 12 of
+    ``w >> 16`` (no code needs bit 23 and up), so each is one LOP3 from the float
+    ``2**23 + c * 2**p``; ``m_p = 2**23 + z * 2**p``.
+    ``magic`` is a runtime value so that ptxas keeps it in a register.
+    """
+    x0, x1, x2, x3, x4, x5, x6, x7 = _activations8(x_row, k, X_BF16)
+    h = w >> 16
+    a0 += (((w & 0xF) | magic).to(tl.float32, bitcast=True) - m0) * x0
+    a1 += (((w & 0xF0) | magic).to(tl.float32, bitcast=True) - m1) * x1
+    a2 += (((w & 0xF00) | magic).to(tl.float32, bitcast=True) - m2) * x2
+    a3 += (((w & 0xF000) | magic).to(tl.float32, bitcast=True) - m3) * x3
+    a4 += (((w & 0xF0000) | magic).to(tl.float32, bitcast=True) - m4) * x4
+    a1 += (((h & 0xF0) | magic).to(tl.float32, bitcast=True) - m1) * x5
+    a2 += (((h & 0xF00) | magic).to(tl.float32, bitcast=True) - m2) * x6
+    a3 += (((h & 0xF000) | magic).to(tl.float32, bitcast=True) - m3) * x7
+    return a0, a1, a2, a3, a4
+
+
+@triton.jit
+def _gemv_w4_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    out_ptr,
+    ws_ptr,
+    lock_ptr,
+    magic,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qn,
+    stride_sn,
+    stride_zn,
+    stride_om,
+    M_BUCKET,
+    BITS: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    X_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K,  # a runtime value: one binary serves every split factor (fewer compiles)
+):
+    # -- this program's BLOCK_N weight rows (one thread each), row m of x, run of K steps
+    # (row offsets in int64: N * row stride may pass 2**31 elements)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = q_ptr + offs_n[:, None].to(tl.int64) * stride_qn
+    s_rows = s_ptr + offs_n[:, None] * stride_sn
+    z_rows = z_ptr + offs_n[:, None] * stride_zn
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    magic = magic.to(tl.uint32, bitcast=True)
+    STEP_WORDS: tl.constexpr = BLOCK_K // 8
+    steps = K // BLOCK_K
+    per_split = tl.cdiv(steps, SPLIT_K)
+    t_start = pid_k * per_split
+    t_end = tl.minimum(t_start + per_split, steps)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for t in range(t_start, t_end):
+        # -- the step's qparams, loaded (BLOCK_N, 1) in the words' layout (a sum over one
+        # element drops the axis without a layout conversion); m_p = 2**23 + z * 2**p
+        g = group_index(t * BLOCK_K, GROUP_SIZE)
+        scale, zero = load_qparams(s_rows, z_rows, g, n_mask[:, None], BITS, PACKED, HAS_ZEROS)
+        scale = tl.sum(scale, axis=1)
+        zero = tl.sum(zero, axis=1)
+        m0 = zero + 8388608.0
+        m1 = zero * 16.0 + 8388608.0
+        m2 = zero * 256.0 + 8388608.0
+        m3 = zero * 4096.0 + 8388608.0
+        m4 = zero * 65536.0 + 8388608.0
+        a0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        a1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        a2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        a3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        a4 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # -- 16-byte loads of 4 words (32 codes) per row, each word reduced in-thread
+        for u in tl.static_range(STEP_WORDS // 4):
+            offs_w = t * STEP_WORDS + u * 4 + tl.arange(0, 4)[None, :]
+            words = tl.load(rows + offs_w, mask=n_mask[:, None], other=0).to(
+                tl.uint32, bitcast=True
+            )
+            w0, w1, w2, w3 = _quarters(words)
+            k = t * BLOCK_K + u * 32
+            a0, a1, a2, a3, a4 = _dot_word(
+                w0, magic, x_row, k, a0, a1, a2, a3, a4, m0, m1, m2, m3, m4, X_BF16
+            )
+            a0, a1, a2, a3, a4 = _dot_word(
+                w1, magic, x_row, k + 8, a0, a1, a2, a3, a4, m0, m1, m2, m3, m4, X_BF16
+            )
+            a0, a1, a2, a3, a4 = _dot_word(
+                w2, magic, x_row, k + 16, a0, a1, a2, a3, a4, m0, m1, m2, m3, m4, X_BF16
+            )
+            a0, a1, a2, a3, a4 = _dot_word(
+                w3, magic, x_row, k + 24, a0, a1, a2, a3, a4, m0, m1, m2, m3, m4, X_BF16
+            )
+        # -- undo the bit positions, then the scale: once per step and row
+        dot = a0 + a1 * 0.0625 + a2 * 0.00390625 + a3 * 0.000244140625 + a4 * 0.0000152587890625
+        acc += scale * dot
+    _finish(
+        acc, offs_n, n_mask, m, N, out_ptr, stride_om, b_ptr, ws_ptr, lock_ptr, HAS_BIAS, SPLIT_K
+    )
+
+
+# -- every other format: (BLOCK_N, BLOCK_K) tiles
 
 
 @triton.jit
@@ -29,7 +258,9 @@ def _gemv_kernel(
     s_ptr,
     z_ptr,
     b_ptr,
-    acc_ptr,
+    out_ptr,
+    ws_ptr,
+    lock_ptr,
     M,
     N,
     K,
@@ -37,7 +268,7 @@ def _gemv_kernel(
     stride_qn,
     stride_sn,
     stride_zn,
-    stride_am,
+    stride_om,
     M_BUCKET,
     BITS: tl.constexpr,
     PACKED: tl.constexpr,
@@ -46,7 +277,7 @@ def _gemv_kernel(
     GROUP_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K,  # a runtime value: one binary serves every split factor (fewer compiles)
+    SPLIT_K,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -82,12 +313,27 @@ def _gemv_kernel(
                 s_rows[:, None], z_rows[:, None], g, mask, BITS, PACKED, HAS_ZEROS
             )
             acc += tl.sum((codes - zero) * scale * x[None, :], axis=1)
-    # -- bias once (first K slice), then accumulate the partial sums
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, bias, 0.0)
-    out_row = acc_ptr + m.to(tl.int64) * stride_am
-    tl.atomic_add(out_row + offs_n, acc, mask=n_mask, sem="relaxed")
+    _finish(
+        acc, offs_n, n_mask, m, N, out_ptr, stride_om, b_ptr, ws_ptr, lock_ptr, HAS_BIAS, SPLIT_K
+    )
+
+
+# -- configs (next to the kernels they tune) and launcher
+
+
+def _w4_configs() -> list[triton.Config]:
+    """One thread per row: BLOCK_N = rows per program; BLOCK_K = codes per step (in a group)."""
+    configs = []
+    for block_n, block_k, warps in ((512, 128, 4), (256, 128, 4), (512, 64, 4), (256, 32, 4)):
+        for split_k in (1, 2, 4, 8, 16, 32):
+            configs.append(
+                triton.Config(
+                    {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k},
+                    num_warps=warps,
+                    num_stages=1,
+                )
+            )
+    return configs
 
 
 def _gemv_configs() -> list[triton.Config]:
@@ -104,27 +350,66 @@ def _gemv_configs() -> list[triton.Config]:
     return configs
 
 
-def _prune_gemv(configs, named_args, **kwargs):
-    """Keep K tiles inside one group (the cheap dequant path) and splits that have work."""
-    args = {**named_args, **kwargs}
-    group, k = args["GROUP_SIZE"], args["K"]
-    kept = [
-        c
-        for c in configs
-        if (group == 0 or group % c.kwargs["BLOCK_K"] == 0)
-        and c.kwargs["SPLIT_K"] <= max(1, triton.cdiv(k, c.kwargs["BLOCK_K"]) // 2)
-    ]
-    return kept or configs[:1]
+def _fits(config: triton.Config, args: dict, w4: bool) -> bool:
+    """Splits that have work and fit the counters; K steps inside one group."""
+    group, k, bk = args["GROUP_SIZE"], args["K"], config.kwargs["BLOCK_K"]
+    split = config.kwargs["SPLIT_K"]
+    tiles = triton.cdiv(args["N"], config.kwargs["BLOCK_N"]) * args["M"]
+    if w4 and (k % bk or (group and group % bk)):
+        return False
+    if split > 1 and tiles > LOCKS:
+        return False
+    return (group == 0 or group % bk == 0) and split <= max(1, triton.cdiv(k, bk) // 2)
 
 
+def _prune(w4: bool):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        kept = [c for c in configs if _fits(c, args, w4)]
+        return kept or [c for c in configs if c.kwargs["SPLIT_K"] == 1][:1]
+
+    return prune
+
+
+_KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS"]
 _gemv_tuned = triton.autotune(
+    _w4_configs(),
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _prune(True)},
+    cache_results=True,
+    do_bench=autotune_benchmark,
+)(_gemv_w4_kernel)
+_gemv_tiles_tuned = triton.autotune(
     _gemv_configs(),
-    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS"],
-    prune_configs_by={"early_config_prune": _prune_gemv},
-    reset_to_zero=["acc_ptr"],
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _prune(False)},
     cache_results=True,
     do_bench=autotune_benchmark,
 )(_gemv_kernel)
+
+_locks: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_k_locks(device: torch.device) -> torch.Tensor:
+    """The device's tile counters: zeroed once, left at zero by every launch."""
+    locks = _locks.get(device)
+    if locks is None:
+        locks = _locks[device] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
+    return locks
+
+
+def w4_eligible(x: torch.Tensor, qweight: torch.Tensor, bits: int, group: int) -> bool:
+    """True when the one-thread-per-row 4-bit kernel applies (else the tiled one runs)."""
+    k = x.shape[1]
+    return (
+        bits == 4
+        and qweight.dtype in PACKED_DTYPES
+        and k % 32 == 0
+        and (group == 0 or (group % 32 == 0 and k % group == 0))
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and (x.data_ptr() % 16 == 0 or x.device.type == "meta")
+        and (x.shape[0] == 1 or x.stride(0) % 8 == 0)
+    )
 
 
 def dequant_gemv(
@@ -138,32 +423,48 @@ def dequant_gemv(
     config: triton.Config | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x (M, K) @ dequant(W)^T + bias`` -> ``(M, N)`` in ``x.dtype`` (meant for M = 1)."""
+    """``x (M, K) @ dequant(W)^T + bias`` -> ``(M, N)`` in ``x.dtype`` (meant for M = 1).
+
+    ``config`` runs one explicit config: on the 4-bit kernel when it fits it (K steps
+    inside one group, dividing K), else on the tiled kernel.
+    """
     m, k = x.shape
     check_weight(qweight, scales, zeros, bits, group_size, k)
     if x.stride(-1) != 1:
         x = x.contiguous()
     n = qweight.shape[0]
     out = output(out, (m, n), x.dtype, x.device)
-    acc = out.zero_() if x.dtype == torch.float32 else torch.zeros_like(out, dtype=torch.float32)
+    meta = weight_meta(qweight, scales, zeros, bits, group_size)
+    args = dict(M=m, N=n, K=k, GROUP_SIZE=meta["GROUP_SIZE"])
+    w4 = w4_eligible(x, qweight, bits, kernel_group_size(group_size, scales.shape[1]))
+    if config is not None:
+        w4 = w4 and _fits(config, args, True)
+    # one workspace plane per split (torch.empty launches nothing), shared counters
+    ws = torch.empty((MAX_SPLIT_K, m, n), dtype=torch.float32, device=x.device)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], m)
 
-    run_kernel(
-        _gemv_tuned,
-        grid,
-        config,
+    launch = dict(
         x_ptr=x,
-        b_ptr=bias if bias is not None else acc,
-        acc_ptr=acc,
+        b_ptr=bias if bias is not None else out,
+        out_ptr=out,
+        ws_ptr=ws,
+        lock_ptr=_split_k_locks(x.device),
         M=m,
         N=n,
         K=k,
         stride_xm=x.stride(0),
-        stride_am=acc.stride(0),
+        stride_om=out.stride(0),
         M_BUCKET=m_bucket(m),
         HAS_BIAS=bias is not None,
-        **weight_meta(qweight, scales, zeros, bits, group_size),
+        **meta,
     )
-    return out if acc is out else out.copy_(acc)
+    if w4:
+        launch.update(magic=MAGIC, X_BF16=x.dtype == torch.bfloat16)
+    tuned = _gemv_tuned if w4 else _gemv_tiles_tuned
+    if config is None and interpreting() and x.device.type == "cpu":
+        # the interpreter times nothing and runs one config: the first that fits
+        config = next((c for c in tuned.configs if _fits(c, args, w4)), None)
+    run_kernel(tuned, grid, config, **launch)
+    return out
