@@ -1,4 +1,4 @@
-"""Prefill and decode throughput of a causal LM, quantized vs a 16-bit copy of it.
+"""Prefill and decode throughput of a causal LM, quantized vs float copies of it.
 
 Prefill throughput is prompt tokens per second of one forward pass over the
 prompt; decode throughput is tokens per second of ``new_tokens`` greedy steps
@@ -108,6 +108,7 @@ def dequantized_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def throughput_table(rows: list[Throughput]) -> str:
+    """One line per row, then each later row's speed against the first (the baseline)."""
     base = rows[0]
     lines = [f"{'model':<22}{'prefill tok/s':>15}{'decode tok/s':>14}{'weights MiB':>13}"]
     for r in rows:

@@ -15,7 +15,11 @@ from torchquant.numerics import (
     quantize_fp8_weight,
     quantize_int_weight,
 )
-from torchquant.ops.gidx import linear_intn_gidx
+from torchquant.ops import cpu_kernels
+from torchquant.ops.cpu_kernels import CpuLayout
+
+# -- where the layer's CPU layout is cached (a plain attribute: never a buffer, never saved)
+_CPU_LAYOUT = "_cpu_layout_cache"
 
 
 def uses_int8_storage(scheme: QuantScheme) -> bool:
@@ -30,6 +34,10 @@ def _scale_dtype(scheme: QuantScheme, dtype: torch.dtype) -> torch.dtype:
     return dtype if (w.type == "int" and w.group_size > 0) else torch.float32
 
 
+def _derive_layout_after_load(module: QuantLinear, incompatible_keys: object) -> None:
+    module.cpu_layout()
+
+
 class QuantLinear(nn.Module):
     """Linear layer ``y = x W^T + b`` with ``W`` stored quantized by ``scheme``.
 
@@ -41,6 +49,9 @@ class QuantLinear(nn.Module):
     ``smooth_scale`` ``(K,)`` SmoothQuant divisor applied to the input;
     ``g_idx`` int32 ``(K,)`` the group of each input column (GPTQ act-order), absent
     when column ``k`` is in group ``k // group_size``.
+    On CPU, bf16 INT layers also keep the weight in the layout of PyTorch's quantized
+    CPU kernels (:meth:`cpu_layout`), derived once after quantizing or loading and
+    re-derived when a buffer changes; it is not a buffer, so it is never saved.
     The constructor allocates empty buffers of the right shapes (use
     ``device="meta"`` to build a skeleton for loading); :meth:`from_linear`
     quantizes an existing layer.
@@ -96,6 +107,7 @@ class QuantLinear(nn.Module):
         self.register_buffer(
             "g_idx", torch.empty(k, dtype=torch.int32, device=device) if g_idx else None
         )
+        self.register_load_state_dict_post_hook(_derive_layout_after_load)
 
     # -- construction from float layers
 
@@ -148,10 +160,71 @@ class QuantLinear(nn.Module):
             if zeros is None:
                 raise QuantizationError("asymmetric scheme needs zero points")
             self.zeros.copy_(zeros)
+        self.cpu_layout()
+
+    # -- the CPU kernels' layout
+
+    def _layout_key(self) -> tuple[int, ...]:
+        """Changes whenever a buffer the layout is derived from is replaced or written."""
+        tensors = (self.qweight, self.scales, self.zeros, self.g_idx)
+        return tuple(v for t in tensors if t is not None for v in (t.data_ptr(), t._version))
+
+    def _derive_cpu_layout(self) -> CpuLayout:
+        w = self.scheme.weight
+        if self.scheme.activation is not None or w.type != "int":
+            return CpuLayout()  # W8A8 and FP8 run on the buffers as they are
+        if self.dtype != cpu_kernels.COMPUTE_DTYPE:
+            return CpuLayout()  # only bf16 inputs run the kernels (see ops.cpu_kernels)
+        if uses_int8_storage(self.scheme):
+            return ops.int8_cpu_layout(self.qweight, self.scales, w.group_size)
+        group_size = w.group_size if self.g_idx is None else 0
+        if self.g_idx is not None and not self._g_idx_in_range():
+            return CpuLayout()  # not written yet (codes are set before g_idx): derive later
+        return ops.intn_cpu_layout(
+            self.qweight, self.scales, self.zeros, self.g_idx, w.bits, group_size, self.in_features
+        )
+
+    def _g_idx_in_range(self) -> bool:
+        groups = self.scales.shape[1]
+        return bool(((self.g_idx >= 0) & (self.g_idx < groups)).all())
+
+    def cpu_layout(self) -> CpuLayout:
+        """The weight laid out for the CPU kernels; empty off CPU (or where none is needed).
+
+        Inside ``torch.compile`` the cached layout is used as it is (or, when none was
+        derived, the op derives one per call).
+        """
+        if self.qweight.device.type != "cpu":
+            return CpuLayout()
+        cache = self.__dict__.get(_CPU_LAYOUT)
+        if torch.compiler.is_compiling():
+            return cache[1] if cache is not None else CpuLayout()
+        key = self._layout_key()
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, self._derive_cpu_layout())
+            self.__dict__[_CPU_LAYOUT] = cache
+        return cache[1]
+
+    def cpu_layout_nbytes(self) -> int:
+        """Bytes the cached CPU layout holds beyond the buffers."""
+        cache = self.__dict__.get(_CPU_LAYOUT)
+        return cache[1].nbytes() if cache is not None else 0
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {key: value for key, value in state.items() if key != _CPU_LAYOUT}
 
     # -- inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, reference=False)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` through the exact reference maths, on any device (the tests' oracle)."""
+        return self._linear(x, reference=True)
+
+    def _linear(self, x: torch.Tensor, reference: bool) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise QuantizationError(
                 f"input has {x.shape[-1]} features, layer expects {self.in_features}"
@@ -159,8 +232,13 @@ class QuantLinear(nn.Module):
         w, act = self.scheme.weight, self.scheme.activation
         x = x.to(self.dtype)
         if act is not None:
-            op = ops.linear_w8a8_int8 if act.type == "int8" else ops.linear_w8a8_fp8
             per_token = act.granularity == "token"
+            if reference:
+                return ops.linear_w8a8_reference(
+                    x, self.qweight, self.scales, self.bias, act.type, per_token,
+                    float(act.percentile), self.input_scale, self.smooth_scale,
+                )  # fmt: skip
+            op = ops.linear_w8a8_int8 if act.type == "int8" else ops.linear_w8a8_fp8
             return op(
                 x,
                 self.qweight,
@@ -174,16 +252,30 @@ class QuantLinear(nn.Module):
         if self.smooth_scale is not None:
             x = (x / self.smooth_scale).to(self.dtype)
         if w.type == "fp8":
-            return ops.linear_fp8_weight(x, self.qweight, self.scales, self.bias)
+            fp8 = ops.linear_fp8_weight_reference if reference else ops.linear_fp8_weight
+            return fp8(x, self.qweight, self.scales, self.bias)
         if uses_int8_storage(self.scheme):
-            return ops.linear_int8_weight(x, self.qweight, self.scales, self.bias, w.group_size)
-        if self.g_idx is not None:
-            return linear_intn_gidx(
-                x, self.qweight, self.scales, self.zeros, self.g_idx, self.bias, w.bits
+            if reference:
+                return ops.linear_int8_weight_reference(
+                    x, self.qweight, self.scales, self.bias, w.group_size
+                )
+            return ops.linear_int8_weight(
+                x, self.qweight, self.scales, self.bias, w.group_size, *self.cpu_layout()
             )
+        if reference:
+            group_size = w.group_size if self.g_idx is None else 0
+            return ops.linear_intn_reference(
+                x, self.qweight, self.scales, self.zeros, self.bias, w.bits, group_size, self.g_idx
+            )
+        if self.g_idx is not None:
+            return ops.linear_intn_gidx(
+                x, self.qweight, self.scales, self.zeros, self.g_idx, self.bias, w.bits,
+                *self.cpu_layout(),
+            )  # fmt: skip
         return ops.linear_intn(
-            x, self.qweight, self.scales, self.zeros, self.bias, w.bits, w.group_size
-        )
+            x, self.qweight, self.scales, self.zeros, self.bias, w.bits, w.group_size,
+            *self.cpu_layout(),
+        )  # fmt: skip
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight this layer computes with, ``(N, K)`` (for tests and export)."""
@@ -194,7 +286,7 @@ class QuantLinear(nn.Module):
         try:
             if act is not None:
                 self.scheme = QuantScheme(scheme.weight)
-            w = self.forward(eye).t()
+            w = self.reference_forward(eye).t()
         finally:
             self.bias, self.smooth_scale, self.scheme = bias, smooth, scheme
         return w.to(dtype or self.dtype)

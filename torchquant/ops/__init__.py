@@ -1,38 +1,48 @@
-"""One ``torch.library`` custom op per quantized-linear scheme.
+"""One ``torch.library`` custom op per quantized-linear scheme, one file per family.
 
-The implementation registered here is the plain-PyTorch reference used on CPU
-and as the oracle in tests; ``torchquant.ops.cuda`` registers the Triton kernels
-as the CUDA implementation of the same ops.  Every op has a fake (meta)
-implementation so ``torch.compile`` can trace models that use it.
+``weight_int`` (packed INTn, with ``g_idx``), ``weight_int8``, ``weight_fp8`` and
+``w8a8`` each hold their op, its exact reference (``*_reference``, the oracle of every
+test), its fast CPU implementation on PyTorch's own kernels (``cpu_kernels``) and its
+CUDA implementation (the Triton kernels, where Triton is installed).  Every op has a
+fake (meta) implementation so ``torch.compile`` can trace models that use it.
 """
 
+from torchquant.ops.common import HAS_TRITON_KERNELS
 from torchquant.ops.fake_quant import fake_quant_int_weight, fake_quant_int_weight_backward
-from torchquant.ops.linear import (
-    linear_fp8_weight,
-    linear_int8_weight,
-    linear_intn,
+from torchquant.ops.w8a8 import (
     linear_w8a8_fp8,
     linear_w8a8_int8,
+    linear_w8a8_reference,
     quantize_activation_op,
 )
-
-try:  # the Triton kernels become the CUDA implementation of the ops above
-    import triton  # noqa: F401
-except ImportError:  # no Triton (e.g. not Linux): the reference implementation runs everywhere
-    HAS_TRITON_KERNELS = False
-else:
-    from torchquant.ops import cuda  # noqa: F401
-
-    HAS_TRITON_KERNELS = True
+from torchquant.ops.weight_fp8 import linear_fp8_weight, linear_fp8_weight_reference
+from torchquant.ops.weight_int import (
+    intn_cpu_layout,
+    linear_intn,
+    linear_intn_gidx,
+    linear_intn_reference,
+)
+from torchquant.ops.weight_int8 import (
+    int8_cpu_layout,
+    linear_int8_weight,
+    linear_int8_weight_reference,
+)
 
 __all__ = [
     "HAS_TRITON_KERNELS",
     "fake_quant_int_weight",
     "fake_quant_int_weight_backward",
+    "int8_cpu_layout",
+    "intn_cpu_layout",
     "linear_fp8_weight",
+    "linear_fp8_weight_reference",
     "linear_int8_weight",
+    "linear_int8_weight_reference",
     "linear_intn",
+    "linear_intn_gidx",
+    "linear_intn_reference",
     "linear_w8a8_fp8",
     "linear_w8a8_int8",
+    "linear_w8a8_reference",
     "quantize_activation_op",
 ]

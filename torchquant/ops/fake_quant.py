@@ -2,8 +2,8 @@
 
 ``torchquant::fake_quant_int_weight(w, scales, zeros, bits, group_size) -> w_q`` and its
 backward op are registered with ``torch.library``: the implementation here is the
-reference (``torchquant.numerics.fake_quant``), and ``torchquant.ops.cuda`` registers
-the fused Triton kernels as the CUDA implementation.  ``register_autograd`` ties them together and
+reference (``torchquant.numerics.fake_quant``), and the fused Triton kernels are the
+CUDA implementation.  ``register_autograd`` ties them together and
 ``register_fake`` lets ``torch.compile`` trace both, so a compiled QAT model keeps one
 fused op per layer.  Shapes and formulas: see the kernel module.
 """
@@ -16,6 +16,7 @@ from torchquant.numerics.fake_quant import (
     fake_quantize_int_backward_reference,
     fake_quantize_int_reference,
 )
+from torchquant.ops.common import register_cuda
 
 
 @torch.library.custom_op("torchquant::fake_quant_int_weight", mutates_args=())
@@ -70,3 +71,33 @@ def _backward(ctx, grad):
 
 
 fake_quant_int_weight.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fake_quant_int_weight_cuda(
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    from torchquant.triton_kernels.fake_quant import fake_quant_int_forward
+
+    return fake_quant_int_forward(w, scales, zeros, bits, group_size)
+
+
+def fake_quant_int_weight_backward_cuda(
+    grad: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from torchquant.triton_kernels.fake_quant import fake_quant_int_backward
+
+    gw, gs, gz = fake_quant_int_backward(grad, w, scales, zeros, bits, group_size)
+    return gw, gs, gz if gz is not None else torch.zeros_like(scales)
+
+
+register_cuda("torchquant::fake_quant_int_weight", fake_quant_int_weight_cuda)
+register_cuda("torchquant::fake_quant_int_weight_backward", fake_quant_int_weight_backward_cuda)

@@ -1,0 +1,232 @@
+"""The fast CPU implementation of every op against its exact reference.
+
+PyTorch's int4pack/int8pack kernels run bf16 activations only (``cpu_kernels``): bf16
+inputs multiply by bf16 scales with float32 accumulation, within relative error
+(Frobenius) 1e-2 of the reference, as does FP8 weight-only on bf16 inputs.  float32
+inputs keep the exact reference (float32 tolerance).  W8A8 INT8 accumulates exactly in
+int32 and W8A8 FP8 products are exact in float32, so those keep the tolerance of their
+input dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from torchquant import QuantLinear, ops, scheme_from_name
+from torchquant.config import ActivationQuant, QuantScheme, WeightQuant
+from torchquant.ops import cpu_kernels
+
+BF16_KERNEL_ERROR = 1e-2
+EXACT_TOLERANCE = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (1.6e-2, 8e-3)}
+# -- rows on each side of the int4pack / int8pack vs dequantize-and-multiply switch
+ROWS = (1, 3, 17, 300)
+
+
+def _layer(scheme: str | QuantScheme, group_size: int | None, n: int, k: int, dtype=torch.float32):
+    torch.manual_seed(n * 1000 + k)
+    linear = torch.nn.Linear(k, n).to(dtype)
+    if isinstance(scheme, str):
+        scheme = scheme_from_name(scheme, group_size)
+    return QuantLinear.from_linear(linear, scheme)
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _assert_exact(out: torch.Tensor, ref: torch.Tensor) -> None:
+    rtol, atol = EXACT_TOLERANCE[out.dtype]
+    scale = ref.float().abs().max().clamp(min=1.0).item()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=atol * scale)
+
+
+INT_FORMATS = [
+    ("w2a16", 32),
+    ("w2a16", None),
+    ("w3a16", 128),
+    ("w3a16", 16),
+    ("w4a16", 128),
+    ("w4a16", 32),
+    ("w4a16", 256),
+    ("w4a16", None),
+    ("w5a16", 64),
+    ("w6a16", None),
+    ("w7a16", 512),
+    ("w8a16", None),
+    ("w8a16", 32),
+    ("w8a16", 16),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme,group_size", INT_FORMATS)
+def test_weight_only_int_matches_reference(scheme, group_size, dtype):
+    for n, k in ((36, 100), (200, 576)):  # ragged N and K; SmolLM2's K with a partial group
+        layer = _layer(scheme, group_size, n, k, dtype)
+        for m in ROWS:
+            x = torch.randn(m, k, dtype=dtype)
+            out, ref = layer(x), layer.reference_forward(x)
+            assert out.dtype == dtype and out.shape == ref.shape == (m, n)
+            if dtype == torch.float32:
+                _assert_exact(out, ref)
+            else:
+                assert _relative_error(out, ref) < BF16_KERNEL_ERROR, (n, k, m)
+        assert (layer.cpu_layout_nbytes() > 0) == (dtype == torch.bfloat16)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_act_order_groups_match_reference(bits):
+    n, k, g = 48, 160, 32
+    scheme = scheme_from_name(f"w{bits}a16", g, symmetric=False)
+    layer = QuantLinear(k, n, scheme, dtype=torch.bfloat16, g_idx=True)
+    torch.manual_seed(bits)
+    layer.set_int_codes(
+        torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8),
+        torch.rand(n, k // g) * 0.01 + 1e-3,
+        torch.randint(0, 1 << bits, (n, k // g), dtype=torch.uint8),
+    )
+    layer.bias.normal_()
+    layer.g_idx.copy_(torch.randperm(k) % (k // g))
+    layer.cpu_layout()  # g_idx was written after the codes: the layout follows it
+    for m in ROWS:
+        x = torch.randn(2, m, k, dtype=torch.bfloat16)
+        assert _relative_error(layer(x), layer.reference_forward(x)) < BF16_KERNEL_ERROR
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme", ["w8a8", "fp8", "w8a8-tensor", "w8a16-fp8"])
+def test_w8a8_and_fp8_weight_match_reference(scheme, dtype):
+    if scheme == "w8a8-tensor":
+        per_tensor = QuantScheme(
+            WeightQuant(bits=8, group_size=-1), ActivationQuant("int8", "tensor")
+        )
+        layer = _layer(per_tensor, None, 40, 72, dtype)
+    else:
+        layer = _layer(scheme, None, 40, 72, dtype)
+    for m in ROWS:
+        x = torch.randn(m, 72, dtype=dtype)
+        out, ref = layer(x), layer.reference_forward(x)
+        if scheme == "w8a16-fp8" and dtype == torch.bfloat16:
+            assert _relative_error(out, ref) < BF16_KERNEL_ERROR
+        else:
+            _assert_exact(out, ref)
+
+
+@pytest.mark.parametrize(
+    "m,k,n", [(1, 5, 3), (1, 576, 192), (2, 13, 7), (17, 100, 36), (64, 64, 8)]
+)
+def test_int_mm_accumulates_exactly_on_ragged_shapes(m, k, n):
+    """``torch._int_mm`` on CPU takes any M (including 1), K and N; the sum is exact."""
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    assert torch.equal(torch._int_mm(x, w.t()), x.int() @ w.int().t())
+
+
+def test_smoothquant_divisor_and_static_scale_match_reference():
+    layer = _layer("w8a8", None, 24, 64)
+    layer.smooth_scale = torch.rand(64) + 0.5
+    x = torch.randn(5, 64)
+    _assert_exact(layer(x), layer.reference_forward(x))
+    static = QuantScheme(
+        WeightQuant(bits=8, group_size=-1), ActivationQuant(granularity="tensor", dynamic=False)
+    )
+    layer = _layer(static, None, 24, 64)
+    layer.input_scale.fill_(0.02)
+    _assert_exact(layer(x), layer.reference_forward(x))
+    weight_only = _layer("w4a16", 32, 24, 64, torch.bfloat16)
+    weight_only.smooth_scale = torch.rand(64) + 0.5
+    out, ref = weight_only(x.bfloat16()), weight_only.reference_forward(x.bfloat16())
+    assert _relative_error(out, ref) < BF16_KERNEL_ERROR
+
+
+@pytest.mark.parametrize("scheme,group_size", [("w4a16", 128), ("w6a16", 32), ("w8a16", None)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_rows_stay_nonfinite(scheme, group_size, bad):
+    layer = _layer(scheme, group_size, 32, 576, torch.bfloat16)
+    for m in (4, 300):
+        x = torch.randn(m, 576, dtype=torch.bfloat16)
+        x[1, 7] = bad
+        out = layer(x)
+        assert not torch.isfinite(out[1]).any()
+        keep = torch.ones(m, dtype=torch.bool)
+        keep[1] = False
+        assert torch.isfinite(out[keep]).all()
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "fp8"])
+def test_w8a8_nonfinite_rows_as_reference(scheme):
+    layer = _layer(scheme, None, 16, 64)
+    x = torch.randn(6, 64)
+    x[2, 3] = float("nan")
+    torch.testing.assert_close(layer(x), layer.reference_forward(x), equal_nan=True)
+
+
+def test_partial_last_group_splits_into_smaller_blocks():
+    groups = cpu_kernels.column_groups(576, 128, None)
+    block, columns, owners = cpu_kernels.plan_blocks(groups, 576)
+    assert block == 64 and torch.equal(columns, torch.arange(576))
+    assert owners.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+    block, columns, _ = cpu_kernels.plan_blocks(cpu_kernels.column_groups(100, 48, None), 100)
+    assert block == 32 and columns.numel() == 160  # groups of 48, 48 and 4 columns
+    assert (columns == 100).sum() == 60  # padding points at the zero column
+
+
+@pytest.mark.parametrize("scheme,group_size", [("w4a16", 128), ("w8a16", None), ("w3a16", 64)])
+def test_layout_is_cached_never_saved_and_follows_the_buffers(scheme, group_size):
+    layer = _layer(scheme, group_size, 64, 576, torch.bfloat16)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layout = layer.cpu_layout()
+    assert layer.cpu_layout() is layout  # derived once
+    x = torch.randn(2, 576, dtype=torch.bfloat16)
+    layer(x)
+    after = layer.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[key], before[key]) for key in before)
+    assert all(t is not None and "layout" not in name for name, t in layer.named_buffers())
+    # -- no float copy of the weight at rest: only bytes and bf16 scales
+    float_elements = sum(t.numel() for t in layout if t is not None and t.is_floating_point())
+    assert float_elements < 64 * 576 / 8
+    assert 0 < layer.cpu_layout_nbytes() <= layer.qweight.numel() * layer.qweight.element_size() * 2
+
+    other = _layer(scheme, group_size, 64, 576, torch.bfloat16)
+    other.bias.normal_()
+    layer.load_state_dict(other.state_dict())
+    assert layer.cpu_layout() is not layout  # loading rewrote the codes: derived again
+    assert _relative_error(layer(x), other.reference_forward(x)) < BF16_KERNEL_ERROR
+    clone = copy.deepcopy(layer)
+    assert _relative_error(clone(x), other.reference_forward(x)) < BF16_KERNEL_ERROR
+
+
+def test_ops_called_without_a_layout_derive_one():
+    layer = _layer("w4a16", 64, 32, 128, torch.bfloat16)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    out = ops.linear_intn(x, layer.qweight, layer.scales, layer.zeros, layer.bias, 4, 64)
+    assert _relative_error(out, layer.reference_forward(x)) < BF16_KERNEL_ERROR
+    int8 = _layer("w8a16", None, 32, 100, torch.bfloat16)
+    out = ops.linear_int8_weight(x.new_ones(1, 100), int8.qweight, int8.scales, int8.bias, -1)
+    ref = int8.reference_forward(x.new_ones(1, 100))
+    assert _relative_error(out, ref) < BF16_KERNEL_ERROR
+
+
+def test_empty_input_gives_empty_output():
+    for scheme in ("w4a16", "w8a16", "w8a8", "w8a16-fp8"):
+        layer = _layer(scheme, None, 16, 64, torch.bfloat16)
+        assert layer(torch.randn(0, 64, dtype=torch.bfloat16)).shape == (0, 16)
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16", "w3a16"])
+def test_bf16_model_compiles_fullgraph_with_cached_layouts(scheme):
+    from torchquant import QuantConfig, convert_model
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.SiLU(), torch.nn.Linear(160, 48))
+    model, _ = convert_model(mlp.bfloat16(), QuantConfig(scheme, ignore=()), progress=False)
+    assert all(m.cpu_layout_nbytes() > 0 for m in model.modules() if isinstance(m, QuantLinear))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for m in (1, 5, 300):
+            x = torch.randn(m, 96, dtype=torch.bfloat16)
+            torch.testing.assert_close(compiled(x), model(x))

@@ -1,0 +1,190 @@
+"""W8A8 linear (INT8 or FP8 E4M3 weights and activations): the ops, reference, CPU and CUDA.
+
+``qweight (N, K)`` int8 or float8_e4m3fn, float32 ``scales (N, 1)``; activations are
+quantized per token or per tensor (dynamic, optionally to a percentile of ``|x|``),
+or with the static ``input_scale``, after dividing by the SmoothQuant ``smooth (K,)``.
+``linear_w8a8_int8`` and ``linear_w8a8_fp8`` are one definition registered under two
+names; ``quantize_activation`` is the activation half on its own.
+
+CPU: INT8 products accumulate exactly in int32 (``torch._int_mm``) and the scales are
+applied in float64, as in the reference, so the result is the reference's.  FP8 with
+bf16 inputs accumulates its (exact) products in float32 over blocks of converted weight
+rows; other FP8 inputs run the reference.  CUDA: the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchquant.numerics import quantize_activation
+from torchquant.ops import cpu_kernels
+from torchquant.ops.common import (
+    add_bias,
+    fake_linear,
+    register_cuda,
+    rows,
+    unflatten,
+    warn_fallback,
+)
+from torchquant.ops.weight_fp8 import fp8_rows_linear
+
+
+def poison_nonfinite_rows(x2: torch.Tensor, out: torch.Tensor, shared_scale: bool) -> torch.Tensor:
+    """NaN/Inf in an input row makes that output row NaN, as a float linear would.
+
+    Quantizing a non-finite value has no meaning (NaN casts to an arbitrary integer),
+    so without this a bad activation would come out as plausible finite garbage.
+    With one dynamic scale for the whole tensor every row depends on it, so the
+    whole output becomes NaN.
+    """
+    bad = ~torch.isfinite(x2).all(dim=-1, keepdim=True)
+    if shared_scale:
+        bad = bad.any().expand_as(bad)
+    return torch.where(bad, torch.full_like(out, float("nan")), out)
+
+
+def _scaled_output(x, x2, acc, xs, scales, bias, per_token, input_scale):
+    out = (acc * xs * scales.reshape(1, -1)).to(x.dtype)
+    out = poison_nonfinite_rows(x2, add_bias(out, bias), not per_token and input_scale is None)
+    return unflatten(out, x)
+
+
+def linear_w8a8_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_type: str,
+    per_token: bool,
+    percentile: float,
+    input_scale: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+) -> torch.Tensor:
+    """The exact maths: every product accumulated in float64 (which holds each int32 sum)."""
+    x2 = rows(x)
+    xq, xs = quantize_activation(x2, act_type, per_token, percentile, input_scale, smooth)
+    acc = xq.to(torch.float64) @ qweight.to(torch.float64).t()
+    return _scaled_output(x, x2, acc, xs.double(), scales.double(), bias, per_token, input_scale)
+
+
+def linear_w8a8_cpu(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_type: str,
+    per_token: bool,
+    percentile: float,
+    input_scale: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+) -> torch.Tensor:
+    args = (act_type, per_token, percentile, input_scale, smooth)
+    if act_type == "fp8" and not cpu_kernels.uses_bf16_kernels(x):
+        return linear_w8a8_reference(x, qweight, scales, bias, *args)
+    x2 = rows(x)
+    xq, xs = quantize_activation(x2, act_type, per_token, percentile, input_scale, smooth)
+    if act_type == "int8":
+        acc = torch._int_mm(xq, qweight.t()).double()
+        return _scaled_output(
+            x, x2, acc, xs.double(), scales.double(), bias, per_token, input_scale
+        )
+    acc = fp8_rows_linear(xq, qweight, torch.float32)
+    return _scaled_output(x, x2, acc, xs.float(), scales.float(), bias, per_token, input_scale)
+
+
+def linear_w8a8_cuda(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_type: str,
+    per_token: bool,
+    percentile: float,
+    input_scale: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+) -> torch.Tensor:
+    from torchquant.triton_kernels.act_quant import quantize_activation as quantize_kernel
+    from torchquant.triton_kernels.fp8_gemm import fp8_gemm, fp8_supported
+    from torchquant.triton_kernels.w8a8_gemm import int8_gemm
+
+    args = (x, qweight, scales, bias, act_type, per_token, percentile, input_scale, smooth)
+    if percentile < 100.0:
+        warn_fallback(f"linear_w8a8_{act_type}", "percentile activation scales need a sort")
+        return linear_w8a8_reference(*args)
+    if act_type == "fp8" and not fp8_supported(x.device):
+        warn_fallback("linear_w8a8_fp8", "FP8 tensor cores need compute capability >= 8.9")
+        return linear_w8a8_reference(*args)
+    # -- per-row scales in every mode: NaN in rows with NaN/Inf makes those output rows NaN
+    xq, xs = quantize_kernel(rows(x), act_type, per_token, smooth, input_scale, row_scales=True)
+    gemm = int8_gemm if act_type == "int8" else fp8_gemm
+    return unflatten(gemm(xq, qweight, xs, scales.float(), bias, x.dtype), x)
+
+
+def _define_w8a8_op(act_type: str):
+    """``torchquant::linear_w8a8_{act_type}`` with its CPU, CUDA and fake implementations."""
+    name = f"torchquant::linear_w8a8_{act_type}"
+
+    def reference(x, qweight, scales, bias, per_token, percentile, input_scale, smooth):
+        args = (act_type, per_token, percentile, input_scale, smooth)
+        return linear_w8a8_reference(x, qweight, scales, bias, *args)
+
+    def on_cpu(x, qweight, scales, bias, per_token, percentile, input_scale, smooth):
+        args = (act_type, per_token, percentile, input_scale, smooth)
+        return linear_w8a8_cpu(x, qweight, scales, bias, *args)
+
+    def on_cuda(x, qweight, scales, bias, per_token, percentile, input_scale, smooth):
+        args = (act_type, per_token, percentile, input_scale, smooth)
+        return linear_w8a8_cuda(x, qweight, scales, bias, *args)
+
+    schema = (
+        "(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, bool per_token, "
+        "float percentile, Tensor? input_scale, Tensor? smooth) -> Tensor"
+    )
+    op = torch.library.custom_op(name, reference, mutates_args=(), schema=schema)
+    op.__doc__ = f"{act_type.upper()} weights x {act_type.upper()} activations, scaled epilogue."
+    op.register_kernel("cpu")(on_cpu)
+    op.register_fake(fake_linear)
+    register_cuda(name, on_cuda)
+    return op, on_cuda
+
+
+linear_w8a8_int8, linear_w8a8_int8_cuda = _define_w8a8_op("int8")
+linear_w8a8_fp8, linear_w8a8_fp8_cuda = _define_w8a8_op("fp8")
+
+
+@torch.library.custom_op("torchquant::quantize_activation", mutates_args=())
+def quantize_activation_op(
+    x: torch.Tensor,
+    act_type: str,
+    per_token: bool,
+    percentile: float,
+    smooth: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic activation quantization of ``x: (rows, K)``: ``(q, scale (rows|1, 1))``."""
+    return quantize_activation(x, act_type, per_token, percentile, None, smooth)
+
+
+@quantize_activation_op.register_fake
+def _(x, act_type, per_token, percentile, smooth):
+    qdtype = torch.int8 if act_type == "int8" else torch.float8_e4m3fn
+    n = x.shape[0] if per_token else 1
+    return x.new_empty(x.shape, dtype=qdtype), x.new_empty((n, 1), dtype=torch.float32)
+
+
+def quantize_activation_cuda(
+    x: torch.Tensor,
+    act_type: str,
+    per_token: bool,
+    percentile: float,
+    smooth: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchquant.triton_kernels.act_quant import quantize_activation as quantize_kernel
+    from torchquant.triton_kernels.fp8_gemm import fp8_supported
+
+    if percentile < 100.0 or (act_type == "fp8" and not fp8_supported(x.device)):
+        warn_fallback("quantize_activation", "percentile scale or no FP8 support")
+        return quantize_activation(x, act_type, per_token, percentile, None, smooth)
+    return quantize_kernel(x, act_type, per_token, smooth)
+
+
+register_cuda("torchquant::quantize_activation", quantize_activation_cuda)

@@ -1,0 +1,169 @@
+"""Weight-only INTn (2..8 bit, packed) linear: the op, its reference, CPU and CUDA paths.
+
+``qweight (N, ceil(K/32)*bits)`` int32 packed codes (see ``numerics.packing``),
+``scales (N, G)``, ``zeros (N, G)`` uint8 or ``None`` for symmetric (zero
+``2**(bits-1)``); ``w = (code - zero) * scale``.  Column ``k`` is in group
+``k // group_size``, or ``g_idx[k]`` for GPTQ act-order (``linear_intn_gidx``).
+
+CPU, bf16 inputs: up to ``INT4PACK_MAX_ROWS[planes]`` rows run PyTorch's int4pack
+kernel on the layer's cached layout (``QuantLinear.cpu_layout``, see ``cpu_kernels``),
+codes of 5..8 bits as two 4-bit planes; more rows dequantize blocks of weight rows to
+bf16 and multiply them (the int4pack kernel does not use the matrix units).  Other
+input dtypes run the reference.  CUDA: the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from torchquant.numerics import dequantize_int_weight, unpack_codes
+from torchquant.ops import cpu_kernels
+from torchquant.ops.common import add_bias, fake_linear, register_cuda, rows, unflatten
+
+# -- above this many rows (per number of 4-bit planes) dequantize-and-multiply is faster
+INT4PACK_MAX_ROWS = {1: 192, 2: 48}
+
+
+def dequantize_gidx(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g_idx: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(codes - zeros[:, g_idx]) * scales[:, g_idx]`` computed in float32, as ``dtype``."""
+    idx = g_idx.long()
+    zero = zeros[:, idx].float() if zeros is not None else float(1 << (bits - 1))
+    return ((codes.float() - zero) * scales[:, idx].float()).to(dtype)
+
+
+def _dequantize_rows(qweight, scales, zeros, g_idx, bits, group_size, k, dtype):
+    def rows_of(start: int, stop: int) -> torch.Tensor:
+        codes = unpack_codes(qweight[start:stop], bits, k)
+        z = zeros[start:stop] if zeros is not None else None
+        if g_idx is not None:
+            return dequantize_gidx(codes, scales[start:stop], z, g_idx, bits, dtype)
+        return dequantize_int_weight(codes, scales[start:stop], z, bits, group_size, dtype)
+
+    return rows_of
+
+
+def linear_intn_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The exact maths: dequantize the whole weight in float32, then matmul in ``x.dtype``."""
+    k = x.shape[-1]
+    w = _dequantize_rows(qweight, scales, zeros, g_idx, bits, group_size, k, x.dtype)(
+        0, qweight.shape[0]
+    )
+    return F.linear(x, w, bias)
+
+
+def intn_cpu_layout(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> cpu_kernels.CpuLayout:
+    """The int4pack layout of a packed INTn weight (derived once per layer on CPU)."""
+    codes = unpack_codes(qweight, bits, in_features)
+    zero = zeros if zeros is not None else float(1 << (bits - 1))
+    groups = cpu_kernels.column_groups(in_features, group_size, g_idx)
+    return cpu_kernels.int4pack_layout(codes, scales, zero, groups)
+
+
+def _intn_cpu(x, qweight, scales, zeros, g_idx, bias, bits, group_size, layout):
+    if not cpu_kernels.uses_bf16_kernels(x):
+        return linear_intn_reference(x, qweight, scales, zeros, bias, bits, group_size, g_idx)
+    x2, n, k = rows(x), qweight.shape[0], x.shape[-1]
+    planes = 1 if bits <= 4 else 2
+    if x2.shape[0] > INT4PACK_MAX_ROWS[planes]:
+        dtype = cpu_kernels.COMPUTE_DTYPE
+        deq = _dequantize_rows(qweight, scales, zeros, g_idx, bits, group_size, k, dtype)
+        out = cpu_kernels.blocked_linear(x2.to(dtype), n, deq)
+    else:
+        if layout.packed is None:
+            layout = intn_cpu_layout(qweight, scales, zeros, g_idx, bits, group_size, k)
+        out = cpu_kernels.int4pack_linear(x2, layout, n)
+    return unflatten(add_bias(out.to(x.dtype), bias), x)
+
+
+@torch.library.custom_op("torchquant::linear_intn", mutates_args=())
+def linear_intn(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    packed: torch.Tensor | None = None,
+    packed_scales: torch.Tensor | None = None,
+    packed_columns: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weight-only INTn linear; ``packed*`` are the layer's cached ``CpuLayout``, if any."""
+    return linear_intn_reference(x, qweight, scales, zeros, bias, bits, group_size)
+
+
+@torch.library.custom_op("torchquant::linear_intn_gidx", mutates_args=())
+def linear_intn_gidx(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g_idx: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    packed: torch.Tensor | None = None,
+    packed_scales: torch.Tensor | None = None,
+    packed_columns: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weight-only INTn linear with act-order groups: column ``k`` in group ``g_idx[k]``."""
+    return linear_intn_reference(x, qweight, scales, zeros, bias, bits, 0, g_idx)
+
+
+@torch.library.register_kernel("torchquant::linear_intn", "cpu")
+def _(x, qweight, scales, zeros, bias, bits, group_size, *layout):
+    layout = cpu_kernels.CpuLayout(*layout)
+    return _intn_cpu(x, qweight, scales, zeros, None, bias, bits, group_size, layout)
+
+
+@torch.library.register_kernel("torchquant::linear_intn_gidx", "cpu")
+def _(x, qweight, scales, zeros, g_idx, bias, bits, *layout):
+    layout = cpu_kernels.CpuLayout(*layout)
+    return _intn_cpu(x, qweight, scales, zeros, g_idx, bias, bits, 0, layout)
+
+
+linear_intn.register_fake(fake_linear)
+linear_intn_gidx.register_fake(fake_linear)
+
+
+def linear_intn_cuda(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    *layout: torch.Tensor | None,
+) -> torch.Tensor:
+    from torchquant.triton_kernels.dequant_matmul import dequant_matmul
+
+    out = dequant_matmul(rows(x), qweight, scales, zeros, bias, bits, group_size)
+    return unflatten(out, x)
+
+
+register_cuda("torchquant::linear_intn", linear_intn_cuda)

@@ -1,0 +1,109 @@
+"""Weight-only INT8 symmetric linear: the op, its reference, CPU and CUDA paths.
+
+``qweight (N, K)`` int8, ``scales (N, G)``: ``w = qweight * scale``, one scale per
+row (``group_size == -1``) or per group of ``group_size`` input columns.
+
+CPU, bf16 inputs, per channel: PyTorch's ``_weight_int8pack_mm`` on the int8 weight as
+stored; per group: the codes ``qweight + 128`` as two 4-bit int4pack planes (see
+``cpu_kernels``).  Above ``INT8PACK_MAX_ROWS`` rows both dequantize blocks of rows to
+bf16 and multiply them.  Other input dtypes run the reference.  CUDA: the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from torchquant.numerics import dequantize_int_weight
+from torchquant.ops import cpu_kernels
+from torchquant.ops.common import add_bias, fake_linear, register_cuda, rows, unflatten
+
+INT8PACK_MAX_ROWS = 48
+
+
+def _dequantize_rows(qweight, scales, group_size, dtype):
+    def rows_of(start: int, stop: int) -> torch.Tensor:
+        codes = qweight[start:stop].to(torch.int16) + 128
+        return dequantize_int_weight(codes, scales[start:stop], None, 8, group_size, dtype)
+
+    return rows_of
+
+
+def linear_int8_weight_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """The exact maths: dequantize the whole weight in float32, then matmul in ``x.dtype``."""
+    w = _dequantize_rows(qweight, scales, group_size, x.dtype)(0, qweight.shape[0])
+    return F.linear(x, w, bias)
+
+
+def int8_cpu_layout(
+    qweight: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> cpu_kernels.CpuLayout:
+    """int8pack layout per channel, int4pack planes per group (derived once per layer)."""
+    if group_size == -1:
+        return cpu_kernels.int8pack_layout(qweight, scales)
+    k = qweight.shape[1]
+    codes = (qweight.to(torch.int16) + 128).to(torch.uint8)
+    groups = cpu_kernels.column_groups(k, group_size, None)
+    return cpu_kernels.int4pack_layout(codes, scales, 128.0, groups)
+
+
+@torch.library.custom_op("torchquant::linear_int8_weight", mutates_args=())
+def linear_int8_weight(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    packed: torch.Tensor | None = None,
+    packed_scales: torch.Tensor | None = None,
+    packed_columns: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weight-only INT8 linear; ``packed*`` are the layer's cached ``CpuLayout``, if any."""
+    return linear_int8_weight_reference(x, qweight, scales, bias, group_size)
+
+
+@torch.library.register_kernel("torchquant::linear_int8_weight", "cpu")
+def _(x, qweight, scales, bias, group_size, *layout):
+    if not cpu_kernels.uses_bf16_kernels(x):
+        return linear_int8_weight_reference(x, qweight, scales, bias, group_size)
+    x2, n = rows(x), qweight.shape[0]
+    if x2.shape[0] > INT8PACK_MAX_ROWS:
+        dtype = cpu_kernels.COMPUTE_DTYPE
+        out = cpu_kernels.blocked_linear(
+            x2.to(dtype), n, _dequantize_rows(qweight, scales, group_size, dtype)
+        )
+    else:
+        layout = cpu_kernels.CpuLayout(*layout)
+        if layout.scales_zeros is None:
+            layout = int8_cpu_layout(qweight, scales, group_size)
+        if group_size == -1:
+            out = cpu_kernels.int8pack_linear(x2, qweight, layout)
+        else:
+            out = cpu_kernels.int4pack_linear(x2, layout, n)
+    return unflatten(add_bias(out.to(x.dtype), bias), x)
+
+
+linear_int8_weight.register_fake(fake_linear)
+
+
+def linear_int8_weight_cuda(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    *layout: torch.Tensor | None,
+) -> torch.Tensor:
+    from torchquant.triton_kernels.dequant_matmul import dequant_matmul
+
+    out = dequant_matmul(rows(x), qweight, scales, None, bias, 8, group_size)
+    return unflatten(out, x)
+
+
+register_cuda("torchquant::linear_int8_weight", linear_int8_weight_cuda)
