@@ -5,7 +5,7 @@ shards plus ``model.safetensors.index.json``).  Every shard's metadata carries t
 format version, the per-layer schemes (the authoritative description of which
 module is a ``QuantLinear`` and how), the ``QuantConfig`` when known, aliases
 for tied tensors, and digests of its tensors, its metadata and ``config.json``
-(see ``digests``).  Hugging Face models also get ``config.json`` (with a
+(see ``checkpoint.digests``).  Hugging Face models also get ``config.json`` (with a
 ``quantization_config``) and their tokenizer files.
 
 Loading treats the directory as untrusted: headers, index, metadata and digests
