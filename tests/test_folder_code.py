@@ -149,3 +149,11 @@ def test_pickled_weights_are_never_read(folder, capsys):
     (folder / "model.safetensors").unlink()
     torch.save(weights, folder / "pytorch_model.bin")
     refused(capsys, eval_args(folder), "pickle")
+
+
+@pytest.mark.parametrize(
+    "field", [{"vocab_size": 2**26}, {"hidden_size": 2**16}, {"intermediate_size": 2**24}]
+)
+def test_a_config_larger_than_its_files_is_refused_before_allocating(folder, capsys, field):
+    edit_json(folder / "config.json", **field)
+    refused(capsys, eval_args(folder), "hold only")

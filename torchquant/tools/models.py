@@ -23,6 +23,10 @@ from typing import Any
 import torch
 
 from torchquant.checkpoint.code_guard import has_tokenizer, refuse_folder_code
+from torchquant.checkpoint.files import declared_entries, read_json_file
+from torchquant.checkpoint.folder import read_headers
+from torchquant.checkpoint.safetensors_check import physical_memory_bytes
+from torchquant.checkpoint.skeleton import build_hf_skeleton
 from torchquant.errors import TorchquantError
 from torchquant.formats.dispatch import detect_format, load_checkpoint
 
@@ -145,6 +149,8 @@ def _load_float_model(folder: Path, dtype: torch.dtype, **kw: Any) -> Any:
             f"{folder}: holds {what}; torchquant reads safetensors only (pickle can run code). "
             "Convert the weights to safetensors with a tool you trust first"
         )
+    if "gguf_file" not in kw:
+        _check_float_folder_size(folder, dtype)
     options = {**SAFE_LOAD, **kw} if "gguf_file" in kw else {**SAFE_LOAD, "use_safetensors": True}
     try:
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **options)
@@ -152,6 +158,45 @@ def _load_float_model(folder: Path, dtype: torch.dtype, **kw: Any) -> Any:
         raise TorchquantError(
             f"{folder}: cannot load the model ({type(exc).__name__}: {_first_line(exc)})"
         ) from None
+
+
+# -- float checkpoints store at least 8 bits a parameter (FP8); fewer means config.json lies
+MIN_FLOAT_BITS_PER_PARAMETER = 8
+
+
+def _check_float_folder_size(folder: Path, dtype: torch.dtype) -> None:
+    """Refuse a ``config.json`` that describes a model the files cannot hold, before building it.
+
+    transformers allocates every parameter the config declares, so a hostile
+    ``hidden_size`` or ``vocab_size`` beside small files would exhaust memory; the model
+    is first built on the meta device and counted against the bytes on disk and memory.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    files, headers = read_headers(folder, memory_budget=physical_memory_bytes())
+    declared = declared_entries(headers)
+    config = read_json_file(folder / "config.json", "config.json")
+    if not isinstance(config, dict):
+        raise TorchquantError(f"{folder}/config.json: expected a JSON object")
+    arch = config.get("architectures")
+    if isinstance(arch, list) and len(arch) == 1 and isinstance(arch[0], str):
+        name = arch[0]
+    else:
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(config.get("model_type")), "")
+    skeleton = build_hf_skeleton(folder, name, declared)
+    parameters = sum(p.numel() for p in skeleton.parameters())
+    stored = sum(e.nbytes for e in declared.values())
+    if parameters * MIN_FLOAT_BITS_PER_PARAMETER > 8 * stored:
+        raise TorchquantError(
+            f"{folder}/config.json: describes {parameters} parameters, but the safetensors "
+            f"files hold only {stored} bytes"
+        )
+    need = parameters * torch.empty(0, dtype=dtype).element_size()
+    if need > physical_memory_bytes() // 2:
+        raise TorchquantError(
+            f"{folder}: the model takes {need} bytes in {dtype}, more than half of this "
+            "machine's memory"
+        )
 
 
 def load_model(
