@@ -235,6 +235,7 @@ def _edit_qc(folder, **changes):
         ({"bits": True}, "bits=True: expected an int"),
         ({"group_size": "32"}, "group_size='32'"),
         ({"group_size": 0}, "group_size=0"),
+        ({"group_size": 2**63}, "group_size=9223372036854775808: expected an int within 32"),
         ({"sym": 1}, "sym=1: expected true or false"),
         ({"desc_act": "no"}, "desc_act='no'"),
         ({"pack_dtype": "int16"}, "pack_dtype='int16'"),

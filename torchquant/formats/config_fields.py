@@ -54,6 +54,8 @@ class FieldTable:
             raise CheckpointError(f"{self.where(field)} is missing")
         if type(value) is not int:
             raise self._bad(field, value, f"an int, got {type(value).__name__}")
+        if not -(2**31) <= value < 2**31:  # bits, group sizes: nothing real is this large
+            raise self._bad(field, value, "an int within 32 bits")
         return value
 
     def bool_field(self, qc: dict[str, Any], field: str, default: Any = MISSING) -> bool:

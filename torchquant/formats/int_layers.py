@@ -151,7 +151,7 @@ def checked_g_idx(
         raise CheckpointError(f"layer {name!r}: g_idx has shape {tuple(g_idx.shape)}, need ({k},)")
     if g_idx.dtype.is_floating_point or g_idx.dtype.is_complex or g_idx.dtype == torch.bool:
         raise CheckpointError(f"layer {name!r}: g_idx must hold integers, got {g_idx.dtype}")
-    gs = k if group_size == -1 else group_size
+    gs = k if group_size == -1 else min(group_size, max(k, 1))  # one group either way
     groups = num_groups(k, group_size) if group_size != -1 else 1
     group = g_idx.to(torch.int64)
     if k and (int(group.min()) < 0 or int(group.max()) >= groups):
