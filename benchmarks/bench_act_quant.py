@@ -15,7 +15,7 @@ import sys
 
 import torch
 from bench_utils import Table, copy_bandwidth_gbs, parse_args, rotating, time_us
-from torchquant.triton_kernels.act_quant import quantize_activation
+from torchquant.triton_kernels.act_quant import quantize_activation_rows
 from torchquant.triton_kernels.fp8_gemm import fp8_supported
 
 from torchquant.numerics import quantize_activation as reference_quantize
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
                 if act_dtype == "fp8" and not fp8_supported(dev):
                     continue
                 sm = smooth if use_smooth else None
-                q, s = quantize_activation(x, act_dtype, per_token, sm)
+                q, s = quantize_activation_rows(x, act_dtype, per_token, sm)
                 q_ref, s_ref = _reference(x, act_dtype, per_token, sm)
                 if not (
                     torch.equal(q.view(torch.int8), q_ref.view(torch.int8))
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
                     table.rows.append((shape, m, f"{name} WRONG, not timed", *[float("nan")] * 4))
                     continue
                 sets = rotating((x, act_dtype, per_token, sm), m * k * 3, smoke)
-                us = time_us(quantize_activation, sets, smoke, args.rep)
+                us = time_us(quantize_activation_rows, sets, smoke, args.rep)
                 table.add(shape, m, name, us, copy_us, moved)
                 ref_us = time_us(_reference, sets, smoke, args.rep)
                 table.add(shape, m, f"{name} (torch)", ref_us, copy_us, moved)

@@ -22,10 +22,11 @@ import sys
 import torch
 import torch.nn.functional as F
 from bench_utils import Table, copy_bandwidth_gbs, parse_args, rotating, time_us
-from torchquant.triton_kernels.act_quant import quantize_activation
+from torchquant.triton_kernels.act_quant import quantize_activation_rows
 from torchquant.triton_kernels.fp8_gemm import fp8_gemm, fp8_supported
 from torchquant.triton_kernels.w8a8_gemm import int8_gemm
 
+from torchquant import ops
 from torchquant.numerics import quantize_activation as reference_quantize
 from torchquant.numerics import quantize_fp8_weight, quantize_int_weight
 
@@ -39,7 +40,7 @@ def quantized_weight(w: torch.Tensor, act_dtype: str) -> tuple[torch.Tensor, tor
 
 
 def ours_end_to_end(x, qweight, scales, act_dtype):
-    xq, xs = quantize_activation(x, act_dtype, True)
+    xq, xs = quantize_activation_rows(x, act_dtype, True)
     gemm = int8_gemm if act_dtype == "int8" else fp8_gemm
     return gemm(xq, qweight, xs, scales, None, x.dtype)
 
@@ -97,10 +98,12 @@ def run(act_dtype: str, argv: list[str] | None, description: str) -> None:
             base_sets = rotating((x, w), n * k * 2 + io_bytes, smoke)
             base_us = time_us(F.linear, base_sets, smoke, args.rep)
             table.add(shape, m, "bf16 F.linear", base_us, base_us, n * k * 2 + io_bytes)
-            # -- correctness first: ours vs the exact twin, and vs the float layer
-            xq, xs = quantize_activation(x, act_dtype, True)
+            # -- correctness first: ours vs the exact reference, and vs the float layer
+            xq, xs = quantize_activation_rows(x, act_dtype, True)
             out = ours_end_to_end(x, qweight, scales, act_dtype)
-            exact = (xq.double() @ qweight.double().t()) * xs.double() * scales.double().t()
+            exact = ops.linear_w8a8_reference(
+                x, qweight, scales, None, act_dtype, True, 100.0, None, None
+            )
             if not (
                 table.check(shape, m, "ours (quant + GEMM)", out, exact, 1e-2)
                 and table.check(shape, m, "ours vs bf16", out, F.linear(x, w), 0.2)

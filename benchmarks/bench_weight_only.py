@@ -20,12 +20,9 @@ import sys
 import torch
 import torch.nn.functional as F
 from bench_utils import Table, copy_bandwidth_gbs, parse_args, rotating, time_us
-from torchquant.triton_kernels.dequant_matmul import (
-    dequant_matmul,
-    dequant_matmul_torch,
-    select_path,
-)
+from torchquant.triton_kernels.dequant_matmul import dequant_matmul, select_path
 
+from torchquant import ops
 from torchquant.numerics import pack_codes, quantize_int_weight
 
 # name -> (bits, group_size, symmetric); 8-bit symmetric is stored as int8 (N, K)
@@ -40,6 +37,13 @@ def quantized_weight(w: torch.Tensor, bits: int, group: int, symmetric: bool):
     else:
         qweight = pack_codes(iw.codes, bits)
     return qweight, iw.scales, iw.zeros, iw.codes
+
+
+def reference(x, qweight, scales, zeros, bias, bits: int, group: int) -> torch.Tensor:
+    """The op's exact reference for the stored format (plain PyTorch, on any device)."""
+    if qweight.dtype == torch.int8:
+        return ops.linear_int8_weight_reference(x, qweight, scales, bias, group)
+    return ops.linear_intn_reference(x, qweight, scales, zeros, bias, bits, group)
 
 
 def tinygemm_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
@@ -81,9 +85,9 @@ def main(argv: list[str] | None = None) -> None:
                 run_args = (qweight, scales, zeros, None, bits, group)
                 method = f"{name} ({select_path(m)})"
                 out = dequant_matmul(x, *run_args)
-                twin = dequant_matmul_torch(x, *run_args)
+                want = reference(x, *run_args)
                 if not (
-                    table.check(shape, m, method, out, twin, 1e-2)
+                    table.check(shape, m, method, out, want, 1e-2)
                     and table.check(shape, m, f"{method} vs bf16", out, ref, 0.5)  # gross errors
                 ):
                     continue
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                     except RuntimeError as error:
                         table.unavailable(shape, m, "w4 g128 tinygemm", error)
                     else:
-                        if table.check(shape, m, "w4 g128 tinygemm", tiny, twin, 2e-2):
+                        if table.check(shape, m, "w4 g128 tinygemm", tiny, want, 2e-2):
                             sets = rotating((x, packed, group, pairs), nbytes, smoke)
                             us = time_us(torch._weight_int4pack_mm, sets, smoke, args.rep)
                             table.add(shape, m, "w4 g128 tinygemm", us, base_us, nbytes)

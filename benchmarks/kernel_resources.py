@@ -130,7 +130,7 @@ def _describe(config: triton.Config) -> str:
 
 def cases(arch: int):
     """(description, launcher, args, kwargs): the shapes and formats the benchmarks use."""
-    from torchquant.triton_kernels.act_quant import quantize_activation
+    from torchquant.triton_kernels.act_quant import quantize_activation_rows as act_quant
     from torchquant.triton_kernels.dequant import dequantize_weight
     from torchquant.triton_kernels.dequant_gemm import dequant_gemm
     from torchquant.triton_kernels.dequant_gemv import dequant_gemv
@@ -170,10 +170,10 @@ def cases(arch: int):
     for act in ("int8", "fp8") if fp8 else ("int8",):
         for rows, width in ((16, 4096), (4096, 8192), (8, 32768)):
             x = torch.zeros(rows, width, dtype=bf16)
-            yield f"act quant {act} per-token {rows}x{width}", quantize_activation, (x, act), {}
+            yield f"act quant {act} per-token {rows}x{width}", act_quant, (x, act), {}
         x, smooth = torch.zeros(64, 4096, dtype=bf16), torch.ones(4096)
         args, kwargs = (x, act, False, smooth), {"row_scales": True}
-        yield f"act quant {act} per-tensor + smooth, row scales", quantize_activation, args, kwargs
+        yield f"act quant {act} per-tensor + smooth, row scales", act_quant, args, kwargs
         gemm = int8_gemm if act == "int8" else fp8_gemm
         qdtype = torch.int8 if act == "int8" else torch.float8_e4m3fn
         w = torch.zeros(n, k, dtype=torch.int8).to(qdtype)

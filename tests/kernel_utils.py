@@ -1,4 +1,5 @@
-"""Shared helpers for the kernel tests: where kernels run, poisoned outputs, tolerances.
+"""Shared helpers for the kernel tests: where kernels run, poisoned outputs, tolerances,
+and the ops' exact references (the one oracle every kernel is held to) on kernel inputs.
 
 Kernels run compiled on CUDA, or through Triton's interpreter on CPU tensors when
 ``TRITON_INTERPRET=1`` was set before the kernels were imported.
@@ -11,7 +12,8 @@ import torch
 import triton
 from torchquant.triton_kernels._launch import interpreting
 
-from torchquant.numerics import pack_codes, quantize_int_weight
+from torchquant import ops
+from torchquant.numerics import pack_codes, quantize_activation, quantize_int_weight
 
 ON_GPU = torch.cuda.is_available() and not interpreting()
 KERNEL_DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -87,3 +89,55 @@ def cfg(**meta) -> triton.Config:
     warps = meta.pop("num_warps", 4)
     stages = meta.pop("num_stages", 2)
     return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+def _on_cpu(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [t.cpu() if t is not None else None for t in tensors]
+
+
+def weight_only_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The reference op of the stored weight format, on CPU, as ``x.dtype``.
+
+    ``compute_dtype=torch.float32`` runs it on float32 copies of ``x`` and ``bias``, so the
+    dequantized weight is never rounded to ``x.dtype``: what kernels that accumulate in
+    float32 on CUDA cores (the GEMV) compute.  By default it runs in ``x.dtype``, as the
+    tensor-core kernels do (they round each dequantized weight to ``x.dtype`` for the MMA).
+    """
+    x, qweight, scales, zeros, bias = _on_cpu(x, qweight, scales, zeros, bias)
+    out_dtype = x.dtype
+    if compute_dtype is not None:
+        x, bias = x.to(compute_dtype), bias.to(compute_dtype) if bias is not None else None
+    if qweight.dtype == torch.int8:
+        out = ops.linear_int8_weight_reference(x, qweight, scales, bias, group_size)
+    elif qweight.dtype == torch.float8_e4m3fn:
+        out = ops.linear_fp8_weight_reference(x, qweight, scales, bias)
+    else:
+        out = ops.linear_intn_reference(x, qweight, scales, zeros, bias, bits, group_size)
+    return out.to(out_dtype)
+
+
+def w8a8_case(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_type: str,
+    per_token: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(xq, xs, ref)``: ``x`` quantized by the reference numerics (on the kernel device)
+    and the reference W8A8 op's output, which a scaled GEMM of ``xq`` must reproduce."""
+    x_cpu, qweight, scales, bias = _on_cpu(x, qweight, scales, bias)
+    xq, xs = quantize_activation(x_cpu, act_type, per_token)
+    ref = ops.linear_w8a8_reference(
+        x_cpu, qweight, scales, bias, act_type, per_token, 100.0, None, None
+    )
+    return xq.to(x.device), xs.to(x.device), ref

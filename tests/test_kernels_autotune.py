@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_utils import KERNEL_DEVICE, int_weight, poisoned, relative_error, requires_kernels
+from kernel_utils import (
+    KERNEL_DEVICE,
+    int_weight,
+    poisoned,
+    relative_error,
+    requires_kernels,
+    w8a8_case,
+    weight_only_reference,
+)
 from torchquant.triton_kernels import act_quant, dequant_gemm, dequant_gemv, scaled_gemm, w8a8_gemm
 from torchquant.triton_kernels._launch import autotune_benchmark, m_bucket
-from torchquant.triton_kernels.dequant_matmul import dequant_matmul_torch
 from torchquant.triton_kernels.fp8_gemm import _fp8_split_k, _fp8_tiled
 
 pytestmark = requires_kernels
@@ -94,8 +101,8 @@ def test_gemv_tunes_once_per_bucket_and_resets_its_atomics(tuner):
         out = dequant_gemv.dequant_gemv(
             x, qweight, scales, zeros, None, 4, -1, out=poisoned((m, 20), torch.float32)
         )
-        twin = dequant_matmul_torch(x, qweight, scales, zeros, None, 4, -1)
-        torch.testing.assert_close(out, twin, rtol=2e-5, atol=1e-5)
+        ref = weight_only_reference(x, qweight, scales, zeros, None, 4, -1)
+        torch.testing.assert_close(out.cpu(), ref, rtol=2e-5, atol=1e-5)
         benched.append(bench.calls)
     assert benched == [4, 4, 8]  # the second M=1 call reuses the cached choice
     assert len(tuned.cache) == 2
@@ -111,22 +118,21 @@ def test_split_k_gemm_tunings_are_cached_per_bucket(tuner):
         out = dequant_gemm.dequant_gemm(
             x, qweight, scales, zeros, None, 4, 32, split_k=True, out=poisoned((m, 24), x.dtype)
         )
-        twin = dequant_matmul_torch(x, qweight, scales, zeros, None, 4, 32)
-        assert relative_error(out, twin) < 1e-2  # fp16 weights in the MMA; twice the sum is 1.0
+        ref = weight_only_reference(x, qweight, scales, zeros, None, 4, 32)
+        assert relative_error(out, ref) < 1e-2  # fp16 weights in the MMA; twice the sum is 1.0
         benched.append(bench.calls)
     assert benched == [3, 6, 6, 6]
 
 
 def test_int8_split_k_result_is_right_after_tuning(tuner):
     bench = tuner(w8a8_gemm._int8_split_k, [scaled_gemm], scaled_gemm.SPLIT_K_CONFIGS[1:7:2])
-    a = torch.randint(-128, 128, (5, 160), dtype=torch.int8, device=KERNEL_DEVICE)
+    x = torch.randn(5, 160, device=KERNEL_DEVICE)
     b = torch.randint(-128, 128, (40, 160), dtype=torch.int8, device=KERNEL_DEVICE)
-    a_scale = torch.rand(5, 1, device=KERNEL_DEVICE) + 0.5
     b_scale = torch.rand(40, 1, device=KERNEL_DEVICE) + 0.5
     bias = torch.randn(40, device=KERNEL_DEVICE)
+    a, a_scale, ref = w8a8_case(x, b, b_scale, bias, "int8", per_token=True)
     out = w8a8_gemm.int8_gemm(
         a, b, a_scale, b_scale, bias, torch.float32, out=poisoned((5, 40), torch.float32)
     )
     assert bench.calls == 3
-    ref = w8a8_gemm.int8_gemm_torch(a, b, a_scale, b_scale, bias, torch.float32)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-3)

@@ -1,4 +1,4 @@
-"""The 4-bit GEMV (one thread per weight row, one launch per call) against its twin.
+"""The 4-bit GEMV (one thread per weight row, one launch per call) against the reference op.
 
 Covers the magic-number dequantization at every bit position, groups of 32/64/128 and
 per channel, symmetric and asymmetric weights, bf16/fp16/fp32 activations, partial
@@ -18,11 +18,11 @@ from kernel_utils import (
     poisoned,
     relative_error,
     requires_kernels,
+    weight_only_reference,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchquant.triton_kernels import dequant_gemv as gemv_module
 from torchquant.triton_kernels.dequant_gemv import dequant_gemv, w4_eligible
-from torchquant.triton_kernels.dequant_matmul import dequant_matmul_torch
 
 pytestmark = requires_kernels
 
@@ -38,16 +38,16 @@ CASES = [
 
 
 @pytest.mark.parametrize("group,sym,dtype,m,n,k,config", CASES)
-def test_w4_gemv_matches_twin(group, sym, dtype, m, n, k, config):
+def test_w4_gemv_matches_reference(group, sym, dtype, m, n, k, config):
     sdt = dtype if group != -1 else torch.float32
     qweight, scales, zeros, _ = int_weight(n, k, 4, group, sym, sdt)
     x = torch.randn(m, k, device=KERNEL_DEVICE).to(dtype)
     bias = torch.randn(n, device=KERNEL_DEVICE).to(dtype) if m != 2 else None
     assert w4_eligible(x, qweight, 4, 0 if group == -1 else group)
     out = dequant_gemv(x, qweight, scales, zeros, bias, 4, group, config, poisoned((m, n), dtype))
-    twin = dequant_matmul_torch(x, qweight, scales, zeros, bias, 4, group)
-    assert_matches(out, twin)
-    assert relative_error(out, twin) < {torch.float32: 1e-6}.get(dtype, 1e-2)
+    ref = weight_only_reference(x, qweight, scales, zeros, bias, 4, group, torch.float32)
+    assert_matches(out, ref)
+    assert relative_error(out, ref) < {torch.float32: 1e-6}.get(dtype, 1e-2)
     assert not gemv_module._split_k_locks(x.device).any()  # every counter reset
 
 
@@ -65,8 +65,8 @@ def test_every_code_at_every_bit_position():
         xr = torch.zeros(1, k, device=KERNEL_DEVICE)
         xr[0, j::8] = 1.0
         out = dequant_gemv(xr, qweight, scales, zeros, None, 4, 128)
-        twin = dequant_matmul_torch(xr, qweight, scales, zeros, None, 4, 128)
-        assert torch.equal(out.cpu(), twin.cpu()), j
+        ref = weight_only_reference(xr, qweight, scales, zeros, None, 4, 128)
+        assert torch.equal(out.cpu(), ref), j
 
 
 class _Ops(TorchDispatchMode):
@@ -102,5 +102,7 @@ def test_other_layouts_take_the_tiled_kernel():
     unaligned = torch.randn(1, 97, device=KERNEL_DEVICE).to(torch.bfloat16)[:, 1:]
     assert not w4_eligible(unaligned, qweight, 4, 32)
     out = dequant_gemv(unaligned, qweight, scales.bfloat16(), zeros, None, 4, 32)
-    twin = dequant_matmul_torch(unaligned, qweight, scales.bfloat16(), zeros, None, 4, 32)
-    assert_matches(out, twin)
+    ref = weight_only_reference(
+        unaligned, qweight, scales.bfloat16(), zeros, None, 4, 32, torch.float32
+    )
+    assert_matches(out, ref)

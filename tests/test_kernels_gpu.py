@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_utils import ON_GPU, assert_matches, int_weight, relative_error
+from kernel_utils import (
+    ON_GPU,
+    assert_matches,
+    int_weight,
+    relative_error,
+    w8a8_case,
+    weight_only_reference,
+)
 from torchquant.triton_kernels import dequant_gemm as dequant_gemm_module
-from torchquant.triton_kernels.act_quant import quantize_activation
+from torchquant.triton_kernels.act_quant import quantize_activation_rows
 from torchquant.triton_kernels.dequant import dequantize_weight
 from torchquant.triton_kernels.dequant_gemm import dequant_gemm
 from torchquant.triton_kernels.dequant_gemv import dequant_gemv
-from torchquant.triton_kernels.dequant_matmul import dequant_matmul_torch, select_path
+from torchquant.triton_kernels.dequant_matmul import select_path
 from torchquant.triton_kernels.fp8_gemm import fp8_supported
-from torchquant.triton_kernels.w8a8_gemm import int8_gemm, int8_gemm_torch
+from torchquant.triton_kernels.w8a8_gemm import int8_gemm
 
 from torchquant import QuantConfig, QuantLinear, convert_model, scheme_from_name
 from torchquant.numerics import quantize_activation as reference_quantize
@@ -39,11 +46,10 @@ def test_autotuned_weight_only_paths(scheme, group, m):
     x = torch.randn(m, 1536, device="cuda", dtype=torch.bfloat16)
     out = layer(x)
     w = layer.scheme.weight
-    twin = dequant_matmul_torch(
-        x, layer.qweight, layer.scales, layer.zeros, layer.bias, w.bits, w.group_size
-    )
-    assert relative_error(out, twin) < 1e-2, select_path(m)
-    ref = layer.cpu()(x.cpu())  # the reference op on CPU
+    args = (layer.qweight, layer.scales, layer.zeros, layer.bias, w.bits, w.group_size)
+    ref = weight_only_reference(x, *args, torch.float32)
+    assert relative_error(out, ref) < 1e-2, select_path(m)
+    ref = layer.cpu()(x.cpu())  # the CPU op
     assert relative_error(out, ref) < 1e-2
 
 
@@ -65,7 +71,7 @@ def test_autotuned_activation_quantized_paths(scheme, m):
 def test_activation_quantization_is_bit_exact(act_dtype, per_token):
     x = torch.randn(513, 4096, device="cuda", dtype=torch.bfloat16) * 4
     x[7] = 0
-    q, s = quantize_activation(x, act_dtype, per_token)
+    q, s = quantize_activation_rows(x, act_dtype, per_token)
     q_ref, s_ref = reference_quantize(x.cpu(), act_dtype, per_token)
     assert torch.equal(q.cpu().view(torch.int8), q_ref.view(torch.int8))
     assert torch.equal(s.cpu(), s_ref)
@@ -147,7 +153,7 @@ def _last_rows_match(out: torch.Tensor, ref_rows: torch.Tensor) -> None:
 @needs_memory
 def test_activation_quantization_past_2_31_elements():
     x = torch.randn(BIG_ROWS, 4096, device="cuda", dtype=torch.bfloat16)
-    q, s = quantize_activation(x, "int8", True)
+    q, s = quantize_activation_rows(x, "int8", True)
     q_ref, s_ref = reference_quantize(x[-64:].cpu(), "int8", True)
     assert torch.equal(q[-64:].cpu(), q_ref) and torch.equal(s[-64:].cpu(), s_ref)
 
@@ -169,20 +175,22 @@ def test_tiled_gemm_past_2_31_activation_elements():
     qweight, scales, zeros, _ = int_weight(64, 4096, 4, 128, False, torch.bfloat16)
     x = torch.randn(BIG_ROWS, 4096, device="cuda", dtype=torch.bfloat16)
     out = dequant_gemm(x, qweight, scales, zeros, None, 4, 128, split_k=False)
-    _last_rows_match(out, dequant_matmul_torch(x[-64:], qweight, scales, zeros, None, 4, 128))
+    _last_rows_match(out, weight_only_reference(x[-64:], qweight, scales, zeros, None, 4, 128))
 
 
 @needs_memory
 def test_int8_gemm_past_2_31_elements_in_either_operand():
-    big = torch.randint(-127, 128, (BIG_ROWS, 4096), dtype=torch.int8, device="cuda")
+    # -- the last 64 rows of the big operand are reference-quantized: the reference op checks them
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.float32)
     small = torch.randint(-127, 128, (48, 4096), dtype=torch.int8, device="cuda")
+    small_scale = torch.rand(48, 1, device="cuda") * 0.01
+    big = torch.randint(-127, 128, (BIG_ROWS, 4096), dtype=torch.int8, device="cuda")
     big_scale = torch.rand(BIG_ROWS, 1, device="cuda")
-    small_scale = torch.rand(48, 1, device="cuda")
+    xq, xs, ref = w8a8_case(x, small, small_scale, None, "int8", per_token=True)
+    big[-64:], big_scale[-64:] = xq, xs
     out = int8_gemm(big, small, big_scale, small_scale, None, torch.float32)  # M is huge
-    ref = int8_gemm_torch(big[-64:], small, big_scale[-64:], small_scale, None, torch.float32)
     _last_rows_match(out, ref)
-    out = int8_gemm(small[:2], big, small_scale[:2], big_scale, None, torch.float32)  # N is
-    ref = int8_gemm_torch(
-        small[:2], big[-64:], small_scale[:2], big_scale[-64:], None, torch.float32
-    )
+    big_scale[-64:] = torch.rand(64, 1, device="cuda") * 0.01
+    xq, xs, ref = w8a8_case(x[:2], big[-64:], big_scale[-64:], None, "int8", per_token=True)
+    out = int8_gemm(xq, big, xs, big_scale, None, torch.float32)  # N is
     _last_rows_match(out.t(), ref.t())

@@ -1,4 +1,4 @@
-"""W8A8 INT8 and FP8 GEMMs vs their twins and vs the reference ops (through the CUDA glue)."""
+"""W8A8 INT8 and FP8 GEMMs vs the reference op, directly and through the CUDA glue."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from kernel_utils import (
     poisoned,
     relative_error,
     requires_kernels,
+    w8a8_case,
 )
-from torchquant.triton_kernels.act_quant import quantize_activation
-from torchquant.triton_kernels.fp8_gemm import fp8_gemm, fp8_gemm_torch
-from torchquant.triton_kernels.w8a8_gemm import int8_gemm, int8_gemm_torch
+from torchquant.triton_kernels.fp8_gemm import fp8_gemm
+from torchquant.triton_kernels.w8a8_gemm import int8_gemm
 
 from torchquant import ops
 from torchquant.numerics import quantize_fp8_weight, quantize_int_weight
@@ -24,10 +24,7 @@ pytestmark = requires_kernels
 
 SPLIT = cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3, GROUP_M=4)
 TILED = cfg(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, GROUP_M=2)
-FAMILIES = {
-    "int8": (int8_gemm, int8_gemm_torch),
-    "fp8": (fp8_gemm, fp8_gemm_torch),
-}
+GEMMS = {"int8": int8_gemm, "fp8": fp8_gemm}
 
 
 def _weight(n: int, k: int, family: str, per_tensor: bool):
@@ -52,15 +49,15 @@ CASES = [
 
 @pytest.mark.parametrize("family", ["int8", "fp8"])
 @pytest.mark.parametrize("m,n,k,split_k,config,per_tensor,dtype,has_bias", CASES)
-def test_gemm_matches_twin(family, m, n, k, split_k, config, per_tensor, dtype, has_bias):
-    kernel, twin = FAMILIES[family]
-    x = torch.randn(m, k, device=KERNEL_DEVICE) * 3
-    xq, xs = quantize_activation(x, family, per_token=not per_tensor)
+def test_gemm_matches_reference(family, m, n, k, split_k, config, per_tensor, dtype, has_bias):
+    x = (torch.randn(m, k, device=KERNEL_DEVICE) * 3).to(dtype)
     qweight, scales = _weight(n, k, family, per_tensor and family == "fp8")
     bias = torch.randn(n, device=KERNEL_DEVICE).to(dtype) if has_bias else None
-    out = kernel(xq, qweight, xs, scales, bias, dtype, split_k, config, poisoned((m, n), dtype))
+    xq, xs, ref = w8a8_case(x, qweight, scales, bias, family, per_token=not per_tensor)
+    gemm = GEMMS[family]
+    out = gemm(xq, qweight, xs, scales, bias, dtype, split_k, config, poisoned((m, n), dtype))
     assert out.dtype == dtype
-    assert_matches(out, twin(xq, qweight, xs, scales, bias, dtype))
+    assert_matches(out, ref)
 
 
 @pytest.mark.parametrize("family", ["int8", "fp8"])

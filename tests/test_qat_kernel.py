@@ -1,16 +1,11 @@
-"""Fused fake-quant kernel (forward + backward) vs its PyTorch twin, under the interpreter."""
+"""Fused fake-quant kernel (forward + backward) vs the reference numerics, under the interpreter."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from kernel_utils import KERNEL_DEVICE, poisoned, requires_kernels
-from torchquant.triton_kernels.fake_quant import (
-    fake_quant_int_backward,
-    fake_quant_int_backward_torch,
-    fake_quant_int_forward,
-    fake_quant_int_forward_torch,
-)
+from torchquant.triton_kernels.fake_quant import fake_quant_int_backward, fake_quant_int_forward
 
 from torchquant.config import WeightQuant
 from torchquant.modules.qat_fake_quant import minmax_weight_qparams
@@ -38,19 +33,16 @@ def _case(n, k, bits, group_size, symmetric, dtype):
     [(8, 64, 4, 32, False), (5, 80, 3, 32, True), (6, 48, 8, -1, True), (4, 96, 2, 64, False)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_forward_and_backward_match_twin(n, k, bits, group_size, symmetric, dtype):
+def test_forward_and_backward_match_reference(n, k, bits, group_size, symmetric, dtype):
     w, scales, zeros = _case(n, k, bits, group_size, symmetric, dtype)
     out = fake_quant_int_forward(w, scales, zeros, bits, group_size, out=poisoned((n, k), dtype))
-    ref = fake_quant_int_forward_torch(w, scales, zeros, bits, group_size)
+    ref = fake_quantize_int_reference(w, scales, zeros, bits, group_size)
     assert torch.equal(out.cpu(), ref.cpu())  # same float32 math, IEEE division: bit for bit
-    assert torch.equal(ref.cpu(), fake_quantize_int_reference(w, scales, zeros, bits, group_size))
 
     grad = torch.randn(n, k).to(dtype).to(KERNEL_DEVICE)
     gw, gs, gz = fake_quant_int_backward(grad, w, scales, zeros, bits, group_size)
-    rw, rs, rz = fake_quant_int_backward_torch(grad, w, scales, zeros, bits, group_size)
+    rw, rs, rz = fake_quantize_int_backward_reference(grad, w, scales, zeros, bits, group_size)
     assert torch.equal(gw.cpu(), rw.cpu())
-    ref_w, ref_s, _ = fake_quantize_int_backward_reference(grad, w, scales, zeros, bits, group_size)
-    assert torch.equal(rw.cpu(), ref_w.cpu()) and torch.equal(rs.cpu(), ref_s.cpu())
     assert set(torch.unique(gw.float() / grad.float()).tolist()) <= {0.0, 1.0}
     # group sums: summation order differs, so float32 rounding only
     torch.testing.assert_close(gs.cpu(), rs.cpu(), rtol=1e-5, atol=1e-5)

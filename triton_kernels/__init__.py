@@ -1,5 +1,6 @@
 """Triton kernels for torchquant, installed as ``torchquant.triton_kernels``.
 
-This folder imports only ``torch`` and ``triton``; each kernel family has a
-plain-PyTorch twin with the same signature for CPU and for tests.
+This folder imports only ``torch`` and ``triton``.  The maths lives once, in the ops'
+exact references (``torchquant.ops``, built on ``torchquant.numerics``): every kernel
+here is tested against them, none keeps a PyTorch copy of its own.
 """

@@ -225,7 +225,7 @@ _quantize_rows_tuned = triton.autotune(
 )(_quantize_rows_kernel)
 
 
-def quantize_activation(
+def quantize_activation_rows(
     x: torch.Tensor,
     act_dtype: str = "int8",
     per_token: bool = True,
@@ -307,37 +307,3 @@ def quantize_activation(
         BLOCK_K=block_k,
     )
     return q, per_row
-
-
-def quantize_activation_torch(
-    x: torch.Tensor,
-    act_dtype: str = "int8",
-    per_token: bool = True,
-    smooth: torch.Tensor | None = None,
-    static_scale: torch.Tensor | None = None,
-    config: triton.Config | None = None,
-    out: torch.Tensor | None = None,
-    row_scales: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch twin of :func:`quantize_activation` (``config`` is ignored)."""
-    xf = x.float()
-    if smooth is not None:
-        xf = xf / smooth.float()
-    qmax = FP8_MAX if act_dtype == "fp8" else INT8_MAX
-    bad = torch.where(torch.isfinite(xf).all(dim=1, keepdim=True), 0.0, float("nan"))
-    if static_scale is not None:
-        scale = static_scale.float().reshape(1, 1)
-    else:
-        amax = xf.abs().amax(dim=1, keepdim=True) if per_token else xf.abs().amax().reshape(1, 1)
-        scale = amax / qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        scale = torch.where(torch.isfinite(amax), scale, float("nan"))
-        scale = scale + bad if per_token else scale
-    if act_dtype == "fp8":
-        q = torch.clamp(xf / scale, -FP8_MAX, FP8_MAX)
-    else:
-        q = torch.clamp(torch.round(xf / scale), -128, 127)
-    q = torch.nan_to_num(q, nan=0.0).to(torch.float8_e4m3fn if act_dtype == "fp8" else torch.int8)
-    if row_scales and scale.shape[0] == 1:
-        scale = scale.expand(x.shape[0], 1) + bad
-    return (out.copy_(q) if out is not None else q), scale

@@ -1,4 +1,4 @@
-"""Weight dequantization: shared Triton helpers, a dequantize kernel and their PyTorch twins.
+"""Weight dequantization: the Triton helpers the weight-only kernels share, a dequantize kernel.
 
 Weight formats (``N`` output features, ``K`` input features):
 
@@ -274,44 +274,3 @@ def dequantize_weight(
         **weight_meta(qweight, scales, zeros, bits, group_size),
     )
     return w
-
-
-# -- PyTorch twins
-
-
-def unpack_codes_torch(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """Unsigned codes ``(N, K)`` int32 from the packed bitstream (twin of ``load_codes``)."""
-    idx = torch.arange(k, device=qweight.device) * bits
-    word, shift = idx // 32, idx % 32
-    words = qweight.to(torch.int64) & 0xFFFFFFFF
-    words = torch.nn.functional.pad(words, (0, 1))
-    low = words[:, word] >> shift
-    high = words[:, word + 1] << (32 - shift)
-    return ((low | high) & ((1 << bits) - 1)).to(torch.int32)
-
-
-def dequantize_weight_torch(
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    k: int,
-    dtype: torch.dtype = torch.bfloat16,
-    config: triton.Config | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """PyTorch twin of :func:`dequantize_weight` (``config`` is accepted and ignored)."""
-    n = qweight.shape[0]
-    if qweight.dtype in PACKED_DTYPES:
-        codes = unpack_codes_torch(qweight, bits, k).float()
-        zero_default = float(1 << (bits - 1))
-    else:
-        codes = qweight.float()
-        zero_default = 0.0
-    gidx = torch.arange(k, device=qweight.device)
-    gidx = gidx // group_size if kernel_group_size(group_size, scales.shape[1]) else gidx * 0
-    scale = scales.float().expand(n, scales.shape[1])[:, gidx]
-    zero = zeros.float()[:, gidx] if zeros is not None else zero_default
-    w = ((codes - zero) * scale).to(dtype)
-    return out.copy_(w) if out is not None else w

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dequant import dequantize_weight, dequantize_weight_torch
+from .dequant import dequantize_weight
 from .dequant_gemm import dequant_gemm
 from .dequant_gemv import dequant_gemv
 
@@ -55,20 +55,3 @@ def dequant_matmul(
         )
     w = dequantize_weight(qweight, scales, zeros, bits, group_size, x.shape[1], x.dtype)
     return F.linear(x, w, bias)
-
-
-def dequant_matmul_torch(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-) -> torch.Tensor:
-    """PyTorch twin: dequantize in float32, matmul and bias in float32, cast to ``x.dtype``."""
-    w = dequantize_weight_torch(qweight, scales, zeros, bits, group_size, x.shape[1], torch.float32)
-    out = x.float() @ w.t()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)

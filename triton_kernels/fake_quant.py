@@ -14,8 +14,8 @@ Backward (straight-through estimator, LSQ scale gradient): with ``x = w / s``,
 ``grad_z = sum_group grad * (0 inside | -s outside)``.
 
 Each program of the kernels owns ``BLOCK_N`` rows of one group, so the per-group sums of
-the backward need no atomics.  Every kernel has a PyTorch twin here with the same
-signature (``*_torch``): the CPU path and the test oracle.
+the backward need no atomics.  The exact reference (the CPU path and the test oracle)
+is ``torchquant.numerics.fake_quant``.
 """
 
 from __future__ import annotations
@@ -27,68 +27,6 @@ import triton.language as tl
 from ._launch import check_device, output
 
 MAX_TILE = 4096
-
-
-# -- PyTorch twins
-
-
-def _group_view(t: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``(N, K)`` -> ``(N, G, g)``, zero-padding a short last group."""
-    n, k = t.shape
-    g = k if group_size == -1 else group_size
-    groups = -(-k // g)
-    return torch.nn.functional.pad(t, (0, groups * g - k)).view(n, groups, g)
-
-
-def _expand(t: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
-    if group_size == -1:
-        return t[:, :1].expand(t.shape[0], k)
-    return t.repeat_interleave(group_size, dim=1)[:, :k]
-
-
-def _codes_torch(w, scales, zeros, bits, group_size):
-    k = w.shape[1]
-    s = _expand(scales, group_size, k).float()
-    z = _expand(zeros, group_size, k).float() if zeros is not None else float(1 << (bits - 1))
-    x = w.float() / s
-    r = torch.round(x)
-    return s, z, x, r, r + z
-
-
-def fake_quant_int_forward_torch(
-    w: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-) -> torch.Tensor:
-    """``(clamp(round(w/s) + z, 0, qmax) - z) * s`` as ``w.dtype`` (see the module docstring)."""
-    s, z, _, _, c = _codes_torch(w, scales, zeros, bits, group_size)
-    codes = torch.clamp(c, 0, (1 << bits) - 1)
-    return ((codes - z) * s).to(w.dtype)
-
-
-def fake_quant_int_backward_torch(
-    grad: torch.Tensor,
-    w: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(grad_w, grad_scales, grad_zeros)``; ``grad_zeros`` is ``None`` when ``zeros`` is."""
-    qmax = float((1 << bits) - 1)
-    s, z, x, r, c = _codes_torch(w, scales, zeros, bits, group_size)
-    g = grad.float()
-    inside = (c >= 0) & (c <= qmax)
-    grad_w = torch.where(inside, g, 0.0).to(w.dtype)
-    d_scale = torch.where(inside, r - x, torch.where(c < 0, -z, qmax - z))
-    grad_s = _group_view(g * d_scale, group_size).sum(dim=2).to(scales.dtype)
-    grad_z = None
-    if zeros is not None:
-        d_zero = torch.where(inside, 0.0, -s)
-        grad_z = _group_view(g * d_zero, group_size).sum(dim=2).to(zeros.dtype)
-    return grad_w, grad_s, grad_z
 
 
 # -- Triton kernels
@@ -224,7 +162,7 @@ def fake_quant_int_forward(
     group_size: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton version of :func:`fake_quant_int_forward_torch` (same contract, same bits)."""
+    """``(clamp(round(w/s) + z, 0, qmax) - z) * s`` as ``w.dtype`` (see the module docstring)."""
     check_device(w, scales, zeros)
     w, scales = w.contiguous(), scales.contiguous().float()
     zf = zeros.contiguous().float() if zeros is not None else scales
@@ -248,7 +186,7 @@ def fake_quant_int_backward(
     bits: int,
     group_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Triton version of :func:`fake_quant_int_backward_torch`."""
+    """``(grad_w, grad_scales, grad_zeros)``; ``grad_zeros`` is ``None`` when ``zeros`` is."""
     check_device(grad, w, scales, zeros)
     w, grad = w.contiguous(), grad.contiguous()
     s32 = scales.contiguous().float()

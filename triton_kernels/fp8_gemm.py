@@ -20,11 +20,10 @@ from .scaled_gemm import (
     TILED_CONFIGS,
     check_operands,
     launch_scaled_gemm,
-    scaled_gemm_twin,
     tune,
 )
 
-__all__ = ["FP8Unsupported", "check_fp8_support", "fp8_gemm", "fp8_gemm_torch", "fp8_supported"]
+__all__ = ["FP8Unsupported", "check_fp8_support", "fp8_gemm", "fp8_supported"]
 
 _fp8_split_k = tune(SPLIT_K_CONFIGS, split_k=True)
 _fp8_tiled = tune(TILED_CONFIGS, split_k=False)
@@ -48,6 +47,3 @@ def fp8_gemm(
     return launch_scaled_gemm(
         _fp8_split_k, _fp8_tiled, a, b, a_scale, b_scale, bias, out_dtype, split_k, config, out
     )
-
-
-fp8_gemm_torch = scaled_gemm_twin  # the PyTorch twin of :func:`fp8_gemm`

@@ -11,7 +11,7 @@ zeroed float32 buffer (the bias goes in with the first slice); ``SPLIT_K`` is a
 runtime value, so one binary serves every split factor.
 
 :mod:`.w8a8_gemm` and :mod:`.fp8_gemm` tune this kernel separately and hold the
-launchers and PyTorch twins.
+launchers.
 """
 
 from __future__ import annotations
@@ -225,34 +225,3 @@ def launch_scaled_gemm(
         ATOMIC=split_k,
     )
     return out if acc is out else out.copy_(acc)
-
-
-def scaled_gemm_torch(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    a_scale: torch.Tensor,
-    b_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """PyTorch twin: exact products in float64, scaled, cast, then bias in ``out_dtype``."""
-    acc = a.to(torch.float64) @ b.to(torch.float64).t()
-    out = acc * a_scale.reshape(-1, 1).double() * b_scale.reshape(1, -1).double()
-    out = out.to(out_dtype)
-    return out + bias.to(out_dtype) if bias is not None else out
-
-
-def scaled_gemm_twin(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    a_scale: torch.Tensor,
-    b_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    split_k: bool | None = None,
-    config: triton.Config | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The launchers' signature over :func:`scaled_gemm_torch` (``split_k``, ``config`` ignored)."""
-    result = scaled_gemm_torch(a, b, a_scale, b_scale, bias, out_dtype)
-    return out.copy_(result) if out is not None else result

@@ -19,7 +19,6 @@ from .scaled_gemm import (
     TILED_CONFIGS,
     check_operands,
     launch_scaled_gemm,
-    scaled_gemm_twin,
     tune,
 )
 
@@ -44,6 +43,3 @@ def int8_gemm(
     return launch_scaled_gemm(
         _int8_split_k, _int8_tiled, a, b, a_scale, b_scale, bias, out_dtype, split_k, config, out
     )
-
-
-int8_gemm_torch = scaled_gemm_twin  # the PyTorch twin of :func:`int8_gemm`

@@ -103,7 +103,7 @@ def linear_w8a8_cuda(
     input_scale: torch.Tensor | None,
     smooth: torch.Tensor | None,
 ) -> torch.Tensor:
-    from torchquant.triton_kernels.act_quant import quantize_activation as quantize_kernel
+    from torchquant.triton_kernels.act_quant import quantize_activation_rows
     from torchquant.triton_kernels.fp8_gemm import fp8_gemm, fp8_supported
     from torchquant.triton_kernels.w8a8_gemm import int8_gemm
 
@@ -115,7 +115,9 @@ def linear_w8a8_cuda(
         warn_fallback("linear_w8a8_fp8", "FP8 tensor cores need compute capability >= 8.9")
         return linear_w8a8_reference(*args)
     # -- per-row scales in every mode: NaN in rows with NaN/Inf makes those output rows NaN
-    xq, xs = quantize_kernel(rows(x), act_type, per_token, smooth, input_scale, row_scales=True)
+    xq, xs = quantize_activation_rows(
+        rows(x), act_type, per_token, smooth, input_scale, row_scales=True
+    )
     gemm = int8_gemm if act_type == "int8" else fp8_gemm
     return unflatten(gemm(xq, qweight, xs, scales.float(), bias, x.dtype), x)
 
@@ -178,13 +180,13 @@ def quantize_activation_cuda(
     percentile: float,
     smooth: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from torchquant.triton_kernels.act_quant import quantize_activation as quantize_kernel
+    from torchquant.triton_kernels.act_quant import quantize_activation_rows
     from torchquant.triton_kernels.fp8_gemm import fp8_supported
 
     if percentile < 100.0 or (act_type == "fp8" and not fp8_supported(x.device)):
         warn_fallback("quantize_activation", "percentile scale or no FP8 support")
         return quantize_activation(x, act_type, per_token, percentile, None, smooth)
-    return quantize_kernel(x, act_type, per_token, smooth)
+    return quantize_activation_rows(x, act_type, per_token, smooth)
 
 
 register_cuda("torchquant::quantize_activation", quantize_activation_cuda)
