@@ -63,6 +63,7 @@ from torchquant.formats.packing_variants import (
 )
 from torchquant.modules import QuantLinear
 from torchquant.plan import split_experts_for_names
+from torchquant.weights import weight_format
 
 QUANT_METHOD = "compressed-tensors"
 # the compressed-tensors release whose layout we write (dense packing for every width)
@@ -99,6 +100,12 @@ ARGS_FIELDS = {
     "observer_kwargs",
 }
 FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized")
+# -- (args type, activations quantized) -> the format of weights stored dense ``(N, K)``
+DENSE_FORMATS = {
+    ("int", True): "int-quantized",
+    ("float", True): "float-quantized",
+    ("float", False): "naive-quantized",
+}
 # "weight"/"static" reorder only during calibration; "group"/"dynamic" (older releases:
 # true) store a weight_g_idx.  Either way the tensors say how to read the weight.
 ACTORDERS = (None, False, True, "weight", "static", "group", "dynamic")
@@ -108,12 +115,11 @@ ACTORDERS = (None, False, True, "weight", "static", "group", "dynamic")
 
 
 def _weight_args(scheme: QuantScheme, group_size: int, act_order: bool = False) -> dict[str, Any]:
+    """Weight quantization args for ``group_size`` (-1 per channel, 0 per tensor)."""
     w = scheme.weight
-    if w.type == "fp8":
-        strategy = "channel" if w.group_size == -1 else "tensor"
-        return _args(8, "float", True, strategy, None)
-    strategy = "channel" if group_size == -1 else "group"
-    args = _args(w.bits, "int", w.symmetric, strategy, None if group_size == -1 else group_size)
+    strategy = {-1: "channel", 0: "tensor"}.get(group_size, "group")
+    group = group_size if group_size > 0 else None
+    args = _args(w.bits, weight_format(scheme).args_type, w.symmetric, strategy, group)
     if act_order:
         args["actorder"] = "group"
     return args
@@ -158,18 +164,8 @@ def _layer_tensors(name: str, layer: QuantLinear) -> tuple[str, dict, dict[str, 
     out: dict[str, torch.Tensor] = {}
     if layer.bias is not None:
         out["bias"] = layer.bias
-    if w.type == "fp8":
-        out["weight"] = layer.qweight
-        scales = layer.scales.reshape(-1, 1) if w.group_size == -1 else layer.scales.reshape(1)
-        out["weight_scale"] = scales
-        fmt = "float-quantized" if scheme.activation is not None else "naive-quantized"
-        args = _weight_args(scheme, -1)
-    elif scheme.activation is not None:
-        out["weight"] = layer.qweight
-        out["weight_scale"] = layer.scales.reshape(-1, 1)
-        fmt = "int-quantized"
-        args = _weight_args(scheme, -1)
-    else:
+    fmt = layer.weight_format
+    if fmt.is_int and scheme.activation is None:
         iw = regroup_evenly(int_weights_of(layer, name))
         n, k = iw.shape
         out["weight_packed"] = pack_dense(iw.codes, iw.bits)
@@ -179,11 +175,17 @@ def _layer_tensors(name: str, layer: QuantLinear) -> tuple[str, dict, dict[str, 
             out["weight_zero_point"] = pack_dense(iw.zeros.t().contiguous(), iw.bits).t()
         if iw.g_idx is not None:
             out["weight_g_idx"] = iw.g_idx
-        fmt = "pack-quantized"
+        ct_format = "pack-quantized"
         args = _weight_args(scheme, iw.group_size, act_order=iw.g_idx is not None)
+    else:  # -- the stored (N, K) weight as it is, one scale per channel or per tensor
+        out["weight"] = layer.qweight
+        per_channel = w.group_size == -1
+        out["weight_scale"] = layer.scales.reshape((-1, 1) if per_channel else (1,))
+        ct_format = DENSE_FORMATS[(fmt.args_type, scheme.activation is not None)]
+        args = _weight_args(scheme, w.group_size)
     if scheme.activation is not None and not scheme.activation.dynamic:
         out["input_scale"] = layer.input_scale.reshape(1)
-    return fmt, args, out
+    return ct_format, args, out
 
 
 def _original_layer_types(model: nn.Module) -> dict[str, str]:
@@ -453,20 +455,21 @@ def _packed_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
 
 
 def _dense_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
-    w = scheme.weight
     weight = hf.take(local, "weight", name)
     if weight.dim() != 2:
         raise CheckpointError(f"layer {name!r}: weight must be 2-D, got {tuple(weight.shape)}")
     n, k = weight.shape
     scales = hf.take(local, "weight_scale", name).float()
-    if w.type == "int" and scales.numel() == 1:
-        scales = scales.reshape(1, 1).expand(n, 1)  # per-tensor = every channel alike
     local.pop("weight_zero_point", None)
     bias = local.pop("bias", None)
     layer = QuantLinear(k, n, scheme, bias is not None, dtype)
-    want = torch.int8 if w.type == "int" else torch.float8_e4m3fn
-    if weight.dtype != want or w.bits != 8:
-        raise CheckpointError(f"layer {name!r}: weight is {weight.dtype}, expected {want}")
+    if layer.weight_format.is_int and scales.numel() == 1:
+        scales = scales.reshape(1, 1).expand(n, 1)  # per-tensor = every channel alike
+    if weight.dtype != layer.qweight.dtype or weight.shape != layer.qweight.shape:
+        raise CheckpointError(
+            f"layer {name!r}: weight is {weight.dtype} {tuple(weight.shape)}, but "
+            f"{scheme.describe()} stores {layer.qweight.dtype} {tuple(layer.qweight.shape)}"
+        )
     if scales.numel() != layer.scales.numel():
         raise CheckpointError(
             f"layer {name!r}: weight_scale has {scales.numel()} values, expected "

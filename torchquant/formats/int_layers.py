@@ -24,8 +24,8 @@ from torch import nn
 from torchquant.config import QuantScheme, WeightQuant
 from torchquant.errors import CheckpointError
 from torchquant.modules import QuantLinear
-from torchquant.modules.quant_linear import uses_int8_storage
-from torchquant.numerics import num_groups, unpack_codes
+from torchquant.numerics import num_groups, packed_width
+from torchquant.weights import weight_format
 
 
 @dataclass
@@ -67,7 +67,7 @@ class IntLayerWeights:
 def int_weights_of(layer: QuantLinear, name: str) -> IntLayerWeights:
     """The codes and qparams of an INT weight-only ``layer`` (refuses other schemes)."""
     w = layer.scheme.weight
-    if w.type != "int":
+    if not layer.weight_format.is_int:
         raise CheckpointError(f"layer {name!r}: {layer.scheme.describe()} is not an INT weight")
     if layer.scheme.activation is not None:
         raise CheckpointError(
@@ -80,10 +80,7 @@ def int_weights_of(layer: QuantLinear, name: str) -> IntLayerWeights:
             f"layer {name!r}: has a SmoothQuant input divisor, which this format cannot hold; "
             "fold it into the preceding layer or save in the native format"
         )
-    if uses_int8_storage(layer.scheme):
-        codes = (layer.qweight.to(torch.int16) + 128).to(torch.uint8)
-    else:
-        codes = unpack_codes(layer.qweight, w.bits, layer.in_features)
+    codes = layer.weight_format.int_codes(layer)
     scales = layer.scales.detach().clone()
     if w.group_size == -1:
         scales = scales.reshape(layer.out_features, 1)
@@ -179,7 +176,7 @@ def build_int_layer(weights: IntLayerWeights, symmetric: bool, name: str) -> Qua
     An act-order ``weights.g_idx`` is checked (see :func:`checked_g_idx`); a plain one
     is dropped so the layer keeps the contiguous-group path.  Symmetric 8-bit weights
     with a real ``g_idx`` are held as asymmetric ones with zero point 128 (the same
-    values), since the unpacked int8 storage cannot carry a ``g_idx``.
+    values) where the format of symmetric ones cannot carry a ``g_idx`` (INT8).
     """
     n, k = weights.shape
     g = weights.group_size
@@ -193,35 +190,34 @@ def build_int_layer(weights: IntLayerWeights, symmetric: bool, name: str) -> Qua
         raise CheckpointError(f"layer {name!r}: zero points missing or of the wrong shape")
     g_idx = checked_g_idx(weights.g_idx, k, g, name)
     zeros = None if symmetric else weights.zeros
-    if g_idx is not None and symmetric and weights.bits == 8:
-        symmetric, zeros = False, weights.zeros_or_implied()
-    try:
-        scheme = QuantScheme(WeightQuant("int", weights.bits, g, symmetric))
-    except ValueError as exc:
-        raise CheckpointError(f"layer {name!r}: unsupported weight layout ({exc})") from None
+    scheme = _int_scheme(weights.bits, g, symmetric, name)
+    if g_idx is not None and not weight_format(scheme).takes_g_idx(scheme.weight):
+        scheme, zeros = _int_scheme(weights.bits, g, False, name), weights.zeros_or_implied()
     # grouped scales follow the layer dtype: take the checkpoint's so they stay exact
     dtype = weights.scales.dtype if g != -1 else weights.dtype
     layer = QuantLinear(k, n, scheme, weights.bias is not None, dtype, g_idx=g_idx is not None)
     if weights.codes is not None:
         layer.set_int_codes(weights.codes, weights.scales, zeros)
-    elif uses_int8_storage(scheme):
-        codes = unpack_codes(weights.packed, weights.bits, k)
-        layer.set_int_codes(codes, weights.scales, zeros)
-    else:  # already our bitstream: store it as is
-        if weights.packed.shape != layer.qweight.shape:
+    else:  # our bitstream: the layer's format stores it as is or unpacks it
+        expected = (n, packed_width(k, weights.bits))
+        if tuple(weights.packed.shape) != expected:
             raise CheckpointError(
-                f"layer {name!r}: packed weight {tuple(weights.packed.shape)}, "
-                f"expected {tuple(layer.qweight.shape)}"
+                f"layer {name!r}: packed weight {tuple(weights.packed.shape)}, expected {expected}"
             )
-        layer.qweight.copy_(weights.packed)
-        layer.scales.copy_(weights.scales.reshape(layer.scales.shape))
-        if zeros is not None:
-            layer.zeros.copy_(zeros)
+        layer.weight_format.set_packed_codes(layer, weights.packed, weights.scales, zeros)
     if g_idx is not None:
         layer.g_idx.copy_(g_idx)
     if weights.bias is not None:
         layer.bias.copy_(weights.bias)
+    layer.cpu_layout()
     return layer
+
+
+def _int_scheme(bits: int, group_size: int, symmetric: bool, name: str) -> QuantScheme:
+    try:
+        return QuantScheme(WeightQuant("int", bits, group_size, symmetric))
+    except ValueError as exc:
+        raise CheckpointError(f"layer {name!r}: unsupported weight layout ({exc})") from None
 
 
 def model_dtype(model: nn.Module) -> torch.dtype | None:

@@ -139,9 +139,9 @@ def model_layouts(model: nn.Module) -> list[IntLayout]:
     for layer in model.modules():
         if not isinstance(layer, QuantLinear) or layer.scheme.activation is not None:
             continue
-        w = layer.scheme.weight
-        if w.type != "int":
+        if not layer.weight_format.is_int:
             continue
+        w = layer.scheme.weight
         k, g = layer.in_features, w.group_size
         group = g if g == -1 or k % g == 0 else math.gcd(g, k)
         out.append(IntLayout(w.bits, group, w.symmetric))

@@ -1,0 +1,38 @@
+"""The W8A8 op of a layer that also quantizes its input (INT8 or FP8 activations).
+
+The weight is stored by its format (:mod:`~torchquant.weights.int8` or
+:mod:`~torchquant.weights.fp8`); the activation type alone picks the op.  The op
+applies the SmoothQuant divisor and the static input scale itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchquant import ops
+from torchquant.config import QuantScheme
+
+# -- activation type -> the fast W8A8 op (the reference takes the type as an argument)
+W8A8_OPS = {"int8": ops.linear_w8a8_int8, "fp8": ops.linear_w8a8_fp8}
+
+
+def linear_w8a8(
+    x: torch.Tensor,
+    scheme: QuantScheme,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    input_scale: torch.Tensor | None,
+    smooth_scale: torch.Tensor | None,
+    reference: bool,
+) -> torch.Tensor:
+    """``quantize(x) W^T + bias`` for a scheme with ``scheme.activation`` set."""
+    act = scheme.activation
+    per_token = act.granularity == "token"
+    percentile = float(act.percentile)
+    if reference:
+        return ops.linear_w8a8_reference(
+            x, qweight, scales, bias, act.type, per_token, percentile, input_scale, smooth_scale
+        )
+    op = W8A8_OPS[act.type]
+    return op(x, qweight, scales, bias, per_token, percentile, input_scale, smooth_scale)

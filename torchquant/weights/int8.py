@@ -1,0 +1,57 @@
+"""INT8 symmetric weights as signed int8, one byte per weight, unpacked.
+
+``qweight (N, K)`` int8 holding ``code - 128``, ``scales (N, G)``; no zero points (the
+implied zero is 128) and no ``g_idx``.  This is also the weight of INT8 W8A8 layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchquant import ops
+from torchquant.config import WeightQuant
+from torchquant.numerics import num_groups
+from torchquant.ops import cpu_kernels
+from torchquant.ops.cpu_kernels import CpuLayout
+from torchquant.weights.base import Buffers, IntWeightFormat, QuantizedLayer
+
+
+class Int8Format(IntWeightFormat):
+    name = "INT8"
+
+    def holds(self, weight: WeightQuant) -> bool:
+        return weight.type == "int" and weight.bits == 8 and weight.symmetric
+
+    def weight_buffers(
+        self, n: int, k: int, weight: WeightQuant, dtype: torch.dtype, device: torch.device | None
+    ) -> Buffers:
+        g = num_groups(k, weight.group_size)
+        sdt = self.scale_dtype(weight, dtype)
+        return {
+            "qweight": torch.empty(n, k, dtype=torch.int8, device=device),
+            "scales": torch.empty(n, g, dtype=sdt, device=device),
+            "zeros": None,
+        }
+
+    def encode(self, codes: torch.Tensor, weight: WeightQuant) -> torch.Tensor:
+        return (codes.to(torch.int16) - 128).to(torch.int8)
+
+    def decode(self, qweight: torch.Tensor, weight: WeightQuant, k: int) -> torch.Tensor:
+        return (qweight.to(torch.int16) + 128).to(torch.uint8)
+
+    def linear(
+        self,
+        layer: QuantizedLayer,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        reference: bool,
+    ) -> torch.Tensor:
+        q, s, group_size = layer.qweight, layer.scales, layer.scheme.weight.group_size
+        if reference:
+            return ops.linear_int8_weight_reference(x, q, s, bias, group_size)
+        return ops.linear_int8_weight(x, q, s, bias, group_size, *layer.cpu_layout())
+
+    def cpu_layout(self, layer: QuantizedLayer) -> CpuLayout:
+        if layer.dtype != cpu_kernels.COMPUTE_DTYPE:
+            return CpuLayout()  # only bf16 inputs run the kernels (see ops.cpu_kernels)
+        return ops.int8_cpu_layout(layer.qweight, layer.scales, layer.scheme.weight.group_size)

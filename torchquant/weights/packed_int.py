@@ -1,0 +1,89 @@
+"""INT2..8 weights as packed int32 codes, with an optional GPTQ act-order ``g_idx``.
+
+``qweight (N, ceil(K/32)*bits)`` int32 (see ``numerics.packing``), ``scales (N, G)``,
+``zeros (N, G)`` uint8 for asymmetric weights (symmetric ones imply ``2**(bits-1)``),
+``g_idx (K,)`` int32 the group of each input column when act-order reordered them.
+INT8 symmetric weights are not packed: :mod:`torchquant.weights.int8` holds them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchquant import ops
+from torchquant.config import WeightQuant
+from torchquant.numerics import num_groups, pack_codes, packed_width, unpack_codes
+from torchquant.ops import cpu_kernels
+from torchquant.ops.cpu_kernels import CpuLayout
+from torchquant.weights.base import Buffers, IntWeightFormat, QuantizedLayer, store_qparams
+
+
+class PackedIntFormat(IntWeightFormat):
+    name = "packed INT"
+
+    def holds(self, weight: WeightQuant) -> bool:
+        return weight.type == "int" and not (weight.bits == 8 and weight.symmetric)
+
+    def takes_g_idx(self, weight: WeightQuant) -> bool:
+        return weight.group_size > 0
+
+    def weight_buffers(
+        self, n: int, k: int, weight: WeightQuant, dtype: torch.dtype, device: torch.device | None
+    ) -> Buffers:
+        g = num_groups(k, weight.group_size)
+        sdt = self.scale_dtype(weight, dtype)
+        width = packed_width(k, weight.bits)
+        zeros = None if weight.symmetric else torch.empty(n, g, dtype=torch.uint8, device=device)
+        return {
+            "qweight": torch.empty(n, width, dtype=torch.int32, device=device),
+            "scales": torch.empty(n, g, dtype=sdt, device=device),
+            "zeros": zeros,
+        }
+
+    def encode(self, codes: torch.Tensor, weight: WeightQuant) -> torch.Tensor:
+        return pack_codes(codes, weight.bits)
+
+    def decode(self, qweight: torch.Tensor, weight: WeightQuant, k: int) -> torch.Tensor:
+        return unpack_codes(qweight, weight.bits, k)
+
+    def set_packed_codes(
+        self,
+        layer: QuantizedLayer,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+    ) -> None:
+        layer.qweight.copy_(packed)  # already the stored layout: kept bit for bit
+        store_qparams(layer, scales, zeros)
+
+    def linear(
+        self,
+        layer: QuantizedLayer,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        reference: bool,
+    ) -> torch.Tensor:
+        w, g_idx = layer.scheme.weight, layer.g_idx
+        q, s, z = layer.qweight, layer.scales, layer.zeros
+        if reference:
+            group_size = w.group_size if g_idx is None else 0
+            return ops.linear_intn_reference(x, q, s, z, bias, w.bits, group_size, g_idx)
+        if g_idx is not None:
+            return ops.linear_intn_gidx(x, q, s, z, g_idx, bias, w.bits, *layer.cpu_layout())
+        return ops.linear_intn(x, q, s, z, bias, w.bits, w.group_size, *layer.cpu_layout())
+
+    def cpu_layout(self, layer: QuantizedLayer) -> CpuLayout:
+        if layer.dtype != cpu_kernels.COMPUTE_DTYPE:
+            return CpuLayout()  # only bf16 inputs run the kernels (see ops.cpu_kernels)
+        g_idx = layer.g_idx
+        if g_idx is not None and not _groups_in_range(g_idx, layer.scales.shape[1]):
+            return CpuLayout()  # not written yet (codes are set before g_idx): derive later
+        w = layer.scheme.weight
+        group_size = w.group_size if g_idx is None else 0
+        return ops.intn_cpu_layout(
+            layer.qweight, layer.scales, layer.zeros, g_idx, w.bits, group_size, layer.in_features
+        )
+
+
+def _groups_in_range(g_idx: torch.Tensor, groups: int) -> bool:
+    return bool(((g_idx >= 0) & (g_idx < groups)).all())
