@@ -36,6 +36,13 @@ LAYERS = {
     "torchquant.errors": ("torchquant.errors",),
     "torchquant.config*": ("torchquant.errors", "torchquant.config"),
     "torchquant.numerics*": ("torchquant.errors", "torchquant.config", "torchquant.numerics"),
+    "torchquant.weights*": (
+        "torchquant.errors",
+        "torchquant.config",
+        "torchquant.numerics",
+        "torchquant.ops",
+        "torchquant.weights",
+    ),
 }
 KERNEL_DEPENDENCIES = {"torch", "triton"}
 
