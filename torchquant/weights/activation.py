@@ -7,7 +7,7 @@ applies the SmoothQuant divisor and the static input scale itself.
 
 from __future__ import annotations
 
-import torch
+from torch import Tensor
 
 from torchquant import ops
 from torchquant.config import QuantScheme
@@ -17,15 +17,15 @@ W8A8_OPS = {"int8": ops.linear_w8a8_int8, "fp8": ops.linear_w8a8_fp8}
 
 
 def linear_w8a8(
-    x: torch.Tensor,
+    x: Tensor,
     scheme: QuantScheme,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-    input_scale: torch.Tensor | None,
-    smooth_scale: torch.Tensor | None,
+    qweight: Tensor,
+    scales: Tensor,
+    bias: Tensor | None,
+    input_scale: Tensor | None,
+    smooth_scale: Tensor | None,
     reference: bool,
-) -> torch.Tensor:
+) -> Tensor:
     """``quantize(x) W^T + bias`` for a scheme with ``scheme.activation`` set."""
     act = scheme.activation
     per_token = act.granularity == "token"

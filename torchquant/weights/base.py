@@ -13,13 +13,14 @@ from abc import ABC, abstractmethod
 from typing import ClassVar, Protocol
 
 import torch
+from torch import Tensor
 
 from torchquant.config import QuantScheme, WeightQuant
 from torchquant.errors import QuantizationError
 from torchquant.numerics import quantize_int_weight, unpack_codes
 from torchquant.ops.cpu_kernels import CpuLayout
 
-Buffers = dict[str, torch.Tensor | None]
+Buffers = dict[str, Tensor | None]
 
 
 class QuantizedLayer(Protocol):
@@ -29,10 +30,10 @@ class QuantizedLayer(Protocol):
     out_features: int
     scheme: QuantScheme
     dtype: torch.dtype
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor | None
-    g_idx: torch.Tensor | None
+    qweight: Tensor
+    scales: Tensor
+    zeros: Tensor | None
+    g_idx: Tensor | None
 
     def cpu_layout(self) -> CpuLayout: ...
 
@@ -87,48 +88,36 @@ class WeightFormat(ABC):
         return buffers
 
     @abstractmethod
-    def quantize(self, layer: QuantizedLayer, weight: torch.Tensor, name: str) -> None:
+    def quantize(self, layer: QuantizedLayer, weight: Tensor, name: str) -> None:
         """Round ``weight: (N, K)`` to nearest into the layer's buffers."""
 
     def set_int_codes(
-        self,
-        layer: QuantizedLayer,
-        codes: torch.Tensor,
-        scales: torch.Tensor,
-        zeros: torch.Tensor | None,
+        self, layer: QuantizedLayer, codes: Tensor, scales: Tensor, zeros: Tensor | None
     ) -> None:
         """Store unsigned INT codes ``(N, K)`` with their qparams."""
         raise QuantizationError(f"{self.name} weights hold no INT codes")
 
-    def int_codes(self, layer: QuantizedLayer) -> torch.Tensor:
+    def int_codes(self, layer: QuantizedLayer) -> Tensor:
         """The unsigned INT codes ``(N, K)`` uint8 the layer holds."""
         raise QuantizationError(f"{self.name} weights hold no INT codes")
 
     def set_packed_codes(
-        self,
-        layer: QuantizedLayer,
-        packed: torch.Tensor,
-        scales: torch.Tensor,
-        zeros: torch.Tensor | None,
+        self, layer: QuantizedLayer, packed: Tensor, scales: Tensor, zeros: Tensor | None
     ) -> None:
         """Store codes given as our packed bitstream ``(N, ceil(K/32)*bits)`` int32."""
         raise QuantizationError(f"{self.name} weights hold no INT codes")
 
     @abstractmethod
     def linear(
-        self,
-        layer: QuantizedLayer,
-        x: torch.Tensor,
-        bias: torch.Tensor | None,
-        reference: bool,
-    ) -> torch.Tensor:
+        self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None, reference: bool
+    ) -> Tensor:
         """``x W^T + bias`` with the stored weight: the exact reference op, or the fast one."""
 
     def cpu_layout(self, layer: QuantizedLayer) -> CpuLayout:
         """The weight in the layout of the CPU kernels; empty where they use the buffers as is."""
         return CpuLayout()
 
-    def dequantize(self, layer: QuantizedLayer) -> torch.Tensor:
+    def dequantize(self, layer: QuantizedLayer) -> Tensor:
         """The float weight ``(N, K)`` the reference op computes with, in the layer's dtype."""
         eye = torch.eye(layer.in_features, dtype=layer.dtype, device=layer.qweight.device)
         return self.linear(layer, eye, None, reference=True).t()
@@ -148,44 +137,36 @@ class IntWeightFormat(WeightFormat):
         return dtype if weight.group_size > 0 else torch.float32
 
     @abstractmethod
-    def encode(self, codes: torch.Tensor, weight: WeightQuant) -> torch.Tensor:
+    def encode(self, codes: Tensor, weight: WeightQuant) -> Tensor:
         """``qweight`` holding unsigned ``codes: (N, K)``."""
 
     @abstractmethod
-    def decode(self, qweight: torch.Tensor, weight: WeightQuant, k: int) -> torch.Tensor:
+    def decode(self, qweight: Tensor, weight: WeightQuant, k: int) -> Tensor:
         """Unsigned codes ``(N, K)`` uint8 held in ``qweight``."""
 
-    def quantize(self, layer: QuantizedLayer, weight: torch.Tensor, name: str) -> None:
+    def quantize(self, layer: QuantizedLayer, weight: Tensor, name: str) -> None:
         w = layer.scheme.weight
         sdt = self.scale_dtype(w, weight.dtype)
         iw = quantize_int_weight(weight, w.bits, w.group_size, w.symmetric, sdt, what=name)
         self.set_int_codes(layer, iw.codes, iw.scales, iw.zeros)
 
     def set_int_codes(
-        self,
-        layer: QuantizedLayer,
-        codes: torch.Tensor,
-        scales: torch.Tensor,
-        zeros: torch.Tensor | None,
+        self, layer: QuantizedLayer, codes: Tensor, scales: Tensor, zeros: Tensor | None
     ) -> None:
         layer.qweight.copy_(self.encode(codes, layer.scheme.weight))
         store_qparams(layer, scales, zeros)
 
     def set_packed_codes(
-        self,
-        layer: QuantizedLayer,
-        packed: torch.Tensor,
-        scales: torch.Tensor,
-        zeros: torch.Tensor | None,
+        self, layer: QuantizedLayer, packed: Tensor, scales: Tensor, zeros: Tensor | None
     ) -> None:
         codes = unpack_codes(packed, layer.scheme.weight.bits, layer.in_features)
         self.set_int_codes(layer, codes, scales, zeros)
 
-    def int_codes(self, layer: QuantizedLayer) -> torch.Tensor:
+    def int_codes(self, layer: QuantizedLayer) -> Tensor:
         return self.decode(layer.qweight, layer.scheme.weight, layer.in_features)
 
 
-def store_qparams(layer: QuantizedLayer, scales: torch.Tensor, zeros: torch.Tensor | None) -> None:
+def store_qparams(layer: QuantizedLayer, scales: Tensor, zeros: Tensor | None) -> None:
     """Write INT ``scales`` (any shape of the right size) and the zero points it needs."""
     layer.scales.copy_(scales.reshape(layer.scales.shape))
     if layer.zeros is not None:

@@ -8,6 +8,7 @@ FP8 W8A8 layers.  The CPU kernels read the buffers as they are (no CPU layout).
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from torchquant import ops
 from torchquant.config import WeightQuant
@@ -35,18 +36,14 @@ class Fp8Format(WeightFormat):
             "zeros": None,
         }
 
-    def quantize(self, layer: QuantizedLayer, weight: torch.Tensor, name: str) -> None:
+    def quantize(self, layer: QuantizedLayer, weight: Tensor, name: str) -> None:
         per_channel = layer.scheme.weight.group_size == -1
         q, s = quantize_fp8_weight(weight, per_channel=per_channel, what=name)
         layer.qweight.copy_(q)
         layer.scales.copy_(s.reshape(layer.scales.shape))
 
     def linear(
-        self,
-        layer: QuantizedLayer,
-        x: torch.Tensor,
-        bias: torch.Tensor | None,
-        reference: bool,
-    ) -> torch.Tensor:
+        self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None, reference: bool
+    ) -> Tensor:
         op = ops.linear_fp8_weight_reference if reference else ops.linear_fp8_weight
         return op(x, layer.qweight, layer.scales, bias)

@@ -7,6 +7,7 @@ implied zero is 128) and no ``g_idx``.  This is also the weight of INT8 W8A8 lay
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from torchquant import ops
 from torchquant.config import WeightQuant
@@ -33,19 +34,15 @@ class Int8Format(IntWeightFormat):
             "zeros": None,
         }
 
-    def encode(self, codes: torch.Tensor, weight: WeightQuant) -> torch.Tensor:
+    def encode(self, codes: Tensor, weight: WeightQuant) -> Tensor:
         return (codes.to(torch.int16) - 128).to(torch.int8)
 
-    def decode(self, qweight: torch.Tensor, weight: WeightQuant, k: int) -> torch.Tensor:
+    def decode(self, qweight: Tensor, weight: WeightQuant, k: int) -> Tensor:
         return (qweight.to(torch.int16) + 128).to(torch.uint8)
 
     def linear(
-        self,
-        layer: QuantizedLayer,
-        x: torch.Tensor,
-        bias: torch.Tensor | None,
-        reference: bool,
-    ) -> torch.Tensor:
+        self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None, reference: bool
+    ) -> Tensor:
         q, s, group_size = layer.qweight, layer.scales, layer.scheme.weight.group_size
         if reference:
             return ops.linear_int8_weight_reference(x, q, s, bias, group_size)

@@ -9,6 +9,7 @@ INT8 symmetric weights are not packed: :mod:`torchquant.weights.int8` holds them
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from torchquant import ops
 from torchquant.config import WeightQuant
@@ -40,29 +41,21 @@ class PackedIntFormat(IntWeightFormat):
             "zeros": zeros,
         }
 
-    def encode(self, codes: torch.Tensor, weight: WeightQuant) -> torch.Tensor:
+    def encode(self, codes: Tensor, weight: WeightQuant) -> Tensor:
         return pack_codes(codes, weight.bits)
 
-    def decode(self, qweight: torch.Tensor, weight: WeightQuant, k: int) -> torch.Tensor:
+    def decode(self, qweight: Tensor, weight: WeightQuant, k: int) -> Tensor:
         return unpack_codes(qweight, weight.bits, k)
 
     def set_packed_codes(
-        self,
-        layer: QuantizedLayer,
-        packed: torch.Tensor,
-        scales: torch.Tensor,
-        zeros: torch.Tensor | None,
+        self, layer: QuantizedLayer, packed: Tensor, scales: Tensor, zeros: Tensor | None
     ) -> None:
         layer.qweight.copy_(packed)  # already the stored layout: kept bit for bit
         store_qparams(layer, scales, zeros)
 
     def linear(
-        self,
-        layer: QuantizedLayer,
-        x: torch.Tensor,
-        bias: torch.Tensor | None,
-        reference: bool,
-    ) -> torch.Tensor:
+        self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None, reference: bool
+    ) -> Tensor:
         w, g_idx = layer.scheme.weight, layer.g_idx
         q, s, z = layer.qweight, layer.scales, layer.zeros
         if reference:
@@ -85,5 +78,5 @@ class PackedIntFormat(IntWeightFormat):
         )
 
 
-def _groups_in_range(g_idx: torch.Tensor, groups: int) -> bool:
+def _groups_in_range(g_idx: Tensor, groups: int) -> bool:
     return bool(((g_idx >= 0) & (g_idx < groups)).all())
