@@ -20,7 +20,7 @@ from kernel_utils import (
 )
 from torchquant.triton_kernels import act_quant, dequant_gemm, dequant_gemv, scaled_gemm, w8a8_gemm
 from torchquant.triton_kernels._launch import autotune_benchmark, m_bucket
-from torchquant.triton_kernels.fp8_gemm import _fp8_split_k, _fp8_tiled
+from torchquant.triton_kernels.fp8_gemm import fp8_gemm
 
 pytestmark = requires_kernels
 
@@ -28,10 +28,10 @@ TUNED = {
     "gemv": dequant_gemv._gemv_tuned,
     "dequant split-K": dequant_gemm._split_k_tuned,
     "dequant tiled": dequant_gemm._tiled_tuned,
-    "int8 split-K": w8a8_gemm._int8_split_k,
-    "int8 tiled": w8a8_gemm._int8_tiled,
-    "fp8 split-K": _fp8_split_k,
-    "fp8 tiled": _fp8_tiled,
+    "int8 split-K": w8a8_gemm.int8_gemm.split_k_tuned,
+    "int8 tiled": w8a8_gemm.int8_gemm.tiled_tuned,
+    "fp8 split-K": fp8_gemm.split_k_tuned,
+    "fp8 tiled": fp8_gemm.tiled_tuned,
     "act quant": act_quant._quantize_rows_tuned,
 }
 
@@ -125,7 +125,9 @@ def test_split_k_gemm_tunings_are_cached_per_bucket(tuner):
 
 
 def test_int8_split_k_result_is_right_after_tuning(tuner):
-    bench = tuner(w8a8_gemm._int8_split_k, [scaled_gemm], scaled_gemm.SPLIT_K_CONFIGS[1:7:2])
+    bench = tuner(
+        w8a8_gemm.int8_gemm.split_k_tuned, [scaled_gemm], scaled_gemm.SPLIT_K_CONFIGS[1:7:2]
+    )
     x = torch.randn(5, 160, device=KERNEL_DEVICE)
     b = torch.randint(-128, 128, (40, 160), dtype=torch.int8, device=KERNEL_DEVICE)
     b_scale = torch.rand(40, 1, device=KERNEL_DEVICE) + 0.5

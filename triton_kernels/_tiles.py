@@ -1,5 +1,12 @@
-"""Device helpers shared by the tiled GEMM kernels."""
+"""What the tiled GEMM kernels share: tile order, K runs of a split, the split-K buffer, the grid.
 
+Every tiled kernel (weight-only and W8A8) owns a ``BLOCK_M x BLOCK_N`` output tile and
+runs over the K tiles of its split; the grid is ``(tiles, SPLIT_K)``.  A split-K launch
+adds float32 partial tiles atomically into a zeroed buffer, cast to the output dtype
+afterwards (float32 outputs accumulate in place).
+"""
+
+import torch
 import triton
 import triton.language as tl
 
@@ -16,3 +23,47 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
     return pid_m, pid_n
+
+
+@triton.jit
+def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row and column offsets of this program's output tile, with their bounds masks."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def split_k_run(steps, SPLIT_K):
+    """``[start, end)`` of the K steps owned by split ``program_id(1)`` of ``SPLIT_K``."""
+    per_split = tl.cdiv(steps, SPLIT_K)
+    start = tl.program_id(1) * per_split
+    return start, tl.minimum(start + per_split, steps)
+
+
+def split_k_accumulator(out: torch.Tensor, split_k: bool) -> torch.Tensor:
+    """The buffer a launch writes: ``out`` itself, or zeroed float32 partial sums for split-K."""
+    if not split_k:
+        return out
+    if out.dtype == torch.float32:
+        return out.zero_()
+    return torch.zeros_like(out, dtype=torch.float32)
+
+
+def tile_grid(m: int, n: int, split_k: bool, config: triton.Config | None):
+    """The ``(tiles, SPLIT_K)`` grid; a tiled launch refuses an explicit split config."""
+    if config is not None and not split_k and config.kwargs["SPLIT_K"] != 1:
+        raise ValueError("the tiled GEMM takes SPLIT_K=1 configs only")
+
+    def grid(meta):
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return (tiles, meta["SPLIT_K"])
+
+    return grid
+
+
+def tile_config(bm, bn, bk, split_k, warps, stages, group_m=8) -> triton.Config:
+    """A tiled-GEMM config: block shape, split factor, band height, warps and stages."""
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "GROUP_M": group_m}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)

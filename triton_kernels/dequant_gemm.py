@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._launch import autotune_benchmark, m_bucket, output, run_kernel
-from ._tiles import grouped_tile
+from ._tiles import split_k_accumulator, split_k_run, tile_config, tile_grid, tile_offsets
 from .dequant import check_weight, group_index, load_code_tile, load_qparams, weight_meta
 
 
@@ -56,23 +56,14 @@ def _gemm_kernel(
     ATOMIC: tl.constexpr,
 ):
     # -- output tile of this program, grouped along M so weight tiles are reused from L2
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # -- row bases in int64: M or N times a row stride may pass 2**31 elements
     rows = q_ptr + offs_n[:, None].to(tl.int64) * stride_qn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     s_rows = s_ptr + offs_n[:, None] * stride_sn
     z_rows = z_ptr + offs_n[:, None] * stride_zn
     # -- the run of K tiles of this split
-    tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(tiles, SPLIT_K)
-    t_start = pid_k * per_split
-    t_end = tl.minimum(t_start + per_split, tiles)
+    t_start, t_end = split_k_run(tl.cdiv(K, BLOCK_K), SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t_start, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -97,7 +88,7 @@ def _gemm_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if ATOMIC:
-            bias = tl.where(pid_k == 0, bias, 0.0)
+            bias = tl.where(tl.program_id(1) == 0, bias, 0.0)
         acc += bias[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -107,38 +98,33 @@ def _gemm_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _config(bm, bn, bk, split_k, warps, stages, group_m=8) -> triton.Config:
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "GROUP_M": group_m}
-    return triton.Config(meta, num_warps=warps, num_stages=stages)
-
-
 # decode / small batch: 16-row MMA tiles, the weight split over K across the SMs.  The
 # 8-warp tiles are the ones ptxas compiles without spills for 4-bit weights on sm_90
 # (benchmarks/kernel_resources.py), and the first of them is the default (untuned) config
 # with the fewest instructions per weight (benchmarks/kernel_model.py); the autotuner
 # decides by time.
 SPLIT_K_CONFIGS = (
-    [_config(16, bn, bk, sk, 8, 3) for bn, bk in ((256, 64), (64, 128)) for sk in (1, 2, 4, 8)]
+    [tile_config(16, bn, bk, sk, 8, 3) for bn, bk in ((256, 64), (64, 128)) for sk in (1, 2, 4, 8)]
     + [
-        _config(16, bn, bk, sk, 4, st)
+        tile_config(16, bn, bk, sk, 4, st)
         for bn, bk in ((64, 128), (32, 128), (64, 64), (128, 64))
         for sk in (1, 2, 4, 8)
         for st in (3, 4)
     ]
-    + [_config(32, 64, 128, sk, 4, 4) for sk in (1, 2, 4)]
-    + [_config(64, 64, 64, sk, 4, 4) for sk in (1, 2, 4)]
+    + [tile_config(32, 64, 128, sk, 4, 4) for sk in (1, 2, 4)]
+    + [tile_config(64, 64, 64, sk, 4, 4) for sk in (1, 2, 4)]
 )
 
 # prefill: classic tiles, one program per output tile; the first (the default) compiles
 # without spills for 4- and 8-bit weights on sm_90
 TILED_CONFIGS = [
-    _config(128, 128, 32, 1, 4, 4),
-    _config(128, 128, 64, 1, 8, 3),
-    _config(64, 128, 64, 1, 4, 4),
-    _config(128, 64, 64, 1, 4, 4),
-    _config(64, 64, 64, 1, 4, 4),
-    _config(128, 256, 64, 1, 8, 3),
-    _config(32, 64, 128, 1, 4, 4),
+    tile_config(128, 128, 32, 1, 4, 4),
+    tile_config(128, 128, 64, 1, 8, 3),
+    tile_config(64, 128, 64, 1, 4, 4),
+    tile_config(128, 64, 64, 1, 4, 4),
+    tile_config(64, 64, 64, 1, 4, 4),
+    tile_config(128, 256, 64, 1, 8, 3),
+    tile_config(32, 64, 128, 1, 4, 4),
 ]
 
 _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS"]
@@ -177,22 +163,10 @@ def dequant_gemm(
         x = x.contiguous()
     n = qweight.shape[0]
     out = output(out, (m, n), x.dtype, x.device)
-    if split_k:  # float32 partial sums; float32 outputs accumulate in place
-        acc = (
-            out.zero_() if x.dtype == torch.float32 else torch.zeros_like(out, dtype=torch.float32)
-        )
-    else:
-        acc = out
-
-    def grid(meta):
-        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-        return (tiles, meta["SPLIT_K"])
-
-    if config is not None and not split_k and config.kwargs["SPLIT_K"] != 1:
-        raise ValueError("the tiled GEMM takes SPLIT_K=1 configs only")
+    acc = split_k_accumulator(out, split_k)
     run_kernel(
         _split_k_tuned if split_k else _tiled_tuned,
-        grid,
+        tile_grid(m, n, split_k, config),
         config,
         x_ptr=x,
         b_ptr=bias if bias is not None else acc,

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._launch import autotune_benchmark, interpreting, m_bucket, output, run_kernel
+from ._tiles import split_k_run
 from .dequant import (
     PACKED_DTYPES,
     check_weight,
@@ -188,7 +189,6 @@ def _gemv_w4_kernel(
     # -- this program's BLOCK_N weight rows (one thread each), row m of x, run of K steps
     # (row offsets in int64: N * row stride may pass 2**31 elements)
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -198,10 +198,7 @@ def _gemv_w4_kernel(
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     magic = magic.to(tl.uint32, bitcast=True)
     STEP_WORDS: tl.constexpr = BLOCK_K // 8
-    steps = K // BLOCK_K
-    per_split = tl.cdiv(steps, SPLIT_K)
-    t_start = pid_k * per_split
-    t_end = tl.minimum(t_start + per_split, steps)
+    t_start, t_end = split_k_run(K // BLOCK_K, SPLIT_K)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for t in range(t_start, t_end):
         # -- the step's qparams, loaded (BLOCK_N, 1) in the words' layout (a sum over one
@@ -280,7 +277,6 @@ def _gemv_kernel(
     SPLIT_K,
 ):
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     m = tl.program_id(2)
     # -- the BLOCK_N weight rows and the run of K tiles owned by this program
     # (row offsets in int64: N * row stride may pass 2**31 elements)
@@ -290,10 +286,7 @@ def _gemv_kernel(
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     s_rows = s_ptr + offs_n * stride_sn
     z_rows = z_ptr + offs_n * stride_zn
-    tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(tiles, SPLIT_K)
-    t_start = pid_k * per_split
-    t_end = tl.minimum(t_start + per_split, tiles)
+    t_start, t_end = split_k_run(tl.cdiv(K, BLOCK_K), SPLIT_K)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for t in range(t_start, t_end):
         # -- activations (zero past K) and codes of this tile

@@ -10,8 +10,8 @@ tuning (``ATOMIC``) has each K slice scale its partial tile and add it atomicall
 zeroed float32 buffer (the bias goes in with the first slice); ``SPLIT_K`` is a
 runtime value, so one binary serves every split factor.
 
-:mod:`.w8a8_gemm` and :mod:`.fp8_gemm` tune this kernel separately and hold the
-launchers.
+One :class:`ScaledGemm` launcher per operand dtype (:mod:`.w8a8_gemm`, :mod:`.fp8_gemm`)
+tunes this kernel and caches its choices separately.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune_benchmark, m_bucket, output, run_kernel
-from ._tiles import grouped_tile
+from ._launch import autotune_benchmark, check_fp8_support, m_bucket, output, run_kernel
+from ._tiles import split_k_accumulator, split_k_run, tile_config, tile_grid, tile_offsets
 
 
 @triton.jit
@@ -50,21 +50,12 @@ def scaled_gemm_kernel(
     ATOMIC: tl.constexpr,
 ):
     # -- output tile, grouped along M for L2 reuse of b
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # -- row bases in int64: M or N times a row stride may pass 2**31 elements
     a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
     b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
     # -- K slice of this split, 8-bit products accumulated exactly (int32) or in float32
-    tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(tiles, SPLIT_K)
-    t_start = pid_k * per_split
-    t_end = tl.minimum(t_start + per_split, tiles)
+    t_start, t_end = split_k_run(tl.cdiv(K, BLOCK_K), SPLIT_K)
     if a_ptr.dtype.element_ty == tl.int8:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
@@ -92,7 +83,7 @@ def scaled_gemm_kernel(
     if ATOMIC:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            out += tl.where(pid_k == 0, bias, 0.0)[None, :]
+            out += tl.where(tl.program_id(1) == 0, bias, 0.0)[None, :]
         tl.atomic_add(out_ptrs, out, mask=out_mask, sem="relaxed")
     else:
         out = out.to(out_ptr.dtype.element_ty)
@@ -102,30 +93,25 @@ def scaled_gemm_kernel(
         tl.store(out_ptrs, out, mask=out_mask)
 
 
-def gemm_config(bm, bn, bk, split_k, warps, stages, group_m=8) -> triton.Config:
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "GROUP_M": group_m}
-    return triton.Config(meta, num_warps=warps, num_stages=stages)
-
-
 SPLIT_K_MAX_M = 32  # decode and small batches split K so the weight streams on every SM
 
 # -- one search space serves INT8 and FP8 (both 1-byte operands, MMA tiles 32+ along K);
 # -- each dtype gets its own tuned instance, so the choices are made and cached separately
 SPLIT_K_CONFIGS = [
-    gemm_config(16, bn, bk, sk, 4, st)
+    tile_config(16, bn, bk, sk, 4, st)
     for bn, bk in ((64, 128), (128, 128), (64, 256), (32, 256))
     for sk in (1, 2, 4, 8)
     for st in (3, 4)
-] + [gemm_config(32, 64, 128, sk, 4, 4) for sk in (1, 2, 4)]
+] + [tile_config(32, 64, 128, sk, 4, 4) for sk in (1, 2, 4)]
 
 TILED_CONFIGS = [
-    gemm_config(128, 256, 128, 1, 8, 3),
-    gemm_config(128, 128, 128, 1, 8, 3),
-    gemm_config(128, 128, 64, 1, 4, 4),
-    gemm_config(64, 128, 128, 1, 4, 4),
-    gemm_config(128, 64, 128, 1, 4, 4),
-    gemm_config(64, 64, 128, 1, 4, 4),
-    gemm_config(32, 64, 128, 1, 4, 4),
+    tile_config(128, 256, 128, 1, 8, 3),
+    tile_config(128, 128, 128, 1, 8, 3),
+    tile_config(128, 128, 64, 1, 4, 4),
+    tile_config(64, 128, 128, 1, 4, 4),
+    tile_config(128, 64, 128, 1, 4, 4),
+    tile_config(64, 64, 128, 1, 4, 4),
+    tile_config(32, 64, 128, 1, 4, 4),
 ]
 
 
@@ -167,61 +153,62 @@ def check_operands(
         raise ValueError(f"bias must be ({n},), got {tuple(bias.shape)}")
 
 
-def launch_scaled_gemm(
-    split_k_kernel,
-    tiled_kernel,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    a_scale: torch.Tensor,
-    b_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    split_k: bool,
-    config: triton.Config | None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Allocate the output, compute the grid and launch one of the two tunings."""
-    a = a if a.stride(-1) == 1 else a.contiguous()
-    b = b if b.stride(-1) == 1 else b.contiguous()
-    a_scale = a_scale.reshape(-1, 1)
-    b_scale = b_scale.reshape(-1, 1)
-    (m, k), n = a.shape, b.shape[0]
-    out = output(out, (m, n), out_dtype, a.device)
-    if split_k:  # float32 partial sums; float32 outputs accumulate in place
-        acc = (
-            out.zero_()
-            if out_dtype == torch.float32
-            else torch.zeros_like(out, dtype=torch.float32)
+class ScaledGemm:
+    """The launcher of one operand dtype, with its own tuned instances (choices cached apart).
+
+    ``gemm(a, b, a_scale, b_scale, bias, out_dtype)`` computes the module docstring's
+    ``out``; ``split_k`` None picks by M, ``config`` runs one explicit config of that
+    tuning instead of autotuning, ``out`` is an optional preallocated output.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.split_k_tuned = tune(SPLIT_K_CONFIGS, split_k=True)
+        self.tiled_tuned = tune(TILED_CONFIGS, split_k=False)
+
+    def __call__(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        a_scale: torch.Tensor,
+        b_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+        split_k: bool | None = None,
+        config: triton.Config | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        check_operands(a, b, a_scale, b_scale, bias, self.dtype)
+        if self.dtype == torch.float8_e4m3fn:
+            check_fp8_support(a.device)
+        split_k = a.shape[0] <= SPLIT_K_MAX_M if split_k is None else split_k
+        a = a if a.stride(-1) == 1 else a.contiguous()
+        b = b if b.stride(-1) == 1 else b.contiguous()
+        a_scale = a_scale.reshape(-1, 1)
+        b_scale = b_scale.reshape(-1, 1)
+        (m, k), n = a.shape, b.shape[0]
+        out = output(out, (m, n), out_dtype, a.device)
+        acc = split_k_accumulator(out, split_k)
+        run_kernel(
+            self.split_k_tuned if split_k else self.tiled_tuned,
+            tile_grid(m, n, split_k, config),
+            config,
+            a_ptr=a,
+            b_ptr=b,
+            a_scale_ptr=a_scale,
+            b_scale_ptr=b_scale,
+            bias_ptr=bias if bias is not None else acc,
+            out_ptr=acc,
+            M=m,
+            N=n,
+            K=k,
+            stride_am=a.stride(0),
+            stride_bn=b.stride(0),
+            stride_asm=0 if a_scale.shape[0] == 1 else 1,
+            stride_bsn=0 if b_scale.shape[0] == 1 else 1,
+            stride_om=acc.stride(0),
+            M_BUCKET=m_bucket(m),
+            HAS_BIAS=bias is not None,
+            ATOMIC=split_k,
         )
-    else:
-        acc = out
-    if config is not None and not split_k and config.kwargs["SPLIT_K"] != 1:
-        raise ValueError("the tiled GEMM takes SPLIT_K=1 configs only")
-
-    def grid(meta):
-        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-        return (tiles, meta["SPLIT_K"])
-
-    run_kernel(
-        split_k_kernel if split_k else tiled_kernel,
-        grid,
-        config,
-        a_ptr=a,
-        b_ptr=b,
-        a_scale_ptr=a_scale,
-        b_scale_ptr=b_scale,
-        bias_ptr=bias if bias is not None else acc,
-        out_ptr=acc,
-        M=m,
-        N=n,
-        K=k,
-        stride_am=a.stride(0),
-        stride_bn=b.stride(0),
-        stride_asm=0 if a_scale.shape[0] == 1 else 1,
-        stride_bsn=0 if b_scale.shape[0] == 1 else 1,
-        stride_om=acc.stride(0),
-        M_BUCKET=m_bucket(m),
-        HAS_BIAS=bias is not None,
-        ATOMIC=split_k,
-    )
-    return out if acc is out else out.copy_(acc)
+        return out if acc is out else out.copy_(acc)
