@@ -33,8 +33,14 @@ from tqdm.auto import tqdm
 from torchquant import QuantConfig, convert_model, scheme_from_name
 from torchquant.evaluation import perplexity, tokenize_text
 from torchquant.models import load_model
-from torchquant.modules import QatLinear
-from torchquant.qat import QatOptions, check_loss, check_qat_state, convert_qat, prepare_qat
+from torchquant.qat import (
+    QatLinear,
+    QatOptions,
+    check_loss,
+    check_qat_state,
+    convert_qat,
+    prepare_qat,
+)
 from torchquant.serialization import save_quantized
 
 log = logging.getLogger("qat_finetune")

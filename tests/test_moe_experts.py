@@ -271,8 +271,7 @@ def test_compressed_tensors_library_decompresses_expert_weights_exactly(tmp_path
 
 
 def test_qat_trains_and_converts_split_experts():
-    from torchquant.modules import QatLinear
-    from torchquant.qat import convert_qat, prepare_qat
+    from torchquant.qat import QatLinear, convert_qat, prepare_qat
 
     config = QuantConfig(scheme_from_name("w4a16", group_size=16))
     model, summary = prepare_qat(tiny("mixtral"), config, progress=False)

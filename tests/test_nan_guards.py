@@ -16,8 +16,8 @@ from torch import nn
 from torchquant import QuantConfig, QuantizationError, convert_model
 from torchquant.config import AWQConfig, SmoothQuantConfig, scheme_from_name
 from torchquant.errors import CalibrationError
-from torchquant.modules import QatLinear, QuantLinear
-from torchquant.qat import convert_qat, prepare_qat
+from torchquant.modules import QuantLinear
+from torchquant.qat import QatLinear, convert_qat, prepare_qat
 from torchquant.streaming import convert_from_safetensors
 
 W4 = QuantConfig(scheme_from_name("w4a16", 32))

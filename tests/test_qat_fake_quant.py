@@ -8,20 +8,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torchquant.config import ActivationQuant, WeightQuant
-from torchquant.modules.qat_fake_quant import (
-    fake_quantize_activation,
-    fake_quantize_fp8_weight,
-    fake_quantize_int_weight,
-    minmax_weight_qparams,
-)
 from torchquant.numerics import (
     dequantize_activation,
     dequantize_int_weight,
     quantize_activation,
     quantize_int_weight,
 )
-from torchquant.numerics.fake_quant import fake_quantize_int_backward_reference
+from torchquant.numerics.fake_quant import (
+    fake_quantize_activation_backward_reference,
+    fake_quantize_activation_reference,
+    fake_quantize_fp8_backward_reference,
+    fake_quantize_fp8_reference,
+    fake_quantize_int_backward_reference,
+)
 from torchquant.numerics.qparams import FP8_E4M3_MAX
+from torchquant.ops import fake_quant_int_weight
+from torchquant.qat.fake_quant import (
+    fake_quantize_activation,
+    fake_quantize_fp8_weight,
+    minmax_weight_qparams,
+)
 
 
 def _weight(n: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -40,7 +46,7 @@ def test_int_forward_is_reference_quantize_dequantize(bits, group_size, symmetri
     expected = dequantize_int_weight(ref.codes, ref.scales, ref.zeros, bits, group_size, dtype)
     scales, zeros = minmax_weight_qparams(w, spec, scale_dtype)
     assert torch.equal(scales.to(scale_dtype), ref.scales)
-    out = fake_quantize_int_weight(w, scales, zeros, bits, group_size)
+    out = fake_quant_int_weight(w, scales, zeros, bits, group_size)
     assert out.dtype == dtype
     assert torch.equal(out, expected)
 
@@ -51,7 +57,7 @@ def test_int_forward_with_a_short_last_group():
     spec = WeightQuant(bits=4, group_size=32, symmetric=False)
     ref = quantize_int_weight(w, 4, 32, False, torch.float32)
     scales, zeros = minmax_weight_qparams(w, spec)
-    out = fake_quantize_int_weight(w, scales, zeros, 4, 32)
+    out = fake_quant_int_weight(w, scales, zeros, 4, 32)
     assert torch.equal(out, dequantize_int_weight(ref.codes, ref.scales, ref.zeros, 4, 32))
     grad_w, grad_s, grad_z = fake_quantize_int_backward_reference(
         torch.ones_like(w), w, scales, zeros, 4, 32
@@ -76,6 +82,35 @@ def test_activation_forward_is_reference(act_type, per_token):
     assert torch.equal(fake_quantize_activation(x, act), expected)
 
 
+@pytest.mark.parametrize("per_row", [True, False])
+def test_fp8_autograd_is_the_numerics_reference(per_row):
+    w = _weight(16, 64).requires_grad_()
+    absmax = w.detach().abs().amax(dim=1, keepdim=True) if per_row else w.detach().abs().amax()
+    scale = (absmax.reshape(-1, 1) / 500).requires_grad_()  # the largest weights saturate
+    out = fake_quantize_fp8_weight(w, scale)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    grad_w, grad_s = fake_quantize_fp8_backward_reference(grad, w.detach(), scale.detach())
+    assert torch.equal(out, fake_quantize_fp8_reference(w.detach(), scale.detach()))
+    assert torch.equal(w.grad, grad_w) and torch.equal(scale.grad, grad_s)
+
+
+@pytest.mark.parametrize("act_type", ["int8", "fp8"])
+def test_static_activation_autograd_is_the_numerics_reference(act_type):
+    act = ActivationQuant(type=act_type, granularity="tensor", dynamic=False)
+    x = (torch.randn(6, 32) * 3).requires_grad_()
+    s = torch.tensor([0.02 if act_type == "int8" else 0.005], requires_grad=True)
+    out = fake_quantize_activation(x, act, s)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref, used = fake_quantize_activation_reference(x.detach(), act_type, False, 100.0, s.detach())
+    grad_x, grad_s = fake_quantize_activation_backward_reference(
+        grad, x.detach(), used, act_type, True
+    )
+    assert torch.equal(out, ref)
+    assert torch.equal(x.grad, grad_x) and torch.equal(s.grad, grad_s.reshape(1))
+
+
 # -- straight-through gradients: exactly 1 inside the clipping range, exactly 0 outside
 
 
@@ -86,7 +121,7 @@ def test_int_ste_gradient_is_one_inside_zero_outside(symmetric):
     zeros = None if symmetric else torch.full((1, 1), 3.0)
     # codes span far below 0 and far above 15 around the grid
     w = torch.linspace(-3.0, 3.0, 241).reshape(1, -1).requires_grad_()
-    fake_quantize_int_weight(w, scales, zeros, bits, -1).sum().backward()
+    fake_quant_int_weight(w, scales, zeros, bits, -1).sum().backward()
     zero = 8.0 if symmetric else 3.0
     c = torch.round(w.detach() / 0.1) + zero
     inside = (c >= 0) & (c <= 15)
@@ -119,7 +154,7 @@ def test_ste_property_inside_range(bits, scale, zero, seed):
     w = (torch.randn(4, 32, generator=gen) * scale * (1 << bits) / 2).requires_grad_()
     scales = torch.full((4, 1), scale)
     zeros = torch.full((4, 1), float(min(zero, (1 << bits) - 1)))
-    out = fake_quantize_int_weight(w, scales, zeros, bits, -1)
+    out = fake_quant_int_weight(w, scales, zeros, bits, -1)
     out.sum().backward()
     assert set(w.grad.unique().tolist()) <= {0.0, 1.0}
     inside = w.grad == 1
@@ -179,7 +214,7 @@ def test_lsq_scale_gradient_matches_finite_difference(symmetric, group_size):
     scales, zeros = minmax_weight_qparams(w, spec)
     scales = (scales * 0.7).requires_grad_()  # a tighter range clips some weights
     target = torch.randn(n, k)
-    out = fake_quantize_int_weight(w, scales, zeros, bits, group_size)
+    out = fake_quant_int_weight(w, scales, zeros, bits, group_size)
     ((out - target) ** 2).sum().backward()
     group = k if group_size == -1 else group_size
     fd = _finite_difference(_int_surrogate_loss(w, scales, zeros, bits, group, target), scales)
@@ -192,7 +227,7 @@ def test_zero_point_gradient_matches_finite_difference():
     scales = torch.full((3, 1), 0.05)
     zeros = torch.full((3, 1), 7.0, requires_grad=True)
     target = torch.randn_like(w)
-    ((fake_quantize_int_weight(w, scales, zeros, 4, -1) - target) ** 2).sum().backward()
+    ((fake_quant_int_weight(w, scales, zeros, 4, -1) - target) ** 2).sum().backward()
     # surrogate in z: inside (r0 + z - z) * s is constant, clipped (edge - z) * s
     x0 = w.double() / 0.05
     c0 = torch.round(x0) + 7

@@ -8,11 +8,11 @@ from kernel_utils import KERNEL_DEVICE, poisoned, requires_kernels
 from torchquant.triton_kernels.fake_quant import fake_quant_int_backward, fake_quant_int_forward
 
 from torchquant.config import WeightQuant
-from torchquant.modules.qat_fake_quant import minmax_weight_qparams
 from torchquant.numerics.fake_quant import (
     fake_quantize_int_backward_reference,
     fake_quantize_int_reference,
 )
+from torchquant.qat.fake_quant import minmax_weight_qparams
 
 pytestmark = requires_kernels
 

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from torchquant import ConfigError, QuantConfig, QuantizationError, QuantLinear, scheme_from_name
 from torchquant.config import ActivationQuant, QuantScheme, WeightQuant
-from torchquant.modules import QatLinear
-from torchquant.qat import QatOptions, calibrate_input_scales
+from torchquant.numerics import (
+    dequantize_activation,
+    dequantize_fp8_weight,
+    dequantize_int_weight,
+    quantize_activation,
+    quantize_fp8_weight,
+    quantize_int_weight,
+)
+from torchquant.qat import QatLinear, QatOptions, calibrate_input_scales
 
 SCHEMES = {
     "w4a16 g32 asym": scheme_from_name("w4a16", 32),
@@ -29,13 +37,15 @@ SCHEMES = {
 }
 
 
-def _layer(scheme: QuantScheme, options: QatOptions | None = None) -> QatLinear:
-    linear = nn.Linear(128, 48)
+def _layer(
+    scheme: QuantScheme, options: QatOptions | None = None, dtype: torch.dtype = torch.float32
+) -> QatLinear:
+    linear = nn.Linear(128, 48, dtype=dtype)
     with torch.no_grad():
-        linear.weight.mul_(torch.rand(48, 1) * 2 + 0.1)
+        linear.weight.mul_(torch.rand(48, 1, dtype=dtype) * 2 + 0.1)
     layer = QatLinear.from_linear(linear, scheme, options)
     if layer.input_scale is not None:
-        calibrate_input_scales(layer, [torch.randn(16, 128) * 2 for _ in range(3)])
+        calibrate_input_scales(layer, [(torch.randn(16, 128) * 2).to(dtype) for _ in range(3)])
     return layer
 
 
@@ -48,6 +58,35 @@ def _train(layer: QatLinear, steps: int = 5) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def _numerics_forward(layer: QatLinear, x: torch.Tensor) -> torch.Tensor:
+    """What the layer computes from its float weight, written with the reference numerics."""
+    w, act = layer.scheme.weight, layer.scheme.activation
+    weight = layer.weight.detach()
+    if w.type == "fp8":
+        q, s = quantize_fp8_weight(weight, per_channel=w.group_size == -1)
+        wq = dequantize_fp8_weight(q, s, weight.dtype)
+    else:
+        iw = quantize_int_weight(weight, w.bits, w.group_size, w.symmetric, layer._scale_dtype())
+        wq = dequantize_int_weight(iw.codes, iw.scales, iw.zeros, w.bits, w.group_size, x.dtype)
+    if act is not None:
+        static = None if act.dynamic else layer.input_scale.detach()
+        x2 = x.reshape(-1, x.shape[-1])
+        q, s = quantize_activation(x2, act.type, act.granularity == "token", 100.0, static)
+        x = dequantize_activation(q, s, x.dtype).reshape(x.shape)
+    return F.linear(x, wq, layer.bias.detach())
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quant_forward_is_the_numerics_reference(name, dtype):
+    # -- min-max scales, learned or followed: the round-to-nearest weight, bit for bit
+    for learn in (True, False):
+        layer = _layer(SCHEMES[name], QatOptions(learn_scales=learn), dtype)
+        x = (torch.randn(3, 5, 128) * 2).to(dtype)
+        with torch.no_grad():
+            assert torch.equal(layer(x), _numerics_forward(layer, x))
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))

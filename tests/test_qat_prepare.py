@@ -16,8 +16,7 @@ from torchquant import (
     convert_model,
     scheme_from_name,
 )
-from torchquant.modules import QatLinear
-from torchquant.qat import check_loss, check_qat_state, convert_qat, prepare_qat
+from torchquant.qat import QatLinear, check_loss, check_qat_state, convert_qat, prepare_qat
 
 transformers = pytest.importorskip("transformers")
 

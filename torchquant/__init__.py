@@ -20,8 +20,8 @@ from torchquant.errors import (
     TorchquantError,
 )
 from torchquant.formats.dispatch import detect_format, load_checkpoint, save_checkpoint
-from torchquant.modules import QatLinear, QuantExperts, QuantLinear
-from torchquant.qat import QatOptions, convert_qat, prepare_qat
+from torchquant.modules import QuantExperts, QuantLinear
+from torchquant.qat import QatLinear, QatOptions, convert_qat, prepare_qat
 
 __version__ = "0.1.0"
 

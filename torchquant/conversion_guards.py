@@ -14,7 +14,6 @@ from torch import nn
 
 from torchquant.config import QuantConfig, QuantScheme
 from torchquant.errors import QuantizationError
-from torchquant.modules import QatLinear
 from torchquant.modules.quant_experts import (
     expert_linear_aliases,
     fused_experts_layout,
@@ -81,7 +80,7 @@ def check_before_conversion(
     """
     for name, (scheme, _) in plan.items():
         layer = model.get_submodule(name)
-        if scheme is None and not isinstance(layer, QatLinear):
+        if scheme is None and not _converts_itself(layer):
             continue
         with onloaded(layer):
             if layer.weight.device.type == "meta":
@@ -94,6 +93,14 @@ def check_before_conversion(
                 refuse_nonfinite(f"{name}.{tname}", t)
     for name in _fused_experts_to_split(model, config):
         _check_fused_experts(name, model.get_submodule(name))
+
+
+def _converts_itself(layer: nn.Module) -> bool:
+    """A QAT layer converts with its trained scales whatever the plan says (``to_quant_linear``).
+
+    Asked of the layer rather than its class: ``torchquant.qat`` builds on these checks.
+    """
+    return callable(getattr(layer, "to_quant_linear", None))
 
 
 def _check_fused_experts(name: str, module: nn.Module) -> None:

@@ -15,7 +15,7 @@ from torchquant.calibration.engine import calibrate_model
 from torchquant.config import QuantConfig, QuantScheme
 from torchquant.conversion_guards import ModelSnapshot, check_before_conversion
 from torchquant.errors import ConfigError, QuantizationError
-from torchquant.modules import QatLinear, QuantExperts, QuantLinear
+from torchquant.modules import QuantExperts, QuantLinear
 from torchquant.offload import carry_hook, execution_device, is_offloaded, onloaded
 from torchquant.plan import (
     ConversionSummary,
@@ -24,6 +24,7 @@ from torchquant.plan import (
     split_experts_for_config,
     tensor_bytes,
 )
+from torchquant.qat import QatLinear
 
 __all__ = ["ConversionSummary", "convert_model"]
 

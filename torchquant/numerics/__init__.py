@@ -1,13 +1,24 @@
 """Pure-PyTorch quantization numerics: the reference every kernel is tested against."""
 
-from torchquant.numerics.activation import dequantize_activation, quantize_activation
+from torchquant.numerics.activation import (
+    activation_qmax,
+    dequantize_activation,
+    quantize_activation,
+)
 from torchquant.numerics.packing import pack_codes, packed_width, unpack_codes
-from torchquant.numerics.qparams import check_finite, choose_fp8_scale, choose_int_qparams
+from torchquant.numerics.qparams import (
+    check_finite,
+    choose_fp8_scale,
+    choose_int_qparams,
+    to_fp8_e4m3,
+)
 from torchquant.numerics.weight import (
     IntWeight,
+    choose_fp8_weight_scale,
     dequantize_fp8_weight,
     dequantize_int_weight,
     expand_groups,
+    expand_qparams,
     group_min_max,
     num_groups,
     quantize_codes,
@@ -17,13 +28,16 @@ from torchquant.numerics.weight import (
 
 __all__ = [
     "IntWeight",
+    "activation_qmax",
     "check_finite",
     "choose_fp8_scale",
+    "choose_fp8_weight_scale",
     "choose_int_qparams",
     "dequantize_activation",
     "dequantize_fp8_weight",
     "dequantize_int_weight",
     "expand_groups",
+    "expand_qparams",
     "group_min_max",
     "num_groups",
     "pack_codes",
@@ -32,5 +46,6 @@ __all__ = [
     "quantize_codes",
     "quantize_fp8_weight",
     "quantize_int_weight",
+    "to_fp8_e4m3",
     "unpack_codes",
 ]

@@ -13,11 +13,12 @@ import math
 import torch
 
 from torchquant.errors import QuantizationError
-from torchquant.numerics.qparams import FP8_E4M3_MAX
+from torchquant.numerics.qparams import FP8_E4M3_MAX, to_fp8_e4m3
 
-INT8_MAX = 127.0
-ACT_DTYPES = ("int8", "fp8")
-ACT_GRANULARITIES = ("token", "tensor")
+INT8_MIN, INT8_MAX = -128.0, 127.0
+# -- the values each activation dtype holds, in units of the scale
+ACTIVATION_RANGES = {"int8": (INT8_MIN, INT8_MAX), "fp8": (-FP8_E4M3_MAX, FP8_E4M3_MAX)}
+ACT_DTYPES = tuple(ACTIVATION_RANGES)
 
 
 def _absmax(x: torch.Tensor, per_token: bool, percentile: float) -> torch.Tensor:
@@ -30,12 +31,16 @@ def _absmax(x: torch.Tensor, per_token: bool, percentile: float) -> torch.Tensor
     return a.kthvalue(k, dim=-1, keepdim=True).values
 
 
+def activation_qmax(dtype: str) -> float:
+    """The largest value ``dtype`` holds: ``max |x|`` maps onto it (127 for INT8, 448 for FP8)."""
+    return ACTIVATION_RANGES[dtype][1]
+
+
 def activation_scale(
     x: torch.Tensor, dtype: str, per_token: bool, percentile: float = 100.0
 ) -> torch.Tensor:
     """float32 scales, ``(rows, 1)`` per token or ``(1, 1)`` per tensor, for ``x: (rows, K)``."""
-    qmax = INT8_MAX if dtype == "int8" else FP8_E4M3_MAX
-    scale = _absmax(x, per_token, percentile) / qmax
+    scale = _absmax(x, per_token, percentile) / activation_qmax(dtype)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
@@ -65,9 +70,9 @@ def quantize_activation(
     else:
         scale = activation_scale(xf, dtype, per_token, percentile)
     if dtype == "int8":
-        q = torch.clamp(torch.round(xf / scale), -128, 127).to(torch.int8)
+        q = torch.clamp(torch.round(xf / scale), INT8_MIN, INT8_MAX).to(torch.int8)
     else:
-        q = torch.clamp(xf / scale, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        q = to_fp8_e4m3(xf / scale)
     return q, scale
 
 

@@ -1,29 +1,39 @@
-"""Reference INTn weight fake quantization for training: forward and straight-through backward.
+"""Reference fake quantization for training: quantize -> dequantize forward, straight-through back.
 
-``w (N, K)`` float; ``scales (N, G)``; ``zeros (N, G)`` float holding integers, or
-``None`` for symmetric schemes (implied zero ``2**(bits-1)``); ``G = ceil(K / group_size)``.
+One formula per tensor kind, and every fast path (the fused INTn op and its Triton
+kernels, the autograd functions of ``torchquant.qat``) computes exactly this.
 
-Forward: ``(clamp(round(w / s) + z, 0, qmax) - z) * s`` in float32, cast to ``w.dtype``:
-the same bits as ``dequantize_int_weight(quantize_codes(w, ...))``.
+INTn weights: ``w (N, K)`` float; ``scales (N, G)``; ``zeros (N, G)`` float holding
+integers, or ``None`` for symmetric schemes (implied zero ``2**(bits-1)``);
+``G = ceil(K / group_size)``.  Forward: ``(clamp(round(w / s) + z, 0, qmax) - z) * s``
+in float32, cast to ``w.dtype``: the same bits as
+``dequantize_int_weight(quantize_codes(w, ...))``.
 
-Backward, with ``x = w / s``, ``r = round(x)``, ``c = r + z`` and *inside* meaning
-``0 <= c <= qmax``: the weight gradient passes inside and is blocked outside
-(straight-through estimator); the scale gradient is LSQ's ``r - x`` inside and the
-clipped level ``-z`` / ``qmax - z`` outside; the zero-point gradient is ``0`` inside
-and ``-s`` outside.  Scale and zero gradients are summed over each group.
+FP8 weights: ``fp8(clamp(w / s, +-448)) * s`` with a per-row ``(N, 1)`` or ``(1, 1)``
+scale.  Activations: ``dequantize_activation(quantize_activation(x, ...))``.
+
+Backward, with ``x`` the tensor divided by its scale and *inside* meaning "quantized
+without clipping": the tensor's gradient passes inside and is blocked outside
+(straight-through estimator); the scale gradient is LSQ's ``level - x`` inside and the
+clipped level outside; an INT zero point's gradient is ``0`` inside and ``-s`` outside.
+Scale and zero gradients are summed over the elements each one scales.
 """
 
 from __future__ import annotations
 
 import torch
 
-from torchquant.numerics.weight import expand_groups
+from torchquant.numerics.activation import (
+    ACTIVATION_RANGES,
+    dequantize_activation,
+    quantize_activation,
+)
+from torchquant.numerics.qparams import FP8_E4M3_MAX, to_fp8_e4m3
+from torchquant.numerics.weight import expand_qparams
 
 
-def _grid(w, scales, zeros, bits, group_size):
-    k = w.shape[1]
-    s = expand_groups(scales.float(), group_size, k)
-    z = float(1 << (bits - 1)) if zeros is None else expand_groups(zeros.float(), group_size, k)
+def _int_grid(w, scales, zeros, bits, group_size):
+    s, z = expand_qparams(scales, zeros, bits, group_size, w.shape[1])
     x = w.float() / s
     r = torch.round(x)
     return s, z, x, r, r + z
@@ -43,8 +53,8 @@ def fake_quantize_int_reference(
     bits: int,
     group_size: int,
 ) -> torch.Tensor:
-    """Quantize to INTn codes and dequantize again, as ``w.dtype``."""
-    s, z, _, _, c = _grid(w, scales, zeros, bits, group_size)
+    """Fake-quantized weight ``(N, K)``: quantize to INTn codes and dequantize again."""
+    s, z, _, _, c = _int_grid(w, scales, zeros, bits, group_size)
     return ((torch.clamp(c, 0, (1 << bits) - 1) - z) * s).to(w.dtype)
 
 
@@ -58,7 +68,7 @@ def fake_quantize_int_backward_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(grad_w, grad_scales, grad_zeros)``; ``grad_zeros`` is ``None`` when ``zeros`` is."""
     qmax = float((1 << bits) - 1)
-    s, z, x, r, c = _grid(w, scales, zeros, bits, group_size)
+    s, z, x, r, c = _int_grid(w, scales, zeros, bits, group_size)
     g = grad.float()
     inside = (c >= 0) & (c <= qmax)
     grad_w = torch.where(inside, g, 0.0).to(w.dtype)
@@ -69,3 +79,66 @@ def fake_quantize_int_backward_reference(
         d_zero = torch.where(inside, 0.0, -s)
         grad_z = _sum_groups(g * d_zero, group_size, zeros.shape[1]).to(zeros.dtype)
     return grad_w, grad_s, grad_z
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a broadcast gradient back to ``shape`` (per-row ``(N, 1)`` or per-tensor)."""
+    if t.shape == shape:
+        return t
+    if len(shape) == 2 and shape[0] == t.shape[0]:
+        return t.sum(dim=1, keepdim=True)
+    return t.sum().reshape(shape)
+
+
+def fake_quantize_fp8_reference(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 fake-quantized ``w (N, K)`` as ``w.dtype``, for a ``(N, 1)`` or ``(1, 1)`` scale."""
+    q = to_fp8_e4m3(w.float() / scale.float()).float()
+    return (q * scale.float()).to(w.dtype)
+
+
+def fake_quantize_fp8_backward_reference(
+    grad: torch.Tensor, w: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_w, grad_scale)``; outside +-448 the scale gradient is the saturated level."""
+    x = w.float() / scale.float()
+    q = to_fp8_e4m3(x).float()
+    inside = x.abs() <= FP8_E4M3_MAX
+    g = grad.float()
+    grad_w = torch.where(inside, g, 0.0).to(grad.dtype)
+    d_scale = torch.where(inside, q - x, q)
+    return grad_w, _sum_to(g * d_scale, scale.shape).to(scale.dtype)
+
+
+def fake_quantize_activation_reference(
+    x: torch.Tensor,
+    dtype: str,
+    per_token: bool,
+    percentile: float,
+    static_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake-quantized ``x (rows, K)`` as ``x.dtype``, and the float32 scale it used."""
+    q, scale = quantize_activation(x, dtype, per_token, percentile, static_scale)
+    return dequantize_activation(q, scale, x.dtype), scale
+
+
+def fake_quantize_activation_backward_reference(
+    grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, dtype: str, scale_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(grad_x, grad_scale)`` for the ``scale`` the forward used (LSQ, summed over all of x).
+
+    ``grad_scale`` is ``None`` unless ``scale_grad``: a dynamic scale follows the input.
+    """
+    lo, hi = ACTIVATION_RANGES[dtype]
+    xs = x.float() / scale
+    if dtype == "int8":
+        level = torch.round(xs)
+        inside = (level >= lo) & (level <= hi)
+    else:
+        level = to_fp8_e4m3(xs).float()
+        inside = xs.abs() <= hi
+    g = grad.float()
+    grad_x = torch.where(inside, g, 0.0).to(grad.dtype)
+    if not scale_grad:
+        return grad_x, None
+    d_scale = torch.where(inside, level - xs, torch.where(xs < 0, lo, hi))
+    return grad_x, (g * d_scale).sum()

@@ -16,6 +16,11 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         raise QuantizationError(f"{what} contains {bad} NaN/Inf value(s); cannot quantize it")
 
 
+def to_fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """``x`` saturated to +-448 and rounded to float8_e4m3fn (a plain cast turns those into NaN)."""
+    return torch.clamp(x, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+
+
 def choose_int_qparams(
     min_vals: torch.Tensor,
     max_vals: torch.Tensor,

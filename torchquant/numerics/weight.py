@@ -14,10 +14,10 @@ import torch
 
 from torchquant.errors import QuantizationError
 from torchquant.numerics.qparams import (
-    FP8_E4M3_MAX,
     check_finite,
     choose_fp8_scale,
     choose_int_qparams,
+    to_fp8_e4m3,
 )
 
 
@@ -31,6 +31,19 @@ def expand_groups(t: torch.Tensor, group_size: int, in_features: int) -> torch.T
     if group_size == -1:
         return t[:, :1].expand(t.shape[0], in_features)
     return t.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def expand_qparams(
+    scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int
+) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """Per-element float32 scale and zero point ``(N, K)``; ``zeros=None`` is symmetric.
+
+    A symmetric scheme's zero point is the implied ``2**(bits-1)`` (a float).
+    """
+    scale = expand_groups(scales, group_size, in_features).float()
+    if zeros is None:
+        return scale, float(1 << (bits - 1))
+    return scale, expand_groups(zeros, group_size, in_features).float()
 
 
 def group_min_max(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,9 +96,7 @@ def quantize_codes(
     group_size: int,
 ) -> torch.Tensor:
     """Codes in ``[0, 2**bits)`` for ``w`` given its qparams (used by RTN and GPTQ)."""
-    k = w.shape[1]
-    zero = expand_groups(zeros, group_size, k).float() if zeros is not None else 1 << (bits - 1)
-    scale = expand_groups(scales, group_size, k).float()
+    scale, zero = expand_qparams(scales, zeros, bits, group_size, w.shape[1])
     codes = torch.round(w.float() / scale) + zero
     return torch.clamp(codes, 0, (1 << bits) - 1).to(torch.uint8)
 
@@ -149,9 +160,7 @@ def dequantize_int_weight(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``(code - zero) * scale`` as ``dtype``, computed in float32."""
-    k = codes.shape[1]
-    zero = expand_groups(zeros, group_size, k).float() if zeros is not None else 1 << (bits - 1)
-    scale = expand_groups(scales, group_size, k).float()
+    scale, zero = expand_qparams(scales, zeros, bits, group_size, codes.shape[1])
     return ((codes.float() - zero) * scale).to(dtype)
 
 
@@ -160,10 +169,14 @@ def quantize_fp8_weight(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 E4M3 weight ``(N, K)`` and float32 scale ``(N, 1)`` (per channel) or ``()``."""
     _check_weight(w, what)
+    scale = choose_fp8_weight_scale(w, per_channel)
+    return to_fp8_e4m3(w.float() / scale), scale
+
+
+def choose_fp8_weight_scale(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """float32 scale ``(N, 1)`` per channel or ``()`` per tensor: ``max |w|`` maps onto 448."""
     absmax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()
-    scale = choose_fp8_scale(absmax)
-    q = torch.clamp(w.float() / scale, -FP8_E4M3_MAX, FP8_E4M3_MAX)
-    return q.to(torch.float8_e4m3fn), scale
+    return choose_fp8_scale(absmax)
 
 
 def dequantize_fp8_weight(

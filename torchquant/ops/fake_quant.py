@@ -1,16 +1,17 @@
 """Custom op for INTn weight fake-quantization with a straight-through / LSQ backward.
 
 ``torchquant::fake_quant_int_weight(w, scales, zeros, bits, group_size) -> w_q`` and its
-backward op are registered with ``torch.library``: the implementation here is the
-reference (``torchquant.numerics.fake_quant``), and the fused Triton kernels are the
-CUDA implementation.  ``register_autograd`` ties them together and
+backward op are registered with ``torch.library``: their default implementation is the
+reference itself (``torchquant.numerics.fake_quant``), and the fused Triton kernels are
+the CUDA implementation.  ``register_autograd`` ties them together and
 ``register_fake`` lets ``torch.compile`` trace both, so a compiled QAT model keeps one
-fused op per layer.  Shapes and formulas: see the kernel module.
+fused op per layer.  Shapes and formulas: see the reference module.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from torchquant.numerics.fake_quant import (
     fake_quantize_int_backward_reference,
@@ -18,31 +19,23 @@ from torchquant.numerics.fake_quant import (
 )
 from torchquant.ops.common import register_cuda
 
+fake_quant_int_weight = torch.library.custom_op(
+    "torchquant::fake_quant_int_weight", fake_quantize_int_reference, mutates_args=()
+)
 
-@torch.library.custom_op("torchquant::fake_quant_int_weight", mutates_args=())
-def fake_quant_int_weight(
-    w: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-) -> torch.Tensor:
-    """Fake-quantized weight ``(N, K)``: quantize to INTn codes and dequantize again."""
-    return fake_quantize_int_reference(w, scales, zeros, bits, group_size)
+
+def _zeros_placeholder(grad_zeros: Tensor | None, scales: Tensor) -> Tensor:
+    """An op returns tensors only: symmetric schemes get an all-zero ``grad_zeros``."""
+    return grad_zeros if grad_zeros is not None else torch.zeros_like(scales)
 
 
 @torch.library.custom_op("torchquant::fake_quant_int_weight_backward", mutates_args=())
 def fake_quant_int_weight_backward(
-    grad: torch.Tensor,
-    w: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_w, grad_scales, grad_zeros)``; ``grad_zeros`` is all-zero for symmetric."""
     gw, gs, gz = fake_quantize_int_backward_reference(grad, w, scales, zeros, bits, group_size)
-    return gw, gs, gz if gz is not None else torch.zeros_like(scales)
+    return gw, gs, _zeros_placeholder(gz, scales)
 
 
 @fake_quant_int_weight.register_fake
@@ -74,29 +67,20 @@ fake_quant_int_weight.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fake_quant_int_weight_cuda(
-    w: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-) -> torch.Tensor:
+    w: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int
+) -> Tensor:
     from torchquant.triton_kernels.fake_quant import fake_quant_int_forward
 
     return fake_quant_int_forward(w, scales, zeros, bits, group_size)
 
 
 def fake_quant_int_weight_backward_cuda(
-    grad: torch.Tensor,
-    w: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
     from torchquant.triton_kernels.fake_quant import fake_quant_int_backward
 
     gw, gs, gz = fake_quant_int_backward(grad, w, scales, zeros, bits, group_size)
-    return gw, gs, gz if gz is not None else torch.zeros_like(scales)
+    return gw, gs, _zeros_placeholder(gz, scales)
 
 
 register_cuda("torchquant::fake_quant_int_weight", fake_quant_int_weight_cuda)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from torchquant.errors import QuantizationError
-from torchquant.modules import QatLinear
+from torchquant.qat.qat_linear import QatLinear
 
 
 def qat_state_problems(model: nn.Module) -> list[str]:

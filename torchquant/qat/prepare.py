@@ -16,10 +16,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from torchquant.config import QuantConfig
-from torchquant.config.qat import QatOptions
 from torchquant.conversion_guards import check_before_conversion, refuse_nonfinite
 from torchquant.errors import ConfigError, QuantizationError
-from torchquant.modules import QatLinear, QuantLinear
+from torchquant.modules import QuantLinear
 from torchquant.plan import (
     ConversionSummary,
     plan_conversion,
@@ -27,6 +26,8 @@ from torchquant.plan import (
     split_experts_for_config,
     tensor_bytes,
 )
+from torchquant.qat.options import QatOptions
+from torchquant.qat.qat_linear import QatLinear
 
 
 def qat_layers(model: nn.Module) -> dict[str, QatLinear]:

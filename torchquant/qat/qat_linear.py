@@ -7,19 +7,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchquant.config import QuantScheme
-from torchquant.config.qat import QatOptions
 from torchquant.errors import ConfigError, QuantizationError
-from torchquant.modules.qat_fake_quant import (
+from torchquant.modules.quant_linear import QuantLinear, _scale_dtype
+from torchquant.numerics import activation_qmax
+from torchquant.qat.fake_quant import (
     cast_ste,
     fake_quantize_activation,
-    fake_quantize_fp8_weight,
-    fake_quantize_int_weight,
+    fake_quantize_weight,
+    has_zero_points,
     int_zero_points,
     minmax_weight_qparams,
+    store_trained_weight,
+    weight_qparam_shape,
 )
-from torchquant.modules.quant_linear import QuantLinear, _scale_dtype
-from torchquant.numerics import num_groups, quantize_codes
-from torchquant.numerics.qparams import FP8_E4M3_MAX
+from torchquant.qat.options import QatOptions
 
 
 class QatLinear(nn.Linear):
@@ -52,19 +53,13 @@ class QatLinear(nn.Linear):
         self.observing = False  # set by calibration: static input scales track max |x|
         self._make_qparams(self.weight.device)
 
-    def _qparam_shape(self) -> tuple[int, int]:
-        w = self.scheme.weight
-        if w.type == "fp8":
-            return (self.out_features if w.group_size == -1 else 1, 1)
-        return self.out_features, num_groups(self.in_features, w.group_size)
-
     def _make_qparams(self, device: torch.device) -> None:
         w, act, opts = self.scheme.weight, self.scheme.activation, self.options
-        shape = self._qparam_shape()
+        shape = weight_qparam_shape(w, self.out_features, self.in_features)
         scales = zeros = input_scale = None
         if opts.learn_scales:
             scales = nn.Parameter(torch.ones(shape, device=device))
-            if w.type == "int" and not w.symmetric:
+            if has_zero_points(w):
                 zeros = nn.Parameter(torch.zeros(shape, device=device), opts.learn_zeros)
         if act is not None and not act.dynamic:
             input_scale = nn.Parameter(torch.ones(1, device=device), opts.learn_input_scale)
@@ -156,15 +151,12 @@ class QatLinear(nn.Linear):
         return s, z
 
     def fake_quantized_weight(self) -> torch.Tensor:
-        w = self.scheme.weight
         scales, zeros = self.weight_qparams()
-        if w.type == "fp8":
-            return fake_quantize_fp8_weight(self.weight, scales)
-        return fake_quantize_int_weight(self.weight, scales, zeros, w.bits, w.group_size)
+        return fake_quantize_weight(self.weight, self.scheme.weight, scales, zeros)
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
-        qmax = 127.0 if self.scheme.activation.type == "int8" else FP8_E4M3_MAX
+        qmax = activation_qmax(self.scheme.activation.type)
         seen = x.detach().abs().amax().float().reshape(1) / qmax
         self.input_scale.copy_(torch.maximum(self.input_scale, seen))
 
@@ -202,7 +194,6 @@ class QatLinear(nn.Linear):
             raise ConfigError(
                 f"{label}: trained as {self.scheme.describe()}, but the config asks for {wanted}"
             )
-        w = self.scheme.weight
         scales, zeros = self.weight_qparams()
         weight = self.weight.detach()
         layer = QuantLinear(
@@ -213,15 +204,7 @@ class QatLinear(nn.Linear):
             dtype=weight.dtype,
             device=weight.device,
         )
-        if w.type == "fp8":
-            q = torch.clamp(weight.float() / scales, -FP8_E4M3_MAX, FP8_E4M3_MAX)
-            layer.qweight.copy_(q.to(torch.float8_e4m3fn))
-            layer.scales.copy_(scales.reshape(layer.scales.shape))
-        else:
-            stored = scales.to(self._scale_dtype())
-            zeros_u8 = None if zeros is None else zeros.to(torch.uint8)
-            codes = quantize_codes(weight, stored, zeros_u8, w.bits, w.group_size)
-            layer.set_int_codes(codes, stored, zeros_u8)
+        store_trained_weight(layer, weight, scales, zeros, self._scale_dtype())
         if self.bias is not None:
             layer.bias.copy_(self.bias)
         if self.input_scale is not None:

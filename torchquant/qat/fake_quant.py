@@ -1,0 +1,178 @@
+"""Fake quantization for training: the reference numerics wrapped for autograd, per storage kind.
+
+The maths is ``torchquant.numerics.fake_quant`` (forward and straight-through / LSQ
+backward): INTn weights run the fused op ``torchquant::fake_quant_int_weight`` (Triton on
+CUDA), FP8 weights and activations run the reference through an autograd function.
+This module is also the one place QAT looks at a weight's storage kind (INTn or FP8):
+the shape of its qparams, its min-max starting point, its fake quantization and what a
+``QuantLinear`` stores for it after training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchquant.config import ActivationQuant, WeightQuant
+from torchquant.errors import QuantizationError
+from torchquant.modules.quant_linear import QuantLinear
+from torchquant.numerics import (
+    choose_fp8_weight_scale,
+    choose_int_qparams,
+    group_min_max,
+    num_groups,
+    quantize_codes,
+    to_fp8_e4m3,
+)
+from torchquant.numerics.fake_quant import (
+    fake_quantize_activation_backward_reference,
+    fake_quantize_activation_reference,
+    fake_quantize_fp8_backward_reference,
+    fake_quantize_fp8_reference,
+)
+from torchquant.ops.fake_quant import fake_quant_int_weight
+
+
+def round_ste(t: torch.Tensor) -> torch.Tensor:
+    """``round(t)`` in the forward, identity in the backward."""
+    return t + (torch.round(t) - t).detach()
+
+
+def cast_ste(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` rounded to ``dtype`` (and back to ``t.dtype``) with an identity gradient."""
+    if dtype == t.dtype:
+        return t
+    return t + (t.to(dtype).to(t.dtype) - t).detach()
+
+
+def int_zero_points(zeros: torch.Tensor | None, bits: int) -> torch.Tensor | None:
+    """Learnable float zero points -> integer-valued ones in ``[0, 2**bits)`` (STE rounding)."""
+    if zeros is None:
+        return None
+    return torch.clamp(round_ste(zeros), 0, (1 << bits) - 1)
+
+
+# -- storage kinds: every INTn / FP8 distinction QAT makes
+
+
+def weight_qparam_shape(
+    weight: WeightQuant, out_features: int, in_features: int
+) -> tuple[int, int]:
+    """``(N, G)`` INT scales and zero points; one FP8 scale per row ``(N, 1)`` or ``(1, 1)``."""
+    if weight.type == "fp8":
+        return (out_features if weight.group_size == -1 else 1, 1)
+    return out_features, num_groups(in_features, weight.group_size)
+
+
+def has_zero_points(weight: WeightQuant) -> bool:
+    return weight.type == "int" and not weight.symmetric
+
+
+def minmax_weight_qparams(
+    w: torch.Tensor, weight: WeightQuant, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float32 scales ``(N, G)`` and float zero points (or ``None``) from the weight's range.
+
+    The same choice round-to-nearest makes (``choose_int_qparams`` / ``choose_fp8_scale``),
+    with INT scales rounded to ``scale_dtype`` (the dtype ``QuantLinear`` stores) before the
+    zero points are chosen, returned as float32 tensors so they can become parameters.
+    """
+    w = w.detach()
+    if weight.type == "fp8":
+        return choose_fp8_weight_scale(w, weight.group_size == -1).reshape(-1, 1), None
+    lo, hi = group_min_max(w, weight.group_size)
+    scales, zeros = choose_int_qparams(lo, hi, weight.bits, weight.symmetric, scale_dtype)
+    return scales.float(), None if zeros is None else zeros.float()
+
+
+def fake_quantize_weight(
+    w: torch.Tensor, weight: WeightQuant, scales: torch.Tensor, zeros: torch.Tensor | None
+) -> torch.Tensor:
+    """``w (N, K)`` fake-quantized as ``weight`` says, with integer-valued ``zeros`` (INT)."""
+    if weight.type == "fp8":
+        return fake_quantize_fp8_weight(w, scales)
+    return fake_quant_int_weight(w, scales, zeros, weight.bits, weight.group_size)
+
+
+@torch.no_grad()
+def store_trained_weight(
+    layer: QuantLinear,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    scale_dtype: torch.dtype,
+) -> None:
+    """Write into ``layer`` the weight that fake quantization of ``w`` computes.
+
+    ``scales`` are float32 already rounded to ``scale_dtype`` and ``zeros`` integer-valued
+    (what :func:`fake_quantize_weight` was given), so the codes are the forward's codes.
+    """
+    weight = layer.scheme.weight
+    if weight.type == "fp8":
+        layer.qweight.copy_(to_fp8_e4m3(w.float() / scales))
+        layer.scales.copy_(scales.reshape(layer.scales.shape))
+        return
+    stored = scales.to(scale_dtype)
+    zeros_u8 = None if zeros is None else zeros.to(torch.uint8)
+    codes = quantize_codes(w, stored, zeros_u8, weight.bits, weight.group_size)
+    layer.set_int_codes(codes, stored, zeros_u8)
+
+
+class _FakeQuantFp8(torch.autograd.Function):
+    """E4M3 weight fake quantization with STE and LSQ gradients (the numerics reference)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w, scale)
+        return fake_quantize_fp8_reference(w, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w, scale = ctx.saved_tensors
+        return fake_quantize_fp8_backward_reference(grad, w, scale)
+
+
+def fake_quantize_fp8_weight(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 fake-quantized ``w (N, K)`` with a per-row ``(N, 1)`` or ``(1, 1)`` scale."""
+    return _FakeQuantFp8.apply(w, scale)
+
+
+class _FakeQuantActivation(torch.autograd.Function):
+    """INT8/FP8 activation fake quantization; ``scale`` given (static) or computed (dynamic)."""
+
+    @staticmethod
+    def forward(ctx, x2, scale, act_type, per_token, percentile):
+        static = scale.reshape(1, 1) if scale is not None else None
+        out, used = fake_quantize_activation_reference(x2, act_type, per_token, percentile, static)
+        ctx.save_for_backward(x2, used)
+        ctx.act_type = act_type
+        ctx.learn_scale = scale is not None and scale.requires_grad
+        ctx.scale_shape = None if scale is None else scale.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, used = ctx.saved_tensors
+        grad_x, grad_s = fake_quantize_activation_backward_reference(
+            grad, x2, used, ctx.act_type, ctx.learn_scale
+        )
+        if grad_s is not None:
+            grad_s = grad_s.reshape(ctx.scale_shape)
+        return grad_x, grad_s, None, None, None
+
+
+def fake_quantize_activation(
+    x: torch.Tensor, act: ActivationQuant, static_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fake-quantize a layer input ``x (..., K)`` as ``act`` says (dynamic, or ``static_scale``).
+
+    Dynamic scales are not trained (they follow each input); a static ``static_scale``
+    that requires grad gets the LSQ gradient.
+    """
+    if not act.dynamic and static_scale is None:
+        raise QuantizationError("a static activation scheme needs a static_scale")
+    x2 = x.reshape(-1, x.shape[-1])
+    scale = None if act.dynamic else static_scale
+    out = _FakeQuantActivation.apply(
+        x2, scale, act.type, act.granularity == "token", float(act.percentile)
+    )
+    return out.reshape(x.shape)
