@@ -6,7 +6,9 @@ scale is ``max|x| / qmax`` (qmax 127 or 448; an all-zero row gets 1).  An option
 SmoothQuant divisor ``smooth (K,)`` divides ``x`` column-wise first, fused in.
 Numerics follow the reference exactly: IEEE division, round half to even, int8
 clamped to [-128, 127], FP8 saturated at +-448 and rounded to nearest even on the
-E4M3 grid in float32 before the (then exact) conversion.
+E4M3 grid; compiled, the rounding is the hardware's (``cvt.rni``, the native E4M3
+conversion of sm_89+), see :mod:`._exact`.  The row maximum propagates NaN, so a
+row's NaN/Inf is found by the same max that sets its scale.
 
 Non-finite input is never quantized into plausible numbers: a row holding NaN/Inf
 gets a NaN scale (per tensor: every row does), so a scaled GEMM turns exactly the
@@ -27,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._exact import divide_rows, round_to_e4m3, round_to_int32
 from ._launch import (
     autotune_benchmark,
     check_device,
@@ -42,36 +45,13 @@ MAX_ROW_BLOCK = 16384
 
 
 @triton.jit
-def round_half_even(v):
-    """Round to the nearest integer, ties to even (``torch.round``), for |v| < 2**22."""
-    f = tl.floor(v)
-    d = v - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-    up = (d > 0.5) | ((d == 0.5) & odd)
-    return tl.where(up, f + 1.0, f)
-
-
-@triton.jit
-def round_to_e4m3(v):
-    """Round float32 ``v`` (already clamped to +-448) to the nearest E4M3 value, ties to even."""
-    exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    exponent = tl.maximum(exponent, -6)  # subnormals share the step of the smallest normal
-    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    inv_step = ((3 - exponent + 127) << 23).to(tl.float32, bitcast=True)
-    magnitude = round_half_even(tl.abs(v) * inv_step) * step
-    return tl.where(v < 0.0, -magnitude, magnitude)  # keeps the sign of -0, as the cast does
-
-
-@triton.jit
 def _quantize_values(v, scale, IS_FP8: tl.constexpr):
-    q = tl.math.div_rn(v, scale)
+    q = divide_rows(v, scale)
     q = tl.where(q == q, q, 0.0)  # NaN (only in rows whose scale is NaN) -> code 0
     if IS_FP8:
-        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-        return round_to_e4m3(q).to(tl.float8e4nv)
+        return round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
     else:
-        q = tl.minimum(tl.maximum(q, -128.0), 127.0)
-        return round_half_even(q).to(tl.int8)
+        return round_to_int32(tl.minimum(tl.maximum(q, -128.0), 127.0)).to(tl.int8)
 
 
 @triton.jit
@@ -87,9 +67,20 @@ def _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH: 
 
 
 @triton.jit
-def _nonfinite(x):
-    """Per row: 0.0, or NaN when the row holds a NaN or Inf (``x * 0`` is NaN only there)."""
-    return tl.sum(x * 0.0, axis=1)
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _row_absmax(x):
+    """Per row: max |x|, NaN when the row holds a NaN (one ``FMNMX.NAN`` per element)."""
+    return tl.reduce(tl.abs(x), 1, _max_keeping_nan)
+
+
+@triton.jit
+def _row_poison(x):
+    """Per row: 0.0, or NaN when the row holds a NaN or an Inf."""
+    return tl.where(_row_absmax(x) <= 3.4028234663852886e38, 0.0, float("nan"))
 
 
 @triton.jit
@@ -126,7 +117,7 @@ def _quantize_rows_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (offs_k[None, :] < K)
         x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
-        scale = _scale_from_absmax(tl.max(tl.abs(x), axis=1), QMAX) + _nonfinite(x)
+        scale = _scale_from_absmax(_row_absmax(x), QMAX)  # NaN for rows with NaN or Inf
         tl.store(scale_ptr + rows, scale, mask=row_mask)
         q = _quantize_values(x, scale[:, None], IS_FP8)
         tl.store(q_rows + offs_k[None, :], q, mask=mask)
@@ -139,9 +130,8 @@ def _quantize_rows_kernel(
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 mask = row_mask[:, None] & (offs_k[None, :] < K)
                 x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
-                amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-                bad += _nonfinite(x)
-            scale = _scale_from_absmax(amax, QMAX) + bad
+                amax = _max_keeping_nan(amax, _row_absmax(x))
+            scale = _scale_from_absmax(amax, QMAX)
             tl.store(scale_ptr + rows, scale, mask=row_mask)
         else:
             scale = tl.load(scale_ptr + rows * 0)
@@ -152,7 +142,7 @@ def _quantize_rows_kernel(
             q = _quantize_values(x, scale[:, None], IS_FP8)
             tl.store(q_rows + offs_k[None, :], q, mask=mask)
             if ROW_SCALES and not PER_TOKEN:
-                bad += _nonfinite(x)
+                bad += _row_poison(x)
         if ROW_SCALES and not PER_TOKEN:
             tl.store(row_scale_ptr + rows, scale + bad, mask=row_mask)
 
@@ -185,8 +175,8 @@ def _absmax_kernel(
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (offs_k[None, :] < K)
     x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
-    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    amax = tl.where(tl.sum(_nonfinite(x), axis=0) == 0.0, amax, float("inf"))
+    amax = tl.reduce(_row_absmax(x), 0, _max_keeping_nan)
+    amax = tl.where(amax <= 3.4028234663852886e38, amax, float("inf"))
     tl.atomic_max(amax_ptr, amax, sem="relaxed")
 
 

@@ -24,22 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._exact import round_half_even
 from ._launch import check_device, output
 
 MAX_TILE = 4096
 
 
 # -- Triton kernels
-
-
-@triton.jit
-def _round_half_even(v):
-    """``torch.round`` semantics: nearest integer, ties to even."""
-    f = tl.floor(v)
-    d = v - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-    up = (d > 0.5) | ((d == 0.5) & odd)
-    return tl.where(up, f + 1.0, f)
 
 
 @triton.jit
@@ -83,7 +74,7 @@ def _fake_quant_fwd_kernel(
         w_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, G, stride_wn, HAS_ZERO, ZERO_SYM
     )
     # -- quantize, clamp, dequantize (float32, IEEE division)
-    c = _round_half_even(tl.math.div_rn(w, s)) + z
+    c = round_half_even(tl.math.div_rn(w, s)) + z
     c = tl.minimum(tl.maximum(c, 0.0), QMAX)
     out = (c - z) * s
     tl.store(
@@ -123,7 +114,7 @@ def _fake_quant_bwd_kernel(
     grad = tl.load(grad_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
     # -- straight-through weight gradient: pass inside the clipping range, block outside
     x = tl.math.div_rn(w, s)
-    r = _round_half_even(x)
+    r = round_half_even(x)
     c = r + z
     inside = (c >= 0.0) & (c <= QMAX)
     tl.store(gw_ptr + ptrs, tl.where(inside, grad, 0.0).to(gw_ptr.dtype.element_ty), mask=mask)
