@@ -13,6 +13,7 @@ from kernel_utils import (
     requires_kernels,
     w8a8_case,
 )
+from torchquant.triton_kernels import scaled_gemm
 from torchquant.triton_kernels.fp8_gemm import fp8_gemm
 from torchquant.triton_kernels.w8a8_gemm import int8_gemm
 
@@ -110,3 +111,23 @@ def test_rejects_bad_operands():
     with pytest.raises(ValueError, match="bias"):
         int8_gemm(a, b, s4, s8, torch.ones(4, device=KERNEL_DEVICE), torch.float32)
     assert relative_error(torch.ones(3), torch.ones(3)) == 0.0
+
+
+def test_int8_long_k_runs_in_chunks_the_int32_accumulator_holds(monkeypatch):
+    # -- K past the limit (lowered from 131071 so the case stays small): codes of -128 on both
+    # -- sides would overflow one int32 sum, so K runs in chunks summed in float32
+    monkeypatch.setattr(scaled_gemm, "INT8_MAX_K", 100)
+    m, n, k = 3, 8, 250
+    a = torch.full((m, k), -128, dtype=torch.int8, device=KERNEL_DEVICE)
+    b = torch.full((n, k), -128, dtype=torch.int8, device=KERNEL_DEVICE)
+    scale_m = torch.full((m, 1), 0.5, device=KERNEL_DEVICE)
+    scale_n = torch.full((n, 1), 0.25, device=KERNEL_DEVICE)
+    bias = torch.ones(n, device=KERNEL_DEVICE)
+    launched = []
+    run = scaled_gemm.run_kernel
+    monkeypatch.setattr(
+        scaled_gemm, "run_kernel", lambda *a, **kw: launched.append(kw["K"]) or run(*a, **kw)
+    )
+    out = int8_gemm(a, b, scale_m, scale_n, bias, torch.float32, False, TILED)
+    assert launched == [100, 100, 50]
+    assert torch.equal(out.cpu(), torch.full((m, n), 128 * 128 * k * 0.125 + 1.0))

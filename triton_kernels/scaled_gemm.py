@@ -93,6 +93,8 @@ def scaled_gemm_kernel(
         tl.store(out_ptrs, out, mask=out_mask)
 
 
+# int32 holds K products of 128 * 128 (codes of -128 on both sides) up to K = 131071
+INT8_MAX_K = (2**31 - 1) // (128 * 128)
 SPLIT_K_MAX_M = 32  # decode and small batches split K so the weight streams on every SM
 
 # -- one search space serves INT8 and FP8 (both 1-byte operands, MMA tiles 32+ along K);
@@ -182,6 +184,8 @@ class ScaledGemm:
         if self.dtype == torch.float8_e4m3fn:
             check_fp8_support(a.device)
         split_k = a.shape[0] <= SPLIT_K_MAX_M if split_k is None else split_k
+        if self.dtype == torch.int8 and a.shape[1] > INT8_MAX_K:
+            return self._k_chunks(a, b, a_scale, b_scale, bias, out_dtype, split_k, config, out)
         a = a if a.stride(-1) == 1 else a.contiguous()
         b = b if b.stride(-1) == 1 else b.contiguous()
         a_scale = a_scale.reshape(-1, 1)
@@ -212,3 +216,18 @@ class ScaledGemm:
             ATOMIC=split_k,
         )
         return out if acc is out else out.copy_(acc)
+
+    def _k_chunks(self, a, b, a_scale, b_scale, bias, out_dtype, split_k, config, out):
+        """INT8 with K past ``INT8_MAX_K``: the int32 accumulator could overflow, so K runs
+        in chunks that cannot, each scaled in float32 and summed in float32."""
+        k = a.shape[1]
+        acc = None
+        for start in range(0, k, INT8_MAX_K):
+            stop = min(start + INT8_MAX_K, k)
+            part = self(a[:, start:stop], b[:, start:stop], a_scale, b_scale, None,
+                        torch.float32, split_k, config)  # fmt: skip
+            acc = part if acc is None else acc.add_(part)
+        if bias is not None:
+            acc = acc.to(out_dtype).float() + bias.float()
+        result = acc.to(out_dtype)
+        return out.copy_(result) if out is not None else result

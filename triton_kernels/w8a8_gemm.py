@@ -4,8 +4,10 @@
 or per-tensor quantized activations, see :mod:`.act_quant`), ``b (N, K)`` int8
 symmetric per-channel weights, float32 scales ``a_scale (M|1, 1)``, ``b_scale
 (N|1, 1)``; returns ``(M, N)`` in ``out_dtype``.  Products accumulate exactly in int32
-(K up to 131072 cannot overflow).  The kernel, its search space and the launcher live in
-:mod:`.scaled_gemm`; this is the INT8 instance, tuned and cached on its own.
+up to ``K = 131071`` (``INT8_MAX_K``: codes of -128 on both sides cannot overflow it);
+longer K runs in chunks of that length, scaled and summed in float32.  The kernel, its
+search space and the launcher live in :mod:`.scaled_gemm`; this is the INT8 instance,
+tuned and cached on its own.
 """
 
 from __future__ import annotations
