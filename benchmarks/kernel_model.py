@@ -501,11 +501,105 @@ def row(
     }
 
 
+ACT_QUANT_SHAPES = [(16, 4096), (4096, 8192), (8192, 8192)]  # (rows, K) of x, bf16
+ACT_QUANT_TARGET = 0.8  # fraction of copy bandwidth (issue 14), at 8192 x 8192
+
+
+def act_quant_rows(recorder: Recorder, arch: int, machines) -> list[dict]:
+    """Per-token dynamic activation quantization of bf16 ``x``: one row per shape and dtype.
+
+    ``predicted_fraction_of_copy`` is the time a copy of the same bytes takes (read ``x``,
+    write ``q`` and the scales) over the predicted time; ``predicted_speedup`` compares
+    with a bf16 copy of ``x`` (read and write 2 bytes an element).
+    """
+    from torchquant.triton_kernels.act_quant import quantize_activation_rows
+
+    rows = []
+    for act in ("int8", "fp8") if arch >= 89 else ("int8",):
+        for m, k in ACT_QUANT_SHAPES:
+            x = torch.empty(m, k, dtype=torch.bfloat16, device="meta")
+            recorder.launches = []
+            with DeviceWork(recorder.launches):
+                quantize_activation_rows(x, act, True)
+            print(f"modelled: sm_{arch} act-quant {act} {m}x{k}", file=sys.stderr)
+            for name in machines.get(arch, [DEFAULT_MACHINE[arch]]):
+                rows.append(_act_quant_row(act, m, k, arch, MACHINES[name], recorder.launches))
+    return rows
+
+
+def _act_quant_row(act, m, k, arch, machine: Machine, launches: list[Launch]) -> dict:
+    total_us, instr, chosen = 0.0, 0, []
+    for launch in launches:
+        scored = [(launch_bound(launch, c, machine), i, c) for i, c in enumerate(launch.candidates)]
+        best, _, cand = min(scored, key=lambda s: (s[0]["us"], s[1]))
+        total_us += best["us"]
+        instr += best["instructions"]
+        chosen.append((launch, cand, best["limit"]))
+    total_us += LAUNCH_GAP_US * max(0, len(launches) - 1)
+    nbytes = sum(launch.nbytes for launch in launches)
+    copy_us = nbytes / (machine.bandwidth_gbs * 1e3)
+    bf16_copy_us = 4 * m * k / (machine.bandwidth_gbs * 1e3)
+    launch, cand, limit = max(chosen, key=lambda c: c[0].nbytes)
+    per_iter = dict(cand.sass.loop)
+    return {
+        "scheme": "act-quant",
+        "act_dtype": act,
+        "group_size": None,
+        "M": m,
+        "N": k,
+        "K": k,
+        "arch": arch,
+        "machine": machine.name,
+        "path": "per-token",
+        "kernel": "+".join(launch.kernel for launch, _, _ in chosen),
+        "config": cand.config,
+        "instr_per_weight": round(instr / (m * k), 4),  # warp-instructions per element
+        "instr_per_element_per_thread": round(32 * instr / (m * k), 2),
+        "loop_per_iteration": per_iter,
+        "dominant_class": cand.sass.dominant(),
+        "registers": cand.sass.registers,
+        "spill_bytes": cand.sass.spill_bytes,
+        "launches": len(launches),
+        "bytes": nbytes,
+        "limit": limit,
+        "predicted_us": round(total_us, 2),
+        "bf16_floor_us": round(bf16_copy_us, 2),
+        "predicted_speedup": round(bf16_copy_us / total_us, 3),
+        "predicted_fraction_of_copy": round(copy_us / total_us, 3),
+        "target": ACT_QUANT_TARGET if (m, k) == (8192, 8192) else None,
+    }
+
+
+def print_act_quant_table(rows: list[dict]) -> None:
+    print("\n## activation quantization, per token, bf16 x (predicted lower bounds)")
+    print(
+        "| dtype | rows x K | sm | machine | config | instr/elem/thread | regs | spill | "
+        "launches | limit | pred us | copy fraction | target |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        target = (
+            "-"
+            if r["target"] is None
+            else (
+                f"{r['target']} "
+                f"{'ok' if r['predicted_fraction_of_copy'] >= r['target'] else 'MISS'}"
+            )
+        )
+        print(
+            f"| {r['act_dtype']} | {r['M']}x{r['K']} | {r['arch']} | {r['machine']} | "
+            f"{r['config']} | {r['instr_per_element_per_thread']:.1f} | {r['registers']} | "
+            f"{r['spill_bytes']} | {r['launches']} | {r['limit']} | {r['predicted_us']:.1f} | "
+            f"{r['predicted_fraction_of_copy']:.2f} | {target} |"
+        )
+
+
 def model(schemes, shapes, batches, arches, machines, all_configs: bool) -> list[dict]:
     rows = []
     for arch in arches:
         recorder = Recorder(all_configs)
         compile_only(arch, recorder.run_kernel)
+        rows += act_quant_rows(recorder, arch, machines)
         for scheme in schemes:
             if SCHEMES[scheme][2] == "fp8" and arch < 89:
                 continue  # the launchers refuse FP8 below sm_89
@@ -532,6 +626,7 @@ def print_table(rows: list[dict]) -> None:
         f"\nlaunch gap: {LAUNCH_GAP_US} us per launch after the first; loop counts are "
         "warp-instructions per iteration of the kernel with the most bytes"
     )
+    print_act_quant_table([r for r in rows if r["scheme"] == "act-quant"])
     print("\n## predicted lower bounds (a necessary condition, not a measurement)")
     head = (
         "scheme",
@@ -561,6 +656,8 @@ def print_table(rows: list[dict]) -> None:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
+        if r["scheme"] == "act-quant":
+            continue
         target = (
             "-"
             if r["target"] is None
