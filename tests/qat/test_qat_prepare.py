@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_llama as tiny_llama_of
 from torch import nn
 
 from torchquant import (
@@ -18,22 +19,14 @@ from torchquant import (
 )
 from torchquant.qat import QatLinear, check_loss, check_qat_state, convert_qat, prepare_qat
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 W4 = QuantConfig(scheme_from_name("w4a16", 32))
 
 
 def tiny_llama() -> nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    """Two Llama blocks (14 linears) with grouped-query attention."""
+    return tiny_llama_of(layers=2, heads=4, kv_heads=2, max_position_embeddings=64)
 
 
 def _ids(batch: int = 2, seq: int = 16) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from torchquant.numerics.activation import (
     activation_qmax,
     dequantize_activation,
+    poison_nonfinite_rows,
     quantize_activation,
 )
 from torchquant.numerics.packing import pack_codes, packed_width, unpack_codes
@@ -42,6 +43,7 @@ __all__ = [
     "num_groups",
     "pack_codes",
     "packed_width",
+    "poison_nonfinite_rows",
     "quantize_activation",
     "quantize_codes",
     "quantize_fp8_weight",

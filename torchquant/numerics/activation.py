@@ -3,7 +3,9 @@
 Per-token scales are computed over the last dimension (one per row of the
 flattened ``(tokens, K)`` input); per-tensor uses one scale.  The scale comes
 from the max-abs value, or from a percentile of ``|x|`` to clip rare outliers.
-An optional per-input-channel SmoothQuant divisor is applied first.
+An optional per-input-channel SmoothQuant divisor is applied first.  A row holding
+NaN/Inf has no quantized value, so a quantized linear's output row for it is NaN
+(``poison_nonfinite_rows``), as a float linear's would be.
 """
 
 from __future__ import annotations
@@ -74,6 +76,20 @@ def quantize_activation(
     else:
         q = to_fp8_e4m3(xf / scale)
     return q, scale
+
+
+def poison_nonfinite_rows(x2: torch.Tensor, out: torch.Tensor, shared_scale: bool) -> torch.Tensor:
+    """NaN/Inf in an input row makes that output row NaN, as a float linear would.
+
+    Quantizing a non-finite value has no meaning (NaN casts to an arbitrary integer),
+    so without this a bad activation would come out as plausible finite garbage.
+    With one dynamic scale for the whole tensor every row depends on it, so the
+    whole output becomes NaN.
+    """
+    bad = ~torch.isfinite(x2).all(dim=-1, keepdim=True)
+    if shared_scale:
+        bad = bad.any().expand_as(bad)
+    return torch.where(bad, torch.full_like(out, float("nan")), out)
 
 
 def dequantize_activation(

@@ -22,6 +22,7 @@ Scale and zero gradients are summed over the elements each one scales.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from torchquant.numerics.activation import (
     ACTIVATION_RANGES,
@@ -47,25 +48,16 @@ def _sum_groups(t: torch.Tensor, group_size: int, groups: int) -> torch.Tensor:
 
 
 def fake_quantize_int_reference(
-    w: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-) -> torch.Tensor:
+    w: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int
+) -> Tensor:
     """Fake-quantized weight ``(N, K)``: quantize to INTn codes and dequantize again."""
     s, z, _, _, c = _int_grid(w, scales, zeros, bits, group_size)
     return ((torch.clamp(c, 0, (1 << bits) - 1) - z) * s).to(w.dtype)
 
 
 def fake_quantize_int_backward_reference(
-    grad: torch.Tensor,
-    w: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    grad: Tensor, w: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(grad_w, grad_scales, grad_zeros)``; ``grad_zeros`` is ``None`` when ``zeros`` is."""
     qmax = float((1 << bits) - 1)
     s, z, x, r, c = _int_grid(w, scales, zeros, bits, group_size)
@@ -110,12 +102,8 @@ def fake_quantize_fp8_backward_reference(
 
 
 def fake_quantize_activation_reference(
-    x: torch.Tensor,
-    dtype: str,
-    per_token: bool,
-    percentile: float,
-    static_scale: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: Tensor, dtype: str, per_token: bool, percentile: float, static_scale: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """Fake-quantized ``x (rows, K)`` as ``x.dtype``, and the float32 scale it used."""
     q, scale = quantize_activation(x, dtype, per_token, percentile, static_scale)
     return dequantize_activation(q, scale, x.dtype), scale

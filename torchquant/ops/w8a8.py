@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from torchquant.numerics import quantize_activation
+from torchquant.numerics import poison_nonfinite_rows, quantize_activation
 from torchquant.ops import cpu_kernels
 from torchquant.ops.common import (
     add_bias,
@@ -27,20 +27,6 @@ from torchquant.ops.common import (
     warn_fallback,
 )
 from torchquant.ops.weight_fp8 import fp8_rows_linear
-
-
-def poison_nonfinite_rows(x2: torch.Tensor, out: torch.Tensor, shared_scale: bool) -> torch.Tensor:
-    """NaN/Inf in an input row makes that output row NaN, as a float linear would.
-
-    Quantizing a non-finite value has no meaning (NaN casts to an arbitrary integer),
-    so without this a bad activation would come out as plausible finite garbage.
-    With one dynamic scale for the whole tensor every row depends on it, so the
-    whole output becomes NaN.
-    """
-    bad = ~torch.isfinite(x2).all(dim=-1, keepdim=True)
-    if shared_scale:
-        bad = bad.any().expand_as(bad)
-    return torch.where(bad, torch.full_like(out, float("nan")), out)
 
 
 def _scaled_output(x, x2, acc, xs, scales, bias, per_token, input_scale):
