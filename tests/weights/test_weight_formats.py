@@ -192,13 +192,10 @@ def test_every_activation_type_has_a_w8a8_op():
 
 # -- no storage-kind branches outside torchquant/weights
 
-# -- quantization-aware training still simulates each kind's rounding in its own modules
-NOT_YET_ON_THE_SEAM = {"qat_linear.py", "qat_fake_quant.py"}
 CHECKED = [
     path
     for folder in ("modules", "formats")
     for path in sorted((ROOT / "torchquant" / folder).glob("*.py"))
-    if path.name not in NOT_YET_ON_THE_SEAM
 ]
 GONE = {"uses_int8_storage"}  # -- the helper the formats replaced
 
