@@ -96,22 +96,19 @@ def _on_cpu(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
 
 
 def weight_only_reference(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    compute_dtype: torch.dtype | None = None,
+    x: torch.Tensor, *linear: torch.Tensor | int | None, compute_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """The reference op of the stored weight format, on CPU, as ``x.dtype``.
+
+    ``linear`` is what the weight-only kernels take after ``x``: ``qweight, scales, zeros,
+    bias, bits, group_size``.
 
     ``compute_dtype=torch.float32`` runs it on float32 copies of ``x`` and ``bias``, so the
     dequantized weight is never rounded to ``x.dtype``: what kernels that accumulate in
     float32 on CUDA cores (the GEMV) compute.  By default it runs in ``x.dtype``, as the
     tensor-core kernels do (they round each dequantized weight to ``x.dtype`` for the MMA).
     """
+    qweight, scales, zeros, bias, bits, group_size = linear
     x, qweight, scales, zeros, bias = _on_cpu(x, qweight, scales, zeros, bias)
     out_dtype = x.dtype
     if compute_dtype is not None:
@@ -126,16 +123,12 @@ def weight_only_reference(
 
 
 def w8a8_case(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-    act_type: str,
-    per_token: bool,
+    x: torch.Tensor, layer: tuple, act_type: str, per_token: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(xq, xs, ref)``: ``x`` quantized by the reference numerics (on the kernel device)
-    and the reference W8A8 op's output, which a scaled GEMM of ``xq`` must reproduce."""
-    x_cpu, qweight, scales, bias = _on_cpu(x, qweight, scales, bias)
+    and the reference W8A8 op's output for ``layer = (qweight, scales, bias)``, which a
+    scaled GEMM of ``xq`` must reproduce."""
+    x_cpu, qweight, scales, bias = _on_cpu(x, *layer)
     xq, xs = quantize_activation(x_cpu, act_type, per_token)
     ref = ops.linear_w8a8_reference(
         x_cpu, qweight, scales, bias, act_type, per_token, 100.0, None, None

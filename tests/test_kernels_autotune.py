@@ -132,7 +132,7 @@ def test_int8_split_k_result_is_right_after_tuning(tuner):
     b = torch.randint(-128, 128, (40, 160), dtype=torch.int8, device=KERNEL_DEVICE)
     b_scale = torch.rand(40, 1, device=KERNEL_DEVICE) + 0.5
     bias = torch.randn(40, device=KERNEL_DEVICE)
-    a, a_scale, ref = w8a8_case(x, b, b_scale, bias, "int8", per_token=True)
+    a, a_scale, ref = w8a8_case(x, (b, b_scale, bias), "int8", per_token=True)
     out = w8a8_gemm.int8_gemm(
         a, b, a_scale, b_scale, bias, torch.float32, out=poisoned((5, 40), torch.float32)
     )

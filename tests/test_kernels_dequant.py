@@ -88,7 +88,9 @@ def test_gemv_matches_reference(bits, group, sym, dtype, m, n, k, config):
         x, qweight, scales, zeros, bias, bits, group, config=config, out=poisoned((m, n), dtype)
     )
     # -- float32 weights on CUDA cores: the float32 reference, within the output's rounding
-    ref32 = weight_only_reference(x, qweight, scales, zeros, bias, bits, group, torch.float32)
+    ref32 = weight_only_reference(
+        x, qweight, scales, zeros, bias, bits, group, compute_dtype=torch.float32
+    )
     assert_matches(out, ref32)
     ref = weight_only_reference(x, qweight, scales, zeros, bias, bits, group)
     assert relative_error(out, ref) < {torch.float32: 1e-5}.get(dtype, 1e-2)
@@ -101,7 +103,9 @@ def test_gemv_fp8_weight_storage():
     x = torch.randn(1, 90, device=KERNEL_DEVICE).to(torch.float16)
     config = cfg(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2)
     out = dequant_gemv(x, q, s, None, None, 8, -1, config, poisoned((1, 23), torch.float16))
-    assert_matches(out, weight_only_reference(x, q, s, None, None, 8, -1, torch.float32))
+    assert_matches(
+        out, weight_only_reference(x, q, s, None, None, 8, -1, compute_dtype=torch.float32)
+    )
     assert relative_error(out, weight_only_reference(x, q, s, None, None, 8, -1)) < 1e-2
 
 
@@ -131,7 +135,9 @@ def _gemm_case(bits, group, sym, m, n, k, split_k, config, dtype):
     # -- the GEMM rounds dequantized weights to x.dtype before the MMA, as the reference does
     ref = weight_only_reference(x, qweight, scales, zeros, bias, bits, group)
     assert_matches(out, ref)
-    ref32 = weight_only_reference(x, qweight, scales, zeros, bias, bits, group, torch.float32)
+    ref32 = weight_only_reference(
+        x, qweight, scales, zeros, bias, bits, group, compute_dtype=torch.float32
+    )
     assert relative_error(out, ref32) < {torch.float32: 1e-5}.get(dtype, 1e-2)
 
 

@@ -45,7 +45,9 @@ def test_w4_gemv_matches_reference(group, sym, dtype, m, n, k, config):
     bias = torch.randn(n, device=KERNEL_DEVICE).to(dtype) if m != 2 else None
     assert w4_eligible(x, qweight, 4, 0 if group == -1 else group)
     out = dequant_gemv(x, qweight, scales, zeros, bias, 4, group, config, poisoned((m, n), dtype))
-    ref = weight_only_reference(x, qweight, scales, zeros, bias, 4, group, torch.float32)
+    ref = weight_only_reference(
+        x, qweight, scales, zeros, bias, 4, group, compute_dtype=torch.float32
+    )
     assert_matches(out, ref)
     assert relative_error(out, ref) < {torch.float32: 1e-6}.get(dtype, 1e-2)
     assert not gemv_module._split_k_locks(x.device).any()  # every counter reset
@@ -103,6 +105,6 @@ def test_other_layouts_take_the_tiled_kernel():
     assert not w4_eligible(unaligned, qweight, 4, 32)
     out = dequant_gemv(unaligned, qweight, scales.bfloat16(), zeros, None, 4, 32)
     ref = weight_only_reference(
-        unaligned, qweight, scales.bfloat16(), zeros, None, 4, 32, torch.float32
+        unaligned, qweight, scales.bfloat16(), zeros, None, 4, 32, compute_dtype=torch.float32
     )
     assert_matches(out, ref)

@@ -47,7 +47,7 @@ def test_autotuned_weight_only_paths(scheme, group, m):
     out = layer(x)
     w = layer.scheme.weight
     args = (layer.qweight, layer.scales, layer.zeros, layer.bias, w.bits, w.group_size)
-    ref = weight_only_reference(x, *args, torch.float32)
+    ref = weight_only_reference(x, *args, compute_dtype=torch.float32)
     assert relative_error(out, ref) < 1e-2, select_path(m)
     ref = layer.cpu()(x.cpu())  # the CPU op
     assert relative_error(out, ref) < 1e-2
@@ -186,11 +186,11 @@ def test_int8_gemm_past_2_31_elements_in_either_operand():
     small_scale = torch.rand(48, 1, device="cuda") * 0.01
     big = torch.randint(-127, 128, (BIG_ROWS, 4096), dtype=torch.int8, device="cuda")
     big_scale = torch.rand(BIG_ROWS, 1, device="cuda")
-    xq, xs, ref = w8a8_case(x, small, small_scale, None, "int8", per_token=True)
+    xq, xs, ref = w8a8_case(x, (small, small_scale, None), "int8", per_token=True)
     big[-64:], big_scale[-64:] = xq, xs
     out = int8_gemm(big, small, big_scale, small_scale, None, torch.float32)  # M is huge
     _last_rows_match(out, ref)
     big_scale[-64:] = torch.rand(64, 1, device="cuda") * 0.01
-    xq, xs, ref = w8a8_case(x[:2], big[-64:], big_scale[-64:], None, "int8", per_token=True)
+    xq, xs, ref = w8a8_case(x[:2], (big[-64:], big_scale[-64:], None), "int8", per_token=True)
     out = int8_gemm(xq, big, xs, big_scale, None, torch.float32)  # N is
     _last_rows_match(out.t(), ref.t())

@@ -54,7 +54,7 @@ def test_gemm_matches_reference(family, m, n, k, split_k, config, per_tensor, dt
     x = (torch.randn(m, k, device=KERNEL_DEVICE) * 3).to(dtype)
     qweight, scales = _weight(n, k, family, per_tensor and family == "fp8")
     bias = torch.randn(n, device=KERNEL_DEVICE).to(dtype) if has_bias else None
-    xq, xs, ref = w8a8_case(x, qweight, scales, bias, family, per_token=not per_tensor)
+    xq, xs, ref = w8a8_case(x, (qweight, scales, bias), family, per_token=not per_tensor)
     gemm = GEMMS[family]
     out = gemm(xq, qweight, xs, scales, bias, dtype, split_k, config, poisoned((m, n), dtype))
     assert out.dtype == dtype
