@@ -4,10 +4,11 @@
 ``w8a8`` each hold their op, its exact reference (``*_reference``, the oracle of every
 test), its fast CPU implementation on PyTorch's own kernels (``cpu_kernels``) and its
 CUDA implementation (the Triton kernels, where Triton is installed).  Every op has a
-fake (meta) implementation so ``torch.compile`` can trace models that use it.
+fake (meta) implementation so ``torch.compile`` can trace models that use it; layers
+call them through :func:`run`, which skips the dispatcher on eager CPU calls.
 """
 
-from torchquant.ops.common import HAS_TRITON_KERNELS
+from torchquant.ops.common import HAS_TRITON_KERNELS, run
 from torchquant.ops.fake_quant import fake_quant_int_weight, fake_quant_int_weight_backward
 from torchquant.ops.w8a8 import (
     linear_w8a8_fp8,
@@ -45,4 +46,5 @@ __all__ = [
     "linear_w8a8_int8",
     "linear_w8a8_reference",
     "quantize_activation_op",
+    "run",
 ]

@@ -144,17 +144,20 @@ def _per_column(z, groups, block_group, col_index, k) -> torch.Tensor | float:
 
 
 def int4pack_linear(x2: torch.Tensor, layout: CpuLayout, n: int) -> torch.Tensor:
-    """``x2 (M, K)`` times the weight in an :func:`int4pack_layout`; float32 ``(M, n)``."""
+    """``x2 (M, K)`` times the weight in an :func:`int4pack_layout`, ``(M, n)``.
+
+    One plane gives the kernel's bf16 output as it is; two planes are summed in float32.
+    """
     x2 = x2.to(COMPUTE_DTYPE)
     if layout.columns is not None:
         x2 = F.pad(x2, (0, 1))[:, layout.columns]
     x2 = x2.contiguous()
-    out = None
-    for packed, sz in zip(layout.packed, layout.scales_zeros, strict=True):
-        block = packed.shape[1] * 2 // sz.shape[0]
-        part = torch._weight_int4pack_mm_for_cpu(x2, packed, block, sz).float()
-        out = part if out is None else out + part
-    return out[:, :n]
+    parts = [
+        torch._weight_int4pack_mm_for_cpu(x2, packed, packed.shape[1] * 2 // sz.shape[0], sz)
+        for packed, sz in zip(layout.packed, layout.scales_zeros, strict=True)
+    ]
+    out = parts[0] if len(parts) == 1 else sum((p.float() for p in parts[1:]), parts[0].float())
+    return out if out.shape[1] == n else out[:, :n]
 
 
 def int8pack_layout(qweight: torch.Tensor, scales: torch.Tensor) -> CpuLayout:

@@ -21,6 +21,7 @@ from torchquant.ops import cpu_kernels
 from torchquant.ops.common import (
     add_bias,
     fake_linear,
+    register_cpu,
     register_cuda,
     rows,
     unflatten,
@@ -130,7 +131,7 @@ def _define_w8a8_op(act_type: str):
     )
     op = torch.library.custom_op(name, reference, mutates_args=(), schema=schema)
     op.__doc__ = f"{act_type.upper()} weights x {act_type.upper()} activations, scaled epilogue."
-    op.register_kernel("cpu")(on_cpu)
+    register_cpu(op, on_cpu)
     op.register_fake(fake_linear)
     register_cuda(name, on_cuda)
     return op, on_cuda

@@ -19,6 +19,7 @@ from torchquant.ops import cpu_kernels
 from torchquant.ops.common import (
     add_bias,
     fake_linear,
+    register_cpu,
     register_cuda,
     rows,
     unflatten,
@@ -56,14 +57,14 @@ def linear_fp8_weight(
     return linear_fp8_weight_reference(x, qweight, scales, bias)
 
 
-@torch.library.register_kernel("torchquant::linear_fp8_weight", "cpu")
-def _(x, qweight, scales, bias):
+def linear_fp8_weight_cpu(x, qweight, scales, bias):
     if not cpu_kernels.uses_bf16_kernels(x):
         return linear_fp8_weight_reference(x, qweight, scales, bias)
     out = fp8_rows_linear(rows(x), qweight) * scales.float().reshape(1, -1)
     return unflatten(add_bias(out.to(x.dtype), bias), x)
 
 
+register_cpu(linear_fp8_weight, linear_fp8_weight_cpu)
 linear_fp8_weight.register_fake(fake_linear)
 
 

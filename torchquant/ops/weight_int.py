@@ -19,7 +19,14 @@ import torch.nn.functional as F
 
 from torchquant.numerics import dequantize_int_weight, unpack_codes
 from torchquant.ops import cpu_kernels
-from torchquant.ops.common import add_bias, fake_linear, register_cuda, rows, unflatten
+from torchquant.ops.common import (
+    add_bias,
+    fake_linear,
+    register_cpu,
+    register_cuda,
+    rows,
+    unflatten,
+)
 
 # -- above this many rows (per number of 4-bit planes) dequantize-and-multiply is faster
 INT4PACK_MAX_ROWS = {1: 192, 2: 48}
@@ -134,18 +141,18 @@ def linear_intn_gidx(
     return linear_intn_reference(x, qweight, scales, zeros, bias, bits, 0, g_idx)
 
 
-@torch.library.register_kernel("torchquant::linear_intn", "cpu")
-def _(x, qweight, scales, zeros, bias, bits, group_size, *layout):
+def linear_intn_cpu(x, qweight, scales, zeros, bias, bits, group_size, *layout):
     layout = cpu_kernels.CpuLayout(*layout)
     return _intn_cpu(x, qweight, scales, zeros, None, bias, bits, group_size, layout)
 
 
-@torch.library.register_kernel("torchquant::linear_intn_gidx", "cpu")
-def _(x, qweight, scales, zeros, g_idx, bias, bits, *layout):
+def linear_intn_gidx_cpu(x, qweight, scales, zeros, g_idx, bias, bits, *layout):
     layout = cpu_kernels.CpuLayout(*layout)
     return _intn_cpu(x, qweight, scales, zeros, g_idx, bias, bits, 0, layout)
 
 
+register_cpu(linear_intn, linear_intn_cpu)
+register_cpu(linear_intn_gidx, linear_intn_gidx_cpu)
 linear_intn.register_fake(fake_linear)
 linear_intn_gidx.register_fake(fake_linear)
 

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 
 from torchquant.numerics import dequantize_int_weight
 from torchquant.ops import cpu_kernels
-from torchquant.ops.common import add_bias, fake_linear, register_cuda, rows, unflatten
+from torchquant.ops.common import (
+    add_bias,
+    fake_linear,
+    register_cpu,
+    register_cuda,
+    rows,
+    unflatten,
+)
 
 INT8PACK_MAX_ROWS = 48
 
@@ -68,8 +75,7 @@ def linear_int8_weight(
     return linear_int8_weight_reference(x, qweight, scales, bias, group_size)
 
 
-@torch.library.register_kernel("torchquant::linear_int8_weight", "cpu")
-def _(x, qweight, scales, bias, group_size, *layout):
+def linear_int8_weight_cpu(x, qweight, scales, bias, group_size, *layout):
     if not cpu_kernels.uses_bf16_kernels(x):
         return linear_int8_weight_reference(x, qweight, scales, bias, group_size)
     x2, n = rows(x), qweight.shape[0]
@@ -89,6 +95,7 @@ def _(x, qweight, scales, bias, group_size, *layout):
     return unflatten(add_bias(out.to(x.dtype), bias), x)
 
 
+register_cpu(linear_int8_weight, linear_int8_weight_cpu)
 linear_int8_weight.register_fake(fake_linear)
 
 

@@ -35,4 +35,4 @@ def linear_w8a8(
             x, qweight, scales, bias, act.type, per_token, percentile, input_scale, smooth_scale
         )
     op = W8A8_OPS[act.type]
-    return op(x, qweight, scales, bias, per_token, percentile, input_scale, smooth_scale)
+    return ops.run(op, x, qweight, scales, bias, per_token, percentile, input_scale, smooth_scale)

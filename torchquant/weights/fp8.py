@@ -45,5 +45,6 @@ class Fp8Format(WeightFormat):
     def linear(
         self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None, reference: bool
     ) -> Tensor:
-        op = ops.linear_fp8_weight_reference if reference else ops.linear_fp8_weight
-        return op(x, layer.qweight, layer.scales, bias)
+        if reference:
+            return ops.linear_fp8_weight_reference(x, layer.qweight, layer.scales, bias)
+        return ops.run(ops.linear_fp8_weight, x, layer.qweight, layer.scales, bias)

@@ -46,7 +46,7 @@ class Int8Format(IntWeightFormat):
         q, s, group_size = layer.qweight, layer.scales, layer.scheme.weight.group_size
         if reference:
             return ops.linear_int8_weight_reference(x, q, s, bias, group_size)
-        return ops.linear_int8_weight(x, q, s, bias, group_size, *layer.cpu_layout())
+        return ops.run(ops.linear_int8_weight, x, q, s, bias, group_size, *layer.cpu_layout())
 
     def cpu_layout(self, layer: QuantizedLayer) -> CpuLayout:
         if layer.dtype != cpu_kernels.COMPUTE_DTYPE:

@@ -62,8 +62,11 @@ class PackedIntFormat(IntWeightFormat):
             group_size = w.group_size if g_idx is None else 0
             return ops.linear_intn_reference(x, q, s, z, bias, w.bits, group_size, g_idx)
         if g_idx is not None:
-            return ops.linear_intn_gidx(x, q, s, z, g_idx, bias, w.bits, *layer.cpu_layout())
-        return ops.linear_intn(x, q, s, z, bias, w.bits, w.group_size, *layer.cpu_layout())
+            return ops.run(
+                ops.linear_intn_gidx, x, q, s, z, g_idx, bias, w.bits, *layer.cpu_layout()
+            )
+        layout = layer.cpu_layout()
+        return ops.run(ops.linear_intn, x, q, s, z, bias, w.bits, w.group_size, *layout)
 
     def cpu_layout(self, layer: QuantizedLayer) -> CpuLayout:
         if layer.dtype != cpu_kernels.COMPUTE_DTYPE:
