@@ -6,6 +6,14 @@ from torchquant.numerics.activation import (
     poison_nonfinite_rows,
     quantize_activation,
 )
+from torchquant.numerics.fp8_block import (
+    block_grid,
+    dequantize_activation_groups,
+    dequantize_fp8_block_weight,
+    expand_blocks,
+    quantize_activation_groups,
+    quantize_fp8_block_weight,
+)
 from torchquant.numerics.packing import pack_codes, packed_width, unpack_codes
 from torchquant.numerics.qparams import (
     check_finite,
@@ -30,13 +38,17 @@ from torchquant.numerics.weight import (
 __all__ = [
     "IntWeight",
     "activation_qmax",
+    "block_grid",
     "check_finite",
     "choose_fp8_scale",
     "choose_fp8_weight_scale",
     "choose_int_qparams",
     "dequantize_activation",
+    "dequantize_activation_groups",
+    "dequantize_fp8_block_weight",
     "dequantize_fp8_weight",
     "dequantize_int_weight",
+    "expand_blocks",
     "expand_groups",
     "expand_qparams",
     "group_min_max",
@@ -45,7 +57,9 @@ __all__ = [
     "packed_width",
     "poison_nonfinite_rows",
     "quantize_activation",
+    "quantize_activation_groups",
     "quantize_codes",
+    "quantize_fp8_block_weight",
     "quantize_fp8_weight",
     "quantize_int_weight",
     "to_fp8_e4m3",
