@@ -1,0 +1,137 @@
+"""FP8 block-wise linear (DeepSeek-V3's recipe): the ops, their references, CPU and CUDA paths.
+
+``qweight (N, K)`` float8_e4m3fn, float32 ``scales (ceil(N / block_n), ceil(K / block_k))``,
+one per weight block: ``w = qweight * scale``.  ``linear_fp8_block_weight`` multiplies
+by that weight (weight-only); ``linear_fp8_block`` also quantizes each token's input
+to FP8 with one scale per ``1 x block_k`` group, so every product of the matmul pairs
+one activation group with one weight block.
+
+CPU, bf16 inputs: blocks of weight rows are dequantized and multiplied, never the
+whole float weight at once (weight-only in bf16, as the reference rounds it; W8A8 in
+float32, which keeps the products of the two scales).  Other input dtypes run the
+reference.  CUDA: the W8A8 op runs the Triton block GEMM (the reference below compute
+capability 8.9); the weight-only op runs its reference there (no kernel of its own yet).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from torchquant.numerics import (
+    dequantize_activation_groups,
+    dequantize_fp8_block_weight,
+    expand_blocks,
+    poison_nonfinite_rows,
+    quantize_activation_groups,
+)
+from torchquant.ops import cpu_kernels
+from torchquant.ops.common import (
+    add_bias,
+    fake_linear,
+    register_cpu,
+    register_cuda,
+    rows,
+    unflatten,
+    warn_fallback,
+)
+
+
+def linear_fp8_block_weight_reference(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+    block_n: int, block_k: int,
+) -> torch.Tensor:  # fmt: skip
+    """The exact maths: ``qweight * scale`` in float32 as ``x.dtype``, then matmul."""
+    w = dequantize_fp8_block_weight(qweight, scales, (block_n, block_k), x.dtype)
+    return F.linear(x, w, bias)
+
+
+def linear_fp8_block_reference(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+    block_n: int, block_k: int,
+) -> torch.Tensor:  # fmt: skip
+    """The exact maths: both operands times their scales in float64 (exact), then matmul."""
+    x2 = rows(x)
+    xq, xs = quantize_activation_groups(x2, block_k)
+    (m, k), n = x2.shape, qweight.shape[0]
+    xd = xq.double() * expand_blocks(xs.double(), (1, block_k), m, k)
+    wd = qweight.double() * expand_blocks(scales.double(), (block_n, block_k), n, k)
+    out = add_bias((xd @ wd.t()).to(x.dtype), bias)
+    return unflatten(poison_nonfinite_rows(x2, out, shared_scale=False), x)
+
+
+def dequantize_block_rows(
+    qweight: torch.Tensor, scales: torch.Tensor, block_n: int, block_k: int,
+    dtype: torch.dtype, start: int, stop: int,
+) -> torch.Tensor:  # fmt: skip
+    """Rows ``start:stop`` of the float weight, as the reference computes them."""
+    row_scales = scales.float().repeat_interleave(block_n, dim=0)[start:stop]
+    full = expand_blocks(row_scales, (1, block_k), stop - start, qweight.shape[1])
+    return (qweight[start:stop].float() * full).to(dtype)
+
+
+def _blocked_product(
+    x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, block_n: int, block_k: int
+) -> torch.Tensor:
+    def weight_rows(start: int, stop: int) -> torch.Tensor:
+        return dequantize_block_rows(qweight, scales, block_n, block_k, x2.dtype, start, stop)
+
+    return cpu_kernels.blocked_linear(x2, qweight.shape[0], weight_rows)
+
+
+@torch.library.custom_op("torchquant::linear_fp8_block_weight", mutates_args=())
+def linear_fp8_block_weight(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+    block_n: int, block_k: int,
+) -> torch.Tensor:  # fmt: skip
+    """Weight-only FP8 E4M3 linear with one float32 scale per weight block."""
+    return linear_fp8_block_weight_reference(x, qweight, scales, bias, block_n, block_k)
+
+
+def linear_fp8_block_weight_cpu(x, qweight, scales, bias, block_n, block_k):
+    if not cpu_kernels.uses_bf16_kernels(x):
+        return linear_fp8_block_weight_reference(x, qweight, scales, bias, block_n, block_k)
+    out = _blocked_product(rows(x), qweight, scales, block_n, block_k)
+    return unflatten(add_bias(out, bias), x)
+
+
+@torch.library.custom_op("torchquant::linear_fp8_block", mutates_args=())
+def linear_fp8_block(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+    block_n: int, block_k: int,
+) -> torch.Tensor:  # fmt: skip
+    """FP8 block weights x FP8 activations with one scale per ``1 x block_k`` token group."""
+    return linear_fp8_block_reference(x, qweight, scales, bias, block_n, block_k)
+
+
+def linear_fp8_block_cpu(x, qweight, scales, bias, block_n, block_k):
+    if not cpu_kernels.uses_bf16_kernels(x):
+        return linear_fp8_block_reference(x, qweight, scales, bias, block_n, block_k)
+    x2 = rows(x)
+    xq, xs = quantize_activation_groups(x2, block_k)
+    xd = dequantize_activation_groups(xq, xs, block_k, torch.float32)
+    out = add_bias(_blocked_product(xd, qweight, scales, block_n, block_k).to(x.dtype), bias)
+    return unflatten(poison_nonfinite_rows(x2, out, shared_scale=False), x)
+
+
+for _op, _cpu in (
+    (linear_fp8_block_weight, linear_fp8_block_weight_cpu),
+    (linear_fp8_block, linear_fp8_block_cpu),
+):
+    register_cpu(_op, _cpu)
+    _op.register_fake(fake_linear)
+
+
+def linear_fp8_block_cuda(x, qweight, scales, bias, block_n, block_k):
+    from torchquant.triton_kernels.fp8_block_gemm import fp8_block_gemm, quantize_activation_groups
+    from torchquant.triton_kernels.fp8_gemm import fp8_supported
+
+    if not fp8_supported(x.device) or block_k % 64 != 0:
+        warn_fallback("linear_fp8_block", "the kernel needs sm_89+ and block_k a multiple of 64")
+        return linear_fp8_block_reference(x, qweight, scales, bias, block_n, block_k)
+    xq, xs = quantize_activation_groups(rows(x), block_k)
+    out = fp8_block_gemm(xq, xs, qweight, scales, block_n, block_k, bias, x.dtype)
+    return unflatten(out, x)
+
+
+register_cuda("torchquant::linear_fp8_block", linear_fp8_block_cuda)
