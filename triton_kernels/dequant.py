@@ -124,6 +124,48 @@ def group_index(k, GROUP_SIZE: tl.constexpr):
         return k * 0
 
 
+@triton.jit
+def dequantize_tile(
+    rows,
+    s_rows,
+    z_rows,
+    t,
+    n_mask,
+    K,
+    BITS: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """float32 weight tile ``(rows, BLOCK_K)`` of K tile ``t``: ``(code - zero) * scale``.
+
+    ``rows``, ``s_rows``, ``z_rows``: ``(rows, 1)`` pointers; ``n_mask``: ``(rows,)``.
+    The qparams are loaded once per row when one group spans the tile, per element otherwise.
+    """
+    row_mask = n_mask[:, None]
+    codes = load_code_tile(rows, t, row_mask, K, BITS, PACKED, BLOCK_K)
+    if GROUP_SIZE == 0 or GROUP_SIZE % BLOCK_K == 0:
+        g = group_index(t * BLOCK_K, GROUP_SIZE)
+        scale, zero = load_qparams(s_rows, z_rows, g, row_mask, BITS, PACKED, HAS_ZEROS)
+    else:
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        g = group_index(offs_k[None, :], GROUP_SIZE)
+        w_mask = row_mask & (offs_k[None, :] < K)
+        scale, zero = load_qparams(s_rows, z_rows, g, w_mask, BITS, PACKED, HAS_ZEROS)
+    return (codes - zero) * scale
+
+
+@triton.jit
+def dot_weight_tile(x, w, acc):
+    """``acc + x @ w^T`` on tensor cores, ``w`` cast to ``x``'s dtype; IEEE for float32 ``x``."""
+    w = w.to(x.dtype)
+    if x.dtype == tl.float32:
+        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+    else:
+        return tl.dot(x, tl.trans(w), acc)
+
+
 # -- dequantize kernel (the large-M path: dequantize once, then cuBLAS)
 
 

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._launch import autotune_benchmark, m_bucket, output, run_kernel
 from ._tiles import split_k_accumulator, split_k_run, tile_config, tile_grid, tile_offsets
-from .dequant import check_weight, group_index, load_code_tile, load_qparams, weight_meta
+from .dequant import check_weight, dequantize_tile, dot_weight_tile, weight_meta
 
 
 @triton.jit
@@ -69,21 +69,11 @@ def _gemm_kernel(
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         x_mask = m_mask[:, None] & (offs_k[None, :] < K)
         x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
-        # -- dequantize the (BLOCK_N, BLOCK_K) weight tile in float32
-        codes = load_code_tile(rows, t, n_mask[:, None], K, BITS, PACKED, BLOCK_K)
-        if GROUP_SIZE == 0 or GROUP_SIZE % BLOCK_K == 0:
-            g = group_index(t * BLOCK_K, GROUP_SIZE)
-            scale, zero = load_qparams(s_rows, z_rows, g, n_mask[:, None], BITS, PACKED, HAS_ZEROS)
-        else:
-            g = group_index(offs_k[None, :], GROUP_SIZE)
-            w_mask = n_mask[:, None] & (offs_k[None, :] < K)
-            scale, zero = load_qparams(s_rows, z_rows, g, w_mask, BITS, PACKED, HAS_ZEROS)
-        w = ((codes - zero) * scale).to(x.dtype)
-        # -- tensor-core product (IEEE for fp32 activations)
-        if x.dtype == tl.float32:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
+        # -- dequantize the (BLOCK_N, BLOCK_K) weight tile in float32, then the MMA
+        w = dequantize_tile(
+            rows, s_rows, z_rows, t, n_mask, K, BITS, PACKED, HAS_ZEROS, GROUP_SIZE, BLOCK_K
+        )
+        acc = dot_weight_tile(x, w, acc)
     # -- epilogue: bias, then atomics into float32 (split-K) or a cast store
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)

@@ -11,6 +11,14 @@ the original module's: each expert runs only on the tokens routed to it.
 
 Which modules can be split is data: :data:`FUSED_EXPERTS_LAYOUTS` lists the fused
 layouts with the class names whose forward is the standard one above.
+
+On CUDA, when every expert projection is a weight-only ``QuantLinear`` of one scheme
+and shape, the forward runs the grouped op ``ops.moe.moe_linear_weight_only`` twice (gate
+and up together, then down): one launch per projection over all active experts.  It
+reads the experts' weights stacked over the experts (:class:`StackedExperts`), derived
+once from the linears' buffers and re-derived when one changes; a plain attribute,
+never a buffer, so checkpoints are unchanged (on CUDA the weights are then held twice).
+On CPU the per-expert loop runs, on each linear's own CPU kernel layout.
 """
 
 from __future__ import annotations
@@ -22,8 +30,13 @@ import torch
 from torch import nn
 
 from torchquant.errors import QuantizationError
+from torchquant.modules.quant_linear import QuantLinear
+from torchquant.ops.common import run
+from torchquant.ops.moe import moe_linear_weight_only
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# -- where QuantExperts caches its stacked weights (a plain attribute: never saved)
+_STACKED = "_stacked_experts_cache"
 
 # -- transformers' experts decorator records the storage on each instance; any other
 # value there means another layout (transposed, interleaved, biased, ungated, normed)
@@ -137,6 +150,59 @@ def _linear_from(weight: torch.Tensor, requires_grad: bool) -> nn.Linear:
     return linear
 
 
+@dataclass(frozen=True)
+class StackedExperts:
+    """The grouped op's weights: ``(qweight, scales, zeros, bias)`` stacked over the experts.
+
+    ``gate_up``: gate rows then up rows of each expert, ``(E, 2I, ...)``; ``down``:
+    ``(E, H, ...)``; ``zeros`` and ``bias`` are ``None`` where the linears have none.
+    """
+
+    gate_up: tuple[torch.Tensor | None, ...]
+    down: tuple[torch.Tensor | None, ...]
+    bits: int
+    group_size: int
+    dtype: torch.dtype
+
+    def nbytes(self) -> int:
+        tensors = (*self.gate_up, *self.down)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+_WEIGHT = ("qweight", "scales", "zeros", "bias")
+
+
+def _groupable(linears: list[nn.Module]) -> bool:
+    """Whether the linears are weight-only ``QuantLinear`` layers one grouped op can run."""
+    first = linears[0]
+    if not isinstance(first, QuantLinear) or first.scheme.activation is not None:
+        return False
+
+    def signature(m: QuantLinear) -> tuple:
+        weight = [getattr(m, name) for name in _WEIGHT]
+        buffers = tuple(None if t is None else (t.dtype, t.shape) for t in weight)
+        return (m.scheme, m.dtype, m.g_idx is None, m.smooth_scale is None, buffers)
+
+    want = signature(first)
+    return (
+        want[2]
+        and want[3]
+        and all(isinstance(m, QuantLinear) and signature(m) == want for m in linears)
+    )
+
+
+def _stack(experts: list[list[QuantLinear]]) -> tuple[torch.Tensor | None, ...]:
+    """Each weight buffer of each expert's linears, concatenated along N, stacked over E."""
+    stacked = []
+    for name in _WEIGHT:
+        if getattr(experts[0][0], name) is None:
+            stacked.append(None)
+            continue
+        per_expert = [torch.cat([getattr(m, name) for m in linears]) for linears in experts]
+        stacked.append(torch.stack(per_expert))
+    return tuple(stacked)
+
+
 class QuantExperts(nn.Module):
     """Experts ``0..E-1`` (children named by index), each an :class:`Expert`.
 
@@ -202,9 +268,91 @@ class QuantExperts(nn.Module):
                 if weight.untyped_storage().nbytes() > weight.numel() * weight.element_size():
                     linear.weight = nn.Parameter(weight.detach().clone(), weight.requires_grad)
 
+    # -- the grouped path's stacked weights
+
+    def _linears(self) -> list[QuantLinear]:
+        return [
+            getattr(self.expert(e), proj) for e in range(self.num_experts) for proj in PROJECTIONS
+        ]
+
+    def _stacked_key(self, linears: list[nn.Module]) -> tuple:
+        """Changes whenever a linear is replaced or one of its weight buffers is written."""
+        key = []
+        for m in linears:
+            key.append(id(m))
+            for t in (getattr(m, name, None) for name in _WEIGHT):
+                if isinstance(t, torch.Tensor):
+                    key += (t.data_ptr(), t._version)
+        return tuple(key)
+
+    def stacked_experts(self) -> StackedExperts | None:
+        """The experts' weights stacked for the grouped op, or ``None`` where it cannot run.
+
+        Derived once and cached; inside ``torch.compile`` only an existing cache is used.
+        """
+        cache = self.__dict__.get(_STACKED)
+        if torch.compiler.is_compiling():
+            return cache[1] if cache is not None else None
+        linears = self._linears()
+        key = self._stacked_key(linears)
+        if cache is None or cache[0] != key:
+            cache = (key, self._derive_stacked(linears))
+            self.__dict__[_STACKED] = cache
+        return cache[1]
+
+    def _derive_stacked(self, linears: list[nn.Module]) -> StackedExperts | None:
+        gate_up = [m for i, m in enumerate(linears) if i % 3 != 2]
+        down = linears[2::3]
+        if not (_groupable(gate_up) and _groupable(down)) or gate_up[0].scheme != down[0].scheme:
+            return None
+        first = linears[0]
+        with torch.no_grad():
+            pairs = [gate_up[i : i + 2] for i in range(0, len(gate_up), 2)]
+            return StackedExperts(
+                _stack(pairs),
+                _stack([[m] for m in down]),
+                first.scheme.weight.bits,
+                first.scheme.weight.group_size,
+                first.dtype,
+            )
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {key: value for key, value in state.items() if key != _STACKED}
+
+    # -- inference
+
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        self._check_routing(top_k_index)
+        if hidden_states.device.type == "cuda":
+            stacked = self.stacked_experts()
+            if stacked is not None:
+                return self.grouped_forward(stacked, hidden_states, top_k_index, top_k_weights)
+        return self._per_expert_forward(hidden_states, top_k_index, top_k_weights)
+
+    def grouped_forward(
+        self,
+        stacked: StackedExperts,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """The forward as two grouped ops (gate and up together, then down), on any device."""
+        t, k = top_k_index.shape
+        inter = stacked.gate_up[0].shape[1] // 2
+        op, bits, group_size = moe_linear_weight_only, stacked.bits, stacked.group_size
+        x = hidden_states.to(stacked.dtype)
+        gate_up = run(op, x, *stacked.gate_up, top_k_index, None, bits, group_size)
+        h = self.act_fn(gate_up[:, :inter]) * gate_up[:, inter:]
+        out = run(op, h, *stacked.down, top_k_index, top_k_weights, bits, group_size)
+        return out.view(t, k, -1).sum(1).to(hidden_states.dtype)
+
+    def _check_routing(self, top_k_index: torch.Tensor) -> None:
+        """Expert indices in ``0..E`` (skipped inside a CUDA-graph capture: it synchronises)."""
+        if top_k_index.is_cuda and torch.cuda.is_current_stream_capturing():
+            return
         n = self.num_experts
         if top_k_index.numel():
             lo, hi = (int(v) for v in torch.aminmax(top_k_index))
@@ -213,6 +361,11 @@ class QuantExperts(nn.Module):
                     f"experts: top_k_index spans {lo}..{hi}, expected expert indices in "
                     f"0..{n - 1} (or {n} for none)"
                 )
+
+    def _per_expert_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        n = self.num_experts
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
             # -- mask: (E + 1, k, T), the last row collecting slots routed to no expert

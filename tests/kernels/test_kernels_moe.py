@@ -1,0 +1,154 @@
+"""The grouped mixture-of-experts kernel and its slot alignment vs the per-expert reference loop.
+
+Ragged routing (experts with many, one or no slots, slots routed to no expert), top-1 and
+top-2, one and sixteen tokens, bias, routing weights, K and N that no tile divides.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_utils import KERNEL_DEVICE, assert_matches, cfg, int_weight, requires_kernels
+from torchquant.triton_kernels.moe_gemm import (
+    align_slots_by_expert,
+    max_padded_slots,
+    moe_block_m,
+    moe_dequant_gemm,
+)
+
+from torchquant.numerics import quantize_fp8_weight
+from torchquant.ops.moe import moe_linear_cuda, moe_linear_reference
+
+pytestmark = requires_kernels
+
+N, K = 38, 100  # neither divides any BLOCK_N, BLOCK_K or the group sizes below
+
+# (name, bits, group_size, symmetric): packed INT widths, INT8 bytes, FP8 (group_size -1/0)
+FORMATS = [
+    ("w4-g32", 4, 32, False),
+    ("w4-channel-sym", 4, -1, True),
+    ("w3-g48", 3, 48, False),
+    ("int8-g64", 8, 64, True),
+    ("fp8-channel", 8, -1, None),
+    ("fp8-tensor", 8, 0, None),
+]
+
+
+def stacked_weight(experts: int, bits: int, group_size: int, symmetric: bool | None):
+    """``(qweight, scales, zeros)`` of ``experts`` random weights stacked along dim 0."""
+    parts = []
+    for _ in range(experts):
+        if symmetric is None:
+            q, s = quantize_fp8_weight(torch.randn(N, K), per_channel=group_size == -1)
+            parts.append((q.to(KERNEL_DEVICE), s.reshape(-1, 1).to(KERNEL_DEVICE), None))
+        else:
+            parts.append(int_weight(N, K, bits, group_size, symmetric, torch.float16)[:3])
+    qweight, scales, zeros = zip(*parts, strict=True)
+    return (
+        torch.stack(qweight),
+        torch.stack(scales),
+        None if zeros[0] is None else torch.stack(zeros),
+    )
+
+
+def ragged_routing(tokens: int, top_k: int, experts: int) -> torch.Tensor:
+    """``(tokens, top_k)`` indices: expert 0 takes most slots, the last expert none, and one
+    slot (when there are several) is routed to no expert (index ``experts``)."""
+    gen = torch.Generator().manual_seed(tokens * 10 + top_k)
+    index = torch.randint(0, experts - 1, (tokens, top_k), generator=gen)
+    index[: tokens // 2, 0] = 0
+    if tokens * top_k > 1:
+        index[-1, -1] = experts
+    return index.to(KERNEL_DEVICE)
+
+
+@pytest.mark.parametrize("tokens,top_k", [(1, 1), (1, 2), (16, 1), (16, 2), (7, 2)])
+def test_alignment_puts_each_slot_once_in_a_block_of_its_expert(tokens, top_k):
+    experts, block_m = 5, 4
+    index = ragged_routing(tokens, top_k, experts)
+    blocks = align_slots_by_expert(index, experts, block_m)
+    slots = tokens * top_k
+    size = max_padded_slots(slots, experts, block_m)
+    assert blocks.sorted_slots.shape == (size,) and blocks.block_experts.shape == (size // block_m,)
+    sorted_slots = blocks.sorted_slots.cpu().long()
+    used = int(blocks.padded_slots)
+    real = sorted_slots[sorted_slots < slots]
+    assert torch.equal(real.sort().values, torch.arange(slots))  # every slot exactly once
+    assert (sorted_slots[used:] == slots).all()  # unused entries hold the sentinel
+    expert_of_slot = index.reshape(-1).cpu()
+    counts = torch.bincount(expert_of_slot, minlength=experts + 1)
+    assert used == int(((counts + block_m - 1) // block_m * block_m).sum())
+    block_of_entry = blocks.block_experts.cpu().long().repeat_interleave(block_m)
+    is_slot = sorted_slots < slots
+    assert torch.equal(block_of_entry[is_slot], expert_of_slot[sorted_slots[is_slot]])
+    assert (blocks.block_experts.cpu()[used // block_m :] == experts).all()
+    assert experts - 1 not in blocks.block_experts.cpu().tolist()  # no tokens: no block
+    for e in range(experts + 1):  # slots of one expert keep their order
+        run = sorted_slots[is_slot & (block_of_entry == e)]
+        assert torch.equal(run, run.sort().values)
+
+
+def test_alignment_of_no_slots_is_empty():
+    blocks = align_slots_by_expert(torch.zeros(0, 2, dtype=torch.long), 4, 16)
+    assert blocks.sorted_slots.numel() == 0 and int(blocks.padded_slots) == 0
+
+
+def reference(x, qweight, scales, zeros, bias, index, weights, bits, group_size):
+    args = [t.cpu() if isinstance(t, torch.Tensor) else t for t in (x, qweight, scales, zeros)]
+    extra = [t.cpu() if t is not None else None for t in (bias, index, weights)]
+    return moe_linear_reference(*args, *extra, bits, group_size)
+
+
+@pytest.mark.parametrize("name,bits,group_size,symmetric", FORMATS)
+@pytest.mark.parametrize("tokens,top_k", [(1, 1), (1, 2), (16, 2)])
+def test_grouped_kernel_matches_the_per_expert_loop(
+    name, bits, group_size, symmetric, tokens, top_k
+):
+    experts = 4
+    qweight, scales, zeros = stacked_weight(experts, bits, group_size, symmetric)
+    index = ragged_routing(tokens, top_k, experts)
+    weights = torch.rand(tokens, top_k, device=KERNEL_DEVICE)
+    x = torch.randn(tokens, K, dtype=torch.float16, device=KERNEL_DEVICE)
+    for routing_weights in (None, weights):
+        args = (x, qweight, scales, zeros, None, index, routing_weights, bits, group_size)
+        out = moe_linear_cuda(*args)
+        assert out.shape == (tokens * top_k, N) and out.dtype == torch.float16
+        assert_matches(out, reference(*args))
+        if tokens * top_k > 1:  # the slot routed to no expert is zero
+            assert (out[-1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rows_per_slot_bias_and_explicit_configs(dtype):
+    """The second projection's input (a row per slot), a bias per expert, and tiles whose
+    BLOCK_K does not divide the groups (per-element scales) or does (one per tile)."""
+    experts, tokens, top_k = 3, 16, 2
+    qweight, scales, zeros = stacked_weight(experts, 4, 32, False)
+    bias = torch.randn(experts, N, device=KERNEL_DEVICE).to(dtype)
+    index = ragged_routing(tokens, top_k, experts)
+    weights = torch.rand(tokens, top_k, device=KERNEL_DEVICE)
+    x = torch.randn(tokens * top_k, K, dtype=dtype, device=KERNEL_DEVICE)
+    want = reference(x, qweight, scales, zeros, bias, index, weights, 4, 32)
+    for block_m, config in [
+        (16, cfg(BLOCK_N=32, BLOCK_K=64, GROUP_M=1)),
+        (32, cfg(BLOCK_N=16, BLOCK_K=32, GROUP_M=4)),
+    ]:
+        blocks = align_slots_by_expert(index, experts, block_m)
+        out = moe_dequant_gemm(x, qweight, scales, zeros, bias, 4, 32, blocks, weights, config)
+        assert_matches(out, want)
+
+
+def test_block_rows_follow_the_slots_per_expert():
+    assert moe_block_m(2, 8) == 16 and moe_block_m(32, 8) == 16
+    assert moe_block_m(4096, 8) == 64
+
+
+def test_launcher_refuses_mismatched_inputs():
+    qweight, scales, zeros = stacked_weight(2, 4, 32, False)
+    index = torch.zeros(3, 2, dtype=torch.long, device=KERNEL_DEVICE)
+    blocks = align_slots_by_expert(index, 2, 16)
+    x = torch.randn(5, K, dtype=torch.float16, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="one row per token or per slot"):
+        moe_dequant_gemm(x, qweight, scales, zeros, None, 4, 32, blocks)
+    with pytest.raises(ValueError, match="stacked"):
+        moe_dequant_gemm(x[:3], qweight[0], scales[0], zeros[0], None, 4, 32, blocks)

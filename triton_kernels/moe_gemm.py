@@ -1,0 +1,282 @@
+"""Mixture-of-experts weight-only GEMM: every active expert of a projection in one launch.
+
+Routing gives each token ``k`` slots, slot ``s = t * k + j`` routed to expert
+``top_k_index[t, j]`` (``E`` meaning no expert).  :func:`align_slots_by_expert` sorts
+the slots by expert into blocks of ``BLOCK_M`` slots that all share one expert (each
+expert's run padded to a whole block), as vLLM's ``moe_align_block_size`` does; the
+slots routed to no expert form the last run.  :func:`moe_dequant_gemm` then runs one
+program per (block, ``BLOCK_N`` columns): it reads its expert id, dequantizes that
+expert's weight tiles (the helpers of :mod:`.dequant`) and multiplies the block's rows.
+
+Weights are the formats of :mod:`.dequant` stacked along a leading expert dimension:
+``qweight (E, N, ceil(K/32)*bits)`` int32 packed codes, or ``(E, N, K)`` int8 / fp8;
+``scales (E, N, G)`` (or ``(E, 1, 1)`` per tensor); ``zeros (E, N, G)`` uint8 or None;
+``bias (E, N)`` or None.  ``x`` holds one row per token (slot ``s`` reads row ``s // k``)
+or one row per slot.  The output has one row per slot, ``(T * k, N)`` in ``x.dtype``:
+the slot's expert linear, plus bias, times the slot's routing weight when one is given;
+zero for slots routed to no expert.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import autotune_benchmark, m_bucket, output, run_kernel
+from ._tiles import grouped_tile
+from .dequant import check_weight, dequantize_tile, dot_weight_tile, weight_meta
+
+
+class ExpertBlocks(NamedTuple):
+    """Slots sorted by expert in blocks of ``block_m`` (the kernel's row tile).
+
+    ``sorted_slots (blocks * block_m,)`` int32: slot ids, each expert's run padded with
+    the sentinel ``slots``; ``block_experts (blocks,)`` int32: the expert of each block
+    (``E`` for the run of slots routed to no expert and for unused blocks);
+    ``padded_slots (1,)`` int32: how many entries of ``sorted_slots`` are in use;
+    ``slots``: ``T * top_k``.
+    """
+
+    sorted_slots: torch.Tensor
+    block_experts: torch.Tensor
+    padded_slots: torch.Tensor
+    block_m: int
+    slots: int
+    top_k: int
+
+
+def max_padded_slots(slots: int, num_experts: int, block_m: int) -> int:
+    """Entries ``sorted_slots`` needs at most: every run (at most one per slot) padded."""
+    runs = min(num_experts + 1, slots)
+    return triton.cdiv(slots + runs * (block_m - 1), block_m) * block_m
+
+
+def align_slots_by_expert(
+    top_k_index: torch.Tensor, num_experts: int, block_m: int
+) -> ExpertBlocks:
+    """Sort the slots of ``top_k_index (T, k)`` (values ``0..E``) by expert into blocks.
+
+    Torch ops with shapes that depend only on ``T``, ``k`` and ``E`` (no host
+    synchronisation, so a CUDA graph can capture it).  Slots of one expert keep their order.
+    """
+    expert_of_slot = top_k_index.reshape(-1).long()
+    slots = expert_of_slot.numel()
+    size = max_padded_slots(slots, num_experts, block_m)
+    device = top_k_index.device
+    # -- runs: expert e's slots (and last, the slots routed to none), each padded to blocks
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(0, expert_of_slot, torch.ones_like(expert_of_slot))  # bincount syncs
+    padded = (counts + block_m - 1) // block_m * block_m
+    run_end = torch.cumsum(padded, 0)
+    run_start = run_end - padded
+    # -- each slot's place: its run's start plus its rank among the slots of its expert
+    order = torch.argsort(expert_of_slot, stable=True)
+    expert_sorted = expert_of_slot[order]
+    first_of_expert = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(slots, device=device) - first_of_expert[expert_sorted]
+    place = run_start[expert_sorted] + rank
+    sorted_slots = torch.full((size,), slots, dtype=torch.int32, device=device)
+    sorted_slots.scatter_(0, place, order.to(torch.int32))
+    # -- the expert of each block: the run its first entry falls in (E past the last run)
+    block_start = torch.arange(0, size, block_m, device=device)
+    block_experts = torch.searchsorted(run_end, block_start, right=True)
+    block_experts = block_experts.clamp_(max=num_experts).to(torch.int32)
+    padded_slots = run_end[-1:].to(torch.int32)
+    return ExpertBlocks(
+        sorted_slots, block_experts, padded_slots, block_m, slots, top_k_index.shape[-1]
+    )
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    rw_ptr,
+    out_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    padded_ptr,
+    N,
+    K,
+    SLOTS,
+    PADDED_MAX,
+    NUM_EXPERTS,
+    stride_xm,
+    stride_qe,
+    stride_qn,
+    stride_se,
+    stride_sn,
+    stride_ze,
+    stride_zn,
+    stride_be,
+    stride_om,
+    M_BUCKET,
+    SLOTS_PER_ROW: tl.constexpr,
+    BITS: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROUTED_WEIGHTS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # -- this program's block of sorted slots and column tile; blocks past the used ones exit
+    pid_m, pid_n = grouped_tile(tl.program_id(0), PADDED_MAX, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m)
+    routed = expert < NUM_EXPERTS  # False for the run of slots routed to no expert: zeros
+    expert = tl.minimum(expert, NUM_EXPERTS - 1).to(tl.int64)
+    slot = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    slot_mask = slot < SLOTS
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    # -- the expert's weight rows; the block's activation rows (one per token or per slot)
+    rows = q_ptr + expert * stride_qe + offs_n[:, None].to(tl.int64) * stride_qn
+    s_rows = s_ptr + expert * stride_se + offs_n[:, None] * stride_sn
+    z_rows = z_ptr + expert * stride_ze + offs_n[:, None] * stride_zn
+    x_rows = x_ptr + (slot[:, None] // SLOTS_PER_ROW).to(tl.int64) * stride_xm
+    steps = tl.where(routed, tl.cdiv(K, BLOCK_K), 0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, steps):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=slot_mask[:, None] & (offs_k[None, :] < K))
+        # -- the expert's (BLOCK_N, BLOCK_K) weight tile dequantized in float32, then the MMA
+        w = dequantize_tile(
+            rows, s_rows, z_rows, t, n_mask, K, BITS, PACKED, HAS_ZEROS, GROUP_SIZE, BLOCK_K
+        )
+        acc = dot_weight_tile(x, w, acc)
+    # -- epilogue: the expert's bias, the slot's routing weight, a cast store per slot row
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + expert * stride_be + offs_n, mask=n_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if ROUTED_WEIGHTS:
+        weight = tl.load(rw_ptr + slot, mask=slot_mask, other=0.0).to(tl.float32)
+        acc *= weight[:, None]
+    acc = tl.where(routed, acc, 0.0)
+    out_ptrs = out_ptr + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=slot_mask[:, None] & n_mask[None, :])
+
+
+def _config(bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
+    )
+
+
+# BLOCK_M is fixed before the launch (the slots are aligned to it): 16-row blocks while few
+# slots share an expert (decode), 64 beyond.  The first config is the one the interpreter
+# runs and benchmarks/kernel_model.py reads; the autotuner decides by time on the GPU.
+MOE_CONFIGS = [
+    _config(64, 128, 4, 3),
+    _config(128, 64, 4, 3),
+    _config(32, 128, 4, 4),
+    _config(64, 64, 4, 4),
+    _config(128, 128, 8, 3),
+    _config(256, 64, 8, 3),
+]
+SMALL_BLOCK_M_MAX_SLOTS_PER_EXPERT = 32  # mean slots per expert up to this: 16-row blocks
+
+_moe_tuned = triton.autotune(
+    MOE_CONFIGS,
+    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS", "BLOCK_M"],
+    cache_results=True,
+    do_bench=autotune_benchmark,
+)(_moe_gemm_kernel)
+
+
+def moe_block_m(slots: int, num_experts: int) -> int:
+    """Rows per block: 16 while the experts see few slots each, 64 for prefill."""
+    return 16 if slots <= SMALL_BLOCK_M_MAX_SLOTS_PER_EXPERT * num_experts else 64
+
+
+def _expert_stride(t: torch.Tensor | None) -> int:
+    return t.stride(0) if t is not None else 0
+
+
+def moe_dequant_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    blocks: ExpertBlocks,
+    routing_weights: torch.Tensor | None = None,
+    config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Every slot's expert linear in one launch -> ``(slots, N)`` in ``x.dtype``.
+
+    ``blocks`` from :func:`align_slots_by_expert` on the ``(T, top_k)`` routing;
+    ``x (T, K)`` (one row per token) or ``(T * top_k, K)`` (one row per slot);
+    ``routing_weights`` ``(T, top_k)`` multiplies each slot's output when given.
+    """
+    m, k = x.shape
+    num_experts, slots = qweight.shape[0], blocks.slots
+    if m * blocks.top_k != slots and m != slots:
+        raise ValueError(f"x must have one row per token or per slot ({slots}), got {m} rows")
+    if qweight.dim() != 3 or scales.dim() != 3 or scales.shape[0] != num_experts:
+        raise ValueError(
+            f"qweight and scales must be stacked (E, ...), got {tuple(qweight.shape)} "
+            f"and {tuple(scales.shape)}"
+        )
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    z0 = zeros[0] if zeros is not None else None
+    check_weight(qweight[0], scales[0], z0, bits, group_size, k)
+    if bias is not None and tuple(bias.shape) != (num_experts, qweight.shape[1]):
+        raise ValueError(f"bias must be ({num_experts}, N), got {tuple(bias.shape)}")
+    if routing_weights is not None:
+        if routing_weights.numel() != slots:
+            raise ValueError(f"routing_weights must hold {slots} values (T, top_k)")
+        routing_weights = routing_weights.reshape(-1).contiguous()
+    n = qweight.shape[1]
+    padded_max = blocks.sorted_slots.numel()
+    out = output(out, (slots, n), x.dtype, x.device)
+    if slots == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(padded_max, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    run_kernel(
+        _moe_tuned,
+        grid,
+        config,
+        x_ptr=x,
+        b_ptr=bias if bias is not None else out,
+        rw_ptr=routing_weights if routing_weights is not None else out,
+        out_ptr=out,
+        sorted_ptr=blocks.sorted_slots,
+        block_expert_ptr=blocks.block_experts,
+        padded_ptr=blocks.padded_slots,
+        N=n,
+        K=k,
+        SLOTS=slots,
+        PADDED_MAX=padded_max,
+        NUM_EXPERTS=num_experts,
+        stride_xm=x.stride(0),
+        stride_qe=qweight.stride(0),
+        stride_se=scales.stride(0),
+        stride_ze=_expert_stride(zeros),
+        stride_be=_expert_stride(bias),
+        stride_om=out.stride(0),
+        M_BUCKET=m_bucket(slots),
+        SLOTS_PER_ROW=slots // m,
+        HAS_BIAS=bias is not None,
+        ROUTED_WEIGHTS=routing_weights is not None,
+        BLOCK_M=blocks.block_m,
+        **weight_meta(qweight[0], scales[0], z0, bits, group_size),
+    )
+    return out
