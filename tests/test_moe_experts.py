@@ -393,3 +393,47 @@ def test_checkpoint_naming_an_expert_the_model_lacks_is_refused(tmp_path):
     reseal(shard, tensors, meta)
     with pytest.raises(CheckpointError, match=f"layer '{EXPERTS}.7.gate_proj' from the checkpoint"):
         load_checkpoint(tmp_path / "q")
+
+
+@pytest.mark.parametrize("scheme_name", ["w4a16", "w8a16", "w8a16-fp8"])
+def test_grouped_op_computes_what_the_per_expert_loop_computes(scheme_name):
+    """The grouped path (stacked weights, one op per projection) on CPU, where the op runs its
+    per-expert loop on the CPU kernels; slots routed to no expert add nothing."""
+    scheme = scheme_from_name(scheme_name, group_size=16 if scheme_name == "w4a16" else None)
+    model, _ = convert_model(tiny("mixtral"), QuantConfig(scheme), progress=False)
+    experts = model.get_submodule(EXPERTS)
+    stacked = experts.stacked_experts()
+    assert stacked is not None and stacked.gate_up[0].shape[:2] == (4, 128)
+    hidden = torch.randn(16, 32)
+    index, weights = torch.randint(0, 4, (16, 2)), torch.rand(16, 2)
+    index[0, 1] = 4  # routed to no expert
+    index[index == 3] = 2  # expert 3 gets no tokens
+    with torch.no_grad():
+        want = experts(hidden, index, weights)
+        got = experts.grouped_forward(stacked, hidden, index, weights)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_stacked_weights_are_a_cache_never_saved_and_rederived_when_a_weight_changes():
+    model, _ = convert_model(
+        tiny("mixtral"), QuantConfig(scheme_from_name("w4a16", group_size=16)), progress=False
+    )
+    experts = model.get_submodule(EXPERTS)
+    keys = set(experts.state_dict())
+    first = experts.stacked_experts()
+    assert experts.stacked_experts() is first  # derived once
+    assert set(experts.state_dict()) == keys
+    with torch.no_grad():
+        experts.expert(2).down_proj.scales.mul_(2)
+    again = experts.stacked_experts()
+    assert again is not first
+    assert torch.equal(again.down[1][2], first.down[1][2] * 2)
+
+
+def test_mixed_experts_keep_the_per_expert_loop():
+    config = QuantConfig(
+        default=scheme_from_name("w4a16", group_size=16),
+        overrides={f"{EXPERTS}.1.down_proj": None},
+    )
+    model, _ = convert_model(tiny("mixtral"), config, progress=False)
+    assert model.get_submodule(EXPERTS).stacked_experts() is None
