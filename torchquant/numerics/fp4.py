@@ -124,18 +124,12 @@ def choose_nvfp4_block_scales(w: torch.Tensor, global_scale: torch.Tensor) -> to
     return torch.where(scales == 0, NVFP4_ZERO_SCALE, scales).to(torch.float8_e4m3fn)
 
 
-def nvfp4_element_scales(scales: torch.Tensor, global_scale: torch.Tensor, k: int) -> torch.Tensor:
-    """float32 ``(N, k)``: each value's ``block_scale / global_scale``."""
-    return expand_blocks(scales.float() / global_scale.float(), NVFP4_BLOCK, k)
-
-
 def quantize_nvfp4_weight(w: torch.Tensor, what: str = "weight") -> Fp4Weight:
     """Round-to-nearest NVFP4 of ``w: (N, K)``."""
     _check_weight(w, what)
     global_scale = choose_nvfp4_global_scale(w)
     scales = choose_nvfp4_block_scales(w, global_scale)
-    element = nvfp4_element_scales(scales, global_scale, w.shape[1])
-    codes = encode_e2m1(w.float() / element)
+    codes = encode_on_scales(w, scales, global_scale, NVFP4_BLOCK)
     return Fp4Weight(codes, scales, global_scale, NVFP4_BLOCK)
 
 
@@ -146,8 +140,7 @@ def dequantize_nvfp4_weight(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``e2m1 * (block_scale / global_scale)`` in float32, as ``dtype``."""
-    element = nvfp4_element_scales(scales, global_scale, codes.shape[1])
-    return (decode_e2m1(codes) * element).to(dtype)
+    return dequantize_fp4_weight(codes, scales, global_scale, NVFP4_BLOCK, dtype)
 
 
 # -- MXFP4
@@ -177,14 +170,41 @@ def quantize_mxfp4_weight(w: torch.Tensor, what: str = "weight") -> Fp4Weight:
     """Round-to-nearest MXFP4 of ``w: (N, K)``."""
     _check_weight(w, what)
     scales = choose_mxfp4_scales(w)
-    element = expand_blocks(e8m0_to_float(scales), MXFP4_BLOCK, w.shape[1])
-    codes = encode_e2m1(w.float() / element)
-    return Fp4Weight(codes, scales, None, MXFP4_BLOCK)
+    return Fp4Weight(encode_on_scales(w, scales, None, MXFP4_BLOCK), scales, None, MXFP4_BLOCK)
 
 
 def dequantize_mxfp4_weight(
     codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """``e2m1 * 2 ** (e - 127)`` in float32, as ``dtype``."""
-    element = expand_blocks(e8m0_to_float(scales), MXFP4_BLOCK, codes.shape[1])
+    return dequantize_fp4_weight(codes, scales, None, MXFP4_BLOCK, dtype)
+
+
+# -- either format, told apart by the global scale NVFP4 has and MXFP4 has not
+
+
+def fp4_block_scales(scales: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
+    """float32 ``(N, G)`` multiplier of each block: E4M3 / global (NVFP4) or E8M0 (MXFP4)."""
+    if global_scale is None:
+        return e8m0_to_float(scales)
+    return scales.float() / global_scale.float()
+
+
+def encode_on_scales(
+    w: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor | None, block: int
+) -> torch.Tensor:
+    """E2M1 codes ``(N, K)`` of ``w`` divided (in float32) by its blocks' multipliers."""
+    element = expand_blocks(fp4_block_scales(scales, global_scale), block, w.shape[1])
+    return encode_e2m1(w.float() / element)
+
+
+def dequantize_fp4_weight(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    block: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``e2m1 * block multiplier`` in float32, as ``dtype`` (NVFP4 or MXFP4)."""
+    element = expand_blocks(fp4_block_scales(scales, global_scale), block, codes.shape[1])
     return (decode_e2m1(codes) * element).to(dtype)

@@ -107,6 +107,17 @@ class WeightFormat(ABC):
         """Store codes given as our packed bitstream ``(N, ceil(K/32)*bits)`` int32."""
         raise QuantizationError(f"{self.name} weights hold no INT codes")
 
+    def set_values(
+        self,
+        layer: QuantizedLayer,
+        values: Tensor,
+        scales: Tensor,
+        global_scale: Tensor | None = None,
+    ) -> None:
+        """Store a float format's rounded values (FP8 ``(N, K)``) with their scales."""
+        layer.qweight.copy_(values)
+        layer.scales.copy_(scales.reshape(layer.scales.shape))
+
     @abstractmethod
     def linear(
         self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None, reference: bool

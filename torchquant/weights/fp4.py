@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from torchquant.config import WeightQuant
+from torchquant.errors import QuantizationError
 from torchquant.numerics.fp4 import (
     MXFP4_BLOCK,
     NVFP4_BLOCK,
@@ -70,10 +71,22 @@ class Fp4Format(WeightFormat):
 
     def set_fp4(self, layer: QuantizedLayer, q: Fp4Weight) -> None:
         """Store E2M1 codes ``(N, K)`` with their block scales (and global scale)."""
-        layer.qweight.copy_(pack_e2m1(q.codes))
-        layer.scales.copy_(q.scales)
-        if self.has_global_scale:
-            layer.global_scale.copy_(q.global_scale)
+        self.set_values(layer, q.codes, q.scales, q.global_scale)
+
+    def set_values(
+        self,
+        layer: QuantizedLayer,
+        values: Tensor,
+        scales: Tensor,
+        global_scale: Tensor | None = None,
+    ) -> None:
+        """``values``: E2M1 codes ``(N, K)``; ``global_scale``: NVFP4's, ``None`` for MXFP4."""
+        if self.has_global_scale != (global_scale is not None):
+            raise QuantizationError(f"{self.name} weights take a global scale exactly when NVFP4")
+        layer.qweight.copy_(pack_e2m1(values))
+        layer.scales.copy_(scales)
+        if global_scale is not None:
+            layer.global_scale.copy_(global_scale)
 
     def fp4_codes(self, layer: QuantizedLayer) -> Tensor:
         """The E2M1 codes ``(N, K)`` uint8 the layer holds."""
