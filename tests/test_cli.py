@@ -99,3 +99,27 @@ def test_calibrated_algorithms_need_a_calibration_file(tmp_path, monkeypatch, ca
     assert "activation" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["quantize", "m", "--algorithm", "magic", "--out", out])
+
+
+def test_quantize_with_hqq_needs_no_calibration_file(tmp_path, monkeypatch, capsys):
+    from tiny_models import tiny_llama
+
+    from torchquant.serialization import load_quantized
+    from torchquant.tools import models
+
+    monkeypatch.setattr(
+        models, "load_model", lambda spec, **_: (tiny_llama(vocab=128), CharTokenizer())
+    )
+    args = ["quantize", "tiny", "--scheme", "w4a16", "--group-size", "32"]
+    assert main([*args, "--algorithm", "hqq", "--out", str(tmp_path / "hqq")]) == 0
+    assert "converted 7 layer(s)" in capsys.readouterr().out
+    hqq = load_quantized(tmp_path / "hqq", tiny_llama(vocab=128)).model.layers[0].mlp.down_proj
+    assert hqq.scheme.algorithm == "hqq"
+    assert main([*args, "--out", str(tmp_path / "rtn")]) == 0
+    rtn = load_quantized(tmp_path / "rtn", tiny_llama(vocab=128)).model.layers[0].mlp.down_proj
+    assert not torch.equal(hqq.scales, rtn.scales)  # -- the solver moved the qparams
+    calib = tmp_path / "calib.txt"
+    calib.write_text("unused " * 50, encoding="utf-8")
+    out = ["--out", str(tmp_path / "again")]
+    assert main([*args, "--algorithm", "hqq", "--calib", str(calib), *out]) == 0
+    assert "--calib is unused with --algorithm hqq" in capsys.readouterr().err

@@ -58,7 +58,8 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
         "--algorithm",
         default="rtn",
         choices=ALGORITHMS,
-        help="how weights are chosen (all but rtn need --calib)",
+        help="how weights are chosen: rtn and hqq need no data, gptq, awq and smoothquant "
+        "calibrate on --calib",
     )
     p.add_argument(
         "--act-order",
@@ -196,7 +197,8 @@ def _convert(model, tokenizer, config, args: argparse.Namespace):
 
     if not config.default.needs_calibration:
         if args.calib:
-            print("torchquant: note: --calib is unused with --algorithm rtn", file=sys.stderr)
+            note = f"--calib is unused with --algorithm {args.algorithm}"
+            print(f"torchquant: note: {note}", file=sys.stderr)
         return convert_model(model, config)
     ids = calibration_tokens(args.calib, tokenizer, args.calib_samples, args.calib_seq_len)
     return convert_model(model, config, calibration_data=ids)

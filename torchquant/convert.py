@@ -15,13 +15,15 @@ from torchquant.calibration.engine import calibrate_model
 from torchquant.config import QuantConfig, QuantScheme
 from torchquant.conversion_guards import ModelSnapshot, check_before_conversion
 from torchquant.errors import ConfigError, QuantizationError
-from torchquant.modules import QuantExperts, QuantLinear
+from torchquant.modules import QuantExperts
 from torchquant.offload import carry_hook, execution_device, is_offloaded, onloaded
 from torchquant.plan import (
     ConversionSummary,
+    build_quant_linear,
+    get_weight,
     plan_conversion,
-    set_submodule,
-    split_experts_for_config,
+    replace_layer,
+    split_experts_and_plan,
     tensor_bytes,
 )
 from torchquant.qat import QatLinear
@@ -39,10 +41,11 @@ def convert_model(
     calibration_data: torch.Tensor | None = None,
     offload: bool = True,
 ) -> tuple[nn.Module, ConversionSummary]:
-    """Quantize ``model`` in place, layer by layer, round-to-nearest; returns it and a summary.
+    """Quantize ``model`` in place, layer by layer; returns it and a summary.
 
-    If any layer's scheme needs calibration (an algorithm other than ``rtn`` or static
-    activation scales), ``calibration_data`` (token ids ``(n, seq_len)``, see
+    Each weight is rounded by its scheme's algorithm (``quantize_weight``).  If any
+    layer's scheme needs calibration (GPTQ, AWQ, SmoothQuant or static activation
+    scales), ``calibration_data`` (token ids ``(n, seq_len)``, see
     ``torchquant.calibration.calibration_tokens``) is run through the model block by
     block instead (``torchquant.calibration.calibrate_model``).
 
@@ -65,11 +68,10 @@ def convert_model(
     check_before_conversion(model, config, plan)
     snapshot = None
     if calibrated:
-        rescales = any(s.algorithm in ("smoothquant", "awq") for s in calibrated)
+        rescales = any(s.rescales_weights for s in calibrated)
         snapshot = ModelSnapshot(model, rescaled=plan if rescales else None)
-    experts_left = split_experts_for_config(model, config)
+    plan, experts_left = split_experts_and_plan(model, config, plan)
     split = {n: m.num_experts for n, m in model.named_modules() if isinstance(m, QuantExperts)}
-    plan = plan_conversion(model, config)
     needing = [n for n, (s, _) in plan.items() if s is not None and s.needs_calibration]
     if needing:
         snapshot.keep(model, list(plan))
@@ -90,10 +92,7 @@ def convert_model(
         if isinstance(layer, QatLinear):
             # -- a QAT-trained layer keeps its learned scales (and must match the config)
             quantized = layer.to_quant_linear(name, expected=scheme)
-            summary.bytes_before += tensor_bytes(layer)
-            summary.bytes_after += quantized.nbytes()
-            summary.converted[name] = scheme.describe()
-            set_submodule(model, name, quantized)
+            replace_layer(model, name, quantized, summary, tensor_bytes(layer))
             continue
         if scheme is None:
             summary.skipped[name] = why
@@ -101,13 +100,12 @@ def convert_model(
         with onloaded(layer):
             home = execution_device(layer, layer.weight.device)
             work = layer if device is None else layer.to(device)
-            quantized = QuantLinear.from_linear(work, scheme, name).to(home)
-            summary.bytes_before += tensor_bytes(layer)
-        summary.bytes_after += quantized.nbytes()
-        summary.converted[name] = scheme.describe()
+            bias = getattr(work, "bias", None)
+            quantized = build_quant_linear(get_weight(work), bias, scheme, name).to(home)
+            float_bytes = tensor_bytes(layer)
         carry_hook(layer, quantized)
-        set_submodule(model, name, quantized)
-        del layer, work
+        replace_layer(model, name, quantized, summary, float_bytes)
+        del layer, work, bias
     _finish_experts(model, summary, experts_left, split)
     return model, summary
 

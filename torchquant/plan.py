@@ -1,8 +1,10 @@
-"""Which layers a conversion touches, and the one way a layer is replaced.
+"""Which layers a conversion touches, and the one way a layer is built and replaced.
 
 ``plan_conversion`` resolves a ``QuantConfig`` against a model's linear-like layers;
-``set_submodule`` swaps one module for another (used by conversion, calibration,
-streaming, QAT and the loaders).
+``build_quant_linear`` rounds a float weight with ``quantize_weight`` into a
+``QuantLinear`` (conversion, calibration and streaming all build layers with it);
+``replace_layer`` puts a converted layer in place and counts it in the summary (those
+three and QAT's convert); ``set_submodule`` swaps one module for another (also the loaders).
 
 Fused mixture-of-experts modules (transformers 5.x keeps experts as 3-D parameters)
 are first split into per-expert linears (``QuantExperts``), which then convert like
@@ -18,8 +20,10 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
+from torchquant.algorithms.quantize import WeightStats, quantize_weight
 from torchquant.config import QuantConfig, QuantScheme
 from torchquant.config.matching import first_match
 from torchquant.errors import ConfigError, QuantizationError
@@ -40,6 +44,17 @@ def is_linear_like(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
 
 
+def stores_transposed(module: nn.Module) -> bool:
+    """Whether the module keeps its weight as ``(in, out)`` (transformers' GPT-2 ``Conv1D``)."""
+    return type(module).__name__ == "Conv1D" and not isinstance(module, nn.Linear)
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as ``(out, in)`` (a view of the module's own)."""
+    w = module.weight.data
+    return w.t() if stores_transposed(module) else w
+
+
 def tensor_bytes(module: nn.Module) -> int:
     """Bytes of a module's own parameters and buffers (not its children's)."""
     tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
@@ -56,6 +71,56 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     """Name -> layer of every ``QuantLinear`` in ``model``, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+@torch.no_grad()
+def build_quant_linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scheme: QuantScheme,
+    name: str,
+    stats: WeightStats | None = None,
+    *,
+    smooth: torch.Tensor | None = None,
+    input_scale: torch.Tensor | None = None,
+) -> QuantLinear:
+    """A ``QuantLinear`` on ``weight``'s device holding ``weight: (out, in)`` as
+    ``quantize_weight`` rounds it (``stats`` from calibration, when the algorithm reads it).
+
+    ``smooth`` is a run-time SmoothQuant divisor ``(in,)``, ``input_scale`` a static
+    activation scale ``(1,)``.
+    """
+    quantized = quantize_weight(scheme, weight, stats, name=f"{name}.weight" if name else "weight")
+    n, k = weight.shape
+    has_bias, has_g_idx = bias is not None, quantized.g_idx is not None
+    layer = QuantLinear(k, n, scheme, has_bias, weight.dtype, weight.device, g_idx=has_g_idx)
+    if layer.weight_format.is_int:
+        layer.set_int_codes(quantized.codes, quantized.scales, quantized.zeros)
+    else:  # -- FP8 values, stored as they are
+        layer.qweight.copy_(quantized.codes)
+        layer.scales.copy_(quantized.scales.reshape(layer.scales.shape))
+    if has_g_idx:
+        layer.g_idx.copy_(quantized.g_idx)
+    if has_bias:
+        layer.bias.copy_(bias.detach())
+    if smooth is not None:
+        layer.smooth_scale = smooth.to(device=weight.device, dtype=torch.float32)
+    if input_scale is not None:
+        layer.input_scale.copy_(input_scale)
+    return layer
+
+
+def replace_layer(
+    model: nn.Module, name: str, new: nn.Module, summary: ConversionSummary, bytes_before: int
+) -> None:
+    """Put converted layer ``new`` where ``name`` is and count it in ``summary``.
+
+    ``bytes_before`` is what the float layer held (its weight as read, for streaming).
+    """
+    summary.bytes_before += bytes_before
+    summary.bytes_after += new.nbytes()
+    summary.converted[name] = new.scheme.describe()
+    set_submodule(model, name, new)
 
 
 @dataclass
@@ -136,12 +201,21 @@ def plan_conversion(
 def split_fused_experts(
     model: nn.Module, why_not: Callable[[dict[str, tuple[str, ...]]], str | None]
 ) -> dict[str, str]:
+    """Replace fused experts modules by ``QuantExperts`` unless ``why_not(linears)`` objects;
+    returns ``{experts module name: why}`` for those kept (see :func:`_split_fused_experts`)."""
+    return _split_fused_experts(model, why_not)[0]
+
+
+def _split_fused_experts(
+    model: nn.Module, why_not: Callable[[dict[str, tuple[str, ...]]], str | None]
+) -> tuple[dict[str, str], list[str]]:
     """Replace fused experts modules by ``QuantExperts`` unless ``why_not(linears)`` objects.
 
     ``linears`` maps each per-expert linear name the module would split into to its
     config aliases; ``why_not`` returns ``None`` to split, else the reason to keep it.
     Fused experts in a layout not in ``FUSED_EXPERTS_LAYOUTS`` keep their float
-    weights, with a warning.  Returns ``{experts module name: why}`` for those kept.
+    weights, with a warning.  Returns ``{experts module name: why}`` for those kept
+    and the names of those split.
     Fused experts that accelerate offloads are refused (``QuantizationError``).
     """
     _split, fused = _expert_aliases(model)
@@ -173,7 +247,7 @@ def split_fused_experts(
             )
     for name, module in to_split.items():
         set_submodule(model, name, QuantExperts.from_fused(module, fused_experts_layout(module)))
-    return kept
+    return kept, list(to_split)
 
 
 def split_experts_for_names(model: nn.Module, names: Iterable[str]) -> None:
@@ -184,14 +258,31 @@ def split_experts_for_names(model: nn.Module, names: Iterable[str]) -> None:
     )
 
 
-def split_experts_for_config(model: nn.Module, config: QuantConfig) -> dict[str, str]:
-    """Split the fused experts modules in which ``config`` quantizes at least one projection.
-
-    Returns ``{experts module name: why}`` for those left fused.
-    """
+def _quantizes_none_of(config: QuantConfig) -> Callable[[dict[str, tuple[str, ...]]], str | None]:
+    """``why_not`` for :func:`split_fused_experts`: why ``config`` leaves experts fused."""
 
     def why_not(linears: dict[str, tuple[str, ...]]) -> str | None:
         resolved = [config.resolve(n, aliases) for n, aliases in linears.items()]
         return None if any(s is not None for s, _ in resolved) else resolved[0][1]
 
-    return split_fused_experts(model, why_not)
+    return why_not
+
+
+def split_experts_for_config(model: nn.Module, config: QuantConfig) -> dict[str, str]:
+    """Split the fused experts modules in which ``config`` quantizes at least one projection.
+
+    Returns ``{experts module name: why}`` for those left fused.
+    """
+    return split_fused_experts(model, _quantizes_none_of(config))
+
+
+def split_experts_and_plan(
+    model: nn.Module, config: QuantConfig, plan: dict[str, tuple[QuantScheme | None, str]]
+) -> tuple[dict[str, tuple[QuantScheme | None, str]], dict[str, str]]:
+    """Split the fused experts ``config`` quantizes; returns the plan and the experts kept.
+
+    ``plan`` is ``plan_conversion``'s for the model before splitting; it is planned again
+    only when experts were split (their per-expert linears are new layers).
+    """
+    kept, split = _split_fused_experts(model, _quantizes_none_of(config))
+    return (plan_conversion(model, config) if split else plan), kept

@@ -31,9 +31,11 @@ from torchquant.errors import CheckpointError, ConfigError, QuantizationError
 from torchquant.modules import QuantExperts, QuantLinear
 from torchquant.plan import (
     ConversionSummary,
+    build_quant_linear,
     plan_conversion,
-    set_submodule,
-    split_experts_for_config,
+    replace_layer,
+    split_experts_and_plan,
+    stores_transposed,
 )
 
 
@@ -158,31 +160,30 @@ def convert_from_safetensors(
 ) -> tuple[nn.Module, ConversionSummary]:
     """Quantize ``model`` (a skeleton, typically on the meta device) from float ``files``.
 
-    Every linear layer the config selects is read from the files, quantized
-    round-to-nearest exactly as :func:`convert_model` would, and put in place; all
+    Every linear layer the config selects is read from the files, quantized exactly
+    as :func:`convert_model` would (calibration-free algorithms only), and put in place; all
     other parameters and buffers are then assigned from the files unchanged.  Each
     tensor's declared shape is checked against the skeleton before it is read.
     Tied parameters are not re-tied (call the model's ``tie_weights`` if it has one).
     """
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
-    plan_conversion(model, config)  # -- refuse a bad override before any module changes
-    experts_left = split_experts_for_config(model, config)
+    plan = plan_conversion(model, config)  # -- refuse a bad override before any module changes
+    plan, experts_left = split_experts_and_plan(model, config, plan)
     weights = ExpertWeights(model, FloatWeights(files, names_for_model(model)))
-    plan = plan_conversion(model, config)
     needing = [n for n, (s, _) in plan.items() if s is not None and s.needs_calibration]
     if needing:
         raise ConfigError(
             f"{needing[0]!r} (and {len(needing) - 1} more) use an algorithm or static activation "
-            "scales that need calibration; streaming conversion is round-to-nearest only: load "
-            "the model and call convert_model(model, config, calibration_data=...)"
+            "scales that need calibration; streaming conversion takes calibration-free ones "
+            "only: load the model and call convert_model(model, config, calibration_data=...)"
         )
     summary = ConversionSummary(skipped=experts_left)
     summary.split_experts = {
         n: m.num_experts for n, m in model.named_modules() if isinstance(m, QuantExperts)
     }
     # -- nothing is swapped in until every tensor has been read and checked
-    quantized: dict[str, QuantLinear] = {}
+    quantized: dict[str, tuple[QuantLinear, int]] = {}  # -- with the float weight's bytes
     for name, (scheme, why) in tqdm(
         plan.items(), desc="quantizing", unit="layer", disable=not progress
     ):
@@ -191,22 +192,20 @@ def convert_from_safetensors(
             continue
         layer = model.get_submodule(name)
         weight = weights.get(f"{name}.weight", layer.weight)
-        if not isinstance(layer, nn.Linear):  # GPT-2 Conv1D stores (in, out)
+        if stores_transposed(layer):
             weight = weight.t()
         bias = getattr(layer, "bias", None)
         if bias is not None:
             bias = weights.get(f"{name}.bias", bias)
-        quantized[name] = QuantLinear.from_weight(weight, bias, scheme, f"{name}.weight")
-        summary.bytes_before += weight.numel() * weight.element_size()
-        summary.bytes_after += quantized[name].nbytes()
-        summary.converted[name] = scheme.describe()
-        del weight, bias
+        new = build_quant_linear(weight, bias, scheme, name)
+        quantized[name] = (new, weight.numel() * weight.element_size())
+        del weight, bias, new
     rest = {
         name: weights.get(name, t)
         for name, t in model.state_dict().items()
         if name.rpartition(".")[0] not in quantized
     }
-    for name, layer in quantized.items():
-        set_submodule(model, name, layer)
+    for name, (layer, float_bytes) in quantized.items():
+        replace_layer(model, name, layer, summary, float_bytes)
     model.load_state_dict(rest, strict=False, assign=True)
     return model, summary

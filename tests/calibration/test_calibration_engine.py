@@ -18,7 +18,9 @@ from transformers import (
 )
 
 from torchquant import QuantConfig, QuantLinear, convert_model, scheme_from_name
+from torchquant.algorithms import gptq
 from torchquant.calibration import find_layout
+from torchquant.calibration.steps import GptqStep
 from torchquant.config import (
     ActivationQuant,
     AWQConfig,
@@ -379,25 +381,24 @@ def test_block_by_block_on_cuda_keeps_the_model_on_the_cpu():
 
 def test_gptq_quantizes_stage_by_stage_in_execution_order(monkeypatch):
     """q/k/v share an input, then o, then gate/up, then down; later stages see earlier ones."""
-    from torchquant.calibration import engine
-
     seen: list[list[str]] = []
     hessian_inputs: dict[str, list[type]] = {}  # first linear of a stage -> module kinds
-    original_stages = engine.BlockCalibrator.gptq_stages
-    original_regather = engine.BlockCalibrator.regather_hessians
+    original_stages = GptqStep.stages
+    original_regather = GptqStep.regather
 
     def stages(self, sample):
         found = original_stages(self, sample)
         seen.append(found)
         return found
 
-    def regather(self, samples, stats, stage):
+    def regather(self, stage):
         # -- when a stage's Hessian is collected, every earlier stage is already quantized
-        hessian_inputs[stage[0]] = [type(self.block.get_submodule(r)) for r in self.schemes]
-        return original_regather(self, samples, stats, stage)
+        block = self.block
+        hessian_inputs[stage[0]] = [type(block.module.get_submodule(r)) for r in block.schemes]
+        return original_regather(self, stage)
 
-    monkeypatch.setattr(engine.BlockCalibrator, "gptq_stages", stages)
-    monkeypatch.setattr(engine.BlockCalibrator, "regather_hessians", regather)
+    monkeypatch.setattr(GptqStep, "stages", stages)
+    monkeypatch.setattr(GptqStep, "regather", regather)
     quantize(tiny_llama(), wna16(4, "gptq"), tokens(4, 16))
     assert seen[0] == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
@@ -413,16 +414,14 @@ def test_gptq_quantizes_stage_by_stage_in_execution_order(monkeypatch):
 
 def test_awq_with_gptq_rounding_takes_hessians_after_scaling(monkeypatch):
     """AWQ folds its scales first; GPTQ must then see the scaled inputs, not the originals."""
-    from torchquant.calibration import engine
-
     hessians: dict[str, torch.Tensor] = {}
-    original = engine.gptq.gptq_quantize
+    original = gptq.gptq_quantize
 
     def record(weight, hessian, *args, name, **kw):
-        hessians[name] = hessian.clone()
+        hessians[name.removesuffix(".weight")] = hessian.clone()
         return original(weight, hessian, *args, name=name, **kw)
 
-    monkeypatch.setattr(engine.gptq, "gptq_quantize", record)
+    monkeypatch.setattr(gptq, "gptq_quantize", record)
     awq_gptq = dataclasses.replace(FAST_AWQ, rounding="gptq")
     model, summary = quantize(tiny_llama(), wna16(4, "awq", awq=awq_gptq), tokens(4, 16))
     assert len(hessians) == len(summary.converted) == 14  # every linear rounded by GPTQ

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from torchquant.numerics import (
+    IntWeight,
     choose_int_qparams,
     dequantize_int_weight,
     expand_groups,
@@ -25,14 +26,29 @@ from torchquant.numerics import (
 )
 
 
+def quantize_in_ranges(
+    w: torch.Tensor,
+    ranges: tuple[torch.Tensor, torch.Tensor],
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype | None = None,
+) -> IntWeight:
+    """Round ``w: (N, K)`` to the grid of per-group ranges ``(lo, hi)`` ``(N, G)`` (clipped
+    by :func:`search_clip`); scales follow ``quantize_int_weight``'s dtype rule."""
+    sdt = scale_dtype or (w.dtype if group_size != -1 else torch.float32)
+    scales, zeros = choose_int_qparams(*ranges, bits, symmetric, sdt)
+    codes = quantize_codes(w, scales, zeros, bits, group_size)
+    return IntWeight(codes, scales, zeros, bits, group_size)
+
+
 def fake_quantize(
     w: torch.Tensor, bits: int, group_size: int, symmetric: bool, ranges: tuple | None = None
 ) -> torch.Tensor:
     """``dequant(quant(w))`` round-to-nearest, from min/max or the given ``(lo, hi)``."""
-    lo, hi = ranges if ranges is not None else group_min_max(w, group_size)
-    scales, zeros = choose_int_qparams(lo, hi, bits, symmetric)
-    codes = quantize_codes(w, scales, zeros, bits, group_size)
-    return dequantize_int_weight(codes, scales, zeros, bits, group_size, w.dtype)
+    ranges = ranges if ranges is not None else group_min_max(w, group_size)
+    q = quantize_in_ranges(w, ranges, bits, group_size, symmetric, torch.float32)
+    return dequantize_int_weight(q.codes, q.scales, q.zeros, bits, group_size, w.dtype)
 
 
 def weight_salience(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:

@@ -12,6 +12,22 @@ from torchquant.errors import CalibrationError
 from torchquant.numerics.observers import Observer
 
 
+@dataclass(frozen=True)
+class StatsRequest:
+    """What a calibration step needs kept of a linear's inputs in the statistics pass."""
+
+    hessian: bool = False
+    absmax: bool = False
+    samples: int = 0  # input rows to keep (AWQ searches)
+
+    def __or__(self, other: StatsRequest) -> StatsRequest:
+        return StatsRequest(
+            self.hessian or other.hessian,
+            self.absmax or other.absmax,
+            max(self.samples, other.samples),
+        )
+
+
 @dataclass
 class LayerStats:
     """What one linear's inputs looked like.  ``want_*`` say what to keep (memory matters)."""
@@ -54,6 +70,10 @@ class LayerStats:
         if self.observer is not None:
             self.observer.update(x)
         self.tokens += x.shape[0]
+
+    @classmethod
+    def requested(cls, name: str, request: StatsRequest) -> LayerStats:
+        return cls(name, request.hessian, request.absmax, request.samples)
 
     @property
     def act_mean(self) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Quantization configuration: schemes, algorithm parameters, ``QuantConfig``, name patterns.
 
 ``scheme`` holds what one layer is quantized to (``WeightQuant``, ``ActivationQuant``,
-``QuantScheme``, the shorthand names), ``algorithms`` the GPTQ/AWQ/SmoothQuant
+``QuantScheme``, the shorthand names), ``algorithms`` the GPTQ/AWQ/SmoothQuant/HQQ
 parameters, ``quant_config`` which layers get which scheme, and ``matching`` the name
 patterns (exact, glob, ``re:``) it matches layers with.
 """
@@ -13,6 +13,7 @@ from torchquant.config.algorithms import (
     WEIGHT_OBSERVERS,
     AWQConfig,
     GPTQConfig,
+    HQQConfig,
     SmoothQuantConfig,
 )
 from torchquant.config.quant_config import QuantConfig
@@ -43,6 +44,7 @@ __all__ = [
     "AWQConfig",
     "ActivationQuant",
     "GPTQConfig",
+    "HQQConfig",
     "QuantConfig",
     "QuantScheme",
     "SmoothQuantConfig",

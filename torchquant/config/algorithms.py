@@ -1,4 +1,4 @@
-"""Parameters of the calibrated algorithms: GPTQ, AWQ and SmoothQuant, one frozen dataclass each."""
+"""Parameters of the algorithms: GPTQ, AWQ, SmoothQuant and HQQ, one frozen dataclass each."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ from dataclasses import dataclass
 
 from torchquant.config.fields import is_int, is_number, require
 
-ALGORITHMS = ("rtn", "gptq", "awq", "smoothquant")
+ALGORITHMS = ("rtn", "gptq", "awq", "smoothquant", "hqq")
+# -- those that read calibration activations, and those that rescale the float weights first
+CALIBRATED_ALGORITHMS = ("gptq", "awq", "smoothquant")
+RESCALING_ALGORITHMS = ("awq", "smoothquant")
+INT_WEIGHT_ALGORITHMS = ("gptq", "awq", "hqq")  # -- they choose INT codes and qparams
 OBSERVERS = ("minmax", "moving_minmax", "percentile", "kl", "mse")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 GPTQ_OBSERVERS = (*WEIGHT_OBSERVERS, "hessian_mse")
@@ -135,3 +139,38 @@ class SmoothQuantConfig:
             self.smooth_linear_inputs,
             "true or false",
         )
+
+
+@dataclass(frozen=True)
+class HQQConfig:
+    """HQQ's solver (no calibration data): each group's qparams minimize the lp error
+    ``||W - dequant(quant(W))||_p^p`` with ``lp_norm`` p in (0, 1], in at most
+    ``iterations`` half-quadratic steps per phase; the penalty starts at ``beta`` and
+    grows by ``kappa`` per step; ``early_stop`` ends a phase once the mean absolute error
+    stops falling.  The defaults are HQQ's own (mobiusml/hqq's proximal solver).
+    """
+
+    iterations: int = 20
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+    early_stop: bool = True
+
+    def __post_init__(self) -> None:
+        require(
+            is_int(self.iterations) and 1 <= self.iterations < 2**31,
+            "hqq.iterations",
+            self.iterations,
+            "a positive int",
+        )
+        require(
+            is_number(self.lp_norm) and 0.0 < self.lp_norm <= 1.0,
+            "hqq.lp_norm",
+            self.lp_norm,
+            "a number in (0, 1]",
+        )
+        require(is_number(self.beta) and self.beta > 0.0, "hqq.beta", self.beta, "a number > 0")
+        require(
+            is_number(self.kappa) and self.kappa >= 1.0, "hqq.kappa", self.kappa, "a number >= 1"
+        )
+        require(isinstance(self.early_stop, bool), "hqq.early_stop", self.early_stop, "a bool")

@@ -15,9 +15,13 @@ from typing import Any
 
 from torchquant.config.algorithms import (
     ALGORITHMS,
+    CALIBRATED_ALGORITHMS,
+    INT_WEIGHT_ALGORITHMS,
     OBSERVERS,
+    RESCALING_ALGORITHMS,
     AWQConfig,
     GPTQConfig,
+    HQQConfig,
     SmoothQuantConfig,
 )
 from torchquant.config.fields import from_mapping, is_int, require
@@ -118,7 +122,15 @@ class ActivationQuant:
             )
 
 
-ALGORITHM_PARAMS = {"gptq": GPTQConfig, "awq": AWQConfig, "smoothquant": SmoothQuantConfig}
+ALGORITHM_PARAMS = {
+    "gptq": GPTQConfig,
+    "awq": AWQConfig,
+    "smoothquant": SmoothQuantConfig,
+    "hqq": HQQConfig,
+}
+# -- written by ``to_dict`` only when used or changed, so checkpoints of every other
+# -- scheme keep the bytes they had before these parameters existed
+LATER_PARAMS = ("hqq",)
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,7 @@ class QuantScheme:
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     awq: AWQConfig = field(default_factory=AWQConfig)
     smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
+    hqq: HQQConfig = field(default_factory=HQQConfig)
 
     def __post_init__(self) -> None:
         for name, cls in ALGORITHM_PARAMS.items():
@@ -152,7 +165,7 @@ class QuantScheme:
         )
         require(self.algorithm in ALGORITHMS, "algorithm", self.algorithm, f"one of {ALGORITHMS}")
         act, w = self.activation, self.weight
-        if self.algorithm in ("gptq", "awq"):
+        if self.algorithm in INT_WEIGHT_ALGORITHMS:
             require(
                 w.type == "int",
                 "weight.type",
@@ -200,8 +213,17 @@ class QuantScheme:
     @property
     def needs_calibration(self) -> bool:
         """Whether quantizing with this scheme needs calibration activations."""
-        static_act = self.activation is not None and not self.activation.dynamic
-        return self.algorithm != "rtn" or static_act
+        return self.algorithm in CALIBRATED_ALGORITHMS or self.static_activation
+
+    @property
+    def static_activation(self) -> bool:
+        """Whether the input scale is fixed by calibration (not computed per input)."""
+        return self.activation is not None and not self.activation.dynamic
+
+    @property
+    def rescales_weights(self) -> bool:
+        """Whether calibration rescales the float weights before rounding (SmoothQuant, AWQ)."""
+        return self.algorithm in RESCALING_ALGORITHMS
 
     @property
     def weight_only(self) -> bool:
@@ -222,7 +244,11 @@ class QuantScheme:
         return f"w-{wname} {gran}{sym} {act}{algo}".strip()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for name in LATER_PARAMS:
+            if self.algorithm != name and getattr(self, name) == ALGORITHM_PARAMS[name]():
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantScheme:

@@ -22,6 +22,8 @@ from torchquant.modules import QuantLinear
 from torchquant.plan import (
     ConversionSummary,
     plan_conversion,
+    quantized_layers,
+    replace_layer,
     set_submodule,
     split_experts_for_config,
     tensor_bytes,
@@ -94,7 +96,7 @@ def prepare_qat(
 
 
 def _quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    layers = quantized_layers(model)
     if not layers:
         raise ConfigError("ptq_model has no QuantLinear layers; convert it with convert_model")
     return layers
@@ -134,15 +136,13 @@ def convert_qat(
         raise QuantizationError("the model has no QatLinear layers; call prepare_qat first")
     summary = ConversionSummary()
     expected = plan_conversion(model, config) if config is not None else {}
-    converted: dict[str, QuantLinear] = {}  # -- swapped in only once every layer converted
+    # -- swapped in only once every layer converted, with the trained layer's bytes
+    converted: dict[str, tuple[QuantLinear, int]] = {}
     for name, layer in tqdm(layers.items(), desc="converting", unit="layer", disable=not progress):
         for tname, t in [*layer.named_parameters(recurse=False), *layer.named_buffers()]:
             refuse_nonfinite(f"{name}.{tname}", t, "the trained layer cannot be converted")
         scheme = expected[name][0] if config is not None else "any"
-        converted[name] = layer.to_quant_linear(name, scheme)
-        summary.bytes_before += tensor_bytes(layer)
-        summary.bytes_after += converted[name].nbytes()
-        summary.converted[name] = layer.scheme.describe()
-    for name, quantized in converted.items():
-        set_submodule(model, name, quantized)
+        converted[name] = (layer.to_quant_linear(name, scheme), tensor_bytes(layer))
+    for name, (quantized, trained_bytes) in converted.items():
+        replace_layer(model, name, quantized, summary, trained_bytes)
     return model, summary

@@ -1,0 +1,156 @@
+"""``quantize_weight``: the one entry that rounds a weight, whatever the algorithm.
+
+``WEIGHT_ROUNDING`` maps each ``QuantScheme.algorithm`` to a function
+``(scheme, weight, stats, name) -> QuantizedWeight``.  Calibration-free algorithms
+(round-to-nearest, HQQ) ignore ``stats``; GPTQ reads the input Hessian from it and AWQ the
+ranges its clipping search chose.  Transforms that keep the float function (SmoothQuant,
+AWQ scaling) are calibration steps that run first: they change the weight handed in
+here, not how it is rounded.  A new algorithm is a pure function on tensors in this
+package and one entry in the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from torchquant.algorithms import awq, gptq, hqq
+from torchquant.config import QuantScheme
+from torchquant.errors import CalibrationError, ConfigError, QuantizationError
+from torchquant.numerics import quantize_fp8_weight, quantize_int_weight
+
+
+@dataclass(frozen=True)
+class WeightStats:
+    """What calibration measured for one linear, as the rounding reads it.
+
+    ``hessian``: ``(K, K)`` float32 ``2/n X^T X`` of the layer's inputs (GPTQ rounding);
+    ``None`` when calibration never reached the layer (an unused expert), which is then
+    rounded to nearest.  ``clip_range``: per-group ``(lo, hi)`` ``(N, G)`` from AWQ's
+    clipping search (``None``: the plain min/max range).
+    """
+
+    hessian: torch.Tensor | None = None
+    clip_range: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight ``(N, K)`` as a layer stores it.
+
+    INT: unsigned ``codes`` uint8 ``(N, K)``, ``scales`` and ``zeros`` (uint8; ``None``
+    when symmetric) ``(N, G)``, and ``g_idx`` int32 ``(K,)`` when groups follow a column
+    order (GPTQ act-order without static groups).  FP8: ``codes`` float8_e4m3fn
+    ``(N, K)`` with float32 ``scales`` ``(N, 1)`` or per tensor.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+    g_idx: torch.Tensor | None = None
+
+
+Rounding = Callable[[QuantScheme, torch.Tensor, WeightStats | None, str], QuantizedWeight]
+
+
+def round_to_nearest(
+    scheme: QuantScheme, weight: torch.Tensor, stats: WeightStats | None, name: str
+) -> QuantizedWeight:
+    """Each weight to its nearest grid point on the min/max range (no calibration)."""
+    w = scheme.weight
+    if w.type == "fp8":
+        values, scales = quantize_fp8_weight(weight, per_channel=w.group_size == -1, what=name)
+        return QuantizedWeight(values, scales)
+    q = quantize_int_weight(weight, w.bits, w.group_size, w.symmetric, what=name)
+    return QuantizedWeight(q.codes, q.scales, q.zeros)
+
+
+def _measured(scheme: QuantScheme, stats: WeightStats | None, name: str) -> WeightStats:
+    if stats is None:
+        raise CalibrationError(
+            f"{name}: algorithm {scheme.algorithm!r} rounds with calibration statistics "
+            "(stats); quantize it through convert_model(..., calibration_data=...)"
+        )
+    return stats
+
+
+def gptq_rounding(
+    scheme: QuantScheme, weight: torch.Tensor, stats: WeightStats | None, name: str
+) -> QuantizedWeight:
+    """GPTQ with the scheme's ``gptq`` parameters and the measured input Hessian."""
+    hessian = _measured(scheme, stats, name).hessian
+    if hessian is None:
+        return round_to_nearest(scheme, weight, stats, name)
+    w, p = scheme.weight, scheme.gptq
+    res = gptq.gptq_quantize(
+        weight,
+        hessian,
+        w.bits,
+        w.group_size,
+        w.symmetric,
+        p.block_size,
+        p.dampening,
+        p.act_order,
+        p.static_groups,
+        p.observer,
+        name=name,
+    )
+    return QuantizedWeight(res.codes, res.scales, res.zeros, res.g_idx)
+
+
+def awq_rounding(
+    scheme: QuantScheme, weight: torch.Tensor, stats: WeightStats | None, name: str
+) -> QuantizedWeight:
+    """The AWQ-scaled weight on its clipped ranges, or by GPTQ (``awq.rounding="gptq"``)."""
+    if scheme.rounds_with_gptq:
+        return gptq_rounding(scheme, weight, stats, name)
+    clip_range = _measured(scheme, stats, name).clip_range
+    if clip_range is None:
+        return round_to_nearest(scheme, weight, stats, name)
+    w = scheme.weight
+    q = awq.quantize_in_ranges(weight, clip_range, w.bits, w.group_size, w.symmetric)
+    return QuantizedWeight(q.codes, q.scales, q.zeros)
+
+
+def hqq_rounding(
+    scheme: QuantScheme, weight: torch.Tensor, stats: WeightStats | None, name: str
+) -> QuantizedWeight:
+    """HQQ's lp-error solve for each group's qparams, from the weight alone."""
+    w, solver = scheme.weight, asdict(scheme.hqq)  # -- HQQConfig's fields are the solver's
+    q = hqq.hqq_quantize(weight, w.bits, w.group_size, w.symmetric, what=name, **solver)
+    return QuantizedWeight(q.codes, q.scales, q.zeros)
+
+
+# -- algorithm name -> how it rounds; SmoothQuant only rescales (a calibration step) first
+WEIGHT_ROUNDING: dict[str, Rounding] = {
+    "rtn": round_to_nearest,
+    "hqq": hqq_rounding,
+    "gptq": gptq_rounding,
+    "awq": awq_rounding,
+    "smoothquant": round_to_nearest,
+}
+
+
+def quantize_weight(
+    scheme: QuantScheme,
+    weight: torch.Tensor,
+    stats: WeightStats | None = None,
+    *,
+    name: str = "weight",
+) -> QuantizedWeight:
+    """Round ``weight: (out, in)`` as ``scheme`` says; ``name`` labels errors.
+
+    ``stats`` is what calibration measured for the layer (required by GPTQ and AWQ,
+    ignored by the calibration-free algorithms).
+    """
+    rounding = WEIGHT_ROUNDING.get(scheme.algorithm)
+    if rounding is None:
+        raise ConfigError(
+            f"algorithm={scheme.algorithm!r} has no weight rounding; expected one of "
+            f"{tuple(WEIGHT_ROUNDING)}"
+        )
+    if weight.dim() != 2:
+        raise QuantizationError(f"{name}: expected a 2-D weight, got {tuple(weight.shape)}")
+    return rounding(scheme, weight, stats, name)

@@ -1,0 +1,138 @@
+"""One block under calibration, and the contract between the engine and its steps.
+
+The engine makes a :class:`CalibrationBlock` for each block in turn and hands it to
+every step of :data:`~torchquant.calibration.steps.CALIBRATION_STEPS`.  A step says
+what it needs kept of its linears' inputs in the statistics pass (``request``), may add
+hooks to that pass (``observe``), then ``apply``-es itself: rescale weights, observe
+more, record what rounding needs, or quantize some linears itself (GPTQ, stage by
+stage).  Whatever is left is quantized at the end by :meth:`CalibrationBlock.quantize`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from torchquant.algorithms.quantize import WeightStats
+from torchquant.calibration.capture import BlockInput, run_block
+from torchquant.calibration.layers import out_features
+from torchquant.calibration.mappings import BalanceMapping
+from torchquant.calibration.stats import LayerStats, StatsRequest, attach
+from torchquant.config import QuantScheme
+from torchquant.plan import (
+    ConversionSummary,
+    build_quant_linear,
+    get_weight,
+    replace_layer,
+    tensor_bytes,
+)
+
+
+class CalibrationBlock:
+    """A block's linears (names relative to the block), its samples, and what the steps
+    found: statistics, run-time smoothing, AWQ input divisors, clip ranges, input scales."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        block: nn.Module,
+        prefix: str,
+        schemes: dict[str, QuantScheme],
+        balance: tuple[BalanceMapping, ...],
+        device: torch.device,
+        samples: list[BlockInput],
+        summary: ConversionSummary,
+    ) -> None:
+        self.model, self.module, self.prefix = model, block, prefix
+        self.schemes, self.device, self.samples, self.summary = schemes, device, samples, summary
+        self.linears = {rel: block.get_submodule(rel) for rel in schemes}
+        self.balance = [m for m in balance if all(lin in schemes for lin in m.linears)]
+        self.stats: dict[str, LayerStats] = {}  # from the statistics pass on the float block
+        self.smooth: dict[str, torch.Tensor] = {}  # run-time smoothing scale per linear
+        self.divisor: dict[str, torch.Tensor] = {}  # how each linear's captured input changed
+        self.clip_ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # AWQ, per linear
+        self.input_scales: dict[str, torch.Tensor] = {}  # static activation scales
+        self.quantized: set[str] = set()
+
+    def full(self, rel: str) -> str:
+        return f"{self.prefix}.{rel}" if self.prefix else rel
+
+    def run(self, stats: dict[str, LayerStats]) -> None:
+        """Run every sample through the block, feeding each linear's input to its stats."""
+        handles = attach(self.linears, stats)
+        try:
+            with torch.no_grad():
+                for sample in self.samples:
+                    run_block(self.module, sample, self.device)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def mappings_for(self, algorithm: str) -> list[BalanceMapping]:
+        """Balance mappings whose linears all use ``algorithm``."""
+        return [
+            m
+            for m in self.balance
+            if all(self.schemes[x].algorithm == algorithm for x in m.linears)
+        ]
+
+    def foldable_source(self, m: BalanceMapping) -> nn.Module | None:
+        """``m.source`` when its output channels are exactly the linears' inputs, else ``None``."""
+        try:
+            source = self.module.get_submodule(m.source)
+        except AttributeError:
+            return None
+        k = get_weight(self.linears[m.linears[0]]).shape[1]
+        return source if out_features(source) == k else None
+
+    def reached(self, rels: list[str] | tuple[str, ...]) -> bool:
+        """Whether calibration tokens reached every one of ``rels``."""
+        return all(self.stats[x].tokens > 0 for x in rels)
+
+    def weight_stats(self, rel: str) -> WeightStats | None:
+        """What the rounding of ``rel`` reads (``None`` where nothing was gathered for it)."""
+        st = self.stats.get(rel)
+        if st is None:
+            return None
+        return WeightStats(st.hessian if st.tokens > 0 else None, self.clip_ranges.get(rel))
+
+    @torch.no_grad()
+    def quantize(self, rels: set[str]) -> None:
+        """Replace the linears ``rels`` not yet quantized by ``QuantLinear``, in block order."""
+        for rel, scheme in self.schemes.items():
+            if rel not in rels or rel in self.quantized:
+                continue
+            module = self.linears[rel]
+            layer = build_quant_linear(
+                get_weight(module),
+                getattr(module, "bias", None),
+                scheme,
+                self.full(rel),
+                self.weight_stats(rel),
+                smooth=self.smooth.get(rel),
+                input_scale=self.input_scales.get(rel),
+            )
+            replace_layer(self.model, self.full(rel), layer, self.summary, tensor_bytes(module))
+            self.quantized.add(rel)
+
+
+class CalibrationStep(ABC):
+    """One step of calibrating a block; built per block, called in ``CALIBRATION_STEPS`` order."""
+
+    def __init__(self, block: CalibrationBlock) -> None:
+        self.block = block
+
+    def request(self, scheme: QuantScheme) -> StatsRequest | None:
+        """What the statistics pass keeps for a linear of ``scheme`` (``None``: nothing)."""
+        return None
+
+    def observe(self) -> list[RemovableHandle]:
+        """Extra hooks for the statistics pass; the engine removes them after it."""
+        return []
+
+    @abstractmethod
+    def apply(self) -> None:
+        """Run the step on the block (after the statistics pass and the steps before it)."""

@@ -1,0 +1,136 @@
+"""AWQ step: per-channel scales searched on an inspected module's output, then clip ranges.
+
+For each balance mapping whose linears all use AWQ and whose source can take the
+inverse, the scale search (:func:`~torchquant.algorithms.awq.search_scales`) scores
+candidates by the output error of the mapping's ``inspect`` module, run on inputs
+captured in the statistics pass (or, without one, by the linears' own outputs on
+sampled inputs).  Then, for linears AWQ also rounds, each group's range is shrunk to
+the factor minimising its partial products' error; rounding reads the ranges.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from torchquant.algorithms import awq
+from torchquant.calibration.block import CalibrationBlock, CalibrationStep
+from torchquant.calibration.layers import fold_into_source, scale_inputs, set_weight
+from torchquant.calibration.mappings import BalanceMapping
+from torchquant.calibration.stats import StatsRequest
+from torchquant.config import QuantScheme
+from torchquant.plan import get_weight
+
+ALGORITHM = "awq"
+CLIP_TOKENS = 512  # input rows the clipping search scores on
+
+
+def _call(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = module(*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class AwqStep(CalibrationStep):
+    def __init__(self, block: CalibrationBlock) -> None:
+        super().__init__(block)
+        self.inspect_inputs: dict[str, list] = {}  # inspect module -> (rows, args, kwargs)
+
+    def request(self, scheme: QuantScheme) -> StatsRequest | None:
+        if scheme.algorithm != ALGORITHM:
+            return None
+        return StatsRequest(samples=max(scheme.awq.max_tokens, CLIP_TOKENS))
+
+    def observe(self) -> list[RemovableHandle]:
+        """Record what each inspected module receives (up to ``awq.max_tokens`` rows)."""
+        hooks = []
+        for m in self.block.mappings_for(ALGORITHM):
+            if m.inspect is None or m.inspect in self.inspect_inputs:
+                continue
+            store: list = []
+            self.inspect_inputs[m.inspect] = store
+            limit = self.block.schemes[m.linears[0]].awq.max_tokens
+
+            def pre(module, args, kwargs, store=store, limit=limit):
+                x = args[0] if args else next(iter(kwargs.values()))
+                if sum(n for n, _, _ in store) < limit:
+                    store.append((x.reshape(-1, x.shape[-1]).shape[0], args, dict(kwargs)))
+
+            inspect = self.block.module.get_submodule(m.inspect)
+            hooks.append(inspect.register_forward_pre_hook(pre, with_kwargs=True))
+        return hooks
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for m in self.block.mappings_for(ALGORITHM):
+            source = self.block.foldable_source(m)
+            if source is not None and self.block.reached(m.linears):
+                self._scale(m, source)
+        self._clip()
+
+    def _loss(self, m: BalanceMapping, linears: list[nn.Module], originals: list[torch.Tensor]):
+        """The output error of weights ``ws`` (the objective the scale search minimises)."""
+        block = self.block
+        inspect = block.module.get_submodule(m.inspect) if m.inspect else None
+        captured = self.inspect_inputs.get(m.inspect, []) if inspect else []
+        if inspect is None or not captured:
+            x = block.stats[m.linears[0]].sample_matrix().to(block.device)
+            ref = [x @ w.t() for w in originals]
+
+            def linears_error(ws):
+                pairs = zip(ws, ref, strict=True)
+                return float(sum(((x @ w.t()) - r).pow(2).mean() for w, r in pairs))
+
+            return linears_error
+        ref = [_call(inspect, a, kw) for _, a, kw in captured]
+
+        def inspected_error(ws):
+            for lin, w in zip(linears, ws, strict=True):
+                set_weight(lin, w)
+            try:
+                return float(
+                    sum(
+                        (_call(inspect, a, kw) - r).pow(2).mean()
+                        for (_, a, kw), r in zip(captured, ref, strict=True)
+                    )
+                )
+            finally:
+                for lin, w in zip(linears, originals, strict=True):
+                    set_weight(lin, w)
+
+        return inspected_error
+
+    def _scale(self, m: BalanceMapping, source: nn.Module) -> None:
+        block = self.block
+        cfg, wq = block.schemes[m.linears[0]].awq, block.schemes[m.linears[0]].weight
+        linears = [block.linears[x] for x in m.linears]
+        originals = [get_weight(lin).clone() for lin in linears]
+
+        def quantize(w):
+            return awq.fake_quantize(w, wq.bits, wq.group_size, wq.symmetric)
+
+        act_mean = block.stats[m.linears[0]].act_mean.to(block.device)
+        duo = awq.weight_salience(originals, wq.group_size)
+        w_means = {True: [duo], False: [None], "both": [None, duo]}[cfg.duo_scaling]
+        loss_with = self._loss(m, linears, originals)
+        s, _, _ = awq.search_scales(act_mean, originals, quantize, loss_with, cfg.grid, w_means)
+        for lin in linears:
+            scale_inputs(lin, s)
+        fold_into_source(source, s)
+        for x in m.linears:
+            block.divisor[x] = s
+
+    def _clip(self) -> None:
+        block = self.block
+        for rel, st in block.stats.items():
+            scheme = block.schemes[rel]
+            awq_rounds = scheme.algorithm == ALGORITHM and not scheme.rounds_with_gptq
+            if not awq_rounds or st.tokens == 0 or not scheme.awq.clip:
+                continue
+            x = st.sample_matrix()[:CLIP_TOKENS].to(block.device)
+            if rel in block.divisor:
+                x = x / block.divisor[rel]
+            w, wq, cfg = get_weight(block.linears[rel]), scheme.weight, scheme.awq
+            block.clip_ranges[rel] = awq.search_clip(
+                w, x, wq.bits, wq.group_size, wq.symmetric, cfg.clip_grid, cfg.max_shrink
+            )

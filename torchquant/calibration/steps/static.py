@@ -1,0 +1,53 @@
+"""Static activation scales: a per-tensor input scale observed on the transformed float block.
+
+It runs after the rescaling steps, so the observed inputs are the ones the quantized
+layer will see (divided by a run-time smoothing scale where there is one).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchquant.calibration.block import CalibrationStep
+from torchquant.calibration.stats import LayerStats
+from torchquant.config import QuantScheme
+from torchquant.errors import CalibrationError
+from torchquant.numerics.activation import INT8_MAX
+from torchquant.numerics.observers import Observer
+from torchquant.numerics.qparams import FP8_E4M3_MAX
+
+
+def input_observer(scheme: QuantScheme, name: str) -> Observer:
+    """The scheme's activation observer (a percentile of 100 means 99.99)."""
+    act = scheme.activation
+    pct = act.percentile if act.percentile < 100.0 else 99.99
+    return Observer(act.observer, "tensor", bits=8, symmetric=True, percentile=pct, name=name)
+
+
+def static_input_scale(absmax: torch.Tensor, act_type: str) -> torch.Tensor:
+    """Per-tensor static activation scale ``(1,)`` float32 from an observed ``|x|`` bound."""
+    qmax = INT8_MAX if act_type == "int8" else FP8_E4M3_MAX
+    scale = absmax.float().reshape(1) / qmax
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+class StaticScaleStep(CalibrationStep):
+    def apply(self) -> None:
+        block = self.block
+        stats = {}
+        for rel, scheme in block.schemes.items():
+            if scheme.static_activation:
+                st = LayerStats(block.full(rel), observer=input_observer(scheme, block.full(rel)))
+                st.divisor = block.smooth.get(rel)
+                stats[rel] = st
+        if not stats:
+            return
+        block.run(stats)
+        for rel, st in stats.items():
+            if st.tokens == 0:
+                raise CalibrationError(
+                    f"{st.name}: received no calibration tokens, so no static activation scale "
+                    "can be observed; give it a dynamic scheme or more varied data"
+                )
+            act_type = block.schemes[rel].activation.type
+            block.input_scales[rel] = static_input_scale(st.observer.absmax(), act_type)
