@@ -63,6 +63,23 @@ def test_convert_model_needs_no_calibration_data_and_stores_hqq_weights():
         assert torch.equal(layer.dequantized_weight(), hqq_weight(w))
 
 
+def test_hqq_layers_beside_calibrated_ones_ignore_the_statistics():
+    model = tiny_llama(hidden=96, inter=128)
+    floats = {
+        n: m.weight.detach().clone()
+        for n, m in model.named_modules()
+        if n.endswith("proj") and ".mlp." in n
+    }
+    gptq = QuantScheme(W4, algorithm="gptq")
+    config = QuantConfig(gptq, overrides={"*.mlp.*": SCHEME})
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    model, summary = convert_model(model, config, calibration_data=ids, progress=False)
+    assert sum(desc.endswith(" gptq") for desc in summary.converted.values()) == 4
+    assert len(floats) == 3  # -- gate, up and down are HQQ's
+    for name, w in floats.items():
+        assert torch.equal(model.get_submodule(name).dequantized_weight(), hqq_weight(w))
+
+
 def test_hqq_beats_round_to_nearest_in_the_weights_it_fits():
     """What HQQ minimizes, per layer: the lp error (p = 0.7) of the dequantized weight."""
     model = tiny_llama(hidden=96, inter=128)
