@@ -2,7 +2,8 @@
 # The whole GPU check in one call of about 8 minutes: GPU-marked tests, compiled-kernel
 # correctness for every scheme, then the tables of run_all.sh with their baselines
 # (bf16 F.linear, tinygemm, torch._int_mm + torch scaling, torch._scaled_mm, copy
-# bandwidth) measured in the same run, and the cost model's predictions beside them.
+# bandwidth) measured in the same run, the Mixtral-shaped MoE decode (bf16 vs W4A16), and
+# the cost model's predictions beside them (its MoE rows included).
 #
 #   OUT=/tmp/check benchmarks/gpu_check.sh           # everything under $OUT
 #   benchmarks/gpu_check.sh --dry-run                # print the steps, run nothing
@@ -59,7 +60,7 @@ step() {  # step NAME TIMEOUT_S COMMAND... : run with a timeout, log to $OUT/NAM
 # -- 0. the cost model, on the host CPUs while the GPU steps run (compile-only, no GPU)
 if [ "$DRY" = 0 ]; then
     env -u TRITON_PRINT_AUTOTUNING timeout 400 nice -n 10 "$PYTHON" benchmarks/kernel_model.py \
-        --json --arch 90 --machine h200,h100 --shapes "$SHAPES" \
+        --json --arch 90 --machine h200,h100 --shapes "$SHAPES" --moe \
         >"$OUT/kernel_model.json" 2>"$OUT/kernel_model.log" &
     model_pid=$!
 else
@@ -90,6 +91,7 @@ step w8a8 45 "$PYTHON" benchmarks/bench_w8a8.py --shapes 8192x8192 --rep "$REP"
 step fp8 30 "$PYTHON" benchmarks/bench_fp8.py --shapes 8192x8192 --rep "$REP"
 step act_quant 25 "$PYTHON" benchmarks/bench_act_quant.py --shapes 8192x8192 --rep "$REP"
 step decode 60 "$PYTHON" benchmarks/bench_decode.py --batches 1,16 --rep 100
+step moe_decode 60 "$PYTHON" benchmarks/bench_moe_decode.py --batches 1,16 --rep 50
 
 # -- 5. autotune choices, the model beside the measurements, the summary
 if [ "$DRY" = 0 ]; then

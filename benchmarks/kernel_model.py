@@ -3,6 +3,7 @@
     python benchmarks/kernel_model.py                  # sm_90 on the H200, every tuning config
     python benchmarks/kernel_model.py --quick          # default configs, 8192 x 8192 only
     python benchmarks/kernel_model.py --arch 80,89,90 --json
+    python benchmarks/kernel_model.py --quick --moe    # with the mixture-of-experts rows
 
 For every weight-only scheme, benchmark shape ``N x K`` and batch ``M``, the linear runs
 through the dispatch (``dequant_matmul``) exactly as a layer calls it, on meta tensors.
@@ -594,12 +595,166 @@ def print_act_quant_table(rows: list[dict]) -> None:
         )
 
 
-def model(schemes, shapes, batches, arches, machines, all_configs: bool) -> list[dict]:
+# -- mixture of experts: a Mixtral-shaped projection, the grouped kernel vs the per-expert loop
+
+MOE_EXPERTS, MOE_TOP_K = 8, 2
+MOE_PROJECTIONS = {"gate_up": (2 * 14336, 4096), "down": (4096, 14336)}  # (N, K) of Mixtral
+MOE_SCHEMES = ("w4a16", "w8a16", "w8a16-fp8")
+MOE_TOKENS = (1, 16)
+
+
+def moe_routing(tokens: int) -> torch.Tensor:
+    """``(tokens, top_k)`` expert indices: slot ``s`` to expert ``s % E`` (balanced; one token
+    uses two experts, sixteen use all eight, four slots each)."""
+    slots = torch.arange(tokens * MOE_TOP_K) % MOE_EXPERTS
+    return slots.reshape(tokens, MOE_TOP_K)
+
+
+def moe_call(recorder: Recorder, scheme: str, tokens: int, n: int, k: int, x_rows: int):
+    """Every launch of one grouped MoE projection (the slot alignment included)."""
+    from torchquant.ops.moe import moe_linear_cuda
+
+    qweight, scales, zeros, bits, group = weight(scheme, n, k)
+    stacked = [
+        None if t is None else torch.empty(MOE_EXPERTS, *t.shape, dtype=t.dtype, device="meta")
+        for t in (qweight, scales, zeros)
+    ]
+    index = moe_routing(tokens)
+    x = torch.empty(x_rows, k, dtype=torch.bfloat16, device="meta")
+    routing = torch.rand(tokens, MOE_TOP_K) if x_rows != tokens else None
+    args = (x, *stacked, None, index, routing, bits, group)
+    moe_linear_cuda(*args)
+    launches = recorder.launches = []
+    with DeviceWork(launches):
+        moe_linear_cuda(*args)
+    recorder.launches = []
+    expert_bytes = sum(t[0].numel() * t.element_size() for t in stacked if t is not None)
+    return launches, expert_bytes
+
+
+def moe_rows(recorder: Recorder, arch: int, machines, schemes) -> list[dict]:
+    """One row per scheme, projection, token count and path (grouped, per-expert loop).
+
+    Only the active experts' weights are read: the grouped launch's bytes count theirs, and
+    its hot-loop trips only the blocks the routing fills.  The grouped call's launches
+    include the slot alignment's torch ops.  bf16 is one cuBLAS call per active expert at
+    its floor.
+    """
+    from torchquant.triton_kernels import moe_gemm
+    from torchquant.triton_kernels.moe_gemm import align_slots_by_expert, moe_block_m
+
+    moe_gemm.run_kernel = recorder.run_kernel  # compile_only patches the linear kernels only
+    rows = []
+    for scheme in schemes:
+        if SCHEMES[scheme][2] == "fp8" and arch < 89:
+            continue
+        for proj, (n, k) in MOE_PROJECTIONS.items():
+            for tokens in MOE_TOKENS:
+                x_rows = tokens if proj == "gate_up" else tokens * MOE_TOP_K
+                counts = torch.bincount(moe_routing(tokens).reshape(-1), minlength=MOE_EXPERTS)
+                active = [int(c) for c in counts if c > 0]
+                grouped, expert_bytes = moe_call(recorder, scheme, tokens, n, k, x_rows)
+                blocks = align_slots_by_expert(
+                    moe_routing(tokens), MOE_EXPERTS, moe_block_m(tokens * MOE_TOP_K, MOE_EXPERTS)
+                )
+                used_blocks = int(blocks.padded_slots) // blocks.block_m
+                for launch in grouped:
+                    if launch.kernel.startswith("_moe"):
+                        launch.nbytes += expert_bytes * (len(active) - 1)  # one is counted
+                        launch.flops = 2 * tokens * MOE_TOP_K * n * k
+                        for cand in launch.candidates:
+                            tiles = math.prod(cand.grid) // (len(blocks.block_experts))
+                            cand.grid = (used_blocks * tiles,)
+                loop = [launch for m in active for launch in model_call(recorder, scheme, m, n, k)]
+                print(f"modelled: sm_{arch} moe {scheme} {proj} tokens={tokens}", file=sys.stderr)
+                for name in machines.get(arch, [DEFAULT_MACHINE[arch]]):
+                    machine = MACHINES[name]
+                    bf16 = sum(bf16_floor_us(m, n, k, machine) for m in active)
+                    for path, launches in (("grouped", grouped), ("per-expert", loop)):
+                        r = row(scheme, tokens, n, k, arch, machine, launches)
+                        r.update(
+                            scheme=f"moe-{scheme}",
+                            path=path,
+                            projection=proj,
+                            experts=MOE_EXPERTS,
+                            top_k=MOE_TOP_K,
+                            active_experts=len(active),
+                            instr_per_weight=round(
+                                r["instr_per_weight"] / len(active), 4
+                            ),  # per active weight
+                            bf16_floor_us=round(bf16, 2),
+                            predicted_speedup=round(bf16 / r["predicted_us"], 3),
+                            target=None,
+                        )
+                        rows.append(r)
+    return rows
+
+
+def print_moe_table(rows: list[dict]) -> None:
+    print(
+        f"\n## mixture of experts, {MOE_EXPERTS} experts top-{MOE_TOP_K}, Mixtral projections "
+        "(predicted lower bounds; bf16 = one cuBLAS per active expert)"
+    )
+    head = "| scheme | proj | N x K | tokens | active | path | config | instr/w | regs | spill |"
+    print(head + " launches | MB | limit | pred us | bf16 us | pred x |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['scheme']} | {r['projection']} | {r['N']}x{r['K']} | {r['M']} | "
+            f"{r['active_experts']} | {r['path']} | {r['config']} | {r['instr_per_weight']:.3f} | "
+            f"{r['registers']} | {r['spill_bytes']} | {r['launches']} | "
+            f"{r['bytes'] / 1e6:.1f} | {r['limit']} | {r['predicted_us']:.1f} | "
+            f"{r['bf16_floor_us']:.1f} | {r['predicted_speedup']:.2f}x |"
+        )
+
+
+# -- FP8 block-wise W8A8: per-group activation quantization + the block GEMM, bf16 x
+
+FP8_BLOCK_BATCHES = (16, 256, 4096)
+
+
+def fp8_block_rows(recorder: Recorder, arch: int, machines, shapes) -> list[dict]:
+    """One row per shape and M for ``linear_fp8_block``'s CUDA path (both of its launches).
+
+    The GEMM's flops are counted for the tensor-core bound; bf16 is cuBLAS at its floor.
+    """
+    from torchquant.triton_kernels import fp8_block_gemm
+
+    from torchquant.ops.fp8_block import linear_fp8_block_cuda
+
+    fp8_block_gemm.run_kernel = recorder.run_kernel  # compile_only patches the older kernels
+    rows = []
+    for n, k in shapes:
+        qweight = torch.empty(n, k, dtype=torch.float8_e4m3fn, device="meta")
+        scales = torch.empty(-(-n // 128), -(-k // 128), device="meta")
+        for m in FP8_BLOCK_BATCHES:
+            x = torch.empty(m, k, dtype=torch.bfloat16, device="meta")
+            launches = recorder.launches = []
+            with DeviceWork(launches):
+                linear_fp8_block_cuda(x, qweight, scales, None, 128, 128)
+            recorder.launches = []
+            for launch in launches:
+                if launch.kernel.startswith("fp8_block_gemm"):
+                    launch.flops = 2 * m * n * k
+            print(f"modelled: sm_{arch} fp8-block {n}x{k} M={m}", file=sys.stderr)
+            for name in machines.get(arch, [DEFAULT_MACHINE[arch]]):
+                r = row("w8a16-fp8", m, n, k, arch, MACHINES[name], launches)
+                r.update(scheme="fp8-block", group_size=128, path="block-gemm", target=None)
+                rows.append(r)
+    return rows
+
+
+def model(
+    schemes, shapes, batches, arches, machines, all_configs: bool, moe: bool = False,
+    fp8_block: bool = False,
+) -> list[dict]:  # fmt: skip
     rows = []
     for arch in arches:
         recorder = Recorder(all_configs)
         compile_only(arch, recorder.run_kernel)
         rows += act_quant_rows(recorder, arch, machines)
+        if fp8_block and arch >= 89:
+            rows += fp8_block_rows(recorder, arch, machines, shapes)
         for scheme in schemes:
             if SCHEMES[scheme][2] == "fp8" and arch < 89:
                 continue  # the launchers refuse FP8 below sm_89
@@ -609,6 +764,8 @@ def model(schemes, shapes, batches, arches, machines, all_configs: bool) -> list
                     print(f"modelled: sm_{arch} {scheme} {n}x{k} M={m}", file=sys.stderr)
                     for name in machines.get(arch, [DEFAULT_MACHINE[arch]]):
                         rows.append(row(scheme, m, n, k, arch, MACHINES[name], launches))
+        if moe:
+            rows += moe_rows(recorder, arch, machines, [s for s in schemes if s in MOE_SCHEMES])
     return rows
 
 
@@ -627,6 +784,8 @@ def print_table(rows: list[dict]) -> None:
         "warp-instructions per iteration of the kernel with the most bytes"
     )
     print_act_quant_table([r for r in rows if r["scheme"] == "act-quant"])
+    if moe := [r for r in rows if r["scheme"].startswith("moe-")]:
+        print_moe_table(moe)
     print("\n## predicted lower bounds (a necessary condition, not a measurement)")
     head = (
         "scheme",
@@ -656,7 +815,7 @@ def print_table(rows: list[dict]) -> None:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
-        if r["scheme"] == "act-quant":
+        if r["scheme"] == "act-quant" or r["scheme"].startswith("moe-"):
             continue
         target = (
             "-"
@@ -726,6 +885,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     parser.add_argument(
+        "--moe",
+        action="store_true",
+        help=f"add the mixture-of-experts rows ({', '.join(MOE_SCHEMES)} among --schemes; "
+        f"Mixtral projections, tokens {', '.join(map(str, MOE_TOKENS))})",
+    )
+    parser.add_argument(
+        "--fp8-block",
+        action="store_true",
+        help=f"add the FP8 block-wise W8A8 rows (sm_89+, M = {FP8_BLOCK_BATCHES})",
+    )
+    parser.add_argument(
         "--compare",
         nargs=2,
         metavar=("MODEL_JSON", "TABLE_MD"),
@@ -762,7 +932,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.quick
         else BATCHES
     )
-    rows = model(schemes, shapes, batches, arches, machines, all_configs=not args.quick)
+    rows = model(
+        schemes, shapes, batches, arches, machines, all_configs=not args.quick, moe=args.moe,
+        fp8_block=args.fp8_block,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=1))
     else:

@@ -177,12 +177,12 @@ def _config(bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> trit
 # slots share an expert (decode), 64 beyond.  The first config is the one the interpreter
 # runs and benchmarks/kernel_model.py reads; the autotuner decides by time on the GPU.
 MOE_CONFIGS = [
+    _config(256, 64, 8, 3),  # the split-K GEMM's default tile: no spills for 4-bit on sm_90
     _config(64, 128, 4, 3),
     _config(128, 64, 4, 3),
     _config(32, 128, 4, 4),
     _config(64, 64, 4, 4),
     _config(128, 128, 8, 3),
-    _config(256, 64, 8, 3),
 ]
 SMALL_BLOCK_M_MAX_SLOTS_PER_EXPERT = 32  # mean slots per expert up to this: 16-row blocks
 
