@@ -23,9 +23,10 @@ from ._tiles import split_k_accumulator, split_k_run, tile_config, tile_grid, ti
 from .dequant import dot_weight_tile
 
 SPLIT_K_MAX_M = 64
-E2M1_TO_FP16 = 16384.0  # 2**14: an E2M1 code's bits placed in a float16, back to its value
-E4M3_TO_FP16 = 256.0  # 2**8: the same for an E4M3 byte's exponent and mantissa
-E8M0_SMALLEST = 2.0**-127  # exponent byte 0, which has no float32 normal's bit pattern
+# -- constexpr: the compiled kernels read them as constants
+E2M1_TO_FP16 = tl.constexpr(16384.0)  # 2**14: an E2M1 code's bits in a float16, to its value
+E4M3_TO_FP16 = tl.constexpr(256.0)  # 2**8: the same for an E4M3 byte's exponent and mantissa
+E8M0_SMALLEST = tl.constexpr(2.0**-127)  # exponent byte 0: no float32 normal's bit pattern
 
 
 @triton.jit
@@ -37,10 +38,12 @@ def _block_multipliers(
     mask = n_mask[:, None] & (offs_g[None, :] < G)
     s = tl.load(s_rows + offs_g[None, :], mask=mask, other=0).to(tl.int32)
     if E8M0:
-        scale = (s << 23).to(tl.float32, bitcast=True)
-        return tl.where(s == 0, E8M0_SMALLEST, scale)
-    half = (((s & 0x80) << 8) | ((s & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
-    return tl.div_rn(half.to(tl.float32) * E4M3_TO_FP16, tl.load(g_ptr))
+        power = (s << 23).to(tl.float32, bitcast=True)
+        mult = tl.where(s == 0, E8M0_SMALLEST, power)
+    else:
+        half = (((s & 0x80) << 8) | ((s & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
+        mult = tl.div_rn(half.to(tl.float32) * E4M3_TO_FP16, tl.load(g_ptr).to(tl.float32))
+    return mult
 
 
 @triton.jit
