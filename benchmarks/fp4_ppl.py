@@ -1,0 +1,78 @@
+"""Perplexity of FP4 weights (NVFP4, MXFP4) beside fp32 and 4-bit INT, on a real model.
+
+    nice -n 10 python benchmarks/fp4_ppl.py --threads 2 \\
+        --calib ../shared/data/text/wikipedia_excerpt.txt \\
+        --text ../shared/data/text/austen/prideprejudice.txt
+
+Every row is round-to-nearest (``--calib`` only fixes the setup shared through
+``calibration_setup.py``) on a fresh copy of the float model, scored on the first
+``--max-tokens`` tokens of ``--text`` in ``--seq-len`` windows (no BOS).  Beside the
+perplexity, the weight error ``||W_q - W|| / ||W||`` over all quantized linears: SmolLM2's
+weights were shipped on a Q4_1 grid (4-bit asymmetric, blocks of 32), which INT4 g32
+reproduces exactly and the FP4 grids cannot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+from calibration_setup import add_run_args, load_run
+
+from torchquant import QuantConfig, QuantScheme, WeightQuant, convert_model, scheme_from_name
+from torchquant.evaluation import perplexity
+from torchquant.modules import QuantLinear
+
+SCHEMES = {
+    "w4a16 g32 asym": QuantScheme(WeightQuant("int", 4, 32, False)),
+    "w4a16 g128 asym": QuantScheme(WeightQuant("int", 4, 128, False)),
+    "nvfp4a16": scheme_from_name("nvfp4a16"),
+    "mxfp4a16": scheme_from_name("mxfp4a16"),
+}
+
+
+def weight_error(model: torch.nn.Module, floats: dict[str, torch.Tensor]) -> float:
+    """``||W_q - W|| / ||W||`` over every quantized linear together."""
+    num = den = 0.0
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            w = floats[name].float()
+            num += float((layer.dequantized_weight(torch.float32) - w).square().sum())
+            den += float(w.square().sum())
+    return (num / den) ** 0.5
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_args(parser, calib_samples=1, group_size=128)
+    parser.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=list(SCHEMES))
+    args = parser.parse_args()
+    base, _, ids, _ = load_run(args)
+    floats = {
+        name: m.weight.detach().clone()
+        for name, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+    ref = perplexity(base, ids, args.seq_len, progress=False).perplexity
+    print(f"fp32: {ref:.3f} ({torch.get_num_threads()} threads)", flush=True)
+    table = [("fp32", ref, 0.0, None)]
+    for name in args.schemes:
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        convert_model(model, QuantConfig(SCHEMES[name]), progress=False)
+        seconds = time.perf_counter() - start
+        table.append((name, perplexity(model, ids, args.seq_len, progress=False).perplexity,
+                      weight_error(model, floats), seconds))  # fmt: skip
+        print(f"{name}: ppl {table[-1][1]:.3f}, weight error {table[-1][2]:.4f}", flush=True)
+        del model
+    print(f"\n{ids.numel()} tokens of {args.text}, {args.seq_len}-token windows, no BOS\n")
+    print("| scheme | ppl | vs fp32 | weight error | quantize s |\n|---|---|---|---|---|")
+    for name, ppl, error, seconds in table:
+        took = "-" if seconds is None else f"{seconds:.1f}"
+        print(f"| {name} | {ppl:.3f} | {100 * (ppl / ref - 1):+.2f}% | {error:.4f} | {took} |")
+
+
+if __name__ == "__main__":
+    main()
