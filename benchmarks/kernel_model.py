@@ -637,11 +637,10 @@ def moe_rows(recorder: Recorder, arch: int, machines, schemes) -> list[dict]:
 
     Only the active experts' weights are read: the grouped launch's bytes count theirs, and
     its hot-loop trips only the blocks the routing fills.  The grouped call's launches
-    include the slot alignment's torch ops.  bf16 is one cuBLAS call per active expert at
-    its floor.
+    include the slot alignment.  bf16 is one cuBLAS call per active expert at its floor.
     """
     from torchquant.triton_kernels import moe_gemm
-    from torchquant.triton_kernels.moe_gemm import align_slots_by_expert, moe_block_m
+    from torchquant.triton_kernels.moe_gemm import max_padded_slots, moe_block_m
 
     moe_gemm.run_kernel = recorder.run_kernel  # compile_only patches the linear kernels only
     rows = []
@@ -654,16 +653,17 @@ def moe_rows(recorder: Recorder, arch: int, machines, schemes) -> list[dict]:
                 counts = torch.bincount(moe_routing(tokens).reshape(-1), minlength=MOE_EXPERTS)
                 active = [int(c) for c in counts if c > 0]
                 grouped, expert_bytes = moe_call(recorder, scheme, tokens, n, k, x_rows)
-                blocks = align_slots_by_expert(
-                    moe_routing(tokens), MOE_EXPERTS, moe_block_m(tokens * MOE_TOP_K, MOE_EXPERTS)
-                )
-                used_blocks = int(blocks.padded_slots) // blocks.block_m
+                block_m = moe_block_m(tokens * MOE_TOP_K, MOE_EXPERTS)
+                blocks = max_padded_slots(tokens * MOE_TOP_K, MOE_EXPERTS, block_m) // block_m
+                used_blocks = sum(-(-c // block_m) for c in active)  # nothing runs here
                 for launch in grouped:
+                    if launch.kernel == "_align_kernel":
+                        launch.candidates = []  # one program over the slots: its bytes bound it
                     if launch.kernel.startswith("_moe"):
                         launch.nbytes += expert_bytes * (len(active) - 1)  # one is counted
                         launch.flops = 2 * tokens * MOE_TOP_K * n * k
                         for cand in launch.candidates:
-                            tiles = math.prod(cand.grid) // (len(blocks.block_experts))
+                            tiles = math.prod(cand.grid) // blocks
                             cand.grid = (used_blocks * tiles,)
                 loop = [launch for m in active for launch in model_call(recorder, scheme, m, n, k)]
                 print(f"modelled: sm_{arch} moe {scheme} {proj} tokens={tokens}", file=sys.stderr)
@@ -744,9 +744,42 @@ def fp8_block_rows(recorder: Recorder, arch: int, machines, shapes) -> list[dict
     return rows
 
 
+# -- FP4 weight-only kinds: (block, scale dtype); held to INT4 W4A16 at the same shape and M
+FP4_KINDS = {"nvfp4a16": (16, torch.float8_e4m3fn), "mxfp4a16": (32, torch.uint8)}
+
+
+def fp4_rows(recorder: Recorder, arch: int, machines, shapes, batches) -> list[dict]:
+    """One row per FP4 kind, shape and M for ``linear_fp4_weight``'s CUDA path (one launch)."""
+    from torchquant.triton_kernels import fp4_gemm
+
+    from torchquant.ops.weight_fp4 import linear_fp4_weight_cuda
+
+    fp4_gemm.run_kernel = recorder.run_kernel  # compile_only patches the older kernels
+    rows = []
+    for kind, (block, scale_dtype) in FP4_KINDS.items():
+        for n, k in shapes:
+            qweight = torch.empty(n, k // 2, dtype=torch.uint8, device="meta")
+            scales = torch.empty(n, -(-k // block), dtype=scale_dtype, device="meta")
+            global_scale = torch.empty(1, device="meta") if block == 16 else None
+            for m in batches:
+                x = torch.empty(m, k, dtype=torch.bfloat16, device="meta")
+                launches = recorder.launches = []
+                with DeviceWork(launches):
+                    linear_fp4_weight_cuda(x, qweight, scales, global_scale, None, block)
+                recorder.launches = []
+                for launch in launches:
+                    launch.flops = 2 * m * n * k
+                print(f"modelled: sm_{arch} {kind} {n}x{k} M={m}", file=sys.stderr)
+                for name in machines.get(arch, [DEFAULT_MACHINE[arch]]):
+                    r = row("w4a16", m, n, k, arch, MACHINES[name], launches)
+                    r.update(scheme=kind, group_size=block, path="fp4-gemm", target=None)
+                    rows.append(r)
+    return rows
+
+
 def model(
     schemes, shapes, batches, arches, machines, all_configs: bool, moe: bool = False,
-    fp8_block: bool = False,
+    fp8_block: bool = False, fp4: bool = False,
 ) -> list[dict]:  # fmt: skip
     rows = []
     for arch in arches:
@@ -755,6 +788,8 @@ def model(
         rows += act_quant_rows(recorder, arch, machines)
         if fp8_block and arch >= 89:
             rows += fp8_block_rows(recorder, arch, machines, shapes)
+        if fp4:
+            rows += fp4_rows(recorder, arch, machines, shapes, batches)
         for scheme in schemes:
             if SCHEMES[scheme][2] == "fp8" and arch < 89:
                 continue  # the launchers refuse FP8 below sm_89
@@ -896,6 +931,9 @@ def main(argv: list[str] | None = None) -> None:
         help=f"add the FP8 block-wise W8A8 rows (sm_89+, M = {FP8_BLOCK_BATCHES})",
     )
     parser.add_argument(
+        "--fp4", action="store_true", help=f"add the FP4 weight-only rows ({', '.join(FP4_KINDS)})"
+    )
+    parser.add_argument(
         "--compare",
         nargs=2,
         metavar=("MODEL_JSON", "TABLE_MD"),
@@ -934,7 +972,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = model(
         schemes, shapes, batches, arches, machines, all_configs=not args.quick, moe=args.moe,
-        fp8_block=args.fp8_block,
+        fp8_block=args.fp8_block, fp4=args.fp4,
     )  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -3,10 +3,11 @@
 Routing gives each token ``k`` slots, slot ``s = t * k + j`` routed to expert
 ``top_k_index[t, j]`` (``E`` meaning no expert).  :func:`align_slots_by_expert` sorts
 the slots by expert into blocks of ``BLOCK_M`` slots that all share one expert (each
-expert's run padded to a whole block), as vLLM's ``moe_align_block_size`` does; the
-slots routed to no expert form the last run.  :func:`moe_dequant_gemm` then runs one
-program per (block, ``BLOCK_N`` columns): it reads its expert id, dequantizes that
-expert's weight tiles (the helpers of :mod:`.dequant`) and multiplies the block's rows.
+expert's run padded to a whole block), as vLLM's ``moe_align_block_size`` does, in one
+single-program launch; the slots routed to no expert form the last run.
+:func:`moe_dequant_gemm` then runs one program per (block, ``BLOCK_N`` columns): it
+reads its expert id, dequantizes that expert's weight tiles (the helpers of
+:mod:`.dequant`) and multiplies the block's rows.
 
 Weights are the formats of :mod:`.dequant` stacked along a leading expert dimension:
 ``qweight (E, N, ceil(K/32)*bits)`` int32 packed codes, or ``(E, N, K)`` int8 / fp8;
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune_benchmark, m_bucket, output, run_kernel
+from ._launch import autotune_benchmark, check_device, m_bucket, output, run_kernel
 from ._tiles import grouped_tile
 from .dequant import check_weight, dequantize_tile, dot_weight_tile, weight_meta
 
@@ -54,37 +55,93 @@ def max_padded_slots(slots: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(slots + runs * (block_m - 1), block_m) * block_m
 
 
+@triton.jit
+def _align_kernel(
+    expert_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    padded_ptr,
+    SLOTS,
+    SIZE,
+    NUM_EXPERTS,
+    BLOCK_M: tl.constexpr,
+    RUNS: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    # -- one program; runs 0..E-1 are the experts', run E the slots routed to none
+    runs = tl.arange(0, RUNS)
+    counts = tl.zeros((RUNS,), dtype=tl.int32)
+    for start in range(0, SLOTS, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        expert = tl.load(expert_ptr + offs, mask=offs < SLOTS, other=RUNS).to(tl.int32)
+        counts += tl.sum((expert[:, None] == runs[None, :]).to(tl.int32), axis=0)
+    # -- each run padded to whole blocks, laid out one after the other
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    run_end = tl.cumsum(padded, axis=0)
+    run_start = run_end - padded
+    tl.store(padded_ptr, tl.sum(padded, axis=0))
+    # -- the sentinel in every entry; the expert of each block (the run its start falls in)
+    for start in range(0, SIZE, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        tl.store(sorted_ptr + offs, tl.full((CHUNK,), SLOTS, tl.int32), mask=offs < SIZE)
+        ended = (run_end[None, :] <= offs[:, None] * BLOCK_M).to(tl.int32)
+        block_expert = tl.minimum(tl.sum(ended, axis=1), NUM_EXPERTS)
+        tl.store(block_expert_ptr + offs, block_expert, mask=offs < SIZE // BLOCK_M)
+    tl.debug_barrier()  # the sentinels land before the slots overwrite them
+    # -- each slot at its run's start plus its rank among the earlier slots of its expert
+    seen = tl.zeros((RUNS,), dtype=tl.int32)
+    for start in range(0, SLOTS, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        expert = tl.load(expert_ptr + offs, mask=offs < SLOTS, other=RUNS).to(tl.int32)
+        onehot = (expert[:, None] == runs[None, :]).to(tl.int32)  # (CHUNK, RUNS)
+        rank = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
+        base = tl.sum(onehot * (run_start + seen)[None, :], axis=1)
+        tl.store(sorted_ptr + base + rank, offs, mask=offs < SLOTS)
+        seen += tl.sum(onehot, axis=0)
+
+
+ALIGN_CHUNK_ELEMENTS = 8192  # slots x runs held per step of the alignment program
+# one config: nothing to tune, but launched through run_kernel like every other kernel
+_align = triton.autotune([triton.Config({}, num_warps=4)], key=[])(_align_kernel)
+
+
 def align_slots_by_expert(
     top_k_index: torch.Tensor, num_experts: int, block_m: int
 ) -> ExpertBlocks:
     """Sort the slots of ``top_k_index (T, k)`` (values ``0..E``) by expert into blocks.
 
-    Torch ops with shapes that depend only on ``T``, ``k`` and ``E`` (no host
-    synchronisation, so a CUDA graph can capture it).  Slots of one expert keep their order.
+    One single-program launch whose output shapes depend only on ``T``, ``k`` and ``E``
+    (no host synchronisation, so a CUDA graph can capture it).  Slots of one expert keep
+    their order.
     """
-    expert_of_slot = top_k_index.reshape(-1).long()
+    check_device(top_k_index)
+    expert_of_slot = top_k_index.reshape(-1)
     slots = expert_of_slot.numel()
     size = max_padded_slots(slots, num_experts, block_m)
     device = top_k_index.device
-    # -- runs: expert e's slots (and last, the slots routed to none), each padded to blocks
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
-    counts.scatter_add_(0, expert_of_slot, torch.ones_like(expert_of_slot))  # bincount syncs
-    padded = (counts + block_m - 1) // block_m * block_m
-    run_end = torch.cumsum(padded, 0)
-    run_start = run_end - padded
-    # -- each slot's place: its run's start plus its rank among the slots of its expert
-    order = torch.argsort(expert_of_slot, stable=True)
-    expert_sorted = expert_of_slot[order]
-    first_of_expert = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(slots, device=device) - first_of_expert[expert_sorted]
-    place = run_start[expert_sorted] + rank
-    sorted_slots = torch.full((size,), slots, dtype=torch.int32, device=device)
-    sorted_slots.scatter_(0, place, order.to(torch.int32))
-    # -- the expert of each block: the run its first entry falls in (E past the last run)
-    block_start = torch.arange(0, size, block_m, device=device)
-    block_experts = torch.searchsorted(run_end, block_start, right=True)
-    block_experts = block_experts.clamp_(max=num_experts).to(torch.int32)
-    padded_slots = run_end[-1:].to(torch.int32)
+    sorted_slots = torch.empty(size, dtype=torch.int32, device=device)
+    block_experts = torch.empty(size // block_m, dtype=torch.int32, device=device)
+    padded_slots = torch.empty(1, dtype=torch.int32, device=device)
+    if not slots:
+        padded_slots.zero_()
+    else:
+        runs = triton.next_power_of_2(num_experts + 1)
+        chunk = max(16, min(triton.next_power_of_2(size), ALIGN_CHUNK_ELEMENTS // runs))
+        run_kernel(
+            _align,
+            lambda meta: (1,),
+            None,
+            expert_ptr=expert_of_slot.contiguous(),
+            sorted_ptr=sorted_slots,
+            block_expert_ptr=block_experts,
+            padded_ptr=padded_slots,
+            SLOTS=slots,
+            SIZE=size,
+            NUM_EXPERTS=num_experts,
+            BLOCK_M=block_m,
+            RUNS=runs,
+            CHUNK=chunk,
+        )
     return ExpertBlocks(
         sorted_slots, block_experts, padded_slots, block_m, slots, top_k_index.shape[-1]
     )

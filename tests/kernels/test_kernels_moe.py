@@ -62,9 +62,12 @@ def ragged_routing(tokens: int, top_k: int, experts: int) -> torch.Tensor:
     return index.to(KERNEL_DEVICE)
 
 
-@pytest.mark.parametrize("tokens,top_k", [(1, 1), (1, 2), (16, 1), (16, 2), (7, 2)])
-def test_alignment_puts_each_slot_once_in_a_block_of_its_expert(tokens, top_k):
-    experts, block_m = 5, 4
+@pytest.mark.parametrize(
+    "tokens,top_k,experts,block_m",
+    [(1, 1, 5, 4), (1, 2, 5, 4), (16, 1, 5, 4), (16, 2, 5, 4), (7, 2, 5, 16), (600, 2, 40, 16)],
+)
+def test_alignment_puts_each_slot_once_in_a_block_of_its_expert(tokens, top_k, experts, block_m):
+    """The last case takes several steps of the alignment program (slots x runs > 8192)."""
     index = ragged_routing(tokens, top_k, experts)
     blocks = align_slots_by_expert(index, experts, block_m)
     slots = tokens * top_k
