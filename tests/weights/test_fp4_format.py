@@ -121,3 +121,12 @@ def test_the_op_dispatches_like_the_cpu_path_and_has_a_fake():
 def test_scheme_description_names_the_format():
     layer = QuantLinear(K, N, QuantScheme.from_dict(scheme_from_name("mxfp4a16").to_dict()))
     assert "w-mxfp4 g32 a16" in repr(layer)
+
+
+@pytest.mark.parametrize("name", ["nvfp4a16", "mxfp4a16"])
+def test_qat_refuses_fp4_weights_by_name(name):
+    from torchquant import ConfigError, QuantConfig, prepare_qat
+
+    model = torch.nn.Sequential(torch.nn.Linear(K, N))
+    with pytest.raises(ConfigError, match=f"no fake quantization for w-{name[:5]}.*convert_model"):
+        prepare_qat(model, QuantConfig(default=name))

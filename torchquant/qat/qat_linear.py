@@ -21,6 +21,8 @@ from torchquant.qat.fake_quant import (
     weight_qparam_shape,
 )
 from torchquant.qat.options import QatOptions
+from torchquant.weights import weight_format
+from torchquant.weights.fp4 import Fp4Format
 
 
 class QatLinear(nn.Linear):
@@ -48,6 +50,11 @@ class QatLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         if not isinstance(scheme, QuantScheme):
             raise ConfigError(f"scheme must be a QuantScheme, got {type(scheme).__name__}")
+        if isinstance(weight_format(scheme), Fp4Format):
+            raise ConfigError(
+                f"QAT has no fake quantization for {scheme.describe()} (FP4) weights; "
+                "quantize them with convert_model"
+            )
         self.scheme = scheme
         self.options = options or QatOptions()
         self.observing = False  # set by calibration: static input scales track max |x|
