@@ -91,7 +91,7 @@ step w8a8 45 "$PYTHON" benchmarks/bench_w8a8.py --shapes 8192x8192 --rep "$REP"
 step fp8 30 "$PYTHON" benchmarks/bench_fp8.py --shapes 8192x8192 --rep "$REP"
 step act_quant 25 "$PYTHON" benchmarks/bench_act_quant.py --shapes 8192x8192 --rep "$REP"
 step decode 60 "$PYTHON" benchmarks/bench_decode.py --batches 1,16 --rep 100
-step moe_decode 60 "$PYTHON" benchmarks/bench_moe_decode.py --batches 1,16 --rep 50
+step moe_decode 90 "$PYTHON" benchmarks/bench_moe_decode.py --batches 1,16 --rep 50
 
 # -- 5. autotune choices, the model beside the measurements, the summary
 if [ "$DRY" = 0 ]; then
