@@ -35,9 +35,13 @@ ITERATIONS = 20
 EARLY_STOP = True
 
 
+# -- rows of groups solved together: large enough to amortize each op, small enough to stay in cache
+CHUNK_ELEMENTS = 1 << 18
+
+
 @dataclass(frozen=True)
 class _Solver:
-    """One group matrix ``x: (M, L)`` (a row per group) at a time; qparams are ``(M, 1)``."""
+    """Solves a group matrix ``x: (M, L)`` (a row per group); qparams are ``(M, 1)``."""
 
     bits: int
     iterations: int
@@ -50,13 +54,35 @@ class _Solver:
     def qmax(self) -> int:
         return (1 << self.bits) - 1
 
+    def fit(
+        self,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        symmetric: bool,
+        scale_dtype: torch.dtype,
+        limit: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both phases from RTN's ``scale``/``zero``; RTN's where it has the lower lp error
+        or where the fitted scale would not store (underflow, dequantizing beyond ``limit``)."""
+        z = zero
+        if not symmetric:
+            lo = x.amin(1, keepdim=True).clamp_(max=0)
+            z = torch.round(self.fit_zero(x, scale, -lo / scale))
+        s = self.fit_scale(x, scale, z).to(scale_dtype).float()
+        reach = torch.maximum(z, self.qmax - z) * s
+        better = (s > 0) & (reach <= limit)
+        better &= self.lp_error(x, s, z) < self.lp_error(x, scale, zero)
+        return torch.where(better, s, scale), torch.where(better, z, zero)
+
     def codes(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return torch.round(x / scale + zero).clamp_(0, self.qmax)
 
-    def shrink(self, residual: torch.Tensor, beta: float) -> torch.Tensor:
-        """Proximal step of ``|.|^p / beta``: ``sign(r) * relu(|r| - |r|^(p-1) / beta)``."""
-        keep = residual.abs().pow_(self.lp_norm - 2).div_(-beta).add_(1).clamp_(min=0)
-        return keep.mul_(residual)
+    def absorbed(self, abs_residual: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+        """``min(1, factor * |r|^(p-2))``: the fraction of the residual ``r`` left to the
+        quadratic step after the proximal step of ``|.|^p / beta`` (``factor = 1/beta``)
+        shrinks it to ``sign(r) * relu(|r| - |r|^(p-1) / beta)``.  Overwrites its input."""
+        return abs_residual.pow_(self.lp_norm - 2).mul_(factor).clamp_(max=1)
 
     def lp_error(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """``sum |x - dequant(quant(x))|^p`` per group, ``(M, 1)``."""
@@ -65,30 +91,34 @@ class _Solver:
 
     def fit_zero(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """HQQ's solve: the float zero minimizing the lp error with ``scale`` fixed."""
-        mean_x = x.mean(1, keepdim=True)
+        x_steps = x / scale  # -- x in units of the scale, which this phase keeps
+        count = x.numel()
 
         def step(zero: torch.Tensor, beta: float) -> tuple[torch.Tensor, float]:
-            q = self.codes(x, scale, zero)
-            residual = x - (q - zero) * scale
-            error = self.shrink(residual, beta)
-            # -- argmin_z ||x - E - (q - z) * scale||^2
-            new = q.mean(1, keepdim=True) - (mean_x - error.mean(1, keepdim=True)) / scale
-            return new.clamp_(0, self.qmax), float(residual.abs_().mean())
+            q = torch.round(x_steps + zero).clamp_(0, self.qmax)
+            residual = x_steps - q + zero  # -- (x - dequant) / scale
+            magnitude = residual.abs()
+            error = float((magnitude.sum(1, keepdim=True) * scale).sum()) / count
+            # -- argmin_z ||x - E - (q - z) * scale||^2: z moves by the mean absorbed residual
+            kept = residual.mul_(self.absorbed(magnitude, scale ** (self.lp_norm - 2) / beta))
+            return (zero - kept.mean(1, keepdim=True)).clamp_(0, self.qmax), error
 
         return self._iterate(step, zero)
 
     def fit_scale(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """The same solve on the scale, ``zero`` fixed (an integer, as stored)."""
+        count = x.numel()
 
         def step(scale: torch.Tensor, beta: float) -> tuple[torch.Tensor, float]:
             steps = self.codes(x, scale, zero).sub_(zero)
             residual = x - steps * scale
-            target = x - self.shrink(residual, beta)
-            # -- argmin_s ||x - E - (q - z) * s||^2
+            magnitude = residual.abs()
+            error = float(magnitude.sum()) / count
+            # -- argmin_s ||x - E - (q - z) * s||^2 = s + <absorbed residual, q - z> / ||q - z||^2
+            kept = residual.mul_(self.absorbed(magnitude, 1.0 / beta))
             norm = steps.square().sum(1, keepdim=True)
-            new = (target * steps).sum(1, keepdim=True) / norm
-            new = torch.where((norm > 0) & (new > 0), new, scale)
-            return new, float(residual.abs_().mean())
+            new = scale + kept.mul_(steps).sum(1, keepdim=True) / norm
+            return torch.where((norm > 0) & (new > 0), new, scale), error
 
         return self._iterate(step, scale)
 
@@ -132,25 +162,21 @@ def hqq_quantize(
     solver = _Solver(bits, iterations, lp_norm, beta, kappa, early_stop)
     n, k = weight.shape
     w = weight.detach().float()
+    sdt = rtn.scales.dtype
     scales = rtn.scales.float()
     zeros = torch.full_like(scales, 1 << (bits - 1)) if symmetric else rtn.zeros.float()
     limit = torch.finfo(weight.dtype).max
     for cols, groups, length in _blocks(k, group_size):
         x = w[:, cols].reshape(-1, length)  # -- x: (N * groups, length), a row per group
-        s0 = scales[:, groups].reshape(-1, 1)
-        z0 = zeros[:, groups].reshape(-1, 1)
-        z = z0
-        if not symmetric:
-            lo = x.amin(1, keepdim=True).clamp_(max=0)
-            z = torch.round(solver.fit_zero(x, s0, -lo / s0))
-        s = solver.fit_scale(x, s0, z).to(rtn.scales.dtype).float()
-        reach = torch.maximum(z, solver.qmax - z) * s
-        better = (
-            (s > 0) & (reach <= limit) & (solver.lp_error(x, s, z) < solver.lp_error(x, s0, z0))
-        )
-        scales[:, groups] = torch.where(better, s, s0).view(n, -1)
-        zeros[:, groups] = torch.where(better, z, z0).view(n, -1)
-    scales = scales.to(rtn.scales.dtype)
+        s = scales[:, groups].reshape(-1, 1)
+        z = zeros[:, groups].reshape(-1, 1)
+        step = max(1, CHUNK_ELEMENTS // length)
+        for r in range(0, x.shape[0], step):
+            rows = slice(r, r + step)
+            s[rows], z[rows] = solver.fit(x[rows], s[rows], z[rows], symmetric, sdt, limit)
+        scales[:, groups] = s.view(n, -1)
+        zeros[:, groups] = z.view(n, -1)
+    scales = scales.to(sdt)
     zeros = None if symmetric else zeros.to(torch.uint8)
     codes = quantize_codes(weight, scales, zeros, bits, group_size)
     return IntWeight(codes, scales, zeros, bits, group_size)
