@@ -168,8 +168,8 @@ def hqq_quantize(
     limit = torch.finfo(weight.dtype).max
     for cols, groups, length in _blocks(k, group_size):
         x = w[:, cols].reshape(-1, length)  # -- x: (N * groups, length), a row per group
-        s = scales[:, groups].reshape(-1, 1)
-        z = zeros[:, groups].reshape(-1, 1)
+        s = scales[:, groups].reshape(-1, 1).clone()
+        z = zeros[:, groups].reshape(-1, 1).clone()
         step = max(1, CHUNK_ELEMENTS // length)
         for r in range(0, x.shape[0], step):
             rows = slice(r, r + step)
