@@ -6,8 +6,15 @@ top-2, one and sixteen tokens, bias, routing weights, K and N that no tile divid
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import triton
 from kernel_utils import KERNEL_DEVICE, assert_matches, cfg, int_weight, requires_kernels
 from torchquant.triton_kernels.moe_gemm import (
     align_slots_by_expert,
@@ -21,6 +28,7 @@ from torchquant.ops.moe import moe_linear_cuda, moe_linear_reference
 
 pytestmark = requires_kernels
 
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 N, K = 38, 100  # neither divides any BLOCK_N, BLOCK_K or the group sizes below
 
 # (name, bits, group_size, symmetric): packed INT widths, INT8 bytes, FP8 (group_size -1/0)
@@ -155,3 +163,37 @@ def test_launcher_refuses_mismatched_inputs():
         moe_dequant_gemm(x, qweight, scales, zeros, None, 4, 32, blocks)
     with pytest.raises(ValueError, match="stacked"):
         moe_dequant_gemm(x[:3], qweight[0], scales[0], zeros[0], None, 4, 32, blocks)
+
+
+NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+@pytest.mark.skipif(
+    not all(os.access(NVIDIA_BIN / tool, os.X_OK) for tool in ("ptxas", "nvdisasm", "cuobjdump")),
+    reason="the compile-only path needs Triton's NVIDIA backend tools",
+)
+def test_grouped_projection_stays_inside_its_budget_on_sm90():
+    """The cost model's MoE rows (benchmarks/kernel_model.py --moe, compiled for sm_90 with no
+    GPU): the grouped W4 projection is two launches (alignment, GEMM) at any token count,
+    without spills, at today's hot-loop density (16-row MMA tiles: 0.30 per weight)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    args = ["--json", "--quick", "--moe", "--schemes", "w4a16", "--shapes", "4096x4096"]
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "kernel_model.py"), *args, "--batches", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [r for r in json.loads(done.stdout) if r["scheme"] == "moe-w4a16"]
+    grouped = [r for r in rows if r["path"] == "grouped"]
+    assert len(grouped) == 4  # gate_up and down, 1 and 16 tokens
+    for row in grouped:
+        name = f"{row['projection']} tokens={row['M']} {row['config']}"
+        assert row["launches"] == 2, name
+        assert row["spill_bytes"] == 0, name
+        assert 0 < row["instr_per_weight"] <= 0.31, (name, row["loop_per_iteration"])
+    loop = {(r["projection"], r["M"]): r["launches"] for r in rows if r["path"] == "per-expert"}
+    assert loop[("gate_up", 16)] > 2  # what the grouped kernel saves: launches per expert
