@@ -23,6 +23,7 @@ from torchquant.numerics import (
 )
 from torchquant.weights import (
     WEIGHT_FORMATS,
+    Fp8BlockFormat,
     Fp8Format,
     Int8Format,
     PackedIntFormat,
@@ -39,10 +40,14 @@ INT_WEIGHTS = [
     for sym in (True, False)
 ]
 FP8_WEIGHTS = [WeightQuant("fp8", 8, group, True) for group in (-1, 0)]
+FP4_WEIGHTS = [WeightQuant("nvfp4"), WeightQuant("mxfp4")]
+FP8_BLOCK_WEIGHTS = [WeightQuant("fp8", block=b) for b in ((128, 128), (64, 256))]
 NAMED = ["w8a16", "w4a16", "w3a16", "w2a16", "w8a16-fp8", "w8a8", "fp8"]
 
 
-@pytest.mark.parametrize("weight", INT_WEIGHTS + FP8_WEIGHTS, ids=repr)
+@pytest.mark.parametrize(
+    "weight", INT_WEIGHTS + FP8_WEIGHTS + FP4_WEIGHTS + FP8_BLOCK_WEIGHTS, ids=repr
+)
 def test_every_weight_scheme_has_exactly_one_format(weight):
     holders = [fmt for fmt in WEIGHT_FORMATS if fmt.holds(weight)]
     assert len(holders) == 1
@@ -58,6 +63,8 @@ def test_every_weight_scheme_has_exactly_one_format(weight):
         ("w2a16", PackedIntFormat),
         ("w8a16-fp8", Fp8Format),
         ("fp8", Fp8Format),
+        ("fp8-block", Fp8BlockFormat),
+        ("w8a16-fp8-block", Fp8BlockFormat),
     ],
 )
 def test_named_schemes_get_their_storage_kind(name, kind):
@@ -71,8 +78,8 @@ def test_asymmetric_int8_is_packed():
 
 def test_a_weight_no_format_holds_is_refused_by_name():
     weight = WeightQuant("fp8", 8, -1, True)
-    object.__setattr__(weight, "type", "nvfp4")  # past validation, as a new kind would be
-    with pytest.raises(QuantizationError, match="no weight format stores.*nvfp4.*packed INT"):
+    object.__setattr__(weight, "type", "fp6")  # past validation, as a new kind would be
+    with pytest.raises(QuantizationError, match="no weight format stores.*fp6.*packed INT"):
         weight_format(QuantScheme(weight))
 
 

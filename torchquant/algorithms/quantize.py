@@ -19,7 +19,12 @@ import torch
 from torchquant.algorithms import awq, gptq, hqq
 from torchquant.config import QuantScheme
 from torchquant.errors import CalibrationError, ConfigError, QuantizationError
-from torchquant.numerics import quantize_fp8_weight, quantize_int_weight
+from torchquant.numerics import (
+    quantize_fp8_block_weight,
+    quantize_fp8_weight,
+    quantize_int_weight,
+)
+from torchquant.numerics.fp4 import quantize_mxfp4_weight, quantize_nvfp4_weight
 
 
 @dataclass(frozen=True)
@@ -43,14 +48,19 @@ class QuantizedWeight:
     INT: unsigned ``codes`` uint8 ``(N, K)``, ``scales`` and ``zeros`` (uint8; ``None``
     when symmetric) ``(N, G)``, and ``g_idx`` int32 ``(K,)`` when groups follow a column
     order (GPTQ act-order without static groups).  FP8: ``codes`` float8_e4m3fn
-    ``(N, K)`` with float32 ``scales`` ``(N, 1)`` or per tensor.
+    ``(N, K)`` with float32 ``scales`` ``(N, 1)`` or per tensor.  FP4: E2M1 ``codes``
+    uint8 ``(N, K)``, block ``scales`` and NVFP4's float32 ``global_scale (1,)``.
     """
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None = None
     g_idx: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
 
+
+# -- FP4 weight type -> its round-to-nearest (block scales chosen from each block's max)
+FP4_ROUNDING = {"nvfp4": quantize_nvfp4_weight, "mxfp4": quantize_mxfp4_weight}
 
 Rounding = Callable[[QuantScheme, torch.Tensor, WeightStats | None, str], QuantizedWeight]
 
@@ -60,6 +70,11 @@ def round_to_nearest(
 ) -> QuantizedWeight:
     """Each weight to its nearest grid point on the min/max range (no calibration)."""
     w = scheme.weight
+    if w.type == "fp8" and w.block is not None:
+        return QuantizedWeight(*quantize_fp8_block_weight(weight, w.block, what=name))
+    if w.type in FP4_ROUNDING:
+        q = FP4_ROUNDING[w.type](weight, what=name)
+        return QuantizedWeight(q.codes, q.scales, global_scale=q.global_scale)
     if w.type == "fp8":
         values, scales = quantize_fp8_weight(weight, per_channel=w.group_size == -1, what=name)
         return QuantizedWeight(values, scales)

@@ -27,10 +27,13 @@ from torchquant.config.algorithms import (
 from torchquant.config.fields import from_mapping, is_int, require
 from torchquant.errors import ConfigError
 
-WEIGHT_TYPES = ("int", "fp8")
+# -- FP4 E2M1 weights: each type's fixed block of scaled values along K (NVFP4, OCP MXFP4)
+FP4_BLOCKS = {"nvfp4": 16, "mxfp4": 32}
+WEIGHT_TYPES = ("int", "fp8", *FP4_BLOCKS)
 ACTIVATION_TYPES = ("int8", "fp8")
-ACTIVATION_GRANULARITIES = ("token", "tensor")
+ACTIVATION_GRANULARITIES = ("token", "tensor", "group")
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+FP8_BLOCK = (128, 128)  # DeepSeek-V3's weight block (rows, columns) and activation group
 
 
 @dataclass(frozen=True)
@@ -40,17 +43,27 @@ class WeightQuant:
     ``type="int"``: ``bits`` in 2..8, ``group_size`` -1 (per output channel) or a
     power of two from 16 to 1024 (per group along the input dimension),
     ``symmetric`` or asymmetric (integer zero points).  ``type="fp8"``: E4M3 with a
-    float32 scale per channel (``group_size=-1``) or per tensor (``group_size=0``).
+    float32 scale per channel (``group_size=-1``) or per tensor (``group_size=0``), or,
+    with ``block=(rows, columns)`` (powers of two, 16..1024), per block of the weight.
+    ``type="nvfp4"`` / ``"mxfp4"``: FP4 E2M1 with ``bits=4``, ``group_size`` 16 / 32
+    (the block of each scale) and ``symmetric``; left at their defaults, ``bits`` and
+    ``group_size`` take these values.
     """
 
     type: str = "int"
     bits: int = 8
     group_size: int = -1
     symmetric: bool = True
+    block: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         require(self.type in WEIGHT_TYPES, "weight.type", self.type, f"one of {WEIGHT_TYPES}")
         require(isinstance(self.symmetric, bool), "weight.symmetric", self.symmetric, "a bool")
+        if self.block is not None:
+            self._check_block()
+        if self.type in FP4_BLOCKS:
+            self._check_fp4()
+            return
         if self.type == "fp8":
             require(
                 is_int(self.bits) and self.bits == 8, "weight.bits", self.bits, "8 for fp8 weights"
@@ -73,6 +86,27 @@ class WeightQuant:
             f"one of {GROUP_SIZES} (-1 = per channel)",
         )
 
+    def _check_fp4(self) -> None:
+        block = FP4_BLOCKS[self.type]
+        for name, default, value in (("bits", 8, 4), ("group_size", -1, block)):
+            if getattr(self, name) == default and is_int(getattr(self, name)):
+                object.__setattr__(self, name, value)  # -- a field left at its default
+        what = f"for {self.type} weights"
+        require(is_int(self.bits) and self.bits == 4, "weight.bits", self.bits, f"4 {what}")
+        ok = is_int(self.group_size) and self.group_size == block
+        require(ok, "weight.group_size", self.group_size, f"{block} (the scale block) {what}")
+        require(self.symmetric, "weight.symmetric", self.symmetric, f"True {what}")
+
+    def _check_block(self) -> None:
+        """``block`` (a tuple, or a JSON list) of two block sizes, for fp8 weights only."""
+        block = self.block
+        ok = isinstance(block, (tuple, list)) and len(block) == 2
+        ok = ok and all(is_int(b) and b in GROUP_SIZES[1:] for b in block)
+        require(ok, "weight.block", block, f"two sizes (rows, columns) from {GROUP_SIZES[1:]}")
+        object.__setattr__(self, "block", tuple(block))
+        require(self.type == "fp8", "weight.type", self.type, "'fp8' for block-wise weights")
+        require(self.group_size == -1, "weight.group_size", self.group_size, "-1 when block is set")
+
 
 @dataclass(frozen=True)
 class ActivationQuant:
@@ -80,7 +114,8 @@ class ActivationQuant:
 
     ``dynamic=True`` computes the scale from each input (per ``token`` row or per
     ``tensor``), from the max-abs value or the given ``percentile`` of ``|x|``.
-    ``dynamic=False`` uses a per-tensor scale fixed by calibration.
+    ``dynamic=False`` uses a per-tensor scale fixed by calibration.  ``granularity="group"``
+    (dynamic FP8 only) has one scale per ``group_size`` columns of each token.
     """
 
     type: str = "int8"
@@ -88,6 +123,7 @@ class ActivationQuant:
     dynamic: bool = True
     percentile: float = 100.0
     observer: str = "minmax"
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         require(
@@ -120,6 +156,17 @@ class ActivationQuant:
                 self.granularity,
                 "'tensor' for static (calibrated) activation scales",
             )
+        grouped = self.granularity == "group"
+        allowed = f"one of {GROUP_SIZES[1:]} for 'group' granularity, else None"
+        ok = self.group_size in GROUP_SIZES[1:] and is_int(self.group_size)
+        require(
+            ok if grouped else self.group_size is None,
+            "activation.group_size",
+            self.group_size,
+            allowed,
+        )
+        if grouped:
+            require(self.type == "fp8", "activation.type", self.type, "'fp8' for group scales")
 
 
 ALGORITHM_PARAMS = {
@@ -204,6 +251,20 @@ class QuantScheme:
                 w.type,
                 "'fp8' when activations are fp8",
             )
+        if act.granularity == "group" or w.block is not None:
+            require(
+                w.block is not None and act.group_size == w.block[1],
+                "activation",
+                act,
+                "'group' activations with group_size equal to the weight's block columns, "
+                "exactly when the weight is block-wise",
+            )
+            require(
+                self.algorithm == "rtn",
+                "algorithm",
+                self.algorithm,
+                "'rtn' for block-wise FP8 with group activations",
+            )
 
     @property
     def rounds_with_gptq(self) -> bool:
@@ -232,14 +293,16 @@ class QuantScheme:
     def describe(self) -> str:
         """Short human-readable name, e.g. ``w4a16 g128 asym`` or ``w8a8 int8``."""
         w, a = self.weight, self.activation
-        wname = "fp8" if w.type == "fp8" else f"int{w.bits}"
+        wname = f"int{w.bits}" if w.type == "int" else w.type
         gran = {-1: "per-channel", 0: "per-tensor"}.get(w.group_size, f"g{w.group_size}")
-        sym = "" if w.type == "fp8" else (" sym" if w.symmetric else " asym")
+        gran = gran if w.block is None else f"block{w.block[0]}x{w.block[1]}"
+        sym = "" if w.type != "int" else (" sym" if w.symmetric else " asym")
         act = (
             "a16"
             if a is None
             else f"a8 {a.type} {'dyn' if a.dynamic else 'static'} {a.granularity}"
         )
+        act += "" if a is None or a.group_size is None else str(a.group_size)
         algo = "" if self.algorithm == "rtn" else f" {self.algorithm}"
         return f"w-{wname} {gran}{sym} {act}{algo}".strip()
 
@@ -248,6 +311,11 @@ class QuantScheme:
         for name in LATER_PARAMS:
             if self.algorithm != name and getattr(self, name) == ALGORITHM_PARAMS[name]():
                 del data[name]
+        # -- block-wise fields likewise, so every earlier scheme serializes as before
+        if self.weight.block is None:
+            del data["weight"]["block"]
+        if data["activation"] is not None and self.activation.group_size is None:
+            del data["activation"]["group_size"]
         return data
 
     @classmethod
@@ -255,7 +323,17 @@ class QuantScheme:
         return from_mapping(cls, data, "scheme")
 
 
-SCHEME_NAMES = ("w8a16", "w2a16..w7a16", "w8a16-fp8", "w8a8", "fp8")
+SCHEME_NAMES = (
+    "w8a16",
+    "w2a16..w7a16",
+    "w8a16-fp8",
+    "w8a8",
+    "fp8",
+    "fp8-block",
+    "w8a16-fp8-block",
+    "nvfp4a16",
+    "mxfp4a16",
+)
 DEFAULT_GROUP_SIZE = 128
 
 
@@ -272,6 +350,12 @@ def scheme_from_name(
         return QuantScheme(WeightQuant(type="fp8", bits=8, group_size=-1))
     if key == "fp8":
         return QuantScheme(WeightQuant(type="fp8"), ActivationQuant(type="fp8"))
+    if key in ("fp8-block", "w8a16-fp8-block"):
+        weight = WeightQuant(type="fp8", block=FP8_BLOCK)
+        group = ActivationQuant(type="fp8", granularity="group", group_size=FP8_BLOCK[1])
+        return QuantScheme(weight, group if key == "fp8-block" else None)
+    if key in ("nvfp4a16", "mxfp4a16"):
+        return QuantScheme(WeightQuant(type=key[:5]))
     if key == "w8a8":
         return QuantScheme(WeightQuant(bits=8, group_size=-1), ActivationQuant(type="int8"))
     m = re.fullmatch(r"w([2-8])a16", key) if isinstance(key, str) else None

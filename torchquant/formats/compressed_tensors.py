@@ -14,7 +14,11 @@ Per quantized ``nn.Linear`` named ``p`` the folder holds:
 - ``int-quantized`` (W8A8 INT8): ``p.weight`` int8 ``(N, K)``, ``p.weight_scale``
   ``(N, 1)``, ``p.input_scale`` ``(1,)`` for static activations.
 - ``float-quantized`` (FP8 W8A8) / ``naive-quantized`` (FP8 weight-only):
-  ``p.weight`` float8_e4m3fn ``(N, K)``, ``p.weight_scale`` ``(N, 1)`` or ``(1,)``.
+  ``p.weight`` float8_e4m3fn ``(N, K)``, ``p.weight_scale`` ``(N, 1)`` or ``(1,)``; for
+  ``strategy: block`` (``block_structure [bn, bk]``) ``(ceil(N/bn), ceil(K/bk))``, with
+  input activations ``strategy: group`` (dynamic, ``group_size`` bk) when quantized.
+- ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` (FP4 weight-only): packed E2M1
+  ``p.weight_packed`` uint8 ``(N, K/2)`` with block scales, see ``compressed_tensors_fp4``.
 
 Signed codes ``q`` with zero point ``zp`` are our unsigned codes and zeros minus
 ``2**(n-1)``, so ``(q - zp) * s`` equals our ``(code - zero) * s`` exactly.
@@ -49,9 +53,17 @@ from torchquant.formats.compressed_tensors_checks import (
     check_declared_layer,
     check_layer_values,
 )
+from torchquant.formats.compressed_tensors_fp4 import (
+    FP4_FORMATS,
+    check_declared_fp4_layer,
+    fp4_layer,
+    fp4_layer_tensors,
+    fp4_scheme_of,
+)
 from torchquant.formats.int_layers import (
     IntLayerWeights,
     build_int_layer,
+    hold_model_dtype,
     int_weights_of,
     regroup_evenly,
 )
@@ -63,7 +75,7 @@ from torchquant.formats.packing_variants import (
 )
 from torchquant.modules import QuantLinear
 from torchquant.plan import split_experts_for_names
-from torchquant.weights import weight_format
+from torchquant.weights import Fp4Format, weight_format
 
 QUANT_METHOD = "compressed-tensors"
 # the compressed-tensors release whose layout we write (dense packing for every width)
@@ -99,7 +111,7 @@ ARGS_FIELDS = {
     "observer",
     "observer_kwargs",
 }
-FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized")
+FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized", *FP4_FORMATS)
 # -- (args type, activations quantized) -> the format of weights stored dense ``(N, K)``
 DENSE_FORMATS = {
     ("int", True): "int-quantized",
@@ -118,8 +130,11 @@ def _weight_args(scheme: QuantScheme, group_size: int, act_order: bool = False) 
     """Weight quantization args for ``group_size`` (-1 per channel, 0 per tensor)."""
     w = scheme.weight
     strategy = {-1: "channel", 0: "tensor"}.get(group_size, "group")
+    strategy = strategy if w.block is None else "block"
     group = group_size if group_size > 0 else None
     args = _args(w.bits, weight_format(scheme).args_type, w.symmetric, strategy, group)
+    if w.block is not None:
+        args["block_structure"] = list(w.block)
     if act_order:
         args["actorder"] = "group"
     return args
@@ -149,7 +164,7 @@ def _input_args(act: ActivationQuant | None, name: str) -> dict[str, Any] | None
         )
     kind = "int" if act.type == "int8" else "float"
     strategy = act.granularity if act.dynamic else "tensor"
-    return _args(8, kind, True, strategy, None, dynamic=act.dynamic)
+    return _args(8, kind, True, strategy, act.group_size, dynamic=act.dynamic)
 
 
 def _layer_tensors(name: str, layer: QuantLinear) -> tuple[str, dict, dict[str, torch.Tensor]]:
@@ -161,6 +176,8 @@ def _layer_tensors(name: str, layer: QuantLinear) -> tuple[str, dict, dict[str, 
             f"layer {name!r}: has a SmoothQuant input divisor, which compressed-tensors cannot "
             "hold; fold it into the preceding layer or save in the native format"
         )
+    if isinstance(layer.weight_format, Fp4Format):
+        return fp4_layer_tensors(name, layer)
     out: dict[str, torch.Tensor] = {}
     if layer.bias is not None:
         out["bias"] = layer.bias
@@ -180,7 +197,9 @@ def _layer_tensors(name: str, layer: QuantLinear) -> tuple[str, dict, dict[str, 
     else:  # -- the stored (N, K) weight as it is, one scale per channel or per tensor
         out["weight"] = layer.qweight
         per_channel = w.group_size == -1
-        out["weight_scale"] = layer.scales.reshape((-1, 1) if per_channel else (1,))
+        per_block = w.block is not None  # -- (ceil(N/bn), ceil(K/bk)) in both conventions
+        shape = layer.scales.shape if per_block else (-1, 1) if per_channel else (1,)
+        out["weight_scale"] = layer.scales.reshape(shape)
         ct_format = DENSE_FORMATS[(fmt.args_type, scheme.activation is not None)]
         args = _weight_args(scheme, w.group_size)
     if scheme.activation is not None and not scheme.activation.dynamic:
@@ -397,7 +416,13 @@ def _scheme_of(group: dict[str, Any], name: str) -> QuantScheme:
             f"layer {name!r}: weights of type {w.get('type')!r}; expected 'int' or 'float'"
         )
     bad = w.get("actorder") not in ACTORDERS
-    if w.get("block_structure") or bad or w.get("strategy") not in ("channel", "group", "tensor"):
+    block = w.get("block_structure")
+    if w.get("strategy") == "block" and w.get("type") == "float":
+        bad = bad or not (isinstance(block, list) and len(block) == 2)
+    elif block:
+        bad = True
+    strategies = ("channel", "group", "tensor", "block")
+    if bad or w.get("strategy") not in strategies:
         raise CheckpointError(
             f"layer {name!r}: weight strategy {w.get('strategy')!r} / block / actorder "
             f"{w.get('actorder')!r} is not supported"
@@ -408,13 +433,19 @@ def _scheme_of(group: dict[str, Any], name: str) -> QuantScheme:
             raise CheckpointError(f"layer {name!r}: only symmetric 8-bit activations supported")
         dynamic = a.get("dynamic") is True
         gran = a.get("strategy") if dynamic else "tensor"
-        if gran not in ("token", "tensor") or a.get("dynamic") not in (True, False):
+        if gran not in ("token", "tensor", "group") or a.get("dynamic") not in (True, False):
             raise CheckpointError(f"layer {name!r}: activation strategy {a!r} is not supported")
-        act = ActivationQuant("int8" if a.get("type") == "int" else "fp8", gran, dynamic)
+        act_type = "int8" if a.get("type") == "int" else "fp8"
+        if gran == "group":
+            act = ActivationQuant(act_type, gran, dynamic, group_size=a.get("group_size"))
+        else:
+            act = ActivationQuant(act_type, gran, dynamic)
     try:
         if w.get("type") == "float":
             if w.get("num_bits") != 8 or w.get("strategy") == "group":
-                raise ConfigError("FP8 weights must be 8-bit, per channel or per tensor")
+                raise ConfigError("FP8 weights must be 8-bit, per channel, tensor or block")
+            if w["strategy"] == "block":
+                return QuantScheme(WeightQuant("fp8", block=tuple(block)), act)
             gs = -1 if w["strategy"] == "channel" else 0
             return QuantScheme(WeightQuant("fp8", 8, gs, True), act)
         gs = w.get("group_size") if w["strategy"] == "group" else -1
@@ -498,9 +529,14 @@ def _check_layers_declared(
         module = model.get_submodule(name)
         if type(module) is not nn.Linear:
             raise CheckpointError(f"layer {name!r} is a {type(module).__name__}, not nn.Linear")
-        schemes[name] = _scheme_of(group, name)
         n, k = module.weight.shape
-        check_declared_layer(name, group["format"], by_layer[name], n, k)
+        if group["format"] in FP4_FORMATS:
+            schemes[name] = fp4_scheme_of(group["format"], group.get("weights") or {}, name)
+            check_declared_fp4_layer(name, group["format"], by_layer[name], n, k)
+            continue
+        schemes[name] = _scheme_of(group, name)
+        block = schemes[name].weight.block
+        check_declared_layer(name, group["format"], by_layer[name], n, k, block)
     return schemes
 
 
@@ -524,15 +560,19 @@ def load_compressed_tensors(directory: str | Path) -> nn.Module:
         prefix = f"{name}."
         local = {key[len(prefix) :]: t for key, t in tensors.items() if key.startswith(prefix)}
         w = scheme.weight
-        check_layer_values(name, plan[name]["format"], local, n, k, w.bits, w.symmetric)
+        if plan[name]["format"] not in FP4_FORMATS:  # -- fp4_layer checks its own
+            check_layer_values(name, plan[name]["format"], local, n, k, w.bits, w.symmetric)
 
     def make(name: str, local: dict[str, torch.Tensor]) -> QuantLinear:
         scheme = schemes[name]
         dtype = model.get_submodule(name).weight.dtype
+        if plan[name]["format"] in FP4_FORMATS:
+            return fp4_layer(name, local, scheme, dtype)
         if plan[name]["format"] == "pack-quantized":
             if scheme.activation is not None:
                 raise CheckpointError(f"layer {name!r}: packed INT with activations unsupported")
             return _packed_layer(name, local, scheme, dtype)
         return _dense_layer(name, local, scheme, dtype)
 
-    return hf.assemble(model, tensors, list(plan), make)
+    # -- layers whose scales say nothing of the model's dtype (FP4, per channel) take it
+    return hold_model_dtype(hf.assemble(model, tensors, list(plan), make))

@@ -121,9 +121,15 @@ def _is_int(entry: TensorEntry) -> bool:
 
 
 def check_declared_layer(
-    name: str, fmt: str, local: Mapping[str, TensorEntry], out_features: int, in_features: int
+    name: str,
+    fmt: str,
+    local: Mapping[str, TensorEntry],
+    out_features: int,
+    in_features: int,
+    block: tuple[int, int] | None = None,
 ) -> None:
-    """A layer's tensors, as the headers declare them, fit the model's ``(N, K)`` linear."""
+    """A layer's tensors, as the headers declare them, fit the model's ``(N, K)`` linear
+    (with one ``weight_scale`` per ``block`` of it, for block-wise weights)."""
     n, k = out_features, in_features
     what = f"{n}x{k}"
     scale = local.get("weight_scale")
@@ -162,7 +168,10 @@ def check_declared_layer(
     else:
         want = (torch.int8,) if fmt == "int-quantized" else (torch.float8_e4m3fn,)
         _expect(name, "weight", local.get("weight"), [(n, k)], want, what)
-        if fmt == "int-quantized":
+        if block is not None:
+            grid = (-(-n // block[0]), -(-k // block[1]))
+            _expect(name, "weight_scale", scale, [grid], None, f"{what} in {block} blocks")
+        elif fmt == "int-quantized":
             _expect(name, "weight_scale", scale, [(n, 1), (n,), (1,), (1, 1), ()], None, what)
         else:
             _expect(name, "weight_scale", scale, [(n, 1), (n,), (1,), ()], None, what)

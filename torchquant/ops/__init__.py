@@ -1,21 +1,31 @@
 """One ``torch.library`` custom op per quantized-linear scheme, one file per family.
 
-``weight_int`` (packed INTn, with ``g_idx``), ``weight_int8``, ``weight_fp8`` and
-``w8a8`` each hold their op, its exact reference (``*_reference``, the oracle of every
-test), its fast CPU implementation on PyTorch's own kernels (``cpu_kernels``) and its
-CUDA implementation (the Triton kernels, where Triton is installed).  Every op has a
+``weight_int`` (packed INTn, with ``g_idx``), ``weight_int8``, ``weight_fp8``,
+``weight_fp4`` (NVFP4, MXFP4), ``w8a8`` and ``fp8_block`` (block-scaled FP8, weight-only
+and with per-group FP8 activations) each hold their op, its exact reference
+(``*_reference``, the oracle of every test), its fast CPU implementation on PyTorch's own
+kernels (``cpu_kernels``) and its CUDA implementation (the Triton kernels, where Triton is
+installed).  Every op has a
 fake (meta) implementation so ``torch.compile`` can trace models that use it; layers
 call them through :func:`run`, which skips the dispatcher on eager CPU calls.
 """
 
 from torchquant.ops.common import HAS_TRITON_KERNELS, run
 from torchquant.ops.fake_quant import fake_quant_int_weight, fake_quant_int_weight_backward
+from torchquant.ops.fp8_block import (
+    linear_fp8_block,
+    linear_fp8_block_reference,
+    linear_fp8_block_weight,
+    linear_fp8_block_weight_reference,
+)
+from torchquant.ops.moe import moe_linear_reference, moe_linear_weight_only
 from torchquant.ops.w8a8 import (
     linear_w8a8_fp8,
     linear_w8a8_int8,
     linear_w8a8_reference,
     quantize_activation_op,
 )
+from torchquant.ops.weight_fp4 import linear_fp4_weight, linear_fp4_weight_reference
 from torchquant.ops.weight_fp8 import linear_fp8_weight, linear_fp8_weight_reference
 from torchquant.ops.weight_int import (
     intn_cpu_layout,
@@ -35,6 +45,12 @@ __all__ = [
     "fake_quant_int_weight_backward",
     "int8_cpu_layout",
     "intn_cpu_layout",
+    "linear_fp8_block",
+    "linear_fp8_block_reference",
+    "linear_fp8_block_weight",
+    "linear_fp8_block_weight_reference",
+    "linear_fp4_weight",
+    "linear_fp4_weight_reference",
     "linear_fp8_weight",
     "linear_fp8_weight_reference",
     "linear_int8_weight",
@@ -45,6 +61,8 @@ __all__ = [
     "linear_w8a8_fp8",
     "linear_w8a8_int8",
     "linear_w8a8_reference",
+    "moe_linear_reference",
+    "moe_linear_weight_only",
     "quantize_activation_op",
     "run",
 ]

@@ -12,11 +12,13 @@ from torchquant.ops.fake_quant import (
     fake_quant_int_weight_backward_cuda,
     fake_quant_int_weight_cuda,
 )
+from torchquant.ops.fp8_block import linear_fp8_block_cuda
 from torchquant.ops.w8a8 import (
     linear_w8a8_fp8_cuda,
     linear_w8a8_int8_cuda,
     quantize_activation_cuda,
 )
+from torchquant.ops.weight_fp4 import linear_fp4_weight_cuda
 from torchquant.ops.weight_fp8 import linear_fp8_weight_cuda
 from torchquant.ops.weight_int import linear_intn_cuda
 from torchquant.ops.weight_int8 import linear_int8_weight_cuda
@@ -25,8 +27,10 @@ CUDA_KERNELS = {
     "torchquant::linear_intn": linear_intn_cuda,
     "torchquant::linear_int8_weight": linear_int8_weight_cuda,
     "torchquant::linear_fp8_weight": linear_fp8_weight_cuda,
+    "torchquant::linear_fp4_weight": linear_fp4_weight_cuda,
     "torchquant::linear_w8a8_int8": linear_w8a8_int8_cuda,
     "torchquant::linear_w8a8_fp8": linear_w8a8_fp8_cuda,
+    "torchquant::linear_fp8_block": linear_fp8_block_cuda,
     "torchquant::quantize_activation": quantize_activation_cuda,
     "torchquant::fake_quant_int_weight": fake_quant_int_weight_cuda,
     "torchquant::fake_quant_int_weight_backward": fake_quant_int_weight_backward_cuda,

@@ -16,11 +16,14 @@ from torchquant.config import ActivationQuant, WeightQuant
 from torchquant.errors import QuantizationError
 from torchquant.modules.quant_linear import QuantLinear
 from torchquant.numerics import (
+    block_grid,
     choose_fp8_weight_scale,
     choose_int_qparams,
+    expand_blocks,
     group_min_max,
     num_groups,
     quantize_codes,
+    quantize_fp8_block_weight,
     to_fp8_e4m3,
 )
 from torchquant.numerics.fake_quant import (
@@ -57,7 +60,10 @@ def int_zero_points(zeros: torch.Tensor | None, bits: int) -> torch.Tensor | Non
 def weight_qparam_shape(
     weight: WeightQuant, out_features: int, in_features: int
 ) -> tuple[int, int]:
-    """``(N, G)`` INT scales and zero points; one FP8 scale per row ``(N, 1)`` or ``(1, 1)``."""
+    """``(N, G)`` INT scales and zero points; one FP8 scale per row ``(N, 1)`` or ``(1, 1)``,
+    or per block ``(ceil(N / bn), ceil(K / bk))``."""
+    if weight.block is not None:
+        return block_grid(out_features, in_features, weight.block)
     if weight.type == "fp8":
         return (out_features if weight.group_size == -1 else 1, 1)
     return out_features, num_groups(in_features, weight.group_size)
@@ -77,6 +83,8 @@ def minmax_weight_qparams(
     zero points are chosen, returned as float32 tensors so they can become parameters.
     """
     w = w.detach()
+    if weight.block is not None:
+        return quantize_fp8_block_weight(w, weight.block)[1], None
     if weight.type == "fp8":
         return choose_fp8_weight_scale(w, weight.group_size == -1).reshape(-1, 1), None
     lo, hi = group_min_max(w, weight.group_size)
@@ -88,6 +96,8 @@ def fake_quantize_weight(
     w: torch.Tensor, weight: WeightQuant, scales: torch.Tensor, zeros: torch.Tensor | None
 ) -> torch.Tensor:
     """``w (N, K)`` fake-quantized as ``weight`` says, with integer-valued ``zeros`` (INT)."""
+    if weight.block is not None:  # -- block scales broadcast to (N, K); LSQ sums them back
+        return fake_quantize_fp8_weight(w, expand_blocks(scales, weight.block, *w.shape))
     if weight.type == "fp8":
         return fake_quantize_fp8_weight(w, scales)
     return fake_quant_int_weight(w, scales, zeros, weight.bits, weight.group_size)
@@ -108,7 +118,8 @@ def store_trained_weight(
     """
     weight = layer.scheme.weight
     if weight.type == "fp8":
-        layer.qweight.copy_(to_fp8_e4m3(w.float() / scales))
+        full = scales if weight.block is None else expand_blocks(scales, weight.block, *w.shape)
+        layer.qweight.copy_(to_fp8_e4m3(w.float() / full))
         layer.scales.copy_(scales.reshape(layer.scales.shape))
         return
     stored = scales.to(scale_dtype)
@@ -171,6 +182,12 @@ def fake_quantize_activation(
     if not act.dynamic and static_scale is None:
         raise QuantizationError("a static activation scheme needs a static_scale")
     x2 = x.reshape(-1, x.shape[-1])
+    if act.granularity == "group":  # -- each 1 x group_size group as a row of its own
+        m, k = x2.shape
+        padded = torch.nn.functional.pad(x2, (0, -k % act.group_size))
+        groups = padded.reshape(-1, act.group_size)
+        out = _FakeQuantActivation.apply(groups, None, act.type, True, float(act.percentile))
+        return out.reshape(m, -1)[:, :k].reshape(x.shape)
     scale = None if act.dynamic else static_scale
     out = _FakeQuantActivation.apply(
         x2, scale, act.type, act.granularity == "token", float(act.percentile)

@@ -10,12 +10,21 @@ from torchquant.config import QuantScheme
 from torchquant.errors import QuantizationError
 from torchquant.weights.activation import linear_w8a8
 from torchquant.weights.base import IntWeightFormat, QuantizedLayer, WeightFormat
+from torchquant.weights.fp4 import Fp4Format, Mxfp4Format, Nvfp4Format
 from torchquant.weights.fp8 import Fp8Format
+from torchquant.weights.fp8_block import Fp8BlockFormat
 from torchquant.weights.int8 import Int8Format
 from torchquant.weights.packed_int import PackedIntFormat
 
 # -- every storage kind; each weight scheme is held by exactly one of them
-WEIGHT_FORMATS: tuple[WeightFormat, ...] = (PackedIntFormat(), Int8Format(), Fp8Format())
+WEIGHT_FORMATS: tuple[WeightFormat, ...] = (
+    PackedIntFormat(),
+    Int8Format(),
+    Fp8Format(),
+    Fp8BlockFormat(),
+    Nvfp4Format(),
+    Mxfp4Format(),
+)
 
 
 def weight_format(scheme: QuantScheme) -> WeightFormat:
@@ -29,9 +38,13 @@ def weight_format(scheme: QuantScheme) -> WeightFormat:
 
 __all__ = [
     "WEIGHT_FORMATS",
+    "Fp4Format",
+    "Fp8BlockFormat",
     "Fp8Format",
     "Int8Format",
     "IntWeightFormat",
+    "Mxfp4Format",
+    "Nvfp4Format",
     "PackedIntFormat",
     "QuantizedLayer",
     "WeightFormat",

@@ -1,8 +1,9 @@
 """The W8A8 op of a layer that also quantizes its input (INT8 or FP8 activations).
 
-The weight is stored by its format (:mod:`~torchquant.weights.int8` or
-:mod:`~torchquant.weights.fp8`); the activation type alone picks the op.  The op
-applies the SmoothQuant divisor and the static input scale itself.
+The weight is stored by its format (:mod:`~torchquant.weights.int8`,
+:mod:`~torchquant.weights.fp8` or :mod:`~torchquant.weights.fp8_block`); the activation
+type picks the op, and per-group activations (which only block-wise weights take) the
+block op.  The op applies the SmoothQuant divisor and the static input scale itself.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def linear_w8a8(
 ) -> Tensor:
     """``quantize(x) W^T + bias`` for a scheme with ``scheme.activation`` set."""
     act = scheme.activation
+    if act.granularity == "group":
+        args = (qweight, scales, bias, *scheme.weight.block)
+        if reference:
+            return ops.linear_fp8_block_reference(x, *args)
+        return ops.run(ops.linear_fp8_block, x, *args)
     per_token = act.granularity == "token"
     percentile = float(act.percentile)
     if reference:

@@ -21,7 +21,7 @@ class Fp8Format(WeightFormat):
     args_type = "float"
 
     def holds(self, weight: WeightQuant) -> bool:
-        return weight.type == "fp8"
+        return weight.type == "fp8" and weight.block is None
 
     def scale_dtype(self, weight: WeightQuant, dtype: torch.dtype) -> torch.dtype:
         return torch.float32
