@@ -97,17 +97,8 @@ def _fake(x, qweight, scales, zeros, bias, top_k_index, *args):
 register_cpu(moe_linear_weight_only, moe_linear_cpu)
 
 
-def moe_linear_cuda(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-) -> torch.Tensor:
+def moe_linear_cuda(*args: torch.Tensor | int | None) -> torch.Tensor:
+    """The op on the Triton kernels: the slots aligned by expert, then one grouped GEMM."""
     from torchquant.triton_kernels.fp8_gemm import fp8_supported
     from torchquant.triton_kernels.moe_gemm import (
         align_slots_by_expert,
@@ -115,7 +106,7 @@ def moe_linear_cuda(
         moe_dequant_gemm,
     )
 
-    args = (x, qweight, scales, zeros, bias, top_k_index, top_k_weights, bits, group_size)
+    x, qweight, scales, zeros, bias, top_k_index, top_k_weights, bits, group_size = args
     if qweight.dtype == torch.float8_e4m3fn and not fp8_supported(x.device):
         warn_fallback("moe_linear_weight_only", "FP8 conversions need compute capability >= 8.9")
         return moe_linear_reference(*args)
