@@ -124,3 +124,25 @@ def test_convert_and_native_save_load_are_bit_exact(tmp_path, name):
     x = torch.randn(4, K)
     assert torch.equal(loaded(x), model(x))
     assert loaded[0].scheme == QuantScheme.from_dict(model[0].scheme.to_dict())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_experts_run_one_block_op_each_and_compute_the_dequantized_experts(name):
+    """The grouped MoE op reads per-channel stacks, so block-wise experts never take it."""
+    from test_moe_experts import EXPERTS, tiny
+
+    reference, model = tiny("qwen3-moe"), tiny("qwen3-moe")
+    model, _ = convert_model(model, QuantConfig(name), progress=False)
+    experts, fused = model.get_submodule(EXPERTS), reference.get_submodule(EXPERTS)
+    assert experts.stacked_experts() is None
+    with torch.no_grad():
+        for e in range(4):
+            expert = experts.expert(e)
+            gate_up = [expert.gate_proj.dequantized_weight(), expert.up_proj.dequantized_weight()]
+            fused.gate_up_proj[e] = torch.cat(gate_up)
+            fused.down_proj[e] = expert.down_proj.dequantized_weight()
+        hidden = torch.randn(16, 32)
+        index, weights = torch.randint(0, 4, (16, 2)), torch.rand(16, 2)
+        got, want = experts(hidden, index, weights), fused(hidden, index, weights)
+    tol = 0 if name == "w8a16-fp8-block" else 0.1 * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=1e-5 if tol == 0 else 0.1, atol=tol + 1e-6)

@@ -170,12 +170,18 @@ class StackedExperts:
 
 
 _WEIGHT = ("qweight", "scales", "zeros", "bias")
+# -- the stored weights the grouped op reads: packed INT codes, INT8, FP8 with row scales
+_GROUPED_QWEIGHT_DTYPES = (torch.int32, torch.int8, torch.float8_e4m3fn)
 
 
 def _groupable(linears: list[nn.Module]) -> bool:
     """Whether the linears are weight-only ``QuantLinear`` layers one grouped op can run."""
     first = linears[0]
     if not isinstance(first, QuantLinear) or first.scheme.activation is not None:
+        return False
+    if first.qweight.dtype not in _GROUPED_QWEIGHT_DTYPES:
+        return False
+    if not first.weight_format.groups_experts:
         return False
 
     def signature(m: QuantLinear) -> tuple:

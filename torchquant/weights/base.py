@@ -44,12 +44,14 @@ class WeightFormat(ABC):
     ``name`` names the kind in messages; ``is_int`` says the weight is unsigned INT
     codes with scales and zero points (what the INT exchange formats hold);
     ``args_type`` is the ``type`` quantization args give the stored values in the
-    exchange formats' configs (compressed-tensors: ``"int"`` or ``"float"``).
+    exchange formats' configs (compressed-tensors: ``"int"`` or ``"float"``);
+    ``groups_experts`` says the grouped mixture-of-experts op reads its buffers stacked.
     """
 
     name: ClassVar[str]
     is_int: ClassVar[bool] = False
     args_type: ClassVar[str]
+    groups_experts: ClassVar[bool] = True
 
     @abstractmethod
     def holds(self, weight: WeightQuant) -> bool:

@@ -21,6 +21,7 @@ from torchquant.weights.base import Buffers, QuantizedLayer, WeightFormat
 class Fp8BlockFormat(WeightFormat):
     name = "FP8 block-wise"
     args_type = "float"
+    groups_experts = False  # -- experts run one block op each
 
     def holds(self, weight: WeightQuant) -> bool:
         return weight.type == "fp8" and weight.block is not None
