@@ -5,14 +5,13 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import tiny_llama as shared_tiny_llama
 from torch import nn
 from transformers import (
     BertConfig,
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     OPTConfig,
     OPTForCausalLM,
 )
@@ -36,19 +35,11 @@ VOCAB = 128
 FAST_AWQ = AWQConfig(grid=8, clip_grid=8, max_tokens=256)
 
 
-def tiny_llama(outliers: bool = True) -> LlamaForCausalLM:
+def tiny_llama(outliers: bool = True) -> nn.Module:
     """Two Llama blocks; a few norm channels scaled up, as the activation outliers of real LLMs."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+    model = shared_tiny_llama(
+        vocab=VOCAB, hidden=64, inter=128, layers=2, heads=4, kv_heads=2, max_position_embeddings=64
     )
-    model = LlamaForCausalLM(config).eval()
     if outliers:
         with torch.no_grad():
             for layer in model.model.layers:
