@@ -61,7 +61,7 @@ def test_quantize_matches_the_numerics_and_holds_no_int_codes():
 def test_float32_forward_is_the_reference_and_close_to_float(name):
     layer = _layer(name)
     x = torch.randn(3, 5, K)
-    assert torch.equal(layer(x), layer.reference_forward(x))
+    torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(0))
     exact = x @ w.t() + layer.bias
     rel = (layer(x) - exact).norm() / exact.norm()
@@ -76,15 +76,18 @@ def test_float32_forward_is_the_reference_and_close_to_float(name):
     ],
 )
 @pytest.mark.parametrize("block", [(128, 128), (64, 32)])
-def test_bf16_cpu_path_matches_the_reference(op, cpu, reference, block):
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.bfloat16, (1.6e-2, 2e-2)), (torch.float32, (1e-5, 1e-5))]
+)
+def test_cpu_path_matches_the_reference(op, cpu, reference, block, dtype, tol):
     torch.manual_seed(0)
     w = torch.randn(N, K)
     q, s = quantize_fp8_block_weight(w, block)
-    x, bias = torch.randn(2, 7, K).bfloat16(), torch.randn(N).bfloat16()
+    x, bias = torch.randn(2, 7, K).to(dtype), torch.randn(N).to(dtype)
     want = reference(x, q, s, bias, *block)
     got = cpu(x, q, s, bias, *block)
-    assert got.dtype == torch.bfloat16 and got.shape == (2, 7, N)
-    torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=2e-2)
+    assert got.dtype == dtype and got.shape == (2, 7, N)
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol[0], atol=tol[1])
     torch.testing.assert_close(op(x, q, s, bias, *block), got, rtol=0, atol=0)
 
 

@@ -6,10 +6,11 @@ by that weight (weight-only); ``linear_fp8_block`` also quantizes each token's i
 to FP8 with one scale per ``1 x block_k`` group, so every product of the matmul pairs
 one activation group with one weight block.
 
-CPU, bf16 inputs: blocks of weight rows are dequantized and multiplied, never the
-whole float weight at once (weight-only in bf16, as the reference rounds it; W8A8 in
-float32, which keeps the products of the two scales).  Other input dtypes run the
-reference.  CUDA: the W8A8 op runs the Triton block GEMM (the reference below compute
+CPU, bf16 and float32 inputs: blocks of weight rows are dequantized and multiplied,
+never the whole float weight at once (weight-only in the input's dtype, as the reference
+rounds the weight; W8A8 in float32, which keeps the products of the two scales and
+differs from the float64 reference only by float32 accumulation).  float16 inputs run
+the reference.  CUDA: the W8A8 op runs the Triton block GEMM (the reference below compute
 capability 8.9); the weight-only op runs its reference there (no kernel of its own yet).
 """
 
@@ -88,8 +89,13 @@ def linear_fp8_block_weight(
     return linear_fp8_block_weight_reference(x, qweight, scales, bias, block_n, block_k)
 
 
+def _blocked_dtype(x: torch.Tensor) -> bool:
+    """Whether the blocked CPU path serves ``x``: bf16, and float32 (its matmul is float32)."""
+    return cpu_kernels.uses_bf16_kernels(x) or x.dtype == torch.float32
+
+
 def linear_fp8_block_weight_cpu(x, qweight, scales, bias, block_n, block_k):
-    if not cpu_kernels.uses_bf16_kernels(x):
+    if not _blocked_dtype(x):
         return linear_fp8_block_weight_reference(x, qweight, scales, bias, block_n, block_k)
     out = _blocked_product(rows(x), qweight, scales, block_n, block_k)
     return unflatten(add_bias(out, bias), x)
@@ -105,7 +111,7 @@ def linear_fp8_block(
 
 
 def linear_fp8_block_cpu(x, qweight, scales, bias, block_n, block_k):
-    if not cpu_kernels.uses_bf16_kernels(x):
+    if not _blocked_dtype(x):
         return linear_fp8_block_reference(x, qweight, scales, bias, block_n, block_k)
     x2 = rows(x)
     xq, xs = quantize_activation_groups(x2, block_k)
