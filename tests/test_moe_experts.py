@@ -437,3 +437,13 @@ def test_mixed_experts_keep_the_per_expert_loop():
     )
     model, _ = convert_model(tiny("mixtral"), config, progress=False)
     assert model.get_submodule(EXPERTS).stacked_experts() is None
+
+
+def test_fp4_experts_keep_the_per_expert_loop():
+    """The grouped op reads packed INT, INT8 and FP8 weights; FP4 experts run their own op."""
+    model, _ = convert_model(
+        tiny("mixtral"), QuantConfig(scheme_from_name("nvfp4a16")), progress=False
+    )
+    experts = model.get_submodule(EXPERTS)
+    assert isinstance(experts.expert(0).gate_proj, QuantLinear)
+    assert experts.stacked_experts() is None
