@@ -637,7 +637,8 @@ def moe_rows(recorder: Recorder, arch: int, machines, schemes) -> list[dict]:
 
     Only the active experts' weights are read: the grouped launch's bytes count theirs, and
     its hot-loop trips only the blocks the routing fills.  The grouped call's launches
-    include the slot alignment.  bf16 is one cuBLAS call per active expert at its floor.
+    include the slot alignment (one token runs the grouped GEMV instead: no alignment).
+    bf16 is one cuBLAS call per active expert at its floor.
     """
     from torchquant.triton_kernels import moe_gemm
     from torchquant.triton_kernels.moe_gemm import max_padded_slots, moe_block_m
@@ -659,8 +660,9 @@ def moe_rows(recorder: Recorder, arch: int, machines, schemes) -> list[dict]:
                 for launch in grouped:
                     if launch.kernel == "_align_kernel":
                         launch.candidates = []  # one program over the slots: its bytes bound it
-                    if launch.kernel.startswith("_moe"):
+                    if launch.kernel.startswith(("_moe", "_gemv")):
                         launch.nbytes += expert_bytes * (len(active) - 1)  # one is counted
+                    if launch.kernel.startswith("_moe"):
                         launch.flops = 2 * tokens * MOE_TOP_K * n * k
                         for cand in launch.candidates:
                             tiles = math.prod(cand.grid) // blocks

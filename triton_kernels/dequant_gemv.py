@@ -31,6 +31,8 @@ unfactored product gives +-Inf: the row is non-finite either way.)
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -95,6 +97,50 @@ def _finish(
                 total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             tl.store(out_row + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
             tl.atomic_xchg(lock, 0, sem="relaxed")
+
+
+# -- grouped calls (mixture of experts): output row m is a slot, weights stacked by expert
+
+
+class SlotExperts(NamedTuple):
+    """Routing of a grouped call: output row ``s`` is slot ``s``, computed with expert
+    ``expert_of_slot[s]``'s slice of weights stacked along a leading expert dimension
+    (``E``: routed to none, the row is zero), from ``x`` row ``s // slots_per_row``, times
+    ``routing_weights[s]`` when given.  Strides step from one expert's slice to the next."""
+
+    expert_of_slot: torch.Tensor
+    routing_weights: torch.Tensor | None
+    num_experts: int
+    slots_per_row: int
+    stride_qe: int
+    stride_se: int
+    stride_ze: int
+
+
+@triton.jit
+def _slot_rows(
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    x_ptr,
+    e_ptr,
+    m,
+    stride_xm,
+    stride_qe,
+    stride_se,
+    stride_ze,
+    NUM_EXPERTS,
+    SLOTS_PER_ROW: tl.constexpr,
+    GROUPED: tl.constexpr,
+):
+    """Weight and activation bases of output row ``m``, and whether it is routed."""
+    if GROUPED:
+        expert = tl.load(e_ptr + m).to(tl.int32)
+        e = tl.minimum(expert, NUM_EXPERTS - 1).to(tl.int64)
+        x_row = x_ptr + (m // SLOTS_PER_ROW).to(tl.int64) * stride_xm
+        return q_ptr + e * stride_qe, s_ptr + e * stride_se, z_ptr + e * stride_ze, x_row, expert
+    else:
+        return q_ptr, s_ptr, z_ptr, x_ptr + m.to(tl.int64) * stride_xm, 0
 
 
 # -- 4-bit codes, one thread per weight row
@@ -175,6 +221,12 @@ def _gemv_w4_kernel(
     stride_sn,
     stride_zn,
     stride_om,
+    e_ptr,
+    rw_ptr,
+    stride_qe,
+    stride_se,
+    stride_ze,
+    NUM_EXPERTS,
     M_BUCKET,
     BITS: tl.constexpr,
     PACKED: tl.constexpr,
@@ -184,21 +236,29 @@ def _gemv_w4_kernel(
     X_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUPED: tl.constexpr,
+    ROUTED_WEIGHTS: tl.constexpr,
+    SLOTS_PER_ROW: tl.constexpr,
     SPLIT_K,  # a runtime value: one binary serves every split factor (fewer compiles)
 ):
     # -- this program's BLOCK_N weight rows (one thread each), row m of x, run of K steps
     # (row offsets in int64: N * row stride may pass 2**31 elements)
     pid_n = tl.program_id(0)
     m = tl.program_id(2)
+    q_ptr, s_ptr, z_ptr, x_row, expert = _slot_rows(
+        q_ptr, s_ptr, z_ptr, x_ptr, e_ptr, m, stride_xm, stride_qe, stride_se, stride_ze,
+        NUM_EXPERTS, SLOTS_PER_ROW, GROUPED,
+    )  # fmt: skip
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows = q_ptr + offs_n[:, None].to(tl.int64) * stride_qn
     s_rows = s_ptr + offs_n[:, None] * stride_sn
     z_rows = z_ptr + offs_n[:, None] * stride_zn
-    x_row = x_ptr + m.to(tl.int64) * stride_xm
     magic = magic.to(tl.uint32, bitcast=True)
     STEP_WORDS: tl.constexpr = BLOCK_K // 8
     t_start, t_end = split_k_run(K // BLOCK_K, SPLIT_K)
+    if GROUPED:
+        t_end = tl.where(expert < NUM_EXPERTS, t_end, t_start)  # unrouted: no steps, zeros
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for t in range(t_start, t_end):
         # -- the step's qparams, loaded (BLOCK_N, 1) in the words' layout (a sum over one
@@ -240,6 +300,8 @@ def _gemv_w4_kernel(
         # -- undo the bit positions, then the scale: once per step and row
         dot = a0 + a1 * 0.0625 + a2 * 0.00390625 + a3 * 0.000244140625 + a4 * 0.0000152587890625
         acc += scale * dot
+    if ROUTED_WEIGHTS:
+        acc *= tl.load(rw_ptr + m).to(tl.float32)
     _finish(
         acc, offs_n, n_mask, m, N, out_ptr, stride_om, b_ptr, ws_ptr, lock_ptr, HAS_BIAS, SPLIT_K
     )
@@ -266,6 +328,12 @@ def _gemv_kernel(
     stride_sn,
     stride_zn,
     stride_om,
+    e_ptr,
+    rw_ptr,
+    stride_qe,
+    stride_se,
+    stride_ze,
+    NUM_EXPERTS,
     M_BUCKET,
     BITS: tl.constexpr,
     PACKED: tl.constexpr,
@@ -274,19 +342,27 @@ def _gemv_kernel(
     GROUP_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUPED: tl.constexpr,
+    ROUTED_WEIGHTS: tl.constexpr,
+    SLOTS_PER_ROW: tl.constexpr,
     SPLIT_K,
 ):
     pid_n = tl.program_id(0)
     m = tl.program_id(2)
     # -- the BLOCK_N weight rows and the run of K tiles owned by this program
     # (row offsets in int64: N * row stride may pass 2**31 elements)
+    q_ptr, s_ptr, z_ptr, x_row, expert = _slot_rows(
+        q_ptr, s_ptr, z_ptr, x_ptr, e_ptr, m, stride_xm, stride_qe, stride_se, stride_ze,
+        NUM_EXPERTS, SLOTS_PER_ROW, GROUPED,
+    )  # fmt: skip
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows = q_ptr + offs_n[:, None].to(tl.int64) * stride_qn
-    x_row = x_ptr + m.to(tl.int64) * stride_xm
     s_rows = s_ptr + offs_n * stride_sn
     z_rows = z_ptr + offs_n * stride_zn
     t_start, t_end = split_k_run(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    if GROUPED:
+        t_end = tl.where(expert < NUM_EXPERTS, t_end, t_start)  # unrouted: no steps, zeros
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for t in range(t_start, t_end):
         # -- activations (zero past K) and codes of this tile
@@ -306,6 +382,8 @@ def _gemv_kernel(
                 s_rows[:, None], z_rows[:, None], g, mask, BITS, PACKED, HAS_ZEROS
             )
             acc += tl.sum((codes - zero) * scale * x[None, :], axis=1)
+    if ROUTED_WEIGHTS:
+        acc *= tl.load(rw_ptr + m).to(tl.float32)
     _finish(
         acc, offs_n, n_mask, m, N, out_ptr, stride_om, b_ptr, ws_ptr, lock_ptr, HAS_BIAS, SPLIT_K
     )
@@ -405,6 +483,26 @@ def w4_eligible(x: torch.Tensor, qweight: torch.Tensor, bits: int, group: int) -
     )
 
 
+def _slot_args(slots: SlotExperts | None, out: torch.Tensor) -> dict:
+    if slots is None:
+        return dict(
+            e_ptr=out, rw_ptr=out, stride_qe=0, stride_se=0, stride_ze=0, NUM_EXPERTS=1,
+            GROUPED=False, ROUTED_WEIGHTS=False, SLOTS_PER_ROW=1,
+        )  # fmt: skip
+    rw = slots.routing_weights
+    return dict(
+        e_ptr=slots.expert_of_slot,
+        rw_ptr=rw if rw is not None else out,
+        stride_qe=slots.stride_qe,
+        stride_se=slots.stride_se,
+        stride_ze=slots.stride_ze,
+        NUM_EXPERTS=slots.num_experts,
+        GROUPED=True,
+        ROUTED_WEIGHTS=rw is not None,
+        SLOTS_PER_ROW=slots.slots_per_row,
+    )
+
+
 def dequant_gemv(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -415,14 +513,20 @@ def dequant_gemv(
     group_size: int,
     config: triton.Config | None = None,
     out: torch.Tensor | None = None,
+    slots: SlotExperts | None = None,
 ) -> torch.Tensor:
     """``x (M, K) @ dequant(W)^T + bias`` -> ``(M, N)`` in ``x.dtype`` (meant for M = 1).
 
     ``config`` runs one explicit config: on the 4-bit kernel when it fits it (K steps
-    inside one group, dividing K), else on the tiled kernel.
+    inside one group, dividing K), else on the tiled kernel.  ``slots`` makes it a grouped
+    call (see :class:`SlotExperts`; the weight arguments are expert 0's slice, no bias):
+    one output row per slot.
     """
-    m, k = x.shape
+    k = x.shape[1]
+    m = x.shape[0] if slots is None else slots.expert_of_slot.numel()
     check_weight(qweight, scales, zeros, bits, group_size, k)
+    if slots is not None and bias is not None:
+        raise ValueError("a grouped GEMV takes no bias")
     if x.stride(-1) != 1:
         x = x.contiguous()
     n = qweight.shape[0]
@@ -451,6 +555,7 @@ def dequant_gemv(
         stride_om=out.stride(0),
         M_BUCKET=m_bucket(m),
         HAS_BIAS=bias is not None,
+        **_slot_args(slots, out),
         **meta,
     )
     if w4:

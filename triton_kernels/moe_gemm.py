@@ -29,6 +29,7 @@ import triton.language as tl
 from ._launch import autotune_benchmark, check_device, m_bucket, output, run_kernel
 from ._tiles import grouped_tile
 from .dequant import check_weight, dequantize_tile, dot_weight_tile, weight_meta
+from .dequant_gemv import SlotExperts, dequant_gemv
 
 
 class ExpertBlocks(NamedTuple):
@@ -337,3 +338,37 @@ def moe_dequant_gemm(
         **weight_meta(qweight[0], scales[0], z0, bits, group_size),
     )
     return out
+
+
+def moe_dequant_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    top_k_index: torch.Tensor,
+    routing_weights: torch.Tensor | None = None,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """One token's slots (decode) on the GEMV: each slot reads its expert's weight once.
+
+    A token's ``k`` slots go to ``k`` distinct experts, so no weight is read twice; no
+    alignment is needed and the call is one launch.  Same arguments and output as
+    :func:`moe_dequant_gemm` (no bias), the routing given as ``top_k_index (1, k)``.
+    """
+    slots = top_k_index.numel()
+    if slots % x.shape[0]:
+        raise ValueError(f"x must have one row per token or per slot ({slots}), got {x.shape[0]}")
+    weights = routing_weights.reshape(-1).contiguous() if routing_weights is not None else None
+    routing = SlotExperts(
+        top_k_index.reshape(-1).contiguous(),
+        weights,
+        qweight.shape[0],
+        slots // x.shape[0],
+        qweight.stride(0),
+        scales.stride(0),
+        _expert_stride(zeros),
+    )
+    z0 = zeros[0] if zeros is not None else None
+    return dequant_gemv(x, qweight[0], scales[0], z0, None, bits, group_size, config, slots=routing)

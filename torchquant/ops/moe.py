@@ -98,12 +98,14 @@ register_cpu(moe_linear_weight_only, moe_linear_cpu)
 
 
 def moe_linear_cuda(*args: torch.Tensor | int | None) -> torch.Tensor:
-    """The op on the Triton kernels: the slots aligned by expert, then one grouped GEMM."""
+    """The op on the Triton kernels: one token's slots on the grouped GEMV; more tokens'
+    slots aligned by expert, then one grouped GEMM."""
     from torchquant.triton_kernels.fp8_gemm import fp8_supported
     from torchquant.triton_kernels.moe_gemm import (
         align_slots_by_expert,
         moe_block_m,
         moe_dequant_gemm,
+        moe_dequant_gemv,
     )
 
     x, qweight, scales, zeros, bias, top_k_index, top_k_weights, bits, group_size = args
@@ -112,6 +114,10 @@ def moe_linear_cuda(*args: torch.Tensor | int | None) -> torch.Tensor:
         return moe_linear_reference(*args)
     if qweight.dtype == torch.float8_e4m3fn:
         group_size = -1  # a scale per row or per tensor: no groups along K
+    if top_k_index.shape[0] == 1 and bias is None:  # decode of one token: the GEMV
+        return moe_dequant_gemv(
+            x, qweight, scales, zeros, bits, group_size, top_k_index, top_k_weights
+        )
     num_experts = qweight.shape[0]
     block_m = moe_block_m(top_k_index.numel(), num_experts)
     blocks = align_slots_by_expert(top_k_index, num_experts, block_m)
