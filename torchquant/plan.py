@@ -96,9 +96,9 @@ def build_quant_linear(
     layer = QuantLinear(k, n, scheme, has_bias, weight.dtype, weight.device, g_idx=has_g_idx)
     if layer.weight_format.is_int:
         layer.set_int_codes(quantized.codes, quantized.scales, quantized.zeros)
-    else:  # -- FP8 values, stored as they are
-        layer.qweight.copy_(quantized.codes)
-        layer.scales.copy_(quantized.scales.reshape(layer.scales.shape))
+    else:  # -- float values (FP8, FP4 codes), stored as the format lays them out
+        fmt = layer.weight_format
+        fmt.set_values(layer, quantized.codes, quantized.scales, quantized.global_scale)
     if has_g_idx:
         layer.g_idx.copy_(quantized.g_idx)
     if has_bias:
