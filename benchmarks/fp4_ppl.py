@@ -48,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(parser, calib_samples=1, group_size=128)
     parser.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=list(SCHEMES))
+    parser.add_argument("--reference", type=float, help="fp32 perplexity, to skip measuring it")
     args = parser.parse_args()
     base, _, ids, _ = load_run(args)
     floats = {
@@ -55,7 +56,7 @@ def main() -> None:
         for name, m in base.named_modules()
         if isinstance(m, torch.nn.Linear)
     }
-    ref = perplexity(base, ids, args.seq_len, progress=False).perplexity
+    ref = args.reference or perplexity(base, ids, args.seq_len, progress=False).perplexity
     print(f"fp32: {ref:.3f} ({torch.get_num_threads()} threads)", flush=True)
     table = [("fp32", ref, 0.0, None)]
     for name in args.schemes:
