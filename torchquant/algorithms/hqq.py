@@ -16,6 +16,12 @@ zero fixed (symmetric schemes run only this phase: their zero is implied).  Each
 keeps whichever of this result and round-to-nearest has the lower lp error, so HQQ never
 does worse than RTN in the objective it minimizes.  The result is an ordinary
 :class:`~torchquant.numerics.IntWeight`, exported like any round-to-nearest weight.
+
+Measured on SmolLM2-135M (Pride and Prejudice, 16,384 tokens, fp32 23.15): HQQ's own
+float zero, dequantized unrounded, cuts the mean absolute weight error by 13% at w4 g128
+yet raises perplexity to 31.87 against RTN's 30.19 (the attention projections lose, the
+MLPs gain); rounding that zero to the integer grid gives back all of the error it saved,
+which the scale phase recovers about half of.  Perplexity then stays within 1% of RTN's.
 """
 
 from __future__ import annotations
