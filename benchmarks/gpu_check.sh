@@ -79,8 +79,8 @@ print(f"copy bandwidth: {copy_bandwidth_gbs(False):.0f} GB/s")
 EOF
 
 # -- 2. GPU-marked tests: compiled kernels vs the PyTorch reference, compile and graphs
-step gpu_tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py \
-    tests/test_calibration_engine.py
+step gpu_tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_kernels_gpu.py \
+    tests/calibration/test_calibration_engine.py
 
 # -- 3. compiled-kernel correctness for every scheme on small shapes (bf16 tl.dot included)
 step smoke 75 env RESULTS="$OUT/smoke" benchmarks/run_all.sh --smoke

@@ -3,7 +3,7 @@
 The example budget comes from ``TORCHQUANT_FUZZ_EXAMPLES``: 20 per test by default,
 so that all fuzz tests together stay within seconds in CI.  A long local run::
 
-    TORCHQUANT_FUZZ_EXAMPLES=5000 nice -n 10 python -m pytest tests/test_fuzz_*.py \
+    TORCHQUANT_FUZZ_EXAMPLES=5000 nice -n 10 python -m pytest tests/*/test_fuzz_*.py \
         --hypothesis-show-statistics
 
 No example database is kept, so every run explores fresh examples; a failure

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import triton
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 pytestmark = pytest.mark.skipif(

@@ -93,7 +93,7 @@ def test_examples_convert_then_load_a_compressed_tensors_folder(model_dir, tmp_p
     import runpy
     from pathlib import Path
 
-    examples = Path(__file__).parent.parent / "examples"
+    examples = Path(__file__).resolve().parents[2] / "examples"
     out = tmp_path / "ct"
     monkeypatch.setattr("sys.argv", ["x", str(model_dir), str(out), "--group-size", "32"])
     runpy.run_path(str(examples / "convert_hf_model.py"), run_name="__main__")

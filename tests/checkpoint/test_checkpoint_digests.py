@@ -5,7 +5,7 @@ input does not divide the group, so partial groups are covered) and each checkpo
 is reduced to one digest of its tensors (name, dtype, shape, bytes), the torchquant
 metadata of native shards and ``config.json``'s ``quantization_config``.  A change to
 any of them fails here; when a change is meant, regenerate the pins with
-``TORCHQUANT_PIN_DIGESTS=1 python -m pytest tests/test_checkpoint_digests.py`` and say
+``TORCHQUANT_PIN_DIGESTS=1 python -m pytest tests/checkpoint/test_checkpoint_digests.py`` and say
 why in the commit.
 """
 
