@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_llama_folder, tiny_text
 
 SHARED_DATA = Path(
     os.environ.get("TORCHQUANT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -43,3 +44,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama with a word-level tokenizer and a text, as a plain HF folder."""
+    folder = tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama"), tie_word_embeddings=True)
+    tiny_text(folder / "text.txt")
+    return folder

@@ -69,3 +69,18 @@ def layer_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
     """The tensors of layer ``name`` in ``folder/model.safetensors``, by local name."""
     state = load_file(folder / "model.safetensors")
     return {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+
+
+def library_compress(weight, scheme, bits, symmetric, group_size):
+    """Quantization parameters from the weight's range, then the library's own compressor."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    n, k = weight.shape
+    g = k if group_size == -1 else group_size
+    w = weight.float().reshape(n, k // g, g)
+    scale, zp = ref_signed_qparams(w, bits, symmetric, weight.dtype)
+    state = {"weight": weight, "weight_scale": scale, "weight_zero_point": zp}
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    compressed = compressor.compress(state, scheme)
+    decompressed = compressor.decompress(compressed, scheme)["weight"]
+    return compressed, decompressed

@@ -56,3 +56,32 @@ def tiny_text(path, words: int = 200):
     """A text of ``words`` words the tiny tokenizer knows; returns the path."""
     path.write_text(" ".join(TINY_WORDS[i % 37] for i in range(words)))
     return path
+
+
+# -- tiny mixture-of-experts decoders (fused experts module at MOE_EXPERTS)
+MOE_EXPERTS = "model.layers.0.mlp.experts"
+_MOE_DECODER = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "intermediate_size": 64,
+}
+MOE_ARCHITECTURES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**_MOE_DECODER, "num_local_experts": 4}),
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {**_MOE_DECODER, "num_experts": 4, "moe_intermediate_size": 32, "head_dim": 16},
+    ),
+}
+
+
+def tiny_moe(arch: str) -> nn.Module:
+    """A one-layer mixture-of-experts model with random weights, seeded (Mixtral or Qwen3-MoE)."""
+    transformers = pytest.importorskip("transformers")
+    config_cls, model_cls, kw = MOE_ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**kw, num_experts_per_tok=2)
+    return getattr(transformers, model_cls)(config).eval()

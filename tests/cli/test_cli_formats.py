@@ -3,21 +3,12 @@
 import json
 
 import pytest
-from tiny_models import tiny_llama_folder, tiny_text
 
 from torchquant.cli import main
 from torchquant.formats.dispatch import load_checkpoint
 from torchquant.modules import QuantLinear
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random Llama with a word-level tokenizer and a text, as a plain HF folder."""
-    folder = tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama"), tie_word_embeddings=True)
-    tiny_text(folder / "text.txt")
-    return folder
 
 
 @pytest.mark.parametrize("fmt", ["native", "compressed-tensors", "gptq", "awq"])

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from format_definitions import ref_signed_qparams
+from format_definitions import library_compress
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_llama as shared_tiny_llama
 
@@ -105,21 +105,6 @@ def test_library_decompresses_our_export_exactly(tmp_path, name, dtype):
         assert torch.equal(theirs.to(dtype), layer.dequantized_weight()), layer_name
 
 
-def _library_compress(weight, scheme, bits, symmetric, group_size):
-    """Quantization parameters from the weight's range, then the library's own compressor."""
-    from compressed_tensors.compressors import BaseCompressor
-
-    n, k = weight.shape
-    g = k if group_size == -1 else group_size
-    w = weight.float().reshape(n, k // g, g)
-    scale, zp = ref_signed_qparams(w, bits, symmetric, weight.dtype)
-    state = {"weight": weight, "weight_scale": scale, "weight_zero_point": zp}
-    compressor = BaseCompressor.get_value_from_registry(scheme.format)
-    compressed = compressor.compress(state, scheme)
-    decompressed = compressor.decompress(compressed, scheme)["weight"]
-    return compressed, decompressed
-
-
 @pytest.mark.parametrize(
     ("bits", "symmetric", "group_size"),
     [(4, False, 32), (4, True, 32), (4, False, -1), (8, True, -1), (3, False, 32), (2, True, 16)],
@@ -151,7 +136,7 @@ def test_checkpoint_compressed_by_the_library_loads_with_identical_outputs(
     ref_state = reference.state_dict()
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            compressed, decompressed = _library_compress(
+            compressed, decompressed = library_compress(
                 module.weight.detach(), scheme, bits, symmetric, group_size
             )
             del state[f"{name}.weight"]

@@ -12,7 +12,6 @@ import pytest
 import torch
 from format_definitions import ref_gptq_dequant, ref_pack_dim1
 from safetensors.torch import save_file
-from test_cli_formats import model_dir  # noqa: F401 (a fixture)
 from tiny_models import tiny_llama
 
 from torchquant import CheckpointError, QuantConfig, convert_model, scheme_from_name

@@ -8,6 +8,10 @@ import warnings
 
 import pytest
 import torch
+from format_definitions import library_compress
+from tiny_models import MOE_ARCHITECTURES as ARCHITECTURES
+from tiny_models import MOE_EXPERTS as EXPERTS
+from tiny_models import tiny_moe as tiny
 from torch import nn
 
 from torchquant import QuantConfig, QuantizationError, convert_model, scheme_from_name
@@ -18,23 +22,6 @@ from torchquant.modules.quant_experts import fused_experts_layout
 
 transformers = pytest.importorskip("transformers")
 
-EXPERTS = "model.layers.0.mlp.experts"
-DECODER = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "intermediate_size": 64,
-}
-ARCHITECTURES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**DECODER, "num_local_experts": 4}),
-    "qwen3-moe": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        {**DECODER, "num_experts": 4, "moe_intermediate_size": 32, "head_dim": 16},
-    ),
-}
 # -- scheme, bound on the logits' relative error, bound on the experts' own relative error
 # (three quantized projections in a row on random weights: 2-4x a single linear's error)
 SCHEMES = {
@@ -46,13 +33,6 @@ SCHEMES = {
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny(arch: str) -> nn.Module:
-    config_cls, model_cls, kw = ARCHITECTURES[arch]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**kw, num_experts_per_tok=2)
-    return getattr(transformers, model_cls)(config).eval()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -326,7 +306,6 @@ def test_per_expert_checkpoint_compressed_by_the_library_loads(tmp_path):
         QuantizationScheme,
     )
     from safetensors.torch import load_file, save_file
-    from test_compressed_tensors import _library_compress
 
     from torchquant.formats.compressed_tensors import load_compressed_tensors
 
@@ -341,7 +320,7 @@ def test_per_expert_checkpoint_compressed_by_the_library_loads(tmp_path):
     with torch.no_grad():
         for name in names:
             weight = state.pop(f"{name}.weight")
-            compressed, decompressed = _library_compress(weight, scheme, 4, True, 16)
+            compressed, decompressed = library_compress(weight, scheme, 4, True, 16)
             state.update({f"{name}.{k}": v for k, v in compressed.items()})
             if not name.startswith(f"{EXPERTS}."):
                 reference.get_submodule(name).weight.copy_(decompressed)

@@ -133,7 +133,8 @@ def test_convert_and_native_save_load_are_bit_exact(tmp_path, name):
 def test_experts_run_one_block_op_each(name):
     """The grouped MoE op reads per-row scale stacks, so block-wise experts never take it:
     each token's output is its experts' block layers, weighted by the routing."""
-    from test_moe_experts import EXPERTS, tiny
+    from tiny_models import MOE_EXPERTS as EXPERTS
+    from tiny_models import tiny_moe as tiny
 
     model, _ = convert_model(tiny("qwen3-moe"), QuantConfig(name), progress=False)
     experts = model.get_submodule(EXPERTS)

@@ -26,16 +26,7 @@ from torchquant.numerics import (
     poison_nonfinite_rows,
     quantize_activation_groups,
 )
-from torchquant.ops import cpu_kernels
-from torchquant.ops.common import (
-    add_bias,
-    fake_linear,
-    register_cpu,
-    register_cuda,
-    rows,
-    unflatten,
-    warn_fallback,
-)
+from torchquant.ops import common, cpu_kernels
 
 
 def linear_fp8_block_weight_reference(
@@ -52,13 +43,13 @@ def linear_fp8_block_reference(
     block_n: int, block_k: int,
 ) -> torch.Tensor:  # fmt: skip
     """The exact maths: both operands times their scales in float64 (exact), then matmul."""
-    x2 = rows(x)
+    x2 = common.rows(x)
     xq, xs = quantize_activation_groups(x2, block_k)
     (m, k), n = x2.shape, qweight.shape[0]
     xd = xq.double() * expand_blocks(xs.double(), (1, block_k), m, k)
     wd = qweight.double() * expand_blocks(scales.double(), (block_n, block_k), n, k)
-    out = add_bias((xd @ wd.t()).to(x.dtype), bias)
-    return unflatten(poison_nonfinite_rows(x2, out, shared_scale=False), x)
+    out = common.add_bias((xd @ wd.t()).to(x.dtype), bias)
+    return common.unflatten(poison_nonfinite_rows(x2, out, shared_scale=False), x)
 
 
 def dequantize_block_rows(
@@ -97,8 +88,8 @@ def _blocked_dtype(x: torch.Tensor) -> bool:
 def linear_fp8_block_weight_cpu(x, qweight, scales, bias, block_n, block_k):
     if not _blocked_dtype(x):
         return linear_fp8_block_weight_reference(x, qweight, scales, bias, block_n, block_k)
-    out = _blocked_product(rows(x), qweight, scales, block_n, block_k)
-    return unflatten(add_bias(out, bias), x)
+    out = _blocked_product(common.rows(x), qweight, scales, block_n, block_k)
+    return common.unflatten(common.add_bias(out, bias), x)
 
 
 @torch.library.custom_op("torchquant::linear_fp8_block", mutates_args=())
@@ -113,19 +104,19 @@ def linear_fp8_block(
 def linear_fp8_block_cpu(x, qweight, scales, bias, block_n, block_k):
     if not _blocked_dtype(x):
         return linear_fp8_block_reference(x, qweight, scales, bias, block_n, block_k)
-    x2 = rows(x)
+    x2 = common.rows(x)
     xq, xs = quantize_activation_groups(x2, block_k)
     xd = dequantize_activation_groups(xq, xs, block_k, torch.float32)
-    out = add_bias(_blocked_product(xd, qweight, scales, block_n, block_k).to(x.dtype), bias)
-    return unflatten(poison_nonfinite_rows(x2, out, shared_scale=False), x)
+    out = common.add_bias(_blocked_product(xd, qweight, scales, block_n, block_k).to(x.dtype), bias)
+    return common.unflatten(poison_nonfinite_rows(x2, out, shared_scale=False), x)
 
 
 for _op, _cpu in (
     (linear_fp8_block_weight, linear_fp8_block_weight_cpu),
     (linear_fp8_block, linear_fp8_block_cpu),
 ):
-    register_cpu(_op, _cpu)
-    _op.register_fake(fake_linear)
+    common.register_cpu(_op, _cpu)
+    _op.register_fake(common.fake_linear)
 
 
 def linear_fp8_block_cuda(x, qweight, scales, bias, block_n, block_k):
@@ -133,11 +124,12 @@ def linear_fp8_block_cuda(x, qweight, scales, bias, block_n, block_k):
     from torchquant.triton_kernels.fp8_gemm import fp8_supported
 
     if not fp8_supported(x.device) or block_k % 64 != 0:
-        warn_fallback("linear_fp8_block", "the kernel needs sm_89+ and block_k a multiple of 64")
+        why = "the kernel needs sm_89+ and block_k a multiple of 64"
+        common.warn_fallback("linear_fp8_block", why)
         return linear_fp8_block_reference(x, qweight, scales, bias, block_n, block_k)
-    xq, xs = quantize_activation_groups(rows(x), block_k)
+    xq, xs = quantize_activation_groups(common.rows(x), block_k)
     out = fp8_block_gemm(xq, xs, qweight, scales, block_n, block_k, bias, x.dtype)
-    return unflatten(out, x)
+    return common.unflatten(out, x)
 
 
-register_cuda("torchquant::linear_fp8_block", linear_fp8_block_cuda)
+common.register_cuda("torchquant::linear_fp8_block", linear_fp8_block_cuda)

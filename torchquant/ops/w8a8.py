@@ -17,23 +17,15 @@ from __future__ import annotations
 import torch
 
 from torchquant.numerics import poison_nonfinite_rows, quantize_activation
-from torchquant.ops import cpu_kernels
-from torchquant.ops.common import (
-    add_bias,
-    fake_linear,
-    register_cpu,
-    register_cuda,
-    rows,
-    unflatten,
-    warn_fallback,
-)
+from torchquant.ops import common, cpu_kernels
 from torchquant.ops.weight_fp8 import fp8_rows_linear
 
 
 def _scaled_output(x, x2, acc, xs, scales, bias, per_token, input_scale):
     out = (acc * xs * scales.reshape(1, -1)).to(x.dtype)
-    out = poison_nonfinite_rows(x2, add_bias(out, bias), not per_token and input_scale is None)
-    return unflatten(out, x)
+    per_tensor = not per_token and input_scale is None
+    out = poison_nonfinite_rows(x2, common.add_bias(out, bias), per_tensor)
+    return common.unflatten(out, x)
 
 
 def linear_w8a8_reference(
@@ -48,7 +40,7 @@ def linear_w8a8_reference(
     smooth: torch.Tensor | None,
 ) -> torch.Tensor:
     """The exact maths: every product accumulated in float64 (which holds each int32 sum)."""
-    x2 = rows(x)
+    x2 = common.rows(x)
     xq, xs = quantize_activation(x2, act_type, per_token, percentile, input_scale, smooth)
     acc = xq.to(torch.float64) @ qweight.to(torch.float64).t()
     return _scaled_output(x, x2, acc, xs.double(), scales.double(), bias, per_token, input_scale)
@@ -68,7 +60,7 @@ def linear_w8a8_cpu(
     args = (act_type, per_token, percentile, input_scale, smooth)
     if act_type == "fp8" and not cpu_kernels.uses_bf16_kernels(x):
         return linear_w8a8_reference(x, qweight, scales, bias, *args)
-    x2 = rows(x)
+    x2 = common.rows(x)
     xq, xs = quantize_activation(x2, act_type, per_token, percentile, input_scale, smooth)
     if act_type == "int8":
         acc = torch._int_mm(xq, qweight.t()).double()
@@ -96,17 +88,17 @@ def linear_w8a8_cuda(
 
     args = (x, qweight, scales, bias, act_type, per_token, percentile, input_scale, smooth)
     if percentile < 100.0:
-        warn_fallback(f"linear_w8a8_{act_type}", "percentile activation scales need a sort")
+        common.warn_fallback(f"linear_w8a8_{act_type}", "percentile activation scales need a sort")
         return linear_w8a8_reference(*args)
     if act_type == "fp8" and not fp8_supported(x.device):
-        warn_fallback("linear_w8a8_fp8", "FP8 tensor cores need compute capability >= 8.9")
+        common.warn_fallback("linear_w8a8_fp8", "FP8 tensor cores need compute capability >= 8.9")
         return linear_w8a8_reference(*args)
     # -- per-row scales in every mode: NaN in rows with NaN/Inf makes those output rows NaN
     xq, xs = quantize_activation_rows(
-        rows(x), act_type, per_token, smooth, input_scale, row_scales=True
+        common.rows(x), act_type, per_token, smooth, input_scale, row_scales=True
     )
     gemm = int8_gemm if act_type == "int8" else fp8_gemm
-    return unflatten(gemm(xq, qweight, xs, scales.float(), bias, x.dtype), x)
+    return common.unflatten(gemm(xq, qweight, xs, scales.float(), bias, x.dtype), x)
 
 
 def _define_w8a8_op(act_type: str):
@@ -131,9 +123,9 @@ def _define_w8a8_op(act_type: str):
     )
     op = torch.library.custom_op(name, reference, mutates_args=(), schema=schema)
     op.__doc__ = f"{act_type.upper()} weights x {act_type.upper()} activations, scaled epilogue."
-    register_cpu(op, on_cpu)
-    op.register_fake(fake_linear)
-    register_cuda(name, on_cuda)
+    common.register_cpu(op, on_cpu)
+    op.register_fake(common.fake_linear)
+    common.register_cuda(name, on_cuda)
     return op, on_cuda
 
 
@@ -171,9 +163,9 @@ def quantize_activation_cuda(
     from torchquant.triton_kernels.fp8_gemm import fp8_supported
 
     if percentile < 100.0 or (act_type == "fp8" and not fp8_supported(x.device)):
-        warn_fallback("quantize_activation", "percentile scale or no FP8 support")
+        common.warn_fallback("quantize_activation", "percentile scale or no FP8 support")
         return quantize_activation(x, act_type, per_token, percentile, None, smooth)
     return quantize_activation_rows(x, act_type, per_token, smooth)
 
 
-register_cuda("torchquant::quantize_activation", quantize_activation_cuda)
+common.register_cuda("torchquant::quantize_activation", quantize_activation_cuda)

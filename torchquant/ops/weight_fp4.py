@@ -16,15 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from torchquant.numerics.fp4 import dequantize_fp4_weight, unpack_e2m1
-from torchquant.ops import cpu_kernels
-from torchquant.ops.common import (
-    add_bias,
-    fake_linear,
-    register_cpu,
-    register_cuda,
-    rows,
-    unflatten,
-)
+from torchquant.ops import common, cpu_kernels
 
 
 def dequantize_fp4_rows(
@@ -69,24 +61,24 @@ def linear_fp4_weight(
 def linear_fp4_weight_cpu(x, qweight, scales, global_scale, bias, block):
     if not cpu_kernels.uses_bf16_kernels(x):
         return linear_fp4_weight_reference(x, qweight, scales, global_scale, bias, block)
-    x2, k = rows(x), x.shape[-1]
+    x2, k = common.rows(x), x.shape[-1]
 
     def dequantize(start: int, stop: int) -> torch.Tensor:
         s = scales[start:stop]
         return dequantize_fp4_rows(qweight[start:stop], s, global_scale, block, k, x.dtype)
 
     out = cpu_kernels.blocked_linear(x2, qweight.shape[0], dequantize)
-    return unflatten(add_bias(out, bias), x)
+    return common.unflatten(common.add_bias(out, bias), x)
 
 
-register_cpu(linear_fp4_weight, linear_fp4_weight_cpu)
-linear_fp4_weight.register_fake(fake_linear)
+common.register_cpu(linear_fp4_weight, linear_fp4_weight_cpu)
+linear_fp4_weight.register_fake(common.fake_linear)
 
 
 def linear_fp4_weight_cuda(x, qweight, scales, global_scale, bias, block):
     from torchquant.triton_kernels.fp4_gemm import fp4_gemm
 
-    return unflatten(fp4_gemm(rows(x), qweight, scales, global_scale, bias, block), x)
+    return common.unflatten(fp4_gemm(common.rows(x), qweight, scales, global_scale, bias, block), x)
 
 
-register_cuda("torchquant::linear_fp4_weight", linear_fp4_weight_cuda)
+common.register_cuda("torchquant::linear_fp4_weight", linear_fp4_weight_cuda)

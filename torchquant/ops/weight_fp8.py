@@ -15,16 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from torchquant.numerics import dequantize_fp8_weight
-from torchquant.ops import cpu_kernels
-from torchquant.ops.common import (
-    add_bias,
-    fake_linear,
-    register_cpu,
-    register_cuda,
-    rows,
-    unflatten,
-    warn_fallback,
-)
+from torchquant.ops import common, cpu_kernels
 
 
 def linear_fp8_weight_reference(
@@ -60,12 +51,12 @@ def linear_fp8_weight(
 def linear_fp8_weight_cpu(x, qweight, scales, bias):
     if not cpu_kernels.uses_bf16_kernels(x):
         return linear_fp8_weight_reference(x, qweight, scales, bias)
-    out = fp8_rows_linear(rows(x), qweight) * scales.float().reshape(1, -1)
-    return unflatten(add_bias(out.to(x.dtype), bias), x)
+    out = fp8_rows_linear(common.rows(x), qweight) * scales.float().reshape(1, -1)
+    return common.unflatten(common.add_bias(out.to(x.dtype), bias), x)
 
 
-register_cpu(linear_fp8_weight, linear_fp8_weight_cpu)
-linear_fp8_weight.register_fake(fake_linear)
+common.register_cpu(linear_fp8_weight, linear_fp8_weight_cpu)
+linear_fp8_weight.register_fake(common.fake_linear)
 
 
 def linear_fp8_weight_cuda(
@@ -75,9 +66,9 @@ def linear_fp8_weight_cuda(
     from torchquant.triton_kernels.fp8_gemm import fp8_supported
 
     if not fp8_supported(x.device):
-        warn_fallback("linear_fp8_weight", "FP8 conversions need compute capability >= 8.9")
+        common.warn_fallback("linear_fp8_weight", "FP8 conversions need compute capability >= 8.9")
         return linear_fp8_weight_reference(x, qweight, scales, bias)
-    return unflatten(dequant_matmul(rows(x), qweight, scales, None, bias, 8, -1), x)
+    return common.unflatten(dequant_matmul(common.rows(x), qweight, scales, None, bias, 8, -1), x)
 
 
-register_cuda("torchquant::linear_fp8_weight", linear_fp8_weight_cuda)
+common.register_cuda("torchquant::linear_fp8_weight", linear_fp8_weight_cuda)

@@ -18,15 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from torchquant.numerics import dequantize_int_weight, unpack_codes
-from torchquant.ops import cpu_kernels
-from torchquant.ops.common import (
-    add_bias,
-    fake_linear,
-    register_cpu,
-    register_cuda,
-    rows,
-    unflatten,
-)
+from torchquant.ops import common, cpu_kernels
 
 # -- above this many rows (per number of 4-bit planes) dequantize-and-multiply is faster
 INT4PACK_MAX_ROWS = {1: 192, 2: 48}
@@ -94,7 +86,7 @@ def intn_cpu_layout(
 def _intn_cpu(x, qweight, scales, zeros, g_idx, bias, bits, group_size, layout):
     if not cpu_kernels.uses_bf16_kernels(x):
         return linear_intn_reference(x, qweight, scales, zeros, bias, bits, group_size, g_idx)
-    x2, n, k = rows(x), qweight.shape[0], x.shape[-1]
+    x2, n, k = common.rows(x), qweight.shape[0], x.shape[-1]
     planes = 1 if bits <= 4 else 2
     if x2.shape[0] > INT4PACK_MAX_ROWS[planes]:
         dtype = cpu_kernels.COMPUTE_DTYPE
@@ -104,7 +96,7 @@ def _intn_cpu(x, qweight, scales, zeros, g_idx, bias, bits, group_size, layout):
         if layout.packed is None:
             layout = intn_cpu_layout(qweight, scales, zeros, g_idx, bits, group_size, k)
         out = cpu_kernels.int4pack_linear(x2, layout, n)
-    return unflatten(add_bias(out.to(x.dtype), bias), x)
+    return common.unflatten(common.add_bias(out.to(x.dtype), bias), x)
 
 
 @torch.library.custom_op("torchquant::linear_intn", mutates_args=())
@@ -151,10 +143,10 @@ def linear_intn_gidx_cpu(x, qweight, scales, zeros, g_idx, bias, bits, *layout):
     return _intn_cpu(x, qweight, scales, zeros, g_idx, bias, bits, 0, layout)
 
 
-register_cpu(linear_intn, linear_intn_cpu)
-register_cpu(linear_intn_gidx, linear_intn_gidx_cpu)
-linear_intn.register_fake(fake_linear)
-linear_intn_gidx.register_fake(fake_linear)
+common.register_cpu(linear_intn, linear_intn_cpu)
+common.register_cpu(linear_intn_gidx, linear_intn_gidx_cpu)
+linear_intn.register_fake(common.fake_linear)
+linear_intn_gidx.register_fake(common.fake_linear)
 
 
 def linear_intn_cuda(
@@ -169,8 +161,8 @@ def linear_intn_cuda(
 ) -> torch.Tensor:
     from torchquant.triton_kernels.dequant_matmul import dequant_matmul
 
-    out = dequant_matmul(rows(x), qweight, scales, zeros, bias, bits, group_size)
-    return unflatten(out, x)
+    out = dequant_matmul(common.rows(x), qweight, scales, zeros, bias, bits, group_size)
+    return common.unflatten(out, x)
 
 
-register_cuda("torchquant::linear_intn", linear_intn_cuda)
+common.register_cuda("torchquant::linear_intn", linear_intn_cuda)

@@ -15,15 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from torchquant.numerics import dequantize_int_weight
-from torchquant.ops import cpu_kernels
-from torchquant.ops.common import (
-    add_bias,
-    fake_linear,
-    register_cpu,
-    register_cuda,
-    rows,
-    unflatten,
-)
+from torchquant.ops import common, cpu_kernels
 
 INT8PACK_MAX_ROWS = 48
 
@@ -78,7 +70,7 @@ def linear_int8_weight(
 def linear_int8_weight_cpu(x, qweight, scales, bias, group_size, *layout):
     if not cpu_kernels.uses_bf16_kernels(x):
         return linear_int8_weight_reference(x, qweight, scales, bias, group_size)
-    x2, n = rows(x), qweight.shape[0]
+    x2, n = common.rows(x), qweight.shape[0]
     if x2.shape[0] > INT8PACK_MAX_ROWS:
         dtype = cpu_kernels.COMPUTE_DTYPE
         out = cpu_kernels.blocked_linear(
@@ -92,11 +84,11 @@ def linear_int8_weight_cpu(x, qweight, scales, bias, group_size, *layout):
             out = cpu_kernels.int8pack_linear(x2, qweight, layout)
         else:
             out = cpu_kernels.int4pack_linear(x2, layout, n)
-    return unflatten(add_bias(out.to(x.dtype), bias), x)
+    return common.unflatten(common.add_bias(out.to(x.dtype), bias), x)
 
 
-register_cpu(linear_int8_weight, linear_int8_weight_cpu)
-linear_int8_weight.register_fake(fake_linear)
+common.register_cpu(linear_int8_weight, linear_int8_weight_cpu)
+linear_int8_weight.register_fake(common.fake_linear)
 
 
 def linear_int8_weight_cuda(
@@ -109,8 +101,8 @@ def linear_int8_weight_cuda(
 ) -> torch.Tensor:
     from torchquant.triton_kernels.dequant_matmul import dequant_matmul
 
-    out = dequant_matmul(rows(x), qweight, scales, None, bias, 8, group_size)
-    return unflatten(out, x)
+    out = dequant_matmul(common.rows(x), qweight, scales, None, bias, 8, group_size)
+    return common.unflatten(out, x)
 
 
-register_cuda("torchquant::linear_int8_weight", linear_int8_weight_cuda)
+common.register_cuda("torchquant::linear_int8_weight", linear_int8_weight_cuda)
