@@ -45,7 +45,11 @@ def expert_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_split_experts_compute_what_the_fused_module_computes(arch):
-    fused = tiny(arch).get_submodule(EXPERTS)
+    model = tiny(arch)
+    # -- transformers' grouped_mm experts leave a slot routed to no expert uninitialised
+    # (times a weight of 0 that is NaN when the memory held Inf/NaN); its eager loop is exact
+    model.set_experts_implementation("eager")
+    fused = model.get_submodule(EXPERTS)
     split = QuantExperts.from_fused(fused, fused_experts_layout(fused))
     hidden = torch.randn(9, 32)
     index = torch.randint(0, 4, (9, 2))
