@@ -12,8 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,9 +27,6 @@ class Throughput:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     weight_bytes: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _sync(device: torch.device) -> None:

@@ -299,7 +299,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         del baseline
     rows.append(measure_throughput(quantized, "quantized", **kw))
     if args.json:
-        print(json.dumps({"device": str(device), **kw, "rows": [r.to_dict() for r in rows]}))
+        table = [dataclasses.asdict(r) for r in rows]
+        print(json.dumps({"device": str(device), **kw, "rows": table}))
     else:
         print(
             f"device {device}, batch {kw['batch']}, prompt {kw['prompt_len']} tokens, "
