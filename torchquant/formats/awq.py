@@ -23,18 +23,11 @@ import torch
 from torch import nn
 
 from torchquant.checkpoint.names import names_for_model
-from torchquant.checkpoint.save_guard import model_sources
 from torchquant.checkpoint.validate import check_scales
 from torchquant.errors import CheckpointError
 from torchquant.formats import hf_checkpoint as hf
+from torchquant.formats import int_layers
 from torchquant.formats.config_fields import MISSING, FieldTable
-from torchquant.formats.int_layers import (
-    IntLayerWeights,
-    build_int_layer,
-    hold_model_dtype,
-    int_weights_of,
-    regroup_evenly,
-)
 from torchquant.formats.packing_variants import pack_awq, unpack_awq
 from torchquant.formats.serving import IntLayout, warn_if_unservable
 from torchquant.modules import QuantLinear
@@ -140,7 +133,7 @@ def read_awq_config(directory: str | Path, config: dict[str, Any]) -> dict[str, 
 # -- export
 
 
-def awq_tensors(weights: IntLayerWeights, name: str) -> dict[str, torch.Tensor]:
+def awq_tensors(weights: int_layers.IntLayerWeights, name: str) -> dict[str, torch.Tensor]:
     """The AWQ GEMM tensors of one 4-bit layer (group sizes must divide ``K``)."""
     if weights.bits != BITS:
         raise CheckpointError(f"layer {name!r}: {weights.bits}-bit weights; AWQ holds 4-bit only")
@@ -172,7 +165,7 @@ def save_awq(
     layers = hf.quantized_layers(model)
     if not layers:
         raise CheckpointError("model has no QuantLinear layers; run convert_model first")
-    weights = {name: regroup_evenly(int_weights_of(layer, name)) for name, layer in layers.items()}
+    weights = {name: int_layers.exchange_weights_of(layer, name) for name, layer in layers.items()}
     groups = {w.group_size for w in weights.values()}
     if len(groups) != 1:
         raise CheckpointError(
@@ -197,17 +190,7 @@ def save_awq(
         "version": VERSION,
         "modules_to_not_convert": sorted(kept_float) or None,
     }
-    config = hf.model_config_dict(model)
-    config["quantization_config"] = qc
-    return hf.write_checkpoint(
-        directory,
-        config,
-        tensors,
-        tokenizer=tokenizer,
-        max_shard_size=max_shard_size,
-        overwrite=overwrite,
-        sources=model_sources(model),
-    )
+    return hf.write_checkpoint(model, directory, qc, tensors, tokenizer, max_shard_size, overwrite)
 
 
 # -- import
@@ -244,7 +227,7 @@ def awq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str)
                 f"layer {name!r}: zero_point is false (every zero point {1 << (BITS - 1)}), "
                 "but qzeros holds others"
             )
-    weights = IntLayerWeights(
+    weights = int_layers.IntLayerWeights(
         codes.contiguous(),
         scales.t().contiguous(),
         None if symmetric else zeros,
@@ -253,7 +236,7 @@ def awq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str)
         local.pop("bias", None),
         scales.dtype,
     )
-    return build_int_layer(weights, symmetric, name)
+    return int_layers.build_int_layer(weights, symmetric, name)
 
 
 def load_awq(directory: str | Path) -> nn.Module:
@@ -262,4 +245,4 @@ def load_awq(directory: str | Path) -> nn.Module:
     The layers take the model's dtype (see :func:`hold_model_dtype`).
     """
     model = hf.load_packed_folder(directory, read_awq_config, "qweight", awq_layer)
-    return hold_model_dtype(model)
+    return int_layers.hold_model_dtype(model)

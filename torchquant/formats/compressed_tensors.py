@@ -43,11 +43,11 @@ from torch import nn
 
 from torchquant.checkpoint.names import CheckpointNames, names_for_model
 from torchquant.checkpoint.safetensors_check import TensorEntry
-from torchquant.checkpoint.save_guard import model_sources
 from torchquant.config import ActivationQuant, QuantScheme, WeightQuant
 from torchquant.config.matching import compile_regex, match_regex
 from torchquant.errors import CheckpointConfigError, CheckpointError, ConfigError
 from torchquant.formats import hf_checkpoint as hf
+from torchquant.formats import int_layers
 from torchquant.formats.compressed_tensors_checks import (
     check_config_types,
     check_declared_layer,
@@ -59,13 +59,6 @@ from torchquant.formats.compressed_tensors_fp4 import (
     fp4_layer,
     fp4_layer_tensors,
     fp4_scheme_of,
-)
-from torchquant.formats.int_layers import (
-    IntLayerWeights,
-    build_int_layer,
-    hold_model_dtype,
-    int_weights_of,
-    regroup_evenly,
 )
 from torchquant.formats.packing_variants import (
     dense_to_canonical,
@@ -183,7 +176,7 @@ def _layer_tensors(name: str, layer: QuantLinear) -> tuple[str, dict, dict[str, 
         out["bias"] = layer.bias
     fmt = layer.weight_format
     if fmt.is_int and scheme.activation is None:
-        iw = regroup_evenly(int_weights_of(layer, name))
+        iw = int_layers.exchange_weights_of(layer, name)
         n, k = iw.shape
         out["weight_packed"] = pack_dense(iw.codes, iw.bits)
         out["weight_scale"] = iw.scales
@@ -287,16 +280,8 @@ def save_compressed_tensors(
 ) -> Path:
     """Write a converted Hugging Face model as a compressed-tensors checkpoint folder."""
     qconfig, tensors = quantization_config_for(model)
-    config = hf.model_config_dict(model)
-    config["quantization_config"] = qconfig
     return hf.write_checkpoint(
-        directory,
-        config,
-        tensors,
-        tokenizer=tokenizer,
-        max_shard_size=max_shard_size,
-        overwrite=overwrite,
-        sources=model_sources(model),
+        model, directory, qconfig, tensors, tokenizer, max_shard_size, overwrite
     )
 
 
@@ -479,10 +464,10 @@ def _packed_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
     if g_idx is not None and not g_idx.is_floating_point() and bool((g_idx == -1).all()):
         g_idx = None  # the library's "not yet computed" fill: column order
     bias = local.pop("bias", None)
-    weights = IntLayerWeights(
+    weights = int_layers.IntLayerWeights(
         codes, scales, zeros, w.bits, w.group_size, bias, dtype, packed, k, g_idx=g_idx
     )
-    return build_int_layer(weights, w.symmetric, name)
+    return int_layers.build_int_layer(weights, w.symmetric, name)
 
 
 def _dense_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
@@ -575,4 +560,4 @@ def load_compressed_tensors(directory: str | Path) -> nn.Module:
         return _dense_layer(name, local, scheme, dtype)
 
     # -- layers whose scales say nothing of the model's dtype (FP4, per channel) take it
-    return hold_model_dtype(hf.assemble(model, tensors, list(plan), make))
+    return int_layers.hold_model_dtype(hf.assemble(model, tensors, list(plan), make))

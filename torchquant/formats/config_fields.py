@@ -47,11 +47,16 @@ class FieldTable:
     def _bad(self, field: str, value: object, expected: str) -> CheckpointError:
         return CheckpointError(f"{self.where(field)}={value!r}: expected {expected}")
 
-    def int_field(self, qc: dict[str, Any], field: str, default: Any = MISSING) -> int:
-        """An int (not a bool, not a float such as ``4.0``)."""
+    def _present(self, qc: dict[str, Any], field: str, default: Any) -> Any:
+        """The field's value, or ``default``; an error when neither is there."""
         value = qc.get(field, default)
         if value is MISSING:
             raise CheckpointError(f"{self.where(field)} is missing")
+        return value
+
+    def int_field(self, qc: dict[str, Any], field: str, default: Any = MISSING) -> int:
+        """An int (not a bool, not a float such as ``4.0``)."""
+        value = self._present(qc, field, default)
         if type(value) is not int:
             raise self._bad(field, value, f"an int, got {type(value).__name__}")
         if not -(2**31) <= value < 2**31:  # bits, group sizes: nothing real is this large
@@ -60,9 +65,7 @@ class FieldTable:
 
     def bool_field(self, qc: dict[str, Any], field: str, default: Any = MISSING) -> bool:
         """A JSON boolean (``0``/``1`` are refused: a writer that meant a flag writes one)."""
-        value = qc.get(field, default)
-        if value is MISSING:
-            raise CheckpointError(f"{self.where(field)} is missing")
+        value = self._present(qc, field, default)
         if type(value) is not bool:
             raise self._bad(field, value, f"true or false, got {type(value).__name__}")
         return value
@@ -75,9 +78,7 @@ class FieldTable:
         self, qc: dict[str, Any], field: str, choices: tuple[str, ...], default: Any = MISSING
     ) -> str:
         """One of ``choices``, compared case-insensitively (AutoAWQ wrote ``"GEMM"``)."""
-        value = qc.get(field, default)
-        if value is MISSING:
-            raise CheckpointError(f"{self.where(field)} is missing")
+        value = self._present(qc, field, default)
         if not isinstance(value, str) or value.lower() not in choices:
             raise self._bad(field, value, f"one of {list(choices)}")
         return value.lower()

@@ -28,18 +28,11 @@ import torch
 from torch import nn
 
 from torchquant.checkpoint.files import read_json_file
-from torchquant.checkpoint.save_guard import model_sources
 from torchquant.checkpoint.validate import check_scales
 from torchquant.errors import CheckpointError, ConfigError
 from torchquant.formats import hf_checkpoint as hf
+from torchquant.formats import int_layers
 from torchquant.formats.config_fields import MISSING, FieldTable
-from torchquant.formats.int_layers import (
-    IntLayerWeights,
-    build_int_layer,
-    hold_model_dtype,
-    int_weights_of,
-    regroup_evenly,
-)
 from torchquant.formats.packing_variants import (
     dense_to_canonical,
     pack_columns,
@@ -162,7 +155,9 @@ def read_gptq_config(directory: str | Path, config: dict[str, Any]) -> dict[str,
 # -- export
 
 
-def gptq_tensors(weights: IntLayerWeights, version: str, name: str) -> dict[str, torch.Tensor]:
+def gptq_tensors(
+    weights: int_layers.IntLayerWeights, version: str, name: str
+) -> dict[str, torch.Tensor]:
     """The GPTQ tensors of one layer (group sizes must divide ``K``: regroup first).
 
     ``g_idx`` is the layer's act-order grouping when it has one, else ``k // group``.
@@ -191,7 +186,7 @@ def gptq_tensors(weights: IntLayerWeights, version: str, name: str) -> dict[str,
     return out
 
 
-def _common_layout(layers: dict[str, IntLayerWeights]) -> tuple[int, int, bool]:
+def _common_layout(layers: dict[str, int_layers.IntLayerWeights]) -> tuple[int, int, bool]:
     layouts = {(w.bits, w.group_size, w.zeros is None) for w in layers.values()}
     if len(layouts) != 1:
         raise CheckpointError(
@@ -217,7 +212,7 @@ def save_gptq(
     layers = hf.quantized_layers(model)
     if not layers:
         raise CheckpointError("model has no QuantLinear layers; run convert_model first")
-    weights = {name: regroup_evenly(int_weights_of(layer, name)) for name, layer in layers.items()}
+    weights = {name: int_layers.exchange_weights_of(layer, name) for name, layer in layers.items()}
     for name, w in weights.items():
         if w.bits not in BITS:
             raise CheckpointError(f"layer {name!r}: {w.bits}-bit weights; GPTQ holds {BITS}")
@@ -243,14 +238,10 @@ def save_gptq(
         "checkpoint_format": version,
         "true_sequential": True,
     }
-    config = hf.model_config_dict(model)
-    config["quantization_config"] = qc
     extra = {QUANTIZE_CONFIG_FILE: qc}
     return hf.write_checkpoint(
-        directory, config, tensors, tokenizer=tokenizer, extra_json=extra,
-        max_shard_size=max_shard_size,
-        overwrite=overwrite, sources=model_sources(model),
-    )  # fmt: skip
+        model, directory, qc, tensors, tokenizer, max_shard_size, overwrite, extra_json=extra
+    )
 
 
 # -- import
@@ -281,7 +272,7 @@ def gptq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str
         zeros = ((zeros.to(torch.int16) + 1) & ((1 << bits) - 1)).to(torch.uint8)
     zeros = zeros.t().contiguous()  # (N, G)
     symmetric = bool(torch.all(zeros == 1 << (bits - 1)))
-    weights = IntLayerWeights(
+    weights = int_layers.IntLayerWeights(
         None,
         scales.t().contiguous(),
         None if symmetric else zeros,
@@ -293,7 +284,7 @@ def gptq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str
         k,
         g_idx=local.pop("g_idx", None),
     )
-    return build_int_layer(weights, symmetric, name)
+    return int_layers.build_int_layer(weights, symmetric, name)
 
 
 def load_gptq(directory: str | Path) -> nn.Module:
@@ -304,4 +295,4 @@ def load_gptq(directory: str | Path) -> nn.Module:
     model's dtype (see :func:`hold_model_dtype`).
     """
     model = hf.load_packed_folder(directory, read_gptq_config, "qweight", gptq_layer)
-    return hold_model_dtype(model)
+    return int_layers.hold_model_dtype(model)

@@ -12,7 +12,7 @@ are keyed by the model's own module names everywhere else.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,12 @@ from torchquant.checkpoint.folder import (
 from torchquant.checkpoint.folder import read_tensors as read_shards
 from torchquant.checkpoint.names import names_for_model, names_for_type
 from torchquant.checkpoint.safetensors_check import TensorEntry
-from torchquant.checkpoint.save_guard import WRITER_KEY, check_tensors_to_save, resolve_save_target
+from torchquant.checkpoint.save_guard import (
+    WRITER_KEY,
+    check_tensors_to_save,
+    model_sources,
+    resolve_save_target,
+)
 from torchquant.checkpoint.skeleton import build_hf_skeleton
 from torchquant.checkpoint.validate import check_layer_fits, check_loaded_values
 from torchquant.errors import CheckpointError
@@ -65,24 +70,27 @@ def model_config_dict(model: nn.Module) -> dict[str, Any]:
 
 
 def write_checkpoint(
+    model: nn.Module,
     directory: str | Path,
-    config: dict[str, Any],
+    quantization_config: dict[str, Any],
     tensors: dict[str, torch.Tensor],
-    *,
     tokenizer: Any = None,
-    extra_json: dict[str, dict[str, Any]] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
-    sources: Iterable[str | Path] = (),
+    *,
+    extra_json: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``config.json``, the (sharded) safetensors and the tokenizer atomically.
 
-    ``tensors`` are keyed by the model's names and stored under the checkpoint names of
-    ``config["model_type"]``.  The target is checked by :mod:`torchquant.checkpoint.save_guard`
-    (``sources``: folders the model came from, never written) and the tensors must be
-    finite, all before anything is written.
+    ``config.json`` is ``model``'s config with ``quantization_config``.  ``tensors`` are
+    keyed by the model's names and stored under the checkpoint names of its model type.
+    The target is checked by :mod:`torchquant.checkpoint.save_guard` (the folders the
+    model came from are never written) and the tensors must be finite, all before
+    anything is written.
     """
-    target = resolve_save_target(directory, overwrite=overwrite, sources=sources)
+    config = model_config_dict(model)
+    config["quantization_config"] = quantization_config
+    target = resolve_save_target(directory, overwrite=overwrite, sources=model_sources(model))
     max_bytes = parse_size(max_shard_size)
     check_tensors_to_save(tensors)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

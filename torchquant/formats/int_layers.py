@@ -134,6 +134,11 @@ def regroup_evenly(weights: IntLayerWeights) -> IntLayerWeights:
     )
 
 
+def exchange_weights_of(layer: QuantLinear, name: str) -> IntLayerWeights:
+    """``int_weights_of`` in groups that divide ``K``, as every exchange format stores them."""
+    return regroup_evenly(int_weights_of(layer, name))
+
+
 def checked_g_idx(
     g_idx: torch.Tensor | None, k: int, group_size: int, name: str
 ) -> torch.Tensor | None:
