@@ -1,4 +1,4 @@
-"""One builder for the small random Llama models the format and checkpoint tests share."""
+"""Builders for the small random Hugging Face models the tests share, Llama first."""
 
 from __future__ import annotations
 
@@ -58,30 +58,43 @@ def tiny_text(path, words: int = 200):
     return path
 
 
-# -- tiny mixture-of-experts decoders (fused experts module at MOE_EXPERTS)
-MOE_EXPERTS = "model.layers.0.mlp.experts"
-_MOE_DECODER = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "intermediate_size": 64,
-}
-MOE_ARCHITECTURES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**_MOE_DECODER, "num_local_experts": 4}),
-    "qwen3-moe": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        {**_MOE_DECODER, "num_experts": 4, "moe_intermediate_size": 32, "head_dim": 16},
-    ),
-}
+# -- one tiny random model per Hugging Face family: (config class, model class, config fields)
+_COMMON = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+_DECODER = {**_COMMON, "intermediate_size": 64, "num_key_value_heads": 1}
+TINY_ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {**_DECODER, "tie_word_embeddings": True}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {**_DECODER, "sliding_window": 16}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _DECODER),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**_DECODER, "head_dim": 16}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {**_DECODER, "head_dim": 16}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"vocab_size": 64, "n_embd": 32, "n_layer": 1,
+                                              "n_head": 2, "n_positions": 64}),
+    "opt": ("OPTConfig", "OPTForCausalLM", {**_COMMON, "ffn_dim": 64, "word_embed_proj_dim": 32,
+                                            "max_position_embeddings": 64}),
+    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {
+        **_DECODER, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32}),
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
+        **_DECODER, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "head_dim": 16}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {
+        **_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "bert": ("BertConfig", "BertModel", {**_COMMON, "intermediate_size": 64,
+                                        "max_position_embeddings": 64}),
+}  # fmt: skip
 
 
-def tiny_moe(arch: str) -> nn.Module:
-    """A one-layer mixture-of-experts model with random weights, seeded (Mixtral or Qwen3-MoE)."""
+def tiny_hf_model(arch: str, *, model_kwargs: dict | None = None, **config) -> nn.Module:
+    """The :data:`TINY_ARCHITECTURES` model of ``arch`` in eval mode, weights drawn after
+    ``torch.manual_seed(0)``; ``config`` overrides its config fields, ``model_kwargs`` go to
+    the model class (e.g. BERT's ``add_pooling_layer``)."""
     transformers = pytest.importorskip("transformers")
-    config_cls, model_cls, kw = MOE_ARCHITECTURES[arch]
+    config_cls, model_cls, fields = TINY_ARCHITECTURES[arch]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**kw, num_experts_per_tok=2)
-    return getattr(transformers, model_cls)(config).eval()
+    hf_config = getattr(transformers, config_cls)(**{**fields, **config})
+    return getattr(transformers, model_cls)(hf_config, **(model_kwargs or {})).eval()
+
+
+# -- the tiny mixture-of-experts decoders, each with its fused experts module at MOE_EXPERTS
+MOE_EXPERTS = "model.layers.0.mlp.experts"
+MOE_ARCHITECTURES = ("mixtral", "qwen3-moe")

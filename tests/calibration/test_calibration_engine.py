@@ -5,30 +5,27 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import tiny_hf_model
 from tiny_models import tiny_llama as shared_tiny_llama
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    OPTConfig,
-    OPTForCausalLM,
-)
 
-from torchquant import QuantConfig, QuantLinear, convert_model, scheme_from_name
-from torchquant.algorithms import gptq
-from torchquant.calibration import find_layout
-from torchquant.calibration.steps import GptqStep
-from torchquant.config import (
+from torchquant import (
     ActivationQuant,
     AWQConfig,
+    CalibrationError,
+    ConfigError,
     GPTQConfig,
+    QuantConfig,
+    QuantLinear,
     QuantScheme,
     SmoothQuantConfig,
     WeightQuant,
+    convert_model,
+    scheme_from_name,
 )
-from torchquant.errors import CalibrationError, ConfigError
+from torchquant.algorithms import gptq
+from torchquant.calibration import find_layout
+from torchquant.calibration.steps import GptqStep
 from torchquant.serialization import load_quantized, save_quantized
 
 VOCAB = 128
@@ -306,35 +303,24 @@ def test_unmapped_model_falls_back_and_unused_expert_gets_round_to_nearest():
     assert set(summary.converted) == {f"blocks.{b}.experts.{e}" for b in (0, 1) for e in (0, 1)}
 
 
+# -- the shared tiny models of the mapped families, widened to two blocks of four heads
+BLOCKS = {"vocab_size": VOCAB, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
 def tiny_gpt2():
-    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
-    config.bos_token_id = config.eos_token_id = 0
-    return GPT2LMHeadModel(config).eval()
+    fields = {"n_embd": 64, "n_layer": 2, "n_head": 4, "bos_token_id": 0, "eos_token_id": 0}
+    return tiny_hf_model("gpt2", vocab_size=VOCAB, **fields)
 
 
 def tiny_opt():
-    config = OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        ffn_dim=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        word_embed_proj_dim=64,
-    )
-    return OPTForCausalLM(config).eval()
+    return tiny_hf_model("opt", **BLOCKS, hidden_size=64, ffn_dim=128, word_embed_proj_dim=64)
 
 
 def tiny_bert():
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
+    pooler = {"add_pooling_layer": False}
+    return tiny_hf_model(
+        "bert", model_kwargs=pooler, **BLOCKS, hidden_size=64, intermediate_size=128
     )
-    return BertModel(config, add_pooling_layer=False).eval()
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 from torchquant.cli import main
 
@@ -50,22 +51,11 @@ class CharTokenizer:
 
 
 def test_quantize_with_gptq_calibrates_on_the_given_file(tmp_path, monkeypatch, capsys):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from torchquant.serialization import load_quantized
     from torchquant.tools import models
 
     def tiny(seed=0):
-        torch.manual_seed(seed)
-        config = LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        return LlamaForCausalLM(config).eval()
+        return tiny_llama(vocab=128, layers=2, heads=4, kv_heads=2, seed=seed)
 
     monkeypatch.setattr(models, "load_model", lambda spec, **_: (tiny(), CharTokenizer()))
     calib = tmp_path / "calib.txt"
@@ -102,8 +92,6 @@ def test_calibrated_algorithms_need_a_calibration_file(tmp_path, monkeypatch, ca
 
 
 def test_quantize_with_hqq_needs_no_calibration_file(tmp_path, monkeypatch, capsys):
-    from tiny_models import tiny_llama
-
     from torchquant.serialization import load_quantized
     from torchquant.tools import models
 

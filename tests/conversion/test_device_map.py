@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_models import tiny_llama
+from tiny_models import tiny_hf_model, tiny_llama
 
 from torchquant import QuantConfig, convert_model, scheme_from_name
 from torchquant.errors import QuantizationError
@@ -133,18 +133,7 @@ def test_fully_offloaded_tied_model_saves_its_tie(tmp_path):
 
 
 def test_offloaded_fused_experts_are_refused(tmp_path):
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "float")
+    tiny_hf_model("mixtral", num_hidden_layers=2).save_pretrained(tmp_path / "float")
     model = load(
         tmp_path / "float",
         device_map="auto",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from torch import nn
 
 from torchquant import QuantConfig, QuantLinear, convert_model
@@ -33,17 +34,9 @@ def test_converted_sequential_compiles_fullgraph(scheme):
 
 
 def test_converted_tiny_llama_compiles_fullgraph():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
+    model = tiny_llama(
+        vocab=128, inter=96, layers=2, heads=4, kv_heads=2, max_position_embeddings=64
     )
-    model = transformers.LlamaForCausalLM(config).eval()
     model, _ = convert_model(model, QuantConfig("w8a8"), progress=False)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14  # 7 per layer
     ids = torch.randint(0, 128, (2, 7))

@@ -11,7 +11,7 @@ import torch
 from format_definitions import library_compress
 from tiny_models import MOE_ARCHITECTURES as ARCHITECTURES
 from tiny_models import MOE_EXPERTS as EXPERTS
-from tiny_models import tiny_moe as tiny
+from tiny_models import tiny_hf_model as tiny
 from torch import nn
 
 from torchquant import QuantConfig, QuantizationError, convert_model, scheme_from_name

@@ -134,7 +134,7 @@ def test_experts_run_one_block_op_each(name):
     """The grouped MoE op reads per-row scale stacks, so block-wise experts never take it:
     each token's output is its experts' block layers, weighted by the routing."""
     from tiny_models import MOE_EXPERTS as EXPERTS
-    from tiny_models import tiny_moe as tiny
+    from tiny_models import tiny_hf_model as tiny
 
     model, _ = convert_model(tiny("qwen3-moe"), QuantConfig(name), progress=False)
     experts = model.get_submodule(EXPERTS)
