@@ -438,13 +438,14 @@ def model_call(recorder: Recorder, scheme: str, m: int, n: int, k: int) -> list[
     """Every launch of one ``dequant_matmul`` call after a first one (each with its config
     candidates): buffers a launcher creates once and keeps are not counted."""
     from torchquant.triton_kernels.dequant_matmul import dequant_matmul
+    from torchquant.triton_kernels.weight import QuantWeight
 
-    qweight, scales, zeros, bits, group = weight(scheme, n, k)
+    quant_weight = QuantWeight(*weight(scheme, n, k))
     x = torch.empty(m, k, dtype=torch.bfloat16, device="meta")
-    dequant_matmul(x, qweight, scales, zeros, None, bits, group)  # one-time setup is not counted
+    dequant_matmul(x, quant_weight, None)  # one-time setup is not counted
     recorder.launches = []
     with DeviceWork(recorder.launches):
-        dequant_matmul(x, qweight, scales, zeros, None, bits, group)
+        dequant_matmul(x, quant_weight, None)
     return recorder.launches
 
 

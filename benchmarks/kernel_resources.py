@@ -136,13 +136,14 @@ def cases(arch: int):
     from torchquant.triton_kernels.dequant_gemv import dequant_gemv
     from torchquant.triton_kernels.fp8_gemm import fp8_gemm
     from torchquant.triton_kernels.w8a8_gemm import int8_gemm
+    from torchquant.triton_kernels.weight import QuantWeight
 
     n, k, bf16 = 4096, 4096, torch.bfloat16
     fp8 = arch >= 89
 
-    def packed(bits: int) -> tuple:
+    def packed(bits: int) -> QuantWeight:
         groups = k // 128
-        return (
+        return QuantWeight(
             torch.zeros(n, k // 32 * bits, dtype=torch.int32),
             torch.ones(n, groups, dtype=bf16),
             torch.zeros(n, groups, dtype=torch.uint8),
@@ -151,22 +152,22 @@ def cases(arch: int):
         )
 
     weights = {"w4 g128": packed(4), "w3 g128": packed(3)}
-    weights["w8 per-ch"] = (torch.zeros(n, k, dtype=torch.int8), torch.ones(n, 1), None, 8, -1)
+    weights["w8 per-ch"] = QuantWeight(
+        torch.zeros(n, k, dtype=torch.int8), torch.ones(n, 1), None, 8, -1
+    )
     if fp8:
         fp8_weight = torch.zeros(n, k).to(torch.float8_e4m3fn)
-        weights["fp8 per-ch"] = (fp8_weight, torch.ones(n, 1), None, 8, -1)
+        weights["fp8 per-ch"] = QuantWeight(fp8_weight, torch.ones(n, 1), None, 8, -1)
     for name, weight in weights.items():
-        yield f"dequantize {name}", dequantize_weight, (*weight, k, bf16), {}
+        yield f"dequantize {name}", dequantize_weight, (weight, k, bf16), {}
         x = torch.zeros(1, k, dtype=bf16)
-        yield f"gemv {name}", dequant_gemv, (x, *weight[:3], None, *weight[3:]), {}
+        yield f"gemv {name}", dequant_gemv, (x, weight, None), {}
         x = torch.zeros(16, k, dtype=bf16)
-        args = (x, *weight[:3], None, *weight[3:])
-        yield f"split-K gemm {name}", dequant_gemm, args, {"split_k": True}
+        yield f"split-K gemm {name}", dequant_gemm, (x, weight, None), {"split_k": True}
         x = torch.zeros(256, k, dtype=bf16)
-        yield f"tiled gemm {name}", dequant_gemm, (x, *weight[:3], None, *weight[3:]), {}
-    weight = weights["w4 g128"]
+        yield f"tiled gemm {name}", dequant_gemm, (x, weight, None), {}
     x = torch.zeros(64, k)
-    yield "tiled gemm w4 g128 fp32 (ieee)", dequant_gemm, (x, *weight[:3], None, *weight[3:]), {}
+    yield "tiled gemm w4 g128 fp32 (ieee)", dequant_gemm, (x, weights["w4 g128"], None), {}
     for act in ("int8", "fp8") if fp8 else ("int8",):
         for rows, width in ((16, 4096), (4096, 8192), (8, 32768)):
             x = torch.zeros(rows, width, dtype=bf16)

@@ -1,17 +1,8 @@
 """Weight dequantization: the Triton helpers the weight-only kernels share, a dequantize kernel.
 
-Weight formats (``N`` output features, ``K`` input features):
-
-* packed INTn, ``bits`` in 2..8: ``qweight (N, ceil(K/32)*bits)`` int32 -- one
-  little-endian bitstream per output row, code ``k`` at bits ``[k*bits, (k+1)*bits)``,
-  word 0 holding the lowest bits; 3/5/6/7-bit codes may straddle two words.  Codes
-  are unsigned; ``w = (code - zero) * scale`` with ``zeros (N, G)`` uint8, or the
-  implied zero ``2**(bits-1)`` when ``zeros`` is None (symmetric).
-* 8-bit storage ``qweight (N, K)``: int8 (symmetric INT8, ``w = q * scale``) or
-  float8_e4m3fn (``w = float(q) * scale``).
-* ``scales (N, G)`` in fp32/bf16/fp16, ``G = ceil(K / group_size)`` (the last group
-  may be partial), or ``(N, 1)`` per channel (``group_size == -1``) or ``(1, 1)`` per
-  tensor.  Values are dequantized in float32, as the reference numerics do.
+The weight formats are described in :mod:`.weight`; these helpers read any of them
+(``PACKED`` int32 bitstreams of 2..8-bit codes, or 8-bit int8/fp8 storage) and
+dequantize in float32, as the reference numerics do.
 """
 
 from __future__ import annotations
@@ -20,11 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune_benchmark, check_device, check_fp8_support, output, run_kernel
-
-PACKED_DTYPES = (torch.int32,)
-BYTE_DTYPES = (torch.int8, torch.float8_e4m3fn)
-
+from ._launch import autotune_benchmark, output, run_kernel
+from .weight import QuantWeight
 
 # -- Triton helpers shared by the GEMV, GEMM and dequantize kernels
 
@@ -217,90 +205,17 @@ _dequantize_tuned = triton.autotune(
 )(_dequantize_kernel)
 
 
-# -- launcher-side checks shared by the matmul families
-
-
-def kernel_group_size(group_size: int, num_groups: int) -> int:
-    """Constexpr group size for the kernels: 0 for per-channel or per-tensor scales."""
-    return 0 if group_size == -1 or num_groups == 1 else group_size
-
-
-def check_weight(
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    k: int,
-) -> None:
-    """Validate a weight against the formats in the module docstring (raises ValueError)."""
-    check_device(qweight, scales, zeros)
-    n = qweight.shape[0]
-    if qweight.dtype in PACKED_DTYPES:
-        if not 2 <= bits <= 8:
-            raise ValueError(f"packed qweight needs bits in 2..8, got {bits}")
-        width = -(-k // 32) * bits
-        if tuple(qweight.shape) != (n, width):
-            raise ValueError(
-                f"qweight must be ({n}, {width}) for K={k}, got {tuple(qweight.shape)}"
-            )
-    elif qweight.dtype in BYTE_DTYPES:
-        if bits != 8 or tuple(qweight.shape) != (n, k):
-            raise ValueError(f"{qweight.dtype} qweight must be (N, {k}) with bits=8")
-        if zeros is not None:
-            raise ValueError("8-bit int8/fp8 storage is symmetric: zeros must be None")
-        if qweight.dtype == torch.float8_e4m3fn:
-            check_fp8_support(qweight.device)
-    else:
-        raise ValueError(f"qweight dtype {qweight.dtype} is not int32 (packed), int8 or fp8")
-    if qweight.stride(-1) != 1:
-        raise ValueError("qweight must be contiguous along K")
-    g = 1 if group_size == -1 else -(-k // group_size)
-    if group_size != -1 and group_size <= 0:
-        raise ValueError(f"group_size must be -1 or positive, got {group_size}")
-    if scales.dim() != 2 or scales.shape[1] != g or scales.shape[0] not in (1, n):
-        raise ValueError(f"scales must be ({n}, {g}) (or (1, 1)), got {tuple(scales.shape)}")
-    if zeros is not None and (zeros.dtype != torch.uint8 or tuple(zeros.shape) != (n, g)):
-        raise ValueError(f"zeros must be uint8 ({n}, {g}), got {zeros.dtype} {tuple(zeros.shape)}")
-
-
-def weight_meta(
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-) -> dict:
-    """Kernel arguments describing the weight (pointers, strides, constexpr flags)."""
-    return dict(
-        q_ptr=qweight,
-        s_ptr=scales,
-        z_ptr=zeros if zeros is not None else scales,
-        stride_qn=qweight.stride(0),
-        stride_sn=scales.stride(0) if scales.shape[0] > 1 else 0,
-        stride_zn=zeros.stride(0) if zeros is not None else 0,
-        BITS=bits,
-        PACKED=qweight.dtype in PACKED_DTYPES,
-        HAS_ZEROS=zeros is not None,
-        GROUP_SIZE=kernel_group_size(group_size, scales.shape[1]),
-    )
-
-
 def dequantize_weight(
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    group_size: int,
+    weight: QuantWeight,
     k: int,
     dtype: torch.dtype = torch.bfloat16,
     config: triton.Config | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense ``(N, K)`` weight in ``dtype`` from any format above (Triton)."""
-    check_weight(qweight, scales, zeros, bits, group_size, k)
-    n = qweight.shape[0]
-    w = output(out, (n, k), dtype, qweight.device)
+    """Dense ``(N, K)`` weight in ``dtype`` from any format of :mod:`.weight` (Triton)."""
+    weight.check(k)
+    n = weight.out_features
+    w = output(out, (n, k), dtype, weight.qweight.device)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
@@ -313,6 +228,6 @@ def dequantize_weight(
         N=n,
         K=k,
         stride_wn=w.stride(0),
-        **weight_meta(qweight, scales, zeros, bits, group_size),
+        **weight.kernel_args(),
     )
     return w

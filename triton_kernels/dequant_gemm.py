@@ -1,7 +1,7 @@
 """Weight-only GEMM on tensor cores: dequantize tiles in registers, then ``tl.dot``.
 
 ``x (M, K)`` bf16/fp16/fp32 times the dequantized weight ``(N, K)`` (formats in
-:mod:`.dequant`), float32 accumulation.  Each program owns a ``BLOCK_M x BLOCK_N``
+:mod:`.weight`), float32 accumulation.  Each program owns a ``BLOCK_M x BLOCK_N``
 output tile; weight tiles are loaded ``(BLOCK_N, BLOCK_K)`` (contiguous along K),
 dequantized in float32, cast to the activation dtype and transposed into the MMA.
 Two tunings of the same kernel:
@@ -23,7 +23,8 @@ import triton.language as tl
 
 from ._launch import autotune_benchmark, m_bucket, output, run_kernel
 from ._tiles import split_k_accumulator, split_k_run, tile_config, tile_grid, tile_offsets
-from .dequant import check_weight, dequantize_tile, dot_weight_tile, weight_meta
+from .dequant import dequantize_tile, dot_weight_tile
+from .weight import QuantWeight
 
 
 @triton.jit
@@ -132,12 +133,8 @@ _tiled_tuned = triton.autotune(
 
 def dequant_gemm(
     x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
+    weight: QuantWeight,
     bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
     split_k: bool = False,
     config: triton.Config | None = None,
     out: torch.Tensor | None = None,
@@ -148,10 +145,10 @@ def dequant_gemm(
     tiled one.  ``config`` runs one explicit config of that tuning instead of autotuning.
     """
     m, k = x.shape
-    check_weight(qweight, scales, zeros, bits, group_size, k)
+    weight.check(k)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    n = qweight.shape[0]
+    n = weight.out_features
     out = output(out, (m, n), x.dtype, x.device)
     acc = split_k_accumulator(out, split_k)
     run_kernel(
@@ -169,6 +166,6 @@ def dequant_gemm(
         M_BUCKET=m_bucket(m),
         HAS_BIAS=bias is not None,
         ATOMIC=split_k,
-        **weight_meta(qweight, scales, zeros, bits, group_size),
+        **weight.kernel_args(),
     )
     return out if acc is out else out.copy_(acc)

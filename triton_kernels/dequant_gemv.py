@@ -1,7 +1,7 @@
 """Weight-only GEMV for decode (M = 1): stream the quantized weight once, one launch per call.
 
 ``x (M, K)`` fp32/bf16/fp16 times the dequantized weight ``(N, K)`` (formats in
-:mod:`.dequant`), accumulated in float32 on CUDA cores (one row of activations cannot
+:mod:`.weight`), accumulated in float32 on CUDA cores (one row of activations cannot
 fill an MMA tile).  The grid is ``(N / BLOCK_N, SPLIT_K, M)``: each program reduces one
 K slice of ``BLOCK_N`` weight rows for one row of ``x``.  With ``SPLIT_K > 1`` every
 program writes its float32 partial sums to a workspace and bumps a per-tile counter;
@@ -39,15 +39,8 @@ import triton.language as tl
 
 from ._launch import autotune_benchmark, interpreting, m_bucket, output, run_kernel
 from ._tiles import split_k_run
-from .dequant import (
-    PACKED_DTYPES,
-    check_weight,
-    group_index,
-    kernel_group_size,
-    load_code_tile,
-    load_qparams,
-    weight_meta,
-)
+from .dequant import group_index, load_code_tile, load_qparams
+from .weight import PACKED_DTYPES, QuantWeight
 
 MAX_SPLIT_K = 32
 LOCKS = 1 << 16  # split-K tile counters per device; a launch needing more runs unsplit
@@ -104,17 +97,13 @@ def _finish(
 
 class SlotExperts(NamedTuple):
     """Routing of a grouped call: output row ``s`` is slot ``s``, computed with expert
-    ``expert_of_slot[s]``'s slice of weights stacked along a leading expert dimension
+    ``expert_of_slot[s]``'s slice of the weight stacked along a leading expert dimension
     (``E``: routed to none, the row is zero), from ``x`` row ``s // slots_per_row``, times
-    ``routing_weights[s]`` when given.  Strides step from one expert's slice to the next."""
+    ``routing_weights[s]`` when given."""
 
     expert_of_slot: torch.Tensor
     routing_weights: torch.Tensor | None
-    num_experts: int
     slots_per_row: int
-    stride_qe: int
-    stride_se: int
-    stride_ze: int
 
 
 @triton.jit
@@ -483,7 +472,7 @@ def w4_eligible(x: torch.Tensor, qweight: torch.Tensor, bits: int, group: int) -
     )
 
 
-def _slot_args(slots: SlotExperts | None, out: torch.Tensor) -> dict:
+def _slot_args(slots: SlotExperts | None, stacked: QuantWeight, out: torch.Tensor) -> dict:
     if slots is None:
         return dict(
             e_ptr=out, rw_ptr=out, stride_qe=0, stride_se=0, stride_ze=0, NUM_EXPERTS=1,
@@ -493,24 +482,18 @@ def _slot_args(slots: SlotExperts | None, out: torch.Tensor) -> dict:
     return dict(
         e_ptr=slots.expert_of_slot,
         rw_ptr=rw if rw is not None else out,
-        stride_qe=slots.stride_qe,
-        stride_se=slots.stride_se,
-        stride_ze=slots.stride_ze,
-        NUM_EXPERTS=slots.num_experts,
+        NUM_EXPERTS=stacked.qweight.shape[0],
         GROUPED=True,
         ROUTED_WEIGHTS=rw is not None,
         SLOTS_PER_ROW=slots.slots_per_row,
+        **stacked.expert_strides(),
     )
 
 
 def dequant_gemv(
     x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
+    weight: QuantWeight,
     bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
     config: triton.Config | None = None,
     out: torch.Tensor | None = None,
     slots: SlotExperts | None = None,
@@ -519,21 +502,24 @@ def dequant_gemv(
 
     ``config`` runs one explicit config: on the 4-bit kernel when it fits it (K steps
     inside one group, dividing K), else on the tiled kernel.  ``slots`` makes it a grouped
-    call (see :class:`SlotExperts`; the weight arguments are expert 0's slice, no bias):
-    one output row per slot.
+    call (see :class:`SlotExperts`; ``weight`` is stacked over the experts, no bias): one
+    output row per slot.
     """
     k = x.shape[1]
     m = x.shape[0] if slots is None else slots.expert_of_slot.numel()
-    check_weight(qweight, scales, zeros, bits, group_size, k)
+    stacked = weight
+    if slots is not None:
+        weight = stacked.expert(0)  # the kernel steps to the others by the expert strides
+    weight.check(k)
     if slots is not None and bias is not None:
         raise ValueError("a grouped GEMV takes no bias")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    n = qweight.shape[0]
+    n = weight.out_features
     out = output(out, (m, n), x.dtype, x.device)
-    meta = weight_meta(qweight, scales, zeros, bits, group_size)
+    meta = weight.kernel_args()
     args = dict(M=m, N=n, K=k, GROUP_SIZE=meta["GROUP_SIZE"])
-    w4 = w4_eligible(x, qweight, bits, kernel_group_size(group_size, scales.shape[1]))
+    w4 = w4_eligible(x, weight.qweight, weight.bits, weight.kernel_group_size)
     if config is not None:
         w4 = w4 and _fits(config, args, True)
     # one workspace plane per split (torch.empty launches nothing), shared counters
@@ -555,7 +541,7 @@ def dequant_gemv(
         stride_om=out.stride(0),
         M_BUCKET=m_bucket(m),
         HAS_BIAS=bias is not None,
-        **_slot_args(slots, out),
+        **_slot_args(slots, stacked, out),
         **meta,
     )
     if w4:

@@ -9,7 +9,7 @@ single-program launch; the slots routed to no expert form the last run.
 reads its expert id, dequantizes that expert's weight tiles (the helpers of
 :mod:`.dequant`) and multiplies the block's rows.
 
-Weights are the formats of :mod:`.dequant` stacked along a leading expert dimension:
+Weights are the formats of :mod:`.weight` stacked along a leading expert dimension:
 ``qweight (E, N, ceil(K/32)*bits)`` int32 packed codes, or ``(E, N, K)`` int8 / fp8;
 ``scales (E, N, G)`` (or ``(E, 1, 1)`` per tensor); ``zeros (E, N, G)`` uint8 or None;
 ``bias (E, N)`` or None.  ``x`` holds one row per token (slot ``s`` reads row ``s // k``)
@@ -28,8 +28,9 @@ import triton.language as tl
 
 from ._launch import autotune_benchmark, check_device, m_bucket, output, run_kernel
 from ._tiles import grouped_tile
-from .dequant import check_weight, dequantize_tile, dot_weight_tile, weight_meta
+from .dequant import dequantize_tile, dot_weight_tile
 from .dequant_gemv import SlotExperts, dequant_gemv
+from .weight import QuantWeight
 
 
 class ExpertBlocks(NamedTuple):
@@ -257,18 +258,10 @@ def moe_block_m(slots: int, num_experts: int) -> int:
     return 16 if slots <= SMALL_BLOCK_M_MAX_SLOTS_PER_EXPERT * num_experts else 64
 
 
-def _expert_stride(t: torch.Tensor | None) -> int:
-    return t.stride(0) if t is not None else 0
-
-
 def moe_dequant_gemm(
     x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
+    weight: QuantWeight,
     bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
     blocks: ExpertBlocks,
     routing_weights: torch.Tensor | None = None,
     config: triton.Config | None = None,
@@ -276,14 +269,16 @@ def moe_dequant_gemm(
 ) -> torch.Tensor:
     """Every slot's expert linear in one launch -> ``(slots, N)`` in ``x.dtype``.
 
-    ``blocks`` from :func:`align_slots_by_expert` on the ``(T, top_k)`` routing;
+    ``weight`` stacked over the experts; ``blocks`` from :func:`align_slots_by_expert` on
+    the ``(T, top_k)`` routing;
     ``x (T, K)`` (one row per token) or ``(T * top_k, K)`` (one row per slot);
     ``routing_weights`` ``(T, top_k)`` multiplies each slot's output when given.
     """
     m, k = x.shape
-    num_experts, slots = qweight.shape[0], blocks.slots
+    num_experts, slots = weight.qweight.shape[0], blocks.slots
     if m * blocks.top_k != slots and m != slots:
         raise ValueError(f"x must have one row per token or per slot ({slots}), got {m} rows")
+    qweight, scales = weight.qweight, weight.scales
     if qweight.dim() != 3 or scales.dim() != 3 or scales.shape[0] != num_experts:
         raise ValueError(
             f"qweight and scales must be stacked (E, ...), got {tuple(qweight.shape)} "
@@ -291,15 +286,15 @@ def moe_dequant_gemm(
         )
     if x.stride(-1) != 1:
         x = x.contiguous()
-    z0 = zeros[0] if zeros is not None else None
-    check_weight(qweight[0], scales[0], z0, bits, group_size, k)
-    if bias is not None and tuple(bias.shape) != (num_experts, qweight.shape[1]):
+    first = weight.expert(0)  # the kernel steps to the others by the expert strides
+    first.check(k)
+    n = first.out_features
+    if bias is not None and tuple(bias.shape) != (num_experts, n):
         raise ValueError(f"bias must be ({num_experts}, N), got {tuple(bias.shape)}")
     if routing_weights is not None:
         if routing_weights.numel() != slots:
             raise ValueError(f"routing_weights must hold {slots} values (T, top_k)")
         routing_weights = routing_weights.reshape(-1).contiguous()
-    n = qweight.shape[1]
     padded_max = blocks.sorted_slots.numel()
     out = output(out, (slots, n), x.dtype, x.device)
     if slots == 0:
@@ -325,28 +320,22 @@ def moe_dequant_gemm(
         PADDED_MAX=padded_max,
         NUM_EXPERTS=num_experts,
         stride_xm=x.stride(0),
-        stride_qe=qweight.stride(0),
-        stride_se=scales.stride(0),
-        stride_ze=_expert_stride(zeros),
-        stride_be=_expert_stride(bias),
+        stride_be=bias.stride(0) if bias is not None else 0,
         stride_om=out.stride(0),
         M_BUCKET=m_bucket(slots),
         SLOTS_PER_ROW=slots // m,
         HAS_BIAS=bias is not None,
         ROUTED_WEIGHTS=routing_weights is not None,
         BLOCK_M=blocks.block_m,
-        **weight_meta(qweight[0], scales[0], z0, bits, group_size),
+        **weight.expert_strides(),
+        **first.kernel_args(),
     )
     return out
 
 
 def moe_dequant_gemv(
     x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    group_size: int,
+    weight: QuantWeight,
     top_k_index: torch.Tensor,
     routing_weights: torch.Tensor | None = None,
     config: triton.Config | None = None,
@@ -361,14 +350,5 @@ def moe_dequant_gemv(
     if slots % x.shape[0]:
         raise ValueError(f"x must have one row per token or per slot ({slots}), got {x.shape[0]}")
     weights = routing_weights.reshape(-1).contiguous() if routing_weights is not None else None
-    routing = SlotExperts(
-        top_k_index.reshape(-1).contiguous(),
-        weights,
-        qweight.shape[0],
-        slots // x.shape[0],
-        qweight.stride(0),
-        scales.stride(0),
-        _expert_stride(zeros),
-    )
-    z0 = zeros[0] if zeros is not None else None
-    return dequant_gemv(x, qweight[0], scales[0], z0, None, bits, group_size, config, slots=routing)
+    routing = SlotExperts(top_k_index.reshape(-1).contiguous(), weights, slots // x.shape[0])
+    return dequant_gemv(x, weight, None, config, slots=routing)

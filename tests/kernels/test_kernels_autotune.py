@@ -21,6 +21,7 @@ from kernel_utils import (
 from torchquant.triton_kernels import act_quant, dequant_gemm, dequant_gemv, scaled_gemm, w8a8_gemm
 from torchquant.triton_kernels._launch import autotune_benchmark, m_bucket
 from torchquant.triton_kernels.fp8_gemm import fp8_gemm
+from torchquant.triton_kernels.weight import QuantWeight
 
 pytestmark = requires_kernels
 
@@ -98,9 +99,8 @@ def test_gemv_tunes_once_per_bucket_and_resets_its_atomics(tuner):
     benched = []
     for m in (1, 1, 2):
         x = torch.randn(m, 512, device=KERNEL_DEVICE)
-        out = dequant_gemv.dequant_gemv(
-            x, qweight, scales, zeros, None, 4, -1, out=poisoned((m, 20), torch.float32)
-        )
+        weight = QuantWeight(qweight, scales, zeros, 4, -1)
+        out = dequant_gemv.dequant_gemv(x, weight, None, out=poisoned((m, 20), torch.float32))
         ref = weight_only_reference(x, qweight, scales, zeros, None, 4, -1)
         torch.testing.assert_close(out.cpu(), ref, rtol=2e-5, atol=1e-5)
         benched.append(bench.calls)
@@ -115,8 +115,9 @@ def test_split_k_gemm_tunings_are_cached_per_bucket(tuner):
     benched = []
     for m in (3, 16, 12, 4):  # buckets 4, 16, 16 (cached), 4 (cached)
         x = torch.randn(m, 96, device=KERNEL_DEVICE).to(torch.float16)
+        weight = QuantWeight(qweight, scales, zeros, 4, 32)
         out = dequant_gemm.dequant_gemm(
-            x, qweight, scales, zeros, None, 4, 32, split_k=True, out=poisoned((m, 24), x.dtype)
+            x, weight, None, split_k=True, out=poisoned((m, 24), x.dtype)
         )
         ref = weight_only_reference(x, qweight, scales, zeros, None, 4, 32)
         assert relative_error(out, ref) < 1e-2  # fp16 weights in the MMA; twice the sum is 1.0

@@ -20,6 +20,7 @@ from torchquant.triton_kernels import dequant_matmul as dm
 from torchquant.triton_kernels.dequant import dequantize_weight
 from torchquant.triton_kernels.dequant_gemm import dequant_gemm
 from torchquant.triton_kernels.dequant_gemv import dequant_gemv
+from torchquant.triton_kernels.weight import QuantWeight
 
 from torchquant.numerics import dequantize_int_weight, quantize_fp8_weight, unpack_codes
 
@@ -50,7 +51,9 @@ def test_dequantize_is_exact(bits, group_size, symmetric):
     for dtype in (torch.float32, torch.float16):
         out = poisoned((n, k), dtype)
         config = cfg(BLOCK_N=16, BLOCK_K=64)
-        dequantize_weight(qweight, scales, zeros, bits, group_size, k, dtype, config, out)
+        dequantize_weight(
+            QuantWeight(qweight, scales, zeros, bits, group_size), k, dtype, config, out
+        )
         assert torch.equal(out.cpu(), ref.to(dtype))
 
 
@@ -59,7 +62,8 @@ def test_dequantize_fp8_storage_is_exact():
     q, s = quantize_fp8_weight(w, per_channel=True)
     q, s = q.to(KERNEL_DEVICE), s.to(KERNEL_DEVICE)
     out = poisoned((21, 70), torch.float32)
-    dequantize_weight(q, s, None, 8, -1, 70, torch.float32, cfg(BLOCK_N=16, BLOCK_K=32), out)
+    config = cfg(BLOCK_N=16, BLOCK_K=32)
+    dequantize_weight(QuantWeight(q, s, None, 8, -1), 70, torch.float32, config, out)
     assert torch.equal(out.cpu(), q.float().cpu() * s.cpu())
 
 
@@ -84,9 +88,8 @@ def test_gemv_matches_reference(bits, group, sym, dtype, m, n, k, config):
     qweight, scales, zeros, _ = int_weight(n, k, bits, group, sym, sdt)
     x = torch.randn(m, k, device=KERNEL_DEVICE).to(dtype)
     bias = torch.randn(n, device=KERNEL_DEVICE).to(dtype) if bits != 5 else None
-    out = dequant_gemv(
-        x, qweight, scales, zeros, bias, bits, group, config=config, out=poisoned((m, n), dtype)
-    )
+    weight = QuantWeight(qweight, scales, zeros, bits, group)
+    out = dequant_gemv(x, weight, bias, config=config, out=poisoned((m, n), dtype))
     # -- float32 weights on CUDA cores: the float32 reference, within the output's rounding
     ref32 = weight_only_reference(
         x, qweight, scales, zeros, bias, bits, group, compute_dtype=torch.float32
@@ -102,7 +105,9 @@ def test_gemv_fp8_weight_storage():
     q, s = q.to(KERNEL_DEVICE), s.reshape(1, 1).to(KERNEL_DEVICE)
     x = torch.randn(1, 90, device=KERNEL_DEVICE).to(torch.float16)
     config = cfg(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2)
-    out = dequant_gemv(x, q, s, None, None, 8, -1, config, poisoned((1, 23), torch.float16))
+    out = dequant_gemv(
+        x, QuantWeight(q, s, None, 8, -1), None, config, poisoned((1, 23), torch.float16)
+    )
     assert_matches(
         out, weight_only_reference(x, q, s, None, None, 8, -1, compute_dtype=torch.float32)
     )
@@ -129,9 +134,8 @@ def _gemm_case(bits, group, sym, m, n, k, split_k, config, dtype):
     qweight, scales, zeros, _ = int_weight(n, k, bits, group, sym, sdt)
     x = torch.randn(m, k, device=KERNEL_DEVICE).to(dtype)
     bias = torch.randn(n, device=KERNEL_DEVICE).to(dtype)
-    out = dequant_gemm(
-        x, qweight, scales, zeros, bias, bits, group, split_k, config, poisoned((m, n), dtype)
-    )
+    weight = QuantWeight(qweight, scales, zeros, bits, group)
+    out = dequant_gemm(x, weight, bias, split_k, config, poisoned((m, n), dtype))
     # -- the GEMM rounds dequantized weights to x.dtype before the MMA, as the reference does
     ref = weight_only_reference(x, qweight, scales, zeros, bias, bits, group)
     assert_matches(out, ref)
@@ -166,7 +170,7 @@ def test_dequant_matmul_every_path(m):
     qweight, scales, zeros, _ = int_weight(n, k, 4, 32, False, dtype)
     x = torch.randn(m, k, device=KERNEL_DEVICE).to(dtype)
     bias = torch.randn(n, device=KERNEL_DEVICE).to(dtype)
-    out = dm.dequant_matmul(x, qweight, scales, zeros, bias, 4, 32)
+    out = dm.dequant_matmul(x, QuantWeight(qweight, scales, zeros, 4, 32), bias)
     assert out.shape == (m, n) and out.dtype == dtype
     ref = weight_only_reference(x, qweight, scales, zeros, bias, 4, 32)
     assert relative_error(out, ref) < 1e-2
@@ -176,8 +180,8 @@ def test_rejects_mismatched_weight():
     qweight, scales, zeros, _ = int_weight(8, 64, 4, 32, False, torch.float32)
     x = torch.randn(1, 64, device=KERNEL_DEVICE)
     with pytest.raises(ValueError, match="qweight must be"):
-        dequant_gemv(x, qweight[:, :-1], scales, zeros, None, 4, 32)
+        dequant_gemv(x, QuantWeight(qweight[:, :-1], scales, zeros, 4, 32), None)
     with pytest.raises(ValueError, match="scales must be"):
-        dequant_gemv(x, qweight, scales[:, :1], zeros, None, 4, 32)
+        dequant_gemv(x, QuantWeight(qweight, scales[:, :1], zeros, 4, 32), None)
     with pytest.raises(ValueError, match="out must be"):
-        dequant_gemv(x, qweight, scales, zeros, None, 4, 32, out=torch.empty(2, 8))
+        dequant_gemv(x, QuantWeight(qweight, scales, zeros, 4, 32), None, out=torch.empty(2, 8))

@@ -23,6 +23,7 @@ from kernel_utils import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchquant.triton_kernels import dequant_gemv as gemv_module
 from torchquant.triton_kernels.dequant_gemv import dequant_gemv, w4_eligible
+from torchquant.triton_kernels.weight import QuantWeight
 
 pytestmark = requires_kernels
 
@@ -44,7 +45,8 @@ def test_w4_gemv_matches_reference(group, sym, dtype, m, n, k, config):
     x = torch.randn(m, k, device=KERNEL_DEVICE).to(dtype)
     bias = torch.randn(n, device=KERNEL_DEVICE).to(dtype) if m != 2 else None
     assert w4_eligible(x, qweight, 4, 0 if group == -1 else group)
-    out = dequant_gemv(x, qweight, scales, zeros, bias, 4, group, config, poisoned((m, n), dtype))
+    weight = QuantWeight(qweight, scales, zeros, 4, group)
+    out = dequant_gemv(x, weight, bias, config, poisoned((m, n), dtype))
     ref = weight_only_reference(
         x, qweight, scales, zeros, bias, 4, group, compute_dtype=torch.float32
     )
@@ -66,7 +68,7 @@ def test_every_code_at_every_bit_position():
     for j in range(8):  # x selects nibble j of every word
         xr = torch.zeros(1, k, device=KERNEL_DEVICE)
         xr[0, j::8] = 1.0
-        out = dequant_gemv(xr, qweight, scales, zeros, None, 4, 128)
+        out = dequant_gemv(xr, QuantWeight(qweight, scales, zeros, 4, 128), None)
         ref = weight_only_reference(xr, qweight, scales, zeros, None, 4, 128)
         assert torch.equal(out.cpu(), ref), j
 
@@ -86,11 +88,12 @@ def test_a_call_is_one_launch(monkeypatch):
     qweight, scales, zeros, _ = int_weight(40, 512, 4, 128, False, torch.bfloat16)
     x = torch.randn(1, 512, device=KERNEL_DEVICE).to(torch.bfloat16)
     config = cfg(BLOCK_N=32, BLOCK_K=128, SPLIT_K=2)
-    dequant_gemv(x, qweight, scales, zeros, None, 4, 128, config)  # creates the counters once
+    weight = QuantWeight(qweight, scales, zeros, 4, 128)
+    dequant_gemv(x, weight, None, config)  # creates the counters once
     launches = []
     monkeypatch.setattr(gemv_module, "run_kernel", lambda *a, **k: launches.append(a[0]))
     with _Ops() as ops:  # what the launcher itself dispatches around the kernel
-        dequant_gemv(x, qweight, scales, zeros, None, 4, 128, config)
+        dequant_gemv(x, weight, None, config)
     assert set(ops.names) <= {"empty", "empty_like", "empty_strided"}, ops.names
     assert launches == [gemv_module._gemv_tuned]
 
@@ -103,7 +106,7 @@ def test_other_layouts_take_the_tiled_kernel():
     assert not w4_eligible(x, q3, 3, 32)
     unaligned = torch.randn(1, 97, device=KERNEL_DEVICE).to(torch.bfloat16)[:, 1:]
     assert not w4_eligible(unaligned, qweight, 4, 32)
-    out = dequant_gemv(unaligned, qweight, scales.bfloat16(), zeros, None, 4, 32)
+    out = dequant_gemv(unaligned, QuantWeight(qweight, scales.bfloat16(), zeros, 4, 32), None)
     ref = weight_only_reference(
         unaligned, qweight, scales.bfloat16(), zeros, None, 4, 32, compute_dtype=torch.float32
     )

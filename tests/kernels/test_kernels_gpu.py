@@ -21,6 +21,7 @@ from torchquant.triton_kernels.dequant_gemv import dequant_gemv
 from torchquant.triton_kernels.dequant_matmul import select_path
 from torchquant.triton_kernels.fp8_gemm import fp8_supported
 from torchquant.triton_kernels.w8a8_gemm import int8_gemm
+from torchquant.triton_kernels.weight import QuantWeight
 
 from torchquant import QuantConfig, QuantLinear, convert_model, scheme_from_name
 from torchquant.numerics import quantize_activation as reference_quantize
@@ -162,11 +163,12 @@ def test_activation_quantization_past_2_31_elements():
 def test_dequantize_and_gemv_past_2_31_weight_elements():
     qweight = torch.randint(-127, 128, (BIG_ROWS, 4096), dtype=torch.int8, device="cuda")
     scales = torch.rand(BIG_ROWS, 1, device="cuda") * 0.01
-    w = dequantize_weight(qweight, scales, None, 8, -1, 4096, torch.bfloat16)
+    weight = QuantWeight(qweight, scales, None, 8, -1)
+    w = dequantize_weight(weight, 4096, torch.bfloat16)
     assert torch.equal(w[-64:], (qweight[-64:].float() * scales[-64:]).to(torch.bfloat16))
     del w
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-    out = dequant_gemv(x, qweight, scales, None, None, 8, -1)
+    out = dequant_gemv(x, weight, None)
     _last_rows_match(out.t(), (x.float() @ (qweight[-64:].float() * scales[-64:]).t()).t())
 
 
@@ -174,7 +176,7 @@ def test_dequantize_and_gemv_past_2_31_weight_elements():
 def test_tiled_gemm_past_2_31_activation_elements():
     qweight, scales, zeros, _ = int_weight(64, 4096, 4, 128, False, torch.bfloat16)
     x = torch.randn(BIG_ROWS, 4096, device="cuda", dtype=torch.bfloat16)
-    out = dequant_gemm(x, qweight, scales, zeros, None, 4, 128, split_k=False)
+    out = dequant_gemm(x, QuantWeight(qweight, scales, zeros, 4, 128), None, split_k=False)
     _last_rows_match(out, weight_only_reference(x[-64:], qweight, scales, zeros, None, 4, 128))
 
 

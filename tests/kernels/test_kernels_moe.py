@@ -23,6 +23,7 @@ from torchquant.triton_kernels.moe_gemm import (
     moe_dequant_gemm,
     moe_dequant_gemv,
 )
+from torchquant.triton_kernels.weight import QuantWeight
 
 from torchquant.numerics import quantize_fp8_weight
 from torchquant.ops.moe import moe_linear_cuda, moe_linear_reference
@@ -143,12 +144,13 @@ def test_rows_per_slot_bias_and_explicit_configs(dtype):
     weights = torch.rand(tokens, top_k, device=KERNEL_DEVICE)
     x = torch.randn(tokens * top_k, K, dtype=dtype, device=KERNEL_DEVICE)
     want = reference(x, qweight, scales, zeros, bias, index, weights, 4, 32)
+    weight = QuantWeight(qweight, scales, zeros, 4, 32)
     for block_m, config in [
         (16, cfg(BLOCK_N=32, BLOCK_K=64, GROUP_M=1)),
         (32, cfg(BLOCK_N=16, BLOCK_K=32, GROUP_M=4)),
     ]:
         blocks = align_slots_by_expert(index, experts, block_m)
-        out = moe_dequant_gemm(x, qweight, scales, zeros, bias, 4, 32, blocks, weights, config)
+        out = moe_dequant_gemm(x, weight, bias, blocks, weights, config)
         assert_matches(out, want)
 
 
@@ -162,10 +164,11 @@ def test_one_token_runs_the_grouped_gemv(symmetric, split_k):
     index = torch.tensor([[2, experts]], device=KERNEL_DEVICE)
     weights = torch.rand(1, top_k, device=KERNEL_DEVICE)
     config = cfg(BLOCK_N=256, BLOCK_K=32, SPLIT_K=split_k, num_stages=1)
+    weight = QuantWeight(qweight, scales, zeros, 4, 32)
     for x in (torch.randn(1, 128), torch.randn(top_k, 128)):  # a row per token, per slot
         x = x.to(torch.float16).to(KERNEL_DEVICE)
         for routing_weights in (None, weights):
-            out = moe_dequant_gemv(x, qweight, scales, zeros, 4, 32, index, routing_weights, config)
+            out = moe_dequant_gemv(x, weight, index, routing_weights, config)
             args = (x, qweight, scales, zeros, None, index, routing_weights, 4, 32)
             want = reference(*args)
             assert_matches(out, want)
@@ -183,9 +186,9 @@ def test_launcher_refuses_mismatched_inputs():
     blocks = align_slots_by_expert(index, 2, 16)
     x = torch.randn(5, K, dtype=torch.float16, device=KERNEL_DEVICE)
     with pytest.raises(ValueError, match="one row per token or per slot"):
-        moe_dequant_gemm(x, qweight, scales, zeros, None, 4, 32, blocks)
+        moe_dequant_gemm(x, QuantWeight(qweight, scales, zeros, 4, 32), None, blocks)
     with pytest.raises(ValueError, match="stacked"):
-        moe_dequant_gemm(x[:3], qweight[0], scales[0], zeros[0], None, 4, 32, blocks)
+        moe_dequant_gemm(x[:3], QuantWeight(qweight, scales, zeros, 4, 32).expert(0), None, blocks)
 
 
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

@@ -107,6 +107,7 @@ def moe_linear_cuda(*args: torch.Tensor | int | None) -> torch.Tensor:
         moe_dequant_gemm,
         moe_dequant_gemv,
     )
+    from torchquant.triton_kernels.weight import QuantWeight
 
     x, qweight, scales, zeros, bias, top_k_index, top_k_weights, bits, group_size = args
     if qweight.dtype == torch.float8_e4m3fn and not fp8_supported(x.device):
@@ -114,16 +115,13 @@ def moe_linear_cuda(*args: torch.Tensor | int | None) -> torch.Tensor:
         return moe_linear_reference(*args)
     if qweight.dtype == torch.float8_e4m3fn:
         group_size = -1  # a scale per row or per tensor: no groups along K
+    weight = QuantWeight(qweight, scales, zeros, bits, group_size)
     if top_k_index.shape[0] == 1 and bias is None:  # decode of one token: the GEMV
-        return moe_dequant_gemv(
-            x, qweight, scales, zeros, bits, group_size, top_k_index, top_k_weights
-        )
+        return moe_dequant_gemv(x, weight, top_k_index, top_k_weights)
     num_experts = qweight.shape[0]
     block_m = moe_block_m(top_k_index.numel(), num_experts)
     blocks = align_slots_by_expert(top_k_index, num_experts, block_m)
-    return moe_dequant_gemm(
-        x, qweight, scales, zeros, bias, bits, group_size, blocks, top_k_weights
-    )
+    return moe_dequant_gemm(x, weight, bias, blocks, top_k_weights)
 
 
 register_cuda("torchquant::moe_linear_weight_only", moe_linear_cuda)

@@ -64,11 +64,13 @@ def linear_fp8_weight_cuda(
 ) -> torch.Tensor:
     from torchquant.triton_kernels.dequant_matmul import dequant_matmul
     from torchquant.triton_kernels.fp8_gemm import fp8_supported
+    from torchquant.triton_kernels.weight import QuantWeight
 
     if not fp8_supported(x.device):
         common.warn_fallback("linear_fp8_weight", "FP8 conversions need compute capability >= 8.9")
         return linear_fp8_weight_reference(x, qweight, scales, bias)
-    return common.unflatten(dequant_matmul(common.rows(x), qweight, scales, None, bias, 8, -1), x)
+    weight = QuantWeight(qweight, scales, None, 8, -1)
+    return common.unflatten(dequant_matmul(common.rows(x), weight, bias), x)
 
 
 common.register_cuda("torchquant::linear_fp8_weight", linear_fp8_weight_cuda)

@@ -160,9 +160,10 @@ def linear_intn_cuda(
     *layout: torch.Tensor | None,
 ) -> torch.Tensor:
     from torchquant.triton_kernels.dequant_matmul import dequant_matmul
+    from torchquant.triton_kernels.weight import QuantWeight
 
-    out = dequant_matmul(common.rows(x), qweight, scales, zeros, bias, bits, group_size)
-    return common.unflatten(out, x)
+    weight = QuantWeight(qweight, scales, zeros, bits, group_size)
+    return common.unflatten(dequant_matmul(common.rows(x), weight, bias), x)
 
 
 common.register_cuda("torchquant::linear_intn", linear_intn_cuda)

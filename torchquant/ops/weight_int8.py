@@ -100,9 +100,10 @@ def linear_int8_weight_cuda(
     *layout: torch.Tensor | None,
 ) -> torch.Tensor:
     from torchquant.triton_kernels.dequant_matmul import dequant_matmul
+    from torchquant.triton_kernels.weight import QuantWeight
 
-    out = dequant_matmul(common.rows(x), qweight, scales, None, bias, 8, group_size)
-    return common.unflatten(out, x)
+    weight = QuantWeight(qweight, scales, None, 8, group_size)
+    return common.unflatten(dequant_matmul(common.rows(x), weight, bias), x)
 
 
 common.register_cuda("torchquant::linear_int8_weight", linear_int8_weight_cuda)
