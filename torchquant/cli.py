@@ -36,14 +36,34 @@ OVERWRITE_HELP = (
 ACT_ORDERS = {"static": (True, True), "group": (True, False), "off": (False, False)}
 
 
+def _count_option(p: argparse.ArgumentParser, flag: str, default: int | None, help: str) -> None:
+    """An integer option of at least 1 (a usage error otherwise)."""
+    p.add_argument(flag, type=cli_types.positive_int, default=default, help=help)
+
+
+def _length_option(p: argparse.ArgumentParser, flag: str, default: int, help: str) -> None:
+    """Tokens per sequence: at least 2, so that one token predicts the next."""
+    p.add_argument(flag, type=cli_types.int_at_least(2), default=default, help=help)
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _checkpoint_folder(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", help="a quantized checkpoint folder (any supported format)")
+
+
+def _out_options(p: argparse.ArgumentParser, default: str | None, help: str) -> None:
+    """``--out`` (required when it has no default) and ``--overwrite``."""
+    p.add_argument("--out", required=default is None, default=default, help=help)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
 def _scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheme", default="w4a16", help="w8a16, wNa16 (N=2..8), w8a16-fp8, w8a8, fp8")
-    p.add_argument(
-        "--group-size",
-        type=cli_types.group_size,
-        default=None,
-        help="group size (-1 = per channel)",
-    )
+    group_help = "group size (-1 = per channel)"
+    p.add_argument("--group-size", type=cli_types.group_size, default=None, help=group_help)
     p.add_argument(
         "--symmetric",
         action=argparse.BooleanOptionalAction,
@@ -70,25 +90,14 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
         "compressed-tensors actorder group; not awq), off (input order)",
     )
     p.add_argument("--calib", default=None, help="calibration text file (UTF-8)")
-    p.add_argument(
-        "--calib-samples", type=cli_types.positive_int, default=128, help="calibration sequences"
-    )
-    p.add_argument(
-        "--calib-seq-len", type=cli_types.int_at_least(2), default=512, help="tokens per sequence"
-    )
+    _count_option(p, "--calib-samples", 128, "calibration sequences")
+    _length_option(p, "--calib-seq-len", 512, "tokens per sequence")
 
 
 def _eval_args(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
     p.add_argument("--text", default=None, help="text file (default: the Lee news corpus)")
-    p.add_argument(
-        "--max-tokens",
-        type=cli_types.positive_int,
-        default=max_tokens,
-        help="evaluate this many tokens",
-    )
-    p.add_argument(
-        "--seq-len", type=cli_types.int_at_least(2), default=DEFAULT_SEQ_LEN, help="window length"
-    )
+    _count_option(p, "--max-tokens", max_tokens, "evaluate this many tokens")
+    _length_option(p, "--seq-len", DEFAULT_SEQ_LEN, "window length")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save it as safetensors")
     q.add_argument("model", help="smollm2-135m, a .gguf file, or a Hugging Face model folder")
     _scheme_args(q)
-    q.add_argument("--out", required=True, help="output checkpoint folder")
-    q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _out_options(q, None, "output checkpoint folder")
     q.add_argument(
         "--format",
         default="native",
@@ -123,55 +131,38 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a model or checkpoint on a text")
     e.add_argument("model", help="smollm2-135m, a .gguf file, a model folder or a checkpoint")
     _eval_args(e, max_tokens=None)
-    e.add_argument("--json", action="store_true", help="print one JSON object")
+    _json_flag(e)
 
     i = sub.add_parser(
         "inspect", help="per-layer scheme, bits, group and size of a checkpoint; compression"
     )
-    i.add_argument("directory", help="a quantized checkpoint folder (any supported format)")
-    i.add_argument("--json", action="store_true", help="print one JSON object")
+    _checkpoint_folder(i)
+    _json_flag(i)
 
     b = sub.add_parser(
         "bench",
         help="prefill/decode throughput of a checkpoint vs its 16-bit copy (and fp32 on CPU)",
     )
-    b.add_argument("directory", help="a quantized checkpoint folder (any supported format)")
-    b.add_argument(
-        "--device",
-        type=cli_types.device_name,
-        default=None,
-        help="cuda or cpu (default: cuda when available)",
-    )
+    _checkpoint_folder(b)
+    device_help = "cuda or cpu (default: cuda when available)"
+    b.add_argument("--device", type=cli_types.device_name, default=None, help=device_help)
     b.add_argument(
         "--dtype",
         default="bfloat16",
         choices=("bfloat16", "float16", "float32"),
         help="dtype of the unquantized baseline",
     )
-    b.add_argument("--batch", type=cli_types.positive_int, default=1, help="sequences per batch")
-    b.add_argument(
-        "--prompt-len",
-        type=cli_types.positive_int,
-        default=None,
-        help="prompt tokens (default: 512 on cuda, 32 on cpu)",
-    )
-    b.add_argument(
-        "--new-tokens",
-        type=cli_types.positive_int,
-        default=None,
-        help="generated tokens (default: 64 on cuda, 8 on cpu)",
-    )
-    b.add_argument(
-        "--repeats", type=cli_types.positive_int, default=3, help="timed runs (median is reported)"
-    )
-    b.add_argument("--json", action="store_true", help="print one JSON object")
+    _count_option(b, "--batch", 1, "sequences per batch")
+    _count_option(b, "--prompt-len", None, "prompt tokens (default: 512 on cuda, 32 on cpu)")
+    _count_option(b, "--new-tokens", None, "generated tokens (default: 64 on cuda, 8 on cpu)")
+    _count_option(b, "--repeats", 3, "timed runs (median is reported)")
+    _json_flag(b)
 
     d = sub.add_parser("demo", help="quantize the default model, save, load, compare perplexity")
     d.add_argument("--model", default="smollm2-135m")
     _scheme_args(d)
     _eval_args(d, max_tokens=16384)
-    d.add_argument("--out", default="torchquant-demo", help="where to save the checkpoint")
-    d.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _out_options(d, "torchquant-demo", "where to save the checkpoint")
     return parser
 
 
