@@ -12,6 +12,8 @@ import pytest
 import torch
 from kernel_utils import requires_kernels
 
+from torchquant import QuantLinear, scheme_from_name
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 pytestmark = requires_kernels
@@ -98,3 +100,78 @@ def test_kernel_resources_compiles_for_a_gpu_without_one():
     row = next(line for line in done.stdout.splitlines() if line.startswith("| gemv w8"))
     registers = int(row.split("|")[4])
     assert 0 < registers <= 255
+
+
+def _table_rows(out: str, title: str) -> dict[str, list[str]]:
+    """The rows of the table under the line starting with ``title``, by their first cell."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title)) + 2
+    rows = {}
+    for line in lines[start:]:
+        if not line.strip() or line.startswith(("per op", "bytes per")):
+            break
+        label, cells = line[:14].strip(), line[14:].split()
+        rows[label] = cells
+    return rows
+
+
+def test_cpu_smoke_without_torchao_says_so_and_leaves_its_columns_out(
+    benchmarks_on_path, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # `import torchao` now fails
+    bench_cpu = importlib.import_module("bench_cpu")
+    bench_cpu.main(["--smoke"])
+    out = capsys.readouterr().out
+    assert out.startswith("torchao: not importable here (ModuleNotFoundError")
+    assert "ao w8a16" not in out and "kept bf16" not in out
+    header = out.splitlines()[2]
+    assert header.split()[:4] == ["K->N", "M", "fp32", "ms"]
+    assert all(label in header for label, _, _ in bench_cpu.SCHEMES)
+    rows = _table_rows(out, "bytes per decoder layer")
+    assert list(rows) == ["fp32", "bf16"] + [label for label, _, _ in bench_cpu.SCHEMES]
+    assert rows["fp32"][:4] == ["30.0", "0.0", "30.0", "1.000"]  # 2 x 96 x 40 x 4 bytes
+    assert rows["bf16"][:4] == ["15.0", "0.0", "15.0", "0.500"]
+
+
+def test_cpu_bytes_per_layer_are_the_modules_buffers_and_cached_layout(benchmarks_on_path):
+    bench_cpu = importlib.import_module("bench_cpu")
+    _, half = bench_cpu.float_pair(96, 40, bias=False)
+    layer = QuantLinear.from_linear(half, scheme_from_name("w4a16", 32))
+    assert layer.cpu_layout_nbytes() > 0  # a bf16 INT layer keeps the int4pack layout
+    table = bench_cpu.layer_bytes_table({"only": (96, 40)}, "torchao absent")
+    cells = _table_rows(table, "bytes per decoder layer")["w4a16 g32"]
+    buffers, layout, held = (float(c) for c in cells[:3])
+    assert buffers == round(layer.nbytes() / 1024, 1)
+    assert layout == round(layer.cpu_layout_nbytes() / 1024, 1)
+    assert held == round((layer.nbytes() + layer.cpu_layout_nbytes()) / 1024, 1)
+
+
+def test_cpu_smoke_with_torchao_adds_its_columns(benchmarks_on_path, capsys):
+    pytest.importorskip("torchao")
+    bench_cpu = importlib.import_module("bench_cpu")
+    bench_cpu.main(["--smoke"])
+    out = capsys.readouterr().out
+    assert out.startswith("torchao ") and "not importable" not in out
+    assert all(label in out.splitlines()[2] for label in bench_cpu.TORCHAO_ROWS)
+    rows = _table_rows(out, "bytes per decoder layer")
+    assert rows["ao w4a16 g32"][-1] == "bf16)"  # N = 40 fails its int4 packing; K = 40 is kept
+
+
+def test_cpu_end_to_end_rows_load_the_saved_checkpoint(benchmarks_on_path, model_dir):
+    bench_cpu = importlib.import_module("bench_cpu")
+    options = {"eval_tokens": 64, "seq_len": 32, "prompt": 8, "new_tokens": 2, "repeats": 1}
+    text = str(model_dir / "text.txt")
+    rows = bench_cpu.e2e_rows(["fp32", "w4a16 g32"], str(model_dir), text, options)
+    fp32, w4 = rows
+    assert [fp32["label"], w4["label"]] == ["fp32", "w4a16 g32"]
+    assert fp32["eval_tokens"] == w4["eval_tokens"] == 64
+    assert fp32["layout_mib"] == 0 < w4["layout_mib"]  # derived after loading the checkpoint
+    assert w4["held_mib"] < fp32["held_mib"] / 1.9  # bf16 embeddings, 4-bit linears
+    for r in rows:
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["eval_s"] > 0
+        assert r["peak_rss_mib"] >= r["rss_mib"] > 0
+    assert w4["perplexity"] == pytest.approx(fp32["perplexity"], rel=0.1)
+    table = bench_cpu.e2e_table(rows, options).splitlines()
+    assert table[1].split()[:3] == ["model", "decode", "tok/s"]
+    assert table[2].startswith("fp32") and table[2].split()[2] == "1.00"
+    assert table[3].startswith("w4a16 g32")
