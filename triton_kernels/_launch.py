@@ -69,6 +69,24 @@ def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(int(m), 1)), 8192)
 
 
+def output_args(out: torch.Tensor, bias: torch.Tensor | None, m: int, n: int, k: int) -> dict:
+    """Kernel arguments naming the ``(m, n)`` output, the bias and the problem size.
+
+    Without a bias ``b_ptr`` points at the output (never read); ``M_BUCKET`` keys the
+    autotuners' caches.
+    """
+    return dict(
+        b_ptr=bias if bias is not None else out,
+        out_ptr=out,
+        M=m,
+        N=n,
+        K=k,
+        stride_om=out.stride(0),
+        M_BUCKET=m_bucket(m),
+        HAS_BIAS=bias is not None,
+    )
+
+
 def autotune_benchmark(fn: Callable[[], object], quantiles=None, **kwargs: Any):
     """The autotuners' timer: ``triton.testing.do_bench``, refused during CUDA-graph capture.
 

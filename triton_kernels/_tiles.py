@@ -42,6 +42,34 @@ def split_k_run(steps, SPLIT_K):
     return start, tl.minimum(start + per_split, steps)
 
 
+@triton.jit
+def store_tile(
+    acc,
+    out_ptr,
+    b_ptr,
+    offs_m,
+    offs_n,
+    m_mask,
+    n_mask,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    ATOMIC: tl.constexpr,
+):
+    """Epilogue of a float32 tile: bias (added by split 0 only), then an atomic add into
+    the float32 split-K buffer (``ATOMIC``) or a store cast to the output dtype."""
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if ATOMIC:
+            bias = tl.where(tl.program_id(1) == 0, bias, 0.0)
+        acc += bias[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
 def split_k_accumulator(out: torch.Tensor, split_k: bool) -> torch.Tensor:
     """The buffer a launch writes: ``out`` itself, or zeroed float32 partial sums for split-K."""
     if not split_k:

@@ -21,8 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune_benchmark, m_bucket, output, run_kernel
-from ._tiles import split_k_accumulator, split_k_run, tile_config, tile_grid, tile_offsets
+from ._launch import autotune_benchmark, output, output_args, run_kernel
+from ._tiles import (
+    split_k_accumulator,
+    split_k_run,
+    store_tile,
+    tile_config,
+    tile_grid,
+    tile_offsets,
+)
 from .dequant import dequantize_tile, dot_weight_tile
 from .weight import QuantWeight
 
@@ -76,17 +83,7 @@ def _gemm_kernel(
         )
         acc = dot_weight_tile(x, w, acc)
     # -- epilogue: bias, then atomics into float32 (split-K) or a cast store
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if ATOMIC:
-            bias = tl.where(tl.program_id(1) == 0, bias, 0.0)
-        acc += bias[None, :]
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    store_tile(acc, out_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, HAS_BIAS, ATOMIC)
 
 
 # decode / small batch: 16-row MMA tiles, the weight split over K across the SMs.  The
@@ -156,16 +153,9 @@ def dequant_gemm(
         tile_grid(m, n, split_k, config),
         config,
         x_ptr=x,
-        b_ptr=bias if bias is not None else acc,
-        out_ptr=acc,
-        M=m,
-        N=n,
-        K=k,
         stride_xm=x.stride(0),
-        stride_om=acc.stride(0),
-        M_BUCKET=m_bucket(m),
-        HAS_BIAS=bias is not None,
         ATOMIC=split_k,
+        **output_args(acc, bias, m, n, k),
         **weight.kernel_args(),
     )
     return out if acc is out else out.copy_(acc)

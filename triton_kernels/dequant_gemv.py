@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune_benchmark, interpreting, m_bucket, output, run_kernel
+from ._launch import autotune_benchmark, interpreting, output, output_args, run_kernel
 from ._tiles import split_k_run
 from .dequant import group_index, load_code_tile, load_qparams
 from .weight import PACKED_DTYPES, QuantWeight
@@ -530,17 +530,10 @@ def dequant_gemv(
 
     launch = dict(
         x_ptr=x,
-        b_ptr=bias if bias is not None else out,
-        out_ptr=out,
         ws_ptr=ws,
         lock_ptr=_split_k_locks(x.device),
-        M=m,
-        N=n,
-        K=k,
         stride_xm=x.stride(0),
-        stride_om=out.stride(0),
-        M_BUCKET=m_bucket(m),
-        HAS_BIAS=bias is not None,
+        **output_args(out, bias, m, n, k),
         **_slot_args(slots, stacked, out),
         **meta,
     )

@@ -18,8 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune_benchmark, check_device, m_bucket, output, run_kernel
-from ._tiles import split_k_accumulator, split_k_run, tile_config, tile_grid, tile_offsets
+from ._launch import autotune_benchmark, check_device, output, output_args, run_kernel
+from ._tiles import (
+    split_k_accumulator,
+    split_k_run,
+    store_tile,
+    tile_config,
+    tile_grid,
+    tile_offsets,
+)
 from .dequant import dot_weight_tile
 
 SPLIT_K_MAX_M = 64
@@ -97,17 +104,7 @@ def _fp4_gemm_kernel(
         w = value.reshape(BLOCK_N, BLOCK_K // BLOCK, BLOCK) * mult[:, :, None]
         acc = dot_weight_tile(x, w.reshape(BLOCK_N, BLOCK_K), acc)
     # -- epilogue: bias, then atomics into float32 (split-K) or a cast store
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if ATOMIC:
-            bias = tl.where(tl.program_id(1) == 0, bias, 0.0)
-        acc += bias[None, :]
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    store_tile(acc, out_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, HAS_BIAS, ATOMIC)
 
 
 # -- BLOCK_K a multiple of 32, so every K tile holds whole NVFP4 and MXFP4 blocks
@@ -188,20 +185,13 @@ def fp4_gemm(
         q_ptr=qweight,
         s_ptr=scale_bytes,
         g_ptr=global_scale if global_scale is not None else scale_bytes,
-        b_ptr=bias if bias is not None else acc,
-        out_ptr=acc,
-        M=m,
-        N=n,
-        K=k,
         G=scales.shape[1],
         stride_xm=x.stride(0),
         stride_qn=qweight.stride(0),
         stride_sn=scale_bytes.stride(0),
-        stride_om=acc.stride(0),
-        M_BUCKET=m_bucket(m),
         BLOCK=block,
         E8M0=global_scale is None,
-        HAS_BIAS=bias is not None,
         ATOMIC=split_k,
+        **output_args(acc, bias, m, n, k),
     )
     return out if acc is out else out.copy_(acc)
