@@ -4,9 +4,10 @@
         --calib ../shared/data/text/wikipedia_excerpt.txt \\
         --text ../shared/data/text/austen/prideprejudice.txt
 
-Every row is round-to-nearest (``--calib`` only fixes the setup shared through
-``calibration_setup.py``) on a fresh copy of the float model, scored on the first
-``--max-tokens`` tokens of ``--text`` in ``--seq-len`` windows (no BOS).  Beside the
+Every row quantizes a fresh copy of the float model: round-to-nearest, the per-block
+scale search (``-mse``: ``WeightQuant(observer="mse")``), or AWQ calibrated on
+``--calib`` (``--calib-samples`` windows of ``--calib-seq-len`` tokens); each is scored
+on the first ``--max-tokens`` tokens of ``--text`` in ``--seq-len`` windows (no BOS).  Beside the
 perplexity, the weight error ``||W_q - W|| / ||W||`` over all quantized linears: SmolLM2's
 weights were shipped on a Q4_1 grid (4-bit asymmetric, blocks of 32), which INT4 g32
 reproduces exactly and the FP4 grids cannot.
@@ -29,7 +30,11 @@ SCHEMES = {
     "w4a16 g32 asym": QuantScheme(WeightQuant("int", 4, 32, False)),
     "w4a16 g128 asym": QuantScheme(WeightQuant("int", 4, 128, False)),
     "nvfp4a16": scheme_from_name("nvfp4a16"),
+    "nvfp4a16-mse": scheme_from_name("nvfp4a16-mse"),
+    "nvfp4a16 awq": QuantScheme(WeightQuant("nvfp4"), algorithm="awq"),
     "mxfp4a16": scheme_from_name("mxfp4a16"),
+    "mxfp4a16-mse": scheme_from_name("mxfp4a16-mse"),
+    "mxfp4a16 awq": QuantScheme(WeightQuant("mxfp4"), algorithm="awq"),
 }
 
 
@@ -46,11 +51,11 @@ def weight_error(model: torch.nn.Module, floats: dict[str, torch.Tensor]) -> flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_run_args(parser, calib_samples=1, group_size=128)
+    add_run_args(parser, calib_samples=32, group_size=128)
     parser.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=list(SCHEMES))
     parser.add_argument("--reference", type=float, help="fp32 perplexity, to skip measuring it")
     args = parser.parse_args()
-    base, _, ids, _ = load_run(args)
+    base, _, ids, calib = load_run(args)
     floats = {
         name: m.weight.detach().clone()
         for name, m in base.named_modules()
@@ -62,7 +67,9 @@ def main() -> None:
     for name in args.schemes:
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        convert_model(model, QuantConfig(SCHEMES[name]), progress=False)
+        scheme = SCHEMES[name]
+        data = calib if scheme.needs_calibration else None
+        convert_model(model, QuantConfig(scheme), calibration_data=data, progress=False)
         seconds = time.perf_counter() - start
         table.append((name, perplexity(model, ids, args.seq_len, progress=False).perplexity,
                       weight_error(model, floats), seconds))  # fmt: skip

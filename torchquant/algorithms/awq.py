@@ -7,6 +7,10 @@ the channel's mean group-relative weight magnitude to the ``1 - alpha``, so chan
 whose weights already span their groups' ranges are scaled less.  Then each group's range is
 shrunk to the factor minimising the error of that group's partial products.  Pure
 functions; the calibration engine supplies activations and the objective.
+
+On the FP4 grids (NVFP4, MXFP4) a group is a scale block: the searches fake-quantize
+with the format's own block scales, and a clipped range is the block max the scale is
+chosen from (NVFP4's E4M3 scale of it, MXFP4's power of two).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from torchquant.config import WeightQuant
 from torchquant.numerics import (
     IntWeight,
     choose_int_qparams,
@@ -24,6 +29,10 @@ from torchquant.numerics import (
     num_groups,
     quantize_codes,
 )
+from torchquant.numerics.fp4 import FP4_ROUNDING, Fp4Weight, dequantize_fp4_weight
+
+# -- fake quantization of a weight on its grid, from min/max or the given per-group (lo, hi)
+FakeQuantize = Callable[[torch.Tensor, tuple | None], torch.Tensor]
 
 
 def quantize_in_ranges(
@@ -49,6 +58,34 @@ def fake_quantize(
     ranges = ranges if ranges is not None else group_min_max(w, group_size)
     q = quantize_in_ranges(w, ranges, bits, group_size, symmetric, torch.float32)
     return dequantize_int_weight(q.codes, q.scales, q.zeros, bits, group_size, w.dtype)
+
+
+def quantize_fp4_in_ranges(
+    w: torch.Tensor, ranges: tuple[torch.Tensor, torch.Tensor], weight_type: str, what: str
+) -> Fp4Weight:
+    """FP4 ``weight_type`` of ``w: (N, K)``, each block's scale chosen from ``max(-lo, hi)``."""
+    lo, hi = ranges
+    return FP4_ROUNDING[weight_type](w, what=what, block_amax=torch.maximum(-lo, hi))
+
+
+def fake_quantize_fp4(
+    w: torch.Tensor, weight_type: str, ranges: tuple | None = None
+) -> torch.Tensor:
+    """``dequant(quant(w))`` on the FP4 grid, from each block's max or the given ``(lo, hi)``."""
+    if ranges is None:
+        q = FP4_ROUNDING[weight_type](w)
+    else:
+        q = quantize_fp4_in_ranges(w, ranges, weight_type, "weight")
+    return dequantize_fp4_weight(q.codes, q.scales, q.global_scale, q.block, w.dtype)
+
+
+def weight_fake_quantize(weight: WeightQuant) -> FakeQuantize:
+    """The fake quantization of weights stored as ``weight`` (INT or FP4)."""
+    if weight.type in FP4_ROUNDING:
+        return lambda w, ranges=None: fake_quantize_fp4(w, weight.type, ranges)
+    return lambda w, ranges=None: fake_quantize(
+        w, weight.bits, weight.group_size, weight.symmetric, ranges
+    )
 
 
 def weight_salience(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -106,7 +143,6 @@ def search_scales(
     return best
 
 
-@torch.no_grad()
 def search_clip(
     w: torch.Tensor,
     x: torch.Tensor,
@@ -116,8 +152,26 @@ def search_clip(
     grid: int = 20,
     max_shrink: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`search_clip_ranges` on the INT grid of ``bits``, ``group_size``, ``symmetric``."""
+
+    def quantize(t: torch.Tensor, ranges: tuple | None) -> torch.Tensor:
+        return fake_quantize(t, bits, group_size, symmetric, ranges)
+
+    return search_clip_ranges(w, x, group_size, quantize, grid, max_shrink)
+
+
+@torch.no_grad()
+def search_clip_ranges(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    group_size: int,
+    quantize: FakeQuantize,
+    grid: int = 20,
+    max_shrink: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group ranges ``(lo, hi)`` ``(N, G)``: min/max shrunk by the factor that
-    minimises ``sum_t (x_t . w_g - x_t . q(w_g))^2`` for each group ``g`` separately."""
+    minimises ``sum_t (x_t . w_g - x_t . q(w_g))^2`` for each group ``g`` separately,
+    ``q`` the fake quantization ``quantize(w, ranges)``."""
     n, k = w.shape
     gs = k if group_size == -1 else group_size
     g = num_groups(k, group_size)
@@ -133,7 +187,7 @@ def search_clip(
     steps = max(1, int(grid * max_shrink))
     for i in range(steps):
         p = 1.0 - i / grid
-        q = fake_quantize(wf, bits, group_size, symmetric, (lo0 * p, hi0 * p))
+        q = quantize(wf, (lo0 * p, hi0 * p))
         qg = torch.nn.functional.pad(q, (0, pad)).reshape(n, g, gs).permute(1, 2, 0)
         err = (torch.bmm(xg, qg) - ref).pow(2).mean(dim=1).t()  # (N, G)
         better = err < best_err

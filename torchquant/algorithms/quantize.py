@@ -24,7 +24,7 @@ from torchquant.numerics import (
     quantize_fp8_weight,
     quantize_int_weight,
 )
-from torchquant.numerics.fp4 import quantize_mxfp4_weight, quantize_nvfp4_weight
+from torchquant.numerics.fp4 import FP4_ROUNDING, FP4_SCALE_SEARCH, Fp4Weight
 
 
 @dataclass(frozen=True)
@@ -59,27 +59,29 @@ class QuantizedWeight:
     global_scale: torch.Tensor | None = None
 
 
-# -- FP4 weight type -> its round-to-nearest (block scales chosen from each block's max)
-FP4_ROUNDING = {"nvfp4": quantize_nvfp4_weight, "mxfp4": quantize_mxfp4_weight}
-
 Rounding = Callable[[QuantScheme, torch.Tensor, WeightStats | None, str], QuantizedWeight]
 
 
 def round_to_nearest(
     scheme: QuantScheme, weight: torch.Tensor, stats: WeightStats | None, name: str
 ) -> QuantizedWeight:
-    """Each weight to its nearest grid point on the min/max range (no calibration)."""
+    """Each weight to its nearest grid point on the min/max range (no calibration); FP4
+    block scales searched per block with ``weight.observer="mse"``."""
     w = scheme.weight
     if w.type == "fp8" and w.block is not None:
         return QuantizedWeight(*quantize_fp8_block_weight(weight, w.block, what=name))
     if w.type in FP4_ROUNDING:
-        q = FP4_ROUNDING[w.type](weight, what=name)
-        return QuantizedWeight(q.codes, q.scales, global_scale=q.global_scale)
+        rounding = FP4_SCALE_SEARCH if w.observer == "mse" else FP4_ROUNDING
+        return _fp4_weight(rounding[w.type](weight, what=name))
     if w.type == "fp8":
         values, scales = quantize_fp8_weight(weight, per_channel=w.group_size == -1, what=name)
         return QuantizedWeight(values, scales)
     q = quantize_int_weight(weight, w.bits, w.group_size, w.symmetric, what=name)
     return QuantizedWeight(q.codes, q.scales, q.zeros)
+
+
+def _fp4_weight(q: Fp4Weight) -> QuantizedWeight:
+    return QuantizedWeight(q.codes, q.scales, global_scale=q.global_scale)
 
 
 def _measured(scheme: QuantScheme, stats: WeightStats | None, name: str) -> WeightStats:
@@ -125,6 +127,8 @@ def awq_rounding(
     if clip_range is None:
         return round_to_nearest(scheme, weight, stats, name)
     w = scheme.weight
+    if w.type in FP4_ROUNDING:
+        return _fp4_weight(awq.quantize_fp4_in_ranges(weight, clip_range, w.type, name))
     q = awq.quantize_in_ranges(weight, clip_range, w.bits, w.group_size, w.symmetric)
     return QuantizedWeight(q.codes, q.scales, q.zeros)
 

@@ -19,6 +19,7 @@ from torchquant.config.algorithms import (
     INT_WEIGHT_ALGORITHMS,
     OBSERVERS,
     RESCALING_ALGORITHMS,
+    WEIGHT_OBSERVERS,
     AWQConfig,
     GPTQConfig,
     HQQConfig,
@@ -29,6 +30,8 @@ from torchquant.errors import ConfigError
 
 # -- FP4 E2M1 weights: each type's fixed block of scaled values along K (NVFP4, OCP MXFP4)
 FP4_BLOCKS = {"nvfp4": 16, "mxfp4": 32}
+# -- algorithms that round FP4 weights (AWQ's scales and clipping search on the FP4 grid)
+FP4_ALGORITHMS = ("rtn", "awq")
 WEIGHT_TYPES = ("int", "fp8", *FP4_BLOCKS)
 ACTIVATION_TYPES = ("int8", "fp8")
 ACTIVATION_GRANULARITIES = ("token", "tensor", "group")
@@ -47,7 +50,9 @@ class WeightQuant:
     with ``block=(rows, columns)`` (powers of two, 16..1024), per block of the weight.
     ``type="nvfp4"`` / ``"mxfp4"``: FP4 E2M1 with ``bits=4``, ``group_size`` 16 / 32
     (the block of each scale) and ``symmetric``; left at their defaults, ``bits`` and
-    ``group_size`` take these values.
+    ``group_size`` take these values.  ``observer="mse"`` (FP4 round-to-nearest only)
+    searches each block's scale for the least squared error instead of taking the spec's
+    scale of the block max.
     """
 
     type: str = "int"
@@ -55,10 +60,20 @@ class WeightQuant:
     group_size: int = -1
     symmetric: bool = True
     block: tuple[int, int] | None = None
+    observer: str = "minmax"
 
     def __post_init__(self) -> None:
         require(self.type in WEIGHT_TYPES, "weight.type", self.type, f"one of {WEIGHT_TYPES}")
         require(isinstance(self.symmetric, bool), "weight.symmetric", self.symmetric, "a bool")
+        ok = isinstance(self.observer, str) and self.observer in WEIGHT_OBSERVERS
+        require(ok, "weight.observer", self.observer, f"one of {WEIGHT_OBSERVERS}")
+        if self.observer != "minmax":
+            require(
+                self.type in FP4_BLOCKS,
+                "weight.observer",
+                self.observer,
+                "'minmax' for int and fp8 weights (the scale search is for nvfp4 / mxfp4)",
+            )
         if self.block is not None:
             self._check_block()
         if self.type in FP4_BLOCKS:
@@ -212,12 +227,28 @@ class QuantScheme:
         )
         require(self.algorithm in ALGORITHMS, "algorithm", self.algorithm, f"one of {ALGORITHMS}")
         act, w = self.activation, self.weight
-        if self.algorithm in INT_WEIGHT_ALGORITHMS:
+        fp4_ok = w.type in FP4_BLOCKS and self.algorithm in FP4_ALGORITHMS
+        if self.algorithm in INT_WEIGHT_ALGORITHMS and not fp4_ok:
             require(
                 w.type == "int",
                 "weight.type",
                 w.type,
                 f"'int' weights for algorithm {self.algorithm!r}",
+            )
+        if fp4_ok and self.algorithm == "awq":
+            require(
+                self.awq.rounding == "rtn",
+                "awq.rounding",
+                self.awq.rounding,
+                f"'rtn' for {w.type} weights (GPTQ rounds INT weights only)",
+            )
+        if w.observer != "minmax":
+            require(
+                self.algorithm == "rtn",
+                "weight.observer",
+                w.observer,
+                f"'minmax' for algorithm {self.algorithm!r} (the scale search is "
+                "round-to-nearest's)",
             )
         g = self.gptq
         if self.rounds_with_gptq and g.act_order and not g.static_groups:
@@ -304,6 +335,7 @@ class QuantScheme:
         )
         act += "" if a is None or a.group_size is None else str(a.group_size)
         algo = "" if self.algorithm == "rtn" else f" {self.algorithm}"
+        algo += "" if w.observer == "minmax" else f" {w.observer}"
         return f"w-{wname} {gran}{sym} {act}{algo}".strip()
 
     def to_dict(self) -> dict[str, Any]:
@@ -314,6 +346,8 @@ class QuantScheme:
         # -- block-wise fields likewise, so every earlier scheme serializes as before
         if self.weight.block is None:
             del data["weight"]["block"]
+        if self.weight.observer == "minmax":
+            del data["weight"]["observer"]
         if data["activation"] is not None and self.activation.group_size is None:
             del data["activation"]["group_size"]
         return data
@@ -333,6 +367,8 @@ SCHEME_NAMES = (
     "w8a16-fp8-block",
     "nvfp4a16",
     "mxfp4a16",
+    "nvfp4a16-mse",
+    "mxfp4a16-mse",
 )
 DEFAULT_GROUP_SIZE = 128
 
@@ -341,6 +377,9 @@ def scheme_from_name(
     name: str, group_size: int | None = None, symmetric: bool | None = None
 ) -> QuantScheme:
     """Turn ``w8a16``, ``wNa16`` (N = 2..8), ``w8a16-fp8``, ``w8a8`` or ``fp8`` into a scheme.
+
+    ``nvfp4a16`` / ``mxfp4a16`` are FP4 weights with the spec's block scales; with
+    ``-mse`` each block's scale is searched (``WeightQuant.observer="mse"``).
 
     ``wNa16`` is asymmetric with ``group_size`` 128 by default; ``w8a16`` is INT8
     symmetric per channel unless a group size is given.
@@ -354,8 +393,9 @@ def scheme_from_name(
         weight = WeightQuant(type="fp8", block=FP8_BLOCK)
         group = ActivationQuant(type="fp8", granularity="group", group_size=FP8_BLOCK[1])
         return QuantScheme(weight, group if key == "fp8-block" else None)
-    if key in ("nvfp4a16", "mxfp4a16"):
-        return QuantScheme(WeightQuant(type=key[:5]))
+    if key in ("nvfp4a16", "mxfp4a16", "nvfp4a16-mse", "mxfp4a16-mse"):
+        observer = "mse" if key.endswith("-mse") else "minmax"
+        return QuantScheme(WeightQuant(type=key[:5], observer=observer))
     if key == "w8a8":
         return QuantScheme(WeightQuant(bits=8, group_size=-1), ActivationQuant(type="int8"))
     m = re.fullmatch(r"w([2-8])a16", key) if isinstance(key, str) else None

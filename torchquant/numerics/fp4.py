@@ -13,14 +13,22 @@ computed in the weight's dtype, then rounded to E4M3 (a zero one becomes 0.125).
 MXFP4: one E8M0 scale (a biased power-of-two exponent, uint8) per 32 values, no
 global scale, ``floor(log2(amax_block)) - 2`` as the OCP MX reference computes it.
 A K that is not a multiple of the block leaves a shorter last block.
+
+The scale search (``observer="mse"``) keeps, for each block, the representable scale
+with the least squared error after rounding among a few candidates: NVFP4's E4M3
+scales of the block max shrunk by the MSE observer's factors, MXFP4's spec exponent and
+one below and above it.  The spec's own scale is a candidate, so the search is never
+worse than round-to-nearest, and ties keep it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
+from torchquant.numerics.observers import shrink_factors
 from torchquant.numerics.qparams import FP8_E4M3_MAX, to_fp8_e4m3
 from torchquant.numerics.weight import _check_weight, num_groups
 
@@ -35,6 +43,9 @@ E2M1_EMAX = 2
 FP32_MIN_NORMAL_EXPONENT = -126
 # -- compressed-tensors' replacement for a block scale that rounds to zero in E4M3
 NVFP4_ZERO_SCALE = 0.125
+# -- shrink factors the NVFP4 scale search tries: E4M3 has 8 scales per octave, and 20
+# -- factors down to the MSE observer's 0.2 reach nearly every one of them near the top
+FP4_GRID = 20
 
 # -- midpoints between neighbouring magnitudes; at each one, ties go to the even
 # -- neighbour: the upper one where it passes with ``>=``, the lower one with ``>``
@@ -42,22 +53,27 @@ _UP_AT_TIE = (0.75, 1.75, 3.5)
 _DOWN_AT_TIE = (0.25, 1.25, 2.5, 5.0)
 
 
+def _float32_below(edge: float) -> float:
+    return float(torch.nextafter(torch.tensor(edge), torch.tensor(0.0)))
+
+
+# -- the same edges, each one ``|x|`` must pass strictly (``a >= e`` is ``a > e - ulp``
+# -- in float32), so one ``bucketize`` counts the edges passed: the magnitude index
+_STRICT_EDGES = tuple(sorted((*_DOWN_AT_TIE, *map(_float32_below, _UP_AT_TIE))))
+
+
 def encode_e2m1(x: torch.Tensor) -> torch.Tensor:
     """E2M1 codes ``uint8`` of finite ``x`` (same shape): nearest value, ties to even."""
-    a = x.float().abs()
-    index = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-    for edge in _UP_AT_TIE:
-        index += a >= edge
-    for edge in _DOWN_AT_TIE:
-        index += a > edge
+    edges = torch.tensor(_STRICT_EDGES, dtype=torch.float32, device=x.device)
+    index = torch.bucketize(x.float().abs(), edges).to(torch.uint8)
     return index | ((x < 0).to(torch.uint8) << 3)
 
 
 def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
-    """float32 values of E2M1 ``codes`` (same shape)."""
-    table = torch.tensor(FP4_MAGNITUDES, dtype=torch.float32, device=codes.device)
-    magnitude = table[(codes & 7).long()]
-    return torch.where((codes & 8) != 0, -magnitude, magnitude)
+    """float32 values of E2M1 ``codes`` (same shape); code 8 is -0."""
+    signed = (*FP4_MAGNITUDES, *(-m for m in FP4_MAGNITUDES))
+    table = torch.tensor(signed, dtype=torch.float32, device=codes.device)
+    return table[codes.long()]
 
 
 def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
@@ -88,12 +104,16 @@ class Fp4Weight:
     block: int
 
 
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x: (N, K)`` as ``(N, ceil(K/block), block)``, a short last block padded with zeros."""
+    n, k = x.shape
+    g = num_groups(k, block)
+    return torch.nn.functional.pad(x, (0, g * block - k)).view(n, g, block)
+
+
 def block_absmax(w: torch.Tensor, block: int) -> torch.Tensor:
     """``max |w|`` per block of ``block`` columns, ``(N, ceil(K/block))`` in ``w``'s dtype."""
-    n, k = w.shape
-    g = num_groups(k, block)
-    padded = torch.nn.functional.pad(w.abs(), (0, g * block - k))
-    return padded.view(n, g, block).amax(dim=2)
+    return _blocks(w.abs(), block).amax(dim=2)
 
 
 def expand_blocks(t: torch.Tensor, block: int, k: int) -> torch.Tensor:
@@ -119,16 +139,26 @@ def choose_nvfp4_global_scale(w: torch.Tensor) -> torch.Tensor:
 
 def choose_nvfp4_block_scales(w: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """E4M3 block scales ``(N, ceil(K/16))``: ``global * amax_block / 6``, zero ones 0.125."""
-    amax = block_absmax(w, NVFP4_BLOCK)
+    return nvfp4_scales_for_amax(block_absmax(w, NVFP4_BLOCK), global_scale)
+
+
+def nvfp4_scales_for_amax(amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 scales of blocks whose largest magnitude is ``amax (N, G)`` (0.125 for zero ones)."""
     scales = to_fp8_e4m3(global_scale * (amax / FP4_MAX)).float()
     return torch.where(scales == 0, NVFP4_ZERO_SCALE, scales).to(torch.float8_e4m3fn)
 
 
-def quantize_nvfp4_weight(w: torch.Tensor, what: str = "weight") -> Fp4Weight:
-    """Round-to-nearest NVFP4 of ``w: (N, K)``."""
+def quantize_nvfp4_weight(
+    w: torch.Tensor, what: str = "weight", block_amax: torch.Tensor | None = None
+) -> Fp4Weight:
+    """Round-to-nearest NVFP4 of ``w: (N, K)``, the block scales from ``block_amax (N, G)``
+    when given (a clipped range; values past it saturate), else from each block's max."""
     _check_weight(w, what)
     global_scale = choose_nvfp4_global_scale(w)
-    scales = choose_nvfp4_block_scales(w, global_scale)
+    if block_amax is None:
+        scales = choose_nvfp4_block_scales(w, global_scale)
+    else:
+        scales = nvfp4_scales_for_amax(block_amax.to(w.dtype), global_scale)
     codes = encode_on_scales(w, scales, global_scale, NVFP4_BLOCK)
     return Fp4Weight(codes, scales, global_scale, NVFP4_BLOCK)
 
@@ -153,11 +183,23 @@ def choose_mxfp4_scales(w: torch.Tensor) -> torch.Tensor:
     two); an all-zero block takes the smallest normal's exponent, as the MX reference
     does, and the result is clamped to E8M0's range ``[-127, 127]``.
     """
-    amax = block_absmax(w, MXFP4_BLOCK).float()
+    return mxfp4_scales_for_amax(block_absmax(w, MXFP4_BLOCK))
+
+
+def mxfp4_scales_for_amax(amax: torch.Tensor) -> torch.Tensor:
+    """E8M0 exponents of blocks whose largest magnitude is ``amax (N, G)``."""
+    amax = amax.float()
     _, exponent = torch.frexp(amax)  # amax = m * 2**exponent, m in [0.5, 1)
     floor_log2 = torch.where(amax > 0, exponent - 1, FP32_MIN_NORMAL_EXPONENT)
     shared = torch.clamp(floor_log2 - E2M1_EMAX, -E8M0_BIAS, E8M0_BIAS)
     return (shared + E8M0_BIAS).to(torch.uint8)
+
+
+def mxfp4_scale_candidates(scales: torch.Tensor) -> list[torch.Tensor]:
+    """The spec's exponents ``scales``, then one power of two below and one above (E8M0's
+    range ``[0, 254]``; 255 is its NaN)."""
+    e = scales.to(torch.int16)
+    return [scales, *((e + step).clamp(0, 2 * E8M0_BIAS).to(torch.uint8) for step in (-1, 1))]
 
 
 def e8m0_to_float(scales: torch.Tensor) -> torch.Tensor:
@@ -166,10 +208,13 @@ def e8m0_to_float(scales: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(one, scales.to(torch.int32) - E8M0_BIAS)
 
 
-def quantize_mxfp4_weight(w: torch.Tensor, what: str = "weight") -> Fp4Weight:
-    """Round-to-nearest MXFP4 of ``w: (N, K)``."""
+def quantize_mxfp4_weight(
+    w: torch.Tensor, what: str = "weight", block_amax: torch.Tensor | None = None
+) -> Fp4Weight:
+    """Round-to-nearest MXFP4 of ``w: (N, K)``, the exponents from ``block_amax (N, G)``
+    when given, else from each block's max."""
     _check_weight(w, what)
-    scales = choose_mxfp4_scales(w)
+    scales = choose_mxfp4_scales(w) if block_amax is None else mxfp4_scales_for_amax(block_amax)
     return Fp4Weight(encode_on_scales(w, scales, None, MXFP4_BLOCK), scales, None, MXFP4_BLOCK)
 
 
@@ -208,3 +253,63 @@ def dequantize_fp4_weight(
     """``e2m1 * block multiplier`` in float32, as ``dtype`` (NVFP4 or MXFP4)."""
     element = expand_blocks(fp4_block_scales(scales, global_scale), block, codes.shape[1])
     return (decode_e2m1(codes) * element).to(dtype)
+
+
+# -- the per-block scale search
+
+
+def block_squared_error(
+    w: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor | None, block: int
+) -> torch.Tensor:
+    """``sum (dequant(quant(w)) - w)^2`` per block ``(N, G)`` on the given block scales."""
+    blocks = _blocks(w.float(), block)  # (N, G, block)
+    element = fp4_block_scales(scales, global_scale).unsqueeze(2)
+    error = decode_e2m1(encode_e2m1(blocks / element)) * element - blocks
+    return error.square().sum(dim=2)
+
+
+def search_block_scales(
+    w: torch.Tensor,
+    candidates: Iterable[torch.Tensor],
+    global_scale: torch.Tensor | None,
+    block: int,
+) -> torch.Tensor:
+    """Per block, the one of ``candidates`` (each ``(N, G)`` block scales, stored dtype)
+    whose rounding has the least squared error; ties keep the earlier candidate."""
+    best, best_error = None, None
+    for scales in candidates:
+        error = block_squared_error(w, scales, global_scale, block)
+        if best is None:
+            best, best_error = scales, error
+            continue
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        # -- float8 has no ``where`` on CPU: choose between the scales' bytes
+        best = torch.where(better, scales.view(torch.uint8), best.view(torch.uint8))
+        best = best.view(scales.dtype)
+    return best
+
+
+def search_nvfp4_weight(w: torch.Tensor, what: str = "weight") -> Fp4Weight:
+    """NVFP4 of ``w: (N, K)`` with each block's E4M3 scale searched (global scale as RTN's):
+    the scales of the block max times each of the MSE observer's shrink factors."""
+    _check_weight(w, what)
+    global_scale = choose_nvfp4_global_scale(w)
+    amax = block_absmax(w, NVFP4_BLOCK)
+    candidates = (nvfp4_scales_for_amax(amax * p, global_scale) for p in shrink_factors(FP4_GRID))
+    scales = search_block_scales(w, candidates, global_scale, NVFP4_BLOCK)
+    codes = encode_on_scales(w, scales, global_scale, NVFP4_BLOCK)
+    return Fp4Weight(codes, scales, global_scale, NVFP4_BLOCK)
+
+
+def search_mxfp4_weight(w: torch.Tensor, what: str = "weight") -> Fp4Weight:
+    """MXFP4 of ``w: (N, K)`` with each block's E8M0 exponent searched around the spec's."""
+    _check_weight(w, what)
+    candidates = mxfp4_scale_candidates(choose_mxfp4_scales(w))
+    scales = search_block_scales(w, candidates, None, MXFP4_BLOCK)
+    return Fp4Weight(encode_on_scales(w, scales, None, MXFP4_BLOCK), scales, None, MXFP4_BLOCK)
+
+
+# -- weight type -> its round-to-nearest and its scale search, each ``(w, what) -> Fp4Weight``
+FP4_ROUNDING = {"nvfp4": quantize_nvfp4_weight, "mxfp4": quantize_mxfp4_weight}
+FP4_SCALE_SEARCH = {"nvfp4": search_nvfp4_weight, "mxfp4": search_mxfp4_weight}

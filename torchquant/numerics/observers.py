@@ -30,6 +30,7 @@ from torchquant.numerics import choose_int_qparams, group_min_max, num_groups
 GRANULARITIES = ("tensor", "channel", "token", "group")
 KL_BINS = 2048
 MSE_GRID = 50
+MSE_MIN_SHRINK = 0.2
 
 
 def _view_groups(x: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
@@ -71,6 +72,11 @@ def _fake_quant_error(
     return torch.nan_to_num(err, nan=0.0).sum(dim=1, keepdim=True)
 
 
+def shrink_factors(grid: int = MSE_GRID, min_shrink: float = MSE_MIN_SHRINK) -> list[float]:
+    """The MSE search's ``grid`` range factors, from 1 (the full range) down to ``min_shrink``."""
+    return [1.0 - (1.0 - min_shrink) * i / max(grid - 1, 1) for i in range(grid)]
+
+
 def mse_range(
     x: torch.Tensor,
     bits: int,
@@ -78,7 +84,7 @@ def mse_range(
     granularity: str = "tensor",
     group_size: int = -1,
     grid: int = MSE_GRID,
-    min_shrink: float = 0.2,
+    min_shrink: float = MSE_MIN_SHRINK,
     column_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-unit ``(lo, hi)`` among ``grid`` shrinks of min/max with the least squared error,
@@ -93,8 +99,7 @@ def mse_range(
     hi0 = torch.nan_to_num(v, nan=float("-inf")).amax(dim=1, keepdim=True)
     best_err = torch.full_like(lo0, float("inf"))
     best_lo, best_hi = lo0.clone(), hi0.clone()
-    for i in range(grid):
-        p = 1.0 - (1.0 - min_shrink) * i / max(grid - 1, 1)
+    for p in shrink_factors(grid, min_shrink):
         err = _fake_quant_error(v, lo0 * p, hi0 * p, bits, symmetric, weight)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

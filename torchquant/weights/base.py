@@ -116,9 +116,18 @@ class WeightFormat(ABC):
         scales: Tensor,
         global_scale: Tensor | None = None,
     ) -> None:
-        """Store a float format's rounded values (FP8 ``(N, K)``) with their scales."""
-        layer.qweight.copy_(values)
+        """Store a float format's rounded values ``(N, K)`` (FP8 values, FP4 codes) as
+        :meth:`encode_values` lays them out, with their scales and NVFP4's global scale."""
+        if (global_scale is not None) != (getattr(layer, "global_scale", None) is not None):
+            raise QuantizationError(f"{self.name} weights take a global scale exactly when NVFP4")
+        layer.qweight.copy_(self.encode_values(values))
         layer.scales.copy_(scales.reshape(layer.scales.shape))
+        if global_scale is not None:
+            layer.global_scale.copy_(global_scale)
+
+    def encode_values(self, values: Tensor) -> Tensor:
+        """``qweight`` holding a float format's rounded ``values (N, K)`` (FP8: as they are)."""
+        return values
 
     @abstractmethod
     def linear(

@@ -11,22 +11,19 @@ The CPU kernels read the buffers as they are (no CPU layout).
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from torchquant.config import WeightQuant
-from torchquant.errors import QuantizationError
 from torchquant.numerics.fp4 import (
+    FP4_ROUNDING,
     MXFP4_BLOCK,
     NVFP4_BLOCK,
     Fp4Weight,
     dequantize_fp4_weight,
     pack_e2m1,
-    quantize_mxfp4_weight,
-    quantize_nvfp4_weight,
     unpack_e2m1,
 )
 from torchquant.ops import run
@@ -62,9 +59,9 @@ class Fp4Format(WeightFormat):
             buffers["global_scale"] = torch.empty(1, dtype=torch.float32, device=device)
         return buffers
 
-    @abstractmethod
     def round(self, weight: Tensor, name: str) -> Fp4Weight:
         """Round-to-nearest codes and scales of ``weight: (N, K)``."""
+        return FP4_ROUNDING[self.weight_type](weight, what=name)
 
     def quantize(self, layer: QuantizedLayer, weight: Tensor, name: str) -> None:
         self.set_fp4(layer, self.round(weight, name))
@@ -73,20 +70,8 @@ class Fp4Format(WeightFormat):
         """Store E2M1 codes ``(N, K)`` with their block scales (and global scale)."""
         self.set_values(layer, q.codes, q.scales, q.global_scale)
 
-    def set_values(
-        self,
-        layer: QuantizedLayer,
-        values: Tensor,
-        scales: Tensor,
-        global_scale: Tensor | None = None,
-    ) -> None:
-        """``values``: E2M1 codes ``(N, K)``; ``global_scale``: NVFP4's, ``None`` for MXFP4."""
-        if self.has_global_scale != (global_scale is not None):
-            raise QuantizationError(f"{self.name} weights take a global scale exactly when NVFP4")
-        layer.qweight.copy_(pack_e2m1(values))
-        layer.scales.copy_(scales)
-        if global_scale is not None:
-            layer.global_scale.copy_(global_scale)
+    def encode_values(self, values: Tensor) -> Tensor:
+        return pack_e2m1(values)
 
     def fp4_codes(self, layer: QuantizedLayer) -> Tensor:
         """The E2M1 codes ``(N, K)`` uint8 the layer holds."""
@@ -116,9 +101,6 @@ class Nvfp4Format(Fp4Format):
     block_scale_dtype = torch.float8_e4m3fn
     has_global_scale = True
 
-    def round(self, weight: Tensor, name: str) -> Fp4Weight:
-        return quantize_nvfp4_weight(weight, what=name)
-
 
 class Mxfp4Format(Fp4Format):
     name = "MXFP4"
@@ -126,6 +108,3 @@ class Mxfp4Format(Fp4Format):
     block = MXFP4_BLOCK
     block_scale_dtype = torch.uint8
     has_global_scale = False
-
-    def round(self, weight: Tensor, name: str) -> Fp4Weight:
-        return quantize_mxfp4_weight(weight, what=name)

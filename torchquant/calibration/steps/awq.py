@@ -106,9 +106,7 @@ class AwqStep(CalibrationStep):
         linears = [block.linears[x] for x in m.linears]
         originals = [get_weight(lin).clone() for lin in linears]
 
-        def quantize(w):
-            return awq.fake_quantize(w, wq.bits, wq.group_size, wq.symmetric)
-
+        quantize = awq.weight_fake_quantize(wq)
         act_mean = block.stats[m.linears[0]].act_mean.to(block.device)
         duo = awq.weight_salience(originals, wq.group_size)
         w_means = {True: [duo], False: [None], "both": [None, duo]}[cfg.duo_scaling]
@@ -131,6 +129,7 @@ class AwqStep(CalibrationStep):
             if rel in block.divisor:
                 x = x / block.divisor[rel]
             w, wq, cfg = get_weight(block.linears[rel]), scheme.weight, scheme.awq
-            block.clip_ranges[rel] = awq.search_clip(
-                w, x, wq.bits, wq.group_size, wq.symmetric, cfg.clip_grid, cfg.max_shrink
+            quantize = awq.weight_fake_quantize(wq)
+            block.clip_ranges[rel] = awq.search_clip_ranges(
+                w, x, wq.group_size, quantize, cfg.clip_grid, cfg.max_shrink
             )
