@@ -9,6 +9,10 @@ purpose, so that the checks behind the digests are exercised too.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,7 +23,7 @@ from torch import nn
 
 from torchquant import QuantConfig, convert_model
 from torchquant.checkpoint.digests import digest_bytes, shard_digests
-from torchquant.serialization import KEY_DIGESTS, save_quantized
+from torchquant.serialization import KEY_DIGESTS, load_quantized, save_quantized
 
 CONFIG = QuantConfig("w4a16", overrides={"2": "w8a8", "3": "fp8"}, ignore=())
 
@@ -87,6 +91,19 @@ def reseal_config_json(directory: Path) -> None:
         save_file(load_file(shard), str(shard), metadata=meta)
 
 
+def edit_config_json(folder: Path, change: Callable[[dict], object]) -> None:
+    """Rewrite ``folder/config.json`` after ``change`` edits its parsed contents in place."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+
+
+def edit_quantization_config(folder: Path, change: Callable[[dict], object]) -> None:
+    """:func:`edit_config_json` on the ``quantization_config`` inside ``config.json``."""
+    edit_config_json(folder, lambda config: change(config["quantization_config"]))
+
+
 def make_hf_model(seed: int = 0) -> nn.Module:
     """A two-layer Llama small enough to build in a fraction of a second."""
     return tiny_llama(
@@ -102,3 +119,33 @@ def save_small_hf_checkpoint(directory: Path, **kwargs) -> nn.Module:
     model, _ = convert_model(make_hf_model(), HF_CONFIG, progress=False)
     save_quantized(model, directory, config=HF_CONFIG, **kwargs)
     return model
+
+
+@contextmanager
+def scratch_copy(folder: Path) -> Iterator[Path]:
+    """A copy of ``folder`` in a fresh temporary directory, removed afterwards: hypothesis runs
+    many examples in one test, so ``tmp_path`` cannot give each its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(shutil.copytree(folder, Path(tmp) / folder.name, symlinks=True))
+
+
+class SmallCheckpoint:
+    """One saved small checkpoint of a ``kind`` (``single`` file, ``sharded`` in three, or
+    ``hf``, a tiny Llama with ``config.json``) and its tensors, for tests that damage copies."""
+
+    def __init__(self, root: Path, kind: str) -> None:
+        self.kind = kind
+        self.directory = root / kind
+        if kind == "hf":
+            model = save_small_hf_checkpoint(self.directory)
+        else:
+            kwargs = {"max_shard_size": 20_000} if kind == "sharded" else {}
+            model = save_small_checkpoint(self.directory, **kwargs)
+        self.state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def copy(self, into: Path) -> Path:
+        return Path(shutil.copytree(self.directory, into / "ck", symlinks=True))
+
+    def load(self, directory: Path) -> nn.Module:
+        """Load ``directory`` as this kind: native checkpoints load into a fresh skeleton."""
+        return load_quantized(directory, None if self.kind == "hf" else make_model(1))

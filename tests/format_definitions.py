@@ -6,10 +6,13 @@ mistake in torchquant's packing cannot hide behind the same mistake in the oracl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 
 def ref_unpack_dim0(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -84,3 +87,48 @@ def library_compress(weight, scheme, bits, symmetric, group_size):
     compressed = compressor.compress(state, scheme)
     decompressed = compressor.decompress(compressed, scheme)["weight"]
     return compressed, decompressed
+
+
+def replace_weight(state: dict, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Swap layer ``name``'s float weight in ``state`` for its stored ``tensors`` (local names)."""
+    del state[f"{name}.weight"]
+    state.update({f"{name}.{key}": v for key, v in tensors.items()})
+
+
+def save_library_checkpoint(folder: Path, build: Callable[[], nn.Module], scheme, compress):
+    """Write ``build()`` as a compressed-tensors folder, every linear but the tied ``lm_head``
+    holding what ``compress(name, weight)`` returns as ``(tensors, dequantized weight)``, with
+    the library's own ``quantization_config`` of ``scheme``; returns a float ``build()``
+    holding the dequantized weights, the model the folder must load as."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    model, reference = build(), build()
+    model.save_pretrained(folder)
+    state = dict(model.state_dict())
+    state.pop("lm_head.weight")  # tied to the embedding
+    ref_state = reference.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            compressed, ref_state[f"{name}.weight"] = compress(name, module.weight.detach())
+            replace_weight(state, name, compressed)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    qconfig = QuantizationConfig(
+        config_groups={"group_0": scheme},
+        format=scheme.format,
+        quantization_status="compressed",
+        ignore=["lm_head"],
+    )
+    ModelCompressor(quantization_config=qconfig).update_config(str(folder))
+    reference.load_state_dict(ref_state)
+    return reference
+
+
+def assert_same_outputs(loaded: nn.Module, reference: nn.Module) -> None:
+    """The loaded Llama gives the float reference's logits, and its first ``q_proj`` the
+    float layer's output, bit for bit."""
+    ids = torch.randint(0, reference.config.vocab_size, (2, 11))
+    assert torch.equal(loaded(ids).logits, reference(ids).logits)
+    x = torch.randn(3, reference.config.hidden_size)
+    want = F.linear(x, reference.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(loaded.model.layers[0].self_attn.q_proj(x), want)

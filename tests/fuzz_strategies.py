@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 import torch
+from checkpoint_tools import read_safetensors, write_safetensors
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -153,6 +155,21 @@ def float_matrices(draw, max_rows: int = 6, max_cols: int = 200) -> torch.Tensor
 
 
 @st.composite
+def int_weight_cases(
+    draw, max_rows: int, max_cols: int, min_scale: float, max_scale: float
+) -> tuple[torch.Tensor, int, int, bool]:
+    """A normal random weight at a drawn scale, with the ``bits``, ``group_size`` (-1: one
+    group per row) and ``symmetric`` to quantize it with."""
+    bits = draw(st.integers(2, 8))
+    group_size = draw(st.sampled_from([-1, 16, 32, 64, 128]))
+    symmetric = draw(st.booleans())
+    n, k = draw(st.integers(1, max_rows)), draw(st.integers(1, max_cols))
+    scale = draw(st.floats(min_scale, max_scale))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    return torch.randn(n, k, generator=gen) * scale, bits, group_size, symmetric
+
+
+@st.composite
 def odd_tensors(draw) -> torch.Tensor:
     """Tensors a weight can never be: wrong rank, empty, or a non-float dtype."""
     shape = draw(st.sampled_from([(), (7,), (0, 8), (8, 0), (2, 3, 4), (4, 16), (1, 1, 1, 1)]))
@@ -226,3 +243,18 @@ def json_edits(draw, doc):
         else:
             parent[path[-1]] = value
     return doc
+
+
+def edit_raw_bytes(data: st.DataObject, path: Path) -> None:
+    """Apply drawn byte edits to the safetensors file ``path``, many of them in its header."""
+    raw = path.read_bytes()
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    path.write_bytes(apply_byte_edits(raw, data.draw(byte_edits(len(raw), header_end))))
+
+
+def edit_header_fields(data: st.DataObject, path: Path) -> None:
+    """Rewrite the safetensors file ``path`` with drawn edits of its parsed JSON header."""
+    header, payload = read_safetensors(path)
+    edited = data.draw(json_edits(header))
+    edited = edited if isinstance(edited, dict) else {"__metadata__": edited}
+    write_safetensors(path, edited, payload)

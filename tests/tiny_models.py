@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from torchquant import GPTQConfig, QuantConfig, QuantScheme, WeightQuant, convert_model
+
 
 def tiny_llama(
     *,
@@ -33,6 +35,21 @@ def tiny_llama(
         **config,
     )
     return transformers.LlamaForCausalLM(llama_config).to(dtype).eval()
+
+
+def act_order_llama(
+    *, bits: int = 4, group: int = 32, symmetric: bool = False, **llama
+) -> nn.Module:
+    """A ``tiny_llama(**llama)`` quantized by GPTQ with act-order and no static groups, so its
+    layers hold permuted ``g_idx``; calibrated on four fixed random sequences."""
+    model = tiny_llama(**llama)
+    weight = WeightQuant("int", bits, group, symmetric)
+    act_order = GPTQConfig(act_order=True, static_groups=False)
+    config = QuantConfig(default=QuantScheme(weight, algorithm="gptq", gptq=act_order))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=gen)
+    model, _ = convert_model(model, config, calibration_data=ids, progress=False)
+    return model
 
 
 TINY_WORDS = [f"w{i}" for i in range(60)]

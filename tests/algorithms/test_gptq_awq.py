@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from checkpoint_tools import edit_quantization_config
 from format_definitions import layer_tensors, ref_gptq_dequant, ref_pack_dim1
 from safetensors.torch import save_file
 from tiny_models import tiny_llama as shared_tiny_llama
@@ -145,13 +146,6 @@ def _gptq_folder(tmp_path):
     return tmp_path / "q"
 
 
-def _edit_qc(folder, **changes):
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    config["quantization_config"].update(changes)
-    path.write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
@@ -163,7 +157,7 @@ def _edit_qc(folder, **changes):
 )
 def test_gptq_config_we_cannot_honour_is_refused(tmp_path, change, error, match):
     folder = _gptq_folder(tmp_path)
-    _edit_qc(folder, **change)
+    edit_quantization_config(folder, lambda qc: qc.update(change))
     with pytest.raises(error, match=match):
         load_gptq(folder)
 
@@ -198,10 +192,10 @@ def test_awq_export_matches_format_definition_and_round_trips(tmp_path, group, s
 def test_awq_refuses_other_versions_bits_and_fields(tmp_path):
     save_awq(quantized(scheme_from_name("w4a16", group_size=32)), tmp_path / "a")
     folder = tmp_path / "a"
-    _edit_qc(folder, version="gemv")
+    edit_quantization_config(folder, lambda qc: qc.update(version="gemv"))
     with pytest.raises(CheckpointError, match="AWQ version 'gemv' is not supported"):
         load_awq(folder)
-    _edit_qc(folder, version="gemm", quantum=1)
+    edit_quantization_config(folder, lambda qc: qc.update(version="gemm", quantum=1))
     with pytest.raises(CheckpointError, match="unknown field.*quantum"):
         load_awq(folder)
 

@@ -18,13 +18,10 @@ import pytest
 import torch
 from checkpoint_tools import (
     edit_metadata,
-    make_model,
     metadata_of,
     read_safetensors,
     reseal,
     reseal_config_json,
-    save_small_checkpoint,
-    save_small_hf_checkpoint,
     write_safetensors,
 )
 from safetensors.torch import load_file
@@ -41,7 +38,6 @@ from torchquant.serialization import (
     KEY_MODEL_CLASS,
     KEY_VERSION,
     SINGLE_FILE,
-    load_quantized,
 )
 
 SHARD1 = "model-00001-of-00003.safetensors"
@@ -604,45 +600,28 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pristine")
-    save_small_checkpoint(root / SINGLE)
-    save_small_checkpoint(root / SHARDED, max_shard_size=20_000)
-    return root
-
-
-@pytest.fixture(scope="module")
-def pristine_hf(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pristine_hf")
-    save_small_hf_checkpoint(root / HF)
-    return root
-
-
 @pytest.mark.parametrize(
     "kind,mutate,fragment", [pytest.param(k, m, f, id=i) for k, i, m, f in CASES]
 )
 def test_damaged_checkpoint_is_refused_naming_the_culprit(
-    request, tmp_path, kind, mutate, fragment
+    request, pristine, tmp_path, kind, mutate, fragment
 ):
-    root = request.getfixturevalue("pristine_hf" if kind == HF else "pristine")
-    directory = tmp_path / "ck"
-    shutil.copytree(root / kind, directory, symlinks=True)
+    source = request.getfixturevalue("pristine_hf") if kind == HF else pristine[kind]
+    directory = source.copy(tmp_path)
     mutate(directory)
-    model = None if kind == HF else make_model(1)
     with pytest.raises(CheckpointError) as info:
-        load_quantized(directory, model)
+        source.load(directory)
     assert fragment in str(info.value)
 
 
 def test_declared_sizes_beyond_the_memory_budget_are_refused(pristine):
-    path = pristine / SINGLE / SINGLE_FILE
+    path = pristine[SINGLE].directory / SINGLE_FILE
     with pytest.raises(CheckpointError, match="model.safetensors: tensors declare 29408 bytes"):
         check_safetensors(path, memory_budget=10_000)
 
 
 def test_shards_together_beyond_the_memory_budget_are_refused(pristine):
-    directory = pristine / SHARDED
+    directory = pristine[SHARDED].directory
     headers = [check_safetensors(p) for p in sorted(directory.glob("*.safetensors"))]
     check_total_size(headers, 29408)
     with pytest.raises(CheckpointError, match="shards declare 29408 bytes in all"):

@@ -12,139 +12,94 @@ model, but still never fail with a foreign exception.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from checkpoint_tools import (
+    SmallCheckpoint,
     make_model,
     metadata_of,
-    read_safetensors,
     reseal,
     reseal_config_json,
-    save_small_checkpoint,
-    save_small_hf_checkpoint,
-    write_safetensors,
+    scratch_copy,
 )
-from fuzz_strategies import apply_byte_edits, byte_edits, fuzz_settings, json_edits
+from fuzz_strategies import (
+    apply_byte_edits,
+    byte_edits,
+    edit_header_fields,
+    edit_raw_bytes,
+    fuzz_settings,
+    json_edits,
+)
 from hypothesis import event, given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from torchquant import QuantConfig, TorchquantError
-from torchquant.serialization import INDEX_FILE, KEY_LAYERS, SINGLE_FILE, load_quantized
+from torchquant.serialization import INDEX_FILE, KEY_LAYERS, SINGLE_FILE
 from torchquant.streaming import convert_from_safetensors
 
 
-class Pristine:
-    """One saved checkpoint of each kind, with its files' bytes and its state for comparison."""
-
-    def __init__(self, root: Path, kind: str) -> None:
-        self.kind = kind
-        self.directory = root / kind
-        if kind == "hf":
-            model = save_small_hf_checkpoint(self.directory)
-        else:
-            kwargs = {"max_shard_size": 20_000} if kind == "sharded" else {}
-            model = save_small_checkpoint(self.directory, **kwargs)
-        self.state = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def copy(self, into: Path) -> Path:
-        target = into / "ck"
-        shutil.copytree(self.directory, target)
-        return target
-
-    def load(self, directory: Path):
-        return load_quantized(directory, None if self.kind == "hf" else make_model(1))
-
-    def check(self, directory: Path, *, must_match: bool = True) -> str:
-        """Load ``directory``: our own error, or (if ``must_match``) the pristine tensors."""
-        try:
-            model = self.load(directory)
-        except TorchquantError as exc:
-            event(f"refused: {str(exc).split(':')[0][:40]}")
-            return "refused"
-        event("loaded")
-        if must_match:
-            state = model.state_dict()
-            assert state.keys() == self.state.keys()
-            for name, want in self.state.items():
-                assert torch.equal(state[name], want), name
-        return "loaded"
+def check(source: SmallCheckpoint, directory: Path, *, must_match: bool = True) -> str:
+    """Load ``directory``: our own error, or (if ``must_match``) the pristine tensors."""
+    try:
+        model = source.load(directory)
+    except TorchquantError as exc:
+        event(f"refused: {str(exc).split(':')[0][:40]}")
+        return "refused"
+    event("loaded")
+    if must_match:
+        state = model.state_dict()
+        assert state.keys() == source.state.keys()
+        for name, want in source.state.items():
+            assert torch.equal(state[name], want), name
+    return "loaded"
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pristine")
-    return {kind: Pristine(root, kind) for kind in ("single", "sharded")}
-
-
-@pytest.fixture(scope="module")
-def pristine_hf(tmp_path_factory):
-    return Pristine(tmp_path_factory.mktemp("pristine_hf"), "hf")
-
-
-def _header_end(path: Path) -> int:
-    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
-
-
-def _edit_raw_bytes(source: Pristine, data, tmp: str) -> Path:
-    directory = source.copy(Path(tmp))
-    path = data.draw(st.sampled_from(sorted(directory.glob("*.safetensors"))))
-    raw = path.read_bytes()
-    path.write_bytes(apply_byte_edits(raw, data.draw(byte_edits(len(raw), _header_end(path)))))
-    return directory
+def _check_raw_byte_edits(source: SmallCheckpoint, data) -> None:
+    with scratch_copy(source.directory) as directory:
+        edit_raw_bytes(data, data.draw(st.sampled_from(sorted(directory.glob("*.safetensors")))))
+        check(source, directory)
 
 
 @fuzz_settings
 @given(data=st.data(), kind=st.sampled_from(["single", "sharded"]))
 def test_raw_byte_edits_load_identically_or_raise_our_error(pristine, data, kind):
-    with tempfile.TemporaryDirectory() as tmp:
-        pristine[kind].check(_edit_raw_bytes(pristine[kind], data, tmp))
+    _check_raw_byte_edits(pristine[kind], data)
 
 
 @fuzz_settings
 @given(data=st.data())
 def test_raw_byte_edits_of_a_hf_checkpoint_load_identically_or_raise_our_error(pristine_hf, data):
-    with tempfile.TemporaryDirectory() as tmp:
-        pristine_hf.check(_edit_raw_bytes(pristine_hf, data, tmp))
+    _check_raw_byte_edits(pristine_hf, data)
 
 
 @fuzz_settings
 @given(data=st.data())
 def test_header_field_edits_load_identically_or_raise_our_error(pristine, data):
-    source = pristine["single"]
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = source.copy(Path(tmp))
-        header, payload = read_safetensors(directory / SINGLE_FILE)
-        edited = data.draw(json_edits(header))
-        edited = edited if isinstance(edited, dict) else {"__metadata__": edited}
-        write_safetensors(directory / SINGLE_FILE, edited, payload)
-        source.check(directory)
+    with scratch_copy(pristine["single"].directory) as directory:
+        edit_header_fields(data, directory / SINGLE_FILE)
+        check(pristine["single"], directory)
 
 
 @fuzz_settings
 @given(data=st.data())
 def test_resealed_layer_metadata_loads_or_raises_our_error(pristine, data):
     """A tamperer who rewrites the layer descriptions and recomputes the digests."""
-    source = pristine["single"]
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = source.copy(Path(tmp))
+    with scratch_copy(pristine["single"].directory) as directory:
         path = directory / SINGLE_FILE
         meta = metadata_of(path)
         layers = data.draw(json_edits(json.loads(meta[KEY_LAYERS])))
         reseal(path, metadata={**meta, KEY_LAYERS: json.dumps(layers)})
-        source.check(directory, must_match=False)
+        check(pristine["single"], directory, must_match=False)
 
 
 @fuzz_settings
 @given(data=st.data(), raw=st.booleans())
 def test_index_edits_load_identically_or_raise_our_error(pristine, data, raw):
-    source = pristine["sharded"]
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = source.copy(Path(tmp))
+    with scratch_copy(pristine["sharded"].directory) as directory:
         index_path = directory / INDEX_FILE
         if raw:
             text = index_path.read_bytes()
@@ -152,21 +107,19 @@ def test_index_edits_load_identically_or_raise_our_error(pristine, data, raw):
         else:
             index = data.draw(json_edits(json.loads(index_path.read_text())))
             index_path.write_text(json.dumps(index))
-        source.check(directory)
+        check(pristine["sharded"], directory)
 
 
 @fuzz_settings
 @given(data=st.data(), sealed=st.booleans())
 def test_config_json_edits_load_or_raise_our_error(pristine_hf, data, sealed):
     """Unsealed edits must be refused or harmless; sealed ones may load a different model."""
-    source = pristine_hf
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = source.copy(Path(tmp))
+    with scratch_copy(pristine_hf.directory) as directory:
         config = json.loads((directory / "config.json").read_text())
         (directory / "config.json").write_text(json.dumps(data.draw(json_edits(config))))
         if sealed:
             reseal_config_json(directory)
-        source.check(directory, must_match=not sealed)
+        check(pristine_hf, directory, must_match=not sealed)
 
 
 @pytest.fixture(scope="module")
@@ -182,17 +135,8 @@ def test_float_weight_edits_convert_or_raise_our_error(float_file, data, raw):
     """Streamed conversion reads foreign float files (no digests): any result but a crash."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "float.safetensors"
-        if raw:
-            edits = data.draw(
-                byte_edits(len(float_file), 8 + int.from_bytes(float_file[:8], "little"))
-            )
-            path.write_bytes(apply_byte_edits(float_file, edits))
-        else:
-            path.write_bytes(float_file)
-            header, payload = read_safetensors(path)
-            edited = data.draw(json_edits(header))
-            edited = edited if isinstance(edited, dict) else {"__metadata__": edited}
-            write_safetensors(path, edited, payload)
+        path.write_bytes(float_file)
+        (edit_raw_bytes if raw else edit_header_fields)(data, path)
         try:
             convert_from_safetensors(
                 make_model().to("meta"), [path], QuantConfig("w4a16", ignore=()), progress=False

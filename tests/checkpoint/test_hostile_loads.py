@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_tools import edit_metadata, read_safetensors, reseal, write_safetensors
+from checkpoint_tools import (
+    edit_config_json,
+    edit_metadata,
+    edit_quantization_config,
+    read_safetensors,
+    reseal,
+    write_safetensors,
+)
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_llama
 
@@ -80,16 +87,6 @@ def folder(saved, tmp_path) -> Callable[[str], Path]:
     return copy
 
 
-def edit_config(d: Path, change: Callable[[dict], object]) -> None:
-    config = json.loads((d / "config.json").read_text())
-    change(config)
-    (d / "config.json").write_text(json.dumps(config))
-
-
-def edit_qc(d: Path, change: Callable[[dict], object]) -> None:
-    edit_config(d, lambda c: change(c["quantization_config"]))
-
-
 def edit_tensors(d: Path, change: Callable[[dict], object]) -> None:
     tensors = load_file(d / SINGLE_FILE)
     change(tensors)
@@ -130,7 +127,7 @@ def within(seconds: float, call: Callable[[], object], release: Callable[[], Non
 
 def test_catastrophic_ignore_pattern_is_matched_promptly(folder):
     d = folder("compressed-tensors")
-    edit_qc(d, lambda qc: qc["ignore"].append("re:(.*.*)*X"))
+    edit_quantization_config(d, lambda qc: qc["ignore"].append("re:(.*.*)*X"))
     model = within(30, lambda: load_checkpoint(d))
     assert isinstance(model, torch.nn.Module), model
 
@@ -142,15 +139,17 @@ def test_catastrophic_ignore_pattern_is_matched_promptly(folder):
 def test_oversized_or_invalid_ct_pattern_is_refused_naming_the_field(folder, where, pattern):
     d = folder("compressed-tensors")
     if where == "ignore":
-        edit_qc(d, lambda qc: qc["ignore"].append(pattern))
+        edit_quantization_config(d, lambda qc: qc["ignore"].append(pattern))
     else:
-        edit_qc(d, lambda qc: qc["config_groups"]["group_0"]["targets"].append(pattern))
+        edit_quantization_config(
+            d, lambda qc: qc["config_groups"]["group_0"]["targets"].append(pattern)
+        )
     refused(d, f"{where}.*regular expression")
 
 
 def test_a_match_past_the_timeout_is_a_checkpoint_error(folder, monkeypatch):
     d = folder("compressed-tensors")
-    edit_qc(d, lambda qc: qc["ignore"].append("re:.*never_a_layer"))
+    edit_quantization_config(d, lambda qc: qc["ignore"].append("re:.*never_a_layer"))
     monkeypatch.setattr(matching, "MATCH_TIMEOUT_S", 1e-9)
     refused(d, "ignore: regular expression .* took over")
 
@@ -203,13 +202,13 @@ def test_many_layers_over_zero_byte_tensors_are_refused_before_building(folder, 
     tensors.update({f"model.layers.{i}.pad": torch.zeros(0) for i in range(2000)})
     if kind == "native":
         reseal(d / SINGLE_FILE, tensors)
-        edit_config(d, lambda c: c.update(num_hidden_layers=2000))
+        edit_config_json(d, lambda c: c.update(num_hidden_layers=2000))
         from checkpoint_tools import reseal_config_json
 
         reseal_config_json(d)
     else:
         save_file(tensors, str(d / SINGLE_FILE), metadata={"format": "pt"})
-        edit_config(d, lambda c: c.update(num_hidden_layers=2000))
+        edit_config_json(d, lambda c: c.update(num_hidden_layers=2000))
     built = _count_decoder_layers(monkeypatch)
     start = time.monotonic()
     refused(d, "num_hidden_layers=2000 .* 2 distinct non-empty layer indices")
@@ -218,7 +217,7 @@ def test_many_layers_over_zero_byte_tensors_are_refused_before_building(folder, 
 
 def test_config_larger_than_the_bytes_on_disk_is_refused(folder, monkeypatch):
     d = folder("compressed-tensors")
-    edit_config(d, lambda c: c.update(intermediate_size=2**20))
+    edit_config_json(d, lambda c: c.update(intermediate_size=2**20))
     built = _count_decoder_layers(monkeypatch)
     refused(d, "parameters, but the tensors on disk hold only")
     assert built[0] == 2  # the meta probe only: the model itself was never built
@@ -309,10 +308,10 @@ def test_float_tensor_of_a_non_float_or_f64_dtype_is_refused(folder, kind, dtype
 
 def test_config_errors_of_a_ct_checkpoint_are_checkpoint_errors(folder):
     d = folder("compressed-tensors")
-    edit_qc(d, lambda qc: qc.update(secret=1))
+    edit_quantization_config(d, lambda qc: qc.update(secret=1))
     error = refused(d, "unknown field")
     assert isinstance(error, ConfigError)  # still the config error it is
-    edit_qc(d, lambda qc: (qc.pop("secret"), qc.update(config_groups={})))
+    edit_quantization_config(d, lambda qc: (qc.pop("secret"), qc.update(config_groups={})))
     refused(d, "config_groups must be a non-empty mapping")
 
 
@@ -402,7 +401,7 @@ def test_mistyped_group_field_is_refused_naming_it(folder, path, value, match):
             target = target[part]
         target[path[-1]] = value
 
-    edit_qc(d, change)
+    edit_quantization_config(d, change)
     refused(d, match)
 
 
@@ -411,7 +410,7 @@ def test_mistyped_group_field_is_refused_naming_it(folder, path, value, match):
 )
 def test_mistyped_top_level_field_is_refused(folder, field, value):
     d = folder("compressed-tensors")
-    edit_qc(d, lambda qc: qc.update({field: value}))
+    edit_quantization_config(d, lambda qc: qc.update({field: value}))
     refused(d, rf"quantization_config\.{field}=")
 
 

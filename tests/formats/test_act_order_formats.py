@@ -14,10 +14,10 @@ from format_definitions import layer_tensors, ref_gptq_dequant, ref_pack_dim1
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from tiny_models import act_order_llama
 from tiny_models import tiny_llama as shared_tiny_llama
 
 from torchquant import CheckpointError, QuantConfig, convert_model, scheme_from_name
-from torchquant.config import GPTQConfig, QuantScheme, WeightQuant
 from torchquant.formats.awq import save_awq
 from torchquant.formats.dispatch import load_checkpoint, save_checkpoint
 from torchquant.formats.gptq import save_gptq
@@ -36,17 +36,6 @@ def tiny_llama(**kw):
     return shared_tiny_llama(vocab=VOCAB, **kw)
 
 
-def act_order_model(bits=4, group=32, symmetric=False, **kw):
-    weight = WeightQuant("int", bits, group, symmetric)
-    scheme = QuantScheme(
-        weight, algorithm="gptq", gptq=GPTQConfig(act_order=True, static_groups=False)
-    )
-    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
-    config = QuantConfig(default=scheme)
-    model, _ = convert_model(tiny_llama(**kw), config, calibration_data=ids, progress=False)
-    return model
-
-
 def quant_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
@@ -58,7 +47,7 @@ def is_plain(g_idx, group):
 @pytest.fixture(scope="module")
 def models():
     """Act-order GPTQ models, asymmetric and symmetric; every layer holds a permuted g_idx."""
-    out = {"asym": act_order_model(), "sym": act_order_model(symmetric=True)}
+    out = {"asym": act_order_llama(), "sym": act_order_llama(symmetric=True)}
     for model in out.values():
         layers = quant_layers(model)
         assert len(layers) == 7
@@ -118,7 +107,7 @@ def test_gptq_act_order_export_matches_the_format_definition(tmp_path, models):
 
 def test_partial_last_act_order_group_is_regrouped_exactly(tmp_path):
     # K = 96 and 160 with group 64: the last act-order group is 32 wide; exported as 32
-    model = act_order_model(group=64, hidden=96, inter=160)
+    model = act_order_llama(group=64, hidden=96, inter=160)
     layers = quant_layers(model)
     assert torch.equal(
         torch.bincount(layers["model.layers.0.mlp.up_proj"].g_idx), torch.tensor([64, 32])

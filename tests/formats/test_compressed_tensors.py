@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-from format_definitions import library_compress
+from checkpoint_tools import edit_config_json
+from format_definitions import assert_same_outputs, library_compress, save_library_checkpoint
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_llama as shared_tiny_llama
 
@@ -112,10 +112,8 @@ def test_library_decompresses_our_export_exactly(tmp_path, name, dtype):
 def test_checkpoint_compressed_by_the_library_loads_with_identical_outputs(
     tmp_path, bits, symmetric, group_size
 ):
-    from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationArgs,
-        QuantizationConfig,
         QuantizationScheme,
     )
 
@@ -128,38 +126,14 @@ def test_checkpoint_compressed_by_the_library_loads_with_identical_outputs(
         group_size=None if group_size == -1 else group_size,
     )
     scheme = QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
-    model = tiny_llama()
-    model.save_pretrained(tmp_path / "ct")
-    state = dict(model.state_dict())
-    state.pop("lm_head.weight")  # tied to the embedding
-    reference = tiny_llama()
-    ref_state = reference.state_dict()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            compressed, decompressed = library_compress(
-                module.weight.detach(), scheme, bits, symmetric, group_size
-            )
-            del state[f"{name}.weight"]
-            state.update({f"{name}.{k}": v for k, v in compressed.items()})
-            ref_state[f"{name}.weight"] = decompressed
-    save_file(state, str(tmp_path / "ct" / "model.safetensors"), metadata={"format": "pt"})
-    qconfig = QuantizationConfig(
-        config_groups={"group_0": scheme},
-        format="pack-quantized",
-        quantization_status="compressed",
-        ignore=["lm_head"],
-    )
-    ModelCompressor(quantization_config=qconfig).update_config(str(tmp_path / "ct"))
-    reference.load_state_dict(ref_state)
 
+    def compress(name, weight):
+        return library_compress(weight, scheme, bits, symmetric, group_size)
+
+    reference = save_library_checkpoint(tmp_path / "ct", tiny_llama, scheme, compress)
     loaded = load_compressed_tensors(tmp_path / "ct")
     assert isinstance(loaded.model.layers[1].mlp.down_proj, QuantLinear)
-    ids = torch.randint(0, 128, (2, 11))
-    assert torch.equal(loaded(ids).logits, reference(ids).logits)
-    x = torch.randn(3, 64)
-    q_proj = loaded.model.layers[0].self_attn.q_proj
-    want = F.linear(x, ref_state["model.layers.0.self_attn.q_proj.weight"])
-    assert torch.equal(q_proj(x), want)
+    assert_same_outputs(loaded, reference)
 
 
 @pytest.mark.parametrize("fmt", ["int-quantized", "float-quantized"])
@@ -205,49 +179,51 @@ def _export(tmp_path):
     return tmp_path / "ct"
 
 
-def _edit_config(folder, edit):
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    edit(config)
-    path.write_text(json.dumps(config))
+def _weights_args(config: dict) -> dict:
+    return config["quantization_config"]["config_groups"]["group_0"]["weights"]
 
 
-def test_unknown_quantization_config_field_is_refused(tmp_path):
+def _set_version(version: str):
+    return lambda c: c["quantization_config"].update(version=version)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        pytest.param(
+            lambda c: c["quantization_config"].update(secret_sauce=True),
+            ConfigError,
+            "unknown field.*secret_sauce",
+            id="unknown-quantization-config-field",
+        ),
+        pytest.param(
+            lambda c: _weights_args(c).update(hadamard=True),
+            ConfigError,
+            "group_0.weights: unknown field.*hadamard",
+            id="unknown-quantization-args-field",
+        ),
+        *(
+            pytest.param(_set_version(v), CheckpointError, "version", id=f"library-version-{v}")
+            for v in ("1.0.0", "0.3.1", "banana")
+        ),
+        pytest.param(
+            lambda c: c.update(architectures=["TotallyNewForCausalLM"]),
+            CheckpointError,
+            "TotallyNewForCausalLM",
+            id="unknown-architecture",
+        ),
+        pytest.param(
+            lambda c: c["quantization_config"].update(sparsity_config={"x": 1}),
+            CheckpointError,
+            "sparsity_config",
+            id="sparse-checkpoint",
+        ),
+    ],
+)
+def test_edited_config_json_is_refused(tmp_path, change, error, match):
     folder = _export(tmp_path)
-    _edit_config(folder, lambda c: c["quantization_config"].update(secret_sauce=True))
-    with pytest.raises(ConfigError, match="unknown field.*secret_sauce"):
-        load_compressed_tensors(folder)
-
-
-def test_unknown_quantization_args_field_is_refused(tmp_path):
-    folder = _export(tmp_path)
-    edit = lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(  # noqa: E731
-        hadamard=True
-    )
-    _edit_config(folder, edit)
-    with pytest.raises(ConfigError, match="group_0.weights: unknown field.*hadamard"):
-        load_compressed_tensors(folder)
-
-
-@pytest.mark.parametrize("version", ["1.0.0", "0.3.1", "banana"])
-def test_unsupported_library_version_is_refused(tmp_path, version):
-    folder = _export(tmp_path)
-    _edit_config(folder, lambda c: c["quantization_config"].update(version=version))
-    with pytest.raises(CheckpointError, match="version"):
-        load_compressed_tensors(folder)
-
-
-def test_unknown_architecture_is_refused(tmp_path):
-    folder = _export(tmp_path)
-    _edit_config(folder, lambda c: c.update(architectures=["TotallyNewForCausalLM"]))
-    with pytest.raises(CheckpointError, match="TotallyNewForCausalLM"):
-        load_compressed_tensors(folder)
-
-
-def test_sparse_checkpoint_is_refused(tmp_path):
-    folder = _export(tmp_path)
-    _edit_config(folder, lambda c: c["quantization_config"].update(sparsity_config={"x": 1}))
-    with pytest.raises(CheckpointError, match="sparsity_config"):
+    edit_config_json(folder, change)
+    with pytest.raises(error, match=match):
         load_compressed_tensors(folder)
 
 

@@ -12,17 +12,14 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from torchquant import QuantConfig, convert_model
-from torchquant.config import GPTQConfig, QuantScheme, WeightQuant
 from torchquant.formats.compressed_tensors import load_compressed_tensors, save_compressed_tensors
 from torchquant.modules import QuantLinear
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
-from compressed_tensors.compressors import BaseCompressor, ModelCompressor  # noqa: E402
+from compressed_tensors.compressors import BaseCompressor  # noqa: E402
 from compressed_tensors.compressors.pack_quantized.helpers import (  # noqa: E402
     pack_to_int32,
     unpack_from_int32,
@@ -33,7 +30,12 @@ from compressed_tensors.quantization import (  # noqa: E402
     QuantizationScheme,
 )
 from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize  # noqa: E402
-from format_definitions import ref_signed_qparams  # noqa: E402
+from format_definitions import (  # noqa: E402
+    assert_same_outputs,
+    ref_signed_qparams,
+    save_library_checkpoint,
+)
+from tiny_models import act_order_llama  # noqa: E402
 from tiny_models import tiny_llama as shared_tiny_llama  # noqa: E402
 
 VOCAB = 96
@@ -111,24 +113,13 @@ def library_compress(state: dict, scheme: QuantizationScheme) -> dict:
 # -- our export, their decompressor
 
 
-def act_order_model(group=32, symmetric=False, **kw):
-    weight = WeightQuant("int", 4, group, symmetric)
-    scheme = QuantScheme(
-        weight, algorithm="gptq", gptq=GPTQConfig(act_order=True, static_groups=False)
-    )
-    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
-    config = QuantConfig(default=scheme)
-    model, _ = convert_model(tiny_llama(**kw), config, calibration_data=ids, progress=False)
-    return model
-
-
 @pytest.mark.parametrize(
     "kw",
     [{}, {"symmetric": True}, {"group": 64, "hidden": 96, "inter": 160}],
     ids=["g32-asym", "g32-sym", "g64-partial-last-group"],
 )
 def test_library_decompresses_our_act_order_export_exactly(tmp_path, kw):
-    model = act_order_model(**kw)
+    model = act_order_llama(tie_word_embeddings=True, **kw)
     save_compressed_tensors(model, tmp_path / "ct")
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     config = library_config(qc)
@@ -164,35 +155,19 @@ def test_act_order_checkpoint_compressed_by_the_library_loads_with_identical_out
     if READS_G_IDX:
         args["actorder"] = "group"
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args), format=FORMAT)
-    model = tiny_llama()
-    model.save_pretrained(tmp_path / "ct")
-    state = dict(model.state_dict())
-    state.pop("lm_head.weight")  # tied to the embedding
-    reference = tiny_llama()
-    ref_state = reference.state_dict()
     gen = torch.Generator().manual_seed(2)
     written = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            weight = module.weight.detach()
-            k = weight.shape[1]
-            g_idx = (torch.randperm(k, generator=gen) // group).to(torch.int32)
-            scale, zp = _act_order_qparams(weight, g_idx, bits, symmetric, group)
-            full = {"weight": weight, "weight_scale": scale, "weight_g_idx": g_idx}
-            compressed = library_compress({**full, "weight_zero_point": zp}, scheme)
-            assert torch.equal(compressed["weight_g_idx"], g_idx)
-            del state[f"{name}.weight"]
-            state.update({f"{name}.{key}": v for key, v in compressed.items()})
-            ref_state[f"{name}.weight"] = library_decompress(dict(compressed), scheme)
-            written[name] = g_idx
-    save_file(state, str(tmp_path / "ct" / "model.safetensors"), metadata={"format": "pt"})
-    qconfig = QuantizationConfig(
-        config_groups={"group_0": scheme},
-        format=FORMAT,
-        quantization_status="compressed",
-        ignore=["lm_head"],
-    )
-    ModelCompressor(quantization_config=qconfig).update_config(str(tmp_path / "ct"))
+
+    def compress(name, weight):
+        g_idx = (torch.randperm(weight.shape[1], generator=gen) // group).to(torch.int32)
+        scale, zp = _act_order_qparams(weight, g_idx, bits, symmetric, group)
+        full = {"weight": weight, "weight_scale": scale, "weight_g_idx": g_idx}
+        compressed = library_compress({**full, "weight_zero_point": zp}, scheme)
+        assert torch.equal(compressed["weight_g_idx"], g_idx)
+        written[name] = g_idx
+        return compressed, library_decompress(dict(compressed), scheme)
+
+    reference = save_library_checkpoint(tmp_path / "ct", tiny_llama, scheme, compress)
     path = tmp_path / "ct" / "config.json"
     config = json.loads(path.read_text())
     weights = config["quantization_config"]["config_groups"]["group_0"]["weights"]
@@ -201,14 +176,7 @@ def test_act_order_checkpoint_compressed_by_the_library_loads_with_identical_out
     else:  # the library can no longer write it: what its 0.18 release wrote
         weights["actorder"] = "group"
         path.write_text(json.dumps(config))
-    reference.load_state_dict(ref_state)
-
     loaded = load_compressed_tensors(tmp_path / "ct")
     for name, g_idx in written.items():
         assert torch.equal(loaded.get_submodule(name).g_idx, g_idx), name
-    ids = torch.randint(0, VOCAB, (2, 11))
-    assert torch.equal(loaded(ids).logits, reference(ids).logits)
-    x = torch.randn(3, 64)
-    q_proj = loaded.model.layers[0].self_attn.q_proj
-    want = F.linear(x, ref_state["model.layers.0.self_attn.q_proj.weight"])
-    assert torch.equal(q_proj(x), want)
+    assert_same_outputs(loaded, reference)

@@ -10,13 +10,11 @@ the checkpoint catalogue and the format tests.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
-from checkpoint_tools import make_hf_model, read_safetensors, write_safetensors
-from fuzz_strategies import apply_byte_edits, byte_edits, fuzz_settings, json_edits
+from checkpoint_tools import make_hf_model, scratch_copy
+from fuzz_strategies import edit_header_fields, edit_raw_bytes, fuzz_settings, json_edits
 from hypothesis import event, given
 from hypothesis import strategies as st
 
@@ -48,26 +46,16 @@ def _loads_or_refuses(directory: Path) -> None:
 @fuzz_settings
 @given(data=st.data(), fmt=st.sampled_from(FORMATS))
 def test_raw_byte_edits_load_or_raise_our_error(saved, data, fmt):
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp) / fmt
-        shutil.copytree(saved / fmt, directory)
-        path = directory / "model.safetensors"
-        raw = path.read_bytes()
-        header_end = 8 + int.from_bytes(raw[:8], "little")
-        path.write_bytes(apply_byte_edits(raw, data.draw(byte_edits(len(raw), header_end))))
+    with scratch_copy(saved / fmt) as directory:
+        edit_raw_bytes(data, directory / "model.safetensors")
         _loads_or_refuses(directory)
 
 
 @fuzz_settings
 @given(data=st.data(), fmt=st.sampled_from(FORMATS))
 def test_header_field_edits_load_or_raise_our_error(saved, data, fmt):
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp) / fmt
-        shutil.copytree(saved / fmt, directory)
-        header, payload = read_safetensors(directory / "model.safetensors")
-        edited = data.draw(json_edits(header))
-        edited = edited if isinstance(edited, dict) else {"__metadata__": edited}
-        write_safetensors(directory / "model.safetensors", edited, payload)
+    with scratch_copy(saved / fmt) as directory:
+        edit_header_fields(data, directory / "model.safetensors")
         _loads_or_refuses(directory)
 
 
@@ -75,9 +63,7 @@ def test_header_field_edits_load_or_raise_our_error(saved, data, fmt):
 @given(data=st.data(), fmt=st.sampled_from(FORMATS), target=st.sampled_from(["qc", "any"]))
 def test_config_json_edits_load_or_raise_our_error(saved, data, fmt, target):
     """Edits of ``config.json`` (often inside ``quantization_config``) and GPTQ's own file."""
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp) / fmt
-        shutil.copytree(saved / fmt, directory)
+    with scratch_copy(saved / fmt) as directory:
         names = sorted(p.name for p in directory.glob("*.json"))
         path = directory / data.draw(st.sampled_from(names))
         doc = json.loads(path.read_text())

@@ -10,7 +10,8 @@ import warnings
 
 import pytest
 import torch
-from format_definitions import ref_gptq_dequant, ref_pack_dim1
+from checkpoint_tools import edit_config_json, edit_quantization_config
+from format_definitions import ref_gptq_dequant, ref_pack_dim1, replace_weight
 from safetensors.torch import save_file
 from tiny_models import tiny_llama
 
@@ -69,10 +70,7 @@ def write_folder(folder, model, state, qc, extra=None):
     """``model``'s config (dtype float32) with ``qc``, and ``state`` as its one shard."""
     model.save_pretrained(folder)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((folder / "config.json").read_text())
-    config["dtype"] = "float32"
-    config["quantization_config"] = qc
-    (folder / "config.json").write_text(json.dumps(config))
+    edit_config_json(folder, lambda config: config.update(dtype="float32", quantization_config=qc))
     for name, data in (extra or {}).items():
         (folder / name).write_text(json.dumps(data))
     return folder
@@ -86,6 +84,21 @@ def linears(model):
     ]
 
 
+def random_groups(gen, n, k, *, lowest_zero=None, scales_dtype=torch.float16, scale=None):
+    """Random 4-bit codes ``(K, N)`` with per-group zeros (all 8 unless drawn from
+    ``[lowest_zero, 16)``) and small positive scales, the first one replaced by ``scale``."""
+    codes = torch.randint(0, 16, (k, n), generator=gen)
+    shape = (k // GROUP, n)
+    if lowest_zero is None:
+        zeros = torch.full(shape, 8)
+    else:
+        zeros = torch.randint(lowest_zero, 16, shape, generator=gen)
+    scales = (torch.rand(shape, generator=gen) * 0.02 + 0.001).to(scales_dtype)
+    if scale is not None:
+        scales[0, 0] = scale
+    return codes, zeros, scales
+
+
 def gptq_folder(tmp_path, *, sym=True, desc_act=False, scales_dtype=torch.float16, scale=None):
     """A GPTQModel v1 folder; returns it, the float model and the weights packed, ``(N, K)``."""
     model = tiny_llama()
@@ -93,12 +106,9 @@ def gptq_folder(tmp_path, *, sym=True, desc_act=False, scales_dtype=torch.float1
     state, expected = dict(model.state_dict()), {}
     for name, m in linears(model):
         n, k = m.weight.shape
-        codes = torch.randint(0, 16, (k, n), generator=gen)
-        shape = (k // GROUP, n)
-        zeros = torch.full(shape, 8) if sym else torch.randint(1, 16, shape, generator=gen)
-        scales = (torch.rand(shape, generator=gen) * 0.02 + 0.001).to(scales_dtype)
-        if scale is not None:
-            scales[0, 0] = scale
+        codes, zeros, scales = random_groups(
+            gen, n, k, lowest_zero=None if sym else 1, scales_dtype=scales_dtype, scale=scale
+        )
         plain = torch.arange(k) // GROUP
         g_idx = plain[torch.randperm(k, generator=gen)] if desc_act else plain
         tensors = {
@@ -107,8 +117,7 @@ def gptq_folder(tmp_path, *, sym=True, desc_act=False, scales_dtype=torch.float1
             "scales": scales,
             "g_idx": g_idx.to(torch.int32),
         }
-        del state[f"{name}.weight"]
-        state.update({f"{name}.{key}": v for key, v in tensors.items()})
+        replace_weight(state, name, tensors)
         if scales.is_floating_point():
             expected[name] = ref_gptq_dequant({**tensors, "scales": scales.float()}, 4, "gptq")
     qc = gptqmodel_config(sym, desc_act)
@@ -123,17 +132,12 @@ def awq_folder(tmp_path, qc, *, zero_point=True, with_qzeros=True, scale=None):
     state, expected = dict(model.state_dict()), {}
     for name, m in linears(model):
         n, k = m.weight.shape
-        codes = torch.randint(0, 16, (k, n), generator=gen)
-        shape = (k // GROUP, n)
-        zeros = torch.randint(0, 16, shape, generator=gen) if zero_point else torch.full(shape, 8)
-        scales = (torch.rand(shape, generator=gen) * 0.02 + 0.001).half()
-        if scale is not None:
-            scales[0, 0] = scale
+        lowest_zero = 0 if zero_point else None
+        codes, zeros, scales = random_groups(gen, n, k, lowest_zero=lowest_zero, scale=scale)
         tensors = {"qweight": ref_awq_pack(codes), "scales": scales}
         if with_qzeros:
             tensors["qzeros"] = ref_awq_pack(zeros)
-        del state[f"{name}.weight"]
-        state.update({f"{name}.{key}": v for key, v in tensors.items()})
+        replace_weight(state, name, tensors)
         g = torch.arange(k) // GROUP
         expected[name] = ((codes - zeros[g]).float() * scales.float()[g]).t()
     return write_folder(tmp_path / "awq", model, state, qc), model, expected
@@ -212,16 +216,9 @@ def test_gptqmodel_symmetric_awq_loads_with_implied_zero_points(tmp_path, with_q
 
 def test_symmetric_awq_refuses_qzeros_that_are_not_the_midpoint(tmp_path):
     folder, _, _ = awq_folder(tmp_path, {**GPTQMODEL_AWQ, "zero_point": True}, zero_point=True)
-    _edit_qc(folder, zero_point=False)
+    edit_quantization_config(folder, lambda qc: qc.update(zero_point=False))
     with pytest.raises(CheckpointError, match="zero_point is false"):
         load_awq(folder)
-
-
-def _edit_qc(folder, **changes):
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    config["quantization_config"].update(changes)
-    path.write_text(json.dumps(config))
 
 
 # -- every field type-checked, every error a CheckpointError naming the field
@@ -277,7 +274,7 @@ def test_awq_config_fields_are_type_checked(change, match):
 
 def test_loader_config_errors_are_checkpoint_errors(tmp_path):
     folder, _, _ = gptq_folder(tmp_path)
-    _edit_qc(folder, bits=5)
+    edit_quantization_config(folder, lambda qc: qc.update(bits=5))
     with pytest.raises(CheckpointError, match="bits=5"):
         load_gptq(folder)
 
