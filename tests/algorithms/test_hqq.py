@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from fuzz_strategies import int_weight_cases
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from torchquant.algorithms.hqq import LP_NORM, hqq_quantize
 from torchquant.errors import QuantizationError
@@ -64,18 +64,9 @@ def test_codes_are_the_nearest_on_the_stored_grid():
 
 
 @settings(max_examples=30, deadline=None)
-@given(
-    bits=st.integers(2, 8),
-    group_size=st.sampled_from([-1, 16, 32, 64, 128]),
-    symmetric=st.booleans(),
-    n=st.integers(1, 6),
-    k=st.integers(1, 200),
-    scale=st.floats(1e-4, 1e2),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_codes_in_range_and_never_worse_than_rtn(bits, group_size, symmetric, n, k, scale, seed):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * scale
+@given(case=int_weight_cases(max_rows=6, max_cols=200, min_scale=1e-4, max_scale=1e2))
+def test_codes_in_range_and_never_worse_than_rtn(case):
+    w, bits, group_size, symmetric = case
     q = hqq_quantize(w, bits, group_size, symmetric)
     ref = quantize_int_weight(w, bits, group_size, symmetric)
     assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= (1 << bits) - 1

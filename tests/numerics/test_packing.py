@@ -7,13 +7,9 @@ from torchquant.errors import QuantizationError
 from torchquant.numerics import pack_codes, packed_width, unpack_codes
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    bits=st.integers(2, 8),
-    rows=st.integers(1, 4),
-    k=st.integers(1, 200),
-    seed=st.integers(0, 2**31 - 1),
-)
+@pytest.mark.parametrize("bits", range(2, 9))
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 4), k=st.integers(1, 200), seed=st.integers(0, 2**31 - 1))
 def test_unpack_inverts_pack(bits, rows, k, seed):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 1 << bits, (rows, k), generator=g)

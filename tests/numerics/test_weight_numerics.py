@@ -1,7 +1,7 @@
 import pytest
 import torch
+from fuzz_strategies import int_weight_cases
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from torchquant.errors import QuantizationError
 from torchquant.numerics import (
@@ -19,22 +19,13 @@ def roundtrip(w, bits, group_size, symmetric):
 
 
 @settings(max_examples=80, deadline=None)
-@given(
-    bits=st.integers(2, 8),
-    group_size=st.sampled_from([-1, 16, 32, 64, 128]),
-    symmetric=st.booleans(),
-    n=st.integers(1, 8),
-    k=st.integers(1, 300),
-    scale=st.floats(1e-3, 1e3),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_codes_in_range_and_error_within_half_step(bits, group_size, symmetric, n, k, scale, seed):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * scale
+@given(case=int_weight_cases(max_rows=8, max_cols=300, min_scale=1e-3, max_scale=1e3))
+def test_codes_in_range_and_error_within_half_step(case):
+    w, bits, group_size, symmetric = case
     q, deq = roundtrip(w, bits, group_size, symmetric)
     assert q.codes.dtype == torch.uint8
     assert int(q.codes.max()) <= (1 << bits) - 1
-    step = expand_groups(q.scales, group_size, k)
+    step = expand_groups(q.scales, group_size, w.shape[1])
     # both grids cover [min(w, 0), max(w, 0)], so every weight is within half a step
     # (the top symmetric code is exactly half a step below +absmax: allow float32 rounding)
     assert torch.all((deq - w).abs() <= step / 2 + 1e-6 * w.abs())
