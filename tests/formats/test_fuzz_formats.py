@@ -43,19 +43,14 @@ def _loads_or_refuses(directory: Path) -> None:
     event("loaded")
 
 
+@pytest.mark.parametrize(
+    "edit", [edit_raw_bytes, edit_header_fields], ids=["raw-bytes", "header-fields"]
+)
 @fuzz_settings
 @given(data=st.data(), fmt=st.sampled_from(FORMATS))
-def test_raw_byte_edits_load_or_raise_our_error(saved, data, fmt):
+def test_weight_file_edits_load_or_raise_our_error(saved, edit, data, fmt):
     with scratch_copy(saved / fmt) as directory:
-        edit_raw_bytes(data, directory / "model.safetensors")
-        _loads_or_refuses(directory)
-
-
-@fuzz_settings
-@given(data=st.data(), fmt=st.sampled_from(FORMATS))
-def test_header_field_edits_load_or_raise_our_error(saved, data, fmt):
-    with scratch_copy(saved / fmt) as directory:
-        edit_header_fields(data, directory / "model.safetensors")
+        edit(data, directory / "model.safetensors")
         _loads_or_refuses(directory)
 
 
