@@ -22,14 +22,14 @@ Target on the H100: w4a16 at batch 1 >= 2.5x bf16.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
+from functools import partial
 
+import bench_utils
 import torch
 import torch.nn.functional as F
-from bench_utils import copy_bandwidth_gbs, relative_error
 from torch import nn
 
 from torchquant import QuantConfig, convert_model
@@ -132,49 +132,25 @@ def step_bytes(model: nn.Module, batch: int) -> int:
     return total + batch * model.embed_tokens.weight[0].nbytes
 
 
-@torch.inference_mode()
-def graph_step(model: nn.Module, tokens: torch.Tensor, pos: torch.Tensor, rep: int):
-    """Median time (ms) of one CUDA-graph replay of a decode step, and its logits."""
-    import triton.testing
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # compiles and autotunes every kernel outside the capture
-            model(tokens, pos)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = model(tokens, pos)
-    graph.replay()
-    torch.cuda.synchronize()
-    replayed = logits.float().clone()
-    return triton.testing.do_bench(graph.replay, rep=rep, return_mode="median"), replayed
+# -- the result table: one row per (batch, scheme)
+TABLE_HEADER = "batch | scheme | ms/step | tokens/s | vs bf16 | GB/s | % copy | logits rel. err"
+TABLE_CELLS = "{} {} {:.3f} {:.0f} {:.2f}x {:.0f} {:.0f}% {:.3f}"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--batches", default="1,16")
+    parser = bench_utils.decode_parser(__doc__.splitlines()[0], SCHEMES, rep=200)
     parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--schemes", default=",".join(SCHEMES))
-    parser.add_argument("--rep", type=int, default=200)
     parser.add_argument("--compile", action="store_true", help="torch.compile each model first")
-    args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    if not args.smoke and not cuda:
-        parser.error("timing needs a CUDA device; use --smoke")
-    device = torch.device("cuda" if cuda else "cpu")
+    args = bench_utils.parse_decode_args(parser, argv)
+    device, dtype, batches = args.device, args.dtype, args.batches
     shape = SMOKE_SHAPE if args.smoke else Shape()
     context = 16 if args.smoke else args.context
-    dtype = torch.bfloat16 if cuda else torch.float32
-    copy_gbs = copy_bandwidth_gbs(args.smoke)
-    batches = [int(b) for b in args.batches.split(",")]
+    copy_gbs = bench_utils.copy_bandwidth_gbs(args.smoke)
     torch.manual_seed(1)
     tokens = torch.randint(0, shape.vocab, (max(batches),), device=device)
     pos = torch.tensor([context // 2], device=device)
     rows, failures, references, base_ms = [], [], {}, {}
-    for scheme in args.schemes.split(","):  # one model per scheme serves every batch size
+    for scheme in args.schemes:  # one model per scheme serves every batch size
         model = build(shape, max(batches), context, scheme, dtype, device)
         nbytes = {batch: step_bytes(model, batch) for batch in batches}
         if args.compile:
@@ -183,37 +159,32 @@ def main(argv: list[str] | None = None) -> None:
             with torch.inference_mode():
                 logits = model(tokens[:batch], pos).float()
             reference = references.setdefault(batch, logits)
-            err = relative_error(logits, reference)
+            err = bench_utils.relative_error(logits, reference)
             ms = float("nan")
             if not math.isfinite(err):
                 failures.append(f"{scheme} batch {batch}: non-finite logits")
             elif not args.smoke:
-                ms, replayed = graph_step(model, tokens[:batch], pos, args.rep)
-                if relative_error(replayed, logits) > 1e-2:
+                ms, replayed = bench_utils.graph_replay_ms(
+                    partial(model, tokens[:batch], pos), args.rep
+                )
+                if bench_utils.relative_error(replayed, logits) > 1e-2:
                     failures.append(f"{scheme} batch {batch}: graph replay differs from eager")
             base = base_ms.setdefault(batch, ms)
             gbs = nbytes[batch] / (ms * 1e-3) / 1e9
-            rows.append((batch, scheme, ms, batch / ms * 1e3, base / ms, gbs, err))
+            pct = 100 * gbs / copy_gbs
+            rows.append((batch, scheme, ms, batch / ms * 1e3, base / ms, gbs, pct, err))
         del model
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.empty_cache()
     rows.sort(key=lambda row: row[0])  # stable: schemes stay in order within a batch
     mode = "torch.compile + CUDA graph" if args.compile else "CUDA graph"
     name = "smoke shapes" if args.smoke else "Llama-3-8B shapes"
     print(f"\n## decode step, {name}, context {context}, {mode} replay (do_bench median)")
     print(f"copy bandwidth (measured): {copy_gbs:.0f} GB/s")
-    print("| batch | scheme | ms/step | tokens/s | vs bf16 | GB/s | % copy | logits rel. err |")
-    print("|---|---|---|---|---|---|---|---|")
-    for batch, scheme, ms, tps, speedup, gbs, err in rows:
-        print(
-            f"| {batch} | {scheme} | {ms:.3f} | {tps:.0f} | {speedup:.2f}x | {gbs:.0f} "
-            f"| {100 * gbs / copy_gbs:.0f}% | {err:.3f} |"
-        )
-    if failures:
-        print("\nWRONG RESULTS:\n" + "\n".join(failures))
-        sys.exit(1)
-    if args.smoke:
-        print("smoke ok: every scheme builds, converts and decodes")
+    bench_utils.print_markdown_table(TABLE_HEADER, TABLE_CELLS, rows)
+    bench_utils.finish_run(
+        failures, "smoke ok: every scheme builds, converts and decodes", args.smoke
+    )
 
 
 if __name__ == "__main__":

@@ -27,13 +27,13 @@ not judged.  Target (issue
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
+from functools import partial
 
+import bench_utils
 import torch
-from bench_utils import copy_bandwidth_gbs, relative_error
 from torch import nn
 
 from torchquant import QuantConfig, convert_model, scheme_from_name
@@ -174,71 +174,49 @@ def eager_step(model: nn.Module, x: torch.Tensor, rep: int) -> float:
     return triton.testing.do_bench(lambda: model(x), rep=rep, return_mode="median")
 
 
-@torch.inference_mode()
-def graph_step(model: nn.Module, x: torch.Tensor, rep: int):
-    """Median time (ms) of one CUDA-graph replay of a decode step, and its output."""
-    import triton.testing
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # compiles, autotunes and stacks every layer outside the capture
-            model(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = model(x)
-    graph.replay()
-    torch.cuda.synchronize()
-    replayed = out.float().clone()
-    return triton.testing.do_bench(graph.replay, rep=rep, return_mode="median"), replayed
+# -- the result table: one row per (batch, scheme)
+TABLE_HEADER = (
+    "batch | scheme | eager ms | graph ms | tokens/s | vs bf16 | GB/s | % copy | rel. err"
+)
+TABLE_CELLS = "{} {} {:.3f} {:.3f} {:.0f} {:.2f}x {:.0f} {:.0f}% {:.3f}"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--batches", default="1,16")
+    parser = bench_utils.decode_parser(__doc__.splitlines()[0], SCHEMES, rep=100)
     parser.add_argument("--layers", type=int, default=Shape.layers)
-    parser.add_argument("--schemes", default=",".join(SCHEMES))
-    parser.add_argument("--rep", type=int, default=100)
-    args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    if not args.smoke and not cuda:
-        parser.error("timing needs a CUDA device; use --smoke")
-    device = torch.device("cuda" if cuda else "cpu")
+    args = bench_utils.parse_decode_args(parser, argv)
+    device, dtype, batches = args.device, args.dtype, args.batches
     shape = SMOKE_SHAPE if args.smoke else Shape(layers=args.layers)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    copy_gbs = copy_bandwidth_gbs(args.smoke)
-    batches = [int(b) for b in args.batches.split(",")]
+    copy_gbs = bench_utils.copy_bandwidth_gbs(args.smoke)
     torch.manual_seed(1)
     inputs = torch.randn(max(batches), shape.hidden, device=device, dtype=dtype)
     rows, failures, references, base_ms = [], [], {}, {}
-    for scheme in args.schemes.split(","):  # one model per scheme serves every batch size
+    for scheme in args.schemes:  # one model per scheme serves every batch size
         model = build(shape, scheme, dtype, device)
         for batch in batches:
             x = inputs[:batch]
             nbytes = step_bytes(model, x)
             with torch.inference_mode():
                 out = model(x).float() - x.float()  # what the layers add to x
-            err = relative_error(out, references.setdefault(batch, out))
+            err = bench_utils.relative_error(out, references.setdefault(batch, out))
             eager_ms = graph_ms = float("nan")
             if not math.isfinite(err):
                 failures.append(f"{scheme} batch {batch}: non-finite output")
             elif not args.smoke:
                 eager_ms = eager_step(model, x, args.rep)
                 try:
-                    graph_ms, replayed = graph_step(model, x, args.rep)
+                    graph_ms, replayed = bench_utils.graph_replay_ms(partial(model, x), args.rep)
                 except RuntimeError as error:  # the per-expert loop synchronises the host
                     print(f"{scheme} batch {batch}: no CUDA graph ({error})", file=sys.stderr)
                 else:
-                    if relative_error(replayed - x.float(), out) > 1e-2:
+                    if bench_utils.relative_error(replayed - x.float(), out) > 1e-2:
                         failures.append(f"{scheme} batch {batch}: graph replay differs")
             ms = min(eager_ms, graph_ms) if math.isfinite(graph_ms) else eager_ms
             if scheme.startswith("bf16") and math.isfinite(ms):
                 base_ms[batch] = min(base_ms.get(batch, ms), ms)
             rows.append((batch, scheme, eager_ms, graph_ms, ms, nbytes, err))
         del model
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.empty_cache()
     rows.sort(key=lambda row: row[0])
     print(
@@ -251,22 +229,17 @@ def main(argv: list[str] | None = None) -> None:
         "tokens/s, GB/s: the faster of eager and graph (nan: no graph was captured); "
         "vs bf16: against the faster bf16 variant"
     )
-    print(
-        "| batch | scheme | eager ms | graph ms | tokens/s | vs bf16 | GB/s | % copy | rel. err |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    cells = []
     for batch, scheme, eager_ms, graph_ms, ms, nbytes, err in rows:
         tps, speedup = batch / ms * 1e3, base_ms.get(batch, math.nan) / ms
         gbs = nbytes / (ms * 1e-3) / 1e9
-        print(
-            f"| {batch} | {scheme} | {eager_ms:.3f} | {graph_ms:.3f} | {tps:.0f} | "
-            f"{speedup:.2f}x | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | {err:.3f} |"
+        cells.append(
+            (batch, scheme, eager_ms, graph_ms, tps, speedup, gbs, 100 * gbs / copy_gbs, err)
         )
-    if failures:
-        print("\nWRONG RESULTS:\n" + "\n".join(failures))
-        sys.exit(1)
-    if args.smoke:
-        print("smoke ok: every scheme builds, converts and runs its experts")
+    bench_utils.print_markdown_table(TABLE_HEADER, TABLE_CELLS, cells)
+    bench_utils.finish_run(
+        failures, "smoke ok: every scheme builds, converts and runs its experts", args.smoke
+    )
 
 
 if __name__ == "__main__":

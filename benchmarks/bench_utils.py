@@ -1,4 +1,4 @@
-"""Shared pieces of the kernel benchmarks: arguments, rotation, timing, bandwidth, tables.
+"""Shared pieces of the benchmarks: arguments, rotation, timing, bandwidth, tables.
 
 Timing is the median of ``triton.testing.do_bench`` (which also flushes the L2 before
 every run); on top of that each call takes the next of several copies of its
@@ -16,7 +16,7 @@ import argparse
 import itertools
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -50,6 +50,33 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     return args
 
 
+def decode_parser(description: str, schemes: Sequence[str], rep: int) -> argparse.ArgumentParser:
+    """The options of the decode benchmarks; each script adds its own, then calls
+    :func:`parse_decode_args`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--schemes", default=",".join(schemes))
+    parser.add_argument("--rep", type=int, default=rep)
+    return parser
+
+
+def parse_decode_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """Parsed options with ``batches`` and ``schemes`` as lists, and the ``device`` and
+    ``dtype`` to run in (bf16 on CUDA; float32 on CPU, where only ``--smoke`` runs)."""
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not args.smoke and not cuda:
+        parser.error("timing needs a CUDA device; use --smoke")
+    args.device = torch.device("cuda" if cuda else "cpu")
+    args.dtype = torch.bfloat16 if cuda else torch.float32
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.schemes = args.schemes.split(",")
+    return args
+
+
 def copies_for(bytes_per_set: int) -> int:
     """How many copies of an operand set make one rotation cover ``ROTATE_BYTES``."""
     return max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / max(bytes_per_set, 1))))
@@ -73,6 +100,30 @@ def time_us(fn: Callable[..., object], sets: list[tuple], smoke: bool, rep: int 
     return triton.testing.do_bench(lambda: fn(*next(cycle)), rep=rep, return_mode="median") * 1e3
 
 
+@torch.inference_mode()
+def graph_replay_ms(step: Callable[[], torch.Tensor], rep: int) -> tuple[float, torch.Tensor]:
+    """Median time (ms) of one CUDA-graph replay of ``step()``, and a replay's output (float).
+
+    Three warm-up calls on a side stream compile and autotune every kernel (and let
+    modules build what they cache) outside the capture.
+    """
+    import triton.testing
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = out.float().clone()
+    return triton.testing.do_bench(graph.replay, rep=rep, return_mode="median"), replayed
+
+
 def copy_bandwidth_gbs(smoke: bool) -> float:
     """Measured device-to-device copy bandwidth, (read + write bytes) / time, in GB/s."""
     if smoke:
@@ -88,6 +139,29 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
 
 
+def print_markdown_table(header: str, cell_formats: str, rows: Iterable[Sequence[object]]) -> None:
+    """``rows`` under ``header`` (the titles, ``" | "`` between them); ``cell_formats``
+    holds one ``str.format`` field per column, separated by spaces (``"{} {:.3f} {:.0f}%"``)."""
+    formats = cell_formats.split()
+    print(f"| {header} |")
+    print("|" + "---|" * len(formats))
+    for row in rows:
+        cells = " | ".join(f.format(cell) for f, cell in zip(formats, row, strict=True))
+        print(f"| {cells} |")
+
+
+def finish_run(
+    failures: Sequence[str], smoke_message: str, smoke: bool, heading: str = "WRONG RESULTS"
+) -> None:
+    """Exit non-zero listing ``failures`` if there are any; else print ``smoke_message``
+    after a smoke run."""
+    if failures:
+        print(f"\n{heading}:\n" + "\n".join(failures))
+        sys.exit(1)
+    if smoke:
+        print(smoke_message)
+
+
 class Table:
     """Rows of (shape, M, method, time, speedup vs bf16, vs the named baseline, GB/s, % copy).
 
@@ -97,7 +171,7 @@ class Table:
     the measured device copy bandwidth.
     """
 
-    header = ("N x K", "M", "method", "us", "vs bf16", "vs baseline", "GB/s", "% copy")
+    header = "N x K | M | method | us | vs bf16 | vs baseline | GB/s | % copy"
 
     def __init__(self, title: str, copy_gbs: float, baselines: dict[str, str] | None = None):
         self.title, self.copy_gbs, self.rows = title, copy_gbs, []
@@ -134,20 +208,13 @@ class Table:
     def print(self) -> None:
         print(f"\n## {self.title}")
         print(f"copy bandwidth (measured): {self.copy_gbs:.0f} GB/s; times are do_bench medians")
-        print("| " + " | ".join(self.header) + " |")
-        print("|" + "---|" * len(self.header))
-        for shape, m, method, us, speedup, gbs, pct in self.rows:
-            vs = self._baseline_ratio(shape, m, method, us)
-            print(
-                f"| {shape} | {m} | {method} | {us:.1f} | {speedup:.2f}x | {vs} "
-                f"| {gbs:.0f} | {pct:.0f}% |"
-            )
+        rows = [
+            (shape, m, method, us, speedup, self._baseline_ratio(shape, m, method, us), gbs, pct)
+            for shape, m, method, us, speedup, gbs, pct in self.rows
+        ]
+        print_markdown_table(self.header, "{} {} {} {:.1f} {:.2f}x {} {:.0f} {:.0f}%", rows)
 
     def finish(self, smoke_message: str, smoke: bool) -> None:
         """Print the table, then exit non-zero if any method was wrong."""
         self.print()
-        if self.failures:
-            print("\nWRONG RESULTS (not timed):\n" + "\n".join(self.failures))
-            sys.exit(1)
-        if smoke:
-            print(smoke_message)
+        finish_run(self.failures, smoke_message, smoke, heading="WRONG RESULTS (not timed)")
