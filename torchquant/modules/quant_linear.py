@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from torchquant.config import QuantScheme
-from torchquant.errors import QuantizationError
+from torchquant.errors import ConfigError, QuantizationError
 from torchquant.ops.cpu_kernels import CpuLayout
 from torchquant.weights import linear_w8a8, weight_format
 
@@ -17,6 +17,12 @@ _CPU_LAYOUT = "_cpu_layout_cache"
 def _scale_dtype(scheme: QuantScheme, dtype: torch.dtype) -> torch.dtype:
     """The dtype the scheme's weight format keeps scales in (``QatLinear`` matches it)."""
     return weight_format(scheme).scale_dtype(scheme.weight, dtype)
+
+
+def check_scheme(scheme: object) -> None:
+    """Refuse a layer ``scheme`` that is not a :class:`QuantScheme` (``QatLinear`` too)."""
+    if not isinstance(scheme, QuantScheme):
+        raise ConfigError(f"scheme must be a QuantScheme, got {type(scheme).__name__}")
 
 
 def _derive_layout_after_load(module: QuantLinear, incompatible_keys: object) -> None:
@@ -54,6 +60,7 @@ class QuantLinear(nn.Module):
         g_idx: bool = False,
     ) -> None:
         super().__init__()
+        check_scheme(scheme)
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = scheme

@@ -8,7 +8,7 @@ from torch import nn
 
 from torchquant.config import QuantScheme
 from torchquant.errors import ConfigError, QuantizationError
-from torchquant.modules.quant_linear import QuantLinear, _scale_dtype
+from torchquant.modules.quant_linear import QuantLinear, _scale_dtype, check_scheme
 from torchquant.numerics import activation_qmax
 from torchquant.qat.fake_quant import (
     cast_ste,
@@ -48,8 +48,7 @@ class QatLinear(nn.Linear):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        if not isinstance(scheme, QuantScheme):
-            raise ConfigError(f"scheme must be a QuantScheme, got {type(scheme).__name__}")
+        check_scheme(scheme)
         if isinstance(weight_format(scheme), Fp4Format):
             raise ConfigError(
                 f"QAT has no fake quantization for {scheme.describe()} (FP4) weights; "
