@@ -34,6 +34,16 @@ MAX_TILE = 4096
 
 
 @triton.jit
+def _group_tile(K, GROUP, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Row and column offsets of this program's tile: ``BLOCK_N`` rows x one group of columns
+    (``BLOCK_G`` is the group padded to a power of two; the columns past it point at ``K``,
+    so the bounds mask drops them)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * GROUP + tl.arange(0, BLOCK_G)
+    return offs_n, tl.where(tl.arange(0, BLOCK_G) < GROUP, offs_k, K)
+
+
+@triton.jit
 def _load_tile(
     w_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, G, stride_wn, HAS_ZERO: tl.constexpr, ZERO_SYM
 ):
@@ -67,9 +77,7 @@ def _fake_quant_fwd_kernel(
     BLOCK_G: tl.constexpr,
 ):
     # -- the tile: BLOCK_N rows x one group of columns
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.program_id(1) * GROUP + tl.arange(0, BLOCK_G)
-    offs_k = tl.where(tl.arange(0, BLOCK_G) < GROUP, offs_k, K)  # past the group: masked off
+    offs_n, offs_k = _group_tile(K, GROUP, BLOCK_N, BLOCK_G)
     w, s, z, mask = _load_tile(
         w_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, G, stride_wn, HAS_ZERO, ZERO_SYM
     )
@@ -104,9 +112,7 @@ def _fake_quant_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.program_id(1) * GROUP + tl.arange(0, BLOCK_G)
-    offs_k = tl.where(tl.arange(0, BLOCK_G) < GROUP, offs_k, K)
+    offs_n, offs_k = _group_tile(K, GROUP, BLOCK_N, BLOCK_G)
     w, s, z, mask = _load_tile(
         w_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, G, stride_wn, HAS_ZERO, ZERO_SYM
     )
@@ -131,8 +137,10 @@ def _fake_quant_bwd_kernel(
 # -- launchers
 
 
-def _launch_shape(w: torch.Tensor, scales: torch.Tensor, group_size: int) -> tuple[int, int, int]:
-    """``(group length, padded block, rows per program)``, after checking shapes."""
+def _launch_args(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int
+) -> tuple[tuple[int, int], dict]:
+    """The grid and the arguments both kernels take after their pointers (shapes checked)."""
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"w must be a 2-D float tensor (N, K), got {w.dtype} {tuple(w.shape)}")
     n, k = w.shape
@@ -142,7 +150,19 @@ def _launch_shape(w: torch.Tensor, scales: torch.Tensor, group_size: int) -> tup
         raise ValueError(f"scales must be ({n}, {groups}), got {tuple(scales.shape)}")
     block_g = triton.next_power_of_2(group)
     block_n = max(1, min(triton.next_power_of_2(n), MAX_TILE // block_g))
-    return group, block_g, block_n
+    args = dict(
+        N=n,
+        K=k,
+        G=groups,
+        GROUP=group,
+        stride_wn=w.stride(0),
+        QMAX=float((1 << bits) - 1),
+        ZERO_SYM=float(1 << (bits - 1)),
+        HAS_ZERO=zeros is not None,
+        BLOCK_N=block_n,
+        BLOCK_G=block_g,
+    )
+    return (triton.cdiv(n, block_n), groups), args
 
 
 def fake_quant_int_forward(
@@ -157,15 +177,9 @@ def fake_quant_int_forward(
     check_device(w, scales, zeros)
     w, scales = w.contiguous(), scales.contiguous().float()
     zf = zeros.contiguous().float() if zeros is not None else scales
-    group, block_g, block_n = _launch_shape(w, scales, group_size)
-    n, k = w.shape
-    out = output(out, (n, k), w.dtype, w.device)
-    grid = (triton.cdiv(n, block_n), scales.shape[1])
-    _fake_quant_fwd_kernel[grid](
-        w, scales, zf, out, n, k, scales.shape[1], group, w.stride(0),
-        QMAX=float((1 << bits) - 1), ZERO_SYM=float(1 << (bits - 1)), HAS_ZERO=zeros is not None,
-        BLOCK_N=block_n, BLOCK_G=block_g,
-    )  # fmt: skip
+    grid, args = _launch_args(w, scales, zeros, bits, group_size)
+    out = output(out, tuple(w.shape), w.dtype, w.device)
+    _fake_quant_fwd_kernel[grid](w, scales, zf, out, **args)
     return out
 
 
@@ -182,18 +196,14 @@ def fake_quant_int_backward(
     w, grad = w.contiguous(), grad.contiguous()
     s32 = scales.contiguous().float()
     zf = zeros.contiguous().float() if zeros is not None else s32
-    group, block_g, block_n = _launch_shape(w, s32, group_size)
-    n, k = w.shape
+    grid, args = _launch_args(w, s32, zeros, bits, group_size)
     if grad.shape != w.shape:
-        raise ValueError(f"grad must have the weight's shape {(n, k)}, got {tuple(grad.shape)}")
+        raise ValueError(
+            f"grad must have the weight's shape {tuple(w.shape)}, got {tuple(grad.shape)}"
+        )
     grad_w = torch.empty_like(w)
     grad_s = torch.empty_like(s32)
     grad_z = torch.empty_like(s32) if zeros is not None else grad_s
-    grid = (triton.cdiv(n, block_n), s32.shape[1])
-    _fake_quant_bwd_kernel[grid](
-        grad, w, s32, zf, grad_w, grad_s, grad_z, n, k, s32.shape[1], group, w.stride(0),
-        QMAX=float((1 << bits) - 1), ZERO_SYM=float(1 << (bits - 1)), HAS_ZERO=zeros is not None,
-        BLOCK_N=block_n, BLOCK_G=block_g,
-    )  # fmt: skip
+    _fake_quant_bwd_kernel[grid](grad, w, s32, zf, grad_w, grad_s, grad_z, **args)
     gz = grad_z.to(zeros.dtype) if zeros is not None else None
     return grad_w, grad_s.to(scales.dtype), gz

@@ -71,13 +71,10 @@ def _blocked_product(
     return cpu_kernels.blocked_linear(x2, qweight.shape[0], weight_rows)
 
 
-@torch.library.custom_op("torchquant::linear_fp8_block_weight", mutates_args=())
-def linear_fp8_block_weight(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-    block_n: int, block_k: int,
-) -> torch.Tensor:  # fmt: skip
-    """Weight-only FP8 E4M3 linear with one float32 scale per weight block."""
-    return linear_fp8_block_weight_reference(x, qweight, scales, bias, block_n, block_k)
+linear_fp8_block_weight = torch.library.custom_op(
+    "torchquant::linear_fp8_block_weight", linear_fp8_block_weight_reference, mutates_args=()
+)
+linear_fp8_block_weight.__doc__ = "Weight-only FP8 E4M3 linear, one float32 scale per weight block."
 
 
 def _blocked_dtype(x: torch.Tensor) -> bool:
@@ -92,13 +89,10 @@ def linear_fp8_block_weight_cpu(x, qweight, scales, bias, block_n, block_k):
     return common.unflatten(common.add_bias(out, bias), x)
 
 
-@torch.library.custom_op("torchquant::linear_fp8_block", mutates_args=())
-def linear_fp8_block(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-    block_n: int, block_k: int,
-) -> torch.Tensor:  # fmt: skip
-    """FP8 block weights x FP8 activations with one scale per ``1 x block_k`` token group."""
-    return linear_fp8_block_reference(x, qweight, scales, bias, block_n, block_k)
+linear_fp8_block = torch.library.custom_op(
+    "torchquant::linear_fp8_block", linear_fp8_block_reference, mutates_args=()
+)
+linear_fp8_block.__doc__ = "FP8 block weights x FP8 activations, one scale per 1 x block_k group."
 
 
 def linear_fp8_block_cpu(x, qweight, scales, bias, block_n, block_k):

@@ -14,6 +14,8 @@ rows; other FP8 inputs run the reference.  CUDA: the Triton kernels.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from torchquant.numerics import poison_nonfinite_rows, quantize_activation
@@ -46,23 +48,30 @@ def linear_w8a8_reference(
     return _scaled_output(x, x2, acc, xs.double(), scales.double(), bias, per_token, input_scale)
 
 
+class ActivationQuant(NamedTuple):
+    """How the activations are quantized: the op's arguments after the weight and bias, in
+    the order ``quantize_activation`` and ``linear_w8a8_reference`` take them."""
+
+    act_type: str
+    per_token: bool
+    percentile: float
+    input_scale: torch.Tensor | None
+    smooth: torch.Tensor | None
+
+
 def linear_w8a8_cpu(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
     bias: torch.Tensor | None,
-    act_type: str,
-    per_token: bool,
-    percentile: float,
-    input_scale: torch.Tensor | None,
-    smooth: torch.Tensor | None,
+    act: ActivationQuant,
 ) -> torch.Tensor:
-    args = (act_type, per_token, percentile, input_scale, smooth)
-    if act_type == "fp8" and not cpu_kernels.uses_bf16_kernels(x):
-        return linear_w8a8_reference(x, qweight, scales, bias, *args)
+    if act.act_type == "fp8" and not cpu_kernels.uses_bf16_kernels(x):
+        return linear_w8a8_reference(x, qweight, scales, bias, *act)
     x2 = common.rows(x)
-    xq, xs = quantize_activation(x2, act_type, per_token, percentile, input_scale, smooth)
-    if act_type == "int8":
+    xq, xs = quantize_activation(x2, *act)
+    per_token, input_scale = act.per_token, act.input_scale
+    if act.act_type == "int8":
         acc = torch._int_mm(xq, qweight.t()).double()
         return _scaled_output(
             x, x2, acc, xs.double(), scales.double(), bias, per_token, input_scale
@@ -76,55 +85,55 @@ def linear_w8a8_cuda(
     qweight: torch.Tensor,
     scales: torch.Tensor,
     bias: torch.Tensor | None,
-    act_type: str,
-    per_token: bool,
-    percentile: float,
-    input_scale: torch.Tensor | None,
-    smooth: torch.Tensor | None,
+    act: ActivationQuant,
 ) -> torch.Tensor:
     from torchquant.triton_kernels.act_quant import quantize_activation_rows
     from torchquant.triton_kernels.fp8_gemm import fp8_gemm, fp8_supported
     from torchquant.triton_kernels.w8a8_gemm import int8_gemm
 
-    args = (x, qweight, scales, bias, act_type, per_token, percentile, input_scale, smooth)
-    if percentile < 100.0:
+    act_type = act.act_type
+    if act.percentile < 100.0:
         common.warn_fallback(f"linear_w8a8_{act_type}", "percentile activation scales need a sort")
-        return linear_w8a8_reference(*args)
+        return linear_w8a8_reference(x, qweight, scales, bias, *act)
     if act_type == "fp8" and not fp8_supported(x.device):
         common.warn_fallback("linear_w8a8_fp8", "FP8 tensor cores need compute capability >= 8.9")
-        return linear_w8a8_reference(*args)
+        return linear_w8a8_reference(x, qweight, scales, bias, *act)
     # -- per-row scales in every mode: NaN in rows with NaN/Inf makes those output rows NaN
     xq, xs = quantize_activation_rows(
-        common.rows(x), act_type, per_token, smooth, input_scale, row_scales=True
+        common.rows(x), act_type, act.per_token, act.smooth, act.input_scale, row_scales=True
     )
     gemm = int8_gemm if act_type == "int8" else fp8_gemm
     return common.unflatten(gemm(xq, qweight, xs, scales.float(), bias, x.dtype), x)
 
 
+def _with_act_type(impl, act_type: str):
+    """``impl`` as the op ``linear_w8a8_{act_type}`` takes its arguments (no ``act_type``)."""
+
+    def bound(x, qweight, scales, bias, per_token, percentile, input_scale, smooth):
+        act = ActivationQuant(act_type, per_token, percentile, input_scale, smooth)
+        return impl(x, qweight, scales, bias, act)
+
+    return bound
+
+
+def _reference(x, qweight, scales, bias, act: ActivationQuant) -> torch.Tensor:
+    return linear_w8a8_reference(x, qweight, scales, bias, *act)
+
+
 def _define_w8a8_op(act_type: str):
     """``torchquant::linear_w8a8_{act_type}`` with its CPU, CUDA and fake implementations."""
     name = f"torchquant::linear_w8a8_{act_type}"
-
-    def reference(x, qweight, scales, bias, per_token, percentile, input_scale, smooth):
-        args = (act_type, per_token, percentile, input_scale, smooth)
-        return linear_w8a8_reference(x, qweight, scales, bias, *args)
-
-    def on_cpu(x, qweight, scales, bias, per_token, percentile, input_scale, smooth):
-        args = (act_type, per_token, percentile, input_scale, smooth)
-        return linear_w8a8_cpu(x, qweight, scales, bias, *args)
-
-    def on_cuda(x, qweight, scales, bias, per_token, percentile, input_scale, smooth):
-        args = (act_type, per_token, percentile, input_scale, smooth)
-        return linear_w8a8_cuda(x, qweight, scales, bias, *args)
-
     schema = (
         "(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, bool per_token, "
         "float percentile, Tensor? input_scale, Tensor? smooth) -> Tensor"
     )
+    reference = _with_act_type(_reference, act_type)
     op = torch.library.custom_op(name, reference, mutates_args=(), schema=schema)
     op.__doc__ = f"{act_type.upper()} weights x {act_type.upper()} activations, scaled epilogue."
-    common.register_cpu(op, on_cpu)
+    common.register_cpu(op, _with_act_type(linear_w8a8_cpu, act_type))
     op.register_fake(common.fake_linear)
+    on_cuda = _with_act_type(linear_w8a8_cuda, act_type)
+    on_cuda.__name__ = f"linear_w8a8_{act_type}_cuda"  # its name in ops.cuda
     common.register_cuda(name, on_cuda)
     return op, on_cuda
 

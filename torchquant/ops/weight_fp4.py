@@ -45,17 +45,10 @@ def linear_fp4_weight_reference(
     return F.linear(x, w, bias)
 
 
-@torch.library.custom_op("torchquant::linear_fp4_weight", mutates_args=())
-def linear_fp4_weight(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    global_scale: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    block: int,
-) -> torch.Tensor:
-    """Weight-only FP4 E2M1 linear with block scales (NVFP4 or MXFP4)."""
-    return linear_fp4_weight_reference(x, qweight, scales, global_scale, bias, block)
+linear_fp4_weight = torch.library.custom_op(
+    "torchquant::linear_fp4_weight", linear_fp4_weight_reference, mutates_args=()
+)
+linear_fp4_weight.__doc__ = "Weight-only FP4 E2M1 linear with block scales (NVFP4 or MXFP4)."
 
 
 def linear_fp4_weight_cpu(x, qweight, scales, global_scale, bias, block):

@@ -40,12 +40,10 @@ def fp8_rows_linear(
     return out.float()
 
 
-@torch.library.custom_op("torchquant::linear_fp8_weight", mutates_args=())
-def linear_fp8_weight(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """Weight-only FP8 E4M3 linear (per-channel or per-tensor float32 scale)."""
-    return linear_fp8_weight_reference(x, qweight, scales, bias)
+linear_fp8_weight = torch.library.custom_op(
+    "torchquant::linear_fp8_weight", linear_fp8_weight_reference, mutates_args=()
+)
+linear_fp8_weight.__doc__ = "Weight-only FP8 E4M3 linear (per-channel or per-tensor float32 scale)."
 
 
 def linear_fp8_weight_cpu(x, qweight, scales, bias):
