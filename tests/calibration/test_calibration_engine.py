@@ -376,7 +376,7 @@ def test_gptq_quantizes_stage_by_stage_in_execution_order(monkeypatch):
 
     monkeypatch.setattr(GptqStep, "stages", stages)
     monkeypatch.setattr(GptqStep, "regather", regather)
-    quantize(tiny_llama(), wna16(4, "gptq"), tokens(4, 16))
+    quantize(tiny_llama(), wna16(4, "gptq", gptq=GPTQConfig(sequential=True)), tokens(4, 16))
     assert seen[0] == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
         ["self_attn.o_proj"],

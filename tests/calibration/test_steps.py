@@ -16,7 +16,7 @@ from torchquant.calibration.steps import (
     SmoothQuantStep,
     StaticScaleStep,
 )
-from torchquant.config import ActivationQuant, AWQConfig, QuantScheme, WeightQuant
+from torchquant.config import ActivationQuant, AWQConfig, GPTQConfig, QuantScheme, WeightQuant
 from torchquant.modules import QuantLinear
 from torchquant.plan import ConversionSummary
 
@@ -130,7 +130,7 @@ def test_static_scales_are_the_observed_input_bound():
 
 
 def test_gptq_quantizes_stage_by_stage_and_counts_each_layer():
-    cal = calibration_block(QuantScheme(W4, algorithm="gptq"))
+    cal = calibration_block(QuantScheme(W4, algorithm="gptq", gptq=GPTQConfig(sequential=True)))
     (step,) = gather(cal, GptqStep)
     assert step.stages(cal.samples[0]) == [["gate", "up"], ["down"]]  # -- in execution order
     step.apply()

@@ -5,11 +5,16 @@ Two pure functions: :func:`accumulate_hessian` (``H = 2/n * sum x x^T`` over cal
 tokens) and :func:`gptq_quantize`.  Columns are processed in blocks of ``block_size``:
 inside a block the standard per-column loop updates only the block, and the block's
 accumulated error updates the rest of the matrix in one matmul (lazy batch updates).
-The result is plain codes/scales/zeros, the same format round-to-nearest produces.
+The weight is held transposed, one visited column per contiguous row, so each step of
+the column loop reads and writes whole rows; with static groups (or per-channel
+qparams) every column's scale and zero are gathered per block before the loop, leaving
+it a handful of vector operations per column.  The result is plain codes/scales/zeros,
+the same format round-to-nearest produces.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +22,8 @@ import torch
 from torchquant.errors import CalibrationError, QuantizationError
 from torchquant.numerics import choose_int_qparams, group_min_max, num_groups
 from torchquant.numerics.observers import mse_range
+
+DAMPING_STEPS = 4  # -- tries, each with ten times the damping of the one before
 
 
 def accumulate_hessian(
@@ -66,28 +73,90 @@ def _qparams(
     return choose_int_qparams(lo, hi, bits, symmetric, sdt)
 
 
-def _round(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and dequantized values of ``w`` (any shape broadcasting with scale/zero)."""
-    z = (1 << (bits - 1)) if zero is None else zero.float()
-    s = scale.float()
-    code = torch.clamp(torch.round(w / s) + z, 0, (1 << bits) - 1)
-    return code, (code - z) * s
+def inverse_hessian_factor(h: torch.Tensor, dampening: float, name: str = "weight") -> torch.Tensor:
+    """Upper Cholesky factor ``U`` ``(K, K)`` float32 of ``(H + damp I)^-1`` (``U^T U``
+    equals it), ``damp`` being ``dampening`` times the mean of the diagonal.
 
-
-def _inverse_hessian_factor(h: torch.Tensor, dampening: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp I)^-1``, raising more damping when needed."""
+    With rows and columns reversed, the lower Cholesky factor of the damped ``H``,
+    reversed back, is an upper ``R`` with ``H = R R^T``; then ``U = R^-1``: one
+    factorisation and one triangular solve (forming the inverse and factoring it again
+    costs three times as much, and float32 ``cholesky_inverse`` is slow on CPU).  It
+    runs in float32; where that fails (a Hessian singular but for the damping, e.g. from
+    fewer tokens than columns) the same damping is tried in float64 before the damping
+    is raised tenfold, so such a Hessian keeps the damping asked for.
+    """
     damp = dampening * float(torch.diag(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    for attempt in range(4):
-        factor, info = torch.linalg.cholesky_ex(h + damp * (10**attempt) * eye)
-        if int(info) == 0:
-            hinv = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0:
+    for attempt in range(DAMPING_STEPS):
+        for dtype in (torch.float32, torch.float64):
+            eye = torch.eye(h.shape[0], dtype=dtype, device=h.device)
+            damped = h.to(dtype) + damp * (10**attempt) * eye
+            low, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
+            if int(info) != 0:
+                continue
+            upper = torch.linalg.solve_triangular(low.flip(0, 1), eye, upper=True).float()
+            if bool(torch.isfinite(upper).all()):
                 return upper
     raise QuantizationError(f"{name}: Hessian is not positive definite even after dampening")
+
+
+def _round(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and dequantized values of ``w`` (any shape broadcasting with scale/zero)."""
+    code = torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
+    return code, (code - zero) * scale
+
+
+def _quantize_columns(
+    w1: torch.Tensor,
+    hinv1: torch.Tensor,
+    scale1: torch.Tensor,
+    zero1: torch.Tensor | float,
+    bits: int,
+    codes1: torch.Tensor,
+    err1: torch.Tensor,
+) -> None:
+    """The column loop on fixed qparams: for each of the first ``C = len(scale1)`` rows
+    ``i`` of ``w1: (B, N)``, round it into ``codes1[i]``, keep its error over the pivot
+    in ``err1[i]`` and spread that error over every row of ``w1`` after it.
+
+    ``scale1``/``zero1`` ``(C, N)`` (``zero1`` a number when symmetric); ``hinv1`` is the
+    ``(B, B)`` block of the inverse-Hessian factor.  The arithmetic is the textbook
+    column step's, in place on preallocated rows.
+    """
+    qmax = (1 << bits) - 1
+    pivots = torch.diagonal(hinv1).tolist()
+    deq = torch.empty_like(w1[0])
+    for i in range(len(scale1)):
+        scale, code, err = scale1[i], codes1[i], err1[i]
+        zero = zero1 if isinstance(zero1, float) else zero1[i]
+        torch.div(w1[i], scale, out=code)
+        code.round_().add_(zero).clamp_(0, qmax)
+        torch.sub(code, zero, out=deq).mul_(scale)
+        torch.sub(w1[i], deq, out=err).div_(pivots[i])
+        if i + 1 < len(w1):
+            w1[i + 1 :].sub_(torch.outer(hinv1[i, i + 1 :], err))
+
+
+def _group_qparams(
+    wt: torch.Tensor,
+    w1: torch.Tensor,
+    err1: torch.Tensor,
+    hinv: torch.Tensor,
+    block: tuple[int, int],
+    col: int,
+    gs: int,
+    importance: torch.Tensor,
+    choose: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Qparams ``(N, 1)`` of the group starting at visited column ``col`` (inside the
+    block ``(i1, i2)`` held in ``w1``), from its columns with every update so far,
+    including the pending (lazy) updates of this block to the columns after it."""
+    i1, i2 = block
+    rest = max(0, col + gs - i2)
+    later = wt[i2 : i2 + rest] - hinv[i1:col, i2 : i2 + rest].t() @ err1[: col - i1]
+    upcoming = torch.cat([w1[col - i1 :], later])[:gs]  # upcoming: (cols, N)
+    return choose(upcoming.t(), importance[col : col + upcoming.shape[0]])
 
 
 @torch.no_grad()
@@ -134,60 +203,68 @@ def gptq_quantize(
     perm = torch.arange(k, device=w.device)
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
-    hinv = _inverse_hessian_factor(h[perm][:, perm], dampening, name)
+    hinv = inverse_hessian_factor(h[perm][:, perm], dampening, name)  # hinv: (K, K)
     importance = torch.diag(h)  # how much each column's error costs, for hessian_mse
 
-    static = None
-    if group_size != -1 and static_groups:
-        static = _qparams(w, bits, group_size, symmetric, observer, sdt, importance)
-    elif group_size == -1:
-        static = _qparams(w, bits, -1, symmetric, observer, sdt, importance)
-    if act_order:
-        w, importance = w[:, perm], importance[perm]
-
-    codes = torch.zeros(n, k, dtype=torch.float32, device=w.device)
     scales = torch.zeros(n, g_count, dtype=sdt, device=w.device)
     zeros = None if symmetric else torch.zeros(n, g_count, dtype=torch.uint8, device=w.device)
-    if static is not None:
-        scales.copy_(static[0])
+    static = group_size == -1 or static_groups
+    if static:
+        scale, zero = _qparams(w, bits, group_size, symmetric, observer, sdt, importance)
+        scales.copy_(scale)
         if zeros is not None:
-            zeros.copy_(static[1])
+            zeros.copy_(zero)
+    wt = w[:, perm].t().contiguous()  # wt: (K, N), row j is the j-th visited column
+    importance = importance[perm]
     col_group = perm // gs  # group of each visited column when groups are static
-    scale = zero = None
+    scales_t = scales.float().t()  # (G, N)
+    zeros_t = None if zeros is None else zeros.float().t()
+    mid = float(1 << (bits - 1))  # the implied zero of symmetric codes
+
+    def choose(cols: torch.Tensor, cols_importance: torch.Tensor):
+        return _qparams(cols, bits, -1, symmetric, observer, sdt, cols_importance)
+
+    codes_t = torch.empty(k, n, dtype=torch.float32, device=w.device)  # visited order
+    rows = None  # (scale, zero) rows of the group in progress, groups in visiting order
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()  # w1: (N, B)
-        err1 = torch.zeros_like(w1)
+        w1 = wt[i1:i2].clone()  # w1: (B, N)
+        err1 = torch.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if static is not None:
-                g = int(col_group[col])
-                scale = scales[:, g : g + 1]
-                zero = None if zeros is None else zeros[:, g : g + 1]
-            elif col % gs == 0:
-                # -- a new group starts: qparams from its columns with every update so far,
-                # including the pending (lazy) updates of this block to later columns
-                rest = max(0, col + gs - i2)
-                later = w[:, i2 : i2 + rest] - err1[:, :i] @ hinv[i1 : i1 + i, i2 : i2 + rest]
-                upcoming = torch.cat([w1[:, i:], later], dim=1)[:, :gs]
-                cols = importance[col : col + upcoming.shape[1]]
-                scale, zero = _qparams(upcoming, bits, -1, symmetric, observer, sdt, cols)
-                g = col // gs
-                scales[:, g : g + 1] = scale
-                if zeros is not None:
-                    zeros[:, g : g + 1] = zero
-            code, deq = _round(w1[:, i : i + 1], scale, zero, bits)
-            codes[:, col : col + 1] = code
-            err = (w1[:, i : i + 1] - deq) / hinv1[i, i]
-            w1[:, i:] -= err @ hinv1[i : i + 1, i:]
-            err1[:, i : i + 1] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        if static:
+            groups = col_group[i1:i2]
+            zero1 = mid if zeros_t is None else zeros_t[groups]
+            _quantize_columns(w1, hinv1, scales_t[groups], zero1, bits, codes_t[i1:i2], err1)
+        else:
+            # -- each group's qparams are chosen where it starts; the loop then runs over
+            # the part of the group inside this block
+            starts = sorted({i1, *range(-(-i1 // gs) * gs, i2, gs)})
+            for a, b in zip(starts, [*starts[1:], i2], strict=True):
+                if a % gs == 0:
+                    scale, zero = _group_qparams(
+                        wt, w1, err1, hinv, (i1, i2), a, gs, importance, choose
+                    )
+                    scales[:, a // gs] = scale[:, 0]
+                    if zeros is not None:
+                        zeros[:, a // gs] = zero[:, 0]
+                    rows = scale.float().t(), mid if zero is None else zero.float().t()
+                r, c = a - i1, b - a
+                zero_rows = rows[1] if isinstance(rows[1], float) else rows[1].expand(c, n)
+                _quantize_columns(
+                    w1[r:],
+                    hinv1[r:, r:],
+                    rows[0].expand(c, n),
+                    zero_rows,
+                    bits,
+                    codes_t[a:b],
+                    err1[r:],
+                )
+        wt[i2:].sub_(hinv[i1:i2, i2:].t() @ err1)
 
     g_idx = None
+    codes = codes_t.to(torch.uint8)
     if act_order:
-        inv = torch.argsort(perm)
-        codes = codes[:, inv]
-        if static is None and group_size != -1:
-            g_idx = (inv // gs).to(torch.int32)
-    return GPTQResult(codes.to(torch.uint8), scales, zeros, g_idx)
+        codes = codes[torch.argsort(perm)]
+        if not static:
+            g_idx = (torch.argsort(perm) // gs).to(torch.int32)
+    return GPTQResult(codes.t().contiguous(), scales, zeros, g_idx)

@@ -348,6 +348,8 @@ class QuantScheme:
             del data["weight"]["block"]
         if self.weight.observer == "minmax":
             del data["weight"]["observer"]
+        if not self.gptq.sequential:  # -- GPTQ's later option, likewise
+            del data["gptq"]["sequential"]
         if data["activation"] is not None and self.activation.group_size is None:
             del data["activation"]["group_size"]
         return data
