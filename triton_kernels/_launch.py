@@ -104,6 +104,26 @@ def autotune_benchmark(fn: Callable[[], object], quantiles=None, **kwargs: Any):
     return triton.testing.do_bench(fn, quantiles=quantiles, **kwargs)
 
 
+def autotuned(
+    kernel: Any,
+    configs: list[triton.Config],
+    key: list[str],
+    prune: Callable[..., list[triton.Config]] | None = None,
+    reset_to_zero: list[str] | None = None,
+) -> Any:
+    """``kernel`` autotuned over ``configs`` as every launcher here tunes: keyed on ``key``,
+    ``prune`` dropping configs before timing, choices cached on disk, timed by
+    :func:`autotune_benchmark`."""
+    return triton.autotune(
+        configs,
+        key=key,
+        prune_configs_by={"early_config_prune": prune} if prune is not None else None,
+        reset_to_zero=reset_to_zero,
+        cache_results=True,
+        do_bench=autotune_benchmark,
+    )(kernel)
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
     for t in tensors:

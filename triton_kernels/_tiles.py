@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import autotuned
+
 
 @triton.jit
 def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -89,6 +91,12 @@ def tile_grid(m: int, n: int, split_k: bool, config: triton.Config | None):
         return (tiles, meta["SPLIT_K"])
 
     return grid
+
+
+def autotune_tiles(kernel, configs: list[triton.Config], key: list[str], split_k: bool):
+    """An autotuned instance of a tiled ``kernel``; a split-K instance zeroes its float32
+    buffer (``out_ptr``) before each timing, as the launch does once."""
+    return autotuned(kernel, configs, key, reset_to_zero=["out_ptr"] if split_k else None)
 
 
 def tile_config(bm, bn, bk, split_k, warps, stages, group_m=8) -> triton.Config:

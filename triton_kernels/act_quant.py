@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._exact import divide_rows, round_to_e4m3, round_to_int32
 from ._launch import (
-    autotune_benchmark,
+    autotuned,
     check_device,
     check_fp8_support,
     m_bucket,
@@ -206,13 +206,12 @@ def _prune_rows(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_quantize_rows_tuned = triton.autotune(
+_quantize_rows_tuned = autotuned(
+    _quantize_rows_kernel,
     _row_configs(),
-    key=["M_BUCKET", "K", "IS_FP8", "PER_TOKEN", "HAS_SMOOTH"],
-    prune_configs_by={"early_config_prune": _prune_rows},
-    cache_results=True,
-    do_bench=autotune_benchmark,
-)(_quantize_rows_kernel)
+    ["M_BUCKET", "K", "IS_FP8", "PER_TOKEN", "HAS_SMOOTH"],
+    prune=_prune_rows,
+)
 
 
 def quantize_activation_rows(

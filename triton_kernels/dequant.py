@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune_benchmark, output, run_kernel
+from ._launch import autotuned, output, run_kernel
 from .weight import QuantWeight
 
 # -- Triton helpers shared by the GEMV, GEMM and dequantize kernels
@@ -197,12 +197,9 @@ _DEQUANT_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4),
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=8),
 ]
-_dequantize_tuned = triton.autotune(
-    _DEQUANT_CONFIGS,
-    key=["N", "K", "BITS", "GROUP_SIZE"],
-    cache_results=True,
-    do_bench=autotune_benchmark,
-)(_dequantize_kernel)
+_dequantize_tuned = autotuned(
+    _dequantize_kernel, _DEQUANT_CONFIGS, key=["N", "K", "BITS", "GROUP_SIZE"]
+)
 
 
 def dequantize_weight(

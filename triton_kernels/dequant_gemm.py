@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune_benchmark, output, output_args, run_kernel
+from ._launch import output, output_args, run_kernel
 from ._tiles import (
+    autotune_tiles,
     split_k_accumulator,
     split_k_run,
     store_tile,
@@ -116,16 +117,8 @@ TILED_CONFIGS = [
 ]
 
 _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS"]
-_split_k_tuned = triton.autotune(
-    SPLIT_K_CONFIGS,
-    key=_KEY,
-    reset_to_zero=["out_ptr"],
-    cache_results=True,
-    do_bench=autotune_benchmark,
-)(_gemm_kernel)
-_tiled_tuned = triton.autotune(
-    TILED_CONFIGS, key=_KEY, cache_results=True, do_bench=autotune_benchmark
-)(_gemm_kernel)
+_split_k_tuned = autotune_tiles(_gemm_kernel, SPLIT_K_CONFIGS, _KEY, split_k=True)
+_tiled_tuned = autotune_tiles(_gemm_kernel, TILED_CONFIGS, _KEY, split_k=False)
 
 
 def dequant_gemm(

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune_benchmark, interpreting, output, output_args, run_kernel
+from ._launch import autotuned, interpreting, output, output_args, run_kernel
 from ._tiles import split_k_run
 from .dequant import group_index, load_code_tile, load_qparams
 from .weight import PACKED_DTYPES, QuantWeight
@@ -432,20 +432,8 @@ def _prune(w4: bool):
 
 
 _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS"]
-_gemv_tuned = triton.autotune(
-    _w4_configs(),
-    key=_KEY,
-    prune_configs_by={"early_config_prune": _prune(True)},
-    cache_results=True,
-    do_bench=autotune_benchmark,
-)(_gemv_w4_kernel)
-_gemv_tiles_tuned = triton.autotune(
-    _gemv_configs(),
-    key=_KEY,
-    prune_configs_by={"early_config_prune": _prune(False)},
-    cache_results=True,
-    do_bench=autotune_benchmark,
-)(_gemv_kernel)
+_gemv_tuned = autotuned(_gemv_w4_kernel, _w4_configs(), _KEY, prune=_prune(True))
+_gemv_tiles_tuned = autotuned(_gemv_kernel, _gemv_configs(), _KEY, prune=_prune(False))
 
 _locks: dict[torch.device, torch.Tensor] = {}
 

@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune_benchmark, check_device, output, output_args, run_kernel
+from ._launch import check_device, output, output_args, run_kernel
 from ._tiles import (
+    autotune_tiles,
     split_k_accumulator,
     split_k_run,
     store_tile,
@@ -121,16 +122,8 @@ TILED_CONFIGS = [
     tile_config(64, 64, 64, 1, 4, 4),
 ]
 _KEY = ["M_BUCKET", "N", "K", "BLOCK"]
-_split_k_tuned = triton.autotune(
-    SPLIT_K_CONFIGS,
-    key=_KEY,
-    reset_to_zero=["out_ptr"],
-    cache_results=True,
-    do_bench=autotune_benchmark,
-)(_fp4_gemm_kernel)
-_tiled_tuned = triton.autotune(
-    TILED_CONFIGS, key=_KEY, cache_results=True, do_bench=autotune_benchmark
-)(_fp4_gemm_kernel)
+_split_k_tuned = autotune_tiles(_fp4_gemm_kernel, SPLIT_K_CONFIGS, _KEY, split_k=True)
+_tiled_tuned = autotune_tiles(_fp4_gemm_kernel, TILED_CONFIGS, _KEY, split_k=False)
 
 
 def _check(x, qweight, scales, global_scale, block) -> None:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._launch import (
-    autotune_benchmark,
+    autotuned,
     check_device,
     check_fp8_support,
     m_bucket,
@@ -102,13 +102,9 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if group % c.kwargs["BLOCK_K"] == 0] or configs[-1:]
 
 
-fp8_block_gemm_tuned = triton.autotune(
-    CONFIGS,
-    key=["M_BUCKET", "N", "K", "SCALE_BLOCK_K"],
-    prune_configs_by={"early_config_prune": _prune},
-    cache_results=True,
-    do_bench=autotune_benchmark,
-)(fp8_block_gemm_kernel)
+fp8_block_gemm_tuned = autotuned(
+    fp8_block_gemm_kernel, CONFIGS, ["M_BUCKET", "N", "K", "SCALE_BLOCK_K"], prune=_prune
+)
 
 
 def fp8_block_gemm(

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune_benchmark, check_device, m_bucket, output, run_kernel
+from ._launch import autotuned, check_device, m_bucket, output, run_kernel
 from ._tiles import grouped_tile
 from .dequant import dequantize_tile, dot_weight_tile
 from .dequant_gemv import SlotExperts, dequant_gemv
@@ -245,12 +245,11 @@ MOE_CONFIGS = [
 ]
 SMALL_BLOCK_M_MAX_SLOTS_PER_EXPERT = 32  # mean slots per expert up to this: 16-row blocks
 
-_moe_tuned = triton.autotune(
+_moe_tuned = autotuned(
+    _moe_gemm_kernel,
     MOE_CONFIGS,
-    key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS", "BLOCK_M"],
-    cache_results=True,
-    do_bench=autotune_benchmark,
-)(_moe_gemm_kernel)
+    ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS", "BLOCK_M"],
+)
 
 
 def moe_block_m(slots: int, num_experts: int) -> int:

@@ -20,8 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune_benchmark, check_fp8_support, m_bucket, output, run_kernel
-from ._tiles import split_k_accumulator, split_k_run, tile_config, tile_grid, tile_offsets
+from ._launch import check_fp8_support, m_bucket, output, run_kernel
+from ._tiles import (
+    autotune_tiles,
+    split_k_accumulator,
+    split_k_run,
+    tile_config,
+    tile_grid,
+    tile_offsets,
+)
 
 
 @triton.jit
@@ -117,17 +124,6 @@ TILED_CONFIGS = [
 ]
 
 
-def tune(configs: list[triton.Config], split_k: bool):
-    """An autotuned instance of the kernel keyed on the M bucket and the problem size."""
-    return triton.autotune(
-        configs,
-        key=["M_BUCKET", "N", "K"],
-        reset_to_zero=["out_ptr"] if split_k else None,
-        cache_results=True,
-        do_bench=autotune_benchmark,
-    )(scaled_gemm_kernel)
-
-
 def check_operands(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -165,8 +161,9 @@ class ScaledGemm:
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
-        self.split_k_tuned = tune(SPLIT_K_CONFIGS, split_k=True)
-        self.tiled_tuned = tune(TILED_CONFIGS, split_k=False)
+        key = ["M_BUCKET", "N", "K"]
+        self.split_k_tuned = autotune_tiles(scaled_gemm_kernel, SPLIT_K_CONFIGS, key, split_k=True)
+        self.tiled_tuned = autotune_tiles(scaled_gemm_kernel, TILED_CONFIGS, key, split_k=False)
 
     def __call__(
         self,
