@@ -99,6 +99,13 @@ def autotune_tiles(kernel, configs: list[triton.Config], key: list[str], split_k
     return autotuned(kernel, configs, key, reset_to_zero=["out_ptr"] if split_k else None)
 
 
+def tile_launch(out: torch.Tensor, split_k: bool, config: triton.Config | None):
+    """The buffer a tiled launch into ``out (M, N)`` writes (see :func:`split_k_accumulator`;
+    a float32 buffer other than ``out`` is copied into it afterwards) and its grid."""
+    m, n = out.shape
+    return split_k_accumulator(out, split_k), tile_grid(m, n, split_k, config)
+
+
 def tile_config(bm, bn, bk, split_k, warps, stages, group_m=8) -> triton.Config:
     """A tiled-GEMM config: block shape, split factor, band height, warps and stages."""
     meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "GROUP_M": group_m}

@@ -30,14 +30,7 @@ import triton
 import triton.language as tl
 
 from ._exact import divide_rows, round_to_e4m3, round_to_int32
-from ._launch import (
-    autotuned,
-    check_device,
-    check_fp8_support,
-    m_bucket,
-    output,
-    run_kernel,
-)
+from ._launch import autotuned, check_device, check_fp8_support, m_bucket, output, run_kernel
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0

@@ -22,15 +22,7 @@ import triton
 import triton.language as tl
 
 from ._launch import output, output_args, run_kernel
-from ._tiles import (
-    autotune_tiles,
-    split_k_accumulator,
-    split_k_run,
-    store_tile,
-    tile_config,
-    tile_grid,
-    tile_offsets,
-)
+from ._tiles import autotune_tiles, split_k_run, store_tile, tile_config, tile_launch, tile_offsets
 from .dequant import dequantize_tile, dot_weight_tile
 from .weight import QuantWeight
 
@@ -140,10 +132,10 @@ def dequant_gemm(
         x = x.contiguous()
     n = weight.out_features
     out = output(out, (m, n), x.dtype, x.device)
-    acc = split_k_accumulator(out, split_k)
+    acc, grid = tile_launch(out, split_k, config)
     run_kernel(
         _split_k_tuned if split_k else _tiled_tuned,
-        tile_grid(m, n, split_k, config),
+        grid,
         config,
         x_ptr=x,
         stride_xm=x.stride(0),

@@ -19,15 +19,7 @@ import triton
 import triton.language as tl
 
 from ._launch import check_device, output, output_args, run_kernel
-from ._tiles import (
-    autotune_tiles,
-    split_k_accumulator,
-    split_k_run,
-    store_tile,
-    tile_config,
-    tile_grid,
-    tile_offsets,
-)
+from ._tiles import autotune_tiles, split_k_run, store_tile, tile_config, tile_launch, tile_offsets
 from .dequant import dot_weight_tile
 
 SPLIT_K_MAX_M = 64
@@ -168,11 +160,11 @@ def fp4_gemm(
     n = qweight.shape[0]
     split_k = m <= SPLIT_K_MAX_M
     out = output(out, (m, n), x.dtype, x.device)
-    acc = split_k_accumulator(out, split_k)
+    acc, grid = tile_launch(out, split_k, config)
     scale_bytes = scales.view(torch.uint8)
     run_kernel(
         _split_k_tuned if split_k else _tiled_tuned,
-        tile_grid(m, n, split_k, config),
+        grid,
         config,
         x_ptr=x,
         q_ptr=qweight,

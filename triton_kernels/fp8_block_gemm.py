@@ -18,14 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (
-    autotuned,
-    check_device,
-    check_fp8_support,
-    m_bucket,
-    output,
-    run_kernel,
-)
+from ._launch import autotuned, check_device, check_fp8_support, m_bucket, output, run_kernel
 from ._tiles import tile_config, tile_grid, tile_offsets
 from .act_quant import quantize_activation_rows
 

@@ -21,14 +21,7 @@ import triton
 import triton.language as tl
 
 from ._launch import check_fp8_support, m_bucket, output, run_kernel
-from ._tiles import (
-    autotune_tiles,
-    split_k_accumulator,
-    split_k_run,
-    tile_config,
-    tile_grid,
-    tile_offsets,
-)
+from ._tiles import autotune_tiles, split_k_run, tile_config, tile_launch, tile_offsets
 
 
 @triton.jit
@@ -189,10 +182,10 @@ class ScaledGemm:
         b_scale = b_scale.reshape(-1, 1)
         (m, k), n = a.shape, b.shape[0]
         out = output(out, (m, n), out_dtype, a.device)
-        acc = split_k_accumulator(out, split_k)
+        acc, grid = tile_launch(out, split_k, config)
         run_kernel(
             self.split_k_tuned if split_k else self.tiled_tuned,
-            tile_grid(m, n, split_k, config),
+            grid,
             config,
             a_ptr=a,
             b_ptr=b,

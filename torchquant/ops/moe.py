@@ -26,20 +26,17 @@ from torchquant.ops.weight_int import linear_intn_cpu, linear_intn_reference
 from torchquant.ops.weight_int8 import linear_int8_weight_cpu, linear_int8_weight_reference
 
 
-def _reference_linear(x, qweight, scales, zeros, bias, bits, group_size):
-    if qweight.dtype == torch.int8:
-        return linear_int8_weight_reference(x, qweight, scales, bias, group_size)
-    if qweight.dtype == torch.float8_e4m3fn:
-        return linear_fp8_weight_reference(x, qweight, scales, bias)
-    return linear_intn_reference(x, qweight, scales, zeros, bias, bits, group_size)
+def _by_storage(intn: Callable, int8: Callable, fp8: Callable) -> Callable[..., torch.Tensor]:
+    """One expert's linear, by the storage of its weight: packed INTn, INT8 or FP8."""
 
+    def linear(x, qweight, scales, zeros, bias, bits, group_size):
+        if qweight.dtype == torch.int8:
+            return int8(x, qweight, scales, bias, group_size)
+        if qweight.dtype == torch.float8_e4m3fn:
+            return fp8(x, qweight, scales, bias)
+        return intn(x, qweight, scales, zeros, bias, bits, group_size)
 
-def _cpu_linear(x, qweight, scales, zeros, bias, bits, group_size):
-    if qweight.dtype == torch.int8:
-        return linear_int8_weight_cpu(x, qweight, scales, bias, group_size)
-    if qweight.dtype == torch.float8_e4m3fn:
-        return linear_fp8_weight_cpu(x, qweight, scales, bias)
-    return linear_intn_cpu(x, qweight, scales, zeros, bias, bits, group_size)
+    return linear
 
 
 def _per_expert(linear: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -66,9 +63,13 @@ def _per_expert(linear: Callable[..., torch.Tensor]) -> Callable[..., torch.Tens
     return run
 
 
-moe_linear_reference = _per_expert(_reference_linear)
+moe_linear_reference = _per_expert(
+    _by_storage(linear_intn_reference, linear_int8_weight_reference, linear_fp8_weight_reference)
+)
 moe_linear_reference.__doc__ = "The exact maths: each expert's reference op on its slots."
-moe_linear_cpu = _per_expert(_cpu_linear)
+moe_linear_cpu = _per_expert(
+    _by_storage(linear_intn_cpu, linear_int8_weight_cpu, linear_fp8_weight_cpu)
+)
 
 
 @torch.library.custom_op("torchquant::moe_linear_weight_only", mutates_args=())
