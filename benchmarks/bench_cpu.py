@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cpu.py              # per-op and bytes tables, then SmolLM2-135M
     python benchmarks/bench_cpu.py --ops-only   # or --e2e-only
+    python benchmarks/bench_cpu.py --ops-only --shapes 4096x4096 --rows 1,256
     python benchmarks/bench_cpu.py --e2e-only --labels "fp32,w4a16 g128" --eval-tokens 2048
     python benchmarks/bench_cpu.py --smoke      # tiny shapes, a few seconds
 
@@ -112,9 +113,11 @@ def scheme_of(label: str):
 # -- torchao, when this interpreter has it
 
 
-def torchao_configs() -> dict[str, Any] | str:
-    """torchao's CPU configurations by row label, or why torchao cannot be imported here."""
+def load_torchao() -> tuple[dict[str, Any], str]:
+    """torchao's CPU configurations by row label (none when it cannot be imported here),
+    and a line that says which."""
     try:
+        import torchao
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
         from torchao.quantization import (
             Int8DynamicActivationInt8WeightConfig,
@@ -122,7 +125,11 @@ def torchao_configs() -> dict[str, Any] | str:
         )
     except Exception as exc:  # a torchao built for another torch fails beyond ImportError
         reason = str(exc).strip().splitlines()
-        return f"{type(exc).__name__}: {reason[0] if reason else 'no details'}"
+        return {}, (
+            f"torchao: not importable here ({type(exc).__name__}: "
+            f"{reason[0] if reason else 'no details'}); its rows are left out (install it "
+            "into a separate venv or with the bench-torchao extra to add them)"
+        )
     keep_inductor = {"set_inductor_config": False}  # the other rows run in this process too
     configs = [
         Int8WeightOnlyConfig(**keep_inductor),
@@ -130,18 +137,10 @@ def torchao_configs() -> dict[str, Any] | str:
         PrototypeInt4WeightOnlyConfig(group_size=32, **keep_inductor),
         Int8DynamicActivationInt8WeightConfig(**keep_inductor),
     ]
-    return dict(zip(TORCHAO_ROWS, configs, strict=True))
-
-
-def torchao_note(configs: dict[str, Any] | str) -> str:
-    if isinstance(configs, str):
-        return (
-            f"torchao: not importable here ({configs}); its rows are left out "
-            "(install it into a separate venv or with the bench-torchao extra to add them)"
-        )
-    import torchao
-
-    return f"torchao {torchao.__version__}: rows {', '.join(configs)}"
+    return (
+        dict(zip(TORCHAO_ROWS, configs, strict=True)),
+        f"torchao {torchao.__version__}: rows {', '.join(TORCHAO_ROWS)}",
+    )
 
 
 def quantize_with_torchao(model: nn.Module, config: Any) -> None:
@@ -193,16 +192,15 @@ def _cell(value: float | str) -> str:
 
 
 @torch.no_grad()
-def op_table(shapes: list[tuple[int, int]], rows: list[int], torchao: dict | str) -> str:
-    theirs = torchao if isinstance(torchao, dict) else {}
-    labels = [label for label, _, _ in SCHEMES] + list(theirs)
+def op_table(shapes: list[tuple[int, int]], rows: list[int], torchao: dict[str, Any]) -> str:
+    labels = [label for label, _, _ in SCHEMES] + list(torchao)
     head = f"{'K->N':>11}{'M':>6}{'fp32 ms':>9}{'bf16':>7}" + "".join(f"{x:>14}" for x in labels)
     lines = ["per op: ms of float32 F.linear; the other columns: x fp32 (above 1 = faster)"]
     lines.append(head)
     for k, n in shapes:
         linear, half = float_pair(k, n)
         layers = [QuantLinear.from_linear(half, scheme_from_name(s, g)) for _, s, g in SCHEMES]
-        layers += [torchao_linear(half, config) for config in theirs.values()]
+        layers += [torchao_linear(half, config) for config in torchao.values()]
         for m in rows:
             x = torch.randn(m, k)
             fp32 = median_seconds(lambda x=x, f=linear: f(x))
@@ -225,7 +223,7 @@ def op_table(shapes: list[tuple[int, int]], rows: list[int], torchao: dict | str
 
 
 @torch.no_grad()
-def layer_bytes_table(linears: dict[str, tuple[int, int]], torchao: dict | str) -> str:
+def layer_bytes_table(linears: dict[str, tuple[int, int]], torchao: dict[str, Any]) -> str:
     """KiB each scheme holds for ``linears`` (one decoder layer): buffers, cached CPU layout."""
     halves = {name: float_pair(k, n, bias=False)[1] for name, (k, n) in linears.items()}
     fp32 = {name: 4 * layer.weight.numel() for name, layer in halves.items()}
@@ -239,7 +237,7 @@ def layer_bytes_table(linears: dict[str, tuple[int, int]], torchao: dict | str) 
         }
         held = {n: layer.nbytes() + layer.cpu_layout_nbytes() for n, layer in layers.items()}
         rows.append((label, held, sum(layer.cpu_layout_nbytes() for layer in layers.values()), ""))
-    for label, config in (torchao if isinstance(torchao, dict) else {}).items():
+    for label, config in torchao.items():
         layers = {n: torchao_linear(h, config) for n, h in halves.items()}
         held = {
             n: tensor_nbytes(layer.weight) if isinstance(layer, nn.Module) else fp32[n] // 2
@@ -293,9 +291,9 @@ def load_row_model(label: str, model_spec: str, checkpoint: str | None) -> tuple
         model_spec, torch.float32 if label == "fp32" else torch.bfloat16
     )
     if label in TORCHAO_ROWS:
-        configs = torchao_configs()
-        if isinstance(configs, str):
-            raise SystemExit(f"{label}: {configs}")
+        configs, note = load_torchao()
+        if label not in configs:
+            raise SystemExit(f"{label}: {note}")
         quantize_with_torchao(model, configs[label])
     return model, tokenizer
 
@@ -389,12 +387,26 @@ def e2e_table(rows: list[dict], options: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+def _shapes(text: str) -> list[tuple[int, int]]:
+    return [(int(k), int(n)) for k, _, n in (item.partition("x") for item in text.split(","))]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(item) for item in text.split(",")]
+
+
+def _labels(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",")]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops-only", action="store_true")
     p.add_argument("--e2e-only", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, no model")
-    p.add_argument("--labels", help="comma-separated end-to-end rows (default: all)")
+    p.add_argument("--shapes", type=_shapes, default=OP_SHAPES, help="per op: KxN,KxN,...")
+    p.add_argument("--rows", type=_ints, default=OP_ROWS, help="per op: M,M,...")
+    p.add_argument("--labels", type=_labels, help="end-to-end rows, e.g. 'fp32,w4a16 g128'")
     p.add_argument("--model", default=str(GGUF), help="the model: a .gguf file or a folder")
     p.add_argument("--text", default=str(TEXT), help="the text `torchquant eval` scores")
     p.add_argument("--eval-tokens", type=int, default=16384)
@@ -428,22 +440,18 @@ def main(argv: list[str] | None = None) -> None:
         kw = {k: v for k, v in options.items() if k != "eval_tokens"}
         print(json.dumps(measure_row(args.measure_row, model, ids, **kw)))
         return
-    torchao = torchao_configs()
-    print(torchao_note(torchao), flush=True)
+    torchao, note = load_torchao()
+    print(note, flush=True)
     if args.smoke:
         print(op_table([(96, 40)], [1, 300], torchao))
         print(layer_bytes_table({"narrow": (96, 40), "wide": (40, 96)}, torchao))
         return
     if not args.e2e_only:
-        print(op_table(OP_SHAPES, OP_ROWS, torchao), flush=True)
+        print(op_table(args.shapes, args.rows, torchao), flush=True)
         print()
         print(layer_bytes_table(LAYER_LINEARS, torchao), flush=True)
     if not args.ops_only:
-        labels = (
-            args.labels.split(",")
-            if args.labels
-            else E2E + list(torchao if isinstance(torchao, dict) else [])
-        )
+        labels = args.labels or E2E + list(torchao)
         print()
         print(e2e_table(e2e_rows(labels, args.model, args.text, options), options))
 

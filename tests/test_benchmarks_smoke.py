@@ -138,7 +138,7 @@ def test_cpu_bytes_per_layer_are_the_modules_buffers_and_cached_layout(benchmark
     _, half = bench_cpu.float_pair(96, 40, bias=False)
     layer = QuantLinear.from_linear(half, scheme_from_name("w4a16", 32))
     assert layer.cpu_layout_nbytes() > 0  # a bf16 INT layer keeps the int4pack layout
-    table = bench_cpu.layer_bytes_table({"only": (96, 40)}, "torchao absent")
+    table = bench_cpu.layer_bytes_table({"only": (96, 40)}, {})
     cells = _table_rows(table, "bytes per decoder layer")["w4a16 g32"]
     buffers, layout, held = (float(c) for c in cells[:3])
     assert buffers == round(layer.nbytes() / 1024, 1)
