@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from torchquant.checkpoint.names import names_for_model
-from torchquant.checkpoint.validate import check_scales
 from torchquant.errors import CheckpointError
 from torchquant.formats import hf_checkpoint as hf
 from torchquant.formats import int_layers
@@ -203,17 +202,9 @@ def awq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str)
     absent, and when present must say so.
     """
     g = parsed["group_size"]
-    qweight = hf.take(local, "qweight", name)
-    scales = hf.take(local, "scales", name)
-    if qweight.dim() != 2 or scales.dim() != 2:
-        raise CheckpointError(f"layer {name!r}: qweight and scales must be 2-D")
-    check_scales(f"{name}.scales", scales)
+    qweight, scales = hf.take_qweight_and_scales(local, name)
     k, n = qweight.shape[0], qweight.shape[1] * 8
-    groups = 1 if g == -1 else -(-k // g)
-    if scales.shape != (groups, n):
-        raise CheckpointError(
-            f"layer {name!r}: scales have shape {tuple(scales.shape)}, expected ({groups}, {n})"
-        )
+    groups = hf.scale_groups(scales, k, n, g, name)
     codes = unpack_awq(qweight, n, f"{name}.qweight").t()  # (N, K)
     symmetric = not parsed["zero_point"]
     zeros = None

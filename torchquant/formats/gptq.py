@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from torchquant.checkpoint.files import read_json_file
-from torchquant.checkpoint.validate import check_scales
 from torchquant.errors import CheckpointError, ConfigError
 from torchquant.formats import hf_checkpoint as hf
 from torchquant.formats import int_layers
@@ -250,21 +249,13 @@ def save_gptq(
 def gptq_layer(local: dict[str, torch.Tensor], parsed: dict[str, Any], name: str) -> QuantLinear:
     """A ``QuantLinear`` from one layer's GPTQ tensors (consumed from ``local``)."""
     bits, g = parsed["bits"], parsed["group_size"]
-    qweight = hf.take(local, "qweight", name)
-    scales = hf.take(local, "scales", name)
-    if qweight.dim() != 2 or scales.dim() != 2:
-        raise CheckpointError(f"layer {name!r}: qweight and scales must be 2-D")
-    check_scales(f"{name}.scales", scales)
+    qweight, scales = hf.take_qweight_and_scales(local, name)
     n = qweight.shape[1]
     k = qweight.shape[0] * 32 // bits
     if qweight.dtype != torch.int32 or qweight.shape[0] * 32 != k * bits:
         raise CheckpointError(f"layer {name!r}: qweight must be int32 (K*bits/32, N)")
     packed = dense_to_canonical(qweight.t().contiguous(), bits, k)  # the same bitstream, (N, .)
-    groups = 1 if g == -1 else -(-k // g)
-    if scales.shape != (groups, n):
-        raise CheckpointError(
-            f"layer {name!r}: scales have shape {tuple(scales.shape)}, expected ({groups}, {n})"
-        )
+    groups = hf.scale_groups(scales, k, n, g, name)
     zeros = unpack_columns(hf.take(local, "qzeros", name), bits, n, f"{name}.qzeros")
     if zeros.shape[0] != groups:
         raise CheckpointError(f"layer {name!r}: qzeros has {zeros.shape[0]} rows, not {groups}")

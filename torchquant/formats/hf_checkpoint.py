@@ -39,7 +39,7 @@ from torchquant.checkpoint.save_guard import (
     resolve_save_target,
 )
 from torchquant.checkpoint.skeleton import build_hf_skeleton
-from torchquant.checkpoint.validate import check_layer_fits, check_loaded_values
+from torchquant.checkpoint.validate import check_layer_fits, check_loaded_values, check_scales
 from torchquant.errors import CheckpointError
 from torchquant.modules import QuantLinear
 from torchquant.plan import (
@@ -203,6 +203,28 @@ def take(local: dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
     if key not in local:
         raise CheckpointError(f"layer {name!r}: tensor {key!r} is missing")
     return local.pop(key)
+
+
+def take_qweight_and_scales(
+    local: dict[str, torch.Tensor], name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``name``'s ``qweight`` and ``scales`` as GPTQ and AWQ store them: both 2-D."""
+    qweight = take(local, "qweight", name)
+    scales = take(local, "scales", name)
+    if qweight.dim() != 2 or scales.dim() != 2:
+        raise CheckpointError(f"layer {name!r}: qweight and scales must be 2-D")
+    check_scales(f"{name}.scales", scales)
+    return qweight, scales
+
+
+def scale_groups(scales: torch.Tensor, k: int, n: int, group_size: int, name: str) -> int:
+    """The group count of a ``K``-input layer whose ``scales`` must be ``(groups, N)``."""
+    groups = 1 if group_size == -1 else -(-k // group_size)
+    if scales.shape != (groups, n):
+        raise CheckpointError(
+            f"layer {name!r}: scales have shape {tuple(scales.shape)}, expected ({groups}, {n})"
+        )
+    return groups
 
 
 def assemble(
