@@ -14,6 +14,8 @@ Split-K tiles for M up to 64, one program per output tile above (as ``dequant_ge
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -118,65 +120,77 @@ _split_k_tuned = autotune_tiles(_fp4_gemm_kernel, SPLIT_K_CONFIGS, _KEY, split_k
 _tiled_tuned = autotune_tiles(_fp4_gemm_kernel, TILED_CONFIGS, _KEY, split_k=False)
 
 
-def _check(x, qweight, scales, global_scale, block) -> None:
-    """Shapes and dtypes of the weight for ``x (M, K)``, named in the error."""
-    if block not in (16, 32):
-        raise ValueError(f"block must be 16 (NVFP4) or 32 (MXFP4), got {block}")
-    n, k = qweight.shape[0], x.shape[1]
-    scale_dtype = torch.uint8 if global_scale is None else torch.float8_e4m3fn
-    expected = {
-        "qweight": (qweight, torch.uint8, (n, -(-k // 2))),
-        "scales": (scales, scale_dtype, (n, -(-k // block))),
-    }
-    if global_scale is not None:
-        expected["global_scale"] = (global_scale, torch.float32, (1,))
-    for name, (t, dtype, shape) in expected.items():
-        if t.dtype != dtype or tuple(t.shape) != shape:
-            raise ValueError(f"{name} must be {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
+@dataclass(frozen=True)
+class Fp4Weight:
+    """An FP4 weight in the module docstring's layout: NVFP4 when ``global_scale`` is given
+    (E4M3 ``scales``, ``block`` 16), MXFP4 when it is None (uint8 E8M0, ``block`` 32)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    global_scale: torch.Tensor | None
+    block: int
+
+    def check(self, k: int) -> None:
+        """Shapes and dtypes of the weight for ``K = k``, named in the error."""
+        if self.block not in (16, 32):
+            raise ValueError(f"block must be 16 (NVFP4) or 32 (MXFP4), got {self.block}")
+        n = self.qweight.shape[0]
+        scale_dtype = torch.uint8 if self.global_scale is None else torch.float8_e4m3fn
+        expected = {
+            "qweight": (self.qweight, torch.uint8, (n, -(-k // 2))),
+            "scales": (self.scales, scale_dtype, (n, -(-k // self.block))),
+        }
+        if self.global_scale is not None:
+            expected["global_scale"] = (self.global_scale, torch.float32, (1,))
+        for name, (t, dtype, shape) in expected.items():
+            if t.dtype != dtype or tuple(t.shape) != shape:
+                raise ValueError(f"{name} must be {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
+
+    def kernel_args(self) -> dict:
+        """Kernel arguments describing the weight (the scales read as raw bytes)."""
+        scale_bytes = self.scales.view(torch.uint8)
+        return dict(
+            q_ptr=self.qweight,
+            s_ptr=scale_bytes,
+            g_ptr=self.global_scale if self.global_scale is not None else scale_bytes,
+            G=self.scales.shape[1],
+            stride_qn=self.qweight.stride(0),
+            stride_sn=scale_bytes.stride(0),
+            BLOCK=self.block,
+            E8M0=self.global_scale is None,
+        )
 
 
 def fp4_gemm(
     x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    global_scale: torch.Tensor | None,
+    weight: Fp4Weight,
     bias: torch.Tensor | None,
-    block: int,
     config: triton.Config | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x (M, K) @ W^T + bias`` -> ``(M, N)`` in ``x.dtype`` (shapes in the module docstring).
 
-    ``global_scale`` given: NVFP4 (E4M3 ``scales``); ``None``: MXFP4 (uint8 E8M0).
     ``config`` runs one explicit config (split-K for M up to 64) instead of autotuning.
     """
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K), got {tuple(x.shape)}")
-    _check(x, qweight, scales, global_scale, block)
-    check_device(x, qweight, scales, global_scale, bias)
+    weight.check(x.shape[1])
+    check_device(x, weight.qweight, weight.scales, weight.global_scale, bias)
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
-    n = qweight.shape[0]
+    n = weight.qweight.shape[0]
     split_k = m <= SPLIT_K_MAX_M
     out = output(out, (m, n), x.dtype, x.device)
     acc, grid = tile_launch(out, split_k, config)
-    scale_bytes = scales.view(torch.uint8)
     run_kernel(
         _split_k_tuned if split_k else _tiled_tuned,
         grid,
         config,
         x_ptr=x,
-        q_ptr=qweight,
-        s_ptr=scale_bytes,
-        g_ptr=global_scale if global_scale is not None else scale_bytes,
-        G=scales.shape[1],
         stride_xm=x.stride(0),
-        stride_qn=qweight.stride(0),
-        stride_sn=scale_bytes.stride(0),
-        BLOCK=block,
-        E8M0=global_scale is None,
         ATOMIC=split_k,
         **output_args(acc, bias, m, n, k),
+        **weight.kernel_args(),
     )
     return out if acc is out else out.copy_(acc)

@@ -62,5 +62,35 @@ def register_cuda(op: str, impl: Callable) -> None:
         torch.library.register_kernel(op, "cuda", impl)
 
 
+# -- the fields of cpu_kernels.CpuLayout, as the last arguments of an op's schema
+CPU_LAYOUT_ARGUMENTS = (
+    "Tensor? packed=None, Tensor? packed_scales=None, Tensor? packed_columns=None"
+)
+
+
+def define_layout_op(
+    name: str,
+    arguments: str,
+    reference: Callable,
+    on_cpu: Callable,
+    on_cuda: Callable | None,
+    doc: str,
+) -> object:
+    """The op ``torchquant::{name}({arguments}, packed*) -> Tensor`` of a family with a CPU layout.
+
+    ``packed*`` are the layer's cached ``cpu_kernels.CpuLayout`` (or None), which only
+    ``on_cpu`` reads; each implementation takes the op's arguments, the layout last.  With
+    no ``on_cuda`` the reference runs on CUDA tensors too.
+    """
+    schema = f"({arguments}, {CPU_LAYOUT_ARGUMENTS}) -> Tensor"
+    op = torch.library.custom_op(f"torchquant::{name}", reference, mutates_args=(), schema=schema)
+    op.__doc__ = doc
+    register_cpu(op, on_cpu)
+    op.register_fake(fake_linear)
+    if on_cuda is not None:
+        register_cuda(f"torchquant::{name}", on_cuda)
+    return op
+
+
 def warn_fallback(what: str, why: str) -> None:
     warnings.warn(f"{what}: {why}; using the reference PyTorch implementation", stacklevel=3)

@@ -69,9 +69,10 @@ linear_fp4_weight.register_fake(common.fake_linear)
 
 
 def linear_fp4_weight_cuda(x, qweight, scales, global_scale, bias, block):
-    from torchquant.triton_kernels.fp4_gemm import fp4_gemm
+    from torchquant.triton_kernels.fp4_gemm import Fp4Weight, fp4_gemm
 
-    return common.unflatten(fp4_gemm(common.rows(x), qweight, scales, global_scale, bias, block), x)
+    weight = Fp4Weight(qweight, scales, global_scale, block)
+    return common.unflatten(fp4_gemm(common.rows(x), weight, bias), x)
 
 
 common.register_cuda("torchquant::linear_fp4_weight", linear_fp4_weight_cuda)

@@ -99,37 +99,11 @@ def _intn_cpu(x, qweight, scales, zeros, g_idx, bias, bits, group_size, layout):
     return common.unflatten(common.add_bias(out.to(x.dtype), bias), x)
 
 
-@torch.library.custom_op("torchquant::linear_intn", mutates_args=())
-def linear_intn(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    packed: torch.Tensor | None = None,
-    packed_scales: torch.Tensor | None = None,
-    packed_columns: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Weight-only INTn linear; ``packed*`` are the layer's cached ``CpuLayout``, if any."""
+def _intn_reference(x, qweight, scales, zeros, bias, bits, group_size, *layout):
     return linear_intn_reference(x, qweight, scales, zeros, bias, bits, group_size)
 
 
-@torch.library.custom_op("torchquant::linear_intn_gidx", mutates_args=())
-def linear_intn_gidx(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    g_idx: torch.Tensor,
-    bias: torch.Tensor | None,
-    bits: int,
-    packed: torch.Tensor | None = None,
-    packed_scales: torch.Tensor | None = None,
-    packed_columns: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Weight-only INTn linear with act-order groups: column ``k`` in group ``g_idx[k]``."""
+def _intn_gidx_reference(x, qweight, scales, zeros, g_idx, bias, bits, *layout):
     return linear_intn_reference(x, qweight, scales, zeros, bias, bits, 0, g_idx)
 
 
@@ -143,22 +117,8 @@ def linear_intn_gidx_cpu(x, qweight, scales, zeros, g_idx, bias, bits, *layout):
     return _intn_cpu(x, qweight, scales, zeros, g_idx, bias, bits, 0, layout)
 
 
-common.register_cpu(linear_intn, linear_intn_cpu)
-common.register_cpu(linear_intn_gidx, linear_intn_gidx_cpu)
-linear_intn.register_fake(common.fake_linear)
-linear_intn_gidx.register_fake(common.fake_linear)
-
-
-def linear_intn_cuda(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    *layout: torch.Tensor | None,
-) -> torch.Tensor:
+def linear_intn_cuda(x, qweight, scales, zeros, bias, bits, group_size, *layout):
+    """The Triton kernels (``dequant_matmul`` picks the path by the number of rows)."""
     from torchquant.triton_kernels.dequant_matmul import dequant_matmul
     from torchquant.triton_kernels.weight import QuantWeight
 
@@ -166,4 +126,20 @@ def linear_intn_cuda(
     return common.unflatten(dequant_matmul(common.rows(x), weight, bias), x)
 
 
-common.register_cuda("torchquant::linear_intn", linear_intn_cuda)
+_INTN_ARGUMENTS = "Tensor x, Tensor qweight, Tensor scales, Tensor? zeros"
+linear_intn = common.define_layout_op(
+    "linear_intn",
+    f"{_INTN_ARGUMENTS}, Tensor? bias, SymInt bits, SymInt group_size",
+    _intn_reference,
+    linear_intn_cpu,
+    linear_intn_cuda,
+    "Weight-only INTn linear; ``packed*`` are the layer's cached ``CpuLayout``, if any.",
+)
+linear_intn_gidx = common.define_layout_op(
+    "linear_intn_gidx",
+    f"{_INTN_ARGUMENTS}, Tensor g_idx, Tensor? bias, SymInt bits",
+    _intn_gidx_reference,
+    linear_intn_gidx_cpu,
+    None,
+    "Weight-only INTn linear with act-order groups: column ``k`` in group ``g_idx[k]``.",
+)

@@ -52,18 +52,7 @@ def int8_cpu_layout(
     return cpu_kernels.int4pack_layout(codes, scales, 128.0, groups)
 
 
-@torch.library.custom_op("torchquant::linear_int8_weight", mutates_args=())
-def linear_int8_weight(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-    group_size: int,
-    packed: torch.Tensor | None = None,
-    packed_scales: torch.Tensor | None = None,
-    packed_columns: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Weight-only INT8 linear; ``packed*`` are the layer's cached ``CpuLayout``, if any."""
+def _int8_reference(x, qweight, scales, bias, group_size, *layout):
     return linear_int8_weight_reference(x, qweight, scales, bias, group_size)
 
 
@@ -87,18 +76,8 @@ def linear_int8_weight_cpu(x, qweight, scales, bias, group_size, *layout):
     return common.unflatten(common.add_bias(out.to(x.dtype), bias), x)
 
 
-common.register_cpu(linear_int8_weight, linear_int8_weight_cpu)
-linear_int8_weight.register_fake(common.fake_linear)
-
-
-def linear_int8_weight_cuda(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-    group_size: int,
-    *layout: torch.Tensor | None,
-) -> torch.Tensor:
+def linear_int8_weight_cuda(x, qweight, scales, bias, group_size, *layout):
+    """The Triton kernels (``dequant_matmul`` picks the path by the number of rows)."""
     from torchquant.triton_kernels.dequant_matmul import dequant_matmul
     from torchquant.triton_kernels.weight import QuantWeight
 
@@ -106,4 +85,11 @@ def linear_int8_weight_cuda(
     return common.unflatten(dequant_matmul(common.rows(x), weight, bias), x)
 
 
-common.register_cuda("torchquant::linear_int8_weight", linear_int8_weight_cuda)
+linear_int8_weight = common.define_layout_op(
+    "linear_int8_weight",
+    "Tensor x, Tensor qweight, Tensor scales, Tensor? bias, SymInt group_size",
+    _int8_reference,
+    linear_int8_weight_cpu,
+    linear_int8_weight_cuda,
+    "Weight-only INT8 linear; ``packed*`` are the layer's cached ``CpuLayout``, if any.",
+)
