@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotuned
+from ._launch import autotuned, output, output_args
 
 
 @triton.jit
@@ -104,6 +104,26 @@ def tile_launch(out: torch.Tensor, split_k: bool, config: triton.Config | None):
     a float32 buffer other than ``out`` is copied into it afterwards) and its grid."""
     m, n = out.shape
     return split_k_accumulator(out, split_k), tile_grid(m, n, split_k, config)
+
+
+def weight_tiles(
+    x: torch.Tensor,
+    weight_args: dict,
+    n: int,
+    bias: torch.Tensor | None,
+    split_k: bool,
+    config: triton.Config | None,
+    out: torch.Tensor | None,
+):
+    """``(out, acc, grid, args)`` of a weight-only tiled launch of ``x (M, K)`` against a
+    weight of ``n`` rows described by ``weight_args``: the ``(M, N)`` output in ``x.dtype``,
+    the buffer the kernel writes (copied into ``out`` afterwards when they differ), the grid
+    and the kernel arguments."""
+    m, k = x.shape
+    out = output(out, (m, n), x.dtype, x.device)
+    acc, grid = tile_launch(out, split_k, config)
+    args = dict(x_ptr=x, stride_xm=x.stride(0), ATOMIC=split_k, **output_args(acc, bias, m, n, k))
+    return out, acc, grid, {**args, **weight_args}
 
 
 def tile_config(bm, bn, bk, split_k, warps, stages, group_m=8) -> triton.Config:

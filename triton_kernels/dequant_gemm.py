@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import output, output_args, run_kernel
-from ._tiles import autotune_tiles, split_k_run, store_tile, tile_config, tile_launch, tile_offsets
+from ._launch import run_kernel
+from ._tiles import autotune_tiles, split_k_run, store_tile, tile_config, tile_offsets, weight_tiles
 from .dequant import dequantize_tile, dot_weight_tile
 from .weight import QuantWeight
 
@@ -131,16 +131,6 @@ def dequant_gemm(
     if x.stride(-1) != 1:
         x = x.contiguous()
     n = weight.out_features
-    out = output(out, (m, n), x.dtype, x.device)
-    acc, grid = tile_launch(out, split_k, config)
-    run_kernel(
-        _split_k_tuned if split_k else _tiled_tuned,
-        grid,
-        config,
-        x_ptr=x,
-        stride_xm=x.stride(0),
-        ATOMIC=split_k,
-        **output_args(acc, bias, m, n, k),
-        **weight.kernel_args(),
-    )
+    out, acc, grid, args = weight_tiles(x, weight.kernel_args(), n, bias, split_k, config, out)
+    run_kernel(_split_k_tuned if split_k else _tiled_tuned, grid, config, **args)
     return out if acc is out else out.copy_(acc)

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, output, output_args, run_kernel
-from ._tiles import autotune_tiles, split_k_run, store_tile, tile_config, tile_launch, tile_offsets
+from ._launch import check_device, run_kernel
+from ._tiles import autotune_tiles, split_k_run, store_tile, tile_config, tile_offsets, weight_tiles
 from .dequant import dot_weight_tile
 
 SPLIT_K_MAX_M = 64
@@ -181,16 +181,6 @@ def fp4_gemm(
     m, k = x.shape
     n = weight.qweight.shape[0]
     split_k = m <= SPLIT_K_MAX_M
-    out = output(out, (m, n), x.dtype, x.device)
-    acc, grid = tile_launch(out, split_k, config)
-    run_kernel(
-        _split_k_tuned if split_k else _tiled_tuned,
-        grid,
-        config,
-        x_ptr=x,
-        stride_xm=x.stride(0),
-        ATOMIC=split_k,
-        **output_args(acc, bias, m, n, k),
-        **weight.kernel_args(),
-    )
+    out, acc, grid, args = weight_tiles(x, weight.kernel_args(), n, bias, split_k, config, out)
+    run_kernel(_split_k_tuned if split_k else _tiled_tuned, grid, config, **args)
     return out if acc is out else out.copy_(acc)
