@@ -195,26 +195,6 @@ def test_fp4_fake_quantize_matches_the_stored_weight():
         assert torch.equal(weight_fake_quantize(WeightQuant(type=kind))(w), want)
 
 
-def _outlier_llama() -> torch.nn.Module:
-    """Two Llama blocks with a few norm channels scaled up (real LLMs' activation outliers)."""
-    model = tiny_llama(vocab=VOCAB, hidden=64, inter=128, layers=2, heads=4, kv_heads=2)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[:3] *= 20.0
-            layer.post_attention_layernorm.weight[5:8] *= 20.0
-    return model
-
-
-def _tokens(n: int, seq_len: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
-
-
-def _logits_error(model, ref, ids) -> float:
-    with torch.no_grad():
-        out = model(ids).logits
-    return float((out - ref).norm() / ref.norm())
-
-
 # -- on a floating-point grid a scaled-up weight keeps about the same relative error, so
 # -- AWQ gains less than on INT: NVFP4's fine blocks still gain much, MXFP4's a little
 SCALE_SEARCH_BOUND = {"nvfp4": 0.8, "mxfp4": 1.0}
