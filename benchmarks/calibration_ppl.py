@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import os
-import threading
 import time
 from pathlib import Path
 
 import torch
-from calibration_setup import add_run_args, load_run
+from calibration_setup import PeakRSS, add_run_args, load_average, load_run
 
 from torchquant import QuantConfig, convert_model
 from torchquant.config import (
@@ -56,10 +54,12 @@ def rows(group: int, alpha: float, awq: AWQConfig, gptq: GPTQConfig) -> dict[str
     plain = dataclasses.replace(gptq, act_order=False, static_groups=False)
     ordered = dataclasses.replace(gptq, act_order=True, static_groups=False)
     static = dataclasses.replace(gptq, act_order=True, static_groups=True)
+    staged = dataclasses.replace(static, sequential=True)
     awq_gptq = dataclasses.replace(awq, rounding="gptq")
     return {
         f"w4a16 g{group} GPTQ": _wna16(4, group, "gptq", gptq=plain),
         f"w4a16 g{group} GPTQ act-order static": _wna16(4, group, "gptq", gptq=static),
+        f"w4a16 g{group} GPTQ act-order static sequential": _wna16(4, group, "gptq", gptq=staged),
         f"w4a16 g{group} AWQ": _wna16(4, group, "awq", awq=awq),
         f"w4a16 g{group} AWQ+GPTQ": _wna16(4, group, "awq", awq=awq_gptq, gptq=gptq),
         f"w3a16 g{group} GPTQ": _wna16(3, group, "gptq", gptq=plain),
@@ -77,27 +77,6 @@ def rows(group: int, alpha: float, awq: AWQConfig, gptq: GPTQConfig) -> dict[str
         f"w3a16 g{group} RTN": _wna16(3, group),
         "w8a8 dynamic": _w8a8(),
     }
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 50 ms)."""
-
-    def __enter__(self) -> PeakRSS:
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
-        while not self._stop.is_set():
-            with open("/proc/self/statm") as f:
-                self.peak = max(self.peak, int(f.read().split()[1]) * page)
-            self._stop.wait(0.05)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def main() -> None:
@@ -166,7 +145,7 @@ def main() -> None:
         table.append((name, ppl, 100 * (ppl / ref - 1), seconds, mem.peak / 2**30))
         print(
             f"{name}: ppl {ppl:.3f} ({100 * (ppl / ref - 1):+.2f}%), convert {seconds:.0f} s, "
-            f"peak RSS {mem.peak / 2**30:.2f} GiB",
+            f"peak RSS {mem.peak / 2**30:.2f} GiB, load average {load_average()}",
             flush=True,
         )
         del model

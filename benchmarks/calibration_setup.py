@@ -4,6 +4,8 @@ the same command-line knobs, model, evaluation tokens and calibration windows.""
 from __future__ import annotations
 
 import argparse
+import os
+import threading
 from pathlib import Path
 
 import torch
@@ -34,3 +36,29 @@ def load_run(args: argparse.Namespace) -> tuple:
     ids = tokenize_text(tokenizer, Path(args.text).read_text(encoding="utf-8"), args.max_tokens)
     calib = calibration_tokens(args.calib, tokenizer, args.calib_samples, args.calib_seq_len)
     return model, tokenizer, ids, calib
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 50 ms)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+            self._stop.wait(0.05)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: what else ran while a row was timed."""
+    return " / ".join(f"{v:.1f}" for v in os.getloadavg())

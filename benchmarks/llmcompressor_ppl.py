@@ -24,7 +24,7 @@ import tempfile
 import time
 
 import torch
-from calibration_setup import add_run_args, load_run
+from calibration_setup import PeakRSS, add_run_args, load_average, load_run
 from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
@@ -102,26 +102,34 @@ def main() -> None:
             continue
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        if recipe is not None:
-            oneshot(
-                model=model,
-                tokenizer=tokenizer,
-                dataset=dataset,
-                recipe=recipe,
-                num_calibration_samples=calib.shape[0],
-                max_seq_length=calib.shape[1],
-                shuffle_calibration_samples=False,
-            )
+        with PeakRSS() as mem:
+            if recipe is not None:
+                oneshot(
+                    model=model,
+                    tokenizer=tokenizer,
+                    dataset=dataset,
+                    recipe=recipe,
+                    num_calibration_samples=calib.shape[0],
+                    max_seq_length=calib.shape[1],
+                    shuffle_calibration_samples=False,
+                )
         seconds = time.perf_counter() - start
         ppl = perplexity(model, ids, args.seq_len, progress=False).perplexity
-        table.append((name, ppl, seconds))
-        print(f"{name}: ppl {ppl:.3f}, calibrate {seconds:.0f} s", flush=True)
+        table.append((name, ppl, seconds, mem.peak / 2**30))
+        print(
+            f"{name}: ppl {ppl:.3f}, calibrate {seconds:.0f} s, peak RSS {mem.peak / 2**30:.2f} "
+            f"GiB, load average {load_average()}",
+            flush=True,
+        )
         del model
 
     ref = table[0][1]
-    print(f"\n{'method (llm-compressor)':<36}{'ppl':>9}{'delta %':>9}{'calib s':>9}")
-    for name, ppl, secs in table:
-        print(f"{name:<36}{ppl:>9.3f}{100 * (ppl / ref - 1):>+9.2f}{secs:>9.1f}")
+    print(
+        f"\n{'method (llm-compressor)':<36}{'ppl':>9}{'delta %':>9}{'calib s':>9}"
+        f"{'peak RSS GiB':>14}"
+    )
+    for name, ppl, secs, peak in table:
+        print(f"{name:<36}{ppl:>9.3f}{100 * (ppl / ref - 1):>+9.2f}{secs:>9.1f}{peak:>14.2f}")
 
 
 if __name__ == "__main__":

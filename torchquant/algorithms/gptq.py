@@ -24,6 +24,7 @@ from torchquant.numerics import choose_int_qparams, group_min_max, num_groups
 from torchquant.numerics.observers import mse_range
 
 DAMPING_STEPS = 4  # -- tries, each with ten times the damping of the one before
+INNER_BLOCK = 16  # -- columns updated one by one before a matmul updates the rest
 
 
 def accumulate_hessian(
@@ -121,21 +122,26 @@ def _quantize_columns(
     in ``err1[i]`` and spread that error over every row of ``w1`` after it.
 
     ``scale1``/``zero1`` ``(C, N)`` (``zero1`` a number when symmetric); ``hinv1`` is the
-    ``(B, B)`` block of the inverse-Hessian factor.  The arithmetic is the textbook
-    column step's, in place on preallocated rows.
+    ``(B, B)`` block of the inverse-Hessian factor.  The updates are lazy once more
+    inside the block: each column updates the rest of its chunk of ``INNER_BLOCK`` rows,
+    and a finished chunk updates the rows after it in one matmul, so the per-column
+    operations stay small (they run without thread hand-offs) and read few rows.
     """
     qmax = (1 << bits) - 1
     pivots = torch.diagonal(hinv1).tolist()
     deq = torch.empty_like(w1[0])
-    for i in range(len(scale1)):
-        scale, code, err = scale1[i], codes1[i], err1[i]
-        zero = zero1 if isinstance(zero1, float) else zero1[i]
-        torch.div(w1[i], scale, out=code)
-        code.round_().add_(zero).clamp_(0, qmax)
-        torch.sub(code, zero, out=deq).mul_(scale)
-        torch.sub(w1[i], deq, out=err).div_(pivots[i])
-        if i + 1 < len(w1):
-            w1[i + 1 :].sub_(torch.outer(hinv1[i, i + 1 :], err))
+    count = len(scale1)
+    for c1 in range(0, count, INNER_BLOCK):
+        c2 = min(c1 + INNER_BLOCK, count)
+        for i in range(c1, c2):
+            scale, code, err = scale1[i], codes1[i], err1[i]
+            zero = zero1 if isinstance(zero1, float) else zero1[i]
+            torch.div(w1[i], scale, out=code)
+            code.round_().add_(zero).clamp_(0, qmax)
+            torch.sub(code, zero, out=deq).mul_(scale)
+            torch.sub(w1[i], deq, out=err).div_(pivots[i])
+            w1[i + 1 : c2].addcmul_(hinv1[i, i + 1 : c2, None], err, value=-1)
+        w1[c2:].sub_(hinv1[c1:c2, c2:].t() @ err1[c1:c2])
 
 
 def _group_qparams(

@@ -65,11 +65,12 @@ def _fake_quant_error(
     ``v`` (NaN padding ignored)."""
     scales, zeros = choose_int_qparams(lo, hi, bits, symmetric)
     zero = (1 << (bits - 1)) if zeros is None else zeros.float()
-    q = torch.clamp(torch.round(v / scales) + zero, 0, (1 << bits) - 1)
-    err = ((q - zero) * scales - v).pow(2)
+    # -- the same operations in place on one buffer (a fresh tensor per step costs more)
+    err = torch.div(v, scales).round_().add_(zero).clamp_(0, (1 << bits) - 1)
+    err.sub_(zero).mul_(scales).sub_(v).pow_(2)
     if weight is not None:
-        err = err * weight
-    return torch.nan_to_num(err, nan=0.0).sum(dim=1, keepdim=True)
+        err.mul_(weight)
+    return err.nan_to_num_(nan=0.0).sum(dim=1, keepdim=True)
 
 
 def shrink_factors(grid: int = MSE_GRID, min_shrink: float = MSE_MIN_SHRINK) -> list[float]:
