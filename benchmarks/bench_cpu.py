@@ -367,7 +367,7 @@ def e2e_table(rows: list[dict], options: dict[str, int]) -> str:
     lines = [
         f"end to end, batch 1, {options['prompt']}-token prompt, {options['new_tokens']} new "
         f"tokens (median of {options['repeats']}); eval: {base['eval_tokens']} tokens in "
-        f"{options['seq_len']}-token windows; {torch.get_num_threads()} threads; "
+        f"{options['seq_len']}-token windows; {options['threads']} threads; "
         f"x {base['label']}: speed ratio (above 1 = faster), peak RSS ratio (below 1 = smaller)",
         f"{'model':<14}{'decode tok/s':>13}{'x':>6}{'prefill tok/s':>14}{'x':>6}{'eval s':>8}"
         f"{'x':>6}{'ppl':>8}{'held MiB':>9}{'layout':>8}{'RSS MiB':>8}{'peak':>7}{'x':>6}",
@@ -414,6 +414,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch threads (1 on a loaded machine: idle threads wait on descheduled ones)",
+    )
     p.add_argument("--save-row", help=argparse.SUPPRESS)
     p.add_argument("--measure-row", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -428,7 +434,9 @@ def main(argv: list[str] | None = None) -> None:
         "prompt": args.prompt,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "threads": args.threads,
     }
+    torch.set_num_threads(args.threads)
     if args.save_row:
         save_row_checkpoint(args.save_row, args.model, args.checkpoint)
         return
@@ -437,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         ids = tokenize_text(
             tokenizer, Path(args.text).read_text(encoding="utf-8"), args.eval_tokens
         )
-        kw = {k: v for k, v in options.items() if k != "eval_tokens"}
+        kw = {k: v for k, v in options.items() if k not in ("eval_tokens", "threads")}
         print(json.dumps(measure_row(args.measure_row, model, ids, **kw)))
         return
     torchao, note = load_torchao()

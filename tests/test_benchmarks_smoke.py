@@ -159,7 +159,14 @@ def test_cpu_smoke_with_torchao_adds_its_columns(benchmarks_on_path, capsys):
 
 def test_cpu_end_to_end_rows_load_the_saved_checkpoint(benchmarks_on_path, model_dir):
     bench_cpu = importlib.import_module("bench_cpu")
-    options = {"eval_tokens": 64, "seq_len": 32, "prompt": 8, "new_tokens": 2, "repeats": 1}
+    options = {
+        "eval_tokens": 64,
+        "seq_len": 32,
+        "prompt": 8,
+        "new_tokens": 2,
+        "repeats": 1,
+        "threads": 1,
+    }
     text = str(model_dir / "text.txt")
     rows = bench_cpu.e2e_rows(["fp32", "w4a16 g32"], str(model_dir), text, options)
     fp32, w4 = rows
