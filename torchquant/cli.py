@@ -89,6 +89,12 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
         "default), group (groups follow that order, saved with a g_idx: gptq desc_act, "
         "compressed-tensors actorder group; not awq), off (input order)",
     )
+    p.add_argument(
+        "--gptq-sequential",
+        action="store_true",
+        help="GPTQ stage by stage, each stage's Hessians regathered with the stages before it "
+        "quantized (one more calibration pass per stage); default: every Hessian from one pass",
+    )
     p.add_argument("--calib", default=None, help="calibration text file (UTF-8)")
     _count_option(p, "--calib-samples", 128, "calibration sequences")
     _length_option(p, "--calib-seq-len", 512, "tokens per sequence")
@@ -178,6 +184,10 @@ def _config(args: argparse.Namespace):
         act_order, static_groups = ACT_ORDERS[args.act_order]
         gptq = dataclasses.replace(scheme.gptq, act_order=act_order, static_groups=static_groups)
         scheme = dataclasses.replace(scheme, gptq=gptq)
+    if getattr(args, "gptq_sequential", False):
+        if args.algorithm != "gptq":
+            raise TorchquantError("--gptq-sequential applies to --algorithm gptq only")
+        scheme = dataclasses.replace(scheme, gptq=dataclasses.replace(scheme.gptq, sequential=True))
     if scheme.needs_calibration and not args.calib:
         raise TorchquantError(f"--algorithm {args.algorithm} needs --calib FILE (a text file)")
     return QuantConfig(default=scheme, ignore=tuple(args.ignore))
