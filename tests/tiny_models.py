@@ -77,25 +77,26 @@ def tiny_text(path, words: int = 200):
 
 # -- one tiny random model per Hugging Face family: (config class, model class, config fields)
 _COMMON = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
-_DECODER = {**_COMMON, "intermediate_size": 64, "num_key_value_heads": 1}
+# -- the fields every tiny decoder shares (tests that build other families start from it)
+TINY_DECODER = {**_COMMON, "intermediate_size": 64, "num_key_value_heads": 1}
 TINY_ARCHITECTURES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {**_DECODER, "tie_word_embeddings": True}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {**_DECODER, "sliding_window": 16}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _DECODER),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**_DECODER, "head_dim": 16}),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", {**_DECODER, "head_dim": 16}),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {**TINY_DECODER, "tie_word_embeddings": True}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {**TINY_DECODER, "sliding_window": 16}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", TINY_DECODER),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**TINY_DECODER, "head_dim": 16}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {**TINY_DECODER, "head_dim": 16}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"vocab_size": 64, "n_embd": 32, "n_layer": 1,
                                               "n_head": 2, "n_positions": 64}),
     "opt": ("OPTConfig", "OPTForCausalLM", {**_COMMON, "ffn_dim": 64, "word_embed_proj_dim": 32,
                                             "max_position_embeddings": 64}),
     "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {
-        **_DECODER, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        **TINY_DECODER, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
         "shared_expert_intermediate_size": 32}),
     "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
-        **_DECODER, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        **TINY_DECODER, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
         "head_dim": 16}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {
-        **_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}),
+        **TINY_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "bert": ("BertConfig", "BertModel", {**_COMMON, "intermediate_size": 64,
                                         "max_position_embeddings": 64}),
 }  # fmt: skip

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import TINY_DECODER
 
 from torchquant import QuantConfig, convert_model, scheme_from_name
 from torchquant.checkpoint.names import CHECKPOINT_NAMES, names_for_type
@@ -20,15 +21,7 @@ from torchquant.plan import split_fused_experts
 
 transformers = pytest.importorskip("transformers")
 
-DECODER = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "intermediate_size": 64,
-    "num_experts_per_tok": 2,
-}
+DECODER = {**TINY_DECODER, "num_hidden_layers": 2, "num_experts_per_tok": 2}
 # model_type -> (config class, model class, extra config)
 TINY = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4}),
