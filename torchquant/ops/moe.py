@@ -72,22 +72,16 @@ moe_linear_cpu = _per_expert(
 )
 
 
-@torch.library.custom_op("torchquant::moe_linear_weight_only", mutates_args=())
-def moe_linear_weight_only(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-) -> torch.Tensor:
-    """Each routed slot's expert linear (weight-only INTn, INT8 or FP8) -> ``(T * k, N)``."""
-    return moe_linear_reference(
-        x, qweight, scales, zeros, bias, top_k_index, top_k_weights, bits, group_size
-    )
+moe_linear_weight_only = torch.library.custom_op(
+    "torchquant::moe_linear_weight_only",
+    moe_linear_reference,
+    mutates_args=(),
+    schema="(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, "
+    "Tensor top_k_index, Tensor? top_k_weights, SymInt bits, SymInt group_size) -> Tensor",
+)
+moe_linear_weight_only.__doc__ = (
+    "Each routed slot's expert linear (weight-only INTn, INT8 or FP8) -> ``(T * k, N)``."
+)
 
 
 @moe_linear_weight_only.register_fake

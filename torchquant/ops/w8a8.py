@@ -60,12 +60,9 @@ class ActivationQuant(NamedTuple):
 
 
 def linear_w8a8_cpu(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
     act: ActivationQuant,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     if act.act_type == "fp8" and not cpu_kernels.uses_bf16_kernels(x):
         return linear_w8a8_reference(x, qweight, scales, bias, *act)
     x2 = common.rows(x)
@@ -81,12 +78,9 @@ def linear_w8a8_cpu(
 
 
 def linear_w8a8_cuda(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
     act: ActivationQuant,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     from torchquant.triton_kernels.act_quant import quantize_activation_rows
     from torchquant.triton_kernels.fp8_gemm import fp8_gemm, fp8_supported
     from torchquant.triton_kernels.w8a8_gemm import int8_gemm
@@ -144,11 +138,7 @@ linear_w8a8_fp8, linear_w8a8_fp8_cuda = _define_w8a8_op("fp8")
 
 @torch.library.custom_op("torchquant::quantize_activation", mutates_args=())
 def quantize_activation_op(
-    x: torch.Tensor,
-    act_type: str,
-    per_token: bool,
-    percentile: float,
-    smooth: torch.Tensor | None,
+    x: torch.Tensor, act_type: str, per_token: bool, percentile: float, smooth: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic activation quantization of ``x: (rows, K)``: ``(q, scale (rows|1, 1))``."""
     return quantize_activation(x, act_type, per_token, percentile, None, smooth)
@@ -162,11 +152,7 @@ def _(x, act_type, per_token, percentile, smooth):
 
 
 def quantize_activation_cuda(
-    x: torch.Tensor,
-    act_type: str,
-    per_token: bool,
-    percentile: float,
-    smooth: torch.Tensor | None,
+    x: torch.Tensor, act_type: str, per_token: bool, percentile: float, smooth: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from torchquant.triton_kernels.act_quant import quantize_activation_rows
     from torchquant.triton_kernels.fp8_gemm import fp8_supported

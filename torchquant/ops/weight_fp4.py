@@ -32,13 +32,9 @@ def dequantize_fp4_rows(
 
 
 def linear_fp4_weight_reference(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    global_scale: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    block: int,
-) -> torch.Tensor:
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+    global_scale: torch.Tensor | None, bias: torch.Tensor | None, block: int,
+) -> torch.Tensor:  # fmt: skip
     """The exact maths: the weight dequantized in float32 as ``x.dtype``, then matmul."""
     k = x.shape[-1]
     w = dequantize_fp4_rows(qweight, scales, global_scale, block, k, x.dtype)

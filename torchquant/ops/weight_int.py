@@ -50,15 +50,9 @@ def _dequantize_rows(qweight, scales, zeros, g_idx, bits, group_size, k, dtype):
 
 
 def linear_intn_reference(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    g_idx: torch.Tensor | None = None,
-) -> torch.Tensor:
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+    bias: torch.Tensor | None, bits: int, group_size: int, g_idx: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """The exact maths: dequantize the whole weight in float32, then matmul in ``x.dtype``."""
     k = x.shape[-1]
     w = _dequantize_rows(qweight, scales, zeros, g_idx, bits, group_size, k, x.dtype)(
@@ -68,14 +62,9 @@ def linear_intn_reference(
 
 
 def intn_cpu_layout(
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    g_idx: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    in_features: int,
-) -> cpu_kernels.CpuLayout:
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+    g_idx: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+) -> cpu_kernels.CpuLayout:  # fmt: skip
     """The int4pack layout of a packed INTn weight (derived once per layer on CPU)."""
     codes = unpack_codes(qweight, bits, in_features)
     zero = zeros if zeros is not None else float(1 << (bits - 1))

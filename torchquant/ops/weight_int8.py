@@ -29,12 +29,9 @@ def _dequantize_rows(qweight, scales, group_size, dtype):
 
 
 def linear_int8_weight_reference(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
     group_size: int,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """The exact maths: dequantize the whole weight in float32, then matmul in ``x.dtype``."""
     w = _dequantize_rows(qweight, scales, group_size, x.dtype)(0, qweight.shape[0])
     return F.linear(x, w, bias)
