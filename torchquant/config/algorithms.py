@@ -33,10 +33,10 @@ class GPTQConfig:
 
     ``sequential`` quantizes a block's linears stage by stage (q/k/v, o, gate/up, down),
     each stage's Hessians regathered from a forward over the already-quantized stages
-    before it, at one more pass of the calibration samples per stage.  Off by default:
-    every Hessian then comes from the one statistics pass over the float block, as in
-    llm-compressor, which on SmolLM2-135M took a fraction of the time at the same
-    perplexity (the numbers are in the README).
+    before it, at one more pass of the calibration samples per stage (three more on a
+    Llama block).  Off by default: every Hessian then comes from the one statistics pass
+    over the float block, as llm-compressor does; SmolLM2-135M w4 g64 scored 25.80
+    perplexity that way against llm-compressor's 27.53 (README, "GPTQ speed").
     """
 
     block_size: int = 128
