@@ -128,6 +128,17 @@ def test_quant_linear_forward_is_defined_for_any_weight_and_input(
         assert not torch.isfinite(out).all(), "non-finite input must not come out finite"
 
 
+def test_fp8_weight_with_a_tiny_scale_stays_finite_on_a_huge_input():
+    """The codes (448 here) times 1e38 overflow bf16 before the tiny scale is applied; the
+    output row, 1.8e-2, is finite and must come out so (a case the fuzzer found)."""
+    w = torch.tensor([[1.8367e-40]], dtype=torch.bfloat16)
+    layer = QuantLinear.from_weight(w, None, scheme_from_name("w8a16-fp8"))
+    x = torch.tensor([[1e38]], dtype=torch.bfloat16)
+    out = layer(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, layer.reference_forward(x))
+
+
 @fuzz_settings
 @given(
     x=float_matrices(max_rows=4, max_cols=64),

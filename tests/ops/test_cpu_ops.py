@@ -164,6 +164,52 @@ def test_w8a8_nonfinite_rows_as_reference(scheme):
     torch.testing.assert_close(layer(x), layer.reference_forward(x), equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_cpu_activation_quantization_gives_the_reference_codes(dtype, per_token, smooth):
+    from torchquant.numerics import quantize_activation
+    from torchquant.ops.w8a8 import ActivationQuant, quantize_rows_cpu
+
+    torch.manual_seed(per_token + 2 * smooth)
+    x = (torch.randn(7, 96) * torch.logspace(-3, 3, 7)[:, None]).to(dtype)
+    x[2] = 0.0
+    x[4, 5] = float("inf")
+    divisor = torch.rand(96) + 0.5 if smooth else None
+    act = ActivationQuant("int8", per_token, 100.0, None, divisor)
+    q, scale = quantize_rows_cpu(x, act)
+    ref_q, ref_scale = quantize_activation(x, *act)
+    finite = torch.isfinite(x).all(dim=1) if per_token else torch.ones(7, dtype=torch.bool)
+    if not per_token and not torch.isfinite(x).all():
+        finite[:] = False  # one shared non-finite scale: every row is poisoned downstream
+    assert torch.equal(q[finite], ref_q[finite])
+    assert torch.equal(scale[finite if per_token else 0], ref_scale[finite if per_token else 0])
+
+
+def test_fp8_layers_keep_their_codes_as_bf16_on_cpu():
+    for scheme in ("w8a16-fp8", "fp8"):
+        layer = _layer(scheme, None, 40, 64, torch.bfloat16)
+        assert layer.cpu_layout_nbytes() == 40 * 64 * 2  # 2 bytes a weight, beside qweight
+        assert torch.equal(layer.cpu_layout().packed.float(), layer.qweight.float())
+        assert _layer(scheme, None, 40, 64).cpu_layout_nbytes() == 0  # float32: the reference
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16", "w8a8", "fp8", "w8a16-fp8"])
+def test_bound_op_follows_replaced_and_rewritten_buffers(scheme):
+    layer = _layer(scheme, None, 24, 64, torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    layer(x)  # binds the op to the buffers
+    other = _layer(scheme, None, 24, 64, torch.bfloat16)
+    layer.qweight.copy_(other.qweight)  # written in place
+    layer.scales.copy_(other.scales)
+    layer.bias = torch.randn(24, dtype=torch.bfloat16)  # replaced
+    layer.smooth_scale = torch.rand(64) + 0.5
+    out, ref = layer(x), layer.reference_forward(x)
+    assert _relative_error(out, ref) < BF16_KERNEL_ERROR
+    layer.smooth_scale = None
+    assert _relative_error(layer(x), layer.reference_forward(x)) < BF16_KERNEL_ERROR
+
+
 def test_partial_last_group_splits_into_smaller_blocks():
     groups = cpu_kernels.column_groups(576, 128, None)
     block, columns, owners = cpu_kernels.plan_blocks(groups, 576)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from torchquant.config import QuantScheme
 from torchquant.errors import ConfigError, QuantizationError
 from torchquant.ops.cpu_kernels import CpuLayout
-from torchquant.weights import linear_w8a8, weight_format
+from torchquant.weights import bind_w8a8, linear_w8a8, weight_format
 
-# -- where the layer's CPU layout is cached (a plain attribute: never a buffer, never saved)
+# -- where the layer's CPU layout and its bound op are cached (plain attributes: never
+# -- buffers, never saved)
 _CPU_LAYOUT = "_cpu_layout_cache"
+_BOUND_LINEAR = "_bound_linear_cache"
+_CACHES = (_CPU_LAYOUT, _BOUND_LINEAR)
 
 
 def _scale_dtype(scheme: QuantScheme, dtype: torch.dtype) -> torch.dtype:
@@ -123,12 +128,18 @@ class QuantLinear(nn.Module):
 
     def _layout_key(self) -> tuple[int, ...]:
         """Changes whenever a buffer the layout is derived from is replaced or written."""
-        tensors = (self.qweight, self.scales, self.zeros, self.g_idx)
-        return tuple(v for t in tensors if t is not None for v in (t.data_ptr(), t._version))
+        buffers = self._buffers
+        key = []
+        for name in ("qweight", "scales", "zeros", "g_idx"):
+            t = buffers[name]
+            if t is not None:
+                key += (t.data_ptr(), t._version)
+        return tuple(key)
 
     def _derive_cpu_layout(self) -> CpuLayout:
-        if self.scheme.activation is not None:
-            return CpuLayout()  # W8A8 runs on the buffers as they are
+        act = self.scheme.activation
+        if act is not None and act.type == "int8":
+            return CpuLayout()  # INT8 W8A8 runs on the buffers as they are
         return self.weight_format.cpu_layout(self)
 
     def cpu_layout(self) -> CpuLayout:
@@ -156,22 +167,58 @@ class QuantLinear(nn.Module):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {key: value for key, value in state.items() if key != _CPU_LAYOUT}
+        return {key: value for key, value in state.items() if key not in _CACHES}
 
     # -- inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear(x, reference=False)
+        if torch.compiler.is_compiling():
+            return self._linear(x, reference=False)
+        self._check_features(x)
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        return self._bound_linear()(x)
+
+    def _bound_linear(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The fast op with this layer's buffers (and CPU layout) bound, derived again when
+        any buffer is replaced or one the layout comes from is written."""
+        key = (*map(id, self._buffers.values()), *self._layout_key())
+        cache = self.__dict__.get(_BOUND_LINEAR)
+        if cache is None or cache[0] != key:
+            cache = (key, self._bind_linear())
+            self.__dict__[_BOUND_LINEAR] = cache
+        return cache[1]
+
+    def _bind_linear(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        bias, smooth = self.bias, self.smooth_scale
+        if self.scheme.activation is not None:
+            args = (
+                self.qweight,
+                self.scales,
+                bias,
+                self.input_scale,
+                smooth,
+                self.cpu_layout().packed,
+            )
+            return bind_w8a8(self.scheme, *args)
+        linear = self.weight_format.bind_linear(self, bias)
+        if smooth is None:
+            return linear
+        dtype = self.dtype
+        return lambda x: linear((x / smooth).to(dtype))
+
+    def _check_features(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise QuantizationError(
+                f"input has {x.shape[-1]} features, layer expects {self.in_features}"
+            )
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` through the exact reference maths, on any device (the tests' oracle)."""
         return self._linear(x, reference=True)
 
     def _linear(self, x: torch.Tensor, reference: bool) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise QuantizationError(
-                f"input has {x.shape[-1]} features, layer expects {self.in_features}"
-            )
+        self._check_features(x)
         x = x.to(self.dtype)
         if self.scheme.activation is not None:
             return linear_w8a8(

@@ -10,7 +10,7 @@ fake (meta) implementation so ``torch.compile`` can trace models that use it; la
 call them through :func:`run`, which skips the dispatcher on eager CPU calls.
 """
 
-from torchquant.ops.common import HAS_TRITON_KERNELS, run
+from torchquant.ops.common import HAS_TRITON_KERNELS, bind, run
 from torchquant.ops.fake_quant import fake_quant_int_weight, fake_quant_int_weight_backward
 from torchquant.ops.fp8_block import (
     linear_fp8_block,
@@ -20,13 +20,20 @@ from torchquant.ops.fp8_block import (
 )
 from torchquant.ops.moe import moe_linear_reference, moe_linear_weight_only
 from torchquant.ops.w8a8 import (
+    ActivationQuant,
+    linear_w8a8_cpu,
     linear_w8a8_fp8,
     linear_w8a8_int8,
     linear_w8a8_reference,
     quantize_activation_op,
 )
 from torchquant.ops.weight_fp4 import linear_fp4_weight, linear_fp4_weight_reference
-from torchquant.ops.weight_fp8 import linear_fp8_weight, linear_fp8_weight_reference
+from torchquant.ops.weight_fp8 import (
+    fp8_cpu_layout,
+    linear_fp8_weight,
+    linear_fp8_weight_cpu,
+    linear_fp8_weight_reference,
+)
 from torchquant.ops.weight_int import (
     intn_cpu_layout,
     linear_intn,
@@ -40,9 +47,12 @@ from torchquant.ops.weight_int8 import (
 )
 
 __all__ = [
+    "ActivationQuant",
     "HAS_TRITON_KERNELS",
+    "bind",
     "fake_quant_int_weight",
     "fake_quant_int_weight_backward",
+    "fp8_cpu_layout",
     "int8_cpu_layout",
     "intn_cpu_layout",
     "linear_fp8_block",
@@ -52,12 +62,14 @@ __all__ = [
     "linear_fp4_weight",
     "linear_fp4_weight_reference",
     "linear_fp8_weight",
+    "linear_fp8_weight_cpu",
     "linear_fp8_weight_reference",
     "linear_int8_weight",
     "linear_int8_weight_reference",
     "linear_intn",
     "linear_intn_gidx",
     "linear_intn_reference",
+    "linear_w8a8_cpu",
     "linear_w8a8_fp8",
     "linear_w8a8_int8",
     "linear_w8a8_reference",

@@ -29,7 +29,7 @@ def rows(x: torch.Tensor) -> torch.Tensor:
 
 def unflatten(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``out (M, N)`` back to ``(..., N)`` with ``x``'s leading dimensions."""
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def fake_linear(x: torch.Tensor, qweight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -37,7 +37,17 @@ def fake_linear(x: torch.Tensor, qweight: torch.Tensor, *args, **kwargs) -> torc
 
 
 def add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return out if bias is None else out + bias.to(out.dtype)
+    if bias is None:
+        return out
+    return out + (bias if bias.dtype == out.dtype else bias.to(out.dtype))
+
+
+def finish(out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """The rows ``out (M, N)`` as the op's result: ``x``'s dtype and leading dimensions, plus
+    ``bias`` (no-op conversions skipped: a decode step calls this ~200 times)."""
+    if out.dtype != x.dtype:
+        out = out.to(x.dtype)
+    return unflatten(add_bias(out, bias), x)
 
 
 _CPU_KERNELS: dict[object, Callable] = {}
@@ -54,6 +64,25 @@ def run(op: object, x: torch.Tensor, *args: object) -> torch.Tensor:
     if not torch.compiler.is_compiling() and type(x) is torch.Tensor and x.device.type == "cpu":
         return _CPU_KERNELS[op](x, *args)
     return op(x, *args)
+
+
+def bind(
+    op: object, *args: object, on_cpu: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> run(op, x, *args)`` with the CPU kernel looked up once; ``on_cpu(x)``, when
+    given, replaces that kernel (a layer's cached layout the op's schema cannot carry)."""
+    cpu_kernel = _CPU_KERNELS[op]
+    if on_cpu is None:
+
+        def on_cpu(x: torch.Tensor) -> torch.Tensor:
+            return cpu_kernel(x, *args)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            return on_cpu(x)
+        return op(x, *args)
+
+    return call
 
 
 def register_cuda(op: str, impl: Callable) -> None:

@@ -148,15 +148,17 @@ def int4pack_linear(x2: torch.Tensor, layout: CpuLayout, n: int) -> torch.Tensor
 
     One plane gives the kernel's bf16 output as it is; two planes are summed in float32.
     """
-    x2 = x2.to(COMPUTE_DTYPE)
+    if x2.dtype != COMPUTE_DTYPE:
+        x2 = x2.to(COMPUTE_DTYPE)
     if layout.columns is not None:
         x2 = F.pad(x2, (0, 1))[:, layout.columns]
     x2 = x2.contiguous()
-    parts = [
-        torch._weight_int4pack_mm_for_cpu(x2, packed, packed.shape[1] * 2 // sz.shape[0], sz)
-        for packed, sz in zip(layout.packed, layout.scales_zeros, strict=True)
-    ]
-    out = parts[0] if len(parts) == 1 else sum((p.float() for p in parts[1:]), parts[0].float())
+    packed, scales_zeros = layout.packed, layout.scales_zeros
+    block = packed.shape[2] * 2 // scales_zeros.shape[1]
+    out = torch._weight_int4pack_mm_for_cpu(x2, packed[0], block, scales_zeros[0])
+    if packed.shape[0] == 2:
+        low = torch._weight_int4pack_mm_for_cpu(x2, packed[1], block, scales_zeros[1])
+        out = out.float() + low.float()
     return out if out.shape[1] == n else out[:, :n]
 
 
@@ -169,7 +171,8 @@ def int8pack_layout(qweight: torch.Tensor, scales: torch.Tensor) -> CpuLayout:
 
 def int8pack_linear(x2: torch.Tensor, qweight: torch.Tensor, layout: CpuLayout) -> torch.Tensor:
     """``x2 (M, K)`` times int8 ``qweight (N, K)`` with per-row scales; bf16 ``(M, N)``."""
-    x2 = x2.to(COMPUTE_DTYPE)
+    if x2.dtype != COMPUTE_DTYPE:
+        x2 = x2.to(COMPUTE_DTYPE)
     if layout.packed is not None:
         qweight = layout.packed
         x2 = F.pad(x2, (0, qweight.shape[1] - x2.shape[1]))

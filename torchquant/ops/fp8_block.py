@@ -86,7 +86,7 @@ def linear_fp8_block_weight_cpu(x, qweight, scales, bias, block_n, block_k):
     if not _blocked_dtype(x):
         return linear_fp8_block_weight_reference(x, qweight, scales, bias, block_n, block_k)
     out = _blocked_product(common.rows(x), qweight, scales, block_n, block_k)
-    return common.unflatten(common.add_bias(out, bias), x)
+    return common.finish(out, bias, x)
 
 
 linear_fp8_block = torch.library.custom_op(

@@ -7,9 +7,11 @@ or with the static ``input_scale``, after dividing by the SmoothQuant ``smooth (
 names; ``quantize_activation`` is the activation half on its own.
 
 CPU: INT8 products accumulate exactly in int32 (``torch._int_mm``) and the scales are
-applied in float64, as in the reference, so the result is the reference's.  FP8 with
-bf16 inputs accumulates its (exact) products in float32 over blocks of converted weight
-rows; other FP8 inputs run the reference.  CUDA: the Triton kernels.
+applied in float64, as in the reference, so the result is the reference's; dynamic
+activations are quantized in fewer passes (same codes).  FP8 with bf16 inputs multiplies
+the (exact) bf16 values of both operands, the weight's from the layer's cached
+``fp8_cpu_layout`` (converted per call without it), and scales in float32; other FP8
+inputs run the reference.  CUDA: the Triton kernels.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from torchquant.numerics import poison_nonfinite_rows, quantize_activation
+from torchquant.numerics.activation import INT8_MAX, INT8_MIN
 from torchquant.ops import common, cpu_kernels
 from torchquant.ops.weight_fp8 import fp8_rows_linear
 
@@ -59,22 +62,38 @@ class ActivationQuant(NamedTuple):
     smooth: torch.Tensor | None
 
 
+def quantize_rows_cpu(x2: torch.Tensor, act: ActivationQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_activation(x2, *act)``, bit for bit, in fewer passes for dynamic full-range
+    INT8 (the decode step's case: no copies of ``|x|``, rounding and clamping in place)."""
+    if act.act_type != "int8" or act.input_scale is not None or act.percentile < 100.0:
+        return quantize_activation(x2, *act)
+    xf = x2.float() if act.smooth is None else x2.float() / act.smooth.float()
+    if act.per_token:
+        absmax = torch.linalg.vector_norm(xf, float("inf"), dim=-1, keepdim=True)
+    else:
+        absmax = torch.linalg.vector_norm(xf, float("inf")).reshape(1, 1)
+    scale = absmax / INT8_MAX
+    scale = torch.where(scale > 0, scale, 1.0)
+    return (xf / scale).round_().clamp_(INT8_MIN, INT8_MAX).to(torch.int8), scale
+
+
 def linear_w8a8_cpu(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-    act: ActivationQuant,
+    act: ActivationQuant, codes: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
+    """The CPU implementation; ``codes`` is an FP8 layer's cached ``fp8_cpu_layout``."""
     if act.act_type == "fp8" and not cpu_kernels.uses_bf16_kernels(x):
         return linear_w8a8_reference(x, qweight, scales, bias, *act)
     x2 = common.rows(x)
-    xq, xs = quantize_activation(x2, *act)
+    xq, xs = quantize_rows_cpu(x2, act)
     per_token, input_scale = act.per_token, act.input_scale
     if act.act_type == "int8":
         acc = torch._int_mm(xq, qweight.t()).double()
         return _scaled_output(
             x, x2, acc, xs.double(), scales.double(), bias, per_token, input_scale
         )
-    acc = fp8_rows_linear(xq, qweight, torch.float32)
-    return _scaled_output(x, x2, acc, xs.float(), scales.float(), bias, per_token, input_scale)
+    acc = fp8_rows_linear(xq, qweight, codes).float()
+    return _scaled_output(x, x2, acc, xs, scales.float(), bias, per_token, input_scale)
 
 
 def linear_w8a8_cuda(

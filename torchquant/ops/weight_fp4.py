@@ -57,7 +57,7 @@ def linear_fp4_weight_cpu(x, qweight, scales, global_scale, bias, block):
         return dequantize_fp4_rows(qweight[start:stop], s, global_scale, block, k, x.dtype)
 
     out = cpu_kernels.blocked_linear(x2, qweight.shape[0], dequantize)
-    return common.unflatten(common.add_bias(out, bias), x)
+    return common.finish(out, bias, x)
 
 
 common.register_cpu(linear_fp4_weight, linear_fp4_weight_cpu)

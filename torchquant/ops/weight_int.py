@@ -85,7 +85,7 @@ def _intn_cpu(x, qweight, scales, zeros, g_idx, bias, bits, group_size, layout):
         if layout.packed is None:
             layout = intn_cpu_layout(qweight, scales, zeros, g_idx, bits, group_size, k)
         out = cpu_kernels.int4pack_linear(x2, layout, n)
-    return common.unflatten(common.add_bias(out.to(x.dtype), bias), x)
+    return common.finish(out, bias, x)
 
 
 def _intn_reference(x, qweight, scales, zeros, bias, bits, group_size, *layout):

@@ -70,7 +70,7 @@ def linear_int8_weight_cpu(x, qweight, scales, bias, group_size, *layout):
             out = cpu_kernels.int8pack_linear(x2, qweight, layout)
         else:
             out = cpu_kernels.int4pack_linear(x2, layout, n)
-    return common.unflatten(common.add_bias(out.to(x.dtype), bias), x)
+    return common.finish(out, bias, x)
 
 
 def linear_int8_weight_cuda(x, qweight, scales, bias, group_size, *layout):

@@ -8,7 +8,7 @@ formats ask it for INT codes.  Adding a kind is one module here (a
 
 from torchquant.config import QuantScheme
 from torchquant.errors import QuantizationError
-from torchquant.weights.activation import linear_w8a8
+from torchquant.weights.activation import bind_w8a8, linear_w8a8
 from torchquant.weights.base import IntWeightFormat, QuantizedLayer, WeightFormat
 from torchquant.weights.fp4 import Fp4Format, Mxfp4Format, Nvfp4Format
 from torchquant.weights.fp8 import Fp8Format
@@ -48,6 +48,7 @@ __all__ = [
     "PackedIntFormat",
     "QuantizedLayer",
     "WeightFormat",
+    "bind_w8a8",
     "linear_w8a8",
     "weight_format",
 ]

@@ -8,6 +8,8 @@ block op.  The op applies the SmoothQuant divisor and the static input scale its
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor
 
 from torchquant import ops
@@ -28,17 +30,33 @@ def linear_w8a8(
     reference: bool,
 ) -> Tensor:
     """``quantize(x) W^T + bias`` for a scheme with ``scheme.activation`` set."""
+    if not reference:
+        return bind_w8a8(scheme, qweight, scales, bias, input_scale, smooth_scale)(x)
     act = scheme.activation
     if act.granularity == "group":
-        args = (qweight, scales, bias, *scheme.weight.block)
-        if reference:
-            return ops.linear_fp8_block_reference(x, *args)
-        return ops.run(ops.linear_fp8_block, x, *args)
-    per_token = act.granularity == "token"
-    percentile = float(act.percentile)
-    if reference:
-        return ops.linear_w8a8_reference(
-            x, qweight, scales, bias, act.type, per_token, percentile, input_scale, smooth_scale
-        )
-    op = W8A8_OPS[act.type]
-    return ops.run(op, x, qweight, scales, bias, per_token, percentile, input_scale, smooth_scale)
+        return ops.linear_fp8_block_reference(x, qweight, scales, bias, *scheme.weight.block)
+    per_token, percentile = act.granularity == "token", float(act.percentile)
+    return ops.linear_w8a8_reference(
+        x, qweight, scales, bias, act.type, per_token, percentile, input_scale, smooth_scale
+    )
+
+
+def bind_w8a8(
+    scheme: QuantScheme, qweight: Tensor, scales: Tensor, bias: Tensor | None,
+    input_scale: Tensor | None, smooth_scale: Tensor | None, codes: Tensor | None = None,
+) -> Callable[[Tensor], Tensor]:  # fmt: skip
+    """The fast W8A8 op with every argument but ``x`` bound; an FP8 layer's cached ``codes``
+    (``ops.fp8_cpu_layout``) serve the CPU product."""
+    act = scheme.activation
+    if act.granularity == "group":
+        return ops.bind(ops.linear_fp8_block, qweight, scales, bias, *scheme.weight.block)
+    per_token, percentile = act.granularity == "token", float(act.percentile)
+    quant = ops.ActivationQuant(act.type, per_token, percentile, input_scale, smooth_scale)
+    on_cpu = None
+    if codes is not None:
+
+        def on_cpu(x: Tensor) -> Tensor:
+            return ops.linear_w8a8_cpu(x, qweight, scales, bias, quant, codes)
+
+    args = (qweight, scales, bias, *quant[1:])
+    return ops.bind(W8A8_OPS[act.type], *args, on_cpu=on_cpu)

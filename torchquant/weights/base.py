@@ -10,6 +10,7 @@ its format; exchange formats ask it whether the weight is INT and for its codes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar, Protocol
 
 import torch
@@ -129,11 +130,22 @@ class WeightFormat(ABC):
         """``qweight`` holding a float format's rounded ``values (N, K)`` (FP8: as they are)."""
         return values
 
-    @abstractmethod
     def linear(
         self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None, reference: bool
     ) -> Tensor:
         """``x W^T + bias`` with the stored weight: the exact reference op, or the fast one."""
+        if reference:
+            return self.reference_linear(layer, x, bias)
+        return self.bind_linear(layer, bias)(x)
+
+    @abstractmethod
+    def reference_linear(self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None) -> Tensor:
+        """``x W^T + bias`` through the op's exact reference."""
+
+    @abstractmethod
+    def bind_linear(self, layer: QuantizedLayer, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
+        """The fast op with every argument but ``x`` bound (``QuantLinear`` caches it while
+        its buffers stay the same, so a call does no lookups)."""
 
     def cpu_layout(self, layer: QuantizedLayer) -> CpuLayout:
         """The weight in the layout of the CPU kernels; empty where they use the buffers as is."""

@@ -11,6 +11,7 @@ The CPU kernels read the buffers as they are (no CPU layout).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -26,7 +27,7 @@ from torchquant.numerics.fp4 import (
     pack_e2m1,
     unpack_e2m1,
 )
-from torchquant.ops import run
+from torchquant.ops import bind
 from torchquant.ops.weight_fp4 import linear_fp4_weight, linear_fp4_weight_reference
 from torchquant.weights.base import Buffers, QuantizedLayer, WeightFormat
 
@@ -77,13 +78,13 @@ class Fp4Format(WeightFormat):
         """The E2M1 codes ``(N, K)`` uint8 the layer holds."""
         return unpack_e2m1(layer.qweight, layer.in_features)
 
-    def linear(
-        self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None, reference: bool
-    ) -> Tensor:
+    def reference_linear(self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None) -> Tensor:
         args = (layer.qweight, layer.scales, _global_scale(layer), bias, self.block)
-        if reference:
-            return linear_fp4_weight_reference(x, *args)
-        return run(linear_fp4_weight, x, *args)
+        return linear_fp4_weight_reference(x, *args)
+
+    def bind_linear(self, layer: QuantizedLayer, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
+        args = (layer.qweight, layer.scales, _global_scale(layer), bias, self.block)
+        return bind(linear_fp4_weight, *args)
 
     def dequantize(self, layer: QuantizedLayer) -> Tensor:
         codes, gs = self.fp4_codes(layer), _global_scale(layer)

@@ -2,10 +2,13 @@
 
 ``qweight (N, K)`` float8_e4m3fn, ``scales (N, 1)`` (``group_size=-1``) or ``(1, 1)``
 (``group_size=0``) float32; no zero points, no INT codes.  This is also the weight of
-FP8 W8A8 layers.  The CPU kernels read the buffers as they are (no CPU layout).
+FP8 W8A8 layers.  bf16 layers on CPU keep the codes as bf16 too (``ops.fp8_cpu_layout``,
+2 bytes a weight, never saved): the CPU has no FP8 product.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -13,6 +16,8 @@ from torch import Tensor
 from torchquant import ops
 from torchquant.config import WeightQuant
 from torchquant.numerics import quantize_fp8_weight
+from torchquant.ops import cpu_kernels
+from torchquant.ops.cpu_kernels import CpuLayout
 from torchquant.weights.base import Buffers, QuantizedLayer, WeightFormat
 
 
@@ -42,9 +47,20 @@ class Fp8Format(WeightFormat):
         layer.qweight.copy_(q)
         layer.scales.copy_(s.reshape(layer.scales.shape))
 
-    def linear(
-        self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None, reference: bool
-    ) -> Tensor:
-        if reference:
-            return ops.linear_fp8_weight_reference(x, layer.qweight, layer.scales, bias)
-        return ops.run(ops.linear_fp8_weight, x, layer.qweight, layer.scales, bias)
+    def reference_linear(self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None) -> Tensor:
+        return ops.linear_fp8_weight_reference(x, layer.qweight, layer.scales, bias)
+
+    def bind_linear(self, layer: QuantizedLayer, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
+        q, s, codes = layer.qweight, layer.scales, layer.cpu_layout().packed
+        on_cpu = None
+        if codes is not None:
+
+            def on_cpu(x: Tensor) -> Tensor:
+                return ops.linear_fp8_weight_cpu(x, q, s, bias, codes)
+
+        return ops.bind(ops.linear_fp8_weight, q, s, bias, on_cpu=on_cpu)
+
+    def cpu_layout(self, layer: QuantizedLayer) -> CpuLayout:
+        if layer.dtype != cpu_kernels.COMPUTE_DTYPE:
+            return CpuLayout()  # only bf16 inputs run the bf16 product (see ops.weight_fp8)
+        return ops.fp8_cpu_layout(layer.qweight)

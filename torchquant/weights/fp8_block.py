@@ -9,6 +9,8 @@ each token) the layer runs the W8A8 block op (:mod:`~torchquant.weights.activati
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -45,10 +47,10 @@ class Fp8BlockFormat(WeightFormat):
         layer.qweight.copy_(q)
         layer.scales.copy_(s)
 
-    def linear(
-        self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None, reference: bool
-    ) -> Tensor:
+    def reference_linear(self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None) -> Tensor:
         args = (layer.qweight, layer.scales, bias, *layer.scheme.weight.block)
-        if reference:
-            return ops.linear_fp8_block_weight_reference(x, *args)
-        return ops.run(ops.linear_fp8_block_weight, x, *args)
+        return ops.linear_fp8_block_weight_reference(x, *args)
+
+    def bind_linear(self, layer: QuantizedLayer, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
+        args = (layer.qweight, layer.scales, bias, *layer.scheme.weight.block)
+        return ops.bind(ops.linear_fp8_block_weight, *args)

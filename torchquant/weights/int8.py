@@ -6,6 +6,8 @@ implied zero is 128) and no ``g_idx``.  This is also the weight of INT8 W8A8 lay
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -40,13 +42,13 @@ class Int8Format(IntWeightFormat):
     def decode(self, qweight: Tensor, weight: WeightQuant, k: int) -> Tensor:
         return (qweight.to(torch.int16) + 128).to(torch.uint8)
 
-    def linear(
-        self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None, reference: bool
-    ) -> Tensor:
+    def reference_linear(self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None) -> Tensor:
         q, s, group_size = layer.qweight, layer.scales, layer.scheme.weight.group_size
-        if reference:
-            return ops.linear_int8_weight_reference(x, q, s, bias, group_size)
-        return ops.run(ops.linear_int8_weight, x, q, s, bias, group_size, *layer.cpu_layout())
+        return ops.linear_int8_weight_reference(x, q, s, bias, group_size)
+
+    def bind_linear(self, layer: QuantizedLayer, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
+        args = (layer.qweight, layer.scales, bias, layer.scheme.weight.group_size)
+        return ops.bind(ops.linear_int8_weight, *args, *layer.cpu_layout())
 
     def cpu_layout(self, layer: QuantizedLayer) -> CpuLayout:
         if layer.dtype != cpu_kernels.COMPUTE_DTYPE:

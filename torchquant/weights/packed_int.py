@@ -8,6 +8,8 @@ INT8 symmetric weights are not packed: :mod:`torchquant.weights.int8` holds them
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -53,20 +55,18 @@ class PackedIntFormat(IntWeightFormat):
         layer.qweight.copy_(packed)  # already the stored layout: kept bit for bit
         store_qparams(layer, scales, zeros)
 
-    def linear(
-        self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None, reference: bool
-    ) -> Tensor:
+    def reference_linear(self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None) -> Tensor:
         w, g_idx = layer.scheme.weight, layer.g_idx
+        group_size = w.group_size if g_idx is None else 0
         q, s, z = layer.qweight, layer.scales, layer.zeros
-        if reference:
-            group_size = w.group_size if g_idx is None else 0
-            return ops.linear_intn_reference(x, q, s, z, bias, w.bits, group_size, g_idx)
+        return ops.linear_intn_reference(x, q, s, z, bias, w.bits, group_size, g_idx)
+
+    def bind_linear(self, layer: QuantizedLayer, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
+        w, g_idx, layout = layer.scheme.weight, layer.g_idx, layer.cpu_layout()
+        q, s, z = layer.qweight, layer.scales, layer.zeros
         if g_idx is not None:
-            return ops.run(
-                ops.linear_intn_gidx, x, q, s, z, g_idx, bias, w.bits, *layer.cpu_layout()
-            )
-        layout = layer.cpu_layout()
-        return ops.run(ops.linear_intn, x, q, s, z, bias, w.bits, w.group_size, *layout)
+            return ops.bind(ops.linear_intn_gidx, q, s, z, g_idx, bias, w.bits, *layout)
+        return ops.bind(ops.linear_intn, q, s, z, bias, w.bits, w.group_size, *layout)
 
     def cpu_layout(self, layer: QuantizedLayer) -> CpuLayout:
         if layer.dtype != cpu_kernels.COMPUTE_DTYPE:
