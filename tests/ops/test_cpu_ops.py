@@ -115,6 +115,21 @@ def test_w8a8_and_fp8_weight_match_reference(scheme, dtype):
             _assert_exact(out, ref)
 
 
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8-tensor"])
+def test_bf16_w8a8_on_the_int8pack_kernel_matches_reference(scheme):
+    """K a multiple of 32 and few rows: the codes run ``_weight_int8pack_mm`` as bf16."""
+    if scheme == "w8a8-tensor":
+        scheme = QuantScheme(WeightQuant(bits=8, group_size=-1), ActivationQuant("int8", "tensor"))
+    layer = _layer(scheme, None, 40, 96, torch.bfloat16)
+    for m in ROWS:
+        x = torch.randn(m, 96, dtype=torch.bfloat16)
+        _assert_exact(layer(x), layer.reference_forward(x))
+        x[m // 2, 3] = float("nan")
+        out, ref = layer(x), layer.reference_forward(x)
+        assert torch.equal(out.isnan(), ref.isnan())
+        _assert_exact(out.nan_to_num(), ref.nan_to_num())
+
+
 @pytest.mark.parametrize(
     "m,k,n", [(1, 5, 3), (1, 576, 192), (2, 13, 7), (17, 100, 36), (64, 64, 8)]
 )

@@ -7,7 +7,9 @@ or with the static ``input_scale``, after dividing by the SmoothQuant ``smooth (
 names; ``quantize_activation`` is the activation half on its own.
 
 CPU: INT8 products accumulate exactly in int32 (``torch._int_mm``) and the scales are
-applied in float64, as in the reference, so the result is the reference's; dynamic
+applied in float64, as in the reference, so the result is the reference's; bf16 inputs
+of up to ``INT8PACK_MAX_ROWS`` rows run ``_weight_int8pack_mm`` on the codes as bf16
+(exact; float32 accumulation, bf16 output, within bf16 tolerance) instead; dynamic
 activations are quantized in fewer passes (same codes).  FP8 with bf16 inputs multiplies
 the (exact) bf16 values of both operands, the weight's from the layer's cached
 ``fp8_cpu_layout`` (converted per call without it), and scales in float32; other FP8
@@ -24,10 +26,14 @@ from torchquant.numerics import poison_nonfinite_rows, quantize_activation
 from torchquant.numerics.activation import INT8_MAX, INT8_MIN
 from torchquant.ops import common, cpu_kernels
 from torchquant.ops.weight_fp8 import fp8_rows_linear
+from torchquant.ops.weight_int8 import INT8PACK_MAX_ROWS
 
 
 def _scaled_output(x, x2, acc, xs, scales, bias, per_token, input_scale):
-    out = (acc * xs * scales.reshape(1, -1)).to(x.dtype)
+    """``acc * xs * scales`` (``scales`` None: the kernel applied them) as ``x``'s dtype and
+    shape, plus ``bias``, rows with a non-finite input NaN (every row, with a shared scale)."""
+    out = acc * xs if scales is None else acc * xs * scales.reshape(1, -1)
+    out = out.to(x.dtype)
     per_tensor = not per_token and input_scale is None
     out = poison_nonfinite_rows(x2, common.add_bias(out, bias), per_tensor)
     return common.unflatten(out, x)
@@ -77,6 +83,17 @@ def quantize_rows_cpu(x2: torch.Tensor, act: ActivationQuant) -> tuple[torch.Ten
     return (xf / scale).round_().clamp_(INT8_MIN, INT8_MAX).to(torch.int8), scale
 
 
+def _runs_int8pack(x2: torch.Tensor) -> bool:
+    """Whether INT8 W8A8 takes ``_weight_int8pack_mm`` (~4x ``_int_mm`` at one row): bf16
+    inputs (whose tolerance its bf16 output keeps), few rows, ``K`` a multiple of 32."""
+    rows, k = x2.shape
+    return (
+        cpu_kernels.uses_bf16_kernels(x2)
+        and rows <= INT8PACK_MAX_ROWS
+        and k % cpu_kernels.INT8PACK_K == 0
+    )
+
+
 def linear_w8a8_cpu(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
     act: ActivationQuant, codes: torch.Tensor | None = None,
@@ -87,6 +104,11 @@ def linear_w8a8_cpu(
     x2 = common.rows(x)
     xq, xs = quantize_rows_cpu(x2, act)
     per_token, input_scale = act.per_token, act.input_scale
+    if act.act_type == "int8" and _runs_int8pack(x2):
+        # -- the codes are exact in bf16; the kernel applies the weight scales (as bf16)
+        w_scales = scales.reshape(-1).to(cpu_kernels.COMPUTE_DTYPE)
+        acc = torch._weight_int8pack_mm(xq.to(cpu_kernels.COMPUTE_DTYPE), qweight, w_scales)
+        return _scaled_output(x, x2, acc.float(), xs, None, bias, per_token, input_scale)
     if act.act_type == "int8":
         acc = torch._int_mm(xq, qweight.t()).double()
         return _scaled_output(
