@@ -46,8 +46,10 @@ class QuantLinear(nn.Module):
     ``g_idx`` int32 ``(K,)`` the group of each input column (GPTQ act-order), absent
     when column ``k`` is in group ``k // group_size``.
     On CPU, bf16 INT layers also keep the weight in the layout of PyTorch's quantized
-    CPU kernels (:meth:`cpu_layout`), derived once after quantizing or loading and
-    re-derived when a buffer changes; it is not a buffer, so it is never saved.
+    CPU kernels (:meth:`cpu_layout`; FP8 layers their codes as bf16), derived once after
+    quantizing or loading and re-derived when a buffer changes; it is not a buffer, so it
+    is never saved.  ``forward`` calls the op with every argument but ``x`` bound once
+    (re-bound when a buffer is replaced or written): a decode step runs ~200 layers.
     The constructor allocates empty buffers of the right shapes (use
     ``device="meta"`` to build a skeleton for loading); :meth:`from_linear`
     quantizes an existing layer.
@@ -165,6 +167,12 @@ class QuantLinear(nn.Module):
         cache = self.__dict__.get(_CPU_LAYOUT)
         return cache[1].nbytes() if cache is not None else 0
 
+    def _apply(self, fn: Callable, recurse: bool = True) -> QuantLinear:
+        """Moving or casting the buffers drops the caches, which would keep the old ones alive."""
+        for cache in _CACHES:
+            self.__dict__.pop(cache, None)
+        return super()._apply(fn, recurse)
+
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         return {key: value for key, value in state.items() if key not in _CACHES}
@@ -192,15 +200,8 @@ class QuantLinear(nn.Module):
     def _bind_linear(self) -> Callable[[torch.Tensor], torch.Tensor]:
         bias, smooth = self.bias, self.smooth_scale
         if self.scheme.activation is not None:
-            args = (
-                self.qweight,
-                self.scales,
-                bias,
-                self.input_scale,
-                smooth,
-                self.cpu_layout().packed,
-            )
-            return bind_w8a8(self.scheme, *args)
+            args = (self.qweight, self.scales, bias, self.input_scale, smooth)
+            return bind_w8a8(self.scheme, *args, self.cpu_layout().packed)
         linear = self.weight_format.bind_linear(self, bias)
         if smooth is None:
             return linear

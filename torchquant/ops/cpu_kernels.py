@@ -15,7 +15,8 @@ take its three fields as optional tensor arguments (``None`` when absent).  int4
 (P, Kp // block, Np, 2)`` bf16 and ``columns (Kp,)`` int64 gathering the input columns
 into block order (``K`` picks a zero column for padding), ``None`` when the input is
 used as is.  int8pack: ``packed`` the int8 weight padded to ``K % 32 == 0`` (``None``
-when it needs none), ``scales_zeros`` the per-row scales ``(N,)`` bf16.
+when it needs none), ``scales_zeros`` the per-row scales ``(N,)`` bf16.  FP8
+(``weight_fp8.fp8_cpu_layout``): ``packed`` the E4M3 codes as bf16 ``(N, K)``.
 """
 
 from __future__ import annotations
