@@ -168,9 +168,8 @@ class QuantLinear(nn.Module):
         return cache[1].nbytes() if cache is not None else 0
 
     def _apply(self, fn: Callable, recurse: bool = True) -> QuantLinear:
-        """Moving or casting the buffers drops the caches, which would keep the old ones alive."""
-        for cache in _CACHES:
-            self.__dict__.pop(cache, None)
+        """Moving or casting the buffers drops the bound op, which would keep the old ones alive."""
+        self.__dict__.pop(_BOUND_LINEAR, None)
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
