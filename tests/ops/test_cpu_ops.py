@@ -181,24 +181,27 @@ def test_w8a8_nonfinite_rows_as_reference(scheme):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("per_token", [True, False])
-@pytest.mark.parametrize("smooth", [False, True])
-def test_cpu_activation_quantization_gives_the_reference_codes(dtype, per_token, smooth):
+@pytest.mark.parametrize("bad", [None, float("inf"), float("nan")])
+def test_cpu_activation_quantization_gives_the_reference_codes(dtype, per_token, bad):
     from torchquant.numerics import quantize_activation
-    from torchquant.ops.w8a8 import ActivationQuant, quantize_rows_cpu
+    from torchquant.ops.w8a8 import quantize_dynamic_int8
 
-    torch.manual_seed(per_token + 2 * smooth)
+    torch.manual_seed(per_token)
     x = (torch.randn(7, 96) * torch.logspace(-3, 3, 7)[:, None]).to(dtype)
     x[2] = 0.0
-    x[4, 5] = float("inf")
-    divisor = torch.rand(96) + 0.5 if smooth else None
-    act = ActivationQuant("int8", per_token, 100.0, None, divisor)
-    q, scale = quantize_rows_cpu(x, act)
-    ref_q, ref_scale = quantize_activation(x, *act)
-    finite = torch.isfinite(x).all(dim=1) if per_token else torch.ones(7, dtype=torch.bool)
-    if not per_token and not torch.isfinite(x).all():
-        finite[:] = False  # one shared non-finite scale: every row is poisoned downstream
+    if bad is not None:
+        x[4, 5] = bad
+    q, scale = quantize_dynamic_int8(x, per_token)
+    ref_q, ref_scale = quantize_activation(x, "int8", per_token)
+    finite = torch.isfinite(x).all(dim=1)
+    if not per_token:  # -- one scale: NaN (poisoning every row) when any input is not finite
+        assert scale.isnan().all() == (not finite.all())
+        finite[:] = finite.all()
     assert torch.equal(q[finite], ref_q[finite])
-    assert torch.equal(scale[finite if per_token else 0], ref_scale[finite if per_token else 0])
+    if per_token:
+        assert torch.equal(scale[finite], ref_scale[finite]) and scale[~finite].isnan().all()
+    elif finite.all():
+        assert torch.equal(scale, ref_scale)
 
 
 def test_fp8_layers_keep_their_codes_as_bf16_on_cpu():

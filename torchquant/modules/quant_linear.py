@@ -138,12 +138,6 @@ class QuantLinear(nn.Module):
                 key += (t.data_ptr(), t._version)
         return tuple(key)
 
-    def _derive_cpu_layout(self) -> CpuLayout:
-        act = self.scheme.activation
-        if act is not None and act.type == "int8":
-            return CpuLayout()  # INT8 W8A8 runs on the buffers as they are
-        return self.weight_format.cpu_layout(self)
-
     def cpu_layout(self) -> CpuLayout:
         """The weight laid out for the CPU kernels; empty off CPU (or where none is needed).
 
@@ -158,7 +152,7 @@ class QuantLinear(nn.Module):
         key = self._layout_key()
         if cache is None or cache[0] != key:
             with torch.no_grad():
-                cache = (key, self._derive_cpu_layout())
+                cache = (key, self.weight_format.cpu_layout(self))
             self.__dict__[_CPU_LAYOUT] = cache
         return cache[1]
 
@@ -200,7 +194,7 @@ class QuantLinear(nn.Module):
         bias, smooth = self.bias, self.smooth_scale
         if self.scheme.activation is not None:
             args = (self.qweight, self.scales, bias, self.input_scale, smooth)
-            return bind_w8a8(self.scheme, *args, self.cpu_layout().packed)
+            return bind_w8a8(self.scheme, *args, self.cpu_layout())
         linear = self.weight_format.bind_linear(self, bias)
         if smooth is None:
             return linear

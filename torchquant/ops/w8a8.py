@@ -29,13 +29,14 @@ from torchquant.ops.weight_fp8 import fp8_rows_linear
 from torchquant.ops.weight_int8 import INT8PACK_MAX_ROWS
 
 
-def _scaled_output(x, x2, acc, xs, scales, bias, per_token, input_scale):
+def _scaled_output(x, x2, acc, xs, scales, bias, shared_scale: bool | None) -> torch.Tensor:
     """``acc * xs * scales`` (``scales`` None: the kernel applied them) as ``x``'s dtype and
-    shape, plus ``bias``, rows with a non-finite input NaN (every row, with a shared scale)."""
+    shape, plus ``bias``; rows with a non-finite input come out NaN (every row, with a
+    ``shared_scale``), unless ``shared_scale`` is None: ``xs`` already holds those NaNs."""
     out = acc * xs if scales is None else acc * xs * scales.reshape(1, -1)
-    out = out.to(x.dtype)
-    per_tensor = not per_token and input_scale is None
-    out = poison_nonfinite_rows(x2, common.add_bias(out, bias), per_tensor)
+    out = common.add_bias(out.to(x.dtype), bias)
+    if shared_scale is not None:
+        out = poison_nonfinite_rows(x2, out, shared_scale)
     return common.unflatten(out, x)
 
 
@@ -54,7 +55,8 @@ def linear_w8a8_reference(
     x2 = common.rows(x)
     xq, xs = quantize_activation(x2, act_type, per_token, percentile, input_scale, smooth)
     acc = xq.to(torch.float64) @ qweight.to(torch.float64).t()
-    return _scaled_output(x, x2, acc, xs.double(), scales.double(), bias, per_token, input_scale)
+    shared_scale = not per_token and input_scale is None
+    return _scaled_output(x, x2, acc, xs.double(), scales.double(), bias, shared_scale)
 
 
 class ActivationQuant(NamedTuple):
@@ -68,54 +70,71 @@ class ActivationQuant(NamedTuple):
     smooth: torch.Tensor | None
 
 
-def quantize_rows_cpu(x2: torch.Tensor, act: ActivationQuant) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_activation(x2, *act)``, bit for bit, in fewer passes for dynamic full-range
-    INT8 (the decode step's case: no copies of ``|x|``, rounding and clamping in place)."""
-    if act.act_type != "int8" or act.input_scale is not None or act.percentile < 100.0:
-        return quantize_activation(x2, *act)
-    xf = x2.float() if act.smooth is None else x2.float() / act.smooth.float()
-    if act.per_token:
+def takes_dynamic_int8(act: ActivationQuant) -> bool:
+    """Dynamic full-range INT8 scales without a SmoothQuant divisor (the decode step's case)."""
+    return (
+        act.act_type == "int8"
+        and act.input_scale is None
+        and act.percentile >= 100.0
+        and act.smooth is None
+    )
+
+
+def quantize_dynamic_int8(
+    x2: torch.Tensor, per_token: bool, dtype: torch.dtype = torch.int8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_activation(x2, "int8", per_token)`` in fewer passes, the codes as ``dtype``.
+
+    The codes and the scales of finite rows are the reference's bit for bit; the scale is
+    NaN where the input is not finite (anywhere, per tensor), so those output rows come
+    out NaN, as ``poison_nonfinite_rows`` makes them, without another pass over ``x2``.
+    """
+    xf = x2.float()
+    if per_token:
         absmax = torch.linalg.vector_norm(xf, float("inf"), dim=-1, keepdim=True)
     else:
         absmax = torch.linalg.vector_norm(xf, float("inf")).reshape(1, 1)
     scale = absmax / INT8_MAX
     scale = torch.where(scale > 0, scale, 1.0)
-    return (xf / scale).round_().clamp_(INT8_MIN, INT8_MAX).to(torch.int8), scale
+    codes = (xf / scale).round_().clamp_(INT8_MIN, INT8_MAX).to(dtype)
+    return codes, torch.where(absmax.isfinite(), scale, torch.nan)
 
 
 def _runs_int8pack(x2: torch.Tensor) -> bool:
     """Whether INT8 W8A8 takes ``_weight_int8pack_mm`` (~4x ``_int_mm`` at one row): bf16
-    inputs (whose tolerance its bf16 output keeps), few rows, ``K`` a multiple of 32."""
-    rows, k = x2.shape
-    return (
-        cpu_kernels.uses_bf16_kernels(x2)
-        and rows <= INT8PACK_MAX_ROWS
-        and k % cpu_kernels.INT8PACK_K == 0
-    )
+    inputs (whose tolerance its bf16 output keeps) of few rows."""
+    return cpu_kernels.uses_bf16_kernels(x2) and x2.shape[0] <= INT8PACK_MAX_ROWS
 
 
 def linear_w8a8_cpu(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-    act: ActivationQuant, codes: torch.Tensor | None = None,
+    act: ActivationQuant, layout: cpu_kernels.CpuLayout | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """The CPU implementation; ``codes`` is an FP8 layer's cached ``fp8_cpu_layout``."""
+    """The CPU implementation; ``layout`` is the layer's cached one (the weight format's:
+    int8pack scales for INT8, the codes as bf16 for FP8), derived per call without it."""
     if act.act_type == "fp8" and not cpu_kernels.uses_bf16_kernels(x):
         return linear_w8a8_reference(x, qweight, scales, bias, *act)
     x2 = common.rows(x)
-    xq, xs = quantize_rows_cpu(x2, act)
-    per_token, input_scale = act.per_token, act.input_scale
-    if act.act_type == "int8" and _runs_int8pack(x2):
+    int8pack = act.act_type == "int8" and _runs_int8pack(x2)
+    codes_dtype = cpu_kernels.COMPUTE_DTYPE if int8pack else torch.int8
+    if takes_dynamic_int8(act):
+        xq, xs = quantize_dynamic_int8(x2, act.per_token, codes_dtype)
+        shared_scale = None  # -- the scales carry the NaN rows
+    else:
+        xq, xs = quantize_activation(x2, *act)
+        shared_scale = not act.per_token and act.input_scale is None
+    if int8pack:
         # -- the codes are exact in bf16; the kernel applies the weight scales (as bf16)
-        w_scales = scales.reshape(-1).to(cpu_kernels.COMPUTE_DTYPE)
-        acc = torch._weight_int8pack_mm(xq.to(cpu_kernels.COMPUTE_DTYPE), qweight, w_scales)
-        return _scaled_output(x, x2, acc.float(), xs, None, bias, per_token, input_scale)
+        if layout is None or layout.scales_zeros is None:
+            layout = cpu_kernels.int8pack_layout(qweight, scales)
+        acc = cpu_kernels.int8pack_linear(xq, qweight, layout).float()
+        return _scaled_output(x, x2, acc, xs, None, bias, shared_scale)
     if act.act_type == "int8":
         acc = torch._int_mm(xq, qweight.t()).double()
-        return _scaled_output(
-            x, x2, acc, xs.double(), scales.double(), bias, per_token, input_scale
-        )
+        return _scaled_output(x, x2, acc, xs.double(), scales.double(), bias, shared_scale)
+    codes = layout.packed if layout is not None else None
     acc = fp8_rows_linear(xq, qweight, codes).float()
-    return _scaled_output(x, x2, acc, xs, scales.float(), bias, per_token, input_scale)
+    return _scaled_output(x, x2, acc, xs, scales.float(), bias, shared_scale)
 
 
 def linear_w8a8_cuda(

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from torchquant import ops
 from torchquant.config import QuantScheme
+from torchquant.ops.cpu_kernels import CpuLayout
 
 # -- activation type -> the fast W8A8 op (the reference takes the type as an argument)
 W8A8_OPS = {"int8": ops.linear_w8a8_int8, "fp8": ops.linear_w8a8_fp8}
@@ -43,20 +44,20 @@ def linear_w8a8(
 
 def bind_w8a8(
     scheme: QuantScheme, qweight: Tensor, scales: Tensor, bias: Tensor | None,
-    input_scale: Tensor | None, smooth_scale: Tensor | None, codes: Tensor | None = None,
+    input_scale: Tensor | None, smooth_scale: Tensor | None, layout: CpuLayout | None = None,
 ) -> Callable[[Tensor], Tensor]:  # fmt: skip
-    """The fast W8A8 op with every argument but ``x`` bound; an FP8 layer's cached ``codes``
-    (``ops.fp8_cpu_layout``) serve the CPU product."""
+    """The fast W8A8 op with every argument but ``x`` bound; the layer's cached CPU
+    ``layout`` (its weight format's) serves the CPU product."""
     act = scheme.activation
     if act.granularity == "group":
         return ops.bind(ops.linear_fp8_block, qweight, scales, bias, *scheme.weight.block)
     per_token, percentile = act.granularity == "token", float(act.percentile)
     quant = ops.ActivationQuant(act.type, per_token, percentile, input_scale, smooth_scale)
     on_cpu = None
-    if codes is not None:
+    if layout is not None:
 
         def on_cpu(x: Tensor) -> Tensor:
-            return ops.linear_w8a8_cpu(x, qweight, scales, bias, quant, codes)
+            return ops.linear_w8a8_cpu(x, qweight, scales, bias, quant, layout)
 
     args = (qweight, scales, bias, *quant[1:])
     return ops.bind(W8A8_OPS[act.type], *args, on_cpu=on_cpu)
