@@ -115,19 +115,34 @@ def test_w8a8_and_fp8_weight_match_reference(scheme, dtype):
             _assert_exact(out, ref)
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w8a8-tensor"])
-def test_bf16_w8a8_on_the_int8pack_kernel_matches_reference(scheme):
-    """K a multiple of 32 and few rows: the codes run ``_weight_int8pack_mm`` as bf16."""
-    if scheme == "w8a8-tensor":
-        scheme = QuantScheme(WeightQuant(bits=8, group_size=-1), ActivationQuant("int8", "tensor"))
-    layer = _layer(scheme, None, 40, 96, torch.bfloat16)
+@pytest.mark.parametrize("static", [False, True])
+def test_bf16_w8a8_on_the_int8pack_kernel_matches_reference(static):
+    """bf16, few rows, a scale per row (or a static one): the codes run _weight_int8pack_mm."""
+    scheme = "w8a8"
+    if static:
+        act = ActivationQuant(granularity="tensor", dynamic=False)
+        scheme = QuantScheme(WeightQuant(bits=8, group_size=-1), act)
+    layer = _layer(scheme, None, 40, 100, torch.bfloat16)  # K = 100: the padded int8 weight
+    if static:
+        layer.input_scale.fill_(0.02)
     for m in ROWS:
-        x = torch.randn(m, 96, dtype=torch.bfloat16)
+        x = torch.randn(m, 100, dtype=torch.bfloat16)
         _assert_exact(layer(x), layer.reference_forward(x))
         x[m // 2, 3] = float("nan")
         out, ref = layer(x), layer.reference_forward(x)
         assert torch.equal(out.isnan(), ref.isnan())
         _assert_exact(out.nan_to_num(), ref.nan_to_num())
+
+
+def test_bf16_w8a8_rows_whose_int8pack_sums_overflow_are_recomputed():
+    """Huge weights, tiny inputs: the kernel's sums times the weight scale overflow bf16
+    before the input scale brings them back to ~3e7."""
+    w = torch.full((4, 32), 1e36, dtype=torch.bfloat16)
+    layer = QuantLinear.from_weight(w, None, scheme_from_name("w8a8"))
+    x = torch.full((2, 32), 1e-30, dtype=torch.bfloat16)
+    out = layer(x)
+    assert torch.isfinite(out).all()
+    _assert_exact(out, layer.reference_forward(x))
 
 
 @pytest.mark.parametrize(

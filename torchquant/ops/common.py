@@ -50,6 +50,20 @@ def finish(out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> tor
     return unflatten(add_bias(out, bias), x)
 
 
+def recompute_overflowed_rows(
+    out: torch.Tensor, x2: torch.Tensor, exact: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``out (M, N)`` with each row that is not finite although its input row in ``x2`` is
+    recomputed by ``exact`` (the op's reference on those rows): a fast path that applies a
+    scale after its product can overflow where the exact maths does not."""
+    if bool(out.isfinite().all()):
+        return out
+    redo = ~out.isfinite().all(dim=-1) & x2.isfinite().all(dim=-1)
+    if bool(redo.any()):
+        out[redo] = exact(x2[redo])
+    return out
+
+
 _CPU_KERNELS: dict[object, Callable] = {}
 
 

@@ -100,10 +100,16 @@ def quantize_dynamic_int8(
     return codes, torch.where(absmax.isfinite(), scale, torch.nan)
 
 
-def _runs_int8pack(x2: torch.Tensor) -> bool:
+def _runs_int8pack(x2: torch.Tensor, act: ActivationQuant) -> bool:
     """Whether INT8 W8A8 takes ``_weight_int8pack_mm`` (~4x ``_int_mm`` at one row): bf16
-    inputs (whose tolerance its bf16 output keeps) of few rows."""
-    return cpu_kernels.uses_bf16_kernels(x2) and x2.shape[0] <= INT8PACK_MAX_ROWS
+    inputs (whose tolerance its bf16 output keeps) of few rows, each row with its own scale
+    (so that a row whose product overflows in bf16 can be recomputed on its own)."""
+    return (
+        act.act_type == "int8"
+        and cpu_kernels.uses_bf16_kernels(x2)
+        and x2.shape[0] <= INT8PACK_MAX_ROWS
+        and (act.per_token or act.input_scale is not None)
+    )
 
 
 def linear_w8a8_cpu(
@@ -115,7 +121,7 @@ def linear_w8a8_cpu(
     if act.act_type == "fp8" and not cpu_kernels.uses_bf16_kernels(x):
         return linear_w8a8_reference(x, qweight, scales, bias, *act)
     x2 = common.rows(x)
-    int8pack = act.act_type == "int8" and _runs_int8pack(x2)
+    int8pack = _runs_int8pack(x2, act)
     codes_dtype = cpu_kernels.COMPUTE_DTYPE if int8pack else torch.int8
     if takes_dynamic_int8(act):
         xq, xs = quantize_dynamic_int8(x2, act.per_token, codes_dtype)
@@ -124,11 +130,18 @@ def linear_w8a8_cpu(
         xq, xs = quantize_activation(x2, *act)
         shared_scale = not act.per_token and act.input_scale is None
     if int8pack:
-        # -- the codes are exact in bf16; the kernel applies the weight scales (as bf16)
+        # -- the codes are exact in bf16; the kernel applies the weight scales (as bf16), and
+        # -- its bf16 sums can overflow where the scaled result would not
         if layout is None or layout.scales_zeros is None:
             layout = cpu_kernels.int8pack_layout(qweight, scales)
         acc = cpu_kernels.int8pack_linear(xq, qweight, layout).float()
-        return _scaled_output(x, x2, acc, xs, None, bias, shared_scale)
+        out = _scaled_output(x2, x2, acc, xs, None, bias, shared_scale)
+
+        def exact(rows: torch.Tensor) -> torch.Tensor:
+            return linear_w8a8_reference(rows, qweight, scales, bias, *act)
+
+        out = common.recompute_overflowed_rows(out, x2, exact)
+        return common.unflatten(out, x)
     if act.act_type == "int8":
         acc = torch._int_mm(xq, qweight.t()).double()
         return _scaled_output(x, x2, acc, xs.double(), scales.double(), bias, shared_scale)

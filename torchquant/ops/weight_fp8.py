@@ -71,18 +71,11 @@ def linear_fp8_weight_cpu(
     x2 = common.rows(x)
     out = fp8_rows_linear(x2, qweight, codes).float() * scales.reshape(1, -1)
     out = common.finish(out, bias, x2)
-    if not bool(out.isfinite().all()):
-        out = _recompute_overflowed_rows(out, x2, qweight, scales, bias)
-    return common.unflatten(out, x)
 
+    def exact(rows: torch.Tensor) -> torch.Tensor:
+        return linear_fp8_weight_reference(rows, qweight, scales, bias)
 
-def _recompute_overflowed_rows(out, x2, qweight, scales, bias) -> torch.Tensor:
-    """Rows of ``out`` that are not finite although their input row is: the codes' product
-    overflowed before the scale brought it back in range.  The reference recomputes them."""
-    redo = ~out.isfinite().all(dim=-1) & x2.isfinite().all(dim=-1)
-    if bool(redo.any()):
-        out[redo] = linear_fp8_weight_reference(x2[redo], qweight, scales, bias)
-    return out
+    return common.unflatten(common.recompute_overflowed_rows(out, x2, exact), x)
 
 
 common.register_cpu(linear_fp8_weight, linear_fp8_weight_cpu)
