@@ -145,6 +145,13 @@ def test_bf16_w8a8_rows_whose_int8pack_sums_overflow_are_recomputed():
     _assert_exact(out, layer.reference_forward(x))
 
 
+def test_w8a8_with_one_input_feature_matches_reference():
+    """``torch._int_mm`` on CPU is wrong for K = 1 (a fuzzer case): the op avoids it there."""
+    layer = _layer("w8a8", None, 3, 1)
+    x = torch.randn(2, 1)
+    _assert_exact(layer(x), layer.reference_forward(x))
+
+
 @pytest.mark.parametrize(
     "m,k,n", [(1, 5, 3), (1, 576, 192), (2, 13, 7), (17, 100, 36), (64, 64, 8)]
 )
@@ -241,6 +248,27 @@ def test_bound_op_follows_replaced_and_rewritten_buffers(scheme):
     assert _relative_error(out, ref) < BF16_KERNEL_ERROR
     layer.smooth_scale = None
     assert _relative_error(layer(x), layer.reference_forward(x)) < BF16_KERNEL_ERROR
+
+
+@pytest.mark.parametrize("scheme,group_size", [("w8a16", 16), ("w6a16", None)])
+def test_two_plane_layouts_recompute_rows_whose_planes_overflow(scheme, group_size):
+    """Codes of 5..8 bits are two int4pack planes whose offsets cancel; with a weight near
+    bf16's maximum each plane's sum overflows although the product is 0 (a fuzzer case)."""
+    w = torch.tensor([[9.9692e37, -0.0]], dtype=torch.bfloat16)
+    layer = QuantLinear.from_weight(w, None, scheme_from_name(scheme, group_size))
+    assert layer.cpu_layout().packed.shape[0] == 2
+    x = torch.tensor([[0.0, 65504.0]], dtype=torch.bfloat16)
+    recomputed = []
+
+    def exact(rows: torch.Tensor) -> torch.Tensor:
+        recomputed.append(rows)
+        return layer.reference_forward(rows)
+
+    cpu_kernels.int4pack_linear(x, layer.cpu_layout(), 1, exact)
+    assert len(recomputed) == 1  # -- the planes' sums overflowed
+    out = layer(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, layer.reference_forward(x))
 
 
 def test_partial_last_group_splits_into_smaller_blocks():

@@ -27,6 +27,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from torchquant.ops import common
+
 COMPUTE_DTYPE = torch.bfloat16
 INT4PACK_BLOCKS = (256, 128, 64, 32)
 INT4PACK_ROWS = 16
@@ -144,23 +146,29 @@ def _per_column(z, groups, block_group, col_index, k) -> torch.Tensor | float:
     return z[:, block_of[:k]]
 
 
-def int4pack_linear(x2: torch.Tensor, layout: CpuLayout, n: int) -> torch.Tensor:
+def int4pack_linear(
+    x2: torch.Tensor, layout: CpuLayout, n: int, exact: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """``x2 (M, K)`` times the weight in an :func:`int4pack_layout`, ``(M, n)``.
 
     One plane gives the kernel's bf16 output as it is; two planes are summed in float32.
+    Their offsets cancel, so a plane's bf16 sum can overflow where the weight's does not:
+    such rows are recomputed by ``exact`` (the op's reference on those rows, no bias).
     """
-    if x2.dtype != COMPUTE_DTYPE:
-        x2 = x2.to(COMPUTE_DTYPE)
+    xk = x2 if x2.dtype == COMPUTE_DTYPE else x2.to(COMPUTE_DTYPE)
     if layout.columns is not None:
-        x2 = F.pad(x2, (0, 1))[:, layout.columns]
-    x2 = x2.contiguous()
+        xk = F.pad(xk, (0, 1))[:, layout.columns]
+    xk = xk.contiguous()
     packed, scales_zeros = layout.packed, layout.scales_zeros
     block = packed.shape[2] * 2 // scales_zeros.shape[1]
-    out = torch._weight_int4pack_mm_for_cpu(x2, packed[0], block, scales_zeros[0])
+    out = torch._weight_int4pack_mm_for_cpu(xk, packed[0], block, scales_zeros[0])
     if packed.shape[0] == 2:
-        low = torch._weight_int4pack_mm_for_cpu(x2, packed[1], block, scales_zeros[1])
+        low = torch._weight_int4pack_mm_for_cpu(xk, packed[1], block, scales_zeros[1])
         out = out.float() + low.float()
-    return out if out.shape[1] == n else out[:, :n]
+    out = out if out.shape[1] == n else out[:, :n]
+    if packed.shape[0] == 2:
+        out = common.recompute_overflowed_rows(out, x2, exact)
+    return out
 
 
 def int8pack_layout(qweight: torch.Tensor, scales: torch.Tensor) -> CpuLayout:

@@ -97,7 +97,7 @@ def quantize_dynamic_int8(
     scale = absmax / INT8_MAX
     scale = torch.where(scale > 0, scale, 1.0)
     codes = (xf / scale).round_().clamp_(INT8_MIN, INT8_MAX).to(dtype)
-    return codes, torch.where(absmax.isfinite(), scale, torch.nan)
+    return codes, scale + (absmax - absmax)  # -- + 0 where absmax is finite, + NaN elsewhere
 
 
 def _runs_int8pack(x2: torch.Tensor, act: ActivationQuant) -> bool:
@@ -110,6 +110,14 @@ def _runs_int8pack(x2: torch.Tensor, act: ActivationQuant) -> bool:
         and x2.shape[0] <= INT8PACK_MAX_ROWS
         and (act.per_token or act.input_scale is not None)
     )
+
+
+def _int_products(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """``xq @ qweight.T`` exactly in int32: ``torch._int_mm``, which on CPU returns garbage
+    for ``K == 1`` (there a plain int32 product)."""
+    if xq.shape[1] == 1:
+        return xq.int() @ qweight.int().t()
+    return torch._int_mm(xq, qweight.t())
 
 
 def linear_w8a8_cpu(
@@ -134,7 +142,7 @@ def linear_w8a8_cpu(
         # -- its bf16 sums can overflow where the scaled result would not
         if layout is None or layout.scales_zeros is None:
             layout = cpu_kernels.int8pack_layout(qweight, scales)
-        acc = cpu_kernels.int8pack_linear(xq, qweight, layout).float()
+        acc = cpu_kernels.int8pack_linear(xq, qweight, layout)  # bf16, times float32 xs
         out = _scaled_output(x2, x2, acc, xs, None, bias, shared_scale)
 
         def exact(rows: torch.Tensor) -> torch.Tensor:
@@ -143,7 +151,7 @@ def linear_w8a8_cpu(
         out = common.recompute_overflowed_rows(out, x2, exact)
         return common.unflatten(out, x)
     if act.act_type == "int8":
-        acc = torch._int_mm(xq, qweight.t()).double()
+        acc = _int_products(xq, qweight).double()
         return _scaled_output(x, x2, acc, xs.double(), scales.double(), bias, shared_scale)
     codes = layout.packed if layout is not None else None
     acc = fp8_rows_linear(xq, qweight, codes).float()

@@ -84,7 +84,13 @@ def _intn_cpu(x, qweight, scales, zeros, g_idx, bias, bits, group_size, layout):
     else:
         if layout.packed is None:
             layout = intn_cpu_layout(qweight, scales, zeros, g_idx, bits, group_size, k)
-        out = cpu_kernels.int4pack_linear(x2, layout, n)
+
+        def exact(rows: torch.Tensor) -> torch.Tensor:
+            return linear_intn_reference(
+                rows, qweight, scales, zeros, None, bits, group_size, g_idx
+            )
+
+        out = cpu_kernels.int4pack_linear(x2, layout, n, exact)
     return common.finish(out, bias, x)
 
 

@@ -69,7 +69,11 @@ def linear_int8_weight_cpu(x, qweight, scales, bias, group_size, *layout):
         if group_size == -1:
             out = cpu_kernels.int8pack_linear(x2, qweight, layout)
         else:
-            out = cpu_kernels.int4pack_linear(x2, layout, n)
+
+            def exact(rows: torch.Tensor) -> torch.Tensor:
+                return linear_int8_weight_reference(rows, qweight, scales, None, group_size)
+
+            out = cpu_kernels.int4pack_linear(x2, layout, n, exact)
     return common.finish(out, bias, x)
 
 
