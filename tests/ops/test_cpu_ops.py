@@ -204,22 +204,23 @@ def test_w8a8_nonfinite_rows_as_reference(scheme):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("per_token", [True, False])
 @pytest.mark.parametrize("bad", [None, float("inf"), float("nan")])
-def test_cpu_activation_quantization_gives_the_reference_codes(dtype, per_token, bad):
+@pytest.mark.parametrize("act_type", ["int8", "fp8"])
+def test_cpu_activation_quantization_gives_the_reference_codes(dtype, per_token, bad, act_type):
     from torchquant.numerics import quantize_activation
-    from torchquant.ops.w8a8 import quantize_dynamic_int8
+    from torchquant.ops.w8a8 import quantize_dynamic
 
     torch.manual_seed(per_token)
     x = (torch.randn(7, 96) * torch.logspace(-3, 3, 7)[:, None]).to(dtype)
     x[2] = 0.0
     if bad is not None:
         x[4, 5] = bad
-    q, scale = quantize_dynamic_int8(x, per_token)
-    ref_q, ref_scale = quantize_activation(x, "int8", per_token)
+    q, scale = quantize_dynamic(x, act_type, per_token)
+    ref_q, ref_scale = quantize_activation(x, act_type, per_token)
     finite = torch.isfinite(x).all(dim=1)
     if not per_token:  # -- one scale: NaN (poisoning every row) when any input is not finite
         assert scale.isnan().all() == (not finite.all())
         finite[:] = finite.all()
-    assert torch.equal(q[finite], ref_q[finite])
+    assert q.dtype == ref_q.dtype and torch.equal(q[finite].float(), ref_q[finite].float())
     if per_token:
         assert torch.equal(scale[finite], ref_scale[finite]) and scale[~finite].isnan().all()
     elif finite.all():

@@ -23,7 +23,8 @@ from typing import NamedTuple
 import torch
 
 from torchquant.numerics import poison_nonfinite_rows, quantize_activation
-from torchquant.numerics.activation import INT8_MAX, INT8_MIN
+from torchquant.numerics.activation import INT8_MAX, INT8_MIN, activation_qmax
+from torchquant.numerics.qparams import FP8_E4M3_MAX
 from torchquant.ops import common, cpu_kernels
 from torchquant.ops.weight_fp8 import fp8_rows_linear
 from torchquant.ops.weight_int8 import INT8PACK_MAX_ROWS
@@ -70,20 +71,16 @@ class ActivationQuant(NamedTuple):
     smooth: torch.Tensor | None
 
 
-def takes_dynamic_int8(act: ActivationQuant) -> bool:
-    """Dynamic full-range INT8 scales without a SmoothQuant divisor (the decode step's case)."""
-    return (
-        act.act_type == "int8"
-        and act.input_scale is None
-        and act.percentile >= 100.0
-        and act.smooth is None
-    )
+def takes_dynamic_scales(act: ActivationQuant) -> bool:
+    """Dynamic full-range scales without a SmoothQuant divisor (the decode step's case)."""
+    return act.input_scale is None and act.percentile >= 100.0 and act.smooth is None
 
 
-def quantize_dynamic_int8(
-    x2: torch.Tensor, per_token: bool, dtype: torch.dtype = torch.int8
+def quantize_dynamic(
+    x2: torch.Tensor, act_type: str, per_token: bool, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_activation(x2, "int8", per_token)`` in fewer passes, the codes as ``dtype``.
+    """``quantize_activation(x2, act_type, per_token)`` in fewer passes; INT8 codes as
+    ``dtype`` when given (the values are the same).
 
     The codes and the scales of finite rows are the reference's bit for bit; the scale is
     NaN where the input is not finite (anywhere, per tensor), so those output rows come
@@ -94,9 +91,12 @@ def quantize_dynamic_int8(
         absmax = torch.linalg.vector_norm(xf, float("inf"), dim=-1, keepdim=True)
     else:
         absmax = torch.linalg.vector_norm(xf, float("inf")).reshape(1, 1)
-    scale = absmax / INT8_MAX
+    scale = absmax / activation_qmax(act_type)
     scale = torch.where(scale > 0, scale, 1.0)
-    codes = (xf / scale).round_().clamp_(INT8_MIN, INT8_MAX).to(dtype)
+    if act_type == "int8":
+        codes = (xf / scale).round_().clamp_(INT8_MIN, INT8_MAX).to(dtype or torch.int8)
+    else:
+        codes = (xf / scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return codes, scale + (absmax - absmax)  # -- + 0 where absmax is finite, + NaN elsewhere
 
 
@@ -131,8 +131,8 @@ def linear_w8a8_cpu(
     x2 = common.rows(x)
     int8pack = _runs_int8pack(x2, act)
     codes_dtype = cpu_kernels.COMPUTE_DTYPE if int8pack else torch.int8
-    if takes_dynamic_int8(act):
-        xq, xs = quantize_dynamic_int8(x2, act.per_token, codes_dtype)
+    if takes_dynamic_scales(act):
+        xq, xs = quantize_dynamic(x2, act.act_type, act.per_token, codes_dtype)
         shared_scale = None  # -- the scales carry the NaN rows
     else:
         xq, xs = quantize_activation(x2, *act)
@@ -154,7 +154,7 @@ def linear_w8a8_cpu(
         acc = _int_products(xq, qweight).double()
         return _scaled_output(x, x2, acc, xs.double(), scales.double(), bias, shared_scale)
     codes = layout.packed if layout is not None else None
-    acc = fp8_rows_linear(xq, qweight, codes).float()
+    acc = fp8_rows_linear(xq, qweight, codes)  # bf16, times float32 scales
     return _scaled_output(x, x2, acc, xs, scales.float(), bias, shared_scale)
 
 
