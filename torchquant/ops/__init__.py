@@ -7,7 +7,8 @@ and with per-group FP8 activations) each hold their op, its exact reference
 kernels (``cpu_kernels``) and its CUDA implementation (the Triton kernels, where Triton is
 installed).  Every op has a
 fake (meta) implementation so ``torch.compile`` can trace models that use it; layers
-call them through :func:`run`, which skips the dispatcher on eager CPU calls.
+call them through :func:`run`, or bind their arguments once with :func:`bind`; both skip
+the dispatcher on eager CPU calls.
 """
 
 from torchquant.ops.common import HAS_TRITON_KERNELS, bind, run

@@ -5,10 +5,10 @@ implementation only states the output shape, so ``torch.compile`` traces every o
 The Triton kernels are registered as an op's CUDA implementation only where Triton
 is installed; elsewhere the reference runs on every device but the CPU.
 
-Layers call their op through :func:`run`: an eager call on plain CPU tensors goes
-straight to the function registered as the op's CPU kernel.  The dispatcher would
-give the same result but costs 10-25 us a call, more than PyTorch's int4pack kernel
-takes for a decode step of a 576 x 1536 layer.
+Layers call their op through :func:`run`, or :func:`bind` it to their buffers once: an
+eager call on plain CPU tensors goes straight to the function registered as the op's
+CPU kernel.  The dispatcher would give the same result but costs 10-25 us a call, more
+than PyTorch's int4pack kernel takes for a decode step of a 576 x 1536 layer.
 """
 
 from __future__ import annotations
