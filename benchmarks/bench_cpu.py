@@ -336,9 +336,18 @@ def measure_row(
     }
 
 
+# -- a row process that hangs ends the run with a message instead of blocking it
+WORKER_TIMEOUT_S = 3600
+
+
 def _worker(args: list[str], what: str) -> dict[str, Any] | None:
     cmd = [sys.executable, __file__, *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, timeout=WORKER_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise SystemExit(f"{what} did not finish in {exc.timeout:.0f} s") from None
     if done.returncode != 0:
         raise SystemExit(f"{what} failed\n{done.stderr[-3000:]}")
     lines = done.stdout.strip().splitlines()

@@ -157,8 +157,9 @@ def test_cpu_smoke_with_torchao_adds_its_columns(benchmarks_on_path, capsys):
     assert rows["ao w4a16 g32"][-1] == "bf16)"  # N = 40 fails its int4 packing; K = 40 is kept
 
 
-def test_cpu_end_to_end_rows_load_the_saved_checkpoint(benchmarks_on_path, model_dir):
+def test_cpu_end_to_end_rows_load_the_saved_checkpoint(benchmarks_on_path, model_dir, monkeypatch):
     bench_cpu = importlib.import_module("bench_cpu")
+    monkeypatch.setattr(bench_cpu, "WORKER_TIMEOUT_S", 600)
     options = {
         "eval_tokens": 64,
         "seq_len": 32,
