@@ -57,9 +57,8 @@ def recompute_overflowed_rows(
     """``out (M, N)`` with each row that is not finite although its input row in ``x2`` is
     recomputed by ``exact`` (the op's reference on those rows): a fast path that applies a
     scale after its product can overflow where the exact maths does not."""
-    if math.isfinite(
-        out.sum().item()
-    ):  # -- one pass (a finite sum's overflow only costs the check)
+    # -- one pass: a finite sum means every element is finite
+    if math.isfinite(out.sum().item()):
         return out
     redo = ~out.isfinite().all(dim=-1) & x2.isfinite().all(dim=-1)
     if bool(redo.any()):
@@ -76,9 +75,14 @@ def register_cpu(op: object, impl: Callable) -> None:
     _CPU_KERNELS[op] = impl
 
 
+def _skips_dispatcher(x: torch.Tensor) -> bool:
+    """A plain CPU tensor outside ``torch.compile`` can call the CPU kernel directly."""
+    return type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def run(op: object, x: torch.Tensor, *args: object) -> torch.Tensor:
     """``op(x, *args)``; outside ``torch.compile``, a plain CPU ``x`` skips the dispatcher."""
-    if not torch.compiler.is_compiling() and type(x) is torch.Tensor and x.device.type == "cpu":
+    if _skips_dispatcher(x):
         return _CPU_KERNELS[op](x, *args)
     return op(x, *args)
 
@@ -95,7 +99,7 @@ def bind(
             return cpu_kernel(x, *args)
 
     def call(x: torch.Tensor) -> torch.Tensor:
-        if type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if _skips_dispatcher(x):
             return on_cpu(x)
         return op(x, *args)
 
