@@ -25,6 +25,7 @@ from torchquant.numerics import (
     quantize_int_weight,
 )
 from torchquant.numerics.fp4 import FP4_ROUNDING, FP4_SCALE_SEARCH, Fp4Weight
+from torchquant.numerics.microscaling import quantize_mxfp8_weight
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class QuantizedWeight:
     order (GPTQ act-order without static groups).  FP8: ``codes`` float8_e4m3fn
     ``(N, K)`` with float32 ``scales`` ``(N, 1)`` or per tensor.  FP4: E2M1 ``codes``
     uint8 ``(N, K)``, block ``scales`` and NVFP4's float32 ``global_scale (1,)``.
+    MXFP8: ``codes`` float8_e4m3fn ``(N, K)`` with uint8 E8M0 ``scales (N, ceil(K/32))``.
     """
 
     codes: torch.Tensor
@@ -73,6 +75,9 @@ def round_to_nearest(
     if w.type in FP4_ROUNDING:
         rounding = FP4_SCALE_SEARCH if w.observer == "mse" else FP4_ROUNDING
         return _fp4_weight(rounding[w.type](weight, what=name))
+    if w.type == "mxfp8":
+        q = quantize_mxfp8_weight(weight, what=name)
+        return QuantizedWeight(q.values, q.scales)
     if w.type == "fp8":
         values, scales = quantize_fp8_weight(weight, per_channel=w.group_size == -1, what=name)
         return QuantizedWeight(values, scales)

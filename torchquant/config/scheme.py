@@ -32,8 +32,12 @@ from torchquant.errors import ConfigError
 FP4_BLOCKS = {"nvfp4": 16, "mxfp4": 32}
 # -- algorithms that round FP4 weights (AWQ's scales and clipping search on the FP4 grid)
 FP4_ALGORITHMS = ("rtn", "awq")
-WEIGHT_TYPES = ("int", "fp8", *FP4_BLOCKS)
-ACTIVATION_TYPES = ("int8", "fp8")
+# -- microscaled types: block of values along K sharing one scale, and the value bits
+# -- (NVFP4 and MXFP4 as above, OCP MXFP8: E4M3 values with E8M0 scales)
+MICROSCALED_BLOCKS = {**FP4_BLOCKS, "mxfp8": 32}
+MICROSCALED_BITS = {"nvfp4": 4, "mxfp4": 4, "mxfp8": 8}
+WEIGHT_TYPES = ("int", "fp8", *MICROSCALED_BLOCKS)
+ACTIVATION_TYPES = ("int8", "fp8", *MICROSCALED_BLOCKS)
 ACTIVATION_GRANULARITIES = ("token", "tensor", "group")
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
 FP8_BLOCK = (128, 128)  # DeepSeek-V3's weight block (rows, columns) and activation group
@@ -49,7 +53,8 @@ class WeightQuant:
     float32 scale per channel (``group_size=-1``) or per tensor (``group_size=0``), or,
     with ``block=(rows, columns)`` (powers of two, 16..1024), per block of the weight.
     ``type="nvfp4"`` / ``"mxfp4"``: FP4 E2M1 with ``bits=4``, ``group_size`` 16 / 32
-    (the block of each scale) and ``symmetric``; left at their defaults, ``bits`` and
+    (the block of each scale) and ``symmetric``; ``type="mxfp8"``: E4M3 values with
+    ``bits=8`` and ``group_size`` 32; left at their defaults, ``bits`` and
     ``group_size`` take these values.  ``observer="mse"`` (FP4 round-to-nearest only)
     searches each block's scale for the least squared error instead of taking the spec's
     scale of the block max.
@@ -76,7 +81,7 @@ class WeightQuant:
             )
         if self.block is not None:
             self._check_block()
-        if self.type in FP4_BLOCKS:
+        if self.type in MICROSCALED_BLOCKS:
             self._check_fp4()
             return
         if self.type == "fp8":
@@ -102,12 +107,13 @@ class WeightQuant:
         )
 
     def _check_fp4(self) -> None:
-        block = FP4_BLOCKS[self.type]
-        for name, default, value in (("bits", 8, 4), ("group_size", -1, block)):
+        block, bits = MICROSCALED_BLOCKS[self.type], MICROSCALED_BITS[self.type]
+        for name, default, value in (("bits", 8, bits), ("group_size", -1, block)):
             if getattr(self, name) == default and is_int(getattr(self, name)):
                 object.__setattr__(self, name, value)  # -- a field left at its default
         what = f"for {self.type} weights"
-        require(is_int(self.bits) and self.bits == 4, "weight.bits", self.bits, f"4 {what}")
+        ok = is_int(self.bits) and self.bits == bits
+        require(ok, "weight.bits", self.bits, f"{bits} {what}")
         ok = is_int(self.group_size) and self.group_size == block
         require(ok, "weight.group_size", self.group_size, f"{block} (the scale block) {what}")
         require(self.symmetric, "weight.symmetric", self.symmetric, f"True {what}")
@@ -131,6 +137,15 @@ class ActivationQuant:
     ``tensor``), from the max-abs value or the given ``percentile`` of ``|x|``.
     ``dynamic=False`` uses a per-tensor scale fixed by calibration.  ``granularity="group"``
     (dynamic FP8 only) has one scale per ``group_size`` columns of each token.
+
+    ``type="nvfp4"`` / ``"mxfp4"`` / ``"mxfp8"`` (microscaled, with weights of the same
+    type): ``granularity="group"`` and ``group_size`` the format's block (16 / 32 / 32),
+    filled in when left at their defaults; each block's scale comes from its max.
+    NVFP4's float32 global scale is computed per tensor from each input when
+    ``dynamic=True`` (the default: no calibration data needed, and each input uses the
+    E4M3 scales' full range), or calibrated once when ``dynamic=False`` (what
+    compressed-tensors exports as ``input_global_scale``).  MX formats have no global
+    scale, so they are dynamic.
     """
 
     type: str = "int8"
@@ -147,6 +162,9 @@ class ActivationQuant:
             self.type,
             f"one of {ACTIVATION_TYPES}",
         )
+        if self.type in MICROSCALED_BLOCKS:
+            check_microscaled_activation(self)
+            return
         require(
             self.granularity in ACTIVATION_GRANULARITIES,
             "activation.granularity",
@@ -182,6 +200,24 @@ class ActivationQuant:
         )
         if grouped:
             require(self.type == "fp8", "activation.type", self.type, "'fp8' for group scales")
+
+
+def check_microscaled_activation(act: ActivationQuant) -> None:
+    """The fields of an NVFP4 / MXFP4 / MXFP8 activation (its block is the format's)."""
+    block, what = MICROSCALED_BLOCKS[act.type], f"for {act.type} activations"
+    if act.granularity == "token" and act.group_size is None:  # -- left at their defaults
+        object.__setattr__(act, "granularity", "group")
+        object.__setattr__(act, "group_size", block)
+    ok = act.granularity == "group"
+    require(ok, "activation.granularity", act.granularity, f"'group' {what}")
+    ok = is_int(act.group_size) and act.group_size == block
+    require(ok, "activation.group_size", act.group_size, f"{block} (the format's block) {what}")
+    require(isinstance(act.dynamic, bool), "activation.dynamic", act.dynamic, "a bool")
+    if act.type != "nvfp4":
+        require(act.dynamic, "activation.dynamic", act.dynamic, f"True {what} (no global scale)")
+    ok = act.percentile == 100.0 and not isinstance(act.percentile, bool)
+    require(ok, "activation.percentile", act.percentile, f"100 {what} (scales from block maxima)")
+    require(act.observer in OBSERVERS, "activation.observer", act.observer, f"one of {OBSERVERS}")
 
 
 ALGORITHM_PARAMS = {
@@ -268,6 +304,15 @@ class QuantScheme:
             )
         if act is None:
             return
+        if act.type in MICROSCALED_BLOCKS or w.type == "mxfp8":
+            require(
+                w.type == act.type,
+                "weight.type",
+                w.type,
+                f"{act.type!r} weights when activations are {act.type}",
+            )
+            require(self.algorithm == "rtn", "algorithm", self.algorithm, f"'rtn' for {w.type}")
+            return
         if act.type == "int8":
             require(
                 w.type == "int" and w.bits == 8 and w.symmetric and w.group_size == -1,
@@ -328,10 +373,11 @@ class QuantScheme:
         gran = {-1: "per-channel", 0: "per-tensor"}.get(w.group_size, f"g{w.group_size}")
         gran = gran if w.block is None else f"block{w.block[0]}x{w.block[1]}"
         sym = "" if w.type != "int" else (" sym" if w.symmetric else " asym")
+        abits = 8 if a is None else MICROSCALED_BITS.get(a.type, 8)
         act = (
             "a16"
             if a is None
-            else f"a8 {a.type} {'dyn' if a.dynamic else 'static'} {a.granularity}"
+            else f"a{abits} {a.type} {'dyn' if a.dynamic else 'static'} {a.granularity}"
         )
         act += "" if a is None or a.group_size is None else str(a.group_size)
         algo = "" if self.algorithm == "rtn" else f" {self.algorithm}"
@@ -371,6 +417,9 @@ SCHEME_NAMES = (
     "mxfp4a16",
     "nvfp4a16-mse",
     "mxfp4a16-mse",
+    "nvfp4",
+    "mxfp4",
+    "mxfp8",
 )
 DEFAULT_GROUP_SIZE = 128
 
@@ -382,6 +431,8 @@ def scheme_from_name(
 
     ``nvfp4a16`` / ``mxfp4a16`` are FP4 weights with the spec's block scales; with
     ``-mse`` each block's scale is searched (``WeightQuant.observer="mse"``).
+    ``nvfp4`` / ``mxfp4`` / ``mxfp8`` quantize the activations to the weight's format too
+    (NVFP4's activation global scale dynamic, see :class:`ActivationQuant`).
 
     ``wNa16`` is asymmetric with ``group_size`` 128 by default; ``w8a16`` is INT8
     symmetric per channel unless a group size is given.
@@ -398,6 +449,8 @@ def scheme_from_name(
     if key in ("nvfp4a16", "mxfp4a16", "nvfp4a16-mse", "mxfp4a16-mse"):
         observer = "mse" if key.endswith("-mse") else "minmax"
         return QuantScheme(WeightQuant(type=key[:5], observer=observer))
+    if key in ("nvfp4", "mxfp4", "mxfp8"):
+        return QuantScheme(WeightQuant(type=key), ActivationQuant(type=key))
     if key == "w8a8":
         return QuantScheme(WeightQuant(bits=8, group_size=-1), ActivationQuant(type="int8"))
     m = re.fullmatch(r"w([2-8])a16", key) if isinstance(key, str) else None

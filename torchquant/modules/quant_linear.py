@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from torchquant.config import QuantScheme
+from torchquant.config.scheme import MICROSCALED_BLOCKS
 from torchquant.errors import ConfigError, QuantizationError
 from torchquant.ops.cpu_kernels import CpuLayout
 from torchquant.weights import bind_w8a8, linear_w8a8, weight_format
@@ -30,6 +31,13 @@ def check_scheme(scheme: object) -> None:
         raise ConfigError(f"scheme must be a QuantScheme, got {type(scheme).__name__}")
 
 
+def _runs_w8a8(scheme: QuantScheme) -> bool:
+    """Whether the layer quantizes its input with a W8A8 op; microscaled activations are
+    their weight format's (it runs one op for both operands)."""
+    act = scheme.activation
+    return act is not None and act.type not in MICROSCALED_BLOCKS
+
+
 def _derive_layout_after_load(module: QuantLinear, incompatible_keys: object) -> None:
     module.cpu_layout()
 
@@ -41,7 +49,8 @@ class QuantLinear(nn.Module):
     ``(N, G)`` (or ``(1, 1)`` per tensor) and ``zeros`` ``(N, G)`` as the scheme's
     weight format lays them out (``self.weight_format``, see :mod:`torchquant.weights`:
     packed int32 for INTn, int8 for INT8 symmetric, float8_e4m3fn for FP8);
-    ``bias`` ``(N,)``; ``input_scale`` ``(1,)`` for static activation scales;
+    ``bias`` ``(N,)``; ``input_scale`` ``(1,)`` for static activation scales (for
+    NVFP4 activations, their calibrated float32 global scale);
     ``smooth_scale`` ``(K,)`` SmoothQuant divisor applied to the input;
     ``g_idx`` int32 ``(K,)`` the group of each input column (GPTQ act-order), absent
     when column ``k`` is in group ``k // group_size``.
@@ -192,7 +201,7 @@ class QuantLinear(nn.Module):
 
     def _bind_linear(self) -> Callable[[torch.Tensor], torch.Tensor]:
         bias, smooth = self.bias, self.smooth_scale
-        if self.scheme.activation is not None:
+        if _runs_w8a8(self.scheme):
             args = (self.qweight, self.scales, bias, self.input_scale, smooth)
             return bind_w8a8(self.scheme, *args, self.cpu_layout())
         linear = self.weight_format.bind_linear(self, bias)
@@ -214,7 +223,7 @@ class QuantLinear(nn.Module):
     def _linear(self, x: torch.Tensor, reference: bool) -> torch.Tensor:
         self._check_features(x)
         x = x.to(self.dtype)
-        if self.scheme.activation is not None:
+        if _runs_w8a8(self.scheme):
             return linear_w8a8(
                 x, self.scheme, self.qweight, self.scales, self.bias,
                 self.input_scale, self.smooth_scale, reference,

@@ -188,10 +188,16 @@ def choose_mxfp4_scales(w: torch.Tensor) -> torch.Tensor:
 
 def mxfp4_scales_for_amax(amax: torch.Tensor) -> torch.Tensor:
     """E8M0 exponents of blocks whose largest magnitude is ``amax (N, G)``."""
+    return e8m0_scales_for_amax(amax, E2M1_EMAX)
+
+
+def e8m0_scales_for_amax(amax: torch.Tensor, element_emax: int) -> torch.Tensor:
+    """E8M0 exponents ``floor(log2(amax)) - element_emax`` biased by 127, uint8 (any MX
+    element type: ``element_emax`` is the exponent of its largest value)."""
     amax = amax.float()
     _, exponent = torch.frexp(amax)  # amax = m * 2**exponent, m in [0.5, 1)
     floor_log2 = torch.where(amax > 0, exponent - 1, FP32_MIN_NORMAL_EXPONENT)
-    shared = torch.clamp(floor_log2 - E2M1_EMAX, -E8M0_BIAS, E8M0_BIAS)
+    shared = torch.clamp(floor_log2 - element_emax, -E8M0_BIAS, E8M0_BIAS)
     return (shared + E8M0_BIAS).to(torch.uint8)
 
 

@@ -1,7 +1,8 @@
 """One ``torch.library`` custom op per quantized-linear scheme, one file per family.
 
 ``weight_int`` (packed INTn, with ``g_idx``), ``weight_int8``, ``weight_fp8``,
-``weight_fp4`` (NVFP4, MXFP4), ``w8a8`` and ``fp8_block`` (block-scaled FP8, weight-only
+``weight_fp4`` (NVFP4, MXFP4), ``microscaled`` (NVFP4 / MXFP4 / MXFP8 weights with
+activations of the same format, and MXFP8 weight-only), ``w8a8`` and ``fp8_block`` (block-scaled FP8, weight-only
 and with per-group FP8 activations) each hold their op, its exact reference
 (``*_reference``, the oracle of every test), its fast CPU implementation on PyTorch's own
 kernels (``cpu_kernels``) and its CUDA implementation (the Triton kernels, where Triton is

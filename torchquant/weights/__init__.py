@@ -14,6 +14,7 @@ from torchquant.weights.fp4 import Fp4Format, Mxfp4Format, Nvfp4Format
 from torchquant.weights.fp8 import Fp8Format
 from torchquant.weights.fp8_block import Fp8BlockFormat
 from torchquant.weights.int8 import Int8Format
+from torchquant.weights.mxfp8 import Mxfp8Format
 from torchquant.weights.packed_int import PackedIntFormat
 
 # -- every storage kind; each weight scheme is held by exactly one of them
@@ -24,6 +25,7 @@ WEIGHT_FORMATS: tuple[WeightFormat, ...] = (
     Fp8BlockFormat(),
     Nvfp4Format(),
     Mxfp4Format(),
+    Mxfp8Format(),
 )
 
 
@@ -44,6 +46,7 @@ __all__ = [
     "Int8Format",
     "IntWeightFormat",
     "Mxfp4Format",
+    "Mxfp8Format",
     "Nvfp4Format",
     "PackedIntFormat",
     "QuantizedLayer",

@@ -6,7 +6,8 @@ NVFP4 (block 16): ``scales`` float8_e4m3fn and ``global_scale (1,)`` float32.
 MXFP4 (block 32): ``scales`` uint8 E8M0 exponents, no global scale.
 These are compressed-tensors' ``weight_packed``, ``weight_scale`` and
 ``weight_global_scale`` under our names, so exchange copies them as they are.
-The CPU kernels read the buffers as they are (no CPU layout).
+The CPU kernels read the buffers as they are (no CPU layout).  With activations of
+the same type (schemes ``nvfp4``, ``mxfp4``) the layer runs ``ops.linear_microscaled``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torchquant.numerics.fp4 import (
 from torchquant.ops import bind
 from torchquant.ops.weight_fp4 import linear_fp4_weight, linear_fp4_weight_reference
 from torchquant.weights.base import Buffers, QuantizedLayer, WeightFormat
+from torchquant.weights.microscaled_input import bind_microscaled, microscaled_reference
 
 
 class Fp4Format(WeightFormat):
@@ -79,10 +81,14 @@ class Fp4Format(WeightFormat):
         return unpack_e2m1(layer.qweight, layer.in_features)
 
     def reference_linear(self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None) -> Tensor:
+        if layer.scheme.activation is not None:
+            return microscaled_reference(layer, x, bias)
         args = (layer.qweight, layer.scales, _global_scale(layer), bias, self.block)
         return linear_fp4_weight_reference(x, *args)
 
     def bind_linear(self, layer: QuantizedLayer, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
+        if layer.scheme.activation is not None:
+            return bind_microscaled(layer, bias)
         args = (layer.qweight, layer.scales, _global_scale(layer), bias, self.block)
         return bind(linear_fp4_weight, *args)
 

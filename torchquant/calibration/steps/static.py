@@ -13,6 +13,7 @@ from torchquant.calibration.stats import LayerStats
 from torchquant.config import QuantScheme
 from torchquant.errors import CalibrationError
 from torchquant.numerics.activation import INT8_MAX
+from torchquant.numerics.fp4 import choose_nvfp4_global_scale
 from torchquant.numerics.observers import Observer
 from torchquant.numerics.qparams import FP8_E4M3_MAX
 
@@ -25,7 +26,10 @@ def input_observer(scheme: QuantScheme, name: str) -> Observer:
 
 
 def static_input_scale(absmax: torch.Tensor, act_type: str) -> torch.Tensor:
-    """Per-tensor static activation scale ``(1,)`` float32 from an observed ``|x|`` bound."""
+    """Per-tensor static activation scale ``(1,)`` float32 from an observed ``|x|`` bound
+    (for NVFP4 activations their global scale ``448 * 6 / bound``)."""
+    if act_type == "nvfp4":
+        return choose_nvfp4_global_scale(absmax.float().reshape(1))
     qmax = INT8_MAX if act_type == "int8" else FP8_E4M3_MAX
     scale = absmax.float().reshape(1) / qmax
     return torch.where(scale > 0, scale, torch.ones_like(scale))
