@@ -61,7 +61,11 @@ def _out_options(p: argparse.ArgumentParser, default: str | None, help: str) -> 
 
 
 def _scheme_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheme", default="w4a16", help="w8a16, wNa16 (N=2..8), w8a16-fp8, w8a8, fp8")
+    p.add_argument(
+        "--scheme",
+        default="w4a16",
+        help="w8a16, wNa16 (N=2..8), w8a16-fp8, w8a8, w4a8, w4a8-fp8, fp8 (see SCHEME_NAMES)",
+    )
     group_help = "group size (-1 = per channel)"
     p.add_argument("--group-size", type=cli_types.group_size, default=None, help=group_help)
     p.add_argument(

@@ -85,7 +85,7 @@ def test_shorthands():
         (lambda: ActivationQuant(dynamic=False, granularity="token"), "static"),
         (lambda: ActivationQuant(observer="magic"), "activation.observer"),
         (lambda: QuantScheme(algorithm="magic"), "algorithm"),
-        (lambda: QuantScheme(WeightQuant(bits=4), ActivationQuant()), "w8a8"),
+        (lambda: QuantScheme(WeightQuant(bits=3), ActivationQuant()), "w8a8"),
         (lambda: QuantScheme(WeightQuant(), ActivationQuant(type="fp8")), "fp8"),
         (lambda: scheme_from_name("w9a16"), "scheme='w9a16'"),
         (lambda: scheme_from_name("int4"), "scheme"),

@@ -27,6 +27,8 @@ SCHEMES = {
     "w8a16 fp8": scheme_from_name("w8a16-fp8"),
     "w8a8 int8 dynamic": scheme_from_name("w8a8"),
     "fp8 dynamic": scheme_from_name("fp8"),
+    "w4a8 g32 dynamic": scheme_from_name("w4a8", 32),
+    "w4a8-fp8 g64 dynamic": scheme_from_name("w4a8-fp8", 64),
     "w8a8 int8 static": QuantScheme(
         WeightQuant(bits=8), ActivationQuant(granularity="tensor", dynamic=False)
     ),

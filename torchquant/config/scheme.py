@@ -220,6 +220,12 @@ def check_microscaled_activation(act: ActivationQuant) -> None:
     require(act.observer in OBSERVERS, "activation.observer", act.observer, f"one of {OBSERVERS}")
 
 
+def _int4_symmetric(weight: WeightQuant) -> bool:
+    """INT4 symmetric codes (per group or per channel): exact as INT8 and as FP8 E4M3 values,
+    so W4A8 multiplies them by quantized activations directly."""
+    return weight.type == "int" and weight.bits == 4 and weight.symmetric
+
+
 ALGORITHM_PARAMS = {
     "gptq": GPTQConfig,
     "awq": AWQConfig,
@@ -289,6 +295,12 @@ class QuantScheme:
         g = self.gptq
         if self.rounds_with_gptq and g.act_order and not g.static_groups:
             require(
+                not self.is_w4a8,
+                "gptq.static_groups",
+                g.static_groups,
+                "True for W4A8 with act_order (its op reads groups in column order, no g_idx)",
+            )
+            require(
                 not (w.bits == 8 and w.symmetric and w.group_size > 0),
                 "gptq.static_groups",
                 g.static_groups,
@@ -313,19 +325,22 @@ class QuantScheme:
             )
             require(self.algorithm == "rtn", "algorithm", self.algorithm, f"'rtn' for {w.type}")
             return
-        if act.type == "int8":
+        if _int4_symmetric(w):
+            pass  # -- either activation type (w4a8, w4a8-fp8); groups are the weight's own
+        elif act.type == "int8":
             require(
                 w.type == "int" and w.bits == 8 and w.symmetric and w.group_size == -1,
                 "weight",
                 w,
-                "INT8 symmetric per-channel weights when activations are int8 (w8a8)",
+                "INT8 symmetric per-channel weights when activations are int8 (w8a8), or INT4 "
+                "symmetric weights (w4a8)",
             )
         else:
             require(
                 w.type == "fp8",
                 "weight.type",
                 w.type,
-                "'fp8' when activations are fp8",
+                "'fp8' when activations are fp8, or INT4 symmetric weights (w4a8-fp8)",
             )
         if act.granularity == "group" or w.block is not None:
             require(
@@ -361,6 +376,11 @@ class QuantScheme:
     def rescales_weights(self) -> bool:
         """Whether calibration rescales the float weights before rounding (SmoothQuant, AWQ)."""
         return self.algorithm in RESCALING_ALGORITHMS
+
+    @property
+    def is_w4a8(self) -> bool:
+        """INT4 symmetric weights times INT8 or FP8 activations (``w4a8``, ``w4a8-fp8``)."""
+        return self.activation is not None and _int4_symmetric(self.weight)
 
     @property
     def weight_only(self) -> bool:
@@ -410,6 +430,8 @@ SCHEME_NAMES = (
     "w2a16..w7a16",
     "w8a16-fp8",
     "w8a8",
+    "w4a8",
+    "w4a8-fp8",
     "fp8",
     "fp8-block",
     "w8a16-fp8-block",
@@ -428,6 +450,9 @@ def scheme_from_name(
     name: str, group_size: int | None = None, symmetric: bool | None = None
 ) -> QuantScheme:
     """Turn ``w8a16``, ``wNa16`` (N = 2..8), ``w8a16-fp8``, ``w8a8`` or ``fp8`` into a scheme.
+
+    ``w4a8`` / ``w4a8-fp8`` are INT4 symmetric weights (``group_size`` 128 by default)
+    with dynamic per-token INT8 / FP8 E4M3 activations.
 
     ``nvfp4a16`` / ``mxfp4a16`` are FP4 weights with the spec's block scales; with
     ``-mse`` each block's scale is searched (``WeightQuant.observer="mse"``).
@@ -453,6 +478,12 @@ def scheme_from_name(
         return QuantScheme(WeightQuant(type=key), ActivationQuant(type=key))
     if key == "w8a8":
         return QuantScheme(WeightQuant(bits=8, group_size=-1), ActivationQuant(type="int8"))
+    if key in ("w4a8", "w4a8-fp8"):
+        gs = DEFAULT_GROUP_SIZE if group_size is None else group_size
+        weight = WeightQuant(
+            bits=4, group_size=gs, symmetric=True if symmetric is None else symmetric
+        )
+        return QuantScheme(weight, ActivationQuant(type="int8" if key == "w4a8" else "fp8"))
     m = re.fullmatch(r"w([2-8])a16", key) if isinstance(key, str) else None
     if m is None:
         raise ConfigError(f"scheme={name!r} is not known; expected one of {SCHEME_NAMES}")

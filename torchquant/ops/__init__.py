@@ -2,7 +2,8 @@
 
 ``weight_int`` (packed INTn, with ``g_idx``), ``weight_int8``, ``weight_fp8``,
 ``weight_fp4`` (NVFP4, MXFP4), ``microscaled`` (NVFP4 / MXFP4 / MXFP8 weights with
-activations of the same format, and MXFP8 weight-only), ``w8a8`` and ``fp8_block`` (block-scaled FP8, weight-only
+activations of the same format, and MXFP8 weight-only), ``w8a8``, ``w4a8`` (INT4 weights,
+INT8 or FP8 activations) and ``fp8_block`` (block-scaled FP8, weight-only
 and with per-group FP8 activations) each hold their op, its exact reference
 (``*_reference``, the oracle of every test), its fast CPU implementation on PyTorch's own
 kernels (``cpu_kernels``) and its CUDA implementation (the Triton kernels, where Triton is
@@ -21,6 +22,13 @@ from torchquant.ops.fp8_block import (
     linear_fp8_block_weight_reference,
 )
 from torchquant.ops.moe import moe_linear_reference, moe_linear_weight_only
+from torchquant.ops.w4a8 import (
+    linear_w4a8_cpu,
+    linear_w4a8_fp8,
+    linear_w4a8_int8,
+    linear_w4a8_reference,
+    w4a8_cpu_layout,
+)
 from torchquant.ops.w8a8 import (
     ActivationQuant,
     linear_w8a8_cpu,
@@ -71,6 +79,10 @@ __all__ = [
     "linear_intn",
     "linear_intn_gidx",
     "linear_intn_reference",
+    "linear_w4a8_cpu",
+    "linear_w4a8_fp8",
+    "linear_w4a8_int8",
+    "linear_w4a8_reference",
     "linear_w8a8_cpu",
     "linear_w8a8_fp8",
     "linear_w8a8_int8",
@@ -79,4 +91,5 @@ __all__ = [
     "moe_linear_weight_only",
     "quantize_activation_op",
     "run",
+    "w4a8_cpu_layout",
 ]

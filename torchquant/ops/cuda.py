@@ -13,6 +13,7 @@ from torchquant.ops.fake_quant import (
     fake_quant_int_weight_cuda,
 )
 from torchquant.ops.fp8_block import linear_fp8_block_cuda
+from torchquant.ops.w4a8 import linear_w4a8_fp8_cuda, linear_w4a8_int8_cuda
 from torchquant.ops.w8a8 import (
     linear_w8a8_fp8_cuda,
     linear_w8a8_int8_cuda,
@@ -31,6 +32,8 @@ CUDA_KERNELS = {
     "torchquant::linear_w8a8_int8": linear_w8a8_int8_cuda,
     "torchquant::linear_w8a8_fp8": linear_w8a8_fp8_cuda,
     "torchquant::linear_fp8_block": linear_fp8_block_cuda,
+    "torchquant::linear_w4a8_int8": linear_w4a8_int8_cuda,
+    "torchquant::linear_w4a8_fp8": linear_w4a8_fp8_cuda,
     "torchquant::quantize_activation": quantize_activation_cuda,
     "torchquant::fake_quant_int_weight": fake_quant_int_weight_cuda,
     "torchquant::fake_quant_int_weight_backward": fake_quant_int_weight_backward_cuda,

@@ -30,7 +30,7 @@ from torchquant.ops.weight_fp8 import fp8_rows_linear
 from torchquant.ops.weight_int8 import INT8PACK_MAX_ROWS
 
 
-def _scaled_output(x, x2, acc, xs, scales, bias, shared_scale: bool | None) -> torch.Tensor:
+def scaled_output(x, x2, acc, xs, scales, bias, shared_scale: bool | None) -> torch.Tensor:
     """``acc * xs * scales`` (``scales`` None: the kernel applied them) as ``x``'s dtype and
     shape, plus ``bias``; rows with a non-finite input come out NaN (every row, with a
     ``shared_scale``), unless ``shared_scale`` is None: ``xs`` already holds those NaNs."""
@@ -57,7 +57,7 @@ def linear_w8a8_reference(
     xq, xs = quantize_activation(x2, act_type, per_token, percentile, input_scale, smooth)
     acc = xq.to(torch.float64) @ qweight.to(torch.float64).t()
     shared_scale = not per_token and input_scale is None
-    return _scaled_output(x, x2, acc, xs.double(), scales.double(), bias, shared_scale)
+    return scaled_output(x, x2, acc, xs.double(), scales.double(), bias, shared_scale)
 
 
 class ActivationQuant(NamedTuple):
@@ -112,7 +112,7 @@ def _runs_int8pack(x2: torch.Tensor, act: ActivationQuant) -> bool:
     )
 
 
-def _int_products(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+def int_products(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     """``xq @ qweight.T`` exactly in int32: ``torch._int_mm``, which on CPU returns garbage
     for ``K == 1`` (there a plain int32 product)."""
     if xq.shape[1] == 1:
@@ -143,7 +143,7 @@ def linear_w8a8_cpu(
         if layout is None or layout.scales_zeros is None:
             layout = cpu_kernels.int8pack_layout(qweight, scales)
         acc = cpu_kernels.int8pack_linear(xq, qweight, layout)  # bf16, times float32 xs
-        out = _scaled_output(x2, x2, acc, xs, None, bias, shared_scale)
+        out = scaled_output(x2, x2, acc, xs, None, bias, shared_scale)
 
         def exact(rows: torch.Tensor) -> torch.Tensor:
             return linear_w8a8_reference(rows, qweight, scales, bias, *act)
@@ -151,11 +151,11 @@ def linear_w8a8_cpu(
         out = common.recompute_overflowed_rows(out, x2, exact)
         return common.unflatten(out, x)
     if act.act_type == "int8":
-        acc = _int_products(xq, qweight).double()
-        return _scaled_output(x, x2, acc, xs.double(), scales.double(), bias, shared_scale)
+        acc = int_products(xq, qweight).double()
+        return scaled_output(x, x2, acc, xs.double(), scales.double(), bias, shared_scale)
     codes = layout.packed if layout is not None else None
     acc = fp8_rows_linear(xq, qweight, codes)  # bf16, times float32 scales
-    return _scaled_output(x, x2, acc, xs, scales.float(), bias, shared_scale)
+    return scaled_output(x, x2, acc, xs, scales.float(), bias, shared_scale)
 
 
 def linear_w8a8_cuda(

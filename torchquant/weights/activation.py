@@ -1,7 +1,8 @@
 """The W8A8 op of a layer that also quantizes its input (INT8 or FP8 activations).
 
 The weight is stored by its format (:mod:`~torchquant.weights.int8`,
-:mod:`~torchquant.weights.fp8` or :mod:`~torchquant.weights.fp8_block`); the activation
+:mod:`~torchquant.weights.fp8`, :mod:`~torchquant.weights.fp8_block`, or
+:mod:`~torchquant.weights.packed_int` for W4A8's INT4 codes); the activation
 type picks the op, and per-group activations (which only block-wise weights take) the
 block op.  The op applies the SmoothQuant divisor and the static input scale itself.
 """
@@ -18,6 +19,7 @@ from torchquant.ops.cpu_kernels import CpuLayout
 
 # -- activation type -> the fast W8A8 op (the reference takes the type as an argument)
 W8A8_OPS = {"int8": ops.linear_w8a8_int8, "fp8": ops.linear_w8a8_fp8}
+W4A8_OPS = {"int8": ops.linear_w4a8_int8, "fp8": ops.linear_w4a8_fp8}
 
 
 def linear_w8a8(
@@ -37,6 +39,11 @@ def linear_w8a8(
     if act.granularity == "group":
         return ops.linear_fp8_block_reference(x, qweight, scales, bias, *scheme.weight.block)
     per_token, percentile = act.granularity == "token", float(act.percentile)
+    if scheme.is_w4a8:
+        return ops.linear_w4a8_reference(
+            x, qweight, scales, bias, scheme.weight.group_size,
+            act.type, per_token, percentile, input_scale, smooth_scale,
+        )  # fmt: skip
     return ops.linear_w8a8_reference(
         x, qweight, scales, bias, act.type, per_token, percentile, input_scale, smooth_scale
     )
@@ -53,6 +60,9 @@ def bind_w8a8(
         return ops.bind(ops.linear_fp8_block, qweight, scales, bias, *scheme.weight.block)
     per_token, percentile = act.granularity == "token", float(act.percentile)
     quant = ops.ActivationQuant(act.type, per_token, percentile, input_scale, smooth_scale)
+    if scheme.is_w4a8:
+        args = (qweight, scales, bias, scheme.weight.group_size, *quant[1:], *(layout or ()))
+        return ops.bind(W4A8_OPS[act.type], *args)
     on_cpu = None
     if layout is not None:
 

@@ -4,6 +4,8 @@
 ``zeros (N, G)`` uint8 for asymmetric weights (symmetric ones imply ``2**(bits-1)``),
 ``g_idx (K,)`` int32 the group of each input column when act-order reordered them.
 INT8 symmetric weights are not packed: :mod:`torchquant.weights.int8` holds them.
+W4A8 layers (INT4 symmetric codes times quantized activations) keep their signed codes as
+int8 ``(N, K)`` for the CPU op (see ``ops.w4a8``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class PackedIntFormat(IntWeightFormat):
         return ops.bind(ops.linear_intn, q, s, z, bias, w.bits, w.group_size, *layout)
 
     def cpu_layout(self, layer: QuantizedLayer) -> CpuLayout:
+        if layer.scheme.is_w4a8:
+            return ops.w4a8_cpu_layout(layer.qweight, layer.in_features)  # every input dtype
         if layer.dtype != cpu_kernels.COMPUTE_DTYPE:
             return CpuLayout()  # only bf16 inputs run the kernels (see ops.cpu_kernels)
         g_idx = layer.g_idx
