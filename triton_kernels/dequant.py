@@ -112,6 +112,76 @@ def group_index(k, GROUP_SIZE: tl.constexpr):
         return k * 0
 
 
+MAGIC = tl.constexpr(0x4B000000)  # bits of the float 2**23, whose mantissa LSB is 1
+
+
+@triton.jit
+def _code_value(words, magic, J: tl.constexpr, BITS: tl.constexpr, zero, scale):
+    """float32 ``(c_J - zero) * scale`` of code ``J`` of every word (magic-number trick).
+
+    Code ``J`` masked in place at bit ``P`` and or-ed into the bits of ``2**23`` is the
+    float ``2**23 + c * 2**P`` (one ``LOP3``); subtracting ``2**23 + z * 2**P`` leaves
+    ``(c - z) * 2**P`` exactly, and ``scale * 2**-P`` turns it into the reference's
+    ``(c - z) * scale`` bit for bit (for scales above ``2**-100``: no subnormal step).
+    A code that would reach bit 23 is taken from the word shifted right by 16.  ``magic``
+    (``MAGIC``) is a runtime value so that ptxas keeps it in one register: as an
+    immediate it rematerialises a mask constant per code for the two-constant ``LOP3``.
+    """
+    START: tl.constexpr = J * BITS
+    HIGH: tl.constexpr = START + BITS > 23
+    P: tl.constexpr = START - 16 if HIGH else START
+    if HIGH:
+        words = words >> 16
+    bits = (words & (((1 << BITS) - 1) << P)) | magic
+    value = bits.to(tl.float32, bitcast=True)
+    return (value - (zero * (1 << P) + 8388608.0)) * (scale * (1.0 / (1 << P)))
+
+
+@triton.jit
+def dequantize_words(
+    row_ptr,
+    t,
+    row_mask,
+    K,
+    scale,
+    zero,
+    magic,
+    BITS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """float32 ``(code - zero) * scale`` ``(rows, BLOCK_K)`` of K tile ``t`` for 4- or 8-bit
+    codes packed in int32 words (low bits first), one group per row in the tile.
+
+    Each word's codes are dequantized position by position (:func:`_code_value`, no
+    integer-to-float conversion, ``scale`` and ``zero`` ``(rows, 1)`` float32 applied per
+    row), then interleaved back into K order in registers (``tl.join`` keeps the new axis
+    inside each thread: no data movement).
+    """
+    CODES_PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // CODES_PER_WORD
+    offs_w = t * WORDS + tl.arange(0, WORDS)
+    mask = row_mask & (offs_w[None, :] < tl.cdiv(K, 32) * BITS)
+    words = tl.load(row_ptr + offs_w[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+    magic = magic.to(tl.uint32, bitcast=True)
+    c0 = _code_value(words, magic, 0, BITS, zero, scale)
+    c1 = _code_value(words, magic, 1, BITS, zero, scale)
+    c2 = _code_value(words, magic, 2, BITS, zero, scale)
+    c3 = _code_value(words, magic, 3, BITS, zero, scale)
+    if BITS == 8:
+        # code j = 2a + b sits at join levels (a inner, b outer)
+        w = tl.join(tl.join(c0, c2), tl.join(c1, c3))
+    else:
+        c4 = _code_value(words, magic, 4, BITS, zero, scale)
+        c5 = _code_value(words, magic, 5, BITS, zero, scale)
+        c6 = _code_value(words, magic, 6, BITS, zero, scale)
+        c7 = _code_value(words, magic, 7, BITS, zero, scale)
+        # code j = 4a + 2b + c sits at join levels (a inner, b middle, c outer)
+        even = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+        odd = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+        w = tl.join(even, odd)
+    return tl.reshape(w, (row_ptr.shape[0], BLOCK_K))
+
+
 @triton.jit
 def dequantize_tile(
     rows,
@@ -120,6 +190,7 @@ def dequantize_tile(
     t,
     n_mask,
     K,
+    magic,
     BITS: tl.constexpr,
     PACKED: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
@@ -129,14 +200,19 @@ def dequantize_tile(
     """float32 weight tile ``(rows, BLOCK_K)`` of K tile ``t``: ``(code - zero) * scale``.
 
     ``rows``, ``s_rows``, ``z_rows``: ``(rows, 1)`` pointers; ``n_mask``: ``(rows,)``.
-    The qparams are loaded once per row when one group spans the tile, per element otherwise.
+    The qparams are loaded once per row when one group spans the tile, per element otherwise;
+    4- and 8-bit packed codes are dequantized with :func:`dequantize_words` (``magic``:
+    ``MAGIC``, passed by the launcher).
     """
     row_mask = n_mask[:, None]
-    codes = load_code_tile(rows, t, row_mask, K, BITS, PACKED, BLOCK_K)
     if GROUP_SIZE == 0 or GROUP_SIZE % BLOCK_K == 0:
         g = group_index(t * BLOCK_K, GROUP_SIZE)
         scale, zero = load_qparams(s_rows, z_rows, g, row_mask, BITS, PACKED, HAS_ZEROS)
+        if PACKED and (BITS == 4 or BITS == 8):
+            return dequantize_words(rows, t, row_mask, K, scale, zero, magic, BITS, BLOCK_K)
+        codes = load_code_tile(rows, t, row_mask, K, BITS, PACKED, BLOCK_K)
     else:
+        codes = load_code_tile(rows, t, row_mask, K, BITS, PACKED, BLOCK_K)
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         g = group_index(offs_k[None, :], GROUP_SIZE)
         w_mask = row_mask & (offs_k[None, :] < K)

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._launch import run_kernel
 from ._tiles import autotune_tiles, split_k_run, store_tile, tile_config, tile_offsets, weight_tiles
-from .dequant import dequantize_tile, dot_weight_tile
+from .dequant import MAGIC, dequantize_tile, dot_weight_tile
 from .weight import QuantWeight
 
 
@@ -44,6 +44,7 @@ def _gemm_kernel(
     stride_zn,
     stride_om,
     M_BUCKET,
+    magic,  # MAGIC, a runtime value (see dequant.dequantize_words)
     BITS: tl.constexpr,
     PACKED: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
@@ -72,35 +73,41 @@ def _gemm_kernel(
         x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
         # -- dequantize the (BLOCK_N, BLOCK_K) weight tile in float32, then the MMA
         w = dequantize_tile(
-            rows, s_rows, z_rows, t, n_mask, K, BITS, PACKED, HAS_ZEROS, GROUP_SIZE, BLOCK_K
+            rows, s_rows, z_rows, t, n_mask, K, magic, BITS, PACKED, HAS_ZEROS, GROUP_SIZE, BLOCK_K
         )
         acc = dot_weight_tile(x, w, acc)
     # -- epilogue: bias, then atomics into float32 (split-K) or a cast store
     store_tile(acc, out_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, HAS_BIAS, ATOMIC)
 
 
-# decode / small batch: 16-row MMA tiles, the weight split over K across the SMs.  The
-# 8-warp tiles are the ones ptxas compiles without spills for 4-bit weights on sm_90
-# (benchmarks/kernel_resources.py), and the first of them is the default (untuned) config
-# with the fewest instructions per weight (benchmarks/kernel_model.py); the autotuner
-# decides by time.
-SPLIT_K_CONFIGS = (
-    [tile_config(16, bn, bk, sk, 8, 3) for bn, bk in ((256, 64), (64, 128)) for sk in (1, 2, 4, 8)]
-    + [
-        tile_config(16, bn, bk, sk, 4, st)
-        for bn, bk in ((64, 128), (32, 128), (64, 64), (128, 64))
-        for sk in (1, 2, 4, 8)
-        for st in (3, 4)
-    ]
-    + [tile_config(32, 64, 128, sk, 4, 4) for sk in (1, 2, 4)]
-    + [tile_config(64, 64, 64, sk, 4, 4) for sk in (1, 2, 4)]
-)
+# decode / small batch, the weight split over K across the SMs.  64-row tiles dequantize
+# each weight once per program for every M up to 64 (wgmma needs 64 rows anyway; padding
+# rows cost MMA issue slots, not dequantization); 16- and 32-row tiles (mma.sync) stay as
+# candidates for the smallest batches.  The first is the default (untuned) config: no
+# spills on sm_90 and the fewest instructions per weight at M = 16 and 64
+# (benchmarks/kernel_model.py); the autotuner decides by time.
+SPLIT_K_CONFIGS = [
+    tile_config(bm, bn, bk, sk, warps, 3)
+    for bm, bn, bk, warps in (
+        (64, 256, 64, 8),
+        (64, 128, 64, 4),
+        (64, 128, 128, 8),
+        (64, 64, 128, 4),
+        (32, 256, 64, 8),
+        (16, 256, 128, 8),
+        (16, 512, 64, 8),
+        (16, 256, 64, 8),
+        (16, 64, 128, 4),
+    )
+    for sk in (4, 1, 2, 8)
+]
 
 # prefill: classic tiles, one program per output tile; the first (the default) compiles
-# without spills for 4- and 8-bit weights on sm_90
+# without spills for 4- and 8-bit weights on sm_90 and has the fewest instructions per
+# weight at M = 256
 TILED_CONFIGS = [
-    tile_config(128, 128, 32, 1, 4, 4),
     tile_config(128, 128, 64, 1, 8, 3),
+    tile_config(128, 128, 32, 1, 4, 4),
     tile_config(64, 128, 64, 1, 4, 4),
     tile_config(128, 64, 64, 1, 4, 4),
     tile_config(64, 64, 64, 1, 4, 4),
@@ -132,5 +139,5 @@ def dequant_gemm(
         x = x.contiguous()
     n = weight.out_features
     out, acc, grid, args = weight_tiles(x, weight.kernel_args(), n, bias, split_k, config, out)
-    run_kernel(_split_k_tuned if split_k else _tiled_tuned, grid, config, **args)
+    run_kernel(_split_k_tuned if split_k else _tiled_tuned, grid, config, magic=MAGIC.value, **args)
     return out if acc is out else out.copy_(acc)

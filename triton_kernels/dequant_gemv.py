@@ -39,12 +39,11 @@ import triton.language as tl
 
 from ._launch import autotuned, interpreting, output, output_args, run_kernel
 from ._tiles import split_k_run
-from .dequant import group_index, load_code_tile, load_qparams
+from .dequant import MAGIC, group_index, load_code_tile, load_qparams
 from .weight import PACKED_DTYPES, QuantWeight
 
 MAX_SPLIT_K = 32
 LOCKS = 1 << 16  # split-K tile counters per device; a launch needing more runs unsplit
-MAGIC = 0x4B000000  # bits of 2**23: a float whose mantissa LSB is 1
 
 
 # -- the split-K epilogue shared by both kernels
@@ -382,10 +381,13 @@ def _gemv_kernel(
 
 
 def _w4_configs() -> list[triton.Config]:
-    """One thread per row: BLOCK_N = rows per program; BLOCK_K = codes per step (in a group)."""
+    """One thread per row: BLOCK_N = rows per program; BLOCK_K = codes per step (in a group).
+
+    Split 8 comes first: the default (untuned) config for a long K, enough programs to
+    occupy every SM at N = 8192 (short K prunes it and falls to split 1)."""
     configs = []
     for block_n, block_k, warps in ((512, 128, 4), (256, 128, 4), (512, 64, 4), (256, 32, 4)):
-        for split_k in (1, 2, 4, 8, 16, 32):
+        for split_k in (8, 1, 2, 4, 16, 32):
             configs.append(
                 triton.Config(
                     {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k},
@@ -526,7 +528,7 @@ def dequant_gemv(
         **meta,
     )
     if w4:
-        launch.update(magic=MAGIC, X_BF16=x.dtype == torch.bfloat16)
+        launch.update(magic=MAGIC.value, X_BF16=x.dtype == torch.bfloat16)
     tuned = _gemv_tuned if w4 else _gemv_tiles_tuned
     if config is None and interpreting() and x.device.type == "cpu":
         # the interpreter times nothing and runs one config: the first that fits

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ._launch import autotuned, check_device, m_bucket, output, run_kernel
 from ._tiles import grouped_tile
-from .dequant import dequantize_tile, dot_weight_tile
+from .dequant import MAGIC, dequantize_tile, dot_weight_tile
 from .dequant_gemv import SlotExperts, dequant_gemv
 from .weight import QuantWeight
 
@@ -176,6 +176,7 @@ def _moe_gemm_kernel(
     stride_be,
     stride_om,
     M_BUCKET,
+    magic,  # MAGIC, a runtime value (see dequant.dequantize_words)
     SLOTS_PER_ROW: tl.constexpr,
     BITS: tl.constexpr,
     PACKED: tl.constexpr,
@@ -211,7 +212,7 @@ def _moe_gemm_kernel(
         x = tl.load(x_rows + offs_k[None, :], mask=slot_mask[:, None] & (offs_k[None, :] < K))
         # -- the expert's (BLOCK_N, BLOCK_K) weight tile dequantized in float32, then the MMA
         w = dequantize_tile(
-            rows, s_rows, z_rows, t, n_mask, K, BITS, PACKED, HAS_ZEROS, GROUP_SIZE, BLOCK_K
+            rows, s_rows, z_rows, t, n_mask, K, magic, BITS, PACKED, HAS_ZEROS, GROUP_SIZE, BLOCK_K
         )
         acc = dot_weight_tile(x, w, acc)
     # -- epilogue: the expert's bias, the slot's routing weight, a cast store per slot row
@@ -322,6 +323,7 @@ def moe_dequant_gemm(
         stride_be=bias.stride(0) if bias is not None else 0,
         stride_om=out.stride(0),
         M_BUCKET=m_bucket(slots),
+        magic=MAGIC.value,
         SLOTS_PER_ROW=slots // m,
         HAS_BIAS=bias is not None,
         ROUTED_WEIGHTS=routing_weights is not None,
