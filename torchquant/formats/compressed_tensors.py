@@ -11,6 +11,9 @@ Per quantized ``nn.Linear`` named ``p`` the folder holds:
   ``p.weight_g_idx`` int32 ``(K,)``, the group of each input column, every group
   ``group_size`` columns wide (the library sorts columns by group, then cuts them
   into equal groups).
+  W4A8 (``w4a8``, ``w4a8-fp8``) is the same INT4 symmetric weight with dynamic per-token
+  ``input_activations`` (``type`` int or float, 8 bits), as the library's ``W4A8`` and
+  ``W4AFP8`` presets and vLLM's ``CompressedTensorsW4A8Int`` / ``CompressedTensorsW4A8Fp8``.
 - ``int-quantized`` (W8A8 INT8): ``p.weight`` int8 ``(N, K)``, ``p.weight_scale``
   ``(N, 1)``, ``p.input_scale`` ``(1,)`` for static activations.
 - ``float-quantized`` (FP8 W8A8) / ``naive-quantized`` (FP8 weight-only):
@@ -175,8 +178,8 @@ def _layer_tensors(name: str, layer: QuantLinear) -> tuple[str, dict, dict[str, 
     if layer.bias is not None:
         out["bias"] = layer.bias
     fmt = layer.weight_format
-    if fmt.is_int and scheme.activation is None:
-        iw = int_layers.exchange_weights_of(layer, name)
+    if fmt.is_int and (scheme.activation is None or scheme.is_w4a8):
+        iw = int_layers.exchange_weights_of(layer, name, with_activation=True)
         n, k = iw.shape
         out["weight_packed"] = pack_dense(iw.codes, iw.bits)
         out["weight_scale"] = iw.scales
@@ -440,6 +443,7 @@ def _scheme_of(group: dict[str, Any], name: str) -> QuantScheme:
 
 
 def _packed_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
+    """A ``pack-quantized`` layer: INTn weight-only, or W4A8 (INT4 with 8-bit activations)."""
     w = scheme.weight
     n, k = (int(v) for v in hf.take(local, "weight_shape", name).tolist())
     words = hf.take(local, "weight_packed", name)
@@ -467,7 +471,7 @@ def _packed_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
     weights = int_layers.IntLayerWeights(
         codes, scales, zeros, w.bits, w.group_size, bias, dtype, packed, k, g_idx=g_idx
     )
-    return int_layers.build_int_layer(weights, w.symmetric, name)
+    return int_layers.build_int_layer(weights, w.symmetric, name, scheme.activation)
 
 
 def _dense_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
@@ -554,8 +558,11 @@ def load_compressed_tensors(directory: str | Path) -> nn.Module:
         if plan[name]["format"] in FP4_FORMATS:
             return fp4_layer(name, local, scheme, dtype)
         if plan[name]["format"] == "pack-quantized":
-            if scheme.activation is not None:
-                raise CheckpointError(f"layer {name!r}: packed INT with activations unsupported")
+            if scheme.activation is not None and not scheme.is_w4a8:
+                raise CheckpointError(
+                    f"layer {name!r}: packed INT weights with activations are W4A8 only (INT4 "
+                    f"symmetric), got {scheme.describe()}"
+                )
             return _packed_layer(name, local, scheme, dtype)
         return _dense_layer(name, local, scheme, dtype)
 

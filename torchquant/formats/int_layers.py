@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from torchquant.config import QuantScheme, WeightQuant
+from torchquant.config import ActivationQuant, QuantScheme, WeightQuant
 from torchquant.errors import CheckpointError
 from torchquant.modules import QuantLinear
 from torchquant.numerics import num_groups, packed_width
@@ -64,12 +64,13 @@ class IntLayerWeights:
         return torch.full(self.scales.shape, 1 << (self.bits - 1), dtype=torch.uint8)
 
 
-def int_weights_of(layer: QuantLinear, name: str) -> IntLayerWeights:
-    """The codes and qparams of an INT weight-only ``layer`` (refuses other schemes)."""
+def int_weights_of(layer: QuantLinear, name: str, with_activation: bool = False) -> IntLayerWeights:
+    """The codes and qparams of an INT weight-only ``layer`` (refuses other schemes);
+    ``with_activation``: of a W4A8 layer too, for formats that also write its activations."""
     w = layer.scheme.weight
     if not layer.weight_format.is_int:
         raise CheckpointError(f"layer {name!r}: {layer.scheme.describe()} is not an INT weight")
-    if layer.scheme.activation is not None:
+    if layer.scheme.activation is not None and not (with_activation and layer.scheme.is_w4a8):
         raise CheckpointError(
             f"layer {name!r}: {layer.scheme.describe()} quantizes its activations, which a "
             "weight-only format would silently drop; save in the native or compressed-tensors "
@@ -134,9 +135,11 @@ def regroup_evenly(weights: IntLayerWeights) -> IntLayerWeights:
     )
 
 
-def exchange_weights_of(layer: QuantLinear, name: str) -> IntLayerWeights:
+def exchange_weights_of(
+    layer: QuantLinear, name: str, with_activation: bool = False
+) -> IntLayerWeights:
     """``int_weights_of`` in groups that divide ``K``, as every exchange format stores them."""
-    return regroup_evenly(int_weights_of(layer, name))
+    return regroup_evenly(int_weights_of(layer, name, with_activation))
 
 
 def checked_g_idx(
@@ -175,8 +178,14 @@ def checked_g_idx(
     return group.to(torch.int32)
 
 
-def build_int_layer(weights: IntLayerWeights, symmetric: bool, name: str) -> QuantLinear:
-    """A ``QuantLinear`` holding exactly ``weights`` (on CPU).
+def build_int_layer(
+    weights: IntLayerWeights,
+    symmetric: bool,
+    name: str,
+    activation: ActivationQuant | None = None,
+) -> QuantLinear:
+    """A ``QuantLinear`` holding exactly ``weights`` (on CPU), quantizing its input as
+    ``activation`` says (W4A8) when given.
 
     An act-order ``weights.g_idx`` is checked (see :func:`checked_g_idx`); a plain one
     is dropped so the layer keeps the contiguous-group path.  Symmetric 8-bit weights
@@ -194,8 +203,13 @@ def build_int_layer(weights: IntLayerWeights, symmetric: bool, name: str) -> Qua
     if not symmetric and (weights.zeros is None or weights.zeros.shape != (n, expect)):
         raise CheckpointError(f"layer {name!r}: zero points missing or of the wrong shape")
     g_idx = checked_g_idx(weights.g_idx, k, g, name)
+    if g_idx is not None and activation is not None:
+        raise CheckpointError(
+            f"layer {name!r}: act-order groups (g_idx) with quantized activations; W4A8 reads "
+            "its groups in column order"
+        )
     zeros = None if symmetric else weights.zeros
-    scheme = _int_scheme(weights.bits, g, symmetric, name)
+    scheme = _int_scheme(weights.bits, g, symmetric, name, activation)
     if g_idx is not None and not weight_format(scheme).takes_g_idx(scheme.weight):
         scheme, zeros = _int_scheme(weights.bits, g, False, name), weights.zeros_or_implied()
     # grouped scales follow the layer dtype: take the checkpoint's so they stay exact
@@ -218,9 +232,15 @@ def build_int_layer(weights: IntLayerWeights, symmetric: bool, name: str) -> Qua
     return layer
 
 
-def _int_scheme(bits: int, group_size: int, symmetric: bool, name: str) -> QuantScheme:
+def _int_scheme(
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    name: str,
+    activation: ActivationQuant | None = None,
+) -> QuantScheme:
     try:
-        return QuantScheme(WeightQuant("int", bits, group_size, symmetric))
+        return QuantScheme(WeightQuant("int", bits, group_size, symmetric), activation)
     except ValueError as exc:
         raise CheckpointError(f"layer {name!r}: unsupported weight layout ({exc})") from None
 
