@@ -16,6 +16,7 @@ import torch
 
 from torchquant import cli_types
 from torchquant.calibration import calibration_tokens
+from torchquant.calibration.distributed import RankContext, init_from_environment
 from torchquant.checkpoint.save_guard import resolve_save_target
 from torchquant.config import ALGORITHMS, QuantConfig, scheme_from_name
 from torchquant.convert import convert_model
@@ -102,6 +103,14 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default=None, help="calibration text file (UTF-8)")
     _count_option(p, "--calib-samples", 128, "calibration sequences")
     _length_option(p, "--calib-seq-len", 512, "tokens per sequence")
+    _count_option(
+        p,
+        "--calib-shards",
+        None,
+        "split the calibration samples into this many shards, their statistics merged in "
+        "order (default: one per torchrun rank); one process given the shard count of a "
+        "torchrun run writes the same checkpoint",
+    )
 
 
 def _eval_args(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
@@ -136,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         choices=("float32", "bfloat16", "float16"),
         help="dtype of the model before quantization (kept by the unquantized tensors)",
+    )
+    q.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800.0,
+        help="under torchrun: seconds a rank waits for the others in one exchange before the "
+        "run ends with an error",
     )
 
     e = sub.add_parser("eval", help="perplexity of a model or checkpoint on a text")
@@ -206,7 +222,8 @@ def _convert(model, tokenizer, config, args: argparse.Namespace):
             print(f"torchquant: note: {note}", file=sys.stderr)
         return convert_model(model, config)
     ids = calibration_tokens(args.calib, tokenizer, args.calib_samples, args.calib_seq_len)
-    return convert_model(model, config, calibration_data=ids)
+    shards = getattr(args, "calib_shards", None)
+    return convert_model(model, config, calibration_data=ids, calibration_shards=shards)
 
 
 def _text_ids(tokenizer, args: argparse.Namespace):
@@ -229,6 +246,21 @@ def _check_out(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    """Under torchrun (``WORLD_SIZE`` > 1) every rank calibrates a share of the data and
+    rank 0 alone writes the checkpoint; a rank's failure ends every rank."""
+    launched = init_from_environment(args.dist_timeout)
+    ranks = launched or RankContext.current()
+    try:
+        _quantize(args, ranks)
+    except BaseException as exc:
+        ranks.announce_failure(exc)
+        raise
+    finally:
+        if launched is not None:
+            torch.distributed.destroy_process_group()
+
+
+def _quantize(args: argparse.Namespace, ranks: RankContext) -> None:
     config = _config(args)
     if args.act_order == "group" and args.format == "awq":
         raise TorchquantError(  # said before the costly calibration
@@ -241,15 +273,21 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     need_tokenizer = bool(args.calib)
     model, tokenizer = models.load_model(args.model, dtype=dtype, require_tokenizer=need_tokenizer)
     model, summary = _convert(model, tokenizer, config, args)
-    save_checkpoint(
-        model,
-        args.out,
-        args.format,
-        config=config,
-        tokenizer=tokenizer,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-    )
+
+    def write() -> None:
+        save_checkpoint(
+            model,
+            args.out,
+            args.format,
+            config=config,
+            tokenizer=tokenizer,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+        )
+
+    ranks.barrier_after(write, f"writing {args.out}")
+    if ranks.rank != 0:
+        return
     print(summary.table())
     print(
         f"saved {args.out} as {args.format} ({_dir_bytes(Path(args.out)) / 2**20:.1f} MiB) "

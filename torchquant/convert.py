@@ -40,6 +40,7 @@ def convert_model(
     progress: bool = True,
     calibration_data: torch.Tensor | None = None,
     offload: bool = True,
+    calibration_shards: int | None = None,
 ) -> tuple[nn.Module, ConversionSummary]:
     """Quantize ``model`` in place, layer by layer; returns it and a summary.
 
@@ -77,7 +78,15 @@ def convert_model(
         snapshot.keep(model, list(plan))
         try:
             summary = _calibrate(
-                model, config, calibration_data, plan, needing, device, offload, progress
+                model,
+                config,
+                calibration_data,
+                plan,
+                needing,
+                device,
+                offload,
+                progress,
+                calibration_shards,
             )
         except BaseException:
             snapshot.restore(model)  # -- e.g. NaN activations in a late block
@@ -119,6 +128,7 @@ def _calibrate(
     device: torch.device | str | None,
     offload: bool,
     progress: bool,
+    shards: int | None,
 ) -> ConversionSummary:
     offloaded = [n for n, m in model.named_modules() if is_offloaded(m)]
     if offloaded:
@@ -140,6 +150,7 @@ def _calibrate(
         offload=offload,
         progress=progress,
         plan=plan,
+        shards=shards,
     )
 
 

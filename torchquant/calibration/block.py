@@ -18,8 +18,10 @@ from torch.utils.hooks import RemovableHandle
 
 from torchquant.algorithms.quantize import WeightStats
 from torchquant.calibration.capture import BlockInput, run_block
+from torchquant.calibration.distributed import RankContext
 from torchquant.calibration.layers import out_features
 from torchquant.calibration.mappings import BalanceMapping
+from torchquant.calibration.shards import merge_shards, partial_like
 from torchquant.calibration.stats import LayerStats, StatsRequest, attach
 from torchquant.config import QuantScheme
 from torchquant.plan import (
@@ -33,7 +35,11 @@ from torchquant.plan import (
 
 class CalibrationBlock:
     """A block's linears (names relative to the block), its samples, and what the steps
-    found: statistics, run-time smoothing, AWQ input divisors, clip ranges, input scales."""
+    found: statistics, run-time smoothing, AWQ input divisors, clip ranges, input scales.
+
+    ``samples`` are this rank's (all of them in one process), cut into ``shards``: the
+    slices of ``samples`` whose statistics ``run`` gathers apart and merges across ranks.
+    """
 
     def __init__(
         self,
@@ -45,8 +51,12 @@ class CalibrationBlock:
         device: torch.device,
         samples: list[BlockInput],
         summary: ConversionSummary,
+        ranks: RankContext | None = None,
+        shards: list[slice] | None = None,
     ) -> None:
         self.model, self.module, self.prefix = model, block, prefix
+        self.ranks = ranks if ranks is not None else RankContext()
+        self.shards = shards if shards is not None else [slice(0, len(samples))]
         self.schemes, self.device, self.samples, self.summary = schemes, device, samples, summary
         self.linears = {rel: block.get_submodule(rel) for rel in schemes}
         self.balance = [m for m in balance if all(lin in schemes for lin in m.linears)]
@@ -61,11 +71,24 @@ class CalibrationBlock:
         return f"{self.prefix}.{rel}" if self.prefix else rel
 
     def run(self, stats: dict[str, LayerStats]) -> None:
-        """Run every sample through the block, feeding each linear's input to its stats."""
+        """Run every sample through the block, feeding each linear's input to its stats;
+        with several shards, each shard's statistics apart, then merged over all ranks."""
+        if len(self.shards) == 1 and not self.ranks.parallel:
+            self._run_samples(stats, self.samples)
+            return
+        partials = []
+        for shard in self.shards:
+            partial = {rel: partial_like(st) for rel, st in stats.items()}
+            self._run_samples(partial, self.samples[shard])
+            partials.append(partial)
+        every = self.ranks.exchange(partials, f"the statistics of {self.prefix or 'the block'}")
+        merge_shards(stats, [p for rank_partials in every for p in rank_partials])
+
+    def _run_samples(self, stats: dict[str, LayerStats], samples: list[BlockInput]) -> None:
         handles = attach(self.linears, stats)
         try:
             with torch.no_grad():
-                for sample in self.samples:
+                for sample in samples:
                     run_block(self.module, sample, self.device)
         finally:
             for h in handles:
@@ -101,22 +124,42 @@ class CalibrationBlock:
 
     @torch.no_grad()
     def quantize(self, rels: set[str]) -> None:
-        """Replace the linears ``rels`` not yet quantized by ``QuantLinear``, in block order."""
-        for rel, scheme in self.schemes.items():
-            if rel not in rels or rel in self.quantized:
-                continue
+        """Replace the linears ``rels`` not yet quantized by ``QuantLinear``, in block order.
+
+        GPTQ solves are spread over the ranks by cost (each linear's Hessian size times
+        its output rows) and every rank receives each result; round-to-nearest linears
+        are cheap and rounded on every rank.
+        """
+        todo = [rel for rel in self.schemes if rel in rels and rel not in self.quantized]
+        solved = [rel for rel in todo if self.schemes[rel].rounds_with_gptq]
+        costs = [_solve_cost(get_weight(self.linears[rel])) for rel in solved]
+        layers = self.ranks.solve_spread(
+            solved, costs, self._build, f"the GPTQ layers of {self.prefix}", self.device
+        )
+        built = dict(zip(solved, layers, strict=True))
+        for rel in todo:
+            layer = built[rel] if rel in built else self._build(rel)
             module = self.linears[rel]
-            layer = build_quant_linear(
-                get_weight(module),
-                getattr(module, "bias", None),
-                scheme,
-                self.full(rel),
-                self.weight_stats(rel),
-                smooth=self.smooth.get(rel),
-                input_scale=self.input_scales.get(rel),
-            )
             replace_layer(self.model, self.full(rel), layer, self.summary, tensor_bytes(module))
             self.quantized.add(rel)
+
+    def _build(self, rel: str) -> nn.Module:
+        module = self.linears[rel]
+        return build_quant_linear(
+            get_weight(module),
+            getattr(module, "bias", None),
+            self.schemes[rel],
+            self.full(rel),
+            self.weight_stats(rel),
+            smooth=self.smooth.get(rel),
+            input_scale=self.input_scales.get(rel),
+        )
+
+
+def _solve_cost(weight: torch.Tensor) -> float:
+    """What a GPTQ solve of ``weight: (N, K)`` costs, in proportion: ``N * K^2``."""
+    n, k = weight.shape
+    return float(n) * k * k
 
 
 class CalibrationStep(ABC):

@@ -6,6 +6,10 @@ with hooks keeping what the steps asked for, run the steps
 (:data:`~torchquant.calibration.steps.CALIBRATION_STEPS`), quantize the linears left,
 move it back, and run the samples through the quantized block to produce the next
 block's inputs.  Stored activations live on the CPU when ``offload=True``.
+
+Under ``torch.distributed`` every rank runs this on its own slice of the samples;
+statistics are merged and solves shared through
+:class:`~torchquant.calibration.distributed.RankContext`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from tqdm.auto import tqdm
 from torchquant.algorithms.quantize import WeightStats
 from torchquant.calibration.block import CalibrationBlock, CalibrationStep
 from torchquant.calibration.capture import capture_block_inputs, run_block
+from torchquant.calibration.distributed import RankContext
 from torchquant.calibration.mappings import find_layout
 from torchquant.calibration.stats import LayerStats
 from torchquant.calibration.steps import CALIBRATION_STEPS
@@ -88,6 +93,7 @@ def calibrate_model(
     offload: bool = True,
     progress: bool = True,
     plan: dict[str, tuple[QuantScheme | None, str]] | None = None,
+    shards: int | None = None,
 ) -> ConversionSummary:
     """Quantize ``model`` in place with calibration samples ``tokens: (n, seq_len)``.
 
@@ -97,14 +103,43 @@ def calibrate_model(
     round them to nearest; static activation scales there are refused, as no
     activations are observed for them).  ``plan`` is ``plan_conversion(model, config)``
     when the caller has it already.
+
+    Called on every rank of an initialised process group (same model, config and
+    ``tokens`` on each), the samples are split over the ranks: ``tokens`` are cut into
+    ``shards`` contiguous shards (default: one per rank), each rank calibrates on its
+    own, and their statistics are merged in shard order.  One process given the same
+    ``shards`` writes bit-identical weights.
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] == 0:
         got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise CalibrationError(
             f"calibration_data must be a non-empty (n, seq_len) token tensor, got {got}"
         )
+    ranks = RankContext.current(shards)
+    ranks.check_same(model, config, tokens)
+    try:
+        return _calibrate_blocks(model, config, tokens, device, offload, progress, plan, ranks)
+    except BaseException as exc:
+        ranks.announce_failure(exc)
+        raise
+
+
+def _calibrate_blocks(
+    model: nn.Module,
+    config: QuantConfig,
+    tokens: torch.Tensor,
+    device: torch.device | str | None,
+    offload: bool,
+    progress: bool,
+    plan: dict[str, tuple[QuantScheme | None, str]] | None,
+    ranks: RankContext,
+) -> ConversionSummary:
     if plan is None:
         plan = plan_conversion(model, config)
+    bounds = ranks.shard_bounds(tokens.shape[0])
+    mine = [bounds[s] for s in ranks.local_shards()]
+    first = mine[0][0]
+    shards = [slice(start - first, stop - first) for start, stop in mine]
     layout = find_layout(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
@@ -131,9 +166,11 @@ def calibrate_model(
         for name, module in model.named_modules():
             if name and not name.startswith(layout.blocks_path) and not list(module.children()):
                 module.to(device)
-    samples = capture_block_inputs(model, layout.blocks[0], tokens, device, store)
+    local_tokens = tokens[first : mine[-1][1]]
+    samples = capture_block_inputs(model, layout.blocks[0], local_tokens, device, store)
     last = len(layout.blocks) - 1
-    bar = tqdm(layout.blocks, desc="calibrating", unit="block", disable=not progress)
+    shown = progress and ranks.rank == 0
+    bar = tqdm(layout.blocks, desc="calibrating", unit="block", disable=not shown)
     for i, block in enumerate(bar):
         prefix = prefix_of[i]
         schemes = {}
@@ -144,7 +181,7 @@ def calibrate_model(
         block_home = next(block.parameters()).device
         block.to(device)
         state = CalibrationBlock(
-            model, block, prefix, schemes, layout.balance, device, samples, summary
+            model, block, prefix, schemes, layout.balance, device, samples, summary, ranks, shards
         )
         steps = [step(state) for step in CALIBRATION_STEPS]
         gather_statistics(state, steps)

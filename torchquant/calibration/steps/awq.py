@@ -62,11 +62,35 @@ class AwqStep(CalibrationStep):
 
     @torch.no_grad()
     def apply(self) -> None:
-        for m in self.block.mappings_for(ALGORITHM):
-            source = self.block.foldable_source(m)
-            if source is not None and self.block.reached(m.linears):
-                self._scale(m, source)
+        block = self.block
+        self._gather_inspect_inputs()
+        scaled = [
+            m
+            for m in block.mappings_for(ALGORITHM)
+            if block.foldable_source(m) is not None and block.reached(m.linears)
+        ]
+        for wave in independent_waves(scaled):
+            costs = [sum(get_weight(block.linears[x]).numel() for x in m.linears) for m in wave]
+            what = f"the AWQ scales of {block.prefix}"
+            scales = block.ranks.solve_spread(wave, costs, self._search, what, block.device)
+            for m, s in zip(wave, scales, strict=True):
+                self._apply_scale(m, s)
         self._clip()
+
+    def _gather_inspect_inputs(self) -> None:
+        """Every rank's inspected inputs in rank (sample) order, cut as one pass cuts them."""
+        block = self.block
+        if not block.ranks.parallel:
+            return
+        every = block.ranks.exchange(self.inspect_inputs, f"the AWQ inputs of {block.prefix}")
+        for name, store in self.inspect_inputs.items():
+            mapping = next(m for m in block.mappings_for(ALGORITHM) if m.inspect == name)
+            limit = block.schemes[mapping.linears[0]].awq.max_tokens
+            store.clear()
+            for captured in every:
+                for entry in captured[name]:
+                    if sum(n for n, _, _ in store) < limit:
+                        store.append(entry)
 
     def _loss(self, m: BalanceMapping, linears: list[nn.Module], originals: list[torch.Tensor]):
         """The output error of weights ``ws`` (the objective the scale search minimises)."""
@@ -100,7 +124,8 @@ class AwqStep(CalibrationStep):
 
         return inspected_error
 
-    def _scale(self, m: BalanceMapping, source: nn.Module) -> None:
+    def _search(self, m: BalanceMapping) -> torch.Tensor:
+        """The input scale ``s`` of mapping ``m``'s linears with the least output error."""
         block = self.block
         cfg, wq = block.schemes[m.linears[0]].awq, block.schemes[m.linears[0]].weight
         linears = [block.linears[x] for x in m.linears]
@@ -112,24 +137,52 @@ class AwqStep(CalibrationStep):
         w_means = {True: [duo], False: [None], "both": [None, duo]}[cfg.duo_scaling]
         loss_with = self._loss(m, linears, originals)
         s, _, _ = awq.search_scales(act_mean, originals, quantize, loss_with, cfg.grid, w_means)
-        for lin in linears:
-            scale_inputs(lin, s)
-        fold_into_source(source, s)
+        return s
+
+    def _apply_scale(self, m: BalanceMapping, s: torch.Tensor) -> None:
+        block = self.block
         for x in m.linears:
+            scale_inputs(block.linears[x], s)
             block.divisor[x] = s
+        fold_into_source(block.foldable_source(m), s)
 
     def _clip(self) -> None:
+        """Each AWQ-rounded linear's clip ranges, the searches spread over the ranks."""
         block = self.block
+        rels = []
         for rel, st in block.stats.items():
             scheme = block.schemes[rel]
             awq_rounds = scheme.algorithm == ALGORITHM and not scheme.rounds_with_gptq
-            if not awq_rounds or st.tokens == 0 or not scheme.awq.clip:
-                continue
-            x = st.sample_matrix()[:CLIP_TOKENS].to(block.device)
-            if rel in block.divisor:
-                x = x / block.divisor[rel]
-            w, wq, cfg = get_weight(block.linears[rel]), scheme.weight, scheme.awq
-            quantize = awq.weight_fake_quantize(wq)
-            block.clip_ranges[rel] = awq.search_clip_ranges(
-                w, x, wq.group_size, quantize, cfg.clip_grid, cfg.max_shrink
-            )
+            if awq_rounds and st.tokens > 0 and scheme.awq.clip:
+                rels.append(rel)
+        costs = [get_weight(block.linears[rel]).numel() for rel in rels]
+        what = f"the AWQ clip ranges of {block.prefix}"
+        ranges = block.ranks.solve_spread(rels, costs, self._search_clip, what, block.device)
+        block.clip_ranges.update(zip(rels, ranges, strict=True))
+
+    def _search_clip(self, rel: str) -> tuple[torch.Tensor, torch.Tensor]:
+        block = self.block
+        scheme = block.schemes[rel]
+        x = block.stats[rel].sample_matrix()[:CLIP_TOKENS].to(block.device)
+        if rel in block.divisor:
+            x = x / block.divisor[rel]
+        w, wq, cfg = get_weight(block.linears[rel]), scheme.weight, scheme.awq
+        quantize = awq.weight_fake_quantize(wq)
+        return awq.search_clip_ranges(w, x, wq.group_size, quantize, cfg.clip_grid, cfg.max_shrink)
+
+
+def independent_waves(mappings: list[BalanceMapping]) -> list[list[BalanceMapping]]:
+    """``mappings`` in order, cut into runs whose scale searches read nothing an earlier
+    mapping of the run rescales, so a run's searches may run at once (on several ranks)
+    and give what one after another would."""
+    waves: list[list[BalanceMapping]] = []
+    changed: set[str] = set()
+    for m in mappings:
+        reads = set(m.linears) | ({m.inspect} if m.inspect else set())
+        touched = any(c == r or c.startswith(f"{r}.") for c in changed for r in reads)
+        if not waves or touched:
+            waves.append([])
+            changed = set()
+        waves[-1].append(m)
+        changed |= {*m.linears, m.source}
+    return waves
