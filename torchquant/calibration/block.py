@@ -81,7 +81,8 @@ class CalibrationBlock:
             partial = {rel: partial_like(st) for rel, st in stats.items()}
             self._run_samples(partial, self.samples[shard])
             partials.append(partial)
-        every = self.ranks.exchange(partials, f"the statistics of {self.prefix or 'the block'}")
+        what = f"the statistics of {self.prefix or 'the block'}"
+        every = self.ranks.exchange(partials, what, self.device)
         merge_shards(stats, [p for rank_partials in every for p in rank_partials])
 
     def _run_samples(self, stats: dict[str, LayerStats], samples: list[BlockInput]) -> None:

@@ -87,11 +87,16 @@ class RankContext:
             self.rank * self.shards // self.world, (self.rank + 1) * self.shards // self.world
         )
 
-    def exchange(self, payload: Any, what: str) -> list[Any]:
-        """Every rank's ``payload``, in rank order; raises if any rank reported an error."""
+    def exchange(self, payload: Any, what: str, device: torch.device | None = None) -> list[Any]:
+        """Every rank's ``payload``, in rank order; raises if any rank reported an error.
+
+        Payloads travel as ``torch.save`` bytes, their tensors loaded onto ``device``
+        (each NCCL rank's own GPU) or, without one, where they were on the sender.
+        """
         if not self.parallel:
             return [payload]
-        return self._gather(_Status(None, payload), what)
+        every = self._gather(_Status(None, _to_bytes(payload)), what)
+        return [_from_bytes(data, device) for data in every]
 
     def announce_failure(self, exc: BaseException) -> None:
         """Tell the other ranks, waiting in their next exchange, that this rank failed
@@ -139,19 +144,16 @@ class RankContext:
         what: str,
         device: torch.device,
     ) -> list[Any]:
-        """``solve(task)`` for every task, each on its owner rank, the results on every rank.
-
-        Results travel as ``torch.save`` bytes and are loaded onto ``device`` (each NCCL
-        rank's own GPU).
-        """
+        """``solve(task)`` for every task, each on its owner rank, the results on every
+        rank (on ``device``)."""
         if not self.parallel:
             return [solve(t) for t in tasks]
         owner = self.owners(costs)
-        mine = {i: _to_bytes(solve(t)) for i, t in enumerate(tasks) if owner[i] == self.rank}
+        mine = {i: solve(t) for i, t in enumerate(tasks) if owner[i] == self.rank}
         results: dict[int, Any] = {}
-        for payloads in self.exchange(mine, what):
-            results.update(payloads)
-        return [_from_bytes(results[i], device) for i in range(len(tasks))]
+        for solved in self.exchange(mine, what, device):
+            results.update(solved)
+        return [results[i] for i in range(len(tasks))]
 
     def check_same(self, model: nn.Module, config: Any, tokens: torch.Tensor) -> None:
         """Refuse ranks that disagree on the config, the model's structure or the samples."""
@@ -228,5 +230,5 @@ def _to_bytes(value: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _from_bytes(data: bytes, device: torch.device) -> Any:
+def _from_bytes(data: bytes, device: torch.device | None) -> Any:
     return torch.load(io.BytesIO(data), map_location=device, weights_only=False)

@@ -82,7 +82,8 @@ class AwqStep(CalibrationStep):
         block = self.block
         if not block.ranks.parallel:
             return
-        every = block.ranks.exchange(self.inspect_inputs, f"the AWQ inputs of {block.prefix}")
+        what = f"the AWQ inputs of {block.prefix}"
+        every = block.ranks.exchange(self.inspect_inputs, what, block.device)
         for name, store in self.inspect_inputs.items():
             mapping = next(m for m in block.mappings_for(ALGORITHM) if m.inspect == name)
             limit = block.schemes[mapping.linears[0]].awq.max_tokens
