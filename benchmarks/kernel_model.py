@@ -4,6 +4,7 @@
     python benchmarks/kernel_model.py --quick          # default configs, 8192 x 8192 only
     python benchmarks/kernel_model.py --arch 80,89,90 --json
     python benchmarks/kernel_model.py --quick --moe    # with the mixture-of-experts rows
+    python benchmarks/kernel_model.py --quick --w4a8   # with the W4A8 (and W8A8) rows
 
 For every weight-only scheme, benchmark shape ``N x K`` and batch ``M``, the linear runs
 through the dispatch (``dequant_matmul``) exactly as a layer calls it, on meta tensors.
@@ -748,6 +749,68 @@ def fp8_block_rows(recorder: Recorder, arch: int, machines, shapes) -> list[dict
     return rows
 
 
+def gemm_rows(
+    recorder: Recorder, call, args: tuple, m: int, n: int, k: int, arch: int, machines,
+    label: str, **fields,
+) -> list[dict]:  # fmt: skip
+    """The rows of ``call(x, *args)`` on a bf16 ``x (m, k)`` (meta), one per machine, the
+    GEMM launches' ``2mnk`` flops counted for the tensor-core bound; ``fields`` (the scheme,
+    its group, path) replace the weight-only row's."""
+    x = torch.empty(m, k, dtype=torch.bfloat16, device="meta")
+    launches = recorder.launches = []
+    with DeviceWork(launches):
+        call(x, *args)
+    recorder.launches = []
+    for launch in launches:
+        if "gemm" in launch.kernel:
+            launch.flops = 2 * m * n * k
+    print(f"modelled: sm_{arch} {label} {n}x{k} M={m}", file=sys.stderr)
+    rows = []
+    for name in machines.get(arch, [DEFAULT_MACHINE[arch]]):
+        r = row("w4a16", m, n, k, arch, MACHINES[name], launches)
+        r.update(target=None, **fields)
+        rows.append(r)
+    return rows
+
+
+# -- W4A8: per-token activation quantization + the 4-bit GEMM on 8-bit tensor cores, bf16 x;
+# -- W8A8 INT8 rows beside them (the same two launches with an int8 weight) for comparison
+W4A8_SCHEMES = {"w4a8": "int8", "w4a8-fp8": "fp8", "w8a8": "int8"}
+W4A8_GROUP = 128
+
+
+def w4a8_rows(recorder: Recorder, arch: int, machines, shapes, batches) -> list[dict]:
+    """One row per scheme (:data:`W4A8_SCHEMES`; FP8 from sm_89), shape and M for the CUDA
+    path of ``linear_w4a8_*`` (and ``linear_w8a8_int8``): both launches, the GEMM's flops
+    counted for the tensor-core bound; bf16 is cuBLAS at its floor."""
+    from torchquant.triton_kernels import w4a8_gemm
+
+    from torchquant.ops.w4a8 import linear_w4a8_fp8_cuda, linear_w4a8_int8_cuda
+    from torchquant.ops.w8a8 import linear_w8a8_int8_cuda
+
+    w4a8_gemm.run_kernel = recorder.run_kernel  # compile_only patches the older kernels
+    rows = []
+    for scheme, act_type in W4A8_SCHEMES.items():
+        if act_type == "fp8" and arch < 89:
+            continue
+        for n, k in shapes:
+            if scheme == "w8a8":
+                qweight = torch.empty(n, k, dtype=torch.int8, device="meta")
+                scales = torch.empty(n, 1, device="meta")
+                args, group = (qweight, scales, None, True, 100.0, None, None), -1
+                call = linear_w8a8_int8_cuda
+            else:
+                qweight = torch.empty(n, -(-k // 32) * 4, dtype=torch.int32, device="meta")
+                scales = torch.empty(n, -(-k // W4A8_GROUP), dtype=torch.bfloat16, device="meta")
+                args = (qweight, scales, None, W4A8_GROUP, True, 100.0, None, None)
+                group = W4A8_GROUP
+                call = linear_w4a8_int8_cuda if act_type == "int8" else linear_w4a8_fp8_cuda
+            fields = dict(scheme=scheme, group_size=group, path="w8a8-gemm")
+            for m in batches:
+                rows += gemm_rows(recorder, call, args, m, n, k, arch, machines, scheme, **fields)
+    return rows
+
+
 # -- FP4 weight-only kinds: (block, scale dtype); held to INT4 W4A16 at the same shape and M
 FP4_KINDS = {"nvfp4a16": (16, torch.float8_e4m3fn), "mxfp4a16": (32, torch.uint8)}
 
@@ -765,25 +828,17 @@ def fp4_rows(recorder: Recorder, arch: int, machines, shapes, batches) -> list[d
             qweight = torch.empty(n, k // 2, dtype=torch.uint8, device="meta")
             scales = torch.empty(n, -(-k // block), dtype=scale_dtype, device="meta")
             global_scale = torch.empty(1, device="meta") if block == 16 else None
+            args = (qweight, scales, global_scale, None, block)
+            fields = dict(scheme=kind, group_size=block, path="fp4-gemm")
             for m in batches:
-                x = torch.empty(m, k, dtype=torch.bfloat16, device="meta")
-                launches = recorder.launches = []
-                with DeviceWork(launches):
-                    linear_fp4_weight_cuda(x, qweight, scales, global_scale, None, block)
-                recorder.launches = []
-                for launch in launches:
-                    launch.flops = 2 * m * n * k
-                print(f"modelled: sm_{arch} {kind} {n}x{k} M={m}", file=sys.stderr)
-                for name in machines.get(arch, [DEFAULT_MACHINE[arch]]):
-                    r = row("w4a16", m, n, k, arch, MACHINES[name], launches)
-                    r.update(scheme=kind, group_size=block, path="fp4-gemm", target=None)
-                    rows.append(r)
+                call = linear_fp4_weight_cuda
+                rows += gemm_rows(recorder, call, args, m, n, k, arch, machines, kind, **fields)
     return rows
 
 
 def model(
     schemes, shapes, batches, arches, machines, all_configs: bool, moe: bool = False,
-    fp8_block: bool = False, fp4: bool = False,
+    fp8_block: bool = False, fp4: bool = False, w4a8: bool = False,
 ) -> list[dict]:  # fmt: skip
     rows = []
     for arch in arches:
@@ -794,6 +849,8 @@ def model(
             rows += fp8_block_rows(recorder, arch, machines, shapes)
         if fp4:
             rows += fp4_rows(recorder, arch, machines, shapes, batches)
+        if w4a8:
+            rows += w4a8_rows(recorder, arch, machines, shapes, batches)
         for scheme in schemes:
             if SCHEMES[scheme][2] == "fp8" and arch < 89:
                 continue  # the launchers refuse FP8 below sm_89
@@ -938,6 +995,12 @@ def main(argv: list[str] | None = None) -> None:
         "--fp4", action="store_true", help=f"add the FP4 weight-only rows ({', '.join(FP4_KINDS)})"
     )
     parser.add_argument(
+        "--w4a8",
+        action="store_true",
+        help=f"add the W4A8 rows ({', '.join(W4A8_SCHEMES)}: INT4 g{W4A8_GROUP} x 8-bit "
+        "activations, W8A8 INT8 beside them)",
+    )
+    parser.add_argument(
         "--compare",
         nargs=2,
         metavar=("MODEL_JSON", "TABLE_MD"),
@@ -976,7 +1039,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = model(
         schemes, shapes, batches, arches, machines, all_configs=not args.quick, moe=args.moe,
-        fp8_block=args.fp8_block, fp4=args.fp4,
+        fp8_block=args.fp8_block, fp4=args.fp4, w4a8=args.w4a8,
     )  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -146,6 +146,9 @@ def linear_w4a8_cuda(
     if act.percentile < 100.0:
         common.warn_fallback(name, "percentile activation scales need a sort")
         return linear_w4a8_reference(x, qweight, scales, bias, group_size, *act)
+    if group_size == 16:
+        common.warn_fallback(name, "groups of 16 are shorter than one 8-bit MMA step (32)")
+        return linear_w4a8_reference(x, qweight, scales, bias, group_size, *act)
     if act.act_type == "fp8" and not fp8_supported(x.device):
         common.warn_fallback(name, "FP8 tensor cores need compute capability >= 8.9")
         return linear_w4a8_reference(x, qweight, scales, bias, group_size, *act)
@@ -153,7 +156,7 @@ def linear_w4a8_cuda(
     xq, xs = quantize_activation_rows(
         x2, act.act_type, act.per_token, act.smooth, act.input_scale, row_scales=True
     )
-    out = w4a8_gemm(xq, xs, qweight, scales, group_size, x2.shape[1], bias, x.dtype)
+    out = w4a8_gemm(xq, xs, qweight, scales, group_size, bias, x.dtype)
     return common.unflatten(out, x)
 
 
