@@ -1,9 +1,11 @@
-"""What the tiled GEMM kernels share: tile order, K runs of a split, the split-K buffer, the grid.
+"""What the tiled GEMM kernels share: tile order, K runs of a split, split-K epilogues, the grid.
 
 Every tiled kernel (weight-only and W8A8) owns a ``BLOCK_M x BLOCK_N`` output tile and
 runs over the K tiles of its split; the grid is ``(tiles, SPLIT_K)``.  A split-K launch
-adds float32 partial tiles atomically into a zeroed buffer, cast to the output dtype
-afterwards (float32 outputs accumulate in place).
+either adds float32 partial tiles atomically into a zeroed buffer, cast to the output
+dtype afterwards (float32 outputs accumulate in place), or -- one launch per call -- has
+each split publish its partial tile to a workspace and bump a per-tile counter, the last
+split of a tile reducing the partials in split order (:func:`reduce_split_tile`).
 """
 
 import torch
@@ -70,6 +72,63 @@ def store_tile(
         tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def reduce_split_tile(
+    acc,
+    out_ptr,
+    b_ptr,
+    ws_ptr,
+    lock_ptr,
+    offs_m,
+    offs_n,
+    m_mask,
+    n_mask,
+    stride_om,
+    M,
+    N,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K,
+):
+    """Epilogue of split ``program_id(1)`` of ``SPLIT_K``: the last split of the tile stores.
+
+    Each split writes its float32 partial tile to its ``(M, N)`` plane of ``ws_ptr`` and
+    counts itself done on the tile's counter; the last one adds the planes in split order
+    (deterministic), adds the bias, casts, stores and resets the counter to zero, so the
+    counters are zero between launches (safe under CUDA-graph capture).
+    """
+    plane = M.to(tl.int64) * N
+    mask = m_mask[:, None] & n_mask[None, :]
+    partials = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(partials + tl.program_id(1) * plane, acc, mask=mask)
+    tl.debug_barrier()  # every thread's stores precede the release below
+    lock = lock_ptr + tl.program_id(0)
+    done = tl.atomic_add(lock, 1, sem="acq_rel")
+    if done == SPLIT_K - 1:
+        total = tl.zeros_like(acc)
+        for s in range(0, SPLIT_K):
+            total += tl.load(partials + s * plane, mask=mask, other=0.0, cache_modifier=".cg")
+        store_tile(
+            total, out_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, HAS_BIAS, False
+        )
+        tl.atomic_xchg(lock, 0, sem="relaxed")
+
+
+LOCKS = 1 << 16  # split-K tile counters per device; a launch needing more runs unsplit
+_locks: dict[torch.device, torch.Tensor] = {}
+
+
+def split_k_locks(device: torch.device) -> torch.Tensor:
+    """The device's split-K tile counters: zeroed once, left at zero by every launch.
+
+    Shared by the kernels that reduce their splits in the last program of a tile; such
+    launches must not run concurrently on two streams of one device.
+    """
+    locks = _locks.get(device)
+    if locks is None:
+        locks = _locks[device] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
+    return locks
 
 
 def split_k_accumulator(out: torch.Tensor, split_k: bool) -> torch.Tensor:

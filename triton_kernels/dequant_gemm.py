@@ -7,8 +7,10 @@ dequantized in float32, cast to the activation dtype and transposed into the MMA
 Two tunings of the same kernel:
 
 * split-K (``M <= 64``, decode and small batches): the grid adds a K dimension so
-  a 16-row problem still streams the weight with every SM; partial tiles are
-  atomically added to a zeroed float32 buffer.
+  a 16-row problem still streams the weight with every SM; each split publishes its
+  float32 partial tile and the last split of a tile reduces them in split order, adds
+  the bias and stores the cast output (one launch per call: no zero-fill, no
+  cast-copy, deterministic; see ``_tiles.reduce_split_tile``).
 * tiled (larger M): one program per output tile, grouped along M for L2 reuse,
   bias and the output cast fused in the epilogue.
 
@@ -21,8 +23,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import run_kernel
-from ._tiles import autotune_tiles, split_k_run, store_tile, tile_config, tile_offsets, weight_tiles
+from ._launch import autotuned, output, output_args, run_kernel
+from ._tiles import (
+    LOCKS,
+    reduce_split_tile,
+    split_k_locks,
+    split_k_run,
+    store_tile,
+    tile_config,
+    tile_grid,
+    tile_offsets,
+)
 from .dequant import MAGIC, dequantize_tile, dot_weight_tile
 from .weight import QuantWeight
 
@@ -35,6 +46,8 @@ def _gemm_kernel(
     z_ptr,
     b_ptr,
     out_ptr,
+    ws_ptr,
+    lock_ptr,
     M,
     N,
     K,
@@ -55,7 +68,7 @@ def _gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     SPLIT_K,  # a runtime value: one binary serves every split factor (fewer compiles)
-    ATOMIC: tl.constexpr,
+    SPLIT_TILES: tl.constexpr,  # the split-K tuning: splits reduced by the last of a tile
 ):
     # -- output tile of this program, grouped along M so weight tiles are reused from L2
     offs_m, offs_n, m_mask, n_mask = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -76,8 +89,19 @@ def _gemm_kernel(
             rows, s_rows, z_rows, t, n_mask, K, magic, BITS, PACKED, HAS_ZEROS, GROUP_SIZE, BLOCK_K
         )
         acc = dot_weight_tile(x, w, acc)
-    # -- epilogue: bias, then atomics into float32 (split-K) or a cast store
-    store_tile(acc, out_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, HAS_BIAS, ATOMIC)
+    # -- epilogue: bias and a cast store, by the last split of the tile when split over K
+    if SPLIT_TILES:
+        if SPLIT_K == 1:
+            store_tile(
+                acc, out_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, HAS_BIAS, False
+            )
+        else:
+            reduce_split_tile(
+                acc, out_ptr, b_ptr, ws_ptr, lock_ptr, offs_m, offs_n, m_mask, n_mask, stride_om,
+                M, N, HAS_BIAS, SPLIT_K,
+            )  # fmt: skip
+    else:
+        store_tile(acc, out_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, HAS_BIAS, False)
 
 
 # decode / small batch, the weight split over K across the SMs.  64-row tiles dequantize
@@ -116,8 +140,23 @@ TILED_CONFIGS = [
 ]
 
 _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS"]
-_split_k_tuned = autotune_tiles(_gemm_kernel, SPLIT_K_CONFIGS, _KEY, split_k=True)
-_tiled_tuned = autotune_tiles(_gemm_kernel, TILED_CONFIGS, _KEY, split_k=False)
+MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in SPLIT_K_CONFIGS)
+
+
+def _fits_counters(config: triton.Config, m: int, n: int) -> bool:
+    """A split launch needs one counter per output tile."""
+    tiles = triton.cdiv(m, config.kwargs["BLOCK_M"]) * triton.cdiv(n, config.kwargs["BLOCK_N"])
+    return config.kwargs["SPLIT_K"] == 1 or tiles <= LOCKS
+
+
+def _prune_split(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    kept = [c for c in configs if _fits_counters(c, args["M"], args["N"])]
+    return kept or [c for c in configs if c.kwargs["SPLIT_K"] == 1][:1]
+
+
+_split_k_tuned = autotuned(_gemm_kernel, SPLIT_K_CONFIGS, _KEY, prune=_prune_split)
+_tiled_tuned = autotuned(_gemm_kernel, TILED_CONFIGS, _KEY)
 
 
 def dequant_gemm(
@@ -130,14 +169,36 @@ def dequant_gemm(
 ) -> torch.Tensor:
     """``x (M, K) @ dequant(W)^T + bias`` -> ``(M, N)`` in ``x.dtype`` on tensor cores.
 
-    ``split_k`` picks the split-K tuning (small M, float32 atomics); otherwise the
-    tiled one.  ``config`` runs one explicit config of that tuning instead of autotuning.
+    ``split_k`` picks the split-K tuning (small M, one launch); otherwise the tiled one.
+    ``config`` runs one explicit config of that tuning instead of autotuning.
     """
     m, k = x.shape
     weight.check(k)
     if x.stride(-1) != 1:
         x = x.contiguous()
     n = weight.out_features
-    out, acc, grid, args = weight_tiles(x, weight.kernel_args(), n, bias, split_k, config, out)
-    run_kernel(_split_k_tuned if split_k else _tiled_tuned, grid, config, magic=MAGIC.value, **args)
-    return out if acc is out else out.copy_(acc)
+    out = output(out, (m, n), x.dtype, x.device)
+    grid = tile_grid(m, n, split_k, config)
+    if split_k:
+        if config is not None and not _fits_counters(config, m, n):
+            raise ValueError(f"a split-K config needs at most {LOCKS} output tiles, got {config}")
+        planes = config.kwargs["SPLIT_K"] if config is not None else MAX_SPLIT_K
+        # one float32 plane per split (torch.empty launches nothing), shared counters
+        ws = torch.empty((planes, m, n), dtype=torch.float32, device=x.device)
+        locks = split_k_locks(x.device)
+    else:
+        ws = locks = out  # never read by the tiled tuning
+    run_kernel(
+        _split_k_tuned if split_k else _tiled_tuned,
+        grid,
+        config,
+        x_ptr=x,
+        ws_ptr=ws,
+        lock_ptr=locks,
+        stride_xm=x.stride(0),
+        magic=MAGIC.value,
+        SPLIT_TILES=split_k,
+        **output_args(out, bias, m, n, k),
+        **weight.kernel_args(),
+    )
+    return out

@@ -38,12 +38,11 @@ import triton
 import triton.language as tl
 
 from ._launch import autotuned, interpreting, output, output_args, run_kernel
-from ._tiles import split_k_run
+from ._tiles import LOCKS, split_k_locks, split_k_run
 from .dequant import MAGIC, group_index, load_code_tile, load_qparams
 from .weight import PACKED_DTYPES, QuantWeight
 
 MAX_SPLIT_K = 32
-LOCKS = 1 << 16  # split-K tile counters per device; a launch needing more runs unsplit
 
 
 # -- the split-K epilogue shared by both kernels
@@ -437,16 +436,6 @@ _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS"]
 _gemv_tuned = autotuned(_gemv_w4_kernel, _w4_configs(), _KEY, prune=_prune(True))
 _gemv_tiles_tuned = autotuned(_gemv_kernel, _gemv_configs(), _KEY, prune=_prune(False))
 
-_locks: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_k_locks(device: torch.device) -> torch.Tensor:
-    """The device's tile counters: zeroed once, left at zero by every launch."""
-    locks = _locks.get(device)
-    if locks is None:
-        locks = _locks[device] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
-    return locks
-
 
 def w4_eligible(x: torch.Tensor, qweight: torch.Tensor, bits: int, group: int) -> bool:
     """True when the one-thread-per-row 4-bit kernel applies (else the tiled one runs)."""
@@ -521,7 +510,7 @@ def dequant_gemv(
     launch = dict(
         x_ptr=x,
         ws_ptr=ws,
-        lock_ptr=_split_k_locks(x.device),
+        lock_ptr=split_k_locks(x.device),
         stride_xm=x.stride(0),
         **output_args(out, bias, m, n, k),
         **_slot_args(slots, stacked, out),

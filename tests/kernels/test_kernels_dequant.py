@@ -17,8 +17,10 @@ from kernel_utils import (
     weight_only_reference,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
+from torchquant.triton_kernels import dequant_gemm as dequant_gemm_module
 from torchquant.triton_kernels import dequant_gemv as dequant_gemv_module
 from torchquant.triton_kernels import dequant_matmul as dm
+from torchquant.triton_kernels._tiles import split_k_locks
 from torchquant.triton_kernels.dequant import dequantize_weight
 from torchquant.triton_kernels.dequant_gemm import dequant_gemm
 from torchquant.triton_kernels.dequant_gemv import dequant_gemv, w4_eligible
@@ -117,6 +119,8 @@ def test_gemv_fp8_weight_storage():
 
 
 SPLIT = cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3, GROUP_M=4)
+# 64-row tiles, more splits than K steps (idle splits still count themselves done)
+SPLIT64 = cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, SPLIT_K=8, GROUP_M=8)
 TILED = cfg(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, GROUP_M=2)
 
 # (bits, group, symmetric, M, N, K, split_k, config)
@@ -128,6 +132,10 @@ GEMM_CASES = [
     (4, 48, False, 37, 24, 100, False, TILED),
     (6, 64, True, 40, 17, 96, False, TILED),
     (8, 128, False, 33, 20, 140, False, TILED),
+    # magic-number dequantization (4/8-bit packed, one group per K tile), partial last group
+    (4, 32, True, 7, 24, 100, True, SPLIT64),
+    (8, 64, False, 2, 20, 192, True, SPLIT64),
+    (4, 64, False, 37, 24, 136, False, TILED),
 ]
 
 
@@ -157,6 +165,44 @@ def test_gemm_matches_reference(bits, group, sym, m, n, k, split_k, config, dtyp
 @pytest.mark.parametrize("bits,group,sym,m,n,k,split_k,config", GEMM_CASES[:1] + GEMM_CASES[4:5])
 def test_gemm_bf16(bits, group, sym, m, n, k, split_k, config):
     _gemm_case(bits, group, sym, m, n, k, split_k, config, torch.bfloat16)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("split_k,config", [(True, SPLIT64), (False, TILED)])
+def test_gemm_tiles_dequantize_every_code_at_every_bit_position_exactly(bits, split_k, config):
+    """One-hot rows of x read single weights back: codes 0..2**bits-1 in every position of a
+    word against zero points 0..2**bits-1, bit for bit (the magic-number dequantization)."""
+    n, k = 24, 64
+    levels = 1 << bits
+    codes = (torch.arange(n)[:, None] * 7 + torch.arange(k)[None, :]) % levels
+    per_word = 32 // bits
+    packed = torch.zeros(n, k // per_word, dtype=torch.int64)
+    for j in range(per_word):
+        packed |= codes[:, j::per_word].to(torch.int64) << (bits * j)
+    qweight = (packed - (packed >> 31 << 32)).to(torch.int32).to(KERNEL_DEVICE)
+    scales = (torch.rand(n, 2) + 0.5).to(KERNEL_DEVICE)
+    zeros = (torch.arange(2 * n).reshape(n, 2) % levels).to(torch.uint8).to(KERNEL_DEVICE)
+    weight = QuantWeight(qweight, scales, zeros, bits, 32)
+    x = torch.eye(k, device=KERNEL_DEVICE)
+    out = dequant_gemm(x, weight, None, split_k, config)
+    ref = weight_only_reference(x, qweight, scales, zeros, None, bits, 32)
+    assert torch.equal(out.cpu(), ref.cpu())
+
+
+def test_split_k_gemm_is_one_launch_and_resets_its_counters(monkeypatch):
+    """The splits reduce in the last program of each tile: no zero-fill, no cast-copy."""
+    qweight, scales, zeros, _ = int_weight(40, 256, 4, 64, False, torch.float16)
+    x = torch.randn(9, 256, device=KERNEL_DEVICE).to(torch.float16)
+    weight = QuantWeight(qweight, scales, zeros, 4, 64)
+    out = dequant_gemm(x, weight, None, True, SPLIT64)  # creates the counters once
+    assert not split_k_locks(x.device).any()
+    assert_matches(out, weight_only_reference(x, qweight, scales, zeros, None, 4, 64))
+    launches = []
+    monkeypatch.setattr(dequant_gemm_module, "run_kernel", lambda *a, **k: launches.append(a[0]))
+    with _Ops() as ops:
+        dequant_gemm(x, weight, None, True, SPLIT64)
+    assert set(ops.names) <= {"empty", "empty_like", "empty_strided"}, ops.names
+    assert launches == [dequant_gemm_module._split_k_tuned]
 
 
 def test_path_selection_by_batch_size():
@@ -219,7 +265,7 @@ def test_w4_gemv_matches_reference(group, sym, dtype, m, n, k, config):
     )
     assert_matches(out, ref)
     assert relative_error(out, ref) < {torch.float32: 1e-6}.get(dtype, 1e-2)
-    assert not dequant_gemv_module._split_k_locks(x.device).any()  # every counter reset
+    assert not split_k_locks(x.device).any()  # every counter reset
 
 
 def test_every_code_at_every_bit_position():

@@ -79,6 +79,8 @@ def test_every_op_has_a_cuda_kernel():
         "torchquant::linear_fp4_weight",
         "torchquant::linear_w8a8_int8",
         "torchquant::linear_w8a8_fp8",
+        "torchquant::linear_w4a8_int8",
+        "torchquant::linear_w4a8_fp8",
         "torchquant::linear_fp8_block",
         "torchquant::quantize_activation",
         "torchquant::fake_quant_int_weight",
