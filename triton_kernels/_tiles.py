@@ -5,7 +5,7 @@ runs over the K tiles of its split; the grid is ``(tiles, SPLIT_K)``.  A split-K
 either adds float32 partial tiles atomically into a zeroed buffer, cast to the output
 dtype afterwards (float32 outputs accumulate in place), or -- one launch per call -- has
 each split publish its partial tile to a workspace and bump a per-tile counter, the last
-split of a tile reducing the partials in split order (:func:`reduce_split_tile`).
+split of a tile reducing the partials in split order (:func:`sum_split_tiles`).
 """
 
 import torch
@@ -75,44 +75,28 @@ def store_tile(
 
 
 @triton.jit
-def reduce_split_tile(
-    acc,
-    out_ptr,
-    b_ptr,
-    ws_ptr,
-    lock_ptr,
-    offs_m,
-    offs_n,
-    m_mask,
-    n_mask,
-    stride_om,
-    M,
-    N,
-    HAS_BIAS: tl.constexpr,
-    SPLIT_K,
-):
-    """Epilogue of split ``program_id(1)`` of ``SPLIT_K``: the last split of the tile stores.
+def sum_split_tiles(acc, ws_ptr, lock_ptr, offs_m, offs_n, mask, M, N, SPLIT_K):
+    """``(total, last)`` for split ``program_id(1)`` of ``SPLIT_K`` of this tile.
 
     Each split writes its float32 partial tile to its ``(M, N)`` plane of ``ws_ptr`` and
-    counts itself done on the tile's counter; the last one adds the planes in split order
-    (deterministic), adds the bias, casts, stores and resets the counter to zero, so the
-    counters are zero between launches (safe under CUDA-graph capture).
+    counts itself done on the tile's counter; the last one gets the planes added in split
+    order (deterministic) and ``last`` true, and resets the counter to zero, so counters
+    are zero between launches (safe under CUDA-graph capture).  Only the last split of
+    a tile stores it.
     """
     plane = M.to(tl.int64) * N
-    mask = m_mask[:, None] & n_mask[None, :]
     partials = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(partials + tl.program_id(1) * plane, acc, mask=mask)
     tl.debug_barrier()  # every thread's stores precede the release below
     lock = lock_ptr + tl.program_id(0)
-    done = tl.atomic_add(lock, 1, sem="acq_rel")
-    if done == SPLIT_K - 1:
+    last = tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1
+    total = acc
+    if last:
         total = tl.zeros_like(acc)
         for s in range(0, SPLIT_K):
             total += tl.load(partials + s * plane, mask=mask, other=0.0, cache_modifier=".cg")
-        store_tile(
-            total, out_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, HAS_BIAS, False
-        )
         tl.atomic_xchg(lock, 0, sem="relaxed")
+    return total, last
 
 
 LOCKS = 1 << 16  # split-K tile counters per device; a launch needing more runs unsplit

@@ -10,7 +10,7 @@ Two tunings of the same kernel:
   a 16-row problem still streams the weight with every SM; each split publishes its
   float32 partial tile and the last split of a tile reduces them in split order, adds
   the bias and stores the cast output (one launch per call: no zero-fill, no
-  cast-copy, deterministic; see ``_tiles.reduce_split_tile``).
+  cast-copy, deterministic; see ``_tiles.sum_split_tiles``).
 * tiled (larger M): one program per output tile, grouped along M for L2 reuse,
   bias and the output cast fused in the epilogue.
 
@@ -26,10 +26,10 @@ import triton.language as tl
 from ._launch import autotuned, output, output_args, run_kernel
 from ._tiles import (
     LOCKS,
-    reduce_split_tile,
     split_k_locks,
     split_k_run,
     store_tile,
+    sum_split_tiles,
     tile_config,
     tile_grid,
     tile_offsets,
@@ -90,17 +90,12 @@ def _gemm_kernel(
         )
         acc = dot_weight_tile(x, w, acc)
     # -- epilogue: bias and a cast store, by the last split of the tile when split over K
+    last = SPLIT_K >= 1
     if SPLIT_TILES:
-        if SPLIT_K == 1:
-            store_tile(
-                acc, out_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, HAS_BIAS, False
-            )
-        else:
-            reduce_split_tile(
-                acc, out_ptr, b_ptr, ws_ptr, lock_ptr, offs_m, offs_n, m_mask, n_mask, stride_om,
-                M, N, HAS_BIAS, SPLIT_K,
-            )  # fmt: skip
-    else:
+        if SPLIT_K > 1:
+            mask = m_mask[:, None] & n_mask[None, :]
+            acc, last = sum_split_tiles(acc, ws_ptr, lock_ptr, offs_m, offs_n, mask, M, N, SPLIT_K)
+    if last:
         store_tile(acc, out_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, HAS_BIAS, False)
 
 
@@ -188,17 +183,7 @@ def dequant_gemm(
         locks = split_k_locks(x.device)
     else:
         ws = locks = out  # never read by the tiled tuning
-    run_kernel(
-        _split_k_tuned if split_k else _tiled_tuned,
-        grid,
-        config,
-        x_ptr=x,
-        ws_ptr=ws,
-        lock_ptr=locks,
-        stride_xm=x.stride(0),
-        magic=MAGIC.value,
-        SPLIT_TILES=split_k,
-        **output_args(out, bias, m, n, k),
-        **weight.kernel_args(),
-    )
+    args = dict(x_ptr=x, ws_ptr=ws, lock_ptr=locks, stride_xm=x.stride(0), magic=MAGIC.value)
+    args.update(SPLIT_TILES=split_k, **output_args(out, bias, m, n, k), **weight.kernel_args())
+    run_kernel(_split_k_tuned if split_k else _tiled_tuned, grid, config, **args)
     return out
