@@ -1,11 +1,13 @@
-"""Perplexity of FP4 weights (NVFP4, MXFP4) beside fp32 and 4-bit INT, on a real model.
+"""Perplexity of FP4 weights (NVFP4, MXFP4) and microscaled W4A4 / W8A8 beside fp32 and INT4.
 
     nice -n 10 python benchmarks/fp4_ppl.py --threads 2 \\
         --calib ../shared/data/text/wikipedia_excerpt.txt \\
         --text ../shared/data/text/austen/prideprejudice.txt
 
 Every row quantizes a fresh copy of the float model: round-to-nearest, the per-block
-scale search (``-mse``: ``WeightQuant(observer="mse")``), or AWQ calibrated on
+scale search (``-mse``: ``WeightQuant(observer="mse")``), the activations quantized too
+(``nvfp4``, ``mxfp4``, ``mxfp8``; ``nvfp4 static``: NVFP4's activation global scale
+calibrated on ``--calib``), or AWQ calibrated on
 ``--calib`` (``--calib-samples`` windows of ``--calib-seq-len`` tokens); each is scored
 on the first ``--max-tokens`` tokens of ``--text`` in ``--seq-len`` windows (no BOS).  Beside the
 perplexity, the weight error ``||W_q - W|| / ||W||`` over all quantized linears: SmolLM2's
@@ -22,7 +24,14 @@ import time
 import torch
 from calibration_setup import add_run_args, load_run
 
-from torchquant import QuantConfig, QuantScheme, WeightQuant, convert_model, scheme_from_name
+from torchquant import (
+    ActivationQuant,
+    QuantConfig,
+    QuantScheme,
+    WeightQuant,
+    convert_model,
+    scheme_from_name,
+)
 from torchquant.evaluation import perplexity
 from torchquant.modules import QuantLinear
 
@@ -35,6 +44,10 @@ SCHEMES = {
     "mxfp4a16": scheme_from_name("mxfp4a16"),
     "mxfp4a16-mse": scheme_from_name("mxfp4a16-mse"),
     "mxfp4a16 awq": QuantScheme(WeightQuant("mxfp4"), algorithm="awq"),
+    "nvfp4": scheme_from_name("nvfp4"),
+    "nvfp4 static": QuantScheme(WeightQuant("nvfp4"), ActivationQuant("nvfp4", dynamic=False)),
+    "mxfp4": scheme_from_name("mxfp4"),
+    "mxfp8": scheme_from_name("mxfp8"),
 }
 
 

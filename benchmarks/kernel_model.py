@@ -836,9 +836,55 @@ def fp4_rows(recorder: Recorder, arch: int, machines, shapes, batches) -> list[d
     return rows
 
 
+# -- microscaled W4A4 / W8A8: (weight bytes per value, block, scale dtype) of each format
+MICROSCALED_KINDS = {
+    "nvfp4": (0.5, 16, torch.float8_e4m3fn),
+    "mxfp4": (0.5, 32, torch.uint8),
+    "mxfp8": (1.0, 32, torch.uint8),
+}
+
+
+def microscaled_rows(recorder: Recorder, arch: int, machines, shapes, batches) -> list[dict]:
+    """One row per microscaled format, shape and M for ``linear_microscaled``'s CUDA path:
+    the activation quantization and the GEMM (NVFP4 with a calibrated global scale, so no
+    per-tensor max; the dynamic one adds a reduction over ``x``)."""
+    from torchquant.triton_kernels import microscaled_gemm, microscaled_quant
+
+    from torchquant.ops.microscaled import linear_microscaled_cuda
+
+    microscaled_gemm.run_kernel = microscaled_quant.run_kernel = recorder.run_kernel
+    rows = []
+    for kind, (width, block, scale_dtype) in MICROSCALED_KINDS.items():
+        value_dtype = torch.float8_e4m3fn if kind == "mxfp8" else torch.uint8
+        for n, k in shapes:
+            qweight = torch.empty(n, int(k * width), dtype=value_dtype, device="meta")
+            scales = torch.empty(n, -(-k // block), dtype=scale_dtype, device="meta")
+            global_scale = torch.empty(1, device="meta") if kind == "nvfp4" else None
+            for m in batches:
+                x = torch.empty(m, k, dtype=torch.bfloat16, device="meta")
+                launches = recorder.launches = []
+                with DeviceWork(launches):
+                    linear_microscaled_cuda(
+                        x, qweight, scales, global_scale, None, global_scale, kind
+                    )
+                recorder.launches = []
+                for launch in launches:
+                    if launch.kernel.startswith("_microscaled_gemm"):
+                        launch.flops = 2 * m * n * k
+                print(f"modelled: sm_{arch} {kind} {n}x{k} M={m}", file=sys.stderr)
+                for name in machines.get(arch, [DEFAULT_MACHINE[arch]]):
+                    r = row(
+                        "w4a16" if width < 1 else "w8a16", m, n, k, arch, MACHINES[name], launches
+                    )
+                    r.update(scheme=kind, group_size=block, path="microscaled-gemm", target=None)
+                    rows.append(r)
+    return rows
+
+
 def model(
     schemes, shapes, batches, arches, machines, all_configs: bool, moe: bool = False,
     fp8_block: bool = False, fp4: bool = False, w4a8: bool = False,
+    microscaled: bool = False,
 ) -> list[dict]:  # fmt: skip
     rows = []
     for arch in arches:
@@ -851,6 +897,8 @@ def model(
             rows += fp4_rows(recorder, arch, machines, shapes, batches)
         if w4a8:
             rows += w4a8_rows(recorder, arch, machines, shapes, batches)
+        if microscaled:
+            rows += microscaled_rows(recorder, arch, machines, shapes, batches)
         for scheme in schemes:
             if SCHEMES[scheme][2] == "fp8" and arch < 89:
                 continue  # the launchers refuse FP8 below sm_89
@@ -1001,6 +1049,11 @@ def main(argv: list[str] | None = None) -> None:
         "activations, W8A8 INT8 beside them)",
     )
     parser.add_argument(
+        "--microscaled",
+        action="store_true",
+        help=f"add the microscaled rows ({', '.join(MICROSCALED_KINDS)}: weights and activations)",
+    )
+    parser.add_argument(
         "--compare",
         nargs=2,
         metavar=("MODEL_JSON", "TABLE_MD"),
@@ -1039,7 +1092,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = model(
         schemes, shapes, batches, arches, machines, all_configs=not args.quick, moe=args.moe,
-        fp8_block=args.fp8_block, fp4=args.fp4, w4a8=args.w4a8,
+        fp8_block=args.fp8_block, fp4=args.fp4, w4a8=args.w4a8, microscaled=args.microscaled,
     )  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=1))

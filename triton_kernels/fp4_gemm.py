@@ -43,9 +43,29 @@ def _block_multipliers(
         power = (s << 23).to(tl.float32, bitcast=True)
         mult = tl.where(s == 0, E8M0_SMALLEST, power)
     else:
-        half = (((s & 0x80) << 8) | ((s & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
-        mult = tl.div_rn(half.to(tl.float32) * E4M3_TO_FP16, tl.load(g_ptr).to(tl.float32))
+        mult = tl.div_rn(e4m3_bits_to_float(s), tl.load(g_ptr).to(tl.float32))
     return mult
+
+
+@triton.jit
+def load_e2m1_tile(q_rows, t, r_mask, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 ``(ROWS, BLOCK_K)`` E2M1 values of K tile ``t`` from rows of packed bytes."""
+    # -- (ROWS, BLOCK_K / 2) bytes, split into nibbles in column order
+    offs_b = t * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    b_mask = r_mask[:, None] & (offs_b[None, :] < (K + 1) // 2)
+    byte = tl.load(q_rows + offs_b[None, :], mask=b_mask, other=0).to(tl.int16)
+    code = tl.join(byte & 0xF, byte >> 4).reshape(ROWS, BLOCK_K)
+    # -- E2M1 to float16 by bits: sign to bit 15, exponent and mantissa to bits 9-11
+    bits = ((code & 8) << 12) | ((code & 7) << 9)
+    return bits.to(tl.float16, bitcast=True).to(tl.float32) * E2M1_TO_FP16
+
+
+@triton.jit
+def e4m3_bits_to_float(byte):
+    """float32 values of E4M3 bytes (int32; no NaN byte: values are saturated): the 7 low
+    bits in a float16's exponent and mantissa are the value times ``2**-8``."""
+    half = (((byte & 0x80) << 8) | ((byte & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
+    return half.to(tl.float32) * E4M3_TO_FP16
 
 
 @triton.jit
@@ -86,14 +106,7 @@ def _fp4_gemm_kernel(
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         x_mask = m_mask[:, None] & (offs_k[None, :] < K)
         x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
-        # -- (BLOCK_N, BLOCK_K / 2) bytes, split into nibbles in column order
-        offs_b = t * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        b_mask = n_mask[:, None] & (offs_b[None, :] < (K + 1) // 2)
-        byte = tl.load(q_rows + offs_b[None, :], mask=b_mask, other=0).to(tl.int16)
-        code = tl.join(byte & 0xF, byte >> 4).reshape(BLOCK_N, BLOCK_K)
-        # -- E2M1 to float16 by bits: sign to bit 15, exponent and mantissa to bits 9-11
-        bits = ((code & 8) << 12) | ((code & 7) << 9)
-        value = bits.to(tl.float16, bitcast=True).to(tl.float32) * E2M1_TO_FP16
+        value = load_e2m1_tile(q_rows, t, n_mask, K, BLOCK_N, BLOCK_K)
         # -- one multiplier per block of BLOCK values, then the MMA
         mult = _block_multipliers(s_rows, g_ptr, t, n_mask, G, BLOCK_K, BLOCK, E8M0)
         w = value.reshape(BLOCK_N, BLOCK_K // BLOCK, BLOCK) * mult[:, :, None]

@@ -3,14 +3,13 @@
 ``weight_int`` (packed INTn, with ``g_idx``), ``weight_int8``, ``weight_fp8``,
 ``weight_fp4`` (NVFP4, MXFP4), ``microscaled`` (NVFP4 / MXFP4 / MXFP8 weights with
 activations of the same format, and MXFP8 weight-only), ``w8a8``, ``w4a8`` (INT4 weights,
-INT8 or FP8 activations) and ``fp8_block`` (block-scaled FP8, weight-only
-and with per-group FP8 activations) each hold their op, its exact reference
-(``*_reference``, the oracle of every test), its fast CPU implementation on PyTorch's own
-kernels (``cpu_kernels``) and its CUDA implementation (the Triton kernels, where Triton is
-installed).  Every op has a
-fake (meta) implementation so ``torch.compile`` can trace models that use it; layers
-call them through :func:`run`, or bind their arguments once with :func:`bind`; both skip
-the dispatcher on eager CPU calls.
+INT8 or FP8 activations) and ``fp8_block`` (block-scaled FP8, weight-only and with
+per-group FP8 activations) each hold their op, its exact reference (``*_reference``, the
+oracle of every test), its fast CPU implementation on PyTorch's own kernels
+(``cpu_kernels``) and its CUDA implementation (the Triton kernels, where Triton is
+installed).  Every op has a fake (meta) implementation so ``torch.compile`` can trace
+models that use it; layers call them through :func:`run`, or bind their arguments once
+with :func:`bind`; both skip the dispatcher on eager CPU calls.
 """
 
 from torchquant.ops.common import HAS_TRITON_KERNELS, bind, run

@@ -13,7 +13,9 @@ power of two, or E2M1 times E4M3 / global, as the numerics define it), multiplie
 float64, rounded once to ``x.dtype``.  CPU: the same dequantized values multiplied in
 float32 a block of weight rows at a time (the full float weight never exists), which
 differs from the reference only by float32 accumulation.  CUDA: the Triton kernels
-(activation quantization in one pass, then a GEMM dequantizing both operands in registers).
+(activation quantization in one pass, then a GEMM dequantizing both operands in registers,
+or ``tl.dot_scaled`` on Blackwell for the MX formats); the weight-only MXFP8 op runs its
+reference there (no kernel of its own yet).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from torchquant.numerics.activation import poison_nonfinite_rows
-from torchquant.numerics.fp4 import dequantize_fp4_weight, unpack_e2m1
+from torchquant.numerics.fp4 import choose_nvfp4_global_scale, dequantize_fp4_weight, unpack_e2m1
 from torchquant.numerics.microscaling import (
     MICROSCALED_BLOCKS,
     dequantize_microscaled,
@@ -120,3 +122,21 @@ for _op, _cpu in (
 ):
     common.register_cpu(_op, _cpu)
     _op.register_fake(common.fake_linear)
+
+
+def linear_microscaled_cuda(x, qweight, scales, global_scale, bias, input_global_scale, fmt):
+    from torchquant.triton_kernels.microscaled_gemm import microscaled_gemm
+    from torchquant.triton_kernels.microscaled_quant import quantize_microscaled as quantize_rows
+
+    x2, k = common.rows(x), x.shape[-1]
+    x_global = input_global_scale
+    if fmt == "nvfp4" and x_global is None:  # -- dynamic: per tensor, finite values only
+        x_global = choose_nvfp4_global_scale(torch.nan_to_num(x2, 0.0, 0.0, 0.0))
+    values, block_scales = quantize_rows(x2, fmt, x_global)
+    args = (qweight, scales, global_scale, fmt, k, bias, x.dtype)
+    out = microscaled_gemm(values, block_scales, x_global, *args)
+    shared = shares_input_scale(fmt, input_global_scale)
+    return common.unflatten(poison_nonfinite_rows(x2, out, shared_scale=shared), x)
+
+
+common.register_cuda("torchquant::linear_microscaled", linear_microscaled_cuda)
