@@ -43,6 +43,11 @@ def _w8a8(algorithm: str = "rtn", act: ActivationQuant | None = None, **params) 
     return QuantScheme(WeightQuant(bits=8), act or ActivationQuant(), algorithm, **params)
 
 
+def _w4a8(act_type: str, algorithm: str, group: int = 128, **params) -> QuantScheme:
+    weight = WeightQuant(bits=4, group_size=group, symmetric=True)
+    return QuantScheme(weight, ActivationQuant(type=act_type), algorithm, **params)
+
+
 def _static(observer: str, percentile: float = 100.0) -> ActivationQuant:
     return ActivationQuant(
         granularity="tensor", dynamic=False, observer=observer, percentile=percentile
@@ -56,6 +61,7 @@ def rows(group: int, alpha: float, awq: AWQConfig, gptq: GPTQConfig) -> dict[str
     static = dataclasses.replace(gptq, act_order=True, static_groups=True)
     staged = dataclasses.replace(static, sequential=True)
     awq_gptq = dataclasses.replace(awq, rounding="gptq")
+    sq_gptq = SmoothQuantConfig(alpha, rounding="gptq")  # -- W4A8: smoothed, GPTQ-rounded
     return {
         f"w4a16 g{group} GPTQ": _wna16(4, group, "gptq", gptq=plain),
         f"w4a16 g{group} GPTQ act-order static": _wna16(4, group, "gptq", gptq=static),
@@ -69,6 +75,13 @@ def rows(group: int, alpha: float, awq: AWQConfig, gptq: GPTQConfig) -> dict[str
         f"w8a8 dynamic SmoothQuant {alpha}": _w8a8(
             "smoothquant", smoothquant=SmoothQuantConfig(alpha)
         ),
+        f"w4a8 g{group} GPTQ act-order static": _w4a8("int8", "gptq", group, gptq=static),
+        **{
+            f"{name} g{group} SmoothQuant {alpha}+GPTQ": _w4a8(
+                act, "smoothquant", group, smoothquant=sq_gptq, gptq=static
+            )
+            for name, act in (("w4a8", "int8"), ("w4a8-fp8", "fp8"))
+        },
         f"w4a16 g{group} GPTQ act-order": _wna16(4, group, "gptq", gptq=ordered),
         "w8a8 static minmax": _w8a8(act=_static("minmax")),
         "w8a8 static KL": _w8a8(act=_static("kl")),

@@ -3,6 +3,7 @@ converted round-to-nearest, with GPTQ and with SmoothQuant."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from tiny_models import tiny_llama
 
-from torchquant import QuantConfig, QuantLinear, convert_model, scheme_from_name
+from torchquant import ConfigError, QuantConfig, QuantLinear, convert_model, scheme_from_name
+from torchquant.config import QuantScheme, SmoothQuantConfig
 from torchquant.numerics import dequantize_activation, quantize_activation
 from torchquant.weights import PackedIntFormat
 
@@ -75,3 +77,31 @@ def test_model_converts_with_each_algorithm(algorithm):
         out = model(ids).logits
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < 0.2, f"{algorithm}: relative logit error {rel:.3f}"
+
+
+def test_smoothquant_with_gptq_rounding_smooths_then_solves():
+    """SmoothQuant for the activations, GPTQ for the weights: the smoothed weights are
+    rounded by GPTQ on the Hessians of the smoothed inputs, not to nearest."""
+    model, ids = _model_and_tokens()
+    base = scheme_from_name("w4a8", 64)
+    sq = dataclasses.replace(base, algorithm="smoothquant", smoothquant={"alpha": 0.5})
+    sq_gptq = dataclasses.replace(sq, smoothquant={"alpha": 0.5, "rounding": "gptq"})
+    assert sq_gptq.rounds_with_gptq and not sq.rounds_with_gptq
+    assert "rounding" not in sq.to_dict()["smoothquant"]  # -- earlier checkpoints' bytes
+    assert QuantScheme.from_dict(sq_gptq.to_dict()) == sq_gptq
+    codes = {}
+    for name, scheme in (("rtn", sq), ("gptq", sq_gptq)):
+        converted, _ = convert_model(
+            copy.deepcopy(model), QuantConfig(scheme), calibration_data=ids, progress=False
+        )
+        layer = converted.model.layers[0].self_attn.q_proj
+        codes[name] = layer.weight_format.int_codes(layer)
+        with torch.no_grad():
+            assert torch.isfinite(converted(ids).logits).all()
+    assert not torch.equal(codes["rtn"], codes["gptq"])
+    with pytest.raises(ConfigError, match="smoothquant.rounding"):
+        SmoothQuantConfig(rounding="awq")
+    with pytest.raises(ConfigError, match="'int' weights for smoothquant.rounding"):
+        dataclasses.replace(
+            scheme_from_name("fp8"), algorithm="smoothquant", smoothquant=sq_gptq.smoothquant
+        )

@@ -147,13 +147,22 @@ def hqq_rounding(
     return QuantizedWeight(q.codes, q.scales, q.zeros)
 
 
+def smoothquant_rounding(
+    scheme: QuantScheme, weight: torch.Tensor, stats: WeightStats | None, name: str
+) -> QuantizedWeight:
+    """The smoothed weight to nearest, or by GPTQ (``smoothquant.rounding="gptq"``)."""
+    if scheme.rounds_with_gptq:
+        return gptq_rounding(scheme, weight, stats, name)
+    return round_to_nearest(scheme, weight, stats, name)
+
+
 # -- algorithm name -> how it rounds; SmoothQuant only rescales (a calibration step) first
 WEIGHT_ROUNDING: dict[str, Rounding] = {
     "rtn": round_to_nearest,
     "hqq": hqq_rounding,
     "gptq": gptq_rounding,
     "awq": awq_rounding,
-    "smoothquant": round_to_nearest,
+    "smoothquant": smoothquant_rounding,
 }
 
 

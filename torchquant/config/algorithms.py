@@ -130,10 +130,15 @@ class SmoothQuantConfig:
     default; the inputs a linear produces (``o_proj`` from ``v_proj``, ``down_proj`` from
     ``up_proj``) carry outliers too large to move into per-channel weights, and smoothing
     them costs accuracy.  ``smooth_linear_inputs`` smooths those too.
+
+    ``rounding="gptq"`` rounds the smoothed weights with GPTQ (the scheme's ``gptq``
+    parameters; each Hessian is that of the smoothed input, ``H / (s s^T)``) instead of
+    round-to-nearest: SmoothQuant for the activations, GPTQ for the weights (W4A8).
     """
 
     alpha: float = 0.5
     smooth_linear_inputs: bool = False
+    rounding: str = "rtn"
 
     def __post_init__(self) -> None:
         require(
@@ -148,6 +153,8 @@ class SmoothQuantConfig:
             self.smooth_linear_inputs,
             "true or false",
         )
+        ok = self.rounding in ("rtn", "gptq")
+        require(ok, "smoothquant.rounding", self.rounding, "'rtn' or 'gptq'")
 
 
 @dataclass(frozen=True)

@@ -277,6 +277,9 @@ class QuantScheme:
                 w.type,
                 f"'int' weights for algorithm {self.algorithm!r}",
             )
+        if self.algorithm == "smoothquant" and self.smoothquant.rounding == "gptq":
+            ok = w.type == "int"
+            require(ok, "weight.type", w.type, "'int' weights for smoothquant.rounding 'gptq'")
         if fp4_ok and self.algorithm == "awq":
             require(
                 self.awq.rounding == "rtn",
@@ -359,8 +362,10 @@ class QuantScheme:
 
     @property
     def rounds_with_gptq(self) -> bool:
-        """Whether GPTQ rounds the weights (plain GPTQ, or AWQ with ``rounding="gptq"``)."""
-        return self.algorithm == "gptq" or (self.algorithm == "awq" and self.awq.rounding == "gptq")
+        """Whether GPTQ rounds the weights (plain GPTQ, or AWQ / SmoothQuant with
+        ``rounding="gptq"``)."""
+        rounding = {"awq": self.awq.rounding, "smoothquant": self.smoothquant.rounding}
+        return self.algorithm == "gptq" or rounding.get(self.algorithm) == "gptq"
 
     @property
     def needs_calibration(self) -> bool:
@@ -416,6 +421,8 @@ class QuantScheme:
             del data["weight"]["observer"]
         if not self.gptq.sequential:  # -- GPTQ's later option, likewise
             del data["gptq"]["sequential"]
+        if self.smoothquant.rounding == "rtn":  # -- SmoothQuant's later option, likewise
+            del data["smoothquant"]["rounding"]
         if data["activation"] is not None and self.activation.group_size is None:
             del data["activation"]["group_size"]
         return data

@@ -3,8 +3,9 @@
 By default every Hessian comes from the one statistics pass over the float block
 (linears fed the same tensor, q/k/v or gate/up, share one), so a block costs a single
 forward of the calibration samples besides the one producing the next block's inputs.
-Where AWQ scaling folded a divisor ``s`` into a linear's input, its Hessian is that of
-``x / s``: ``H / (s s^T)``, exact without another pass.
+Where AWQ (or SmoothQuant with ``rounding="gptq"``) scaling folded a divisor ``s`` into a
+linear's input, its Hessian is that of ``x / s``: ``H / (s s^T)``, exact without another
+pass.
 
 With ``GPTQConfig(sequential=True)`` the linears are quantized stage by stage in
 execution order (q/k/v, then o, then gate/up, then down on a Llama block), each stage's

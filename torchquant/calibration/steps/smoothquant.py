@@ -4,6 +4,8 @@ Each balance mapping whose linears all use SmoothQuant gets one factor ``s`` ove
 shared input: the linears' input columns are multiplied by it and the source (a norm, or
 a linear when ``smooth_linear_inputs``) divided by it.  Linears no mapping covers, or
 whose source cannot take it, divide their input by ``s`` at run time instead.
+``SmoothQuantConfig(rounding="gptq")`` leaves the rounding to the GPTQ step, which reads
+the factors as the inputs' divisors (as AWQ's).
 """
 
 from __future__ import annotations
@@ -40,9 +42,7 @@ class SmoothQuantStep(CalibrationStep):
             s = smoothquant.smoothing_factors(absmax, ws, config.alpha).to(ws[0].device)
             source = block.foldable_source(m)
             for x in m.linears:
-                scale_inputs(block.linears[x], s)
-                if source is None:
-                    block.smooth[x] = s
+                self.smooth(x, s, runtime=source is None)
                 done.add(x)
             if source is not None:
                 fold_into_source(source, s)
@@ -51,5 +51,15 @@ class SmoothQuantStep(CalibrationStep):
                 alpha = block.schemes[rel].smoothquant.alpha
                 w = get_weight(block.linears[rel])
                 s = smoothquant.smoothing_factors(st.absmax, [w], alpha).to(w.device)
-                scale_inputs(block.linears[rel], s)
-                block.smooth[rel] = s
+                self.smooth(rel, s, runtime=True)
+
+    def smooth(self, rel: str, s: torch.Tensor, runtime: bool) -> None:
+        """Scale linear ``rel``'s input columns by ``s``; its input is divided by ``s`` at run
+        time, or by the source it was folded into.  GPTQ rounding (``rounding="gptq"``) then
+        takes the Hessian of that divided input (see the GPTQ step)."""
+        block = self.block
+        scale_inputs(block.linears[rel], s)
+        if runtime:
+            block.smooth[rel] = s
+        if block.schemes[rel].rounds_with_gptq:
+            block.divisor[rel] = s
