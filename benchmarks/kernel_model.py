@@ -5,6 +5,7 @@
     python benchmarks/kernel_model.py --arch 80,89,90 --json
     python benchmarks/kernel_model.py --quick --moe    # with the mixture-of-experts rows
     python benchmarks/kernel_model.py --quick --w4a8   # with the W4A8 (and W8A8) rows
+    python benchmarks/kernel_model.py --quick --w8a8   # W8A8 INT8/FP8 with act-quant, wgmma depth
 
 For every weight-only scheme, benchmark shape ``N x K`` and batch ``M``, the linear runs
 through the dispatch (``dequant_matmul``) exactly as a layer calls it, on meta tensors.
@@ -179,6 +180,7 @@ class Sass:
     spill_bytes: int  # local memory per thread (ptxas spills)
     smem: int
     warps: int
+    mma_in_flight: int | None = None  # see mma_in_flight()
 
     @property
     def loop_instructions(self) -> int:
@@ -190,7 +192,14 @@ class Sass:
 
 def hot_loop(lines: list[str]) -> tuple[list[str], bool]:
     """Opcodes of the innermost loop that loads from global memory (or of the whole kernel)."""
+    ops, has_loop, _ = hot_loop_text(lines)
+    return ops, has_loop
+
+
+def hot_loop_text(lines: list[str]) -> tuple[list[str], bool, list[str]]:
+    """:func:`hot_loop`'s opcodes, whether a loop was found, and the loop's instructions."""
     ops: list[str] = []
+    text: list[str] = []
     labels: dict[str, int] = {}
     branches: list[tuple[int, str]] = []
     for line in lines:
@@ -202,6 +211,7 @@ def hot_loop(lines: list[str]) -> tuple[list[str], bool]:
         if ins.group(1) == "BRA" and (target := _TARGET.search(ins.group(3))):
             branches.append((len(ops), target.group(1)))
         ops.append(ins.group(1))
+        text.append(line.strip())
     loops = [(labels[t], i + 1) for i, t in branches if t in labels and labels[t] <= i]
     loads = [(a, b) for a, b in loops if any(_CLASS_OF.get(op) == "global_load" for op in ops[a:b])]
     innermost = [
@@ -210,9 +220,22 @@ def hot_loop(lines: list[str]) -> tuple[list[str], bool]:
         if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loads)
     ]
     if not innermost:
-        return ops, False
+        return ops, False, text
     a, b = max(innermost, key=lambda span: span[1] - span[0])
-    return ops[a:b], True
+    return ops[a:b], True, text[a:b]
+
+
+_WGMMA_WAIT = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)")
+
+
+def mma_in_flight(loop_text: list[str]) -> int | None:
+    """wgmma groups left pending by the loop's tightest wait (None: no wgmma wait in it).
+
+    0 means the tensor cores drain every K step: the next step's MMAs cannot start
+    before the last one's results are back, so nothing overlaps across steps.
+    """
+    waits = [int(m.group(1), 16) for line in loop_text if (m := _WGMMA_WAIT.search(line))]
+    return min(waits) if waits else None
 
 
 def _disassemble(cubin: bytes) -> tuple[str, str]:
@@ -239,7 +262,7 @@ def analyze(compiled) -> Sass:
 @functools.cache
 def _analyze(cubin: bytes, shared: int, warps: int) -> Sass:
     sass, res = _disassemble(cubin)
-    ops, has_loop = hot_loop(sass.splitlines())
+    ops, has_loop, loop_text = hot_loop_text(sass.splitlines())
     usage = _RES.search(res)
     regs, stack, static_smem, local = (int(v) for v in usage.groups()) if usage else (0, 0, 0, 0)
     return Sass(
@@ -249,6 +272,7 @@ def _analyze(cubin: bytes, shared: int, warps: int) -> Sass:
         spill_bytes=local + stack,
         smem=max(static_smem, shared),
         warps=warps,
+        mma_in_flight=mma_in_flight(loop_text) if has_loop else None,
     )
 
 
@@ -492,6 +516,7 @@ def row(
         "shuffles": per_iter.get("shuffle", 0),
         "barriers": per_iter.get("barrier", 0),
         "mma": per_iter.get("mma", 0),
+        "mma_in_flight": sass.mma_in_flight if sass else None,
         "registers": sass.registers if sass else 0,
         "spill_bytes": max((c[1].sass.spill_bytes for c in chosen), default=0),
         "smem": sass.smem if sass else 0,
@@ -751,11 +776,12 @@ def fp8_block_rows(recorder: Recorder, arch: int, machines, shapes) -> list[dict
 
 def gemm_rows(
     recorder: Recorder, call, args: tuple, m: int, n: int, k: int, arch: int, machines,
-    label: str, **fields,
+    label: str, mma_rate: int = 1, **fields,
 ) -> list[dict]:  # fmt: skip
     """The rows of ``call(x, *args)`` on a bf16 ``x (m, k)`` (meta), one per machine, the
-    GEMM launches' ``2mnk`` flops counted for the tensor-core bound; ``fields`` (the scheme,
-    its group, path) replace the weight-only row's."""
+    GEMM launches' ``2mnk`` flops counted for the tensor-core bound (over ``mma_rate``, the
+    tensor cores' rate against bf16's: 2 for 8-bit operands); ``fields`` (the scheme, its
+    group, path, target) replace the weight-only row's."""
     x = torch.empty(m, k, dtype=torch.bfloat16, device="meta")
     launches = recorder.launches = []
     with DeviceWork(launches):
@@ -763,12 +789,12 @@ def gemm_rows(
     recorder.launches = []
     for launch in launches:
         if "gemm" in launch.kernel:
-            launch.flops = 2 * m * n * k
+            launch.flops = 2 * m * n * k // mma_rate
     print(f"modelled: sm_{arch} {label} {n}x{k} M={m}", file=sys.stderr)
     rows = []
     for name in machines.get(arch, [DEFAULT_MACHINE[arch]]):
         r = row("w4a16", m, n, k, arch, MACHINES[name], launches)
-        r.update(target=None, **fields)
+        r.update({"target": None, **fields})
         rows.append(r)
     return rows
 
@@ -881,16 +907,48 @@ def microscaled_rows(recorder: Recorder, arch: int, machines, shapes, batches) -
     return rows
 
 
+# -- W8A8 INT8 / FP8 (issue 14): per-token activation quantization + the scaled 8-bit GEMM
+W8A8_BATCHES = (16, 256, 4096)
+W8A8_TARGETS = {("w8a8", 4096): 1.5, ("fp8", 4096): 1.7}  # over bf16, act-quant included
+
+
+def w8a8_rows(recorder: Recorder, arch: int, machines, shapes) -> list[dict]:
+    """One row per activation dtype (FP8 from sm_89), shape and M for ``linear_w8a8_cuda``
+    with dynamic per-token scales: every launch, the 8-bit GEMM's flops at twice the bf16
+    rate.  The row's ``mma_in_flight`` is the GEMM loop's wgmma wait depth: 0 means the
+    tensor cores drain every K step, a stall this bound does not see (Triton keeps a wgmma
+    pending only for float32 accumulators, so the INT8 loop always drains)."""
+    from torchquant.ops.w8a8 import ActivationQuant, linear_w8a8_cuda
+
+    rows = []
+    for scheme, act, qdtype in (("w8a8", "int8", torch.int8), ("fp8", "fp8", torch.float8_e4m3fn)):
+        if act == "fp8" and arch < 89:
+            continue
+        quant = ActivationQuant(act, True, 100.0, None, None)
+        for n, k in shapes:
+            qweight = torch.empty(n, k, dtype=qdtype, device="meta")
+            args = (qweight, torch.empty(n, 1, device="meta"), None, quant)
+            for m in W8A8_BATCHES:
+                fields = dict(scheme=scheme, group_size=-1, path="act-quant+gemm")
+                fields["target"] = W8A8_TARGETS.get((scheme, m))
+                rows += gemm_rows(
+                    recorder, linear_w8a8_cuda, args, m, n, k, arch, machines, scheme, 2, **fields
+                )
+    return rows
+
+
 def model(
     schemes, shapes, batches, arches, machines, all_configs: bool, moe: bool = False,
     fp8_block: bool = False, fp4: bool = False, w4a8: bool = False,
-    microscaled: bool = False,
+    microscaled: bool = False, w8a8: bool = False,
 ) -> list[dict]:  # fmt: skip
     rows = []
     for arch in arches:
         recorder = Recorder(all_configs)
         compile_only(arch, recorder.run_kernel)
         rows += act_quant_rows(recorder, arch, machines)
+        if w8a8:
+            rows += w8a8_rows(recorder, arch, machines, shapes)
         if fp8_block and arch >= 89:
             rows += fp8_block_rows(recorder, arch, machines, shapes)
         if fp4:
@@ -946,6 +1004,7 @@ def print_table(rows: list[dict]) -> None:
         "shfl",
         "bar",
         "mma",
+        "in flight",
         "regs",
         "spill",
         "smem",
@@ -970,7 +1029,8 @@ def print_table(rows: list[dict]) -> None:
             f"| {r['scheme']} | {r['N']}x{r['K']} | {r['M']} | {r['arch']} | {r['machine']} | "
             f"{r['path']} | {r['config']} | {r['instr_per_weight']:.3f} | "
             f"{r['dominant_class']} | {r['global_loads']} | {r['shared_stores']} | "
-            f"{r['shuffles']} | {r['barriers']} | {r['mma']} | {r['registers']} | "
+            f"{r['shuffles']} | {r['barriers']} | {r['mma']} | "
+            f"{'-' if r['mma_in_flight'] is None else r['mma_in_flight']} | {r['registers']} | "
             f"{r['spill_bytes']} | {r['smem']} | {r['launches']} | {r['limit']} | "
             f"{r['predicted_us']:.1f} | {r['bf16_floor_us']:.1f} | "
             f"{r['predicted_speedup']:.2f}x | {target} |"
@@ -1040,6 +1100,11 @@ def main(argv: list[str] | None = None) -> None:
         help=f"add the FP8 block-wise W8A8 rows (sm_89+, M = {FP8_BLOCK_BATCHES})",
     )
     parser.add_argument(
+        "--w8a8",
+        action="store_true",
+        help=f"add the W8A8 INT8 and FP8 rows (activation quantization + GEMM, M = {W8A8_BATCHES})",
+    )
+    parser.add_argument(
         "--fp4", action="store_true", help=f"add the FP4 weight-only rows ({', '.join(FP4_KINDS)})"
     )
     parser.add_argument(
@@ -1093,6 +1158,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = model(
         schemes, shapes, batches, arches, machines, all_configs=not args.quick, moe=args.moe,
         fp8_block=args.fp8_block, fp4=args.fp4, w4a8=args.w4a8, microscaled=args.microscaled,
+        w8a8=args.w8a8,
     )  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=1))
