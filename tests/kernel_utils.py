@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchquant.triton_kernels._launch import interpreting
 
 from torchquant import ops
@@ -134,3 +135,15 @@ def w8a8_case(
         x_cpu, qweight, scales, bias, act_type, per_token, 100.0, None, None
     )
     return xq.to(x.device), xs.to(x.device), ref
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Records the aten ops a launcher dispatches around its kernel (``names``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))

@@ -115,6 +115,37 @@ def split_k_locks(device: torch.device) -> torch.Tensor:
     return locks
 
 
+def fits_counters(config: triton.Config, m: int, n: int) -> bool:
+    """A launch reducing its splits in the last program of a tile needs a counter per tile."""
+    tiles = triton.cdiv(m, config.kwargs["BLOCK_M"]) * triton.cdiv(n, config.kwargs["BLOCK_N"])
+    return config.kwargs["SPLIT_K"] == 1 or tiles <= LOCKS
+
+
+def prune_to_counters(configs, named_args, **kwargs):
+    """The autotuner's prune for such launches: configs whose tiles fit the counters."""
+    args = {**named_args, **kwargs}
+    kept = [c for c in configs if fits_counters(c, args["M"], args["N"])]
+    return kept or [c for c in configs if c.kwargs["SPLIT_K"] == 1][:1]
+
+
+def split_workspace(
+    configs: list[triton.Config],
+    config: triton.Config | None,
+    m: int,
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(workspace, counters)`` of a launch reducing its splits in the last program of a
+    tile: one ``(m, n)`` plane of ``dtype`` per split of ``config`` (or of the largest
+    split among ``configs``; ``torch.empty`` launches nothing) and the device's counters."""
+    if config is not None and not fits_counters(config, m, n):
+        raise ValueError(f"a split-K config needs at most {LOCKS} output tiles, got {config}")
+    planes = max(c.kwargs["SPLIT_K"] for c in ([config] if config is not None else configs))
+    ws = torch.empty((planes, m, n), dtype=dtype, device=device)
+    return ws, split_k_locks(device)
+
+
 def split_k_accumulator(out: torch.Tensor, split_k: bool) -> torch.Tensor:
     """The buffer a launch writes: ``out`` itself, or zeroed float32 partial sums for split-K."""
     if not split_k:

@@ -25,9 +25,9 @@ import triton.language as tl
 
 from ._launch import autotuned, output, output_args, run_kernel
 from ._tiles import (
-    LOCKS,
-    split_k_locks,
+    prune_to_counters,
     split_k_run,
+    split_workspace,
     store_tile,
     sum_split_tiles,
     tile_config,
@@ -135,22 +135,7 @@ TILED_CONFIGS = [
 ]
 
 _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS"]
-MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in SPLIT_K_CONFIGS)
-
-
-def _fits_counters(config: triton.Config, m: int, n: int) -> bool:
-    """A split launch needs one counter per output tile."""
-    tiles = triton.cdiv(m, config.kwargs["BLOCK_M"]) * triton.cdiv(n, config.kwargs["BLOCK_N"])
-    return config.kwargs["SPLIT_K"] == 1 or tiles <= LOCKS
-
-
-def _prune_split(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    kept = [c for c in configs if _fits_counters(c, args["M"], args["N"])]
-    return kept or [c for c in configs if c.kwargs["SPLIT_K"] == 1][:1]
-
-
-_split_k_tuned = autotuned(_gemm_kernel, SPLIT_K_CONFIGS, _KEY, prune=_prune_split)
+_split_k_tuned = autotuned(_gemm_kernel, SPLIT_K_CONFIGS, _KEY, prune=prune_to_counters)
 _tiled_tuned = autotuned(_gemm_kernel, TILED_CONFIGS, _KEY)
 
 
@@ -175,12 +160,7 @@ def dequant_gemm(
     out = output(out, (m, n), x.dtype, x.device)
     grid = tile_grid(m, n, split_k, config)
     if split_k:
-        if config is not None and not _fits_counters(config, m, n):
-            raise ValueError(f"a split-K config needs at most {LOCKS} output tiles, got {config}")
-        planes = config.kwargs["SPLIT_K"] if config is not None else MAX_SPLIT_K
-        # one float32 plane per split (torch.empty launches nothing), shared counters
-        ws = torch.empty((planes, m, n), dtype=torch.float32, device=x.device)
-        locks = split_k_locks(x.device)
+        ws, locks = split_workspace(SPLIT_K_CONFIGS, config, m, n, torch.float32, x.device)
     else:
         ws = locks = out  # never read by the tiled tuning
     args = dict(x_ptr=x, ws_ptr=ws, lock_ptr=locks, stride_xm=x.stride(0), magic=MAGIC.value)

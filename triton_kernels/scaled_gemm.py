@@ -6,8 +6,9 @@ with ``a_scale`` ``(M, 1)`` per token or ``(1, 1)`` per tensor and ``b_scale``
 ``(N, 1)`` per channel or ``(1, 1)`` per tensor, both float32; the product of the
 scales is applied in float32 to the accumulator, the result is cast to the output
 dtype and the bias added in the output dtype (the reference's order).  The split-K
-tuning (``ATOMIC``) has each K slice scale its partial tile and add it atomically to a
-zeroed float32 buffer (the bias goes in with the first slice); ``SPLIT_K`` is a
+tuning (``SPLIT_TILES``) has each K slice publish its unscaled partial tile (int32 for
+INT8: the sum stays exact) and the last slice of a tile add them in split order and run
+the epilogue, so a call is one launch (``_tiles.sum_split_tiles``); ``SPLIT_K`` is a
 runtime value, so one binary serves every split factor.
 
 One :class:`ScaledGemm` launcher per operand dtype (:mod:`.w8a8_gemm`, :mod:`.fp8_gemm`)
@@ -20,8 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_fp8_support, m_bucket, output, run_kernel
-from ._tiles import autotune_tiles, split_k_run, tile_config, tile_launch, tile_offsets
+from ._launch import autotuned, check_fp8_support, m_bucket, output, run_kernel
+from ._tiles import (
+    prune_to_counters,
+    split_k_run,
+    split_workspace,
+    sum_split_tiles,
+    tile_config,
+    tile_grid,
+    tile_offsets,
+)
 
 
 @triton.jit
@@ -32,6 +41,8 @@ def scaled_gemm_kernel(
     b_scale_ptr,
     bias_ptr,
     out_ptr,
+    ws_ptr,
+    lock_ptr,
     M,
     N,
     K,
@@ -47,7 +58,7 @@ def scaled_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     SPLIT_K,
-    ATOMIC: tl.constexpr,
+    SPLIT_TILES: tl.constexpr,  # the split-K tuning: splits reduced by the last of a tile
 ):
     # -- output tile, grouped along M for L2 reuse of b
     offs_m, offs_n, m_mask, n_mask = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -74,22 +85,25 @@ def scaled_gemm_kernel(
             other=0.0,
         )
         acc = tl.dot(a, b, acc)
-    # -- epilogue: per-row x per-column scales in float32, cast, bias in the output dtype
-    a_scale = tl.load(a_scale_ptr + offs_m * stride_asm, mask=m_mask, other=0.0)
-    b_scale = tl.load(b_scale_ptr + offs_n * stride_bsn, mask=n_mask, other=0.0)
-    out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    # -- the last split of a tile sums the splits' products (exactly, for int32)
     out_mask = m_mask[:, None] & n_mask[None, :]
-    if ATOMIC:
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            out += tl.where(tl.program_id(1) == 0, bias, 0.0)[None, :]
-        tl.atomic_add(out_ptrs, out, mask=out_mask, sem="relaxed")
-    else:
-        out = out.to(out_ptr.dtype.element_ty)
+    last = SPLIT_K >= 1
+    if SPLIT_TILES:
+        if SPLIT_K > 1:
+            acc, last = sum_split_tiles(
+                acc, ws_ptr, lock_ptr, offs_m, offs_n, out_mask, M, N, SPLIT_K
+            )
+    # -- epilogue: per-row x per-column scales in float32, cast, bias in the output dtype
+    if last:
+        a_scale = tl.load(a_scale_ptr + offs_m * stride_asm, mask=m_mask, other=0.0)
+        b_scale = tl.load(b_scale_ptr + offs_n * stride_bsn, mask=n_mask, other=0.0)
+        out = (acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]).to(
+            out_ptr.dtype.element_ty
+        )
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
             out = (out.to(tl.float32) + bias.to(tl.float32)[None, :]).to(out_ptr.dtype.element_ty)
+        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(out_ptrs, out, mask=out_mask)
 
 
@@ -155,8 +169,10 @@ class ScaledGemm:
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
         key = ["M_BUCKET", "N", "K"]
-        self.split_k_tuned = autotune_tiles(scaled_gemm_kernel, SPLIT_K_CONFIGS, key, split_k=True)
-        self.tiled_tuned = autotune_tiles(scaled_gemm_kernel, TILED_CONFIGS, key, split_k=False)
+        self.split_k_tuned = autotuned(
+            scaled_gemm_kernel, SPLIT_K_CONFIGS, key, prune=prune_to_counters
+        )
+        self.tiled_tuned = autotuned(scaled_gemm_kernel, TILED_CONFIGS, key)
 
     def __call__(
         self,
@@ -182,7 +198,12 @@ class ScaledGemm:
         b_scale = b_scale.reshape(-1, 1)
         (m, k), n = a.shape, b.shape[0]
         out = output(out, (m, n), out_dtype, a.device)
-        acc, grid = tile_launch(out, split_k, config)
+        grid = tile_grid(m, n, split_k, config)
+        if split_k:
+            ws_dtype = torch.int32 if self.dtype == torch.int8 else torch.float32
+            ws, locks = split_workspace(SPLIT_K_CONFIGS, config, m, n, ws_dtype, a.device)
+        else:
+            ws = locks = out  # never read by the tiled tuning
         run_kernel(
             self.split_k_tuned if split_k else self.tiled_tuned,
             grid,
@@ -191,8 +212,10 @@ class ScaledGemm:
             b_ptr=b,
             a_scale_ptr=a_scale,
             b_scale_ptr=b_scale,
-            bias_ptr=bias if bias is not None else acc,
-            out_ptr=acc,
+            bias_ptr=bias if bias is not None else out,
+            out_ptr=out,
+            ws_ptr=ws,
+            lock_ptr=locks,
             M=m,
             N=n,
             K=k,
@@ -200,12 +223,12 @@ class ScaledGemm:
             stride_bn=b.stride(0),
             stride_asm=0 if a_scale.shape[0] == 1 else 1,
             stride_bsn=0 if b_scale.shape[0] == 1 else 1,
-            stride_om=acc.stride(0),
+            stride_om=out.stride(0),
             M_BUCKET=m_bucket(m),
             HAS_BIAS=bias is not None,
-            ATOMIC=split_k,
+            SPLIT_TILES=split_k,
         )
-        return out if acc is out else out.copy_(acc)
+        return out
 
     def _k_chunks(self, a, b, a_scale, b_scale, bias, out_dtype, split_k, config, out):
         """INT8 with K past ``INT8_MAX_K``: the int32 accumulator could overflow, so K runs

@@ -8,6 +8,7 @@ import torch
 from kernel_utils import (
     BF16_DOT_SKIP,
     KERNEL_DEVICE,
+    DispatchedOps,
     assert_matches,
     cfg,
     int_weight,
@@ -16,7 +17,6 @@ from kernel_utils import (
     requires_kernels,
     weight_only_reference,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchquant.triton_kernels import dequant_gemm as dequant_gemm_module
 from torchquant.triton_kernels import dequant_gemv as dequant_gemv_module
 from torchquant.triton_kernels import dequant_matmul as dm
@@ -199,7 +199,7 @@ def test_split_k_gemm_is_one_launch_and_resets_its_counters(monkeypatch):
     assert_matches(out, weight_only_reference(x, qweight, scales, zeros, None, 4, 64))
     launches = []
     monkeypatch.setattr(dequant_gemm_module, "run_kernel", lambda *a, **k: launches.append(a[0]))
-    with _Ops() as ops:
+    with DispatchedOps() as ops:
         dequant_gemm(x, weight, None, True, SPLIT64)
     assert set(ops.names) <= {"empty", "empty_like", "empty_strided"}, ops.names
     assert launches == [dequant_gemm_module._split_k_tuned]
@@ -286,16 +286,6 @@ def test_every_code_at_every_bit_position():
         assert torch.equal(out.cpu(), ref), j
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_call_is_one_launch(monkeypatch):
     """No zero-fill of an accumulator and no cast-copy of the result: one kernel launch."""
     qweight, scales, zeros, _ = int_weight(40, 512, 4, 128, False, torch.bfloat16)
@@ -305,7 +295,7 @@ def test_a_call_is_one_launch(monkeypatch):
     dequant_gemv(x, weight, None, config)  # creates the counters once
     launches = []
     monkeypatch.setattr(dequant_gemv_module, "run_kernel", lambda *a, **k: launches.append(a[0]))
-    with _Ops() as ops:  # what the launcher itself dispatches around the kernel
+    with DispatchedOps() as ops:  # what the launcher itself dispatches around the kernel
         dequant_gemv(x, weight, None, config)
     assert set(ops.names) <= {"empty", "empty_like", "empty_strided"}, ops.names
     assert launches == [dequant_gemv_module._gemv_tuned]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from kernel_utils import (
     KERNEL_DEVICE,
+    DispatchedOps,
     assert_matches,
     cfg,
     poisoned,
@@ -14,6 +15,7 @@ from kernel_utils import (
     w8a8_case,
 )
 from torchquant.triton_kernels import scaled_gemm
+from torchquant.triton_kernels._tiles import split_k_locks
 from torchquant.triton_kernels.fp8_gemm import fp8_gemm
 from torchquant.triton_kernels.w8a8_gemm import int8_gemm
 
@@ -83,8 +85,14 @@ def test_cuda_op_glue_matches_reference_op(family, per_token):
     assert_matches(out, ref)
 
 
-def test_int32_accumulation_is_exact():
-    # extreme codes over a long K: any float accumulation would lose the low bits
+# more splits than K steps: idle splits still count themselves done
+SPLIT_IDLE = cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=12, GROUP_M=4)
+
+
+@pytest.mark.parametrize("split_k,config", [(False, TILED), (True, SPLIT), (True, SPLIT_IDLE)])
+def test_int32_accumulation_is_exact(split_k, config):
+    # extreme codes over a long K: any float accumulation (or float sum of the splits'
+    # partial tiles) would lose the low bits
     m, n, k = 17, 16, 1024
     a = torch.full((m, k), -128, dtype=torch.int8, device=KERNEL_DEVICE)
     a[:, ::3] = 127
@@ -92,10 +100,27 @@ def test_int32_accumulation_is_exact():
     one_m = torch.ones(m, 1, device=KERNEL_DEVICE)
     one_n = torch.ones(n, 1, device=KERNEL_DEVICE)
     out = int8_gemm(
-        a, b, one_m, one_n, None, torch.float32, False, TILED, poisoned((m, n), torch.float32)
+        a, b, one_m, one_n, None, torch.float32, split_k, config, poisoned((m, n), torch.float32)
     )
     exact = a.cpu().to(torch.int64) @ b.cpu().to(torch.int64).t()
     assert torch.equal(out.cpu().to(torch.int64), exact)
+    assert not split_k_locks(a.device).any()  # every counter reset
+
+
+@pytest.mark.parametrize("family", ["int8", "fp8"])
+def test_split_k_gemm_is_one_launch(family, monkeypatch):
+    """The splits reduce in the last program of each tile: no zero-fill, no cast-copy."""
+    x = torch.randn(6, 160, device=KERNEL_DEVICE).to(torch.bfloat16)
+    qweight, scales = _weight(24, 160, family, per_tensor=False)
+    xq, xs, _ = w8a8_case(x, (qweight, scales, None), family, per_token=True)
+    gemm = GEMMS[family]
+    gemm(xq, qweight, xs, scales, None, torch.bfloat16, True, SPLIT)  # creates the counters
+    launches = []
+    monkeypatch.setattr(scaled_gemm, "run_kernel", lambda *a, **k: launches.append(a[0]))
+    with DispatchedOps() as ops_seen:
+        gemm(xq, qweight, xs, scales, None, torch.bfloat16, True, SPLIT)
+    assert set(ops_seen.names) <= {"empty", "empty_like", "empty_strided", "view", "reshape"}
+    assert launches == [gemm.split_k_tuned]
 
 
 def test_rejects_bad_operands():
