@@ -83,12 +83,13 @@ def build_quant_linear(
     *,
     smooth: torch.Tensor | None = None,
     input_scale: torch.Tensor | None = None,
+    input_zero_point: torch.Tensor | None = None,
 ) -> QuantLinear:
     """A ``QuantLinear`` on ``weight``'s device holding ``weight: (out, in)`` as
     ``quantize_weight`` rounds it (``stats`` from calibration, when the algorithm reads it).
 
     ``smooth`` is a run-time SmoothQuant divisor ``(in,)``, ``input_scale`` a static
-    activation scale ``(1,)``.
+    activation scale ``(1,)`` (with its zero point ``(1,)`` for asymmetric activations).
     """
     quantized = quantize_weight(scheme, weight, stats, name=f"{name}.weight" if name else "weight")
     n, k = weight.shape
@@ -107,6 +108,8 @@ def build_quant_linear(
         layer.smooth_scale = smooth.to(device=weight.device, dtype=torch.float32)
     if input_scale is not None:
         layer.input_scale.copy_(input_scale)
+    if input_zero_point is not None:
+        layer.input_zero_point.copy_(input_zero_point)
     return layer
 
 

@@ -1,4 +1,4 @@
-"""Dynamic activation quantization to INT8 or FP8 E4M3 (per token or per tensor).
+"""Dynamic activation quantization to INT8, INT4 or FP8 E4M3 (per token or per tensor).
 
 ``x (rows, K)`` fp32/bf16/fp16 -> ``q (rows, K)`` int8 or float8_e4m3fn and a float32
 ``scale`` ``(rows, 1)`` per token or ``(1, 1)`` per tensor, ``x ~= q * scale``.  The
@@ -21,6 +21,13 @@ Per token, a program holds whole rows in registers (one read of ``x``, one write
 of ``q``); rows longer than ``MAX_ROW_BLOCK`` are read twice (the second time mostly
 from L2).  Per tensor needs the global maximum first: one reduction kernel with an
 atomic max, then the quantize kernel (two reads of ``x``).
+
+INT4 (``act_dtype="int4"``, scale ``max|x| / 7``, codes in [-7, 7]) comes out of the
+same kernel as int8 codes, which the INT8 GEMMs multiply (INT4 tensor cores are gone
+from Hopper on).  ``quantize_activation_int4_packed`` stores them two per byte instead
+(``(rows, ceil(K / 2))`` uint8, column ``2j`` in the low nibble of byte ``j``, 4-bit two's
+complement, as ``numerics.pack_int4_activation``): half the bytes of INT8 codes for a
+kernel that unpacks them in registers.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ from ._exact import divide_rows, round_to_e4m3, round_to_int32
 from ._launch import autotuned, check_device, check_fp8_support, m_bucket, output, run_kernel
 
 INT8_MAX = 127.0
+INT4_MAX = 7.0
 FP8_MAX = 448.0
+QMAX = {"int8": INT8_MAX, "int4": INT4_MAX, "fp8": FP8_MAX}
 MAX_ROW_BLOCK = 16384
 
 
@@ -224,8 +233,10 @@ def quantize_activation_rows(
     is an optional preallocated ``q``; ``row_scales`` returns ``scale`` as ``(rows, 1)``
     in every mode.
     """
-    if act_dtype not in ("int8", "fp8"):
-        raise ValueError(f"act_dtype must be 'int8' or 'fp8', got {act_dtype!r}")
+    if act_dtype not in QMAX:
+        raise ValueError(f"act_dtype must be one of {tuple(QMAX)}, got {act_dtype!r}")
+    if act_dtype == "int4" and static_scale is not None:
+        raise ValueError("int4 activations are dynamic: static_scale must be None")
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a 2-D float tensor (rows, K), got {x.dtype} {tuple(x.shape)}")
     check_device(x, smooth, static_scale)
@@ -237,7 +248,7 @@ def quantize_activation_rows(
     if smooth is not None and tuple(smooth.shape) != (k,):
         raise ValueError(f"smooth must be ({k},), got {tuple(smooth.shape)}")
     is_fp8 = act_dtype == "fp8"
-    qmax = FP8_MAX if is_fp8 else INT8_MAX
+    qmax = QMAX[act_dtype]
     q = output(out, (m, k), torch.float8_e4m3fn if is_fp8 else torch.int8, x.device)
     dynamic_rows = per_token and static_scale is None
     block_k = min(triton.next_power_of_2(max(k, 1)), MAX_ROW_BLOCK)
@@ -289,3 +300,97 @@ def quantize_activation_rows(
         BLOCK_K=block_k,
     )
     return q, per_row
+
+
+@triton.jit
+def _int4_codes(x, scale):
+    """int32 codes in [-7, 7] of a float32 tile (NaN, only in rows with a NaN scale: 0)."""
+    q = divide_rows(x, scale[:, None])
+    q = tl.where(q == q, q, 0.0)
+    return round_to_int32(tl.minimum(tl.maximum(q, -7.0), 7.0))
+
+
+@triton.jit
+def _quantize_int4_packed_kernel(
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_qm,
+    PER_TOKEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Codes of columns ``2j`` and ``2j + 1`` packed into byte ``j`` of each row."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+    if PER_TOKEN:
+        # -- max |x| of each row (NaN propagates into the scale)
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, 2 * BLOCK_P):
+            offs_k = k0 + tl.arange(0, 2 * BLOCK_P)
+            mask = row_mask[:, None] & (offs_k[None, :] < K)
+            x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            amax = _max_keeping_nan(amax, _row_absmax(x))
+        scale = _scale_from_absmax(amax, 7.0)
+        tl.store(scale_ptr + rows, scale, mask=row_mask)
+    else:
+        scale = tl.load(scale_ptr + rows * 0)
+    # -- even and odd columns, quantized and packed low nibble first
+    num_bytes = tl.cdiv(K, 2)
+    for p0 in range(0, num_bytes, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        even, odd = 2 * offs_p, 2 * offs_p + 1
+        m_even = row_mask[:, None] & (even[None, :] < K)
+        m_odd = row_mask[:, None] & (odd[None, :] < K)
+        lo = _int4_codes(
+            tl.load(x_rows + even[None, :], mask=m_even, other=0.0).to(tl.float32), scale
+        )
+        hi = _int4_codes(
+            tl.load(x_rows + odd[None, :], mask=m_odd, other=0.0).to(tl.float32), scale
+        )
+        packed = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+        q_rows = q_ptr + rows[:, None].to(tl.int64) * stride_qm
+        tl.store(
+            q_rows + offs_p[None, :], packed, mask=row_mask[:, None] & (offs_p[None, :] < num_bytes)
+        )
+
+
+def quantize_activation_int4_packed(
+    x: torch.Tensor, per_token: bool = True, block_m: int = 4, block_p: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric INT4 of ``x (rows, K)``: ``(packed (rows, ceil(K / 2)) uint8, scale)``.
+
+    ``scale`` float32 ``(rows, 1)`` per token or ``(1, 1)`` per tensor, ``max|x| / 7``
+    (1 for an all-zero row, NaN for rows with NaN/Inf, whose codes are 0).
+    """
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a 2-D float tensor (rows, K), got {x.dtype} {tuple(x.shape)}")
+    check_device(x)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    packed = torch.empty(m, (k + 1) // 2, dtype=torch.uint8, device=x.device)
+    if per_token:
+        scale = torch.ones(m, 1, dtype=torch.float32, device=x.device)
+    else:
+        scale = torch.ones(1, 1, dtype=torch.float32, device=x.device)
+        if m * k > 0:
+            amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+            block_k = min(triton.next_power_of_2(k), 8192)
+            am_m = max(1, 8192 // block_k)
+            grid = (triton.cdiv(m, am_m), triton.cdiv(k, block_k))
+            _absmax_kernel[grid](
+                x, x, amax, m, k, x.stride(0), HAS_SMOOTH=False, BLOCK_M=am_m, BLOCK_K=block_k
+            )
+            _scale_from_absmax_kernel[(1,)](amax, scale, QMAX=INT4_MAX)
+    if m * k == 0:
+        return packed, scale
+    _quantize_int4_packed_kernel[(triton.cdiv(m, block_m),)](
+        x, packed, scale, m, k, x.stride(0), packed.stride(0),
+        PER_TOKEN=per_token, BLOCK_M=block_m, BLOCK_P=block_p,
+    )  # fmt: skip
+    return packed, scale

@@ -43,6 +43,8 @@ def scaled_gemm_kernel(
     out_ptr,
     ws_ptr,
     lock_ptr,
+    a_zero_ptr,
+    b_sum_ptr,
     M,
     N,
     K,
@@ -59,6 +61,7 @@ def scaled_gemm_kernel(
     GROUP_M: tl.constexpr,
     SPLIT_K,
     SPLIT_TILES: tl.constexpr,  # the split-K tuning: splits reduced by the last of a tile
+    HAS_ZERO: tl.constexpr = False,
 ):
     # -- output tile, grouped along M for L2 reuse of b
     offs_m, offs_n, m_mask, n_mask = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -95,6 +98,11 @@ def scaled_gemm_kernel(
             )
     # -- epilogue: per-row x per-column scales in float32, cast, bias in the output dtype
     if last:
+        if HAS_ZERO:
+            # -- asymmetric activations: acc - z_a * sum_k b, exact in int32 (the whole K sum)
+            a_zero = tl.load(a_zero_ptr + offs_m * stride_asm, mask=m_mask, other=0)
+            b_sum = tl.load(b_sum_ptr + offs_n, mask=n_mask, other=0)
+            acc -= a_zero[:, None] * b_sum[None, :]
         a_scale = tl.load(a_scale_ptr + offs_m * stride_asm, mask=m_mask, other=0.0)
         b_scale = tl.load(b_scale_ptr + offs_n * stride_bsn, mask=n_mask, other=0.0)
         out = (acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]).to(
@@ -109,6 +117,8 @@ def scaled_gemm_kernel(
 
 # int32 holds K products of 128 * 128 (codes of -128 on both sides) up to K = 131071
 INT8_MAX_K = (2**31 - 1) // (128 * 128)
+# -- with zero points, sum q_a q_b and z_a sum q_b each reach 128 * 128 * K: half the K
+ZERO_POINT_MAX_K = INT8_MAX_K // 2
 SPLIT_K_MAX_M = 32  # decode and small batches split K so the weight streams on every SM
 
 # -- one search space serves INT8 and FP8 (both 1-byte operands, MMA tiles 32+ along K);
@@ -185,13 +195,19 @@ class ScaledGemm:
         split_k: bool | None = None,
         config: triton.Config | None = None,
         out: torch.Tensor | None = None,
+        a_zero: torch.Tensor | None = None,
+        b_sum: torch.Tensor | None = None,
     ) -> torch.Tensor:
         check_operands(a, b, a_scale, b_scale, bias, self.dtype)
         if self.dtype == torch.float8_e4m3fn:
             check_fp8_support(a.device)
         split_k = a.shape[0] <= SPLIT_K_MAX_M if split_k is None else split_k
-        if self.dtype == torch.int8 and a.shape[1] > INT8_MAX_K:
-            return self._k_chunks(a, b, a_scale, b_scale, bias, out_dtype, split_k, config, out)
+        max_k = INT8_MAX_K if a_zero is None else ZERO_POINT_MAX_K
+        if self.dtype == torch.int8 and a.shape[1] > max_k:
+            chunks = (a_zero, b_sum, max_k)
+            return self._k_chunks(
+                a, b, a_scale, b_scale, bias, out_dtype, split_k, config, out, *chunks
+            )
         a = a if a.stride(-1) == 1 else a.contiguous()
         b = b if b.stride(-1) == 1 else b.contiguous()
         a_scale = a_scale.reshape(-1, 1)
@@ -216,6 +232,8 @@ class ScaledGemm:
             out_ptr=out,
             ws_ptr=ws,
             lock_ptr=locks,
+            a_zero_ptr=a_zero if a_zero is not None else a_scale,
+            b_sum_ptr=b_sum if b_sum is not None else b_scale,
             M=m,
             N=n,
             K=k,
@@ -227,18 +245,23 @@ class ScaledGemm:
             M_BUCKET=m_bucket(m),
             HAS_BIAS=bias is not None,
             SPLIT_TILES=split_k,
+            HAS_ZERO=a_zero is not None,
         )
         return out
 
-    def _k_chunks(self, a, b, a_scale, b_scale, bias, out_dtype, split_k, config, out):
-        """INT8 with K past ``INT8_MAX_K``: the int32 accumulator could overflow, so K runs
-        in chunks that cannot, each scaled in float32 and summed in float32."""
+    def _k_chunks(self, a, b, a_scale, b_scale, bias, out_dtype, split_k, config, out,
+                  a_zero=None, b_sum=None, max_k=INT8_MAX_K):  # fmt: skip
+        """INT8 with K past ``max_k``: the int32 accumulator could overflow, so K runs
+        in chunks that cannot, each scaled in float32 and summed in float32 (with zero
+        points, each chunk corrects with the column sums of its own slice of ``b``)."""
         k = a.shape[1]
         acc = None
-        for start in range(0, k, INT8_MAX_K):
-            stop = min(start + INT8_MAX_K, k)
-            part = self(a[:, start:stop], b[:, start:stop], a_scale, b_scale, None,
-                        torch.float32, split_k, config)  # fmt: skip
+        for start in range(0, k, max_k):
+            stop = min(start + max_k, k)
+            b_part = b[:, start:stop]
+            sums = None if a_zero is None else b_part.sum(dim=1, dtype=torch.int32)
+            part = self(a[:, start:stop], b_part, a_scale, b_scale, None, torch.float32,
+                        split_k, config, a_zero=a_zero, b_sum=sums)  # fmt: skip
             acc = part if acc is None else acc.add_(part)
         if bias is not None:
             acc = acc.to(out_dtype).float() + bias.float()

@@ -154,3 +154,25 @@ def test_quantize_leaves_what_a_step_quantized():
     first = cal.module.up
     cal.quantize(set(cal.schemes))
     assert cal.module.up is first and len(cal.summary.converted) == 3
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "kl", "mse"])
+def test_static_asymmetric_scales_and_zero_points_cover_the_observed_range(observer):
+    act = ActivationQuant(dynamic=False, granularity="tensor", observer=observer, symmetric=False)
+    cal = calibration_block(QuantScheme(W8, act))
+    seen: list[torch.Tensor] = []
+    cal.linears["down"].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    StaticScaleStep(cal).apply()
+    scale, zero = cal.input_scales["down"], cal.input_zero_points["down"]
+    assert scale.shape == zero.shape == (1,) and zero.dtype == torch.int8
+    x = torch.cat(seen)
+    lo, hi = float(x.min()), float(x.max())
+    # -- the range of the codes never passes what was seen, and min-max takes all of it
+    top, bottom = float((127 - zero.float()) * scale), float((-128 - zero.float()) * scale)
+    assert top <= hi * (1 + 1e-3) + float(scale) and bottom >= lo - float(scale)
+    if observer == "minmax":
+        assert float(scale) == pytest.approx((hi - lo) / 255, rel=1e-5)
+        assert top == pytest.approx(hi, abs=float(scale))
+    cal.quantize({"down"})
+    layer = cal.module.get_submodule("down")
+    assert torch.equal(layer.input_zero_point, zero) and torch.equal(layer.input_scale, scale)

@@ -213,8 +213,8 @@ TENSOR_CASES = [
         "2-D int32 tensor",
     ),
     (
-        "activation-dtype-int4",
-        lambda: quantize_activation(torch.randn(2, 8), "int4"),
+        "activation-dtype-int2",
+        lambda: quantize_activation(torch.randn(2, 8), "int2"),
         "activation dtype must be one of",
     ),
     (

@@ -77,7 +77,7 @@ def test_shorthands():
         (lambda: WeightQuant(type="int4"), "weight.type"),
         (lambda: WeightQuant(type="fp8", bits=4), "8 for fp8"),
         (lambda: WeightQuant(type="fp8", symmetric=False), "symmetric"),
-        (lambda: ActivationQuant(type="int4"), "activation.type"),
+        (lambda: ActivationQuant(type="int2"), "activation.type"),
         (lambda: ActivationQuant(granularity="channel"), "activation.granularity"),
         (lambda: ActivationQuant(percentile=0), "activation.percentile"),
         (lambda: ActivationQuant(percentile=100.5), "activation.percentile"),

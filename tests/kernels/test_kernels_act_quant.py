@@ -86,7 +86,7 @@ def test_static_scale_and_empty_input():
 def test_rejects_bad_input():
     x = _activations(3, 40, torch.float32)
     with pytest.raises(ValueError, match="act_dtype"):
-        quantize_activation_rows(x, "int4")
+        quantize_activation_rows(x, "int2")
     with pytest.raises(ValueError, match="2-D"):
         quantize_activation_rows(x[0], "int8")
     with pytest.raises(ValueError, match="smooth"):

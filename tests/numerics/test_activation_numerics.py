@@ -61,7 +61,7 @@ def test_fp8_activation_saturates():
     assert q.float().max() == 448
 
 
-@pytest.mark.parametrize("x,dtype", [(torch.randn(2, 3, 4), "int8"), (torch.randn(2, 4), "int4")])
+@pytest.mark.parametrize("x,dtype", [(torch.randn(2, 3, 4), "int8"), (torch.randn(2, 4), "int2")])
 def test_bad_activation_arguments(x, dtype):
     with pytest.raises(QuantizationError):
         quantize_activation(x, dtype)

@@ -142,7 +142,7 @@ def test_fp8_weight_with_a_tiny_scale_stays_finite_on_a_huge_input():
 @fuzz_settings
 @given(
     x=float_matrices(max_rows=4, max_cols=64),
-    dtype=st.sampled_from(["int8", "fp8", "int4"]),
+    dtype=st.sampled_from(["int8", "fp8", "int4", "int2"]),
     per_token=st.booleans(),
     percentile=st.sampled_from([100.0, 99.9, 50.0, 1e-3]),
 )
@@ -150,11 +150,11 @@ def test_activations_quantize_into_range(x, dtype, per_token, percentile):
     try:
         q, scale = quantize_activation(x, dtype, per_token, percentile)
     except QuantizationError:
-        assert dtype == "int4"
+        assert dtype == "int2"
         return
     assert q.shape == x.shape
     assert (scale > 0).all()
-    if dtype == "int8":
+    if dtype in ("int8", "int4"):
         assert q.dtype == torch.int8
     else:
         assert q.dtype == torch.float8_e4m3fn

@@ -11,9 +11,11 @@ from torchquant import ConfigError, QuantConfig, QuantizationError, QuantLinear,
 from torchquant.config import ActivationQuant, QuantScheme, WeightQuant
 from torchquant.numerics import (
     dequantize_activation,
+    dequantize_activation_asymmetric,
     dequantize_fp8_weight,
     dequantize_int_weight,
     quantize_activation,
+    quantize_activation_asymmetric,
     quantize_fp8_weight,
     quantize_int_weight,
 )
@@ -36,6 +38,9 @@ SCHEMES = {
         WeightQuant(type="fp8", group_size=0),
         ActivationQuant(type="fp8", granularity="tensor", dynamic=False),
     ),
+    "w8a8 int8 asym dynamic": scheme_from_name("w8a8-asym"),
+    "w8a8 int8 asym static": scheme_from_name("w8a8-static-asym"),
+    "w8a4 int4 dynamic": scheme_from_name("w8a4"),
 }
 
 
@@ -72,7 +77,14 @@ def _numerics_forward(layer: QatLinear, x: torch.Tensor) -> torch.Tensor:
     else:
         iw = quantize_int_weight(weight, w.bits, w.group_size, w.symmetric, layer._scale_dtype())
         wq = dequantize_int_weight(iw.codes, iw.scales, iw.zeros, w.bits, w.group_size, x.dtype)
-    if act is not None:
+    if act is not None and not act.symmetric:
+        x2 = x.reshape(-1, x.shape[-1])
+        static = (None, None)
+        if not act.dynamic:
+            static = (layer.input_scale.detach(), layer.input_zero_point.detach().round())
+        q, s, z = quantize_activation_asymmetric(x2, act.granularity == "token", *static)
+        x = dequantize_activation_asymmetric(q, s, z, x.dtype).reshape(x.shape)
+    elif act is not None:
         static = None if act.dynamic else layer.input_scale.detach()
         x2 = x.reshape(-1, x.shape[-1])
         q, s = quantize_activation(x2, act.type, act.granularity == "token", 100.0, static)

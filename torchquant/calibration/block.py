@@ -65,6 +65,7 @@ class CalibrationBlock:
         self.divisor: dict[str, torch.Tensor] = {}  # how each linear's captured input changed
         self.clip_ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # AWQ, per linear
         self.input_scales: dict[str, torch.Tensor] = {}  # static activation scales
+        self.input_zero_points: dict[str, torch.Tensor] = {}  # and asymmetric ones' zeros
         self.quantized: set[str] = set()
 
     def full(self, rel: str) -> str:
@@ -154,6 +155,7 @@ class CalibrationBlock:
             self.weight_stats(rel),
             smooth=self.smooth.get(rel),
             input_scale=self.input_scales.get(rel),
+            input_zero_point=self.input_zero_points.get(rel),
         )
 
 

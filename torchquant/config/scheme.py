@@ -37,7 +37,9 @@ FP4_ALGORITHMS = ("rtn", "awq")
 MICROSCALED_BLOCKS = {**FP4_BLOCKS, "mxfp8": 32}
 MICROSCALED_BITS = {"nvfp4": 4, "mxfp4": 4, "mxfp8": 8}
 WEIGHT_TYPES = ("int", "fp8", *MICROSCALED_BLOCKS)
-ACTIVATION_TYPES = ("int8", "fp8", *MICROSCALED_BLOCKS)
+ACTIVATION_TYPES = ("int8", "fp8", "int4", *MICROSCALED_BLOCKS)
+# -- integer activation types: codes multiply INT weight codes exactly in int32
+INT_ACTIVATION_TYPES = ("int8", "int4")
 ACTIVATION_GRANULARITIES = ("token", "tensor", "group")
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
 FP8_BLOCK = (128, 128)  # DeepSeek-V3's weight block (rows, columns) and activation group
@@ -137,6 +139,10 @@ class ActivationQuant:
     ``tensor``), from the max-abs value or the given ``percentile`` of ``|x|``.
     ``dynamic=False`` uses a per-tensor scale fixed by calibration.  ``granularity="group"``
     (dynamic FP8 only) has one scale per ``group_size`` columns of each token.
+    ``symmetric=False`` (INT8 only) adds an integer zero point: ``x ~= (q - z) * scale``
+    with int8 codes ``q`` and ``z`` in [-128, 127], so the full code range covers
+    ``[min, max]`` instead of ``[-max|x|, max|x|]``.  ``type="int4"`` is dynamic and
+    symmetric: codes in [-7, 7], scale ``max|x| / 7``.
 
     ``type="nvfp4"`` / ``"mxfp4"`` / ``"mxfp8"`` (microscaled, with weights of the same
     type): ``granularity="group"`` and ``group_size`` the format's block (16 / 32 / 32),
@@ -154,6 +160,7 @@ class ActivationQuant:
     percentile: float = 100.0
     observer: str = "minmax"
     group_size: int | None = None
+    symmetric: bool = True
 
     def __post_init__(self) -> None:
         require(
@@ -200,6 +207,26 @@ class ActivationQuant:
         )
         if grouped:
             require(self.type == "fp8", "activation.type", self.type, "'fp8' for group scales")
+        self._check_symmetric()
+
+    def _check_symmetric(self) -> None:
+        """Zero points for INT8 only; INT4 activations are dynamic and symmetric."""
+        require(isinstance(self.symmetric, bool), "activation.symmetric", self.symmetric, "a bool")
+        if not self.symmetric:
+            require(
+                self.type == "int8",
+                "activation.symmetric",
+                self.symmetric,
+                "True for fp8 and int4 activations (zero points are for int8)",
+            )
+            require(
+                not self.dynamic or self.percentile == 100.0,
+                "activation.percentile",
+                self.percentile,
+                "100 for dynamic asymmetric activations (their range is each input's min-max)",
+            )
+        if self.type == "int4":
+            require(self.dynamic, "activation.dynamic", self.dynamic, "True for int4 activations")
 
 
 def check_microscaled_activation(act: ActivationQuant) -> None:
@@ -328,15 +355,22 @@ class QuantScheme:
             )
             require(self.algorithm == "rtn", "algorithm", self.algorithm, f"'rtn' for {w.type}")
             return
-        if _int4_symmetric(w):
-            pass  # -- either activation type (w4a8, w4a8-fp8); groups are the weight's own
-        elif act.type == "int8":
+        if not act.symmetric:
             require(
                 w.type == "int" and w.bits == 8 and w.symmetric and w.group_size == -1,
                 "weight",
                 w,
-                "INT8 symmetric per-channel weights when activations are int8 (w8a8), or INT4 "
-                "symmetric weights (w4a8)",
+                "INT8 symmetric per-channel weights for asymmetric activations (w8a8-asym)",
+            )
+        if _int4_symmetric(w):
+            pass  # -- any INT activation or FP8 (w4a8, w4a8-fp8, w4a4); groups are the weight's
+        elif act.type in INT_ACTIVATION_TYPES:
+            require(
+                w.type == "int" and w.bits == 8 and w.symmetric and w.group_size == -1,
+                "weight",
+                w,
+                f"INT8 symmetric per-channel weights when activations are {act.type} (w8a8, "
+                "w8a4), or INT4 symmetric weights (w4a8, w4a4)",
             )
         else:
             require(
@@ -384,7 +418,8 @@ class QuantScheme:
 
     @property
     def is_w4a8(self) -> bool:
-        """INT4 symmetric weights times INT8 or FP8 activations (``w4a8``, ``w4a8-fp8``)."""
+        """INT4 symmetric weights times INT8, FP8 or INT4 activations (``w4a8``, ``w4a8-fp8``,
+        ``w4a4``)."""
         return self.activation is not None and _int4_symmetric(self.weight)
 
     @property
@@ -398,13 +433,14 @@ class QuantScheme:
         gran = {-1: "per-channel", 0: "per-tensor"}.get(w.group_size, f"g{w.group_size}")
         gran = gran if w.block is None else f"block{w.block[0]}x{w.block[1]}"
         sym = "" if w.type != "int" else (" sym" if w.symmetric else " asym")
-        abits = 8 if a is None else MICROSCALED_BITS.get(a.type, 8)
+        abits = 8 if a is None else {**MICROSCALED_BITS, "int4": 4}.get(a.type, 8)
         act = (
             "a16"
             if a is None
             else f"a{abits} {a.type} {'dyn' if a.dynamic else 'static'} {a.granularity}"
         )
         act += "" if a is None or a.group_size is None else str(a.group_size)
+        act += "" if a is None or a.symmetric else " asym"
         algo = "" if self.algorithm == "rtn" else f" {self.algorithm}"
         algo += "" if w.observer == "minmax" else f" {w.observer}"
         return f"w-{wname} {gran}{sym} {act}{algo}".strip()
@@ -425,6 +461,8 @@ class QuantScheme:
             del data["smoothquant"]["rounding"]
         if data["activation"] is not None and self.activation.group_size is None:
             del data["activation"]["group_size"]
+        if data["activation"] is not None and self.activation.symmetric:
+            del data["activation"]["symmetric"]  # -- written only for zero-point activations
         return data
 
     @classmethod
@@ -439,6 +477,10 @@ SCHEME_NAMES = (
     "w8a8",
     "w4a8",
     "w4a8-fp8",
+    "w8a8-asym",
+    "w8a8-static-asym",
+    "w8a4",
+    "w4a4",
     "fp8",
     "fp8-block",
     "w8a16-fp8-block",
@@ -451,6 +493,17 @@ SCHEME_NAMES = (
     "mxfp8",
 )
 DEFAULT_GROUP_SIZE = 128
+# -- shorthands of INT8 per-channel weights, by their activation format
+ACTIVATION_SHORTHANDS = {
+    "w8a8": ActivationQuant(type="int8"),
+    "w8a8-asym": ActivationQuant(type="int8", symmetric=False),
+    "w8a8-static-asym": ActivationQuant(
+        type="int8", granularity="tensor", dynamic=False, symmetric=False
+    ),
+    "w8a4": ActivationQuant(type="int4"),
+}
+# -- shorthands of INT4 symmetric grouped weights, by their activation type
+W4_ACTIVATIONS = {"w4a8": "int8", "w4a8-fp8": "fp8", "w4a4": "int4"}
 
 
 def scheme_from_name(
@@ -458,13 +511,15 @@ def scheme_from_name(
 ) -> QuantScheme:
     """Turn ``w8a16``, ``wNa16`` (N = 2..8), ``w8a16-fp8``, ``w8a8`` or ``fp8`` into a scheme.
 
-    ``w4a8`` / ``w4a8-fp8`` are INT4 symmetric weights (``group_size`` 128 by default)
-    with dynamic per-token INT8 / FP8 E4M3 activations.
+    ``w4a8`` / ``w4a8-fp8`` / ``w4a4`` are INT4 symmetric weights (``group_size`` 128 by
+    default) with dynamic per-token INT8 / FP8 E4M3 / INT4 activations.
 
     ``nvfp4a16`` / ``mxfp4a16`` are FP4 weights with the spec's block scales; with
     ``-mse`` each block's scale is searched (``WeightQuant.observer="mse"``).
     ``nvfp4`` / ``mxfp4`` / ``mxfp8`` quantize the activations to the weight's format too
     (NVFP4's activation global scale dynamic, see :class:`ActivationQuant`).
+    ``w8a8-asym`` has dynamic per-token asymmetric INT8 activations, ``w8a8-static-asym``
+    a calibrated per-tensor scale and zero point; ``w8a4`` dynamic per-token INT4 ones.
 
     ``wNa16`` is asymmetric with ``group_size`` 128 by default; ``w8a16`` is INT8
     symmetric per channel unless a group size is given.
@@ -483,14 +538,14 @@ def scheme_from_name(
         return QuantScheme(WeightQuant(type=key[:5], observer=observer))
     if key in ("nvfp4", "mxfp4", "mxfp8"):
         return QuantScheme(WeightQuant(type=key), ActivationQuant(type=key))
-    if key == "w8a8":
-        return QuantScheme(WeightQuant(bits=8, group_size=-1), ActivationQuant(type="int8"))
-    if key in ("w4a8", "w4a8-fp8"):
+    if key in ACTIVATION_SHORTHANDS:
+        return QuantScheme(WeightQuant(bits=8, group_size=-1), ACTIVATION_SHORTHANDS[key])
+    if key in W4_ACTIVATIONS:
         gs = DEFAULT_GROUP_SIZE if group_size is None else group_size
         weight = WeightQuant(
             bits=4, group_size=gs, symmetric=True if symmetric is None else symmetric
         )
-        return QuantScheme(weight, ActivationQuant(type="int8" if key == "w4a8" else "fp8"))
+        return QuantScheme(weight, ActivationQuant(type=W4_ACTIVATIONS[key]))
     m = re.fullmatch(r"w([2-8])a16", key) if isinstance(key, str) else None
     if m is None:
         raise ConfigError(f"scheme={name!r} is not known; expected one of {SCHEME_NAMES}")

@@ -10,6 +10,7 @@ from torch import nn
 from torchquant.config import QuantScheme
 from torchquant.config.scheme import MICROSCALED_BLOCKS
 from torchquant.errors import ConfigError, QuantizationError
+from torchquant.ops import weight_code_sums
 from torchquant.ops.cpu_kernels import CpuLayout
 from torchquant.weights import bind_w8a8, linear_w8a8, weight_format
 
@@ -17,7 +18,8 @@ from torchquant.weights import bind_w8a8, linear_w8a8, weight_format
 # -- buffers, never saved)
 _CPU_LAYOUT = "_cpu_layout_cache"
 _BOUND_LINEAR = "_bound_linear_cache"
-_CACHES = (_CPU_LAYOUT, _BOUND_LINEAR)
+_WEIGHT_SUMS = "_weight_sums_cache"
+_CACHES = (_CPU_LAYOUT, _BOUND_LINEAR, _WEIGHT_SUMS)
 
 
 def _scale_dtype(scheme: QuantScheme, dtype: torch.dtype) -> torch.dtype:
@@ -51,13 +53,16 @@ class QuantLinear(nn.Module):
     packed int32 for INTn, int8 for INT8 symmetric, float8_e4m3fn for FP8);
     ``bias`` ``(N,)``; ``input_scale`` ``(1,)`` for static activation scales (for
     NVFP4 activations, their calibrated float32 global scale);
+    ``input_zero_point`` ``(1,)`` int8 for static asymmetric ones;
     ``smooth_scale`` ``(K,)`` SmoothQuant divisor applied to the input;
     ``g_idx`` int32 ``(K,)`` the group of each input column (GPTQ act-order), absent
     when column ``k`` is in group ``k // group_size``.
     On CPU, bf16 INT layers also keep the weight in the layout of PyTorch's quantized
     CPU kernels (:meth:`cpu_layout`; FP8 layers their codes as bf16), derived once after
     quantizing or loading and re-derived when a buffer changes; it is not a buffer, so it
-    is never saved.  ``forward`` calls the op with every argument but ``x`` bound once
+    is never saved; so are the column sums of the weight codes that asymmetric activations'
+    zero-point correction takes (:meth:`weight_code_sums`).  ``forward`` calls the op with
+    every argument but ``x`` bound once
     (re-bound when a buffer is replaced or written): a decode step runs ~200 layers.
     The constructor allocates empty buffers of the right shapes (use
     ``device="meta"`` to build a skeleton for loading); :meth:`from_linear`
@@ -92,6 +97,9 @@ class QuantLinear(nn.Module):
         static = act is not None and not act.dynamic
         input_scale = torch.empty(1, dtype=torch.float32, device=device) if static else None
         self.register_buffer("input_scale", input_scale)
+        asym = static and not act.symmetric
+        zero_point = torch.empty(1, dtype=torch.int8, device=device) if asym else None
+        self.register_buffer("input_zero_point", zero_point)
         smooth_scale = torch.empty(k, dtype=torch.float32, device=device) if smooth else None
         self.register_buffer("smooth_scale", smooth_scale)
         # -- registered last, where checkpoints have always had it
@@ -165,6 +173,21 @@ class QuantLinear(nn.Module):
             self.__dict__[_CPU_LAYOUT] = cache
         return cache[1]
 
+    def weight_code_sums(self) -> torch.Tensor | None:
+        """``sum_k`` of the weight codes ``(N,)`` int32 for asymmetric activations (else None),
+        cached like the CPU layout (derived again when the weight changes, never saved);
+        inside ``torch.compile`` the op derives them per call."""
+        act = self.scheme.activation
+        if act is None or act.symmetric or torch.compiler.is_compiling():
+            return None
+        key = self._layout_key()
+        cache = self.__dict__.get(_WEIGHT_SUMS)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, weight_code_sums(self.qweight))
+            self.__dict__[_WEIGHT_SUMS] = cache
+        return cache[1]
+
     def cpu_layout_nbytes(self) -> int:
         """Bytes the cached CPU layout holds beyond the buffers."""
         cache = self.__dict__.get(_CPU_LAYOUT)
@@ -202,8 +225,9 @@ class QuantLinear(nn.Module):
     def _bind_linear(self) -> Callable[[torch.Tensor], torch.Tensor]:
         bias, smooth = self.bias, self.smooth_scale
         if _runs_w8a8(self.scheme):
-            args = (self.qweight, self.scales, bias, self.input_scale, smooth)
-            return bind_w8a8(self.scheme, *args, self.cpu_layout())
+            args = (self.qweight, self.scales, bias, self.input_scale, smooth, self.cpu_layout())
+            zero_point, sums = self.input_zero_point, self.weight_code_sums()
+            return bind_w8a8(self.scheme, *args, input_zero_point=zero_point, weight_sums=sums)
         linear = self.weight_format.bind_linear(self, bias)
         if smooth is None:
             return linear
@@ -226,7 +250,7 @@ class QuantLinear(nn.Module):
         if _runs_w8a8(self.scheme):
             return linear_w8a8(
                 x, self.scheme, self.qweight, self.scales, self.bias,
-                self.input_scale, self.smooth_scale, reference,
+                self.input_scale, self.smooth_scale, reference, self.input_zero_point,
             )  # fmt: skip
         if self.smooth_scale is not None:
             x = (x / self.smooth_scale).to(self.dtype)

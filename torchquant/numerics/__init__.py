@@ -2,9 +2,14 @@
 
 from torchquant.numerics.activation import (
     activation_qmax,
+    asymmetric_activation_qparams,
     dequantize_activation,
+    dequantize_activation_asymmetric,
+    pack_int4_activation,
     poison_nonfinite_rows,
     quantize_activation,
+    quantize_activation_asymmetric,
+    unpack_int4_activation,
 )
 from torchquant.numerics.fp8_block import (
     block_grid,
@@ -38,12 +43,14 @@ from torchquant.numerics.weight import (
 __all__ = [
     "IntWeight",
     "activation_qmax",
+    "asymmetric_activation_qparams",
     "block_grid",
     "check_finite",
     "choose_fp8_scale",
     "choose_fp8_weight_scale",
     "choose_int_qparams",
     "dequantize_activation",
+    "dequantize_activation_asymmetric",
     "dequantize_activation_groups",
     "dequantize_fp8_block_weight",
     "dequantize_fp8_weight",
@@ -56,7 +63,10 @@ __all__ = [
     "pack_codes",
     "packed_width",
     "poison_nonfinite_rows",
+    "pack_int4_activation",
     "quantize_activation",
+    "quantize_activation_asymmetric",
+    "unpack_int4_activation",
     "quantize_activation_groups",
     "quantize_codes",
     "quantize_fp8_block_weight",

@@ -10,7 +10,8 @@ in float32, cast to ``w.dtype``: the same bits as
 ``dequantize_int_weight(quantize_codes(w, ...))``.
 
 FP8 weights: ``fp8(clamp(w / s, +-448)) * s`` with a per-row ``(N, 1)`` or ``(1, 1)``
-scale.  Activations: ``dequantize_activation(quantize_activation(x, ...))``.
+scale.  Activations: ``dequantize_activation(quantize_activation(x, ...))``; asymmetric
+INT8 ones ``(clamp(round(x / s) + z, -128, 127) - z) * s`` with an integer zero point.
 
 Backward, with ``x`` the tensor divided by its scale and *inside* meaning "quantized
 without clipping": the tensor's gradient passes inside and is blocked outside
@@ -26,8 +27,13 @@ from torch import Tensor
 
 from torchquant.numerics.activation import (
     ACTIVATION_RANGES,
+    INT8_MAX,
+    INT8_MIN,
+    INT_ACT_DTYPES,
     dequantize_activation,
+    dequantize_activation_asymmetric,
     quantize_activation,
+    quantize_activation_asymmetric,
 )
 from torchquant.numerics.qparams import FP8_E4M3_MAX, to_fp8_e4m3
 from torchquant.numerics.weight import expand_qparams
@@ -118,7 +124,7 @@ def fake_quantize_activation_backward_reference(
     """
     lo, hi = ACTIVATION_RANGES[dtype]
     xs = x.float() / scale
-    if dtype == "int8":
+    if dtype in INT_ACT_DTYPES:
         level = torch.round(xs)
         inside = (level >= lo) & (level <= hi)
     else:
@@ -130,3 +136,38 @@ def fake_quantize_activation_backward_reference(
         return grad_x, None
     d_scale = torch.where(inside, level - xs, torch.where(xs < 0, lo, hi))
     return grad_x, (g * d_scale).sum()
+
+
+def fake_quantize_activation_asym_reference(
+    x: Tensor,
+    per_token: bool,
+    static_scale: Tensor | None,
+    static_zero_point: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric INT8 fake-quantized ``x (rows, K)`` as ``x.dtype``, with the float32 scale
+    and int32 zero point it used (the static pair, or each input's min-max choice)."""
+    q, scale, zero = quantize_activation_asymmetric(x, per_token, static_scale, static_zero_point)
+    return dequantize_activation_asymmetric(q, scale, zero, x.dtype), scale, zero
+
+
+def fake_quantize_activation_asym_backward_reference(
+    grad: Tensor, x: Tensor, scale: Tensor, zero: Tensor, qparam_grad: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(grad_x, grad_scale, grad_zero)`` for the pair the forward used (LSQ, summed).
+
+    Inside the code range the scale gets ``round(x / s) - x / s`` and the zero point 0;
+    a clipped element gives the scale its clipped level ``q - z`` and the zero point
+    ``-s``.  Both are ``None`` unless ``qparam_grad``.
+    """
+    xs = x.float() / scale
+    level = torch.round(xs)
+    codes = level + zero.float()
+    inside = (codes >= INT8_MIN) & (codes <= INT8_MAX)
+    g = grad.float()
+    grad_x = torch.where(inside, g, 0.0).to(grad.dtype)
+    if not qparam_grad:
+        return grad_x, None, None
+    clipped = torch.clamp(codes, INT8_MIN, INT8_MAX) - zero.float()
+    d_scale = torch.where(inside, level - xs, clipped)
+    d_zero = torch.where(inside, 0.0, -scale.expand_as(xs))
+    return grad_x, (g * d_scale).sum(), (g * d_zero).sum()

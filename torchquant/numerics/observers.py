@@ -9,7 +9,9 @@ the last group possibly shorter, as ``numerics.group_min_max``).  Rules:
 - ``moving_minmax``: exponential moving average of each batch's min/max.
 - ``percentile``: the ``percentile`` / ``100 - percentile`` quantiles, averaged over batches.
 - ``kl``: a histogram of ``|x|`` and the TensorRT-style threshold that minimises the
-  KL divergence between the clipped and the quantized distribution (per tensor only).
+  KL divergence between the clipped and the quantized distribution (per tensor only);
+  asymmetric, the range ``[-t, t]`` is cut to the min and max seen, so a one-sided
+  distribution spends no codes on the side it never reaches.
 - ``mse``: for each batch, the shrink of the min/max range minimising the squared
   fake-quantization error, averaged over batches.
 
@@ -185,6 +187,7 @@ class Observer:
         self.hist: torch.Tensor | None = None
         self.hist_edge = 0.0
         self.seen_max = 0.0
+        self.seen_lo, self.seen_hi = math.inf, -math.inf
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
@@ -196,6 +199,8 @@ class Observer:
             raise CalibrationError(f"{self.name}: observed NaN/Inf values during calibration")
         x = x.float()
         if self.kind == "kl":
+            self.seen_lo = min(self.seen_lo, float(x.min()))
+            self.seen_hi = max(self.seen_hi, float(x.max()))
             self._update_histogram(x.abs().reshape(-1))
             return
         lo, hi = self._batch_range(x)
@@ -262,8 +267,10 @@ class Observer:
             levels = 1 << (self.bits - 1)
             t = kl_threshold(self.hist, self.hist_edge / KL_BINS, levels)
             # -- a bin's upper edge can pass the largest value seen: never exceed min-max
-            t = torch.tensor([[min(t, self.seen_max)]])
-            return -t, t
+            t = min(t, self.seen_max)
+            if self.symmetric:
+                return torch.tensor([[-t]]), torch.tensor([[t]])
+            return torch.tensor([[max(-t, self.seen_lo)]]), torch.tensor([[min(t, self.seen_hi)]])
         return self.lo, self.hi
 
     def absmax(self) -> torch.Tensor:

@@ -24,6 +24,7 @@ from torchquant.ops.moe import moe_linear_reference, moe_linear_weight_only
 from torchquant.ops.w4a8 import (
     linear_w4a8_cpu,
     linear_w4a8_fp8,
+    linear_w4a8_int4,
     linear_w4a8_int8,
     linear_w4a8_reference,
     w4a8_cpu_layout,
@@ -32,9 +33,16 @@ from torchquant.ops.w8a8 import (
     ActivationQuant,
     linear_w8a8_cpu,
     linear_w8a8_fp8,
+    linear_w8a8_int4,
     linear_w8a8_int8,
     linear_w8a8_reference,
     quantize_activation_op,
+)
+from torchquant.ops.w8a8_asym import (
+    linear_w8a8_asym_cpu,
+    linear_w8a8_asym_reference,
+    linear_w8a8_int8_asym,
+    weight_code_sums,
 )
 from torchquant.ops.weight_fp4 import linear_fp4_weight, linear_fp4_weight_reference
 from torchquant.ops.weight_fp8 import (
@@ -80,15 +88,21 @@ __all__ = [
     "linear_intn_reference",
     "linear_w4a8_cpu",
     "linear_w4a8_fp8",
+    "linear_w4a8_int4",
     "linear_w4a8_int8",
     "linear_w4a8_reference",
+    "linear_w8a8_asym_cpu",
+    "linear_w8a8_asym_reference",
     "linear_w8a8_cpu",
     "linear_w8a8_fp8",
+    "linear_w8a8_int4",
     "linear_w8a8_int8",
+    "linear_w8a8_int8_asym",
     "linear_w8a8_reference",
     "moe_linear_reference",
     "moe_linear_weight_only",
     "quantize_activation_op",
     "run",
     "w4a8_cpu_layout",
+    "weight_code_sums",
 ]

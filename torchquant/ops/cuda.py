@@ -13,12 +13,18 @@ from torchquant.ops.fake_quant import (
     fake_quant_int_weight_cuda,
 )
 from torchquant.ops.fp8_block import linear_fp8_block_cuda
-from torchquant.ops.w4a8 import linear_w4a8_fp8_cuda, linear_w4a8_int8_cuda
+from torchquant.ops.w4a8 import (
+    linear_w4a8_fp8_cuda,
+    linear_w4a8_int4_cuda,
+    linear_w4a8_int8_cuda,
+)
 from torchquant.ops.w8a8 import (
     linear_w8a8_fp8_cuda,
+    linear_w8a8_int4_cuda,
     linear_w8a8_int8_cuda,
     quantize_activation_cuda,
 )
+from torchquant.ops.w8a8_asym import linear_w8a8_asym_cuda
 from torchquant.ops.weight_fp4 import linear_fp4_weight_cuda
 from torchquant.ops.weight_fp8 import linear_fp8_weight_cuda
 from torchquant.ops.weight_int import linear_intn_cuda
@@ -31,9 +37,12 @@ CUDA_KERNELS = {
     "torchquant::linear_fp4_weight": linear_fp4_weight_cuda,
     "torchquant::linear_w8a8_int8": linear_w8a8_int8_cuda,
     "torchquant::linear_w8a8_fp8": linear_w8a8_fp8_cuda,
+    "torchquant::linear_w8a8_int4": linear_w8a8_int4_cuda,
+    "torchquant::linear_w8a8_int8_asym": linear_w8a8_asym_cuda,
     "torchquant::linear_fp8_block": linear_fp8_block_cuda,
     "torchquant::linear_w4a8_int8": linear_w4a8_int8_cuda,
     "torchquant::linear_w4a8_fp8": linear_w4a8_fp8_cuda,
+    "torchquant::linear_w4a8_int4": linear_w4a8_int4_cuda,
     "torchquant::quantize_activation": quantize_activation_cuda,
     "torchquant::fake_quant_int_weight": fake_quant_int_weight_cuda,
     "torchquant::fake_quant_int_weight_backward": fake_quant_int_weight_backward_cuda,

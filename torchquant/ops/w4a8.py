@@ -128,7 +128,7 @@ def linear_w4a8_cpu(
         shared_scale = not act.per_token and act.input_scale is None
     if layout is None or layout.packed is None:
         layout = w4a8_cpu_layout(qweight, x2.shape[1])
-    groups = _int8_groups if act.act_type == "int8" else _float32_groups
+    groups = _float32_groups if act.act_type == "fp8" else _int8_groups  # -- INT8, INT4 codes
     acc = scaled_group_sums(groups(xq, layout.packed, group_size), scales)
     return scaled_output(x, x2, acc, xs.double(), None, bias, shared_scale)
 
@@ -200,3 +200,5 @@ def _define_w4a8_op(act_type: str):
 
 linear_w4a8_int8, linear_w4a8_int8_cuda = _define_w4a8_op("int8")
 linear_w4a8_fp8, linear_w4a8_fp8_cuda = _define_w4a8_op("fp8")
+# -- w4a4: INT4 activations are int8 codes in [-7, 7], multiplied as INT8 ones are
+linear_w4a8_int4, linear_w4a8_int4_cuda = _define_w4a8_op("int4")

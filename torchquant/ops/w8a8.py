@@ -1,5 +1,7 @@
 """W8A8 linear (INT8 or FP8 E4M3 weights and activations): the ops, reference, CPU and CUDA.
 
+``linear_w8a8_int4`` is the same op with INT4 activations (int8 codes in [-7, 7], the
+``w8a4`` scheme): the integer paths below serve both.
 ``qweight (N, K)`` int8 or float8_e4m3fn, float32 ``scales (N, 1)``; activations are
 quantized per token or per tensor (dynamic, optionally to a percentile of ``|x|``),
 or with the static ``input_scale``, after dividing by the SmoothQuant ``smooth (K,)``.
@@ -23,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from torchquant.numerics import poison_nonfinite_rows, quantize_activation
-from torchquant.numerics.activation import INT8_MAX, INT8_MIN, activation_qmax
+from torchquant.numerics.activation import ACTIVATION_RANGES, INT_ACT_DTYPES, activation_qmax
 from torchquant.numerics.qparams import FP8_E4M3_MAX
 from torchquant.ops import common, cpu_kernels
 from torchquant.ops.weight_fp8 import fp8_rows_linear
@@ -93,8 +95,9 @@ def quantize_dynamic(
         absmax = torch.linalg.vector_norm(xf, float("inf")).reshape(1, 1)
     scale = absmax / activation_qmax(act_type)
     scale = torch.where(scale > 0, scale, 1.0)
-    if act_type == "int8":
-        codes = (xf / scale).round_().clamp_(INT8_MIN, INT8_MAX).to(dtype or torch.int8)
+    if act_type in INT_ACT_DTYPES:
+        lo, hi = ACTIVATION_RANGES[act_type]
+        codes = (xf / scale).round_().clamp_(lo, hi).to(dtype or torch.int8)
     else:
         codes = (xf / scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return codes, scale + (absmax - absmax)  # -- + 0 where absmax is finite, + NaN elsewhere
@@ -105,7 +108,7 @@ def _runs_int8pack(x2: torch.Tensor, act: ActivationQuant) -> bool:
     inputs (whose tolerance its bf16 output keeps) of few rows, each row with its own scale
     (so that a row whose product overflows in bf16 can be recomputed on its own)."""
     return (
-        act.act_type == "int8"
+        act.act_type in INT_ACT_DTYPES
         and cpu_kernels.uses_bf16_kernels(x2)
         and x2.shape[0] <= INT8PACK_MAX_ROWS
         and (act.per_token or act.input_scale is not None)
@@ -150,7 +153,7 @@ def linear_w8a8_cpu(
 
         out = common.recompute_overflowed_rows(out, x2, exact)
         return common.unflatten(out, x)
-    if act.act_type == "int8":
+    if act.act_type in INT_ACT_DTYPES:
         acc = int_products(xq, qweight).double()
         return scaled_output(x, x2, acc, xs.double(), scales.double(), bias, shared_scale)
     codes = layout.packed if layout is not None else None
@@ -177,7 +180,7 @@ def linear_w8a8_cuda(
     xq, xs = quantize_activation_rows(
         common.rows(x), act_type, act.per_token, act.smooth, act.input_scale, row_scales=True
     )
-    gemm = int8_gemm if act_type == "int8" else fp8_gemm
+    gemm = fp8_gemm if act_type == "fp8" else int8_gemm
     return common.unflatten(gemm(xq, qweight, xs, scales.float(), bias, x.dtype), x)
 
 
@@ -204,7 +207,8 @@ def _define_w8a8_op(act_type: str):
     )
     reference = _with_act_type(_reference, act_type)
     op = torch.library.custom_op(name, reference, mutates_args=(), schema=schema)
-    op.__doc__ = f"{act_type.upper()} weights x {act_type.upper()} activations, scaled epilogue."
+    weights = "FP8" if act_type == "fp8" else "INT8"
+    op.__doc__ = f"{weights} weights x {act_type.upper()} activations, scaled epilogue."
     common.register_cpu(op, _with_act_type(linear_w8a8_cpu, act_type))
     op.register_fake(common.fake_linear)
     on_cuda = _with_act_type(linear_w8a8_cuda, act_type)
@@ -215,6 +219,7 @@ def _define_w8a8_op(act_type: str):
 
 linear_w8a8_int8, linear_w8a8_int8_cuda = _define_w8a8_op("int8")
 linear_w8a8_fp8, linear_w8a8_fp8_cuda = _define_w8a8_op("fp8")
+linear_w8a8_int4, linear_w8a8_int4_cuda = _define_w8a8_op("int4")
 
 
 @torch.library.custom_op("torchquant::quantize_activation", mutates_args=())
@@ -227,7 +232,7 @@ def quantize_activation_op(
 
 @quantize_activation_op.register_fake
 def _(x, act_type, per_token, percentile, smooth):
-    qdtype = torch.int8 if act_type == "int8" else torch.float8_e4m3fn
+    qdtype = torch.int8 if act_type in INT_ACT_DTYPES else torch.float8_e4m3fn
     n = x.shape[0] if per_token else 1
     return x.new_empty(x.shape, dtype=qdtype), x.new_empty((n, 1), dtype=torch.float32)
 

@@ -27,6 +27,8 @@ from torchquant.numerics import (
     to_fp8_e4m3,
 )
 from torchquant.numerics.fake_quant import (
+    fake_quantize_activation_asym_backward_reference,
+    fake_quantize_activation_asym_reference,
     fake_quantize_activation_backward_reference,
     fake_quantize_activation_reference,
     fake_quantize_fp8_backward_reference,
@@ -171,17 +173,56 @@ class _FakeQuantActivation(torch.autograd.Function):
         return grad_x, grad_s, None, None, None
 
 
+class _FakeQuantActivationAsym(torch.autograd.Function):
+    """Asymmetric INT8 activation fake quantization; a static scale and (integer-valued)
+    zero point given, or both computed from each input (dynamic)."""
+
+    @staticmethod
+    def forward(ctx, x2, scale, zero, per_token):
+        static = (None, None) if scale is None else (scale.reshape(1, 1), zero.reshape(1, 1))
+        out, used_scale, used_zero = fake_quantize_activation_asym_reference(x2, per_token, *static)
+        ctx.save_for_backward(x2, used_scale, used_zero)
+        ctx.learn = scale is not None and (scale.requires_grad or zero.requires_grad)
+        ctx.shapes = None if scale is None else (scale.shape, zero.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, scale, zero = ctx.saved_tensors
+        grad_x, grad_s, grad_z = fake_quantize_activation_asym_backward_reference(
+            grad, x2, scale, zero, ctx.learn
+        )
+        if grad_s is not None:
+            grad_s, grad_z = grad_s.reshape(ctx.shapes[0]), grad_z.reshape(ctx.shapes[1])
+        return grad_x, grad_s, grad_z, None
+
+
+def asym_zero_point(zero: torch.Tensor) -> torch.Tensor:
+    """A learnable float zero point -> the integer-valued one in [-128, 127] (STE rounding)."""
+    return torch.clamp(round_ste(zero), -128, 127)
+
+
 def fake_quantize_activation(
-    x: torch.Tensor, act: ActivationQuant, static_scale: torch.Tensor | None = None
+    x: torch.Tensor,
+    act: ActivationQuant,
+    static_scale: torch.Tensor | None = None,
+    static_zero_point: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake-quantize a layer input ``x (..., K)`` as ``act`` says (dynamic, or ``static_scale``).
 
     Dynamic scales are not trained (they follow each input); a static ``static_scale``
-    that requires grad gets the LSQ gradient.
+    that requires grad gets the LSQ gradient, and so does the integer-valued
+    ``static_zero_point`` (float, rounded by :func:`asym_zero_point`) of asymmetric ones.
     """
     if not act.dynamic and static_scale is None:
         raise QuantizationError("a static activation scheme needs a static_scale")
     x2 = x.reshape(-1, x.shape[-1])
+    if not act.symmetric:
+        if not act.dynamic and static_zero_point is None:
+            raise QuantizationError("a static asymmetric scheme needs a static_zero_point")
+        scale, zero = (None, None) if act.dynamic else (static_scale, static_zero_point)
+        out = _FakeQuantActivationAsym.apply(x2, scale, zero, act.granularity == "token")
+        return out.reshape(x.shape)
     if act.granularity == "group":  # -- each 1 x group_size group as a row of its own
         m, k = x2.shape
         padded = torch.nn.functional.pad(x2, (0, -k % act.group_size))

@@ -22,6 +22,7 @@ def qat_state_problems(model: nn.Module) -> list[str]:
             "weight_scales": layer.weight_scales,
             "weight_zeros": layer.weight_zeros,
             "input_scale": layer.input_scale,
+            "input_zero_point": layer.input_zero_point,
         }
         for tname, t in tensors.items():
             if t is None:

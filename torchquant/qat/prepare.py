@@ -104,11 +104,11 @@ def _quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
 
 @torch.no_grad()
 def calibrate_input_scales(model: nn.Module, batches: Iterable[Any]) -> int:
-    """Set static input scales to ``max |x| / qmax`` seen over ``batches``; returns the count."""
+    """Set static input scales to ``max |x| / qmax`` seen over ``batches`` (asymmetric ones,
+    with their zero points, to the min and max seen); returns the count."""
     layers = [m for m in qat_layers(model).values() if m.input_scale is not None]
     for m in layers:
-        m.input_scale.zero_()
-        m.observing = True
+        m.start_observing()
     count = 0
     try:
         for batch in batches:

@@ -9,8 +9,9 @@ from torch import nn
 from torchquant.config import QuantScheme
 from torchquant.errors import ConfigError, QuantizationError
 from torchquant.modules.quant_linear import QuantLinear, _scale_dtype, check_scheme
-from torchquant.numerics import activation_qmax
+from torchquant.numerics import activation_qmax, asymmetric_activation_qparams
 from torchquant.qat.fake_quant import (
+    asym_zero_point,
     cast_ste,
     fake_quantize_activation,
     fake_quantize_weight,
@@ -32,7 +33,9 @@ class QatLinear(nn.Linear):
     see all of it): ``weight``/``bias`` as in ``nn.Linear``; ``weight_scales`` ``(N, G)``
     float32 and ``weight_zeros`` ``(N, G)`` float (integer-valued in use) when scales are
     learned (:class:`QatOptions`), otherwise the scales follow the weight's min-max range
-    at every step; ``input_scale`` ``(1,)`` for static activation schemes.
+    at every step; ``input_scale`` ``(1,)`` for static activation schemes, and
+    ``input_zero_point`` ``(1,)`` float (integer-valued in use, in [-128, 127]) for static
+    asymmetric ones, trained with the scale (LSQ).
     :meth:`to_quant_linear` turns the layer into the ``QuantLinear`` that computes the
     same function.
     """
@@ -57,21 +60,26 @@ class QatLinear(nn.Linear):
         self.scheme = scheme
         self.options = options or QatOptions()
         self.observing = False  # set by calibration: static input scales track max |x|
+        self._observed: tuple[torch.Tensor, torch.Tensor] | None = None  # -- min, max seen
         self._make_qparams(self.weight.device)
 
     def _make_qparams(self, device: torch.device) -> None:
         w, act, opts = self.scheme.weight, self.scheme.activation, self.options
         shape = weight_qparam_shape(w, self.out_features, self.in_features)
-        scales = zeros = input_scale = None
+        scales = zeros = input_scale = input_zero_point = None
         if opts.learn_scales:
             scales = nn.Parameter(torch.ones(shape, device=device))
             if has_zero_points(w):
                 zeros = nn.Parameter(torch.zeros(shape, device=device), opts.learn_zeros)
         if act is not None and not act.dynamic:
             input_scale = nn.Parameter(torch.ones(1, device=device), opts.learn_input_scale)
+            if not act.symmetric:
+                zero = torch.zeros(1, device=device)
+                input_zero_point = nn.Parameter(zero, opts.learn_input_scale)
         self.weight_scales = scales
         self.weight_zeros = zeros
         self.input_scale = input_scale
+        self.input_zero_point = input_zero_point
 
     # -- construction
 
@@ -161,7 +169,23 @@ class QatLinear(nn.Linear):
         return fake_quantize_weight(self.weight, self.scheme.weight, scales, zeros)
 
     @torch.no_grad()
+    def start_observing(self) -> None:
+        """Calibration starts: the static input qparams follow the inputs seen from now on."""
+        self.input_scale.zero_()
+        self._observed = None
+        self.observing = True
+
+    @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
+        if self.input_zero_point is not None:
+            lo, hi = x.detach().amin().float(), x.detach().amax().float()
+            if self._observed is not None:
+                lo, hi = torch.minimum(lo, self._observed[0]), torch.maximum(hi, self._observed[1])
+            self._observed = (lo, hi)
+            scale, zero = asymmetric_activation_qparams(lo.reshape(1), hi.reshape(1))
+            self.input_scale.copy_(scale)
+            self.input_zero_point.copy_(zero.float())
+            return
         qmax = activation_qmax(self.scheme.activation.type)
         seen = x.detach().abs().amax().float().reshape(1) / qmax
         self.input_scale.copy_(torch.maximum(self.input_scale, seen))
@@ -174,12 +198,14 @@ class QatLinear(nn.Linear):
         weight = self.fake_quantized_weight()
         act = self.scheme.activation
         if act is not None:
-            scale = None
+            scale = zero = None
             if not act.dynamic:
                 if self.observing:
                     self._observe(x)
                 scale = self.input_scale.clamp_min(self.options.min_scale)
-            x = fake_quantize_activation(x, act, scale)
+                if self.input_zero_point is not None:
+                    zero = asym_zero_point(self.input_zero_point)
+            x = fake_quantize_activation(x, act, scale, zero)
         return F.linear(x, weight, self.bias)
 
     # -- conversion
@@ -215,6 +241,8 @@ class QatLinear(nn.Linear):
             layer.bias.copy_(self.bias)
         if self.input_scale is not None:
             layer.input_scale.copy_(self.input_scale.clamp_min(self.options.min_scale))
+        if self.input_zero_point is not None:
+            layer.input_zero_point.copy_(asym_zero_point(self.input_zero_point).to(torch.int8))
         return layer
 
     def extra_repr(self) -> str:

@@ -1,5 +1,8 @@
 """Static activation scales: a per-tensor input scale observed on the transformed float block.
 
+Asymmetric (INT8) activations also get a zero point: the observer's ``(lo, hi)`` range,
+not only its max ``|x|``, sets both.
+
 It runs after the rescaling steps, so the observed inputs are the ones the quantized
 layer will see (divided by a run-time smoothing scale where there is one).
 """
@@ -12,17 +15,23 @@ from torchquant.calibration.block import CalibrationStep
 from torchquant.calibration.stats import LayerStats
 from torchquant.config import QuantScheme
 from torchquant.errors import CalibrationError
-from torchquant.numerics.activation import INT8_MAX
+from torchquant.numerics.activation import activation_qmax, asymmetric_activation_qparams
 from torchquant.numerics.fp4 import choose_nvfp4_global_scale
 from torchquant.numerics.observers import Observer
-from torchquant.numerics.qparams import FP8_E4M3_MAX
 
 
 def input_observer(scheme: QuantScheme, name: str) -> Observer:
     """The scheme's activation observer (a percentile of 100 means 99.99)."""
     act = scheme.activation
     pct = act.percentile if act.percentile < 100.0 else 99.99
-    return Observer(act.observer, "tensor", bits=8, symmetric=True, percentile=pct, name=name)
+    kind, sym = act.observer, act.symmetric
+    return Observer(kind, "tensor", bits=8, symmetric=sym, percentile=pct, name=name)
+
+
+def static_input_qparams(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor asymmetric INT8 ``(scale (1,) float32, zero_point (1,) int8)``, ``[lo, hi]``."""
+    scale, zero = asymmetric_activation_qparams(lo.reshape(1), hi.reshape(1))
+    return scale, zero.to(torch.int8)
 
 
 def static_input_scale(absmax: torch.Tensor, act_type: str) -> torch.Tensor:
@@ -30,8 +39,7 @@ def static_input_scale(absmax: torch.Tensor, act_type: str) -> torch.Tensor:
     (for NVFP4 activations their global scale ``448 * 6 / bound``)."""
     if act_type == "nvfp4":
         return choose_nvfp4_global_scale(absmax.float().reshape(1))
-    qmax = INT8_MAX if act_type == "int8" else FP8_E4M3_MAX
-    scale = absmax.float().reshape(1) / qmax
+    scale = absmax.float().reshape(1) / activation_qmax(act_type)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
@@ -53,5 +61,9 @@ class StaticScaleStep(CalibrationStep):
                     f"{st.name}: received no calibration tokens, so no static activation scale "
                     "can be observed; give it a dynamic scheme or more varied data"
                 )
-            act_type = block.schemes[rel].activation.type
-            block.input_scales[rel] = static_input_scale(st.observer.absmax(), act_type)
+            act = block.schemes[rel].activation
+            if act.symmetric:
+                block.input_scales[rel] = static_input_scale(st.observer.absmax(), act.type)
+            else:
+                scale, zero = static_input_qparams(*st.observer.range())
+                block.input_scales[rel], block.input_zero_points[rel] = scale, zero
