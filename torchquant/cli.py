@@ -19,6 +19,7 @@ from torchquant.calibration import calibration_tokens
 from torchquant.calibration.distributed import RankContext, init_from_environment
 from torchquant.checkpoint.save_guard import resolve_save_target
 from torchquant.config import ALGORITHMS, QuantConfig, scheme_from_name
+from torchquant.config.algorithms import OBSERVERS
 from torchquant.convert import convert_model
 from torchquant.errors import TorchquantError
 from torchquant.formats.dispatch import FORMATS, save_checkpoint
@@ -65,7 +66,16 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scheme",
         default="w4a16",
-        help="w8a16, wNa16 (N=2..8), w8a16-fp8, w8a8, w4a8, w4a8-fp8, fp8 (see SCHEME_NAMES)",
+        help="w8a16, wNa16 (N=2..8), w8a16-fp8, w8a8, w4a8, w4a8-fp8, fp8; low-bit and "
+        "asymmetric activations: w8a4, w4a4 (INT4), w8a8-asym (dynamic per token), "
+        "w8a8-static-asym (calibrated scale and zero point) (see SCHEME_NAMES)",
+    )
+    p.add_argument(
+        "--act-observer",
+        choices=OBSERVERS,
+        default=None,
+        help="how calibration picks a static activation range (w8a8-static-asym): minmax "
+        "(the default), percentile, kl, mse",
     )
     group_help = "group size (-1 = per channel)"
     p.add_argument("--group-size", type=cli_types.group_size, default=None, help=group_help)
@@ -208,6 +218,11 @@ def _config(args: argparse.Namespace):
         if args.algorithm != "gptq":
             raise TorchquantError("--gptq-sequential applies to --algorithm gptq only")
         scheme = dataclasses.replace(scheme, gptq=dataclasses.replace(scheme.gptq, sequential=True))
+    if args.act_observer is not None:
+        if not scheme.static_activation:
+            raise TorchquantError("--act-observer applies to static activation schemes only")
+        act = dataclasses.replace(scheme.activation, observer=args.act_observer)
+        scheme = dataclasses.replace(scheme, activation=act)
     if scheme.needs_calibration and not args.calib:
         raise TorchquantError(f"--algorithm {args.algorithm} needs --calib FILE (a text file)")
     return QuantConfig(default=scheme, ignore=tuple(args.ignore))

@@ -187,6 +187,25 @@ def _scale_from_absmax_kernel(amax_ptr, scale_ptr, QMAX: tl.constexpr):
     tl.store(scale_ptr, _scale_from_absmax(tl.load(amax_ptr), QMAX))
 
 
+def _per_tensor_scale(
+    x: torch.Tensor, sm: torch.Tensor, has_smooth: bool, qmax: float, block_k: int
+) -> torch.Tensor:
+    """``(1, 1)`` float32 ``max|x / smooth| / qmax``: one reduction kernel with an atomic
+    max, then the scale (1 for an empty or all-zero ``x``, NaN for a non-finite one)."""
+    m, k = x.shape
+    scale = torch.ones(1, 1, dtype=torch.float32, device=x.device)
+    if m * k > 0:
+        amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+        am_m, am_k = max(1, 8192 // block_k), min(block_k, 8192)
+        grid = (triton.cdiv(m, am_m), triton.cdiv(k, am_k))
+        _absmax_kernel[grid](
+            x, sm, amax, m, k, x.stride(0),
+            HAS_SMOOTH=has_smooth, BLOCK_M=am_m, BLOCK_K=am_k, num_warps=8,
+        )  # fmt: skip
+        _scale_from_absmax_kernel[(1,)](amax, scale, QMAX=qmax)
+    return scale
+
+
 def _row_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (8, 4, 2, 1) for w in (4, 8, 16)]
 
@@ -258,17 +277,7 @@ def quantize_activation_rows(
     elif static_scale is not None:
         scale = static_scale.to(device=x.device, dtype=torch.float32).reshape(1, 1).clone()
     else:
-        scale = torch.ones(1, 1, dtype=torch.float32, device=x.device)
-        if m * k > 0:
-            # -- per tensor: global max |x| first
-            amax = torch.zeros(1, dtype=torch.float32, device=x.device)
-            am_m, am_k = max(1, 8192 // block_k), min(block_k, 8192)
-            grid = (triton.cdiv(m, am_m), triton.cdiv(k, am_k))
-            _absmax_kernel[grid](
-                x, sm, amax, m, k, x.stride(0),
-                HAS_SMOOTH=smooth is not None, BLOCK_M=am_m, BLOCK_K=am_k, num_warps=8,
-            )  # fmt: skip
-            _scale_from_absmax_kernel[(1,)](amax, scale, QMAX=qmax)
+        scale = _per_tensor_scale(x, sm, smooth is not None, qmax, block_k)
     if m * k == 0:
         scale = scale.fill_(1.0) if dynamic_rows else scale
         return q, scale.expand(m, 1).clone() if row_scales and not dynamic_rows else scale
@@ -319,19 +328,21 @@ def _quantize_int4_packed_kernel(
     K,
     stride_xm,
     stride_qm,
+    M_BUCKET,
     PER_TOKEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """Codes of columns ``2j`` and ``2j + 1`` packed into byte ``j`` of each row."""
+    """Codes of columns ``2j`` and ``2j + 1`` packed into byte ``j`` of each row, ``BLOCK_K``
+    columns (``BLOCK_K // 2`` bytes) a step."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     if PER_TOKEN:
         # -- max |x| of each row (NaN propagates into the scale)
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, 2 * BLOCK_P):
-            offs_k = k0 + tl.arange(0, 2 * BLOCK_P)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
             mask = row_mask[:, None] & (offs_k[None, :] < K)
             x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
             amax = _max_keeping_nan(amax, _row_absmax(x))
@@ -341,8 +352,8 @@ def _quantize_int4_packed_kernel(
         scale = tl.load(scale_ptr + rows * 0)
     # -- even and odd columns, quantized and packed low nibble first
     num_bytes = tl.cdiv(K, 2)
-    for p0 in range(0, num_bytes, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
+    for p0 in range(0, num_bytes, BLOCK_K // 2):
+        offs_p = p0 + tl.arange(0, BLOCK_K // 2)
         even, odd = 2 * offs_p, 2 * offs_p + 1
         m_even = row_mask[:, None] & (even[None, :] < K)
         m_odd = row_mask[:, None] & (odd[None, :] < K)
@@ -359,13 +370,28 @@ def _quantize_int4_packed_kernel(
         )
 
 
+def _int4_configs() -> list[triton.Config]:
+    """Row blocks of 1..8 rows, 128..512 values (64..256 bytes) wide per step."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=4)
+        for bm in (8, 4, 2, 1)
+        for bk in (512, 256, 128)
+    ]
+
+
+_quantize_int4_tuned = autotuned(
+    _quantize_int4_packed_kernel, _int4_configs(), ["M_BUCKET", "K", "PER_TOKEN"]
+)
+
+
 def quantize_activation_int4_packed(
-    x: torch.Tensor, per_token: bool = True, block_m: int = 4, block_p: int = 128
+    x: torch.Tensor, per_token: bool = True, config: triton.Config | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric INT4 of ``x (rows, K)``: ``(packed (rows, ceil(K / 2)) uint8, scale)``.
 
     ``scale`` float32 ``(rows, 1)`` per token or ``(1, 1)`` per tensor, ``max|x| / 7``
-    (1 for an all-zero row, NaN for rows with NaN/Inf, whose codes are 0).
+    (1 for an all-zero row, NaN for rows with NaN/Inf, whose codes are 0); ``config``
+    runs one explicit ``BLOCK_M`` / ``BLOCK_K`` config instead of autotuning.
     """
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a 2-D float tensor (rows, K), got {x.dtype} {tuple(x.shape)}")
@@ -374,23 +400,19 @@ def quantize_activation_int4_packed(
         x = x.contiguous()
     m, k = x.shape
     packed = torch.empty(m, (k + 1) // 2, dtype=torch.uint8, device=x.device)
-    if per_token:
-        scale = torch.ones(m, 1, dtype=torch.float32, device=x.device)
+    if per_token:  # -- every row's scale is written by the kernel (1 when K is 0)
+        scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+        if k == 0:
+            scale.fill_(1.0)
     else:
-        scale = torch.ones(1, 1, dtype=torch.float32, device=x.device)
-        if m * k > 0:
-            amax = torch.zeros(1, dtype=torch.float32, device=x.device)
-            block_k = min(triton.next_power_of_2(k), 8192)
-            am_m = max(1, 8192 // block_k)
-            grid = (triton.cdiv(m, am_m), triton.cdiv(k, block_k))
-            _absmax_kernel[grid](
-                x, x, amax, m, k, x.stride(0), HAS_SMOOTH=False, BLOCK_M=am_m, BLOCK_K=block_k
-            )
-            _scale_from_absmax_kernel[(1,)](amax, scale, QMAX=INT4_MAX)
+        block_k = min(triton.next_power_of_2(max(k, 1)), MAX_ROW_BLOCK)
+        scale = _per_tensor_scale(x, x, False, INT4_MAX, block_k)
     if m * k == 0:
         return packed, scale
-    _quantize_int4_packed_kernel[(triton.cdiv(m, block_m),)](
-        x, packed, scale, m, k, x.stride(0), packed.stride(0),
-        PER_TOKEN=per_token, BLOCK_M=block_m, BLOCK_P=block_p,
+    strides = {"stride_xm": x.stride(0), "stride_qm": packed.stride(0)}
+    run_kernel(
+        _quantize_int4_tuned, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),), config,
+        x_ptr=x, q_ptr=packed, scale_ptr=scale, M=m, K=k, M_BUCKET=m_bucket(m),
+        PER_TOKEN=per_token, **strides,
     )  # fmt: skip
     return packed, scale

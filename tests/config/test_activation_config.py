@@ -55,6 +55,14 @@ def test_static_asymmetric_may_use_a_percentile_observer():
     assert not act.symmetric and act.percentile == 99.9
 
 
-def test_int4_activations_need_int8_per_channel_weights():
+def test_int4_activations_need_int8_per_channel_or_int4_symmetric_weights():
+    assert scheme_from_name("w4a4").weight == WeightQuant(bits=4, group_size=128)
     with pytest.raises(ConfigError, match="int4"):
-        QuantScheme(WeightQuant(bits=4, group_size=128), ActivationQuant("int4"))
+        QuantScheme(WeightQuant(bits=4, group_size=128, symmetric=False), ActivationQuant("int4"))
+    with pytest.raises(ConfigError, match="int4"):
+        QuantScheme(WeightQuant(bits=8, group_size=128), ActivationQuant("int4"))
+
+
+def test_asymmetric_activations_need_int8_per_channel_weights():
+    with pytest.raises(ConfigError, match="asymmetric activations"):
+        QuantScheme(WeightQuant(bits=4, group_size=128), ActivationQuant(symmetric=False))

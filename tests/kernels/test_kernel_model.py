@@ -92,12 +92,24 @@ ACT_QUANT_BUDGETS = {"int8": 22.0, "fp8": 21.0}
 
 def test_activation_quantization_reaches_the_copy_target(all_rows):
     act = [r for r in all_rows if r["scheme"] == "act-quant" and (r["M"], r["K"]) == (8192, 8192)]
-    assert {r["act_dtype"] for r in act} == {"int8", "fp8"}
-    for row in act:
+    assert {r["act_dtype"] for r in act} == {"int8", "int4-packed", "fp8"}
+    for row in (r for r in act if r["target"] is not None):
         name = f"act-quant {row['act_dtype']} {row['config']}"
         assert row["instr_per_element_per_thread"] <= ACT_QUANT_BUDGETS[row["act_dtype"]], name
         assert row["predicted_fraction_of_copy"] >= row["target"] == 0.8, name
         assert row["launches"] == 1 and row["spill_bytes"] == 0, name
+
+
+def test_packed_int4_quantization_moves_fewer_bytes_in_one_launch(all_rows):
+    act = {
+        r["act_dtype"]: r
+        for r in all_rows
+        if r["scheme"] == "act-quant" and (r["M"], r["K"]) == (8192, 8192)
+    }
+    int4, int8 = act["int4-packed"], act["int8"]
+    assert int4["bytes"] < 0.85 * int8["bytes"]  # -- half a byte a code instead of one
+    assert int4["launches"] == 1 and int4["spill_bytes"] == 0
+    assert int4["instr_per_element_per_thread"] <= ACT_QUANT_BUDGETS["int8"]
 
 
 def test_rows_carry_the_fields_of_the_issue(rows):

@@ -98,7 +98,9 @@ def test_int4_rows_match_reference_bit_for_bit(per_token):
 def test_int4_packed_matches_reference(per_token, k):
     x = (torch.randn(6, k) * torch.rand(6, 1) * 5).to(torch.bfloat16)
     x[1] = 0.0
-    packed, s = quantize_activation_int4_packed(x.to(KERNEL_DEVICE), per_token, 4, 64)
+    packed, s = quantize_activation_int4_packed(
+        x.to(KERNEL_DEVICE), per_token, cfg(BLOCK_M=4, BLOCK_K=128)
+    )
     q_ref, s_ref = quantize_activation(x, "int4", per_token)
     assert packed.shape == (6, (k + 1) // 2) and packed.dtype == torch.uint8
     assert torch.equal(packed.cpu(), pack_int4_activation(q_ref))
@@ -108,7 +110,9 @@ def test_int4_packed_matches_reference(per_token, k):
 def test_int4_packed_nan_row_gets_nan_scale_and_zero_codes():
     x = torch.randn(3, 40)
     x[1, 7] = float("nan")
-    packed, s = quantize_activation_int4_packed(x.to(KERNEL_DEVICE), True, 2, 16)
+    packed, s = quantize_activation_int4_packed(
+        x.to(KERNEL_DEVICE), True, cfg(BLOCK_M=2, BLOCK_K=32)
+    )
     assert torch.isnan(s[1]).all() and not torch.isnan(s[[0, 2]]).any()
     assert torch.equal(packed.cpu()[1], torch.zeros(20, dtype=torch.uint8))
 

@@ -132,5 +132,5 @@ def test_op_schema_and_fake_implementation():
 def test_bad_input_names_what_is_wrong():
     qweight, scales = _weight(16, 64, 32)
     with pytest.raises(QuantizationError, match="activation dtype must be one of"):
-        linear_w4a8_reference(torch.randn(2, 64), qweight, scales, None, 32, "int4", True,
+        linear_w4a8_reference(torch.randn(2, 64), qweight, scales, None, 32, "int2", True,
                               100.0, None, None)  # fmt: skip

@@ -14,7 +14,7 @@ from fuzz_strategies import fuzz_settings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from torchquant import ops
+from torchquant import QuantLinear, ops, scheme_from_name
 from torchquant.numerics import (
     dequantize_activation,
     dequantize_activation_asymmetric,
@@ -135,3 +135,15 @@ def test_int4_bf16_rows_take_int8pack_within_tolerance():
     out = ops.linear_w8a8_int4(x, *args)
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     assert out.dtype == torch.bfloat16 and err < 1e-2
+
+
+@pytest.mark.parametrize("group_size,k", [(32, 96), (128, 200), (-1, 64)])
+def test_w4a4_matches_float64_oracle(group_size, k):
+    """INT4 grouped weights x INT4 activations on the W4A8 op (``w4a4``)."""
+    layer = QuantLinear.from_linear(torch.nn.Linear(k, 24), scheme_from_name("w4a4", group_size))
+    x = torch.randn(5, k)
+    q, s = quantize_activation(x, "int4", True)
+    oracle = dequantize_activation(q, s, torch.float64) @ layer.dequantized_weight().double().t()
+    out = layer(x)
+    torch.testing.assert_close(out, (oracle + layer.bias.double()).float())
+    assert torch.equal(out, layer.reference_forward(x))

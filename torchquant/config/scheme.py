@@ -247,6 +247,10 @@ def check_microscaled_activation(act: ActivationQuant) -> None:
     require(act.observer in OBSERVERS, "activation.observer", act.observer, f"one of {OBSERVERS}")
 
 
+# -- the shorthands of INT activations with INT8 and with INT4 weights, for messages
+W8_NAMES, W4_NAMES = {"int8": "w8a8", "int4": "w8a4"}, {"int8": "w4a8", "int4": "w4a4"}
+
+
 def _int4_symmetric(weight: WeightQuant) -> bool:
     """INT4 symmetric codes (per group or per channel): exact as INT8 and as FP8 E4M3 values,
     so W4A8 multiplies them by quantized activations directly."""
@@ -369,8 +373,8 @@ class QuantScheme:
                 w.type == "int" and w.bits == 8 and w.symmetric and w.group_size == -1,
                 "weight",
                 w,
-                f"INT8 symmetric per-channel weights when activations are {act.type} (w8a8, "
-                "w8a4), or INT4 symmetric weights (w4a8, w4a4)",
+                f"INT8 symmetric per-channel weights when activations are {act.type} "
+                f"({W8_NAMES[act.type]}), or INT4 symmetric weights ({W4_NAMES[act.type]})",
             )
         else:
             require(

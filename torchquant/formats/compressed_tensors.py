@@ -15,7 +15,9 @@ Per quantized ``nn.Linear`` named ``p`` the folder holds:
   ``input_activations`` (``type`` int or float, 8 bits), as the library's ``W4A8`` and
   ``W4AFP8`` presets and vLLM's ``CompressedTensorsW4A8Int`` / ``CompressedTensorsW4A8Fp8``.
 - ``int-quantized`` (W8A8 INT8): ``p.weight`` int8 ``(N, K)``, ``p.weight_scale``
-  ``(N, 1)``, ``p.input_scale`` ``(1,)`` for static activations.
+  ``(N, 1)``, ``p.input_scale`` ``(1,)`` for static activations (with ``p.input_zero_point``
+  ``(1,)`` int8 for asymmetric ones, ``input_activations.symmetric: false``; INT4
+  activations are ``num_bits: 4``, dynamic and symmetric).
 - ``float-quantized`` (FP8 W8A8) / ``naive-quantized`` (FP8 weight-only):
   ``p.weight`` float8_e4m3fn ``(N, K)``, ``p.weight_scale`` ``(N, 1)`` or ``(1,)``; for
   ``strategy: block`` (``block_structure [bn, bk]``) ``(ceil(N/bn), ceil(K/bk))``, with
@@ -158,9 +160,10 @@ def _input_args(act: ActivationQuant | None, name: str) -> dict[str, Any] | None
             f"layer {name!r}: percentile activation scales ({act.percentile}) have no "
             "compressed-tensors equivalent; use max-abs scales or the native format"
         )
-    kind = "int" if act.type == "int8" else "float"
+    kind = "float" if act.type == "fp8" else "int"
     strategy = act.granularity if act.dynamic else "tensor"
-    return _args(8, kind, True, strategy, act.group_size, dynamic=act.dynamic)
+    bits = 4 if act.type == "int4" else 8
+    return _args(bits, kind, act.symmetric, strategy, act.group_size, dynamic=act.dynamic)
 
 
 def _layer_tensors(name: str, layer: QuantLinear) -> tuple[str, dict, dict[str, torch.Tensor]]:
@@ -200,6 +203,8 @@ def _layer_tensors(name: str, layer: QuantLinear) -> tuple[str, dict, dict[str, 
         args = _weight_args(scheme, w.group_size)
     if scheme.activation is not None and not scheme.activation.dynamic:
         out["input_scale"] = layer.input_scale.reshape(1)
+    if layer.input_zero_point is not None:
+        out["input_zero_point"] = layer.input_zero_point.reshape(1)
     return ct_format, args, out
 
 
@@ -395,6 +400,27 @@ def _assign_groups(
     return plan
 
 
+def _activation_of(a: dict[str, Any], name: str) -> ActivationQuant:
+    """Input activation args: 8-bit (symmetric, or asymmetric INT) or dynamic symmetric
+    4-bit INT."""
+    bits, sym, is_int = a.get("num_bits"), a.get("symmetric", True), a.get("type") == "int"
+    if bits not in (4, 8) or sym not in (True, False) or (bits == 4 and not is_int):
+        raise CheckpointError(
+            f"layer {name!r}: activations of {bits} bits, type {a.get('type')!r}, symmetric "
+            f"{sym!r} are not supported (8-bit int or float, or 4-bit int)"
+        )
+    dynamic = a.get("dynamic") is True
+    gran = a.get("strategy") if dynamic else "tensor"
+    if gran not in ("token", "tensor", "group") or a.get("dynamic") not in (True, False):
+        raise CheckpointError(f"layer {name!r}: activation strategy {a!r} is not supported")
+    act_type = ("int4" if bits == 4 else "int8") if is_int else "fp8"
+    group = a.get("group_size") if gran == "group" else None
+    try:
+        return ActivationQuant(act_type, gran, dynamic, group_size=group, symmetric=sym)
+    except ConfigError as exc:
+        raise CheckpointError(f"layer {name!r}: unsupported activation args ({exc})") from None
+
+
 def _scheme_of(group: dict[str, Any], name: str) -> QuantScheme:
     w, a = group.get("weights"), group.get("input_activations")
     if w is None or w.get("num_bits") is None:
@@ -415,19 +441,7 @@ def _scheme_of(group: dict[str, Any], name: str) -> QuantScheme:
             f"layer {name!r}: weight strategy {w.get('strategy')!r} / block / actorder "
             f"{w.get('actorder')!r} is not supported"
         )
-    act = None
-    if a is not None:
-        if a.get("num_bits") != 8 or not a.get("symmetric", True):
-            raise CheckpointError(f"layer {name!r}: only symmetric 8-bit activations supported")
-        dynamic = a.get("dynamic") is True
-        gran = a.get("strategy") if dynamic else "tensor"
-        if gran not in ("token", "tensor", "group") or a.get("dynamic") not in (True, False):
-            raise CheckpointError(f"layer {name!r}: activation strategy {a!r} is not supported")
-        act_type = "int8" if a.get("type") == "int" else "fp8"
-        if gran == "group":
-            act = ActivationQuant(act_type, gran, dynamic, group_size=a.get("group_size"))
-        else:
-            act = ActivationQuant(act_type, gran, dynamic)
+    act = None if a is None else _activation_of(a, name)
     try:
         if w.get("type") == "float":
             if w.get("num_bits") != 8 or w.get("strategy") == "group":
@@ -499,6 +513,14 @@ def _dense_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
     layer.scales.copy_(scales.reshape(layer.scales.shape))
     if layer.input_scale is not None:
         layer.input_scale.copy_(hf.take(local, "input_scale", name).float().reshape(1))
+    if layer.input_zero_point is not None:
+        zero = hf.take(local, "input_zero_point", name)
+        if zero.is_floating_point() or zero.numel() != 1 or not -128 <= int(zero) <= 127:
+            raise CheckpointError(
+                f"tensor {name}.input_zero_point: {zero.dtype} {tuple(zero.shape)}; expected "
+                "one integer in [-128, 127]"
+            )
+        layer.input_zero_point.copy_(zero.reshape(1).to(torch.int8))
     if bias is not None:
         layer.bias.copy_(bias)
     return layer

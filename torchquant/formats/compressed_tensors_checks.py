@@ -177,6 +177,9 @@ def check_declared_layer(
             _expect(name, "weight_scale", scale, [(n, 1), (n,), (1,), ()], None, what)
         if "input_scale" in local:
             _expect(name, "input_scale", local["input_scale"], [(1,), ()], FLOAT_DTYPES, what)
+        if "input_zero_point" in local:
+            zero, ints = local["input_zero_point"], (torch.int8, torch.int16, torch.int32)
+            _expect(name, "input_zero_point", zero, [(1,), ()], (*ints, torch.int64), what)
     zp = local.get("weight_zero_point")
     if zp is not None and not _is_int(zp):
         raise CheckpointError(
