@@ -60,7 +60,7 @@ step() {  # step NAME TIMEOUT_S COMMAND... : run with a timeout, log to $OUT/NAM
 # -- 0. the cost model, on the host CPUs while the GPU steps run (compile-only, no GPU)
 if [ "$DRY" = 0 ]; then
     env -u TRITON_PRINT_AUTOTUNING timeout 400 nice -n 10 "$PYTHON" benchmarks/kernel_model.py \
-        --json --arch 90 --machine h200,h100 --shapes "$SHAPES" --moe \
+        --json --arch 90 --machine h200,h100 --shapes "$SHAPES" --moe --w8a8 \
         >"$OUT/kernel_model.json" 2>"$OUT/kernel_model.log" &
     model_pid=$!
 else
