@@ -24,6 +24,7 @@ from torchquant.convert import convert_model
 from torchquant.errors import TorchquantError
 from torchquant.formats.dispatch import FORMATS, save_checkpoint
 from torchquant.formats.native import save_quantized
+from torchquant.ops.cpu_kernels import float32_in_bf16
 from torchquant.text_files import read_utf8
 from torchquant.tools import models
 from torchquant.tools.evaluation import perplexity, tokenize_text
@@ -312,7 +313,8 @@ def _quantize(args: argparse.Namespace, ranks: RankContext) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     model, tokenizer = models.load_model(args.model)
-    result = perplexity(model, _text_ids(tokenizer, args), args.seq_len, progress=not args.json)
+    with float32_in_bf16():  # -- float32 quantized layers on the CPU kernels (bf16 tolerance)
+        result = perplexity(model, _text_ids(tokenizer, args), args.seq_len, progress=not args.json)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -384,12 +386,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     loaded, _ = models.load_model(args.out)
     load_s = time.perf_counter() - start
-    quant = perplexity(loaded, ids, args.seq_len)
+    with float32_in_bf16():  # -- float32 quantized layers on the CPU kernels (bf16 tolerance)
+        quant = perplexity(loaded, ids, args.seq_len)
     print(summary.table())
     print(f"\n{'model':<24}{'perplexity':>12}{'size MiB':>10}{'eval s':>9}")
     print(f"{'fp32':<24}{base.perplexity:>12.3f}{fp_bytes / 2**20:>10.1f}{base.seconds:>9.1f}")
     size = _dir_bytes(Path(args.out)) / 2**20
     print(f"{args.scheme:<24}{quant.perplexity:>12.3f}{size:>10.1f}{quant.seconds:>9.1f}")
+    faster = "faster" if quant.seconds <= base.seconds else "slower"
+    ratio = max(base.seconds, quant.seconds) / max(min(base.seconds, quant.seconds), 1e-9)
+    print(f"{args.scheme} eval {ratio:.2f}x {faster} than fp32")
     print(
         f"\n{quant.tokens} tokens, {args.seq_len}-token windows; quantize+save {quantize_s:.1f} s, "
         f"load {load_s:.1f} s; checkpoint in {args.out}"

@@ -57,8 +57,9 @@ class QuantLinear(nn.Module):
     ``smooth_scale`` ``(K,)`` SmoothQuant divisor applied to the input;
     ``g_idx`` int32 ``(K,)`` the group of each input column (GPTQ act-order), absent
     when column ``k`` is in group ``k // group_size``.
-    On CPU, bf16 INT layers also keep the weight in the layout of PyTorch's quantized
-    CPU kernels (:meth:`cpu_layout`; FP8 layers their codes as bf16), derived once after
+    On CPU, bf16 INT layers (and float32 weight-only ones, for ``float32_in_bf16``) also
+    keep the weight in the layout of PyTorch's quantized CPU kernels (:meth:`cpu_layout`;
+    FP8 layers their codes as bf16), derived once after
     quantizing or loading and re-derived when a buffer changes; it is not a buffer, so it
     is never saved; so are the column sums of the weight codes that asymmetric activations'
     zero-point correction takes (:meth:`weight_code_sums`).  ``forward`` calls the op with

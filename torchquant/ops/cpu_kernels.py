@@ -6,8 +6,15 @@
 ``torch._weight_int8pack_mm`` multiplies by int8 ``(N, K)`` times a per-row scale and
 needs ``K`` a multiple of 32 (other widths crash).  Both accumulate in float32, but
 only their bfloat16 paths are vectorised (float32 and float16 run ~10x slower than
-``F.linear``) and they round to bf16, so they serve bf16 activations
-(:func:`uses_bf16_kernels`); float32 and float16 inputs keep the exact reference.
+``F.linear``) and they round to bf16.  So the weight-only ops compute bf16 inputs in
+bf16, and float32 ones inside :func:`float32_in_bf16` (:func:`computes_in_bf16`): a
+float32 input is rounded to bf16 and the result cast back, which keeps it within
+``BF16_RELATIVE_ERROR`` of the exact float32 reference (``||out - ref|| / ||ref||``,
+~3e-3 measured on random layers).  Other float32 inputs, and float16 ones, keep the
+exact reference.  Many rows (where these kernels, which do not use the matrix
+units, lose to a bf16 GEMM) run :func:`blocked_linear`: tiles of weight rows
+dequantized into one reused bf16 buffer, each multiplied by oneDNN's bf16 GEMM (AMX or
+AVX-512 BF16 where the CPU has them: ~4x the float32 GEMM on such a CPU).
 
 A :class:`CpuLayout` is derived once per layer and cached by the module; the ops
 take its three fields as optional tensor arguments (``None`` when absent).  int4pack:
@@ -21,20 +28,57 @@ when it needs none), ``scales_zeros`` the per-row scales ``(N,)`` bf16.  FP8
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+import sys
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from torchquant.numerics import unpack_codes
 from torchquant.ops import common
 
 COMPUTE_DTYPE = torch.bfloat16
+# -- ||out - ref|| / ||ref|| of every bf16 path against the exact reference, at most
+BF16_RELATIVE_ERROR = 1e-2
 INT4PACK_BLOCKS = (256, 128, 64, 32)
 INT4PACK_ROWS = 16
 INT8PACK_K = 32
-# -- a dequantized block of about this many weights stays in the L2 cache
-DEQUANT_BLOCK_ELEMENTS = 1 << 17
+# -- a dequantized tile of about this many bf16 weights (1 MiB) stays in the L2 cache and
+# -- is wide enough for the GEMM to run at full speed
+DEQUANT_BLOCK_ELEMENTS = 1 << 19
+
+
+_FLOAT32_IN_BF16 = contextvars.ContextVar("torchquant_float32_in_bf16", default=False)
+
+
+@contextlib.contextmanager
+def float32_in_bf16() -> Iterator[None]:
+    """Within this context the weight-only ops compute float32 inputs in bf16 on these
+    kernels, within ``BF16_RELATIVE_ERROR`` of the exact reference (what ``torchquant
+    eval`` and ``demo`` run).  Outside it float32 inputs keep the exact reference, which
+    calibration (each block sees the quantized blocks' outputs: checkpoints stay bit for
+    bit) and comparisons with other libraries' float32 kernels rely on."""
+    token = _FLOAT32_IN_BF16.set(True)
+    try:
+        yield
+    finally:
+        _FLOAT32_IN_BF16.reset(token)
+
+
+def computes_in_bf16(dtype: torch.dtype) -> bool:
+    """Whether a weight-only op computes inputs of ``dtype`` in bf16 on these kernels: bf16
+    ones, and float32 ones inside :func:`float32_in_bf16`; others run the reference."""
+    return dtype == COMPUTE_DTYPE or (dtype == torch.float32 and _FLOAT32_IN_BF16.get())
+
+
+def keeps_layout(dtype: torch.dtype, weight_only: bool) -> bool:
+    """Whether a CPU layer of ``dtype`` keeps a cached :class:`CpuLayout`: the weight-only
+    ops read it for bf16 inputs and float32 ones (inside :func:`float32_in_bf16`), the
+    W8A8 ones for bf16 inputs only."""
+    return dtype == COMPUTE_DTYPE or (weight_only and dtype == torch.float32)
 
 
 def uses_bf16_kernels(x: torch.Tensor) -> bool:
@@ -152,8 +196,9 @@ def int4pack_linear(
     """``x2 (M, K)`` times the weight in an :func:`int4pack_layout`, ``(M, n)``.
 
     One plane gives the kernel's bf16 output as it is; two planes are summed in float32.
-    Their offsets cancel, so a plane's bf16 sum can overflow where the weight's does not:
-    such rows are recomputed by ``exact`` (the op's reference on those rows, no bias).
+    Their offsets cancel, so a plane's bf16 sum can overflow where the weight's does not,
+    and a float32 input can round up to infinity in bf16: such rows are recomputed by
+    ``exact`` (the op's reference on those rows, no bias).
     """
     xk = x2 if x2.dtype == COMPUTE_DTYPE else x2.to(COMPUTE_DTYPE)
     if layout.columns is not None:
@@ -166,7 +211,7 @@ def int4pack_linear(
         low = torch._weight_int4pack_mm_for_cpu(xk, packed[1], block, scales_zeros[1])
         out = out.float() + low.float()
     out = out if out.shape[1] == n else out[:, :n]
-    if packed.shape[0] == 2:
+    if packed.shape[0] == 2 or x2.dtype != COMPUTE_DTYPE:
         out = common.recompute_overflowed_rows(out, x2, exact)
     return out
 
@@ -188,13 +233,151 @@ def int8pack_linear(x2: torch.Tensor, qweight: torch.Tensor, layout: CpuLayout) 
     return torch._weight_int8pack_mm(x2.contiguous(), qweight, layout.scales_zeros)
 
 
+def tile_rows(k: int) -> int:
+    """Weight rows per dequantized tile of :func:`blocked_linear` for ``K = k``."""
+    return max(INT4PACK_ROWS, DEQUANT_BLOCK_ELEMENTS // max(1, k))
+
+
 def blocked_linear(
     x2: torch.Tensor, n: int, dequantize_rows: Callable[[int, int], torch.Tensor]
 ) -> torch.Tensor:
     """``x2 @ W.T`` with ``W`` dequantized a block of rows at a time, never all at once.
 
-    ``dequantize_rows(start, stop)`` returns rows ``start:stop`` of ``W`` in ``x2``'s dtype.
+    ``dequantize_rows(start, stop)`` returns rows ``start:stop`` of ``W`` in ``x2``'s dtype
+    (``tile_rows(K)`` rows at most; it may write them into one reused buffer).
     """
-    step = max(INT4PACK_ROWS, DEQUANT_BLOCK_ELEMENTS // max(1, x2.shape[1]))
+    step = tile_rows(x2.shape[1])
     parts = [x2 @ dequantize_rows(i, min(i + step, n)).t() for i in range(0, n, step)]
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def code_chunks(bits: int) -> tuple[int, int]:
+    """``(codes, bytes)`` of one chunk of a packed weight: the packing is a little-endian bit
+    stream per 32 codes, so whole codes fill each byte when ``bits`` divides 8, and every
+    8 codes fill ``bits`` bytes otherwise."""
+    codes = 8 // bits if 8 % bits == 0 else 8
+    return codes, codes * bits // 8
+
+
+def read_code_positions(qweight: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """The codes of packed ``qweight (rows, words)`` int32 by position in their chunk: piece
+    ``p`` ``(rows, chunks)`` uint8 holds codes ``p, p + P, p + 2P, ...`` (``P`` codes a
+    chunk, :func:`code_chunks`), padding codes (0) included.  A few byte-wide passes over
+    the packed bytes (~2.5x faster than unpacking codes in order at 4 bits, ~3x at 5)."""
+    if sys.byteorder != "little":  # -- the chunks below read the words' bytes in order
+        codes = unpack_codes(qweight, bits, qweight.shape[1] * 32 // bits)
+        per = code_chunks(bits)[0]
+        return [codes[:, p::per] for p in range(per)]
+    raw = qweight.contiguous().view(torch.uint8)  # (rows, 4 * words)
+    per, size = code_chunks(bits)
+    chunks = raw.view(raw.shape[0], -1, size)
+    mask = (1 << bits) - 1
+    pieces = []
+    for p in range(per):
+        byte, shift = divmod(p * bits, 8)
+        piece = chunks[..., byte] >> shift if shift else chunks[..., byte]
+        if shift + bits > 8:  # -- the code runs on into the next byte
+            piece = piece | (chunks[..., byte + 1] << (8 - shift))
+        pieces.append(piece & mask if shift + bits != 8 else piece)
+    return pieces
+
+
+def position_columns(width: int, per: int, k: int) -> torch.Tensor:
+    """``(width,)`` int64: the input column of each column in position order (``P = per``
+    pieces of ``width / P`` columns, as :func:`read_code_positions` gives them); ``k``,
+    a zero column, for padding codes."""
+    columns = torch.arange(width // per).unsqueeze(0) * per + torch.arange(per).unsqueeze(1)
+    columns = columns.reshape(-1)
+    return torch.where(columns < k, columns, k)
+
+
+def dequantize_tile(
+    out: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | float,
+    group_size: int,
+    columns_group: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(codes - zeros) * scales`` written into bf16 ``out (rows, K)`` and returned.
+
+    ``codes (rows, K)`` integers, ``scales``/``zeros`` ``(rows, G)`` bf16 (or ``zeros`` a
+    number); column ``k`` is in group ``k // group_size`` (all in one with ``-1``), or
+    ``columns_group[k]``.  The difference is exact in bf16 (integers below 256), so each
+    weight is rounded once from the bf16 scale: within 2**-7 of the float32 reference.
+    Three passes over ``out``, the shorter last group handled as a slice of its own.
+    """
+    out.copy_(codes)
+    if columns_group is not None:
+        out.sub_(zeros[:, columns_group] if isinstance(zeros, torch.Tensor) else zeros)
+        return out.mul_(scales[:, columns_group])
+    k = out.shape[1]
+    size = k if group_size == -1 else group_size
+    whole = k - k % size
+    pieces = [(out[:, :whole].unflatten(1, (-1, size)), slice(0, whole // size))] if whole else []
+    if whole < k:
+        pieces.append((out[:, whole:].unsqueeze(1), slice(whole // size, None)))
+    for view, groups in pieces:
+        if isinstance(zeros, torch.Tensor):
+            view.sub_(zeros[:, groups].unsqueeze(-1))
+        elif zeros:
+            view.sub_(zeros)
+        view.mul_(scales[:, groups].unsqueeze(-1))
+    return out
+
+
+def blocked_int_linear(
+    x2: torch.Tensor,
+    n: int,
+    code_pieces: Callable[[int, int], list[torch.Tensor]],
+    width: int,
+    per: int,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | float,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x2 (M, K) @ W.T`` in bf16 for ``W = (codes - zeros) * scales`` (see
+    :func:`dequantize_tile`), tiles of rows dequantized into one reused bf16 buffer;
+    ``(M, n)``.
+
+    ``code_pieces(start, stop)`` gives the integer codes of rows ``start:stop`` as
+    ``P = per`` pieces ``(rows, width / P)`` in position order
+    (:func:`read_code_positions`; one piece ``(rows, K)``: the codes in order).  The tile
+    keeps that order and ``x2``'s columns are gathered into it once, so each piece is
+    written where it lies (no interleaving pass).  A piece's columns fall into groups of
+    ``group_size / P`` (``P`` divides every power of two from 16); act-order groups are
+    gathered per column.
+    """
+    k = x2.shape[1]
+    xk = x2.to(COMPUTE_DTYPE)
+    columns = position_columns(width, per, k) if per > 1 or width != k else None
+    if columns is not None:
+        xk = F.pad(xk, (0, 1))[:, columns]
+    s = scales.to(COMPUTE_DTYPE)
+    z = zeros.to(COMPUTE_DTYPE) if isinstance(zeros, torch.Tensor) else zeros
+    piece_columns = width // per
+    columns_group, piece_group = None, group_size
+    if g_idx is not None:
+        # -- padding columns take an added group of scale 0 (their input is 0 anyway)
+        groups = F.pad(g_idx.long(), (0, 1), value=s.shape[1])
+        columns_group = groups[columns] if columns is not None else groups[:k]
+        s, z = F.pad(s, (0, 1)), F.pad(z, (0, 1)) if isinstance(z, torch.Tensor) else z
+    elif group_size != -1:
+        piece_group = group_size // per
+        extra = -(-piece_columns // piece_group) - s.shape[1]  # -- groups of padding only
+        if extra > 0:
+            s = F.pad(s, (0, extra))
+            z = F.pad(z, (0, extra)) if isinstance(z, torch.Tensor) else z
+    buffer = torch.empty(min(n, tile_rows(width)), width, dtype=COMPUTE_DTYPE)
+
+    def rows_of(start: int, stop: int) -> torch.Tensor:
+        tile = buffer[: stop - start]
+        zr = z[start:stop] if isinstance(z, torch.Tensor) else z
+        for p, codes in enumerate(code_pieces(start, stop)):
+            cols = slice(p * piece_columns, (p + 1) * piece_columns)
+            piece_groups = columns_group[cols] if columns_group is not None else None
+            dequantize_tile(tile[:, cols], codes, s[start:stop], zr, piece_group, piece_groups)
+        return tile
+
+    return blocked_linear(xk, n, rows_of)

@@ -3,14 +3,17 @@
 ``qweight (N, K)`` float8_e4m3fn, float32 ``scales (N, 1)`` per channel or ``(1, 1)``
 per tensor: ``w = qweight * scale``.
 
-CPU, bf16 inputs: PyTorch has no CPU kernel reading FP8 weights, and converting the
+CPU, bf16 inputs, and float32 ones inside ``cpu_kernels.float32_in_bf16`` (rounded to
+bf16 and the result cast back), within ``cpu_kernels.BF16_RELATIVE_ERROR`` of the exact
+reference:
+PyTorch has no CPU kernel reading FP8 weights, and converting the
 codes costs ~60x the product, so a layer keeps its codes as bf16 (exact: every E4M3
 value is a bf16 value; :func:`fp8_cpu_layout`, 2 bytes a weight beside the 1 of
 ``qweight``) and each call is one bf16 product with the scale applied to the output.
 Called without that layout (through the dispatcher, under ``torch.compile``) the op
 converts blocks of rows per call; the full float weight never exists.  A row whose
 product overflows before the (tiny) scale is applied is recomputed by the reference.
-Other input dtypes run the reference.  CUDA: the Triton kernels (the reference below
+Other inputs run the reference.  CUDA: the Triton kernels (the reference below
 compute capability 8.9).
 """
 
@@ -66,7 +69,7 @@ def linear_fp8_weight_cpu(
     codes: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The CPU implementation; ``codes`` is the layer's cached :func:`fp8_cpu_layout`."""
-    if not cpu_kernels.uses_bf16_kernels(x):
+    if not cpu_kernels.computes_in_bf16(x.dtype):
         return linear_fp8_weight_reference(x, qweight, scales, bias)
     x2 = common.rows(x)
     out = fp8_rows_linear(x2, qweight, codes).float() * scales.reshape(1, -1)

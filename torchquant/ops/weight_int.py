@@ -5,11 +5,15 @@
 ``2**(bits-1)``); ``w = (code - zero) * scale``.  Column ``k`` is in group
 ``k // group_size``, or ``g_idx[k]`` for GPTQ act-order (``linear_intn_gidx``).
 
-CPU, bf16 inputs: up to ``INT4PACK_MAX_ROWS[planes]`` rows run PyTorch's int4pack
-kernel on the layer's cached layout (``QuantLinear.cpu_layout``, see ``cpu_kernels``),
-codes of 5..8 bits as two 4-bit planes; more rows dequantize blocks of weight rows to
-bf16 and multiply them (the int4pack kernel does not use the matrix units).  Other
-input dtypes run the reference.  CUDA: the Triton kernels.
+CPU, bf16 inputs, and float32 ones inside ``cpu_kernels.float32_in_bf16`` (rounded to
+bf16 and the result cast back): up to
+``INT4PACK_MAX_ROWS[planes]`` rows run PyTorch's int4pack kernel on the layer's cached
+layout (``QuantLinear.cpu_layout``, see ``cpu_kernels``), codes of 5..8 bits as two 4-bit
+planes; more rows dequantize tiles of weight rows into one reused bf16 buffer and
+multiply them by the bf16 GEMM (the int4pack kernel does not use the matrix units).
+Both stay within ``cpu_kernels.BF16_RELATIVE_ERROR`` (``||out - ref|| / ||ref||``) of
+the exact reference for either input dtype.  Other inputs run the reference.  CUDA: the
+Triton kernels.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torchquant.numerics import dequantize_int_weight, unpack_codes
 from torchquant.ops import common, cpu_kernels
 
 # -- above this many rows (per number of 4-bit planes) dequantize-and-multiply is faster
-INT4PACK_MAX_ROWS = {1: 192, 2: 48}
+INT4PACK_MAX_ROWS = {1: 80, 2: 48}
 
 
 def dequantize_gidx(
@@ -73,23 +77,29 @@ def intn_cpu_layout(
 
 
 def _intn_cpu(x, qweight, scales, zeros, g_idx, bias, bits, group_size, layout):
-    if not cpu_kernels.uses_bf16_kernels(x):
+    if not cpu_kernels.computes_in_bf16(x.dtype):
         return linear_intn_reference(x, qweight, scales, zeros, bias, bits, group_size, g_idx)
     x2, n, k = common.rows(x), qweight.shape[0], x.shape[-1]
     planes = 1 if bits <= 4 else 2
+
+    def exact(rows: torch.Tensor) -> torch.Tensor:
+        return linear_intn_reference(rows, qweight, scales, zeros, None, bits, group_size, g_idx)
+
     if x2.shape[0] > INT4PACK_MAX_ROWS[planes]:
-        dtype = cpu_kernels.COMPUTE_DTYPE
-        deq = _dequantize_rows(qweight, scales, zeros, g_idx, bits, group_size, k, dtype)
-        out = cpu_kernels.blocked_linear(x2.to(dtype), n, deq)
+        zero = zeros if zeros is not None else float(1 << (bits - 1))
+
+        def code_pieces(start: int, stop: int) -> list[torch.Tensor]:
+            return cpu_kernels.read_code_positions(qweight[start:stop], bits)
+
+        width = qweight.shape[1] * 32 // bits  # -- K padded to whole 32-code blocks
+        per = cpu_kernels.code_chunks(bits)[0]
+        out = cpu_kernels.blocked_int_linear(
+            x2, n, code_pieces, width, per, scales, zero, group_size, g_idx
+        )
+        out = common.recompute_overflowed_rows(out, x2, exact)
     else:
         if layout.packed is None:
             layout = intn_cpu_layout(qweight, scales, zeros, g_idx, bits, group_size, k)
-
-        def exact(rows: torch.Tensor) -> torch.Tensor:
-            return linear_intn_reference(
-                rows, qweight, scales, zeros, None, bits, group_size, g_idx
-            )
-
         out = cpu_kernels.int4pack_linear(x2, layout, n, exact)
     return common.finish(out, bias, x)
 

@@ -3,10 +3,14 @@
 ``qweight (N, K)`` int8, ``scales (N, G)``: ``w = qweight * scale``, one scale per
 row (``group_size == -1``) or per group of ``group_size`` input columns.
 
-CPU, bf16 inputs, per channel: PyTorch's ``_weight_int8pack_mm`` on the int8 weight as
-stored; per group: the codes ``qweight + 128`` as two 4-bit int4pack planes (see
-``cpu_kernels``).  Above ``INT8PACK_MAX_ROWS`` rows both dequantize blocks of rows to
-bf16 and multiply them.  Other input dtypes run the reference.  CUDA: the Triton kernels.
+CPU, bf16 inputs, and float32 ones inside ``cpu_kernels.float32_in_bf16`` (rounded to
+bf16 and the result cast back), per channel: PyTorch's ``_weight_int8pack_mm`` on the
+int8 weight as stored; per group: the codes ``qweight + 128`` as two 4-bit int4pack
+planes (see ``cpu_kernels``).  Above
+``INT8PACK_MAX_ROWS`` rows both dequantize tiles of rows into one reused bf16 buffer and
+multiply them by the bf16 GEMM.  Every path stays within
+``cpu_kernels.BF16_RELATIVE_ERROR`` (``||out - ref|| / ||ref||``) of the exact
+reference; other inputs run the reference.  CUDA: the Triton kernels.
 """
 
 from __future__ import annotations
@@ -54,25 +58,30 @@ def _int8_reference(x, qweight, scales, bias, group_size, *layout):
 
 
 def linear_int8_weight_cpu(x, qweight, scales, bias, group_size, *layout):
-    if not cpu_kernels.uses_bf16_kernels(x):
+    if not cpu_kernels.computes_in_bf16(x.dtype):
         return linear_int8_weight_reference(x, qweight, scales, bias, group_size)
     x2, n = common.rows(x), qweight.shape[0]
+
+    def exact(rows: torch.Tensor) -> torch.Tensor:
+        return linear_int8_weight_reference(rows, qweight, scales, None, group_size)
+
     if x2.shape[0] > INT8PACK_MAX_ROWS:
-        dtype = cpu_kernels.COMPUTE_DTYPE
-        out = cpu_kernels.blocked_linear(
-            x2.to(dtype), n, _dequantize_rows(qweight, scales, group_size, dtype)
-        )
+
+        def code_pieces(start: int, stop: int) -> list[torch.Tensor]:
+            return [qweight[start:stop]]  # -- the codes in order, signed (zero 0)
+
+        k = qweight.shape[1]
+        out = cpu_kernels.blocked_int_linear(x2, n, code_pieces, k, 1, scales, 0.0, group_size)
+        out = common.recompute_overflowed_rows(out, x2, exact)
     else:
         layout = cpu_kernels.CpuLayout(*layout)
         if layout.scales_zeros is None:
             layout = int8_cpu_layout(qweight, scales, group_size)
         if group_size == -1:
             out = cpu_kernels.int8pack_linear(x2, qweight, layout)
+            if x2.dtype != cpu_kernels.COMPUTE_DTYPE:
+                out = common.recompute_overflowed_rows(out, x2, exact)
         else:
-
-            def exact(rows: torch.Tensor) -> torch.Tensor:
-                return linear_int8_weight_reference(rows, qweight, scales, None, group_size)
-
             out = cpu_kernels.int4pack_linear(x2, layout, n, exact)
     return common.finish(out, bias, x)
 

@@ -2,8 +2,9 @@
 
 ``qweight (N, K)`` float8_e4m3fn, ``scales (N, 1)`` (``group_size=-1``) or ``(1, 1)``
 (``group_size=0``) float32; no zero points, no INT codes.  This is also the weight of
-FP8 W8A8 layers.  bf16 layers on CPU keep the codes as bf16 too (``ops.fp8_cpu_layout``,
-2 bytes a weight, never saved): the CPU has no FP8 product.
+FP8 W8A8 layers.  bf16 layers on CPU (and float32 weight-only ones) keep the codes as
+bf16 too (``ops.fp8_cpu_layout``, 2 bytes a weight, never saved): the CPU has no FP8
+product.
 """
 
 from __future__ import annotations
@@ -61,6 +62,6 @@ class Fp8Format(WeightFormat):
         return ops.bind(ops.linear_fp8_weight, q, s, bias, on_cpu=on_cpu)
 
     def cpu_layout(self, layer: QuantizedLayer) -> CpuLayout:
-        if layer.dtype != cpu_kernels.COMPUTE_DTYPE:
-            return CpuLayout()  # only bf16 inputs run the bf16 product (see ops.weight_fp8)
+        if not cpu_kernels.keeps_layout(layer.dtype, layer.scheme.activation is None):
+            return CpuLayout()  # the op runs the reference for this dtype (ops.cpu_kernels)
         return ops.fp8_cpu_layout(layer.qweight)
