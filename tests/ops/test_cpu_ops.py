@@ -413,15 +413,14 @@ def test_dequantized_tile_is_the_reference_weight_to_bf16_rounding():
     groups = torch.arange(k) // g
     ref = (codes.float() - zeros[:, groups].float()) * scales[:, groups]
     out = torch.empty(n, k, dtype=torch.bfloat16)
-    s, z = scales.bfloat16(), zeros.bfloat16()
-    tile = cpu_kernels.dequantize_tile(out, codes, s, z, g)
+    s, z = scales.bfloat16()[:, groups], zeros.bfloat16()[:, groups]
+    tile = cpu_kernels.dequantize_tile(out, codes, s, z)
     assert tile is out
     # -- one rounding from the bf16 scale: the scale's and the product's, 2**-8 each at most
-    bf16_scale = (codes.float() - zeros[:, groups].float()) * s[:, groups].float()
-    assert torch.equal(out, bf16_scale.bfloat16())
+    assert torch.equal(out, ((codes.float() - z.float()) * s.float()).bfloat16())
     torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=0)
-    gathered = cpu_kernels.dequantize_tile(torch.empty_like(out), codes, s, z, 0, groups)
-    assert torch.equal(gathered, out)  # -- act-order groups: the same weight
+    per_row = cpu_kernels.dequantize_tile(torch.empty_like(out), codes, s[:, :1], 8.0)
+    assert torch.equal(per_row, ((codes.float() - 8) * s[:, :1].float()).bfloat16())
 
 
 def test_float32_layer_rows_that_round_to_infinity_in_bf16_are_recomputed():

@@ -270,14 +270,15 @@ def read_code_positions(qweight: torch.Tensor, bits: int) -> list[torch.Tensor]:
         return [codes[:, p::per] for p in range(per)]
     raw = qweight.contiguous().view(torch.uint8)  # (rows, 4 * words)
     per, size = code_chunks(bits)
-    chunks = raw.view(raw.shape[0], -1, size)
+    # -- byte j of every chunk as one contiguous plane: the shifts below then vectorise
+    planes = raw.view(raw.shape[0], -1, size).permute(2, 0, 1).contiguous()
     mask = (1 << bits) - 1
     pieces = []
     for p in range(per):
         byte, shift = divmod(p * bits, 8)
-        piece = chunks[..., byte] >> shift if shift else chunks[..., byte]
+        piece = planes[byte] >> shift if shift else planes[byte]
         if shift + bits > 8:  # -- the code runs on into the next byte
-            piece = piece | (chunks[..., byte + 1] << (8 - shift))
+            piece = piece | (planes[byte + 1] << (8 - shift))
         pieces.append(piece & mask if shift + bits != 8 else piece)
     return pieces
 
@@ -296,34 +297,19 @@ def dequantize_tile(
     codes: torch.Tensor,
     scales: torch.Tensor,
     zeros: torch.Tensor | float,
-    group_size: int,
-    columns_group: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(codes - zeros) * scales`` written into bf16 ``out (rows, K)`` and returned.
 
-    ``codes (rows, K)`` integers, ``scales``/``zeros`` ``(rows, G)`` bf16 (or ``zeros`` a
-    number); column ``k`` is in group ``k // group_size`` (all in one with ``-1``), or
-    ``columns_group[k]``.  The difference is exact in bf16 (integers below 256), so each
-    weight is rounded once from the bf16 scale: within 2**-7 of the float32 reference.
-    Three passes over ``out``, the shorter last group handled as a slice of its own.
+    ``codes (rows, K)`` integers; ``scales`` and ``zeros`` bf16, ``(rows, 1)`` or per
+    column ``(rows, K)`` (``zeros`` may be a number).  The difference is exact in bf16
+    (integers below 256), so each weight is rounded once from the bf16 scale: within
+    2**-7 of the float32 reference.  Three passes over ``out``, none of them broadcasting
+    along a short inner dimension (which PyTorch's CPU loops do not vectorise).
     """
     out.copy_(codes)
-    if columns_group is not None:
-        out.sub_(zeros[:, columns_group] if isinstance(zeros, torch.Tensor) else zeros)
-        return out.mul_(scales[:, columns_group])
-    k = out.shape[1]
-    size = k if group_size == -1 else group_size
-    whole = k - k % size
-    pieces = [(out[:, :whole].unflatten(1, (-1, size)), slice(0, whole // size))] if whole else []
-    if whole < k:
-        pieces.append((out[:, whole:].unsqueeze(1), slice(whole // size, None)))
-    for view, groups in pieces:
-        if isinstance(zeros, torch.Tensor):
-            view.sub_(zeros[:, groups].unsqueeze(-1))
-        elif zeros:
-            view.sub_(zeros)
-        view.mul_(scales[:, groups].unsqueeze(-1))
-    return out
+    if isinstance(zeros, torch.Tensor) or zeros:
+        out.sub_(zeros)
+    return out.mul_(scales)
 
 
 def blocked_int_linear(
@@ -349,35 +335,43 @@ def blocked_int_linear(
     ``group_size / P`` (``P`` divides every power of two from 16); act-order groups are
     gathered per column.
     """
-    k = x2.shape[1]
+    m, k = x2.shape
+    reordered = per > 1 or width != k
     xk = x2.to(COMPUTE_DTYPE)
-    columns = position_columns(width, per, k) if per > 1 or width != k else None
-    if columns is not None:
-        xk = F.pad(xk, (0, 1))[:, columns]
+    if reordered:  # -- the columns of position_columns, by a transpose (no gather)
+        xk = F.pad(xk, (0, width - k)).view(m, width // per, per).transpose(1, 2)
+        xk = xk.reshape(m, width)
     s = scales.to(COMPUTE_DTYPE)
     z = zeros.to(COMPUTE_DTYPE) if isinstance(zeros, torch.Tensor) else zeros
     piece_columns = width // per
-    columns_group, piece_group = None, group_size
     if g_idx is not None:
         # -- padding columns take an added group of scale 0 (their input is 0 anyway)
         groups = F.pad(g_idx.long(), (0, 1), value=s.shape[1])
-        columns_group = groups[columns] if columns is not None else groups[:k]
+        columns_group = groups[position_columns(width, per, k)] if reordered else groups[:k]
         s, z = F.pad(s, (0, 1)), F.pad(z, (0, 1)) if isinstance(z, torch.Tensor) else z
-    elif group_size != -1:
-        piece_group = group_size // per
-        extra = -(-piece_columns // piece_group) - s.shape[1]  # -- groups of padding only
-        if extra > 0:
-            s = F.pad(s, (0, extra))
-            z = F.pad(z, (0, extra)) if isinstance(z, torch.Tensor) else z
     buffer = torch.empty(min(n, tile_rows(width)), width, dtype=COMPUTE_DTYPE)
+
+    def per_column(q: torch.Tensor | float, start: int, stop: int, cols: slice):
+        """A piece's qparams, ``(rows, 1)`` or ``(rows, piece_columns)``: column ``i`` of
+        every piece is in group ``i // (group_size / P)`` (padding: scale 0)."""
+        if not isinstance(q, torch.Tensor):
+            return q
+        rows = q[start:stop]
+        if g_idx is not None:
+            return rows[:, columns_group[cols]]
+        if group_size == -1:
+            return rows
+        wide = rows.unsqueeze(-1).expand(-1, -1, group_size // per).reshape(rows.shape[0], -1)
+        return F.pad(wide, (0, piece_columns - wide.shape[1]))  # -- crops when negative
 
     def rows_of(start: int, stop: int) -> torch.Tensor:
         tile = buffer[: stop - start]
-        zr = z[start:stop] if isinstance(z, torch.Tensor) else z
+        qparams = None
         for p, codes in enumerate(code_pieces(start, stop)):
             cols = slice(p * piece_columns, (p + 1) * piece_columns)
-            piece_groups = columns_group[cols] if columns_group is not None else None
-            dequantize_tile(tile[:, cols], codes, s[start:stop], zr, piece_group, piece_groups)
+            if qparams is None or g_idx is not None:  # -- regular groups: one for all pieces
+                qparams = (per_column(s, start, stop, cols), per_column(z, start, stop, cols))
+            dequantize_tile(tile[:, cols], codes, *qparams)
         return tile
 
     return blocked_linear(xk, n, rows_of)
