@@ -5,10 +5,13 @@
     python benchmarks/bench_cpu.py --ops-only --shapes 4096x4096 --rows 1,256
     python benchmarks/bench_cpu.py --e2e-only --labels "fp32,w4a16 g128" --eval-tokens 2048
     python benchmarks/bench_cpu.py --smoke      # tiny shapes, a few seconds
+    python benchmarks/bench_cpu.py --float32    # float32 quantized layers and models
 
 PyTorch's quantized CPU kernels take bf16 activations, so quantized layers and models
 are bf16 (converted from a bf16 copy) and are compared with the float32 original a
-user starts from, and with its bf16 copy.
+user starts from, and with its bf16 copy.  ``--float32`` quantizes the float32 layers
+and model instead (what ``torchquant quantize`` writes by default) and runs them as
+``torchquant eval`` does, inside ``float32_in_bf16`` (torchao's rows stay bf16).
 
 Per op: ``QuantLinear`` forward at SmolLM2-135M's shapes (K -> N: 576 -> 576, 576 ->
 1536, 1536 -> 576, 576 -> 192) and 4096 -> 4096 for M = 1, 16, 256, 1024 rows, median
@@ -61,6 +64,7 @@ from torch import nn
 from torchquant import QuantConfig, QuantLinear, convert_model, scheme_from_name
 from torchquant.benchmark import measure_throughput
 from torchquant.formats.native import save_quantized
+from torchquant.ops.cpu_kernels import float32_in_bf16
 from torchquant.tools import models
 from torchquant.tools.evaluation import perplexity, tokenize_text
 
@@ -195,26 +199,41 @@ def _cell(value: float | str) -> str:
 
 
 @torch.no_grad()
-def op_table(shapes: list[tuple[int, int]], rows: list[int], torchao: dict[str, Any]) -> str:
+def op_table(
+    shapes: list[tuple[int, int]],
+    rows: list[int],
+    torchao: dict[str, Any],
+    float32: bool = False,
+) -> str:
+    """Per-op ratios; ``float32``: torchquant's layers quantized from the float32 linear and
+    fed float32 inputs inside ``float32_in_bf16``."""
     labels = [label for label, _, _ in SCHEMES] + list(torchao)
     head = f"{'K->N':>11}{'M':>6}{'fp32 ms':>9}{'bf16':>7}" + "".join(f"{x:>14}" for x in labels)
-    lines = ["per op: ms of float32 F.linear; the other columns: x fp32 (above 1 = faster)"]
+    inputs = "float32 layers and inputs" if float32 else "bf16 layers and inputs"
+    lines = [
+        f"per op: ms of float32 F.linear; the other columns: x fp32 (above 1 = faster); "
+        f"torchquant: {inputs}"
+    ]
     lines.append(head)
     for k, n in shapes:
         linear, half = float_pair(k, n)
-        layers = [QuantLinear.from_linear(half, scheme_from_name(s, g)) for _, s, g in SCHEMES]
+        source = linear if float32 else half
+        layers = [QuantLinear.from_linear(source, scheme_from_name(s, g)) for _, s, g in SCHEMES]
+        own = len(layers)
         layers += [torchao_linear(half, config) for config in torchao.values()]
         for m in rows:
             x = torch.randn(m, k)
             fp32 = median_seconds(lambda x=x, f=linear: f(x))
             xb = x.bfloat16()
             bf16 = median_seconds(lambda x=xb, f=half: f(x))
-            cells = [
-                layer
-                if isinstance(layer, str)
-                else fp32 / median_seconds(lambda f=layer, x=xb: f(x))
-                for layer in layers
-            ]
+            with float32_in_bf16():
+                cells = [
+                    layer
+                    if isinstance(layer, str)
+                    else fp32
+                    / median_seconds(lambda f=layer, x=x if i < own and float32 else xb: f(x))
+                    for i, layer in enumerate(layers)
+                ]
             lines.append(
                 f"{f'{k}->{n}':>11}{m:>6}{fp32 * 1e3:>9.3f}{fp32 / bf16:>7.2f}"
                 + "".join(_cell(c) for c in cells)
@@ -278,9 +297,10 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def save_row_checkpoint(label: str, model_spec: str, checkpoint: str) -> None:
-    """Convert the bf16 model by ``label`` and save it where the row's process will load it."""
-    model, tokenizer = models.load_model(model_spec, torch.bfloat16)
+def save_row_checkpoint(label: str, model_spec: str, checkpoint: str, float32: bool) -> None:
+    """Convert the bf16 (``float32``: float32) model by ``label`` and save it where the row's
+    process will load it."""
+    model, tokenizer = models.load_model(model_spec, torch.float32 if float32 else torch.bfloat16)
     config = QuantConfig(scheme_of(label))
     model, _ = convert_model(model, config, progress=False)
     save_quantized(model, checkpoint, config=config, tokenizer=tokenizer, overwrite=True)
@@ -320,10 +340,11 @@ def measure_row(
     tensors = [*model.parameters(), *model.buffers()]  # each shared (tied) tensor once
     held = sum(tensor_nbytes(t) for t in tensors)
     layout = sum(m.cpu_layout_nbytes() for m in body.values() if isinstance(m, QuantLinear))
-    speed = measure_throughput(
-        model, label, prompt_len=prompt, new_tokens=new_tokens, repeats=repeats
-    )
-    evaluation = perplexity(model, eval_ids, seq_len, progress=False)
+    with float32_in_bf16():  # -- as torchquant eval runs float32 quantized models
+        speed = measure_throughput(
+            model, label, prompt_len=prompt, new_tokens=new_tokens, repeats=repeats
+        )
+        evaluation = perplexity(model, eval_ids, seq_len, progress=False)
     return {
         "label": label,
         "decode_tok_s": speed.decode_tokens_per_s,
@@ -359,7 +380,8 @@ def _worker(args: list[str], what: str) -> dict[str, Any] | None:
 def e2e_rows(labels: list[str], model_spec: str, text: str, options: dict[str, int]) -> list[dict]:
     """Every row measured in its own process; quantized rows load a checkpoint saved first."""
     shared = ["--model", model_spec, "--text", text]
-    shared += [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    shared += [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k != "float32"]
+    shared += ["--float32"] if options.get("float32") else []
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
         for i, label in enumerate(labels):
@@ -378,6 +400,7 @@ def e2e_table(rows: list[dict], options: dict[str, int]) -> str:
         f"end to end, batch 1, {options['prompt']}-token prompt, {options['new_tokens']} new "
         f"tokens (median of {options['repeats']}); eval: {base['eval_tokens']} tokens in "
         f"{options['seq_len']}-token windows; {options['threads']} threads; "
+        f"{'float32' if options.get('float32') else 'bf16'} quantized models; "
         f"x {base['label']}: speed ratio (above 1 = faster), peak RSS ratio (below 1 = smaller)",
         f"{'model':<14}{'decode tok/s':>13}{'x':>6}{'prefill tok/s':>14}{'x':>6}{'eval s':>8}"
         f"{'x':>6}{'ppl':>8}{'held MiB':>9}{'layout':>8}{'RSS MiB':>8}{'peak':>7}{'x':>6}"
@@ -416,6 +439,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ops-only", action="store_true")
     p.add_argument("--e2e-only", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, no model")
+    p.add_argument(
+        "--float32",
+        action="store_true",
+        help="quantize the float32 layers and model (run inside float32_in_bf16)",
+    )
     p.add_argument("--shapes", type=_shapes, default=OP_SHAPES, help="per op: KxN,KxN,...")
     p.add_argument("--rows", type=_ints, default=OP_ROWS, help="per op: M,M,...")
     p.add_argument("--labels", type=_labels, help="end-to-end rows, e.g. 'fp32,w4a16 g128'")
@@ -447,10 +475,11 @@ def main(argv: list[str] | None = None) -> None:
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "threads": args.threads,
+        "float32": args.float32,
     }
     torch.set_num_threads(args.threads)
     if args.save_row:
-        save_row_checkpoint(args.save_row, args.model, args.checkpoint)
+        save_row_checkpoint(args.save_row, args.model, args.checkpoint, args.float32)
         return
     if args.measure_row:
         model, tokenizer = load_row_model(args.measure_row, args.model, args.checkpoint)
@@ -458,17 +487,17 @@ def main(argv: list[str] | None = None) -> None:
         ids = tokenize_text(
             tokenizer, Path(args.text).read_text(encoding="utf-8"), args.eval_tokens
         )
-        kw = {k: v for k, v in options.items() if k not in ("eval_tokens", "threads")}
+        kw = {k: v for k, v in options.items() if k not in ("eval_tokens", "threads", "float32")}
         print(json.dumps({**measure_row(args.measure_row, model, ids, **kw), **loaded}))
         return
     torchao, note = load_torchao()
     print(note, flush=True)
     if args.smoke:
-        print(op_table([(96, 40)], [1, 300], torchao))
+        print(op_table([(96, 40)], [1, 300], torchao, args.float32))
         print(layer_bytes_table({"narrow": (96, 40), "wide": (40, 96)}, torchao))
         return
     if not args.e2e_only:
-        print(op_table(args.shapes, args.rows, torchao), flush=True)
+        print(op_table(args.shapes, args.rows, torchao, args.float32), flush=True)
         print()
         print(layer_bytes_table(LAYER_LINEARS, torchao), flush=True)
     if not args.ops_only:
