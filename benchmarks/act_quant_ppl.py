@@ -11,6 +11,8 @@ all with INT8 per-channel weights; INT4 activations (``w8a4``, with SmoothQuant,
 (calibrated on ``--calib`` where it needs it) and is scored on the first ``--max-tokens``
 tokens of ``--text`` in ``--seq-len`` windows, no BOS.
 
+``--static-errors`` prints, over every linear, the output error of static per-tensor INT8
+activations (min-max on the calibration windows) symmetric vs asymmetric on real inputs.
 ``--rotation`` estimates what an orthogonal rotation (QuaRot-style ``x Q``, ``W Q``)
 would do for INT4 activations: on real inputs of a few linears it compares the relative
 output error of per-token INT4 activations (INT8 weights) with and without a block
@@ -38,7 +40,13 @@ from torchquant import (
     scheme_from_name,
 )
 from torchquant.evaluation import perplexity
-from torchquant.numerics import dequantize_activation, quantize_activation
+from torchquant.numerics import (
+    asymmetric_activation_qparams,
+    dequantize_activation,
+    dequantize_activation_asymmetric,
+    quantize_activation,
+    quantize_activation_asymmetric,
+)
 from torchquant.numerics.weight import dequantize_int_weight, quantize_int_weight
 
 W8 = WeightQuant(bits=8, group_size=-1)
@@ -94,21 +102,30 @@ def int4_output_error(x: torch.Tensor, w: torch.Tensor, rotation: torch.Tensor |
     return float((out - ref).norm() / ref.norm())
 
 
-def rotation_table(model: torch.nn.Module, calib: torch.Tensor) -> None:
-    """Capture real inputs of ``ROTATION_LAYERS`` and print the INT4 error with each rotation."""
+def capture_inputs(
+    model: torch.nn.Module, tokens: torch.Tensor, keep_layer, rows: int = 2048
+) -> dict[str, torch.Tensor]:
+    """The first ``rows`` input rows (float32) of every linear ``keep_layer(name)`` accepts,
+    from running ``tokens`` through ``model``."""
     inputs: dict[str, torch.Tensor] = {}
     hooks = []
     for name, module in model.named_modules():
-        if any(name.endswith(target) for target in ROTATION_LAYERS):
+        if isinstance(module, torch.nn.Linear) and keep_layer(name):
 
             def keep(mod, args, _out, name=name):
-                inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1])[:2048].float()
+                inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1])[:rows].float()
 
             hooks.append(module.register_forward_hook(keep))
     with torch.no_grad():
-        model(calib[:4])
+        model(tokens)
     for h in hooks:
         h.remove()
+    return inputs
+
+
+def rotation_table(model: torch.nn.Module, calib: torch.Tensor) -> None:
+    """Capture real inputs of ``ROTATION_LAYERS`` and print the INT4 error with each rotation."""
+    inputs = capture_inputs(model, calib[:4], lambda n: n.endswith(ROTATION_LAYERS))
     gen = torch.Generator().manual_seed(0)
     print("\n| layer input | K | INT4 error, none | block Hadamard | random orthogonal |")
     print("|---|---|---|---|---|")
@@ -121,16 +138,52 @@ def rotation_table(model: torch.nn.Module, calib: torch.Tensor) -> None:
         print(f"| {name} | {k} | " + " | ".join(f"{e:.4f}" for e in errors) + " |")
 
 
+def _in_blocks(name: str) -> bool:
+    return ".layers." in name
+
+
+def static_error_table(model: torch.nn.Module, calib: torch.Tensor, ids: torch.Tensor) -> None:
+    """Per linear: the output error of static per-tensor INT8 activations (min-max over
+    ``calib``, applied to the first 1,024 evaluation tokens) symmetric vs asymmetric, with
+    float weights, so only the activation grid differs."""
+    seen = [capture_inputs(model, calib[i : i + 1], _in_blocks) for i in range(calib.shape[0])]
+    evaluated = capture_inputs(model, ids.reshape(1, -1)[:, :1024], _in_blocks, rows=1024)
+    modules = dict(model.named_modules())
+    errors = []
+    for name, x in evaluated.items():
+        lo = min(float(batch[name].min()) for batch in seen)
+        hi = max(float(batch[name].max()) for batch in seen)
+        w = modules[name].weight.detach().float()
+        ref = x @ w.t()
+        q, s = quantize_activation(x, "int8", False, static_scale=torch.tensor(max(-lo, hi) / 127))
+        sym = dequantize_activation(q, s)
+        scale, zero = asymmetric_activation_qparams(torch.tensor([[lo]]), torch.tensor([[hi]]))
+        asym = dequantize_activation_asymmetric(
+            *quantize_activation_asymmetric(x, False, scale, zero)
+        )
+        errors.append([float((a @ w.t() - ref).norm() / ref.norm()) for a in (sym, asym)])
+    err = torch.tensor(errors)
+    better = int((err[:, 1] < err[:, 0]).sum())
+    print(f"\nstatic INT8 min-max, {len(errors)} linears: output error median sym "
+          f"{err[:, 0].median():.4f} / asym {err[:, 1].median():.4f}, mean {err[:, 0].mean():.4f}"
+          f" / {err[:, 1].mean():.4f}; asymmetric lower in {better}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(parser, calib_samples=32, group_size=128)
     parser.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=list(SCHEMES))
     parser.add_argument("--reference", type=float, help="fp32 perplexity, to skip measuring it")
     parser.add_argument("--rotation", action="store_true", help="print the rotation estimate")
+    parser.add_argument(
+        "--static-errors", action="store_true", help="print static sym vs asym layer errors"
+    )
     args = parser.parse_args()
     base, _, ids, calib = load_run(args)
     if args.rotation:
         rotation_table(base, calib)
+    if args.static_errors:
+        static_error_table(base, calib, ids)
     ref = args.reference or perplexity(base, ids, args.seq_len, progress=False).perplexity
     print(f"fp32: {ref:.3f} ({torch.get_num_threads()} threads, load {load_average()})")
     table = [("fp32", ref, None)]
