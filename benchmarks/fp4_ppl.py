@@ -7,7 +7,7 @@
 Every row quantizes a fresh copy of the float model: round-to-nearest, the per-block
 scale search (``-mse``: ``WeightQuant(observer="mse")``), the activations quantized too
 (``nvfp4``, ``mxfp4``, ``mxfp8``; ``nvfp4 static``: NVFP4's activation global scale
-calibrated on ``--calib``), or AWQ calibrated on
+calibrated on ``--calib``), or AWQ / GPTQ (block scales fixed first) calibrated on
 ``--calib`` (``--calib-samples`` windows of ``--calib-seq-len`` tokens); each is scored
 on the first ``--max-tokens`` tokens of ``--text`` in ``--seq-len`` windows (no BOS).  Beside the
 perplexity, the weight error ``||W_q - W|| / ||W||`` over all quantized linears: SmolLM2's
@@ -44,6 +44,8 @@ SCHEMES = {
     "mxfp4a16": scheme_from_name("mxfp4a16"),
     "mxfp4a16-mse": scheme_from_name("mxfp4a16-mse"),
     "mxfp4a16 awq": QuantScheme(WeightQuant("mxfp4"), algorithm="awq"),
+    "nvfp4a16 gptq": QuantScheme(WeightQuant("nvfp4"), algorithm="gptq"),
+    "mxfp4a16 gptq": QuantScheme(WeightQuant("mxfp4"), algorithm="gptq"),
     "nvfp4": scheme_from_name("nvfp4"),
     "nvfp4 static": QuantScheme(WeightQuant("nvfp4"), ActivationQuant("nvfp4", dynamic=False)),
     "mxfp4": scheme_from_name("mxfp4"),

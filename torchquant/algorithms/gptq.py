@@ -9,7 +9,8 @@ The weight is held transposed, one visited column per contiguous row, so each st
 the column loop reads and writes whole rows; with static groups (or per-channel
 qparams) every column's scale and zero are gathered per block before the loop, leaving
 it a handful of vector operations per column.  The result is plain codes/scales/zeros,
-the same format round-to-nearest produces.
+the same format round-to-nearest produces.  :func:`gptq_quantize_fp4` runs the same loop
+onto the FP4 grid (NVFP4, MXFP4) with the block scales fixed beforehand.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ import torch
 
 from torchquant.errors import CalibrationError, QuantizationError
 from torchquant.numerics import choose_int_qparams, group_min_max, num_groups
+from torchquant.numerics.fp4 import (
+    FP4_ROUNDING,
+    FP4_SCALE_SEARCH,
+    Fp4Weight,
+    decode_e2m1,
+    encode_e2m1,
+    expand_blocks,
+    fp4_block_scales,
+)
 from torchquant.numerics.observers import mse_range
 
 DAMPING_STEPS = 4  # -- tries, each with ten times the damping of the one before
@@ -108,40 +118,53 @@ def _round(
     return code, (code - zero) * scale
 
 
+# -- rounds visited column ``i`` (a row ``(N,)``) into its codes row and dequantized row
+RoundColumn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
 def _quantize_columns(
     w1: torch.Tensor,
     hinv1: torch.Tensor,
-    scale1: torch.Tensor,
-    zero1: torch.Tensor | float,
-    bits: int,
+    count: int,
+    round_column: RoundColumn,
     codes1: torch.Tensor,
     err1: torch.Tensor,
 ) -> None:
-    """The column loop on fixed qparams: for each of the first ``C = len(scale1)`` rows
-    ``i`` of ``w1: (B, N)``, round it into ``codes1[i]``, keep its error over the pivot
-    in ``err1[i]`` and spread that error over every row of ``w1`` after it.
+    """The column loop on fixed qparams: for each of the first ``count`` rows ``i`` of
+    ``w1: (B, N)``, round it into ``codes1[i]`` (``round_column(i, row, code, deq)``), keep
+    its error over the pivot in ``err1[i]`` and spread that error over every row after it.
 
-    ``scale1``/``zero1`` ``(C, N)`` (``zero1`` a number when symmetric); ``hinv1`` is the
-    ``(B, B)`` block of the inverse-Hessian factor.  The updates are lazy once more
-    inside the block: each column updates the rest of its chunk of ``INNER_BLOCK`` rows,
-    and a finished chunk updates the rows after it in one matmul, so the per-column
-    operations stay small (they run without thread hand-offs) and read few rows.
+    ``hinv1`` is the ``(B, B)`` block of the inverse-Hessian factor.  The updates are lazy
+    once more inside the block: each column updates the rest of its chunk of
+    ``INNER_BLOCK`` rows, and a finished chunk updates the rows after it in one matmul, so
+    the per-column operations stay small (they run without thread hand-offs) and read few
+    rows.
     """
-    qmax = (1 << bits) - 1
     pivots = torch.diagonal(hinv1).tolist()
     deq = torch.empty_like(w1[0])
-    count = len(scale1)
     for c1 in range(0, count, INNER_BLOCK):
         c2 = min(c1 + INNER_BLOCK, count)
         for i in range(c1, c2):
-            scale, code, err = scale1[i], codes1[i], err1[i]
-            zero = zero1 if isinstance(zero1, float) else zero1[i]
-            torch.div(w1[i], scale, out=code)
-            code.round_().add_(zero).clamp_(0, qmax)
-            torch.sub(code, zero, out=deq).mul_(scale)
+            err = err1[i]
+            round_column(i, w1[i], codes1[i], deq)
             torch.sub(w1[i], deq, out=err).div_(pivots[i])
             w1[i + 1 : c2].addcmul_(hinv1[i, i + 1 : c2, None], err, value=-1)
         w1[c2:].sub_(hinv1[c1:c2, c2:].t() @ err1[c1:c2])
+
+
+def _int_rounding(scale1: torch.Tensor, zero1: torch.Tensor | float, bits: int) -> RoundColumn:
+    """Round column ``i`` to INT codes on ``scale1[i]`` / ``zero1[i]`` (``(C, N)``; ``zero1``
+    a number when symmetric)."""
+    qmax = (1 << bits) - 1
+
+    def round_column(i: int, row: torch.Tensor, code: torch.Tensor, deq: torch.Tensor) -> None:
+        scale = scale1[i]
+        zero = zero1 if isinstance(zero1, float) else zero1[i]
+        torch.div(row, scale, out=code)
+        code.round_().add_(zero).clamp_(0, qmax)
+        torch.sub(code, zero, out=deq).mul_(scale)
+
+    return round_column
 
 
 def _group_qparams(
@@ -163,6 +186,29 @@ def _group_qparams(
     later = wt[i2 : i2 + rest] - hinv[i1:col, i2 : i2 + rest].t() @ err1[: col - i1]
     upcoming = torch.cat([w1[col - i1 :], later])[:gs]  # upcoming: (cols, N)
     return choose(upcoming.t(), importance[col : col + upcoming.shape[0]])
+
+
+def _prepare(
+    weight: torch.Tensor, hessian: torch.Tensor, act_order: bool, dampening: float, name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(w (N, K), h (K, K), perm (K,), hinv (K, K))``: float32 copies with dead columns
+    (zero Hessian diagonal) zeroed, the visiting order and the inverse-Hessian factor in it."""
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise QuantizationError(
+            f"{name}: weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} disagree"
+        )
+    if not bool(torch.isfinite(hessian).all()):
+        raise CalibrationError(f"{name}: the input Hessian holds NaN/Inf values")
+    w = weight.detach().float().clone()  # w: (N, K)
+    h = hessian.detach().float().clone()  # h: (K, K)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.arange(w.shape[1], device=w.device)
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+    hinv = inverse_hessian_factor(h[perm][:, perm], dampening, name)  # hinv: (K, K)
+    return w, h, perm, hinv
 
 
 @torch.no_grad()
@@ -188,28 +234,13 @@ def gptq_quantize(
     ``g_idx`` records them, unless ``static_groups`` fixes the groups' qparams on the
     original contiguous groups before the search (no ``g_idx`` needed).
     """
-    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise QuantizationError(
-            f"{name}: weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} disagree"
-        )
-    if not bool(torch.isfinite(hessian).all()):
-        raise CalibrationError(f"{name}: the input Hessian holds NaN/Inf values")
     if not 2 <= bits <= 8:
         raise QuantizationError(f"{name}: bits must be in 2..8, got {bits}")
+    w, h, perm, hinv = _prepare(weight, hessian, act_order, dampening, name)
     n, k = weight.shape
     sdt = scale_dtype or (weight.dtype if group_size != -1 else torch.float32)
-    w = weight.detach().float().clone()  # w: (N, K)
-    h = hessian.detach().float().clone()  # h: (K, K)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     gs = k if group_size == -1 else group_size
     g_count = num_groups(k, group_size)
-
-    perm = torch.arange(k, device=w.device)
-    if act_order:
-        perm = torch.argsort(torch.diag(h), descending=True)
-    hinv = inverse_hessian_factor(h[perm][:, perm], dampening, name)  # hinv: (K, K)
     importance = torch.diag(h)  # how much each column's error costs, for hessian_mse
 
     scales = torch.zeros(n, g_count, dtype=sdt, device=w.device)
@@ -240,7 +271,8 @@ def gptq_quantize(
         if static:
             groups = col_group[i1:i2]
             zero1 = mid if zeros_t is None else zeros_t[groups]
-            _quantize_columns(w1, hinv1, scales_t[groups], zero1, bits, codes_t[i1:i2], err1)
+            round_column = _int_rounding(scales_t[groups], zero1, bits)
+            _quantize_columns(w1, hinv1, i2 - i1, round_column, codes_t[i1:i2], err1)
         else:
             # -- each group's qparams are chosen where it starts; the loop then runs over
             # the part of the group inside this block
@@ -256,15 +288,8 @@ def gptq_quantize(
                     rows = scale.float().t(), mid if zero is None else zero.float().t()
                 r, c = a - i1, b - a
                 zero_rows = rows[1] if isinstance(rows[1], float) else rows[1].expand(c, n)
-                _quantize_columns(
-                    w1[r:],
-                    hinv1[r:, r:],
-                    rows[0].expand(c, n),
-                    zero_rows,
-                    bits,
-                    codes_t[a:b],
-                    err1[r:],
-                )
+                round_column = _int_rounding(rows[0].expand(c, n), zero_rows, bits)
+                _quantize_columns(w1[r:], hinv1[r:, r:], c, round_column, codes_t[a:b], err1[r:])
         wt[i2:].sub_(hinv[i1:i2, i2:].t() @ err1)
 
     g_idx = None
@@ -274,3 +299,55 @@ def gptq_quantize(
         if not static:
             g_idx = (torch.argsort(perm) // gs).to(torch.int32)
     return GPTQResult(codes.t().contiguous(), scales, zeros, g_idx)
+
+
+# -- FP4 (NVFP4, MXFP4): the column loop on the E2M1 grid
+
+
+def _fp4_rounding(multipliers1: torch.Tensor) -> RoundColumn:
+    """Round column ``i`` to E2M1 codes on its rows' block multipliers ``multipliers1[i]``."""
+
+    def round_column(i: int, row: torch.Tensor, code: torch.Tensor, deq: torch.Tensor) -> None:
+        multiplier = multipliers1[i]
+        codes = encode_e2m1(row / multiplier)
+        code.copy_(codes)
+        torch.mul(decode_e2m1(codes), multiplier, out=deq)
+
+    return round_column
+
+
+@torch.no_grad()
+def gptq_quantize_fp4(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    weight_type: str,
+    block_size: int = 128,
+    dampening: float = 0.01,
+    act_order: bool = False,
+    search_scales: bool = False,
+    name: str = "weight",
+) -> Fp4Weight:
+    """GPTQ of ``weight: (N, K)`` onto the FP4 grid of ``weight_type`` (``nvfp4``, ``mxfp4``).
+
+    The block scales (and NVFP4's global scale) are fixed before the column loop from the
+    float weight, as llm-compressor does: round-to-nearest's (the spec's), or with
+    ``search_scales`` the per-block MSE search's; the loop then rounds each column to the
+    nearest E2M1 value on its blocks' multipliers and spreads the error.  Fixed scales need
+    no group index, so ``act_order`` only changes the visiting order.
+    """
+    w, _, perm, hinv = _prepare(weight, hessian, act_order, dampening, name)
+    fixed = (FP4_SCALE_SEARCH if search_scales else FP4_ROUNDING)[weight_type](weight, what=name)
+    k = w.shape[1]
+    element = expand_blocks(fp4_block_scales(fixed.scales, fixed.global_scale), fixed.block, k)
+    wt = w[:, perm].t().contiguous()  # wt: (K, N), row j is the j-th visited column
+    element_t = element[:, perm].t().contiguous()
+    codes_t = torch.empty_like(wt)  # visited order
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = wt[i1:i2].clone()  # w1: (B, N)
+        err1 = torch.empty_like(w1)
+        round_column = _fp4_rounding(element_t[i1:i2])
+        _quantize_columns(w1, hinv[i1:i2, i1:i2], i2 - i1, round_column, codes_t[i1:i2], err1)
+        wt[i2:].sub_(hinv[i1:i2, i2:].t() @ err1)
+    codes = codes_t[torch.argsort(perm)].t().to(torch.uint8).contiguous()
+    return Fp4Weight(codes, fixed.scales, fixed.global_scale, fixed.block)

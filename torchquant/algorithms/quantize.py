@@ -106,6 +106,10 @@ def gptq_rounding(
     if hessian is None:
         return round_to_nearest(scheme, weight, stats, name)
     w, p = scheme.weight, scheme.gptq
+    if w.type in FP4_ROUNDING:
+        search = p.observer != "minmax"
+        args = (p.block_size, p.dampening, p.act_order, search)
+        return _fp4_weight(gptq.gptq_quantize_fp4(weight, hessian, w.type, *args, name=name))
     res = gptq.gptq_quantize(
         weight,
         hessian,

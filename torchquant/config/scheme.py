@@ -30,8 +30,9 @@ from torchquant.errors import ConfigError
 
 # -- FP4 E2M1 weights: each type's fixed block of scaled values along K (NVFP4, OCP MXFP4)
 FP4_BLOCKS = {"nvfp4": 16, "mxfp4": 32}
-# -- algorithms that round FP4 weights (AWQ's scales and clipping search on the FP4 grid)
-FP4_ALGORITHMS = ("rtn", "awq")
+# -- algorithms that round FP4 weights (AWQ's scales and clipping search, GPTQ's column
+# -- loop with the block scales fixed first, both on the FP4 grid)
+FP4_ALGORITHMS = ("rtn", "awq", "gptq")
 # -- microscaled types: block of values along K sharing one scale, and the value bits
 # -- (NVFP4 and MXFP4 as above, OCP MXFP8: E4M3 values with E8M0 scales)
 MICROSCALED_BLOCKS = {**FP4_BLOCKS, "mxfp8": 32}
@@ -327,6 +328,13 @@ class QuantScheme:
                 "round-to-nearest's)",
             )
         g = self.gptq
+        if fp4_ok and self.algorithm == "gptq":
+            require(
+                g.static_groups or not g.act_order,
+                "gptq.static_groups",
+                g.static_groups,
+                f"True with act_order for {w.type} weights (fixed block scales, no g_idx)",
+            )
         if self.rounds_with_gptq and g.act_order and not g.static_groups:
             require(
                 not self.is_w4a8,

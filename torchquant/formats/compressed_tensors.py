@@ -22,8 +22,9 @@ Per quantized ``nn.Linear`` named ``p`` the folder holds:
   ``p.weight`` float8_e4m3fn ``(N, K)``, ``p.weight_scale`` ``(N, 1)`` or ``(1,)``; for
   ``strategy: block`` (``block_structure [bn, bk]``) ``(ceil(N/bn), ceil(K/bk))``, with
   input activations ``strategy: group`` (dynamic, ``group_size`` bk) when quantized.
-- ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` (FP4 weight-only): packed E2M1
-  ``p.weight_packed`` uint8 ``(N, K/2)`` with block scales, see ``compressed_tensors_fp4``.
+- ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` / ``mxfp8-quantized`` (microscaled,
+  weight-only or with activations of the same format): packed E2M1 ``p.weight_packed``
+  uint8 ``(N, K/2)`` or E4M3 ``p.weight`` with block scales, see ``compressed_tensors_fp4``.
 
 Signed codes ``q`` with zero point ``zp`` are our unsigned codes and zeros minus
 ``2**(n-1)``, so ``(q - zp) * s`` equals our ``(code - zero) * s`` exactly.
@@ -50,6 +51,7 @@ from torchquant.checkpoint.names import CheckpointNames, names_for_model
 from torchquant.checkpoint.safetensors_check import TensorEntry
 from torchquant.config import ActivationQuant, QuantScheme, WeightQuant
 from torchquant.config.matching import compile_regex, match_regex
+from torchquant.config.scheme import MICROSCALED_BLOCKS
 from torchquant.errors import CheckpointConfigError, CheckpointError, ConfigError
 from torchquant.formats import hf_checkpoint as hf
 from torchquant.formats import int_layers
@@ -60,10 +62,12 @@ from torchquant.formats.compressed_tensors_checks import (
 )
 from torchquant.formats.compressed_tensors_fp4 import (
     FP4_FORMATS,
+    MICROSCALED_WEIGHT_FORMATS,
     check_declared_fp4_layer,
     fp4_layer,
     fp4_layer_tensors,
     fp4_scheme_of,
+    microscaled_input_args,
 )
 from torchquant.formats.packing_variants import (
     dense_to_canonical,
@@ -73,7 +77,7 @@ from torchquant.formats.packing_variants import (
 )
 from torchquant.modules import QuantLinear
 from torchquant.plan import split_experts_for_names
-from torchquant.weights import Fp4Format, weight_format
+from torchquant.weights import weight_format
 
 QUANT_METHOD = "compressed-tensors"
 # the compressed-tensors release whose layout we write (dense packing for every width)
@@ -155,6 +159,8 @@ def _args(bits: int, kind: str, sym: bool, strategy: str, group: int | None, dyn
 def _input_args(act: ActivationQuant | None, name: str) -> dict[str, Any] | None:
     if act is None:
         return None
+    if act.type in MICROSCALED_BLOCKS:
+        return microscaled_input_args(act, name)
     if act.percentile != 100.0:
         raise CheckpointError(
             f"layer {name!r}: percentile activation scales ({act.percentile}) have no "
@@ -175,7 +181,7 @@ def _layer_tensors(name: str, layer: QuantLinear) -> tuple[str, dict, dict[str, 
             f"layer {name!r}: has a SmoothQuant input divisor, which compressed-tensors cannot "
             "hold; fold it into the preceding layer or save in the native format"
         )
-    if isinstance(layer.weight_format, Fp4Format):
+    if isinstance(layer.weight_format, MICROSCALED_WEIGHT_FORMATS):
         return fp4_layer_tensors(name, layer)
     out: dict[str, torch.Tensor] = {}
     if layer.bias is not None:
@@ -542,8 +548,9 @@ def _check_layers_declared(
             raise CheckpointError(f"layer {name!r} is a {type(module).__name__}, not nn.Linear")
         n, k = module.weight.shape
         if group["format"] in FP4_FORMATS:
-            schemes[name] = fp4_scheme_of(group["format"], group.get("weights") or {}, name)
-            check_declared_fp4_layer(name, group["format"], by_layer[name], n, k)
+            weights, inputs = group.get("weights") or {}, group.get("input_activations")
+            schemes[name] = fp4_scheme_of(group["format"], weights, inputs, name)
+            check_declared_fp4_layer(name, schemes[name], by_layer[name], n, k)
             continue
         schemes[name] = _scheme_of(group, name)
         block = schemes[name].weight.block

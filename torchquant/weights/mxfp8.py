@@ -23,6 +23,8 @@ from torchquant.weights.microscaled_input import bind_microscaled, microscaled_r
 class Mxfp8Format(WeightFormat):
     name = "MXFP8"
     args_type = "float"
+    block = MXFP8_BLOCK
+    has_global_scale = False
 
     def holds(self, weight: WeightQuant) -> bool:
         return weight.type == "mxfp8"
