@@ -24,6 +24,7 @@ from torchquant.qat.fake_quant import (
 from torchquant.qat.options import QatOptions
 from torchquant.weights import weight_format
 from torchquant.weights.fp4 import Fp4Format
+from torchquant.weights.mxfp8 import Mxfp8Format
 
 
 class QatLinear(nn.Linear):
@@ -52,9 +53,9 @@ class QatLinear(nn.Linear):
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         check_scheme(scheme)
-        if isinstance(weight_format(scheme), Fp4Format):
+        if isinstance(weight_format(scheme), (Fp4Format, Mxfp8Format)):
             raise ConfigError(
-                f"QAT has no fake quantization for {scheme.describe()} (FP4) weights; "
+                f"QAT has no fake quantization for {scheme.describe()} (microscaled) weights; "
                 "quantize them with convert_model"
             )
         self.scheme = scheme
