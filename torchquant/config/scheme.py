@@ -246,6 +246,7 @@ def check_microscaled_activation(act: ActivationQuant) -> None:
     ok = act.percentile == 100.0 and not isinstance(act.percentile, bool)
     require(ok, "activation.percentile", act.percentile, f"100 {what} (scales from block maxima)")
     require(act.observer in OBSERVERS, "activation.observer", act.observer, f"one of {OBSERVERS}")
+    require(act.symmetric is True, "activation.symmetric", act.symmetric, f"True {what}")
 
 
 # -- the shorthands of INT activations with INT8 and with INT4 weights, for messages
