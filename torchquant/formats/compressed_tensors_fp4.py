@@ -71,15 +71,16 @@ def fp4_weight_args(fmt: Fp4Format | Mxfp8Format) -> dict[str, Any]:
 
 def microscaled_input_args(act: ActivationQuant, name: str) -> dict[str, Any]:
     """The ``input_activations`` args of an NVFP4 / MXFP4 / MXFP8 activation."""
-    if act.type == "nvfp4" and act.dynamic:
+    _, strategy, _, _ = FP4_PACKED[act.type.upper()]
+    inputs_dynamic = TYPE_FIELDS[act.type][4]
+    if inputs_dynamic == "local" and act.dynamic:  # -- NVFP4: the global scale is stored
         raise CheckpointError(
             f"layer {name!r}: NVFP4 activations with a dynamic global scale have no "
             "compressed-tensors form (it stores a calibrated input_global_scale); quantize "
             "with ActivationQuant('nvfp4', dynamic=False) and calibration data, or save in "
             "the native format"
         )
-    strategy = "tensor_group" if act.type == "nvfp4" else "group"
-    return _args(act.type, strategy, TYPE_FIELDS[act.type][4])
+    return _args(act.type, strategy, inputs_dynamic)
 
 
 def fp4_layer_tensors(name: str, layer: QuantLinear) -> tuple[str, dict, dict[str, torch.Tensor]]:
