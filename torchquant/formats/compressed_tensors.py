@@ -166,7 +166,7 @@ def _input_args(act: ActivationQuant | None, name: str) -> dict[str, Any] | None
             f"layer {name!r}: percentile activation scales ({act.percentile}) have no "
             "compressed-tensors equivalent; use max-abs scales or the native format"
         )
-    kind = "float" if act.type == "fp8" else "int"
+    kind = "int" if act.type in ("int8", "int4") else "float"
     strategy = act.granularity if act.dynamic else "tensor"
     bits = 4 if act.type == "int4" else 8
     return _args(bits, kind, act.symmetric, strategy, act.group_size, dynamic=act.dynamic)
