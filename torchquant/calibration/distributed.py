@@ -216,12 +216,9 @@ def _digest(text: str) -> str:
 
 def _digest_tensor(t: torch.Tensor) -> str:
     data = t.detach().cpu().contiguous()
-    return (
-        _digest(f"{tuple(data.shape)} {data.dtype} ")
-        + hashlib.sha256(
-            data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
-        ).hexdigest()
-    )
+    h = hashlib.sha256(f"{tuple(data.shape)} {data.dtype} ".encode())
+    h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()
 
 
 def _to_bytes(value: Any) -> bytes:
