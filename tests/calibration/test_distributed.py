@@ -130,7 +130,7 @@ def test_mismatched_configs_are_refused_on_every_rank(tmp_path):
     results = run_worker("mismatch", tmp_path)
     for code, err in results:
         assert code == 3, err
-        assert "FAILED ConfigError: the config differ between ranks: rank 1" in err
+        assert "FAILED ConfigError: ranks disagree on the config: rank 1 does not match" in err
 
 
 def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path):

@@ -171,7 +171,7 @@ class RankContext:
             if len(set(values)) > 1:
                 others = [r for r, v in enumerate(values) if v != values[0]]
                 raise ConfigError(
-                    f"the {field} differ between ranks: rank {others[0]} does not match rank 0 "
+                    f"ranks disagree on the {field}: rank {others[0]} does not match rank 0 "
                     f"({field} digest {values[others[0]][:12]} vs {values[0][:12]}); every rank "
                     "must load the same model and pass the same config and calibration data"
                 )
@@ -180,16 +180,13 @@ class RankContext:
         """Run ``write`` on rank 0 only, after every rank reached this point well; the other
         ranks wait for it and raise if it failed, so no rank reports success alone."""
         self.exchange(None, f"readiness before {what}")
-        error = None
         if self.rank == 0:
             try:
                 write()
             except Exception as exc:
-                error = exc
                 self.announce_failure(exc)
                 raise
-        if error is None:
-            self.exchange(None, f"the end of {what}")
+        self.exchange(None, f"the end of {what}")
 
 
 def structure(model: nn.Module) -> list[str]:
