@@ -270,10 +270,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         _quantize(args, ranks)
     except BaseException as exc:
         ranks.announce_failure(exc)
-        raise
-    finally:
-        if launched is not None:
-            torch.distributed.destroy_process_group()
+        raise  # -- the group is left to exit: destroying it may wait on a silent rank
+    if launched is not None:
+        torch.distributed.destroy_process_group()
 
 
 def _quantize(args: argparse.Namespace, ranks: RankContext) -> None:
