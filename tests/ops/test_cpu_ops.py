@@ -235,9 +235,19 @@ def test_fp8_layers_keep_their_codes_as_bf16_on_cpu():
         layer = _layer(scheme, None, 40, 64, torch.bfloat16)
         assert layer.cpu_layout_nbytes() == 40 * 64 * 2  # 2 bytes a weight, beside qweight
         assert torch.equal(layer.cpu_layout().packed.float(), layer.qweight.float())
-    # -- float32 weight-only layers keep them for float32_in_bf16; W8A8 ones need none
-    assert _layer("w8a16-fp8", None, 40, 64).cpu_layout_nbytes() == 40 * 64 * 2
-    assert _layer("fp8", None, 40, 64).cpu_layout_nbytes() == 0  # float32 W8A8: the reference
+    # -- float32 weight-only layers keep them only inside float32_in_bf16 (and drop them on
+    # -- leaving it); W8A8 ones need none
+    layer = _layer("w8a16-fp8", None, 40, 64)
+    assert layer.cpu_layout_nbytes() == 0
+    with cpu_kernels.float32_in_bf16():
+        layer(torch.randn(2, 64))
+        assert layer.cpu_layout_nbytes() == 40 * 64 * 2
+    layer(torch.randn(2, 64))
+    assert layer.cpu_layout_nbytes() == 0
+    float32_w8a8 = _layer("fp8", None, 40, 64)
+    with cpu_kernels.float32_in_bf16():
+        float32_w8a8(torch.randn(2, 64))
+        assert float32_w8a8.cpu_layout_nbytes() == 0  # float32 W8A8: the reference
 
 
 @pytest.mark.parametrize("scheme", ["w4a16", "w8a16", "w8a8", "fp8", "w8a16-fp8"])
@@ -355,13 +365,13 @@ def test_float32_inputs_run_the_bf16_paths_within_their_tolerance(scheme, group_
     and prefill row counts, within ``BF16_RELATIVE_ERROR`` of the exact float32 reference
     (and not exact: the bf16 paths ran); outside it, the exact reference."""
     layer = _layer(scheme, group_size, 96, 576)
-    assert layer.cpu_layout_nbytes() > 0
     errors = []
     for m in (1, 300):
         x = torch.randn(m, 576)
         ref = layer.reference_forward(x)
         with cpu_kernels.float32_in_bf16():
             out = layer(x)
+            assert layer.cpu_layout_nbytes() > 0
         assert out.dtype == torch.float32 and out.shape == (m, 96)
         errors.append(_relative_error(out, ref))
         _assert_exact(layer(x), ref)

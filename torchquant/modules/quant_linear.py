@@ -10,7 +10,7 @@ from torch import nn
 from torchquant.config import QuantScheme
 from torchquant.config.scheme import MICROSCALED_BLOCKS
 from torchquant.errors import ConfigError, QuantizationError
-from torchquant.ops import weight_code_sums
+from torchquant.ops import cpu_kernels, weight_code_sums
 from torchquant.ops.cpu_kernels import CpuLayout
 from torchquant.weights import bind_w8a8, linear_w8a8, weight_format
 
@@ -57,10 +57,10 @@ class QuantLinear(nn.Module):
     ``smooth_scale`` ``(K,)`` SmoothQuant divisor applied to the input;
     ``g_idx`` int32 ``(K,)`` the group of each input column (GPTQ act-order), absent
     when column ``k`` is in group ``k // group_size``.
-    On CPU, bf16 INT layers (and float32 weight-only ones, for ``float32_in_bf16``) also
-    keep the weight in the layout of PyTorch's quantized CPU kernels (:meth:`cpu_layout`;
-    FP8 layers their codes as bf16), derived once after
-    quantizing or loading and re-derived when a buffer changes; it is not a buffer, so it
+    On CPU, bf16 INT layers (and float32 weight-only ones while inside ``float32_in_bf16``)
+    also keep the weight in the layout of PyTorch's quantized CPU kernels (:meth:`cpu_layout`;
+    FP8 layers their codes as bf16), derived once after quantizing or loading (or on
+    entering that context) and re-derived when a buffer changes; it is not a buffer, so it
     is never saved; so are the column sums of the weight codes that asymmetric activations'
     zero-point correction takes (:meth:`weight_code_sums`).  ``forward`` calls the op with
     every argument but ``x`` bound once
@@ -147,9 +147,10 @@ class QuantLinear(nn.Module):
     # -- the CPU kernels' layout
 
     def _layout_key(self) -> tuple[int, ...]:
-        """Changes whenever a buffer the layout is derived from is replaced or written."""
+        """Changes whenever a buffer the layout is derived from is replaced or written, and
+        on entering or leaving ``float32_in_bf16`` (float32 layers keep a layout inside it)."""
         buffers = self._buffers
-        key = []
+        key = [cpu_kernels.computes_in_bf16(self.dtype)]
         for name in ("qweight", "scales", "zeros", "g_idx"):
             t = buffers[name]
             if t is not None:

@@ -76,9 +76,10 @@ def computes_in_bf16(dtype: torch.dtype) -> bool:
 
 def keeps_layout(dtype: torch.dtype, weight_only: bool) -> bool:
     """Whether a CPU layer of ``dtype`` keeps a cached :class:`CpuLayout`: the weight-only
-    ops read it for bf16 inputs and float32 ones (inside :func:`float32_in_bf16`), the
-    W8A8 ones for bf16 inputs only."""
-    return dtype == COMPUTE_DTYPE or (weight_only and dtype == torch.float32)
+    ops read it for bf16 inputs and, inside :func:`float32_in_bf16` only, float32 ones (a
+    float32 model run outside it holds no second copy of its weights); the W8A8 ones for
+    bf16 inputs only."""
+    return dtype == COMPUTE_DTYPE or (weight_only and computes_in_bf16(dtype))
 
 
 def uses_bf16_kernels(x: torch.Tensor) -> bool:
