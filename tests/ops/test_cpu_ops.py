@@ -245,9 +245,10 @@ def test_fp8_layers_keep_their_codes_as_bf16_on_cpu():
     layer(torch.randn(2, 64))
     assert layer.cpu_layout_nbytes() == 0
     float32_w8a8 = _layer("fp8", None, 40, 64)
+    assert float32_w8a8.cpu_layout_nbytes() == 0  # float32 W8A8 outside it: the reference
     with cpu_kernels.float32_in_bf16():
         float32_w8a8(torch.randn(2, 64))
-        assert float32_w8a8.cpu_layout_nbytes() == 0  # float32 W8A8: the reference
+        assert float32_w8a8.cpu_layout_nbytes() == 40 * 64 * 2
 
 
 @pytest.mark.parametrize("scheme", ["w4a16", "w8a16", "w8a8", "fp8", "w8a16-fp8"])
@@ -377,6 +378,25 @@ def test_float32_inputs_run_the_bf16_paths_within_their_tolerance(scheme, group_
         _assert_exact(layer(x), ref)
     assert max(errors) < BF16_KERNEL_ERROR
     assert min(errors) > 1e-5  # -- the reference would be ~1e-7
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "fp8"])
+def test_float32_w8a8_inside_float32_in_bf16_runs_the_bf16_paths(scheme):
+    """W8A8 float32 layers inside ``float32_in_bf16``: INT8 decode rows take int8pack and
+    FP8 rows the bf16 product of the codes, within ``BF16_RELATIVE_ERROR`` of the exact
+    reference; the exact reference outside it."""
+    layer = _layer(scheme, None, 96, 576)
+    for m in (1, 300):
+        x = torch.randn(m, 576)
+        ref = layer.reference_forward(x)
+        with cpu_kernels.float32_in_bf16():
+            out = layer(x)
+        assert out.dtype == torch.float32 and out.shape == (m, 96)
+        error = _relative_error(out, ref)
+        assert error < BF16_KERNEL_ERROR
+        if m == 1:
+            assert error > 1e-6  # -- a bf16 path ran (the reference agrees to ~1e-7)
+        _assert_exact(layer(x), ref)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

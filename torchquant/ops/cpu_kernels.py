@@ -56,8 +56,8 @@ _FLOAT32_IN_BF16 = contextvars.ContextVar("torchquant_float32_in_bf16", default=
 
 @contextlib.contextmanager
 def float32_in_bf16() -> Iterator[None]:
-    """Within this context the weight-only ops compute float32 inputs in bf16 on these
-    kernels, within ``BF16_RELATIVE_ERROR`` of the exact reference (what ``torchquant
+    """Within this context the weight-only and W8A8 ops compute float32 inputs in bf16 on
+    these kernels, within ``BF16_RELATIVE_ERROR`` of the exact reference (what ``torchquant
     eval`` and ``demo`` run).  Outside it float32 inputs keep the exact reference, which
     calibration (each block sees the quantized blocks' outputs: checkpoints stay bit for
     bit) and comparisons with other libraries' float32 kernels rely on."""
@@ -74,12 +74,11 @@ def computes_in_bf16(dtype: torch.dtype) -> bool:
     return dtype == COMPUTE_DTYPE or (dtype == torch.float32 and _FLOAT32_IN_BF16.get())
 
 
-def keeps_layout(dtype: torch.dtype, weight_only: bool) -> bool:
-    """Whether a CPU layer of ``dtype`` keeps a cached :class:`CpuLayout`: the weight-only
-    ops read it for bf16 inputs and, inside :func:`float32_in_bf16` only, float32 ones (a
-    float32 model run outside it holds no second copy of its weights); the W8A8 ones for
-    bf16 inputs only."""
-    return dtype == COMPUTE_DTYPE or (weight_only and computes_in_bf16(dtype))
+def keeps_layout(dtype: torch.dtype) -> bool:
+    """Whether a CPU layer of ``dtype`` keeps a cached :class:`CpuLayout`: the ops read it
+    for bf16 inputs and, inside :func:`float32_in_bf16` only, float32 ones (a float32 model
+    run outside it holds no second copy of its weights)."""
+    return computes_in_bf16(dtype)
 
 
 def uses_bf16_kernels(x: torch.Tensor) -> bool:

@@ -10,9 +10,11 @@ names; ``quantize_activation`` is the activation half on its own.
 
 CPU: INT8 products accumulate exactly in int32 (``torch._int_mm``) and the scales are
 applied in float64, as in the reference, so the result is the reference's; bf16 inputs
+(and float32 ones inside ``cpu_kernels.float32_in_bf16``, within the same tolerance)
 of up to ``INT8PACK_MAX_ROWS`` rows run ``_weight_int8pack_mm`` on the codes as bf16
 (exact; float32 accumulation, bf16 output, within bf16 tolerance) instead; dynamic
-activations are quantized in fewer passes (same codes).  FP8 with bf16 inputs multiplies
+activations are quantized in fewer passes (same codes).  FP8 with bf16 inputs (float32
+ones inside ``float32_in_bf16``: the activation codes are the same) multiplies
 the (exact) bf16 values of both operands, the weight's from the layer's cached
 ``fp8_cpu_layout`` (converted per call without it), and scales in float32; other FP8
 inputs run the reference.  CUDA: the Triton kernels.
@@ -105,11 +107,12 @@ def quantize_dynamic(
 
 def _runs_int8pack(x2: torch.Tensor, act: ActivationQuant) -> bool:
     """Whether INT8 W8A8 takes ``_weight_int8pack_mm`` (~4x ``_int_mm`` at one row): bf16
-    inputs (whose tolerance its bf16 output keeps) of few rows, each row with its own scale
+    inputs (whose tolerance its bf16 output keeps; float32 ones inside ``float32_in_bf16``)
+    of few rows, each row with its own scale
     (so that a row whose product overflows in bf16 can be recomputed on its own)."""
     return (
         act.act_type in INT_ACT_DTYPES
-        and cpu_kernels.uses_bf16_kernels(x2)
+        and cpu_kernels.computes_in_bf16(x2.dtype)
         and x2.shape[0] <= INT8PACK_MAX_ROWS
         and (act.per_token or act.input_scale is not None)
     )
@@ -129,7 +132,7 @@ def linear_w8a8_cpu(
 ) -> torch.Tensor:  # fmt: skip
     """The CPU implementation; ``layout`` is the layer's cached one (the weight format's:
     int8pack scales for INT8, the codes as bf16 for FP8), derived per call without it."""
-    if act.act_type == "fp8" and not cpu_kernels.uses_bf16_kernels(x):
+    if act.act_type == "fp8" and not cpu_kernels.computes_in_bf16(x.dtype):
         return linear_w8a8_reference(x, qweight, scales, bias, *act)
     x2 = common.rows(x)
     int8pack = _runs_int8pack(x2, act)

@@ -62,6 +62,6 @@ class Fp8Format(WeightFormat):
         return ops.bind(ops.linear_fp8_weight, q, s, bias, on_cpu=on_cpu)
 
     def cpu_layout(self, layer: QuantizedLayer) -> CpuLayout:
-        if not cpu_kernels.keeps_layout(layer.dtype, layer.scheme.activation is None):
+        if not cpu_kernels.keeps_layout(layer.dtype):
             return CpuLayout()  # the op runs the reference for this dtype (ops.cpu_kernels)
         return ops.fp8_cpu_layout(layer.qweight)

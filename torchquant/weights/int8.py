@@ -51,6 +51,6 @@ class Int8Format(IntWeightFormat):
         return ops.bind(ops.linear_int8_weight, *args, *layer.cpu_layout())
 
     def cpu_layout(self, layer: QuantizedLayer) -> CpuLayout:
-        if not cpu_kernels.keeps_layout(layer.dtype, layer.scheme.activation is None):
+        if not cpu_kernels.keeps_layout(layer.dtype):
             return CpuLayout()  # the op runs the reference for this dtype (ops.cpu_kernels)
         return ops.int8_cpu_layout(layer.qweight, layer.scales, layer.scheme.weight.group_size)

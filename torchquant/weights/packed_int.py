@@ -73,7 +73,7 @@ class PackedIntFormat(IntWeightFormat):
     def cpu_layout(self, layer: QuantizedLayer) -> CpuLayout:
         if layer.scheme.is_w4a8:
             return ops.w4a8_cpu_layout(layer.qweight, layer.in_features)  # every input dtype
-        if not cpu_kernels.keeps_layout(layer.dtype, layer.scheme.activation is None):
+        if not cpu_kernels.keeps_layout(layer.dtype):
             return CpuLayout()  # the op runs the reference for this dtype (ops.cpu_kernels)
         g_idx = layer.g_idx
         if g_idx is not None and not _groups_in_range(g_idx, layer.scales.shape[1]):
