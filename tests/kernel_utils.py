@@ -92,6 +92,12 @@ def cfg(**meta) -> triton.Config:
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
+# -- small configs the interpreter runs quickly: a split-K one (3 splits, partial tiles) and
+# -- a tiled one, for every GEMM's tests
+SPLIT = cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3, GROUP_M=4)
+TILED = cfg(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, GROUP_M=2)
+
+
 def _on_cpu(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [t.cpu() if t is not None else None for t in tensors]
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_utils import KERNEL_DEVICE, assert_matches, cfg, poisoned, requires_kernels
+from kernel_utils import (
+    KERNEL_DEVICE,
+    SPLIT,
+    TILED,
+    assert_matches,
+    cfg,
+    poisoned,
+    requires_kernels,
+)
 from torchquant.triton_kernels.act_quant import (
     quantize_activation_int4_packed,
     quantize_activation_rows,
@@ -21,9 +29,6 @@ from torchquant.numerics import (
 from torchquant.ops import cuda as cuda_ops
 
 pytestmark = requires_kernels
-
-SPLIT = cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3, GROUP_M=4)
-TILED = cfg(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, GROUP_M=2)
 
 
 def _weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,8 @@ import torch
 from kernel_utils import (
     BF16_DOT_SKIP,
     KERNEL_DEVICE,
+    SPLIT,
+    TILED,
     DispatchedOps,
     assert_matches,
     cfg,
@@ -118,10 +120,8 @@ def test_gemv_fp8_weight_storage():
     assert relative_error(out, weight_only_reference(x, q, s, None, None, 8, -1)) < 1e-2
 
 
-SPLIT = cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3, GROUP_M=4)
 # 64-row tiles, more splits than K steps (idle splits still count themselves done)
 SPLIT64 = cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, SPLIT_K=8, GROUP_M=8)
-TILED = cfg(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, GROUP_M=2)
 
 # (bits, group, symmetric, M, N, K, split_k, config)
 GEMM_CASES = [

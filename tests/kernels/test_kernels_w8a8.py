@@ -6,6 +6,8 @@ import pytest
 import torch
 from kernel_utils import (
     KERNEL_DEVICE,
+    SPLIT,
+    TILED,
     DispatchedOps,
     assert_matches,
     cfg,
@@ -25,8 +27,6 @@ from torchquant.ops import cuda as cuda_ops
 
 pytestmark = requires_kernels
 
-SPLIT = cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3, GROUP_M=4)
-TILED = cfg(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, GROUP_M=2)
 GEMMS = {"int8": int8_gemm, "fp8": fp8_gemm}
 
 
