@@ -16,7 +16,11 @@ import torch
 
 from torchquant import cli_types
 from torchquant.calibration import calibration_tokens
-from torchquant.calibration.distributed import RankContext, init_from_environment
+from torchquant.calibration.distributed import (
+    RankContext,
+    exit_code_after_run,
+    init_from_environment,
+)
 from torchquant.checkpoint.save_guard import resolve_save_target
 from torchquant.config import ALGORITHMS, QuantConfig, scheme_from_name
 from torchquant.config.algorithms import OBSERVERS
@@ -412,6 +416,10 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return exit_code_after_run(_run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         COMMANDS[args.command](args)
     except (TorchquantError, OSError) as exc:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from distributed_cases import CASES, calibrate
 
-from torchquant.calibration.distributed import RankContext
+from torchquant.calibration.distributed import RankContext, exit_code_after_run
 from torchquant.calibration.steps import GptqStep
 from torchquant.serialization import save_quantized
 
@@ -83,7 +83,7 @@ def main() -> int:
     except Exception as exc:
         # -- no destroy_process_group: it may wait on a rank that stopped answering
         print(f"FAILED {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        return 3
+        return exit_code_after_run(3)
     dist.destroy_process_group()
     return 0
 

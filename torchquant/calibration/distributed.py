@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -193,6 +194,18 @@ def structure(model: nn.Module) -> list[str]:
     """One line per parameter and buffer: name, shape, dtype (what ranks must agree on)."""
     named = [*model.named_parameters(), *model.named_buffers()]
     return [f"{name} {tuple(t.shape)} {t.dtype}" for name, t in named]
+
+
+def exit_code_after_run(code: int) -> int:
+    """``code``, or, when the process group is still up (a failed run leaves it: destroying
+    it may wait on a silent rank), the end of this process with ``code`` at once: at the
+    interpreter's normal exit the group's gloo threads call ``std::terminate``, which
+    would turn the run's exit code into SIGABRT."""
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def init_from_environment(timeout_s: float) -> RankContext | None:
