@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from distributed_cases import CASES, calibrate
 
-from torchquant.calibration.distributed import RankContext, exit_code_after_run
+from torchquant.calibration.distributed import RankContext
 from torchquant.calibration.steps import GptqStep
 from torchquant.serialization import save_quantized
 
@@ -83,10 +83,15 @@ def main() -> int:
     except Exception as exc:
         # -- no destroy_process_group: it may wait on a rank that stopped answering
         print(f"FAILED {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        return exit_code_after_run(3)
+        return 3
     dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # -- leave at once: once gloo has run, its threads may call std::terminate at the
+    # -- interpreter's normal exit and turn the exit code into SIGABRT
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

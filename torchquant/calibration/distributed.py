@@ -196,12 +196,16 @@ def structure(model: nn.Module) -> list[str]:
     return [f"{name} {tuple(t.shape)} {t.dtype}" for name, t in named]
 
 
+# -- whether init_from_environment started a process group in this process
+_RAN_A_GROUP = False
+
+
 def exit_code_after_run(code: int) -> int:
-    """``code``, or, when the process group is still up (a failed run leaves it: destroying
-    it may wait on a silent rank), the end of this process with ``code`` at once: at the
-    interpreter's normal exit the group's gloo threads call ``std::terminate``, which
-    would turn the run's exit code into SIGABRT."""
-    if dist.is_available() and dist.is_initialized():
+    """``code``, or, when this process has run a process group (a failed run even leaves it
+    up: destroying it may wait on a silent rank), the end of this process with ``code`` at
+    once: at the interpreter's normal exit gloo's threads may call ``std::terminate``,
+    which would turn the run's exit code into SIGABRT."""
+    if dist.is_available() and (dist.is_initialized() or _RAN_A_GROUP):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -216,7 +220,9 @@ def init_from_environment(timeout_s: float) -> RankContext | None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    global _RAN_A_GROUP
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    _RAN_A_GROUP = True
     return RankContext.current()
 
 
