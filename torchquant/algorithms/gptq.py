@@ -31,7 +31,7 @@ from torchquant.numerics.fp4 import (
     expand_blocks,
     fp4_block_scales,
 )
-from torchquant.numerics.observers import mse_range
+from torchquant.numerics.range_search import mse_range
 
 DAMPING_STEPS = 4  # -- tries, each with ten times the damping of the one before
 INNER_BLOCK = 16  # -- columns updated one by one before a matmul updates the rest

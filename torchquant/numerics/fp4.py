@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from torchquant.numerics.observers import shrink_factors
 from torchquant.numerics.qparams import FP8_E4M3_MAX, to_fp8_e4m3
+from torchquant.numerics.range_search import shrink_factors
 from torchquant.numerics.weight import _check_weight, num_groups
 
 FP4_MAX = 6.0

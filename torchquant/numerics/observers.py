@@ -27,91 +27,19 @@ import torch
 
 from torchquant.config.algorithms import OBSERVERS
 from torchquant.errors import CalibrationError, ConfigError
-from torchquant.numerics import choose_int_qparams, group_min_max, num_groups
+from torchquant.numerics import choose_int_qparams, group_min_max
+from torchquant.numerics.range_search import mse_range, view_units
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
 KL_BINS = 2048
-MSE_GRID = 50
-MSE_MIN_SHRINK = 0.2
-
-
-def _view_groups(x: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
-    """``x: (rows, cols)`` as ``(units, elements)``, padding a short last group with NaN."""
-    if granularity == "tensor":
-        return x.reshape(1, -1)
-    if granularity in ("channel", "token"):
-        return x
-    rows, cols = x.shape
-    g = num_groups(cols, group_size)
-    pad = g * group_size - cols
-    return torch.nn.functional.pad(x, (0, pad), value=float("nan")).reshape(rows * g, group_size)
 
 
 def _unit_min_max(x: torch.Tensor, granularity: str, group_size: int) -> tuple:
     if granularity == "group":
         lo, hi = group_min_max(x, group_size)
         return lo.float(), hi.float()
-    v = _view_groups(x, granularity, group_size)
+    v = view_units(x, granularity, group_size, float("nan"))
     return v.amin(dim=1, keepdim=True).float(), v.amax(dim=1, keepdim=True).float()
-
-
-def _fake_quant_error(
-    v: torch.Tensor,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-    bits: int,
-    symmetric: bool,
-    weight: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Sum of (optionally weighted) squared fake-quantization errors per unit row of
-    ``v`` (NaN padding ignored)."""
-    scales, zeros = choose_int_qparams(lo, hi, bits, symmetric)
-    zero = (1 << (bits - 1)) if zeros is None else zeros.float()
-    # -- the same operations in place on one buffer (a fresh tensor per step costs more)
-    err = torch.div(v, scales).round_().add_(zero).clamp_(0, (1 << bits) - 1)
-    err.sub_(zero).mul_(scales).sub_(v).pow_(2)
-    if weight is not None:
-        err.mul_(weight)
-    return err.nan_to_num_(nan=0.0).sum(dim=1, keepdim=True)
-
-
-def shrink_factors(grid: int = MSE_GRID, min_shrink: float = MSE_MIN_SHRINK) -> list[float]:
-    """The MSE search's ``grid`` range factors, from 1 (the full range) down to ``min_shrink``."""
-    return [1.0 - (1.0 - min_shrink) * i / max(grid - 1, 1) for i in range(grid)]
-
-
-def mse_range(
-    x: torch.Tensor,
-    bits: int,
-    symmetric: bool,
-    granularity: str = "tensor",
-    group_size: int = -1,
-    grid: int = MSE_GRID,
-    min_shrink: float = MSE_MIN_SHRINK,
-    column_weight: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-unit ``(lo, hi)`` among ``grid`` shrinks of min/max with the least squared error,
-    each column's error scaled by ``column_weight (cols,)`` when given (e.g. the
-    diagonal of a layer's input Hessian, so columns that see large inputs count more)."""
-    v = _view_groups(x.float(), granularity, group_size)
-    weight = None
-    if column_weight is not None:
-        full = column_weight.float().to(x.device).expand(x.shape)
-        weight = torch.nan_to_num(_view_groups(full, granularity, group_size), nan=0.0)
-    lo0 = torch.nan_to_num(v, nan=float("inf")).amin(dim=1, keepdim=True)
-    hi0 = torch.nan_to_num(v, nan=float("-inf")).amax(dim=1, keepdim=True)
-    best_err = torch.full_like(lo0, float("inf"))
-    best_lo, best_hi = lo0.clone(), hi0.clone()
-    for p in shrink_factors(grid, min_shrink):
-        err = _fake_quant_error(v, lo0 * p, hi0 * p, bits, symmetric, weight)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_lo = torch.where(better, lo0 * p, best_lo)
-        best_hi = torch.where(better, hi0 * p, best_hi)
-    if granularity == "group":
-        rows = x.shape[0]
-        return best_lo.reshape(rows, -1), best_hi.reshape(rows, -1)
-    return best_lo, best_hi
 
 
 def kl_threshold(hist: torch.Tensor, bin_width: float, levels: int = 128, stride: int = 8) -> float:
@@ -214,7 +142,7 @@ class Observer:
 
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "percentile":
-            v = _view_groups(x, self.granularity, self.group_size)
+            v = view_units(x, self.granularity, self.group_size, float("nan"))
             q = torch.tensor([1.0 - self.percentile / 100.0, self.percentile / 100.0])
             if self.granularity == "group":
                 # -- a short last group is NaN-padded: its quantiles must skip the padding
