@@ -1,4 +1,5 @@
-"""The baseline for calibration_ppl.py: llm-compressor's GPTQ, AWQ and SmoothQuant.
+"""The baseline for calibration_ppl.py and fp4_ppl.py: llm-compressor's GPTQ, AWQ, SmoothQuant
+and its FP4 / microscaled presets.
 
 Same model, the same calibration windows (``torchquant.calibration.calibration_tokens``)
 and the same perplexity (``torchquant.evaluation``).  llm-compressor pins its own
@@ -50,6 +51,29 @@ def weight_groups(bits: int, group: int) -> dict:
     return {"group_0": {"targets": ["Linear"], "weights": weights}}
 
 
+def microscaled_recipes() -> dict[str, list]:
+    """The FP4 / FP8 presets (fp4_ppl.py's rows): RTN, GPTQ and AWQ on the weight-only
+    ones, RTN on those that quantize activations too (NVFP4's activation global scale
+    is calibrated, as fp4_ppl.py's ``nvfp4 static``)."""
+    rows: dict[str, list] = {}
+    for preset in ("NVFP4A16", "MXFP4A16"):
+        rows[f"{preset} RTN"] = [
+            QuantizationModifier(scheme=preset, targets="Linear", ignore=IGNORE)
+        ]
+        rows[f"{preset} GPTQ"] = [
+            GPTQModifier(scheme=preset, targets="Linear", ignore=IGNORE, actorder=None)
+        ]
+        rows[f"{preset} AWQ"] = [
+            AWQModifier(),
+            QuantizationModifier(scheme=preset, targets="Linear", ignore=IGNORE),
+        ]
+    for preset in ("NVFP4", "MXFP4", "MXFP8"):
+        rows[f"{preset} RTN"] = [
+            QuantizationModifier(scheme=preset, targets="Linear", ignore=IGNORE)
+        ]
+    return rows
+
+
 def recipes(group: int, alpha: float) -> dict[str, list | None]:
     """Row name -> recipe (``None``: the float model)."""
     rows: dict[str, list | None] = {}
@@ -69,6 +93,7 @@ def recipes(group: int, alpha: float) -> dict[str, list | None]:
             AWQModifier(),
             QuantizationModifier(config_groups=groups, ignore=IGNORE),
         ]
+    rows.update(microscaled_recipes())
     rows["w8a8 dynamic"] = [QuantizationModifier(scheme="W8A8", targets="Linear", ignore=IGNORE)]
     rows[f"w8a8 dynamic SmoothQuant {alpha}"] = [
         SmoothQuantModifier(smoothing_strength=alpha),

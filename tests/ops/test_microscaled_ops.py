@@ -163,11 +163,3 @@ def test_a_converted_model_saves_and_loads_bit_exact(name, tmp_path):
     loaded = load_quantized(tmp_path / "ckpt", skeleton)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, want)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_qat_refuses_microscaled_schemes_by_name(name):
-    from torchquant import QatLinear
-
-    with pytest.raises(ConfigError, match="no fake quantization for w-.*microscaled"):
-        QatLinear(32, 8, scheme_from_name(name))

@@ -124,9 +124,9 @@ def test_scheme_description_names_the_format():
 
 
 @pytest.mark.parametrize("name", ["nvfp4a16", "mxfp4a16"])
-def test_qat_refuses_fp4_weights_by_name(name):
+def test_qat_refuses_the_fp4_scale_search_by_name(name):
     from torchquant import ConfigError, QuantConfig, prepare_qat
 
     model = torch.nn.Sequential(torch.nn.Linear(K, N))
-    with pytest.raises(ConfigError, match=f"no fake quantization for w-{name[:5]}.*convert_model"):
-        prepare_qat(model, QuantConfig(default=name))
+    with pytest.raises(ConfigError, match=f"QAT of w-{name[:5]}.*weight.observer='mse'"):
+        prepare_qat(model, QuantConfig(default=f"{name}-mse"))

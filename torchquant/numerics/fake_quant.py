@@ -13,11 +13,17 @@ FP8 weights: ``fp8(clamp(w / s, +-448)) * s`` with a per-row ``(N, 1)`` or ``(1,
 scale.  Activations: ``dequantize_activation(quantize_activation(x, ...))``; asymmetric
 INT8 ones ``(clamp(round(x / s) + z, -128, 127) - z) * s`` with an integer zero point.
 
+Microscaled tensors (NVFP4, MXFP4, MXFP8 weights and activations ``(M, K)``):
+``dequantize_microscaled(quantize_microscaled(x, fmt, global_scale))``, block scales from
+each block's max; NVFP4's global scale given (learned) or computed from ``x``.
+
 Backward, with ``x`` the tensor divided by its scale and *inside* meaning "quantized
 without clipping": the tensor's gradient passes inside and is blocked outside
 (straight-through estimator); the scale gradient is LSQ's ``level - x`` inside and the
 clipped level outside; an INT zero point's gradient is ``0`` inside and ``-s`` outside.
-Scale and zero gradients are summed over the elements each one scales.
+Scale and zero gradients are summed over the elements each one scales.  NVFP4's global
+scale ``g`` divides every block multiplier ``s / g``; with the E4M3 block scales ``s`` held
+(they are codes), its LSQ gradient is the multiplier's ``(level - x) * d(s/g)/dg``.
 """
 
 from __future__ import annotations
@@ -34,6 +40,12 @@ from torchquant.numerics.activation import (
     dequantize_activation_asymmetric,
     quantize_activation,
     quantize_activation_asymmetric,
+)
+from torchquant.numerics.fp4 import FP4_MAX, decode_e2m1, expand_blocks
+from torchquant.numerics.microscaling import (
+    block_multipliers,
+    dequantize_microscaled,
+    quantize_microscaled,
 )
 from torchquant.numerics.qparams import FP8_E4M3_MAX, to_fp8_e4m3
 from torchquant.numerics.weight import expand_qparams
@@ -171,3 +183,33 @@ def fake_quantize_activation_asym_backward_reference(
     d_scale = torch.where(inside, level - xs, clipped)
     d_zero = torch.where(inside, 0.0, -scale.expand_as(xs))
     return grad_x, (g * d_scale).sum(), (g * d_zero).sum()
+
+
+# -- each microscaled format's largest element value: a scaled value past it saturates
+MICROSCALED_ELEMENT_MAX = {"nvfp4": FP4_MAX, "mxfp4": FP4_MAX, "mxfp8": FP8_E4M3_MAX}
+
+
+def fake_quantize_microscaled_reference(
+    x: Tensor, fmt: str, global_scale: Tensor | None = None
+) -> Tensor:
+    """``x (M, K)`` quantized to ``fmt`` and dequantized (float32, exact), as ``x.dtype``."""
+    return dequantize_microscaled(quantize_microscaled(x, fmt, global_scale), x.dtype)
+
+
+def fake_quantize_microscaled_backward_reference(
+    grad: Tensor, x: Tensor, fmt: str, global_scale: Tensor | None, scale_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """``(grad_x, grad_global_scale)``; the second is ``None`` unless ``scale_grad`` (NVFP4
+    with a given global scale: a computed one follows ``x``)."""
+    q = quantize_microscaled(x, fmt, global_scale)
+    element = expand_blocks(block_multipliers(q), q.block, x.shape[1])
+    level = q.values.float() if fmt == "mxfp8" else decode_e2m1(q.values)
+    xs = x.float() / element
+    inside = xs.abs() <= MICROSCALED_ELEMENT_MAX[fmt]
+    g = grad.float()
+    grad_x = torch.where(inside, g, 0.0).to(grad.dtype)
+    if not scale_grad:
+        return grad_x, None
+    # -- out = level * s / g: d out / dg = -(level - x inside, level outside) * (s / g) / g
+    d_global = -torch.where(inside, level - xs, level) * element / q.global_scale
+    return grad_x, (g * d_global).sum().reshape(global_scale.shape).to(global_scale.dtype)

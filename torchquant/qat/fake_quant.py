@@ -2,8 +2,10 @@
 
 The maths is ``torchquant.numerics.fake_quant`` (forward and straight-through / LSQ
 backward): INTn weights run the fused op ``torchquant::fake_quant_int_weight`` (Triton on
-CUDA), FP8 weights and activations run the reference through an autograd function.
-This module is also the one place QAT looks at a weight's storage kind (INTn or FP8):
+CUDA), FP8 weights and activations run the reference through an autograd function, and
+microscaled ones (NVFP4, MXFP4, MXFP8) that of ``torchquant.qat.microscaled``.
+This module is also the one place QAT looks at a weight's storage kind (INTn, FP8 or
+microscaled):
 the shape of its qparams, its min-max starting point, its fake quantization and what a
 ``QuantLinear`` stores for it after training.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from torchquant.config import ActivationQuant, WeightQuant
+from torchquant.config.scheme import MICROSCALED_BLOCKS
 from torchquant.errors import QuantizationError
 from torchquant.modules.quant_linear import QuantLinear
 from torchquant.numerics import (
@@ -35,6 +38,7 @@ from torchquant.numerics.fake_quant import (
     fake_quantize_fp8_reference,
 )
 from torchquant.ops.fake_quant import fake_quant_int_weight
+from torchquant.qat.microscaled import fake_quantize_microscaled, store_microscaled_weight
 
 
 def round_ste(t: torch.Tensor) -> torch.Tensor:
@@ -97,7 +101,10 @@ def minmax_weight_qparams(
 def fake_quantize_weight(
     w: torch.Tensor, weight: WeightQuant, scales: torch.Tensor, zeros: torch.Tensor | None
 ) -> torch.Tensor:
-    """``w (N, K)`` fake-quantized as ``weight`` says, with integer-valued ``zeros`` (INT)."""
+    """``w (N, K)`` fake-quantized as ``weight`` says, with integer-valued ``zeros`` (INT);
+    for microscaled weights ``scales`` is NVFP4's global scale (``None``: from ``w``)."""
+    if weight.type in MICROSCALED_BLOCKS:
+        return fake_quantize_microscaled(w, weight.type, scales)
     if weight.block is not None:  # -- block scales broadcast to (N, K); LSQ sums them back
         return fake_quantize_fp8_weight(w, expand_blocks(scales, weight.block, *w.shape))
     if weight.type == "fp8":
@@ -119,6 +126,9 @@ def store_trained_weight(
     (what :func:`fake_quantize_weight` was given), so the codes are the forward's codes.
     """
     weight = layer.scheme.weight
+    if weight.type in MICROSCALED_BLOCKS:
+        store_microscaled_weight(layer, w, scales)
+        return
     if weight.type == "fp8":
         full = scales if weight.block is None else expand_blocks(scales, weight.block, *w.shape)
         layer.qweight.copy_(to_fp8_e4m3(w.float() / full))
@@ -213,9 +223,12 @@ def fake_quantize_activation(
     Dynamic scales are not trained (they follow each input); a static ``static_scale``
     that requires grad gets the LSQ gradient, and so does the integer-valued
     ``static_zero_point`` (float, rounded by :func:`asym_zero_point`) of asymmetric ones.
+    A static NVFP4 activation's ``static_scale`` is its global scale.
     """
     if not act.dynamic and static_scale is None:
         raise QuantizationError("a static activation scheme needs a static_scale")
+    if act.type in MICROSCALED_BLOCKS:
+        return fake_quantize_microscaled(x, act.type, None if act.dynamic else static_scale)
     x2 = x.reshape(-1, x.shape[-1])
     if not act.symmetric:
         if not act.dynamic and static_zero_point is None:

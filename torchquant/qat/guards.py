@@ -20,6 +20,7 @@ def qat_state_problems(model: nn.Module) -> list[str]:
         tensors = {
             "weight": layer.weight,
             "weight_scales": layer.weight_scales,
+            "weight_global_scale": layer.weight_global_scale,
             "weight_zeros": layer.weight_zeros,
             "input_scale": layer.input_scale,
             "input_zero_point": layer.input_zero_point,

@@ -13,8 +13,9 @@ from torchquant.errors import ConfigError
 class QatOptions:
     """What ``prepare_qat`` makes trainable besides the weights themselves.
 
-    ``learn_scales``: weight scales become parameters (LSQ gradients); when False they
-    follow the weight's min-max range at every step.  ``learn_zeros``: asymmetric zero
+    ``learn_scales``: weight scales become parameters (LSQ gradients; of microscaled
+    weights only NVFP4's global scale, their block scales always follow the blocks' max);
+    when False they follow the weight's min-max range at every step.  ``learn_zeros``: asymmetric zero
     points become parameters too (rounded with a straight-through estimator).
     ``learn_input_scale``: static activation scales train.  ``min_scale`` is the floor a
     learned scale is clamped to in the forward, so a scale pushed to zero or below by a

@@ -7,9 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchquant.config import QuantScheme
+from torchquant.config.scheme import MICROSCALED_BLOCKS
 from torchquant.errors import ConfigError, QuantizationError
 from torchquant.modules.quant_linear import QuantLinear, _scale_dtype, check_scheme
 from torchquant.numerics import activation_qmax, asymmetric_activation_qparams
+from torchquant.numerics.fp4 import choose_nvfp4_global_scale
 from torchquant.qat.fake_quant import (
     asym_zero_point,
     cast_ste,
@@ -22,9 +24,6 @@ from torchquant.qat.fake_quant import (
     weight_qparam_shape,
 )
 from torchquant.qat.options import QatOptions
-from torchquant.weights import weight_format
-from torchquant.weights.fp4 import Fp4Format
-from torchquant.weights.mxfp8 import Mxfp8Format
 
 
 class QatLinear(nn.Linear):
@@ -34,9 +33,12 @@ class QatLinear(nn.Linear):
     see all of it): ``weight``/``bias`` as in ``nn.Linear``; ``weight_scales`` ``(N, G)``
     float32 and ``weight_zeros`` ``(N, G)`` float (integer-valued in use) when scales are
     learned (:class:`QatOptions`), otherwise the scales follow the weight's min-max range
-    at every step; ``input_scale`` ``(1,)`` for static activation schemes, and
-    ``input_zero_point`` ``(1,)`` float (integer-valued in use, in [-128, 127]) for static
-    asymmetric ones, trained with the scale (LSQ).
+    at every step; ``input_scale`` ``(1,)`` for static activation schemes (NVFP4's: the
+    global scale), and ``input_zero_point`` ``(1,)`` float (integer-valued in use, in
+    [-128, 127]) for static asymmetric ones, trained with the scale (LSQ).
+    Microscaled weights (NVFP4, MXFP4, MXFP8) keep no ``weight_scales``: their block scales
+    follow each block's max at every step; NVFP4's global scale ``weight_global_scale``
+    ``(1,)`` float32 is learned (LSQ) when scales are.
     :meth:`to_quant_linear` turns the layer into the ``QuantLinear`` that computes the
     same function.
     """
@@ -53,10 +55,11 @@ class QatLinear(nn.Linear):
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         check_scheme(scheme)
-        if isinstance(weight_format(scheme), (Fp4Format, Mxfp8Format)):
+        if scheme.weight.observer != "minmax":
             raise ConfigError(
-                f"QAT has no fake quantization for {scheme.describe()} (microscaled) weights; "
-                "quantize them with convert_model"
+                f"QAT of {scheme.describe()}: weight.observer={scheme.weight.observer!r} "
+                "searches block scales after training, QAT's follow each block's max; "
+                "expected weight.observer='minmax'"
             )
         self.scheme = scheme
         self.options = options or QatOptions()
@@ -66,9 +69,11 @@ class QatLinear(nn.Linear):
 
     def _make_qparams(self, device: torch.device) -> None:
         w, act, opts = self.scheme.weight, self.scheme.activation, self.options
-        shape = weight_qparam_shape(w, self.out_features, self.in_features)
-        scales = zeros = input_scale = input_zero_point = None
-        if opts.learn_scales:
+        scales = zeros = input_scale = input_zero_point = global_scale = None
+        if opts.learn_scales and w.type == "nvfp4":
+            global_scale = nn.Parameter(torch.ones(1, device=device))
+        if opts.learn_scales and w.type not in MICROSCALED_BLOCKS:
+            shape = weight_qparam_shape(w, self.out_features, self.in_features)
             scales = nn.Parameter(torch.ones(shape, device=device))
             if has_zero_points(w):
                 zeros = nn.Parameter(torch.zeros(shape, device=device), opts.learn_zeros)
@@ -78,6 +83,7 @@ class QatLinear(nn.Linear):
                 zero = torch.zeros(1, device=device)
                 input_zero_point = nn.Parameter(zero, opts.learn_input_scale)
         self.weight_scales = scales
+        self.weight_global_scale = global_scale
         self.weight_zeros = zeros
         self.input_scale = input_scale
         self.input_zero_point = input_zero_point
@@ -117,6 +123,8 @@ class QatLinear(nn.Linear):
     @torch.no_grad()
     def reset_qparams(self) -> None:
         """Learned scales and zero points from the weight's current min-max (RTN's choice)."""
+        if self.weight_global_scale is not None:
+            self.weight_global_scale.copy_(choose_nvfp4_global_scale(self.weight))
         if self.weight_scales is None:
             return
         s, z = minmax_weight_qparams(self.weight, self.scheme.weight, self._scale_dtype())
@@ -137,6 +145,11 @@ class QatLinear(nn.Linear):
                 f"{label}: PTQ layer is {layer.scheme.describe()}, QAT layer is "
                 f"{self.scheme.describe()}"
             )
+        if self.scheme.weight.type in MICROSCALED_BLOCKS:
+            raise ConfigError(
+                f"{label}: QAT of {self.scheme.describe()} weights starts from the float weight "
+                "(its block scales follow each block's max); prepare it without ptq_model"
+            )
         if self.weight_scales is None:
             raise ConfigError(f"{label}: starting from PTQ scales needs learn_scales=True")
         if layer.smooth_scale is not None:
@@ -155,9 +168,13 @@ class QatLinear(nn.Linear):
     def _scale_dtype(self) -> torch.dtype:
         return _scale_dtype(self.scheme, self.weight.dtype)
 
-    def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scales (float32, rounded to the storage dtype) and integer-valued zeros in use."""
+    def weight_qparams(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Scales (float32, rounded to the storage dtype) and integer-valued zeros in use;
+        for microscaled weights NVFP4's learned global scale (``None``: from the weight)."""
         w = self.scheme.weight
+        if w.type in MICROSCALED_BLOCKS:
+            g = self.weight_global_scale
+            return (None if g is None else g.clamp_min(self.options.min_scale)), None
         if self.weight_scales is None:
             s, z = minmax_weight_qparams(self.weight, w, self._scale_dtype())
             return s.float(), z
@@ -186,6 +203,13 @@ class QatLinear(nn.Linear):
             scale, zero = asymmetric_activation_qparams(lo.reshape(1), hi.reshape(1))
             self.input_scale.copy_(scale)
             self.input_zero_point.copy_(zero.float())
+            return
+        if self.scheme.activation.type == "nvfp4":  # -- the global scale 448 * 6 / max |x|
+            amax = x.detach().abs().amax().float().reshape(1)
+            if self._observed is not None:
+                amax = torch.maximum(amax, self._observed[1])
+            self._observed = (-amax, amax)
+            self.input_scale.copy_(choose_nvfp4_global_scale(amax))
             return
         qmax = activation_qmax(self.scheme.activation.type)
         seen = x.detach().abs().amax().float().reshape(1) / qmax
@@ -247,5 +271,6 @@ class QatLinear(nn.Linear):
         return layer
 
     def extra_repr(self) -> str:
-        learned = "learned" if self.weight_scales is not None else "min-max"
+        learned = self.weight_scales is not None or self.weight_global_scale is not None
+        learned = "learned" if learned else "min-max"
         return f"{super().extra_repr()}, scheme={self.scheme.describe()}, scales={learned}"
