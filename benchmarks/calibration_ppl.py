@@ -29,6 +29,7 @@ from torchquant.config import (
     QuantScheme,
     SmoothQuantConfig,
     WeightQuant,
+    scheme_from_name,
 )
 from torchquant.evaluation import perplexity
 
@@ -54,14 +55,16 @@ def _static(observer: str, percentile: float = 100.0) -> ActivationQuant:
     )
 
 
-def rows(group: int, alpha: float, awq: AWQConfig, gptq: GPTQConfig) -> dict[str, QuantScheme]:
-    """Every row of the table, the calibrated ones first (``--only`` picks a subset)."""
+def rows(
+    group: int, alpha: float, awq: AWQConfig, gptq: GPTQConfig, w4a8_alphas: list[float]
+) -> dict[str, QuantScheme]:
+    """Every row of the table, the calibrated ones first (``--only`` picks a subset);
+    the W4A8 SmoothQuant+GPTQ rows once per alpha of ``w4a8_alphas``."""
     plain = dataclasses.replace(gptq, act_order=False, static_groups=False)
     ordered = dataclasses.replace(gptq, act_order=True, static_groups=False)
     static = dataclasses.replace(gptq, act_order=True, static_groups=True)
     staged = dataclasses.replace(static, sequential=True)
     awq_gptq = dataclasses.replace(awq, rounding="gptq")
-    sq_gptq = SmoothQuantConfig(alpha, rounding="gptq")  # -- W4A8: smoothed, GPTQ-rounded
     return {
         f"w4a16 g{group} GPTQ": _wna16(4, group, "gptq", gptq=plain),
         f"w4a16 g{group} GPTQ act-order static": _wna16(4, group, "gptq", gptq=static),
@@ -76,12 +79,18 @@ def rows(group: int, alpha: float, awq: AWQConfig, gptq: GPTQConfig) -> dict[str
             "smoothquant", smoothquant=SmoothQuantConfig(alpha)
         ),
         f"w4a8 g{group} GPTQ act-order static": _w4a8("int8", "gptq", group, gptq=static),
-        **{
-            f"{name} g{group} SmoothQuant {alpha}+GPTQ": _w4a8(
-                act, "smoothquant", group, smoothquant=sq_gptq, gptq=static
+        **{  # -- W4A8: SmoothQuant smooths, GPTQ rounds the smoothed weights
+            f"{name} g{group} SmoothQuant {a}+GPTQ": _w4a8(
+                act,
+                "smoothquant",
+                group,
+                smoothquant=SmoothQuantConfig(a, rounding="gptq"),
+                gptq=static,
             )
+            for a in w4a8_alphas
             for name, act in (("w4a8", "int8"), ("w4a8-fp8", "fp8"))
         },
+        "fp8-block": scheme_from_name("fp8-block"),
         f"w4a16 g{group} GPTQ act-order": _wna16(4, group, "gptq", gptq=ordered),
         "w8a8 static minmax": _w8a8(act=_static("minmax")),
         "w8a8 static KL": _w8a8(act=_static("kl")),
@@ -96,6 +105,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(parser, calib_samples=32, group_size=128)
     parser.add_argument("--awq-tokens", type=int, default=2048)
+    parser.add_argument(
+        "--w4a8-alphas",
+        type=float,
+        nargs="*",
+        default=None,
+        help="SmoothQuant alphas of the W4A8 SmoothQuant+GPTQ rows (default: --alpha)",
+    )
     parser.add_argument("--only", nargs="*", help="row names to run, in this order")
     parser.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ dampening")
     parser.add_argument("--gptq-observer", default="hessian_mse", help="GPTQ group ranges")
@@ -132,7 +148,8 @@ def main() -> None:
     duo = {"on": True, "off": False, "both": "both"}[args.awq_duo]
     awq = AWQConfig(grid=args.awq_grid, max_tokens=args.awq_tokens, duo_scaling=duo)
     gptq = GPTQConfig(dampening=args.gptq_damp, observer=args.gptq_observer)
-    table_rows = rows(args.group_size, args.alpha, awq, gptq)
+    w4a8_alphas = args.w4a8_alphas or [args.alpha]
+    table_rows = rows(args.group_size, args.alpha, awq, gptq, w4a8_alphas)
     if args.only:
         unknown = [n for n in args.only if n not in table_rows]
         if unknown:

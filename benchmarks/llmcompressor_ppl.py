@@ -26,6 +26,7 @@ import time
 
 import torch
 from calibration_setup import PeakRSS, add_run_args, load_average, load_run
+from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
 from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
@@ -74,8 +75,17 @@ def microscaled_recipes() -> dict[str, list]:
     return rows
 
 
-def recipes(group: int, alpha: float) -> dict[str, list | None]:
-    """Row name -> recipe (``None``: the float model)."""
+def preset_groups(preset: str, group: int) -> dict:
+    """The library's ``preset`` (``W4A8``, ``W4AFP8``) with its weight groups of ``group``
+    columns: its own 128 does not divide SmolLM2's 576-wide inputs, which it refuses."""
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    scheme.weights = scheme.weights.model_copy(update={"group_size": group})
+    return {"group_0": scheme}
+
+
+def recipes(group: int, alpha: float, w4a8_alphas: list[float]) -> dict[str, list | None]:
+    """Row name -> recipe (``None``: the float model); the W4A8 presets smoothed and
+    GPTQ-rounded once per alpha of ``w4a8_alphas``, named as calibration_ppl.py's rows."""
     rows: dict[str, list | None] = {}
     for bits in (4, 3):
         groups = weight_groups(bits, group)
@@ -99,6 +109,13 @@ def recipes(group: int, alpha: float) -> dict[str, list | None]:
         SmoothQuantModifier(smoothing_strength=alpha),
         QuantizationModifier(scheme="W8A8", targets="Linear", ignore=IGNORE),
     ]
+    for a in w4a8_alphas:
+        for name, preset in (("w4a8", "W4A8"), ("w4a8-fp8", "W4AFP8")):
+            rows[f"{name} g{group} SmoothQuant {a}+GPTQ"] = [
+                SmoothQuantModifier(smoothing_strength=a),
+                GPTQModifier(config_groups=preset_groups(preset, group), ignore=IGNORE),
+            ]
+    rows["fp8-block"] = [QuantizationModifier(scheme="FP8_BLOCK", targets="Linear", ignore=IGNORE)]
     return rows
 
 
@@ -106,6 +123,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(parser, calib_samples=16, group_size=64)
     parser.add_argument("--only", nargs="*", help="substrings selecting rows to run")
+    parser.add_argument(
+        "--w4a8-alphas",
+        type=float,
+        nargs="*",
+        default=None,
+        help="SmoothQuant alphas of the W4A8 SmoothQuant+GPTQ rows (default: --alpha)",
+    )
     parser.add_argument(
         "--reference", type=float, default=None, help="fp32 perplexity, to skip measuring it"
     )
