@@ -149,7 +149,8 @@ def main() -> None:
         {"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()}
     )
     table = [] if args.reference is None else [("fp32 (given)", args.reference, 0.0, 0.0)]
-    for name, recipe in {"fp32": None, **recipes(args.group_size, args.alpha)}.items():
+    rows = recipes(args.group_size, args.alpha, args.w4a8_alphas or [args.alpha])
+    for name, recipe in {"fp32": None, **rows}.items():
         if name == "fp32" and args.reference is not None:
             continue
         if args.only and name != "fp32" and not any(s in name for s in args.only):

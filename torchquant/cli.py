@@ -22,8 +22,8 @@ from torchquant.calibration.distributed import (
     init_from_environment,
 )
 from torchquant.checkpoint.save_guard import resolve_save_target
-from torchquant.config import ALGORITHMS, QuantConfig, scheme_from_name
-from torchquant.config.algorithms import OBSERVERS
+from torchquant.config import ALGORITHMS, QuantConfig, QuantScheme, scheme_from_name
+from torchquant.config.algorithms import OBSERVERS, ROUNDINGS
 from torchquant.convert import convert_model
 from torchquant.errors import TorchquantError
 from torchquant.formats.dispatch import FORMATS, save_checkpoint
@@ -100,6 +100,20 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
         choices=ALGORITHMS,
         help="how weights are chosen: rtn and hqq need no data, gptq, awq and smoothquant "
         "calibrate on --calib",
+    )
+    p.add_argument(
+        "--smoothquant-alpha",
+        type=cli_types.fraction,
+        default=None,
+        help="SmoothQuant migration strength in [0, 1] (--algorithm smoothquant; default 0.5)",
+    )
+    p.add_argument(
+        "--smoothquant-rounding",
+        choices=ROUNDINGS,
+        default=None,
+        help="how --algorithm smoothquant rounds the smoothed weights: rtn (round to nearest, "
+        "the default) or gptq (GPTQ on the smoothed inputs' Hessians, --act-order and "
+        "--gptq-sequential apply: W4A8's accuracy recipe)",
     )
     p.add_argument(
         "--act-order",
@@ -213,15 +227,17 @@ def _config(args: argparse.Namespace):
         symmetric = True  # the GPTQ vLLM serves with Marlin; --no-symmetric keeps zero points
     scheme = scheme_from_name(args.scheme, group_size=args.group_size, symmetric=symmetric)
     scheme = dataclasses.replace(scheme, algorithm=args.algorithm)
+    scheme = _smoothquant_options(scheme, args)
+    gptq_only = "applies when GPTQ rounds: --algorithm gptq, or --smoothquant-rounding gptq"
     if args.act_order is not None:
-        if args.algorithm != "gptq":
-            raise TorchquantError("--act-order applies to --algorithm gptq only")
+        if not scheme.rounds_with_gptq:
+            raise TorchquantError(f"--act-order {gptq_only}")
         act_order, static_groups = ACT_ORDERS[args.act_order]
         gptq = dataclasses.replace(scheme.gptq, act_order=act_order, static_groups=static_groups)
         scheme = dataclasses.replace(scheme, gptq=gptq)
     if getattr(args, "gptq_sequential", False):
-        if args.algorithm != "gptq":
-            raise TorchquantError("--gptq-sequential applies to --algorithm gptq only")
+        if not scheme.rounds_with_gptq:
+            raise TorchquantError(f"--gptq-sequential {gptq_only}")
         scheme = dataclasses.replace(scheme, gptq=dataclasses.replace(scheme.gptq, sequential=True))
     if args.act_observer is not None:
         if not scheme.static_activation:
@@ -231,6 +247,19 @@ def _config(args: argparse.Namespace):
     if scheme.needs_calibration and not args.calib:
         raise TorchquantError(f"--algorithm {args.algorithm} needs --calib FILE (a text file)")
     return QuantConfig(default=scheme, ignore=tuple(args.ignore))
+
+
+def _smoothquant_options(scheme: QuantScheme, args: argparse.Namespace) -> QuantScheme:
+    """``scheme`` with ``--smoothquant-alpha`` / ``--smoothquant-rounding`` applied."""
+    given = {"alpha": args.smoothquant_alpha, "rounding": args.smoothquant_rounding}
+    given = {field: value for field, value in given.items() if value is not None}
+    if not given:
+        return scheme
+    if args.algorithm != "smoothquant":
+        flags = " and ".join(f"--smoothquant-{field}" for field in given)
+        raise TorchquantError(f"{flags} apply to --algorithm smoothquant only")
+    smoothquant = dataclasses.replace(scheme.smoothquant, **given)
+    return dataclasses.replace(scheme, smoothquant=smoothquant)
 
 
 def _convert(model, tokenizer, config, args: argparse.Namespace):

@@ -47,6 +47,17 @@ def group_size(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    """A number in [0, 1] (a strength such as SmoothQuant's alpha)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; expected a number in [0, 1]")
+    return value
+
+
 def device_name(text: str) -> str:
     """``cpu``, ``cuda`` or ``cuda:N``; whether that CUDA device exists is checked at run time."""
     if re.fullmatch(r"cpu|cuda(:\d+)?", text):

@@ -136,7 +136,7 @@ def test_act_order_choices_and_refusals(model_dir, tmp_path, capsys):
     base = ["quantize", str(model_dir), "--group-size", "32", "--calib", text]
     base += ["--calib-samples", "2", "--calib-seq-len", "16"]
     assert main([*base, "--act-order", "group", "--out", str(tmp_path / "r")]) == 1
-    assert "--act-order applies to --algorithm gptq only" in capsys.readouterr().err
+    assert "--act-order applies when GPTQ rounds" in capsys.readouterr().err
     awq = [*base, "--algorithm", "gptq", "--format", "awq", "--act-order"]
     assert main([*awq, "group", "--out", str(tmp_path / "a")]) == 1
     assert "g_idx, which AWQ cannot store" in capsys.readouterr().err

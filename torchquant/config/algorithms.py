@@ -14,6 +14,7 @@ INT_WEIGHT_ALGORITHMS = ("gptq", "awq", "hqq")  # -- they choose INT codes and q
 OBSERVERS = ("minmax", "moving_minmax", "percentile", "kl", "mse")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 GPTQ_OBSERVERS = (*WEIGHT_OBSERVERS, "hessian_mse")
+ROUNDINGS = ("rtn", "gptq")  # -- how AWQ and SmoothQuant round the weights they rescaled
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class AWQConfig:
             self.duo_scaling,
             'True, False or "both"',
         )
-        require(self.rounding in ("rtn", "gptq"), "awq.rounding", self.rounding, "'rtn' or 'gptq'")
+        require(self.rounding in ROUNDINGS, "awq.rounding", self.rounding, "'rtn' or 'gptq'")
         require(isinstance(self.clip, bool), "awq.clip", self.clip, "a bool")
         require(
             is_int(self.clip_grid) and self.clip_grid >= 1,
@@ -153,7 +154,7 @@ class SmoothQuantConfig:
             self.smooth_linear_inputs,
             "true or false",
         )
-        ok = self.rounding in ("rtn", "gptq")
+        ok = self.rounding in ROUNDINGS
         require(ok, "smoothquant.rounding", self.rounding, "'rtn' or 'gptq'")
 
 
