@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from torchquant.algorithms.gptq import accumulate_hessian, gptq_quantize, inverse_hessian_factor
+from torchquant.algorithms.gptq import (
+    accumulate_hessian,
+    factor_hessian,
+    gptq_quantize,
+    inverse_hessian_factor,
+)
 from torchquant.errors import QuantizationError
 from torchquant.numerics import choose_int_qparams, dequantize_int_weight, group_min_max
 
@@ -119,3 +124,25 @@ def test_a_hessian_no_damping_can_save_is_refused():
     h = torch.full((8, 8), float("nan")).fill_diagonal_(1.0)
     with pytest.raises(QuantizationError, match="not positive definite"):
         inverse_hessian_factor(h, 0.01, name="layer")
+
+
+def test_a_shared_factor_gives_the_codes_of_a_fresh_one():
+    """q/k/v share one factor of their Hessian: each result equals the unshared solve."""
+    x = correlated_inputs(256, 64)
+    h, _ = accumulate_hessian(None, 0, x)
+    h[5, :] = h[:, 5] = 0.0  # -- a dead column: zeroed in every weight that shares the factor
+    factor = factor_hessian(h, act_order=True, dampening=0.01, name="qkv")
+    g = torch.Generator().manual_seed(4)
+    for rows in (32, 16):
+        w = torch.randn(rows, 64, generator=g)
+        args = (w, h, 4, 16, False, 128, 0.01, True, True, "hessian_mse")
+        fresh, shared = gptq_quantize(*args), gptq_quantize(*args, factor=factor)
+        assert torch.equal(fresh.codes, shared.codes)
+        assert torch.equal(fresh.scales, shared.scales) and torch.equal(fresh.zeros, shared.zeros)
+
+
+def test_a_factor_made_with_other_settings_is_refused():
+    h, _ = accumulate_hessian(None, 0, correlated_inputs(64, 16))
+    factor = factor_hessian(h, act_order=False, dampening=0.01)
+    with pytest.raises(QuantizationError, match="layer.*act_order=False"):
+        gptq_quantize(torch.randn(4, 16), h, 4, act_order=True, name="layer", factor=factor)

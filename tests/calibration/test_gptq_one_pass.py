@@ -8,6 +8,7 @@ from tiny_models import tiny_llama
 
 from torchquant import AWQConfig, GPTQConfig, QuantConfig, QuantScheme, WeightQuant, convert_model
 from torchquant.algorithms import gptq
+from torchquant.calibration import block as block_module
 from torchquant.calibration.stats import LayerStats, attach
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,3 +115,18 @@ def test_a_shared_hessian_is_copied_before_it_diverges():
     torch.testing.assert_close(follow.hessian, 2 * both.t() @ both / 8)  # -- (-x)(-x) = x x
     lead.update(x1)
     torch.testing.assert_close(follow.hessian, 2 * both.t() @ both / 8)  # -- not touched
+
+
+def test_linears_sharing_a_hessian_share_its_factor(monkeypatch):
+    """Per block, one factor for q/k/v, one for o, one for gate/up, one for down."""
+    made = []
+    factor = gptq.factor_hessian
+
+    def count(hessian, *args, **kw):
+        made.append(hessian)
+        return factor(hessian, *args, **kw)
+
+    monkeypatch.setattr(block_module, "factor_hessian", count)
+    calibrated(scheme())
+    assert len(made) == 2 * 4
+    assert len({id(h) for h in made}) == len(made)

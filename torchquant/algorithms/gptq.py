@@ -188,27 +188,65 @@ def _group_qparams(
     return choose(upcoming.t(), importance[col : col + upcoming.shape[0]])
 
 
+@dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ derives from one input Hessian ``(K, K)``, the same for every linear fed
+    that input (q/k/v, gate/up): ``importance`` ``(K,)`` (its diagonal, dead columns
+    given 1), ``dead`` ``(K,)`` (columns that never saw an input), the visiting order
+    ``perm`` ``(K,)`` and the inverse-Hessian factor ``hinv`` ``(K, K)`` in that order,
+    for the ``act_order`` and ``dampening`` it was made with."""
+
+    importance: torch.Tensor
+    dead: torch.Tensor
+    perm: torch.Tensor
+    hinv: torch.Tensor
+    act_order: bool
+    dampening: float
+
+
+def factor_hessian(
+    hessian: torch.Tensor, act_order: bool, dampening: float, name: str = "weight"
+) -> HessianFactor:
+    """The :class:`HessianFactor` of ``hessian``: compute it once for the linears sharing it."""
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise QuantizationError(f"{name}: Hessian {tuple(hessian.shape)} is not square")
+    if not bool(torch.isfinite(hessian).all()):
+        raise CalibrationError(f"{name}: the input Hessian holds NaN/Inf values")
+    h = hessian.detach().float().clone()  # h: (K, K)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    perm = torch.arange(h.shape[0], device=h.device)
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+    hinv = inverse_hessian_factor(h[perm][:, perm], dampening, name)  # hinv: (K, K)
+    return HessianFactor(torch.diag(h), dead, perm, hinv, act_order, dampening)
+
+
 def _prepare(
-    weight: torch.Tensor, hessian: torch.Tensor, act_order: bool, dampening: float, name: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(w (N, K), h (K, K), perm (K,), hinv (K, K))``: float32 copies with dead columns
-    (zero Hessian diagonal) zeroed, the visiting order and the inverse-Hessian factor in it."""
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    act_order: bool,
+    dampening: float,
+    name: str,
+    factor: HessianFactor | None,
+) -> tuple[torch.Tensor, HessianFactor]:
+    """A float32 copy of ``weight: (N, K)`` with dead columns zeroed, and the Hessian's
+    factor (``factor`` when given: it must have been made with these settings)."""
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise QuantizationError(
             f"{name}: weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} disagree"
         )
-    if not bool(torch.isfinite(hessian).all()):
-        raise CalibrationError(f"{name}: the input Hessian holds NaN/Inf values")
+    if factor is None:
+        factor = factor_hessian(hessian, act_order, dampening, name)
+    elif (factor.act_order, factor.dampening) != (act_order, dampening):
+        raise QuantizationError(
+            f"{name}: the Hessian factor was made with act_order={factor.act_order}, "
+            f"dampening={factor.dampening}, expected act_order={act_order}, "
+            f"dampening={dampening}"
+        )
     w = weight.detach().float().clone()  # w: (N, K)
-    h = hessian.detach().float().clone()  # h: (K, K)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    perm = torch.arange(w.shape[1], device=w.device)
-    if act_order:
-        perm = torch.argsort(torch.diag(h), descending=True)
-    hinv = inverse_hessian_factor(h[perm][:, perm], dampening, name)  # hinv: (K, K)
-    return w, h, perm, hinv
+    w[:, factor.dead] = 0.0
+    return w, factor
 
 
 @torch.no_grad()
@@ -225,6 +263,7 @@ def gptq_quantize(
     observer: str = "minmax",
     scale_dtype: torch.dtype | None = None,
     name: str = "weight",
+    factor: HessianFactor | None = None,
 ) -> GPTQResult:
     """GPTQ-quantize ``weight: (N, K)`` given the input Hessian ``(K, K)``.
 
@@ -232,16 +271,18 @@ def gptq_quantize(
     (a shorter last group when it does not divide ``K``).  ``act_order`` visits columns
     by decreasing Hessian diagonal; its groups then follow the visiting order and
     ``g_idx`` records them, unless ``static_groups`` fixes the groups' qparams on the
-    original contiguous groups before the search (no ``g_idx`` needed).
+    original contiguous groups before the search (no ``g_idx`` needed).  ``factor`` is
+    ``factor_hessian(hessian, act_order, dampening)`` when the caller shares it.
     """
     if not 2 <= bits <= 8:
         raise QuantizationError(f"{name}: bits must be in 2..8, got {bits}")
-    w, h, perm, hinv = _prepare(weight, hessian, act_order, dampening, name)
+    w, factor = _prepare(weight, hessian, act_order, dampening, name, factor)
+    perm, hinv = factor.perm, factor.hinv
     n, k = weight.shape
     sdt = scale_dtype or (weight.dtype if group_size != -1 else torch.float32)
     gs = k if group_size == -1 else group_size
     g_count = num_groups(k, group_size)
-    importance = torch.diag(h)  # how much each column's error costs, for hessian_mse
+    importance = factor.importance  # how much each column's error costs, for hessian_mse
 
     scales = torch.zeros(n, g_count, dtype=sdt, device=w.device)
     zeros = None if symmetric else torch.zeros(n, g_count, dtype=torch.uint8, device=w.device)
@@ -326,6 +367,7 @@ def gptq_quantize_fp4(
     act_order: bool = False,
     search_scales: bool = False,
     name: str = "weight",
+    factor: HessianFactor | None = None,
 ) -> Fp4Weight:
     """GPTQ of ``weight: (N, K)`` onto the FP4 grid of ``weight_type`` (``nvfp4``, ``mxfp4``).
 
@@ -333,9 +375,11 @@ def gptq_quantize_fp4(
     float weight, as llm-compressor does: round-to-nearest's (the spec's), or with
     ``search_scales`` the per-block MSE search's; the loop then rounds each column to the
     nearest E2M1 value on its blocks' multipliers and spreads the error.  Fixed scales need
-    no group index, so ``act_order`` only changes the visiting order.
+    no group index, so ``act_order`` only changes the visiting order.  ``factor`` as for
+    :func:`gptq_quantize`.
     """
-    w, _, perm, hinv = _prepare(weight, hessian, act_order, dampening, name)
+    w, factor = _prepare(weight, hessian, act_order, dampening, name, factor)
+    perm, hinv = factor.perm, factor.hinv
     fixed = (FP4_SCALE_SEARCH if search_scales else FP4_ROUNDING)[weight_type](weight, what=name)
     k = w.shape[1]
     element = expand_blocks(fp4_block_scales(fixed.scales, fixed.global_scale), fixed.block, k)

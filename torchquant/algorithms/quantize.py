@@ -35,11 +35,13 @@ class WeightStats:
     ``hessian``: ``(K, K)`` float32 ``2/n X^T X`` of the layer's inputs (GPTQ rounding);
     ``None`` when calibration never reached the layer (an unused expert), which is then
     rounded to nearest.  ``clip_range``: per-group ``(lo, hi)`` ``(N, G)`` from AWQ's
-    clipping search (``None``: the plain min/max range).
+    clipping search (``None``: the plain min/max range).  ``hessian_factor``: GPTQ's
+    factor of ``hessian``, when the caller shares one among the linears fed that input.
     """
 
     hessian: torch.Tensor | None = None
     clip_range: tuple[torch.Tensor, torch.Tensor] | None = None
+    hessian_factor: gptq.HessianFactor | None = None
 
 
 @dataclass
@@ -102,14 +104,16 @@ def gptq_rounding(
     scheme: QuantScheme, weight: torch.Tensor, stats: WeightStats | None, name: str
 ) -> QuantizedWeight:
     """GPTQ with the scheme's ``gptq`` parameters and the measured input Hessian."""
-    hessian = _measured(scheme, stats, name).hessian
+    measured = _measured(scheme, stats, name)
+    hessian, factor = measured.hessian, measured.hessian_factor
     if hessian is None:
         return round_to_nearest(scheme, weight, stats, name)
     w, p = scheme.weight, scheme.gptq
     if w.type in FP4_ROUNDING:
         search = p.observer != "minmax"
         args = (p.block_size, p.dampening, p.act_order, search)
-        return _fp4_weight(gptq.gptq_quantize_fp4(weight, hessian, w.type, *args, name=name))
+        fp4 = gptq.gptq_quantize_fp4(weight, hessian, w.type, *args, name=name, factor=factor)
+        return _fp4_weight(fp4)
     res = gptq.gptq_quantize(
         weight,
         hessian,
@@ -122,6 +126,7 @@ def gptq_rounding(
         p.static_groups,
         p.observer,
         name=name,
+        factor=factor,
     )
     return QuantizedWeight(res.codes, res.scales, res.zeros, res.g_idx)
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from torchquant.algorithms.gptq import HessianFactor, factor_hessian
 from torchquant.algorithms.quantize import WeightStats
 from torchquant.calibration.capture import BlockInput, run_block
 from torchquant.calibration.distributed import RankContext
@@ -67,6 +68,8 @@ class CalibrationBlock:
         self.input_scales: dict[str, torch.Tensor] = {}  # static activation scales
         self.input_zero_points: dict[str, torch.Tensor] = {}  # and asymmetric ones' zeros
         self.quantized: set[str] = set()
+        # -- GPTQ factors by Hessian, kept with the Hessian they factor (the key is its id)
+        self.factors: dict[tuple[int, bool, float], tuple[torch.Tensor, HessianFactor]] = {}
 
     def full(self, rel: str) -> str:
         return f"{self.prefix}.{rel}" if self.prefix else rel
@@ -122,7 +125,21 @@ class CalibrationBlock:
         st = self.stats.get(rel)
         if st is None:
             return None
-        return WeightStats(st.hessian if st.tokens > 0 else None, self.clip_ranges.get(rel))
+        hessian = st.hessian if st.tokens > 0 else None
+        factor = None
+        if hessian is not None and self.schemes[rel].rounds_with_gptq:
+            factor = self.hessian_factor(rel, hessian)
+        return WeightStats(hessian, self.clip_ranges.get(rel), factor)
+
+    def hessian_factor(self, rel: str, hessian: torch.Tensor) -> HessianFactor:
+        """GPTQ's factor of ``hessian`` for ``rel``'s settings, made once for all the
+        linears that share that Hessian (q/k/v, gate/up) on this rank."""
+        settings = self.schemes[rel].gptq
+        key = (id(hessian), settings.act_order, settings.dampening)
+        if key not in self.factors:
+            made = factor_hessian(hessian, settings.act_order, settings.dampening, self.full(rel))
+            self.factors[key] = (hessian, made)
+        return self.factors[key][1]
 
     @torch.no_grad()
     def quantize(self, rels: set[str]) -> None:
