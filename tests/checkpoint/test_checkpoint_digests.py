@@ -22,7 +22,15 @@ import torch
 from safetensors import safe_open
 from tiny_models import tiny_llama
 
-from torchquant import QuantConfig, TorchquantError, convert_model, scheme_from_name
+from torchquant import (
+    ActivationQuant,
+    QuantConfig,
+    QuantScheme,
+    TorchquantError,
+    WeightQuant,
+    convert_model,
+    scheme_from_name,
+)
 from torchquant.formats.dispatch import FORMATS, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,8 +47,21 @@ SCHEMES = {
     "w8a16-fp8": dict(name="w8a16-fp8"),
     "w8a8": dict(name="w8a8"),
     "fp8": dict(name="fp8"),
+    "nvfp4a16": dict(name="nvfp4a16"),
+    "nvfp4a16-mse": dict(name="nvfp4a16-mse"),
+    "mxfp4a16": dict(name="mxfp4a16"),
+    "mxfp4a16-mse": dict(name="mxfp4a16-mse"),
+    "nvfp4": dict(name="nvfp4"),
+    # -- NVFP4 activations with a calibrated global scale (what compressed-tensors stores)
+    "nvfp4-static": dict(
+        scheme=QuantScheme(WeightQuant("nvfp4"), ActivationQuant("nvfp4", dynamic=False))
+    ),
+    "mxfp4": dict(name="mxfp4"),
+    "mxfp8": dict(name="mxfp8"),
 }
 CALIBRATED = {"gptq": "w4a16-g32-sym", "awq": "w4a16-g32", "smoothquant": "w8a8"}
+# -- the algorithms on the FP4 grids (block scales fixed first)
+CALIBRATED_FP4 = [("gptq", "nvfp4a16"), ("gptq", "mxfp4a16"), ("awq", "nvfp4a16")]
 
 
 def digest_folder(folder: Path) -> str:
@@ -62,17 +83,18 @@ def digest_folder(folder: Path) -> str:
 def build(case: str) -> torch.nn.Module:
     algorithm, _, scheme_name = case.partition(":")
     spec = dict(SCHEMES[scheme_name])
-    scheme = scheme_from_name(spec.pop("name"), **spec)
+    scheme = spec.pop("scheme") if "scheme" in spec else scheme_from_name(spec.pop("name"), **spec)
     scheme = dataclasses.replace(scheme, algorithm=algorithm)
     model = tiny_llama(hidden=96, inter=128, heads=2, kv_heads=1, layers=2, seed=7)
     config = QuantConfig(default=scheme)
-    if algorithm == "rtn":
+    if algorithm == "rtn" and not scheme.needs_calibration:
         return convert_model(model, config, progress=False)[0]
     ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(3))
     return convert_model(model, config, calibration_data=ids, progress=False)[0]
 
 
 CASES = [f"rtn:{s}" for s in SCHEMES] + [f"{a}:{s}" for a, s in CALIBRATED.items()]
+CASES += [f"{a}:{s}" for a, s in CALIBRATED_FP4]
 
 
 def current_digests(tmp_path: Path) -> dict[str, str]:
