@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._exact import divide_rows, round_to_e4m3, round_to_int32
+from ._exact import divide_rows, divide_rows_bounded, round_to_e4m3, round_to_int32
 from ._launch import autotuned, check_device, check_fp8_support, m_bucket, output, run_kernel
 
 INT8_MAX = 127.0
@@ -47,13 +47,32 @@ MAX_ROW_BLOCK = 16384
 
 
 @triton.jit
-def _quantize_values(v, scale, IS_FP8: tl.constexpr):
-    q = divide_rows(v, scale)
-    q = tl.where(q == q, q, 0.0)  # NaN (only in rows whose scale is NaN) -> code 0
+def _quantize_values(v, scale, IS_FP8: tl.constexpr, OWN_SCALE: tl.constexpr):
+    """Codes of ``v / scale``.  ``OWN_SCALE``: each row's scale is its own ``max |v| / qmax``,
+    so no quotient passes ``qmax`` by more than an ulp (the division needs no guard) and
+    NaN quotients lie exactly in the rows whose scale is NaN, which :func:`_store_codes`
+    writes as zeros (no per-element NaN test); otherwise a NaN quotient becomes code 0 here."""
+    if OWN_SCALE:
+        q = divide_rows_bounded(v, scale)
+    else:
+        q = divide_rows(v, scale)
+        q = tl.where(q == q, q, 0.0)  # NaN (only in rows whose scale is NaN) -> code 0
     if IS_FP8:
         return round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
     else:
         return round_to_int32(tl.minimum(tl.maximum(q, -128.0), 127.0)).to(tl.int8)
+
+
+@triton.jit
+def _store_codes(q_ptrs, q, mask, scale, OWN_SCALE: tl.constexpr):
+    """Store a tile of :func:`_quantize_values` codes; with ``OWN_SCALE``, rows whose scale
+    is NaN (they hold NaN/Inf) get code 0 throughout, as the reference quantizes NaN."""
+    if OWN_SCALE:
+        finite = (scale == scale)[:, None]
+        tl.store(q_ptrs, q, mask=mask & finite)
+        tl.store(q_ptrs, tl.zeros_like(q), mask=mask & ~finite)
+    else:
+        tl.store(q_ptrs, q, mask=mask)
 
 
 @triton.jit
@@ -121,8 +140,8 @@ def _quantize_rows_kernel(
         x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
         scale = _scale_from_absmax(_row_absmax(x), QMAX)  # NaN for rows with NaN or Inf
         tl.store(scale_ptr + rows, scale, mask=row_mask)
-        q = _quantize_values(x, scale[:, None], IS_FP8)
-        tl.store(q_rows + offs_k[None, :], q, mask=mask)
+        q = _quantize_values(x, scale[:, None], IS_FP8, True)
+        _store_codes(q_rows + offs_k[None, :], q, mask, scale, True)
     else:
         bad = tl.zeros((BLOCK_M,), dtype=tl.float32)
         if PER_TOKEN:
@@ -141,8 +160,8 @@ def _quantize_rows_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask = row_mask[:, None] & (offs_k[None, :] < K)
             x = _load_smoothed(x_ptr, sm_ptr, rows, offs_k, mask, K, stride_xm, HAS_SMOOTH)
-            q = _quantize_values(x, scale[:, None], IS_FP8)
-            tl.store(q_rows + offs_k[None, :], q, mask=mask)
+            q = _quantize_values(x, scale[:, None], IS_FP8, PER_TOKEN)
+            _store_codes(q_rows + offs_k[None, :], q, mask, scale, PER_TOKEN)
             if ROW_SCALES and not PER_TOKEN:
                 bad += _row_poison(x)
         if ROW_SCALES and not PER_TOKEN:

@@ -72,9 +72,11 @@ def _gemm_kernel(
 ):
     # -- output tile of this program, grouped along M so weight tiles are reused from L2
     offs_m, offs_n, m_mask, n_mask = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    # -- row bases in int64: M or N times a row stride may pass 2**31 elements
+    # -- row bases in int64: M or N times a row stride may pass 2**31 elements.  Rows past
+    # -- M read row M - 1 (their outputs are never stored), so the activation loads need
+    # -- no row mask, whose predicates the hot loop would rebuild at every K step
     rows = q_ptr + offs_n[:, None].to(tl.int64) * stride_qn
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1)[:, None].to(tl.int64) * stride_xm
     s_rows = s_ptr + offs_n[:, None] * stride_sn
     z_rows = z_ptr + offs_n[:, None] * stride_zn
     # -- the run of K tiles of this split
@@ -82,8 +84,7 @@ def _gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t_start, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        x_mask = m_mask[:, None] & (offs_k[None, :] < K)
-        x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
+        x = tl.load(x_rows + offs_k[None, :], mask=offs_k[None, :] < K, other=0.0)
         # -- dequantize the (BLOCK_N, BLOCK_K) weight tile in float32, then the MMA
         w = dequantize_tile(
             rows, s_rows, z_rows, t, n_mask, K, magic, BITS, PACKED, HAS_ZEROS, GROUP_SIZE, BLOCK_K
@@ -123,7 +124,9 @@ SPLIT_K_CONFIGS = [
 
 # prefill: classic tiles, one program per output tile; the first (the default) compiles
 # without spills for 4- and 8-bit weights on sm_90 and has the fewest instructions per
-# weight at M = 256
+# weight at M = 256.  Where N is 4096 and M 256, 128x128 tiles fill half the SMs: the
+# 256x32 tile dequantizes each weight once for all 256 rows and the 128x64x128 one halves
+# the loop's fixed cost per weight, both 128 programs (tensor-core bound on sm_90 there)
 TILED_CONFIGS = [
     tile_config(128, 128, 64, 1, 8, 3),
     tile_config(128, 128, 32, 1, 4, 4),
@@ -132,6 +135,8 @@ TILED_CONFIGS = [
     tile_config(64, 64, 64, 1, 4, 4),
     tile_config(128, 256, 64, 1, 8, 3),
     tile_config(32, 64, 128, 1, 4, 4),
+    tile_config(256, 32, 64, 1, 4, 4),
+    tile_config(128, 64, 128, 1, 4, 3),
 ]
 
 _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "PACKED", "HAS_ZEROS"]

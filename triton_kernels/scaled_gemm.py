@@ -65,9 +65,11 @@ def scaled_gemm_kernel(
 ):
     # -- output tile, grouped along M for L2 reuse of b
     offs_m, offs_n, m_mask, n_mask = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    # -- row bases in int64: M or N times a row stride may pass 2**31 elements
-    a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
-    b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
+    # -- row bases in int64: M or N times a row stride may pass 2**31 elements.  Rows past
+    # -- M (columns past N) read the last one, whose products are never stored: the loads
+    # -- need only the K mask, not predicates rebuilt from the row masks at every K step
+    a_rows = a_ptr + tl.minimum(offs_m, M - 1)[:, None].to(tl.int64) * stride_am
+    b_cols = b_ptr + tl.minimum(offs_n, N - 1)[None, :].to(tl.int64) * stride_bn
     # -- K slice of this split, 8-bit products accumulated exactly (int32) or in float32
     t_start, t_end = split_k_run(tl.cdiv(K, BLOCK_K), SPLIT_K)
     if a_ptr.dtype.element_ty == tl.int8:
@@ -77,16 +79,8 @@ def scaled_gemm_kernel(
     for t in range(t_start, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        a = tl.load(
-            a_rows + offs_k[None, :],
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_cols + offs_k[:, None],
-            mask=k_mask[:, None] & n_mask[None, :],
-            other=0.0,
-        )
+        a = tl.load(a_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0)
+        b = tl.load(b_cols + offs_k[:, None], mask=k_mask[:, None], other=0.0)
         acc = tl.dot(a, b, acc)
     # -- the last split of a tile sums the splits' products (exactly, for int32)
     out_mask = m_mask[:, None] & n_mask[None, :]
