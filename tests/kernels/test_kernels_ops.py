@@ -74,6 +74,7 @@ def test_percentile_scales_fall_back_with_a_warning():
 def test_every_op_has_a_cuda_kernel():
     assert set(cuda_ops.CUDA_KERNELS) == {
         "torchquant::linear_intn",
+        "torchquant::linear_intn_act_order",
         "torchquant::linear_int8_weight",
         "torchquant::linear_fp8_weight",
         "torchquant::linear_fp4_weight",

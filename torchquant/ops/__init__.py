@@ -52,8 +52,11 @@ from torchquant.ops.weight_fp8 import (
     linear_fp8_weight_reference,
 )
 from torchquant.ops.weight_int import (
+    ActOrderLayout,
+    act_order_layout,
     intn_cpu_layout,
     linear_intn,
+    linear_intn_act_order,
     linear_intn_gidx,
     linear_intn_reference,
 )
@@ -64,8 +67,10 @@ from torchquant.ops.weight_int8 import (
 )
 
 __all__ = [
+    "ActOrderLayout",
     "ActivationQuant",
     "HAS_TRITON_KERNELS",
+    "act_order_layout",
     "bind",
     "fake_quant_int_weight",
     "fake_quant_int_weight_backward",
@@ -84,6 +89,7 @@ __all__ = [
     "linear_int8_weight",
     "linear_int8_weight_reference",
     "linear_intn",
+    "linear_intn_act_order",
     "linear_intn_gidx",
     "linear_intn_reference",
     "linear_w4a8_cpu",

@@ -27,11 +27,12 @@ from torchquant.ops.w8a8 import (
 from torchquant.ops.w8a8_asym import linear_w8a8_asym_cuda
 from torchquant.ops.weight_fp4 import linear_fp4_weight_cuda
 from torchquant.ops.weight_fp8 import linear_fp8_weight_cuda
-from torchquant.ops.weight_int import linear_intn_cuda
+from torchquant.ops.weight_int import linear_intn_act_order_cuda, linear_intn_cuda
 from torchquant.ops.weight_int8 import linear_int8_weight_cuda
 
 CUDA_KERNELS = {
     "torchquant::linear_intn": linear_intn_cuda,
+    "torchquant::linear_intn_act_order": linear_intn_act_order_cuda,
     "torchquant::linear_int8_weight": linear_int8_weight_cuda,
     "torchquant::linear_fp8_weight": linear_fp8_weight_cuda,
     "torchquant::linear_fp4_weight": linear_fp4_weight_cuda,

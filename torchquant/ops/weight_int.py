@@ -4,6 +4,10 @@
 ``scales (N, G)``, ``zeros (N, G)`` uint8 or ``None`` for symmetric (zero
 ``2**(bits-1)``); ``w = (code - zero) * scale``.  Column ``k`` is in group
 ``k // group_size``, or ``g_idx[k]`` for GPTQ act-order (``linear_intn_gidx``).
+An act-order weight whose groups each hold ``group_size`` columns (what GPTQ's act-order
+writes) is repacked once with its columns sorted by group (:func:`act_order_layout`):
+``linear_intn_act_order`` then gathers the input columns into that order and runs the
+plain grouped kernels, instead of the reference the ``g_idx`` op falls back to on CUDA.
 
 CPU, bf16 inputs, and float32 ones inside ``cpu_kernels.float32_in_bf16`` (rounded to
 bf16 and the result cast back): up to
@@ -18,10 +22,12 @@ Triton kernels.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-from torchquant.numerics import dequantize_int_weight, unpack_codes
+from torchquant.numerics import dequantize_int_weight, pack_codes, unpack_codes
 from torchquant.ops import common, cpu_kernels
 
 # -- above this many rows (per number of 4-bit planes) dequantize-and-multiply is faster
@@ -148,3 +154,70 @@ linear_intn_gidx = common.define_layout_op(
     None,
     "Weight-only INTn linear with act-order groups: column ``k`` in group ``g_idx[k]``.",
 )
+
+
+# -- act-order weights repacked with their columns sorted by group
+
+REPACK_ROWS = 2048  # weight rows unpacked at a time while repacking (bounds the scratch)
+
+
+class ActOrderLayout(NamedTuple):
+    """A packed INTn weight with its input columns sorted by act-order group.
+
+    ``qweight (N, ceil(K/32)*bits)`` holds original column ``columns[j]`` at position ``j``,
+    so column ``j`` is in group ``j // group_size``; ``columns (K,)`` int64 is the gather
+    that puts an input into that order: ``x @ W^T == x[:, columns] @ W_sorted^T``.
+    """
+
+    qweight: torch.Tensor
+    columns: torch.Tensor
+    group_size: int
+
+
+def act_order_layout(
+    qweight: torch.Tensor, g_idx: torch.Tensor, bits: int, num_groups: int, in_features: int
+) -> ActOrderLayout | None:
+    """The sorted layout of an act-order weight, or None where its groups are not runs of
+    one size once sorted (the last may be shorter) -- such a ``g_idx`` keeps the ``g_idx`` op."""
+    k = in_features
+    if g_idx.shape != (k,) or k == 0:
+        return None
+    columns = torch.argsort(g_idx.long(), stable=True)
+    group_size = int((g_idx == 0).sum())
+    if group_size == 0 or -(-k // group_size) != num_groups:
+        return None
+    expected = torch.arange(k, device=g_idx.device) // group_size
+    if not torch.equal(g_idx.long()[columns], expected):
+        return None
+    packed = torch.empty_like(qweight)
+    for start in range(0, qweight.shape[0], REPACK_ROWS):
+        rows = slice(start, start + REPACK_ROWS)
+        packed[rows] = pack_codes(unpack_codes(qweight[rows], bits, k)[:, columns], bits)
+    return ActOrderLayout(packed, columns, group_size)
+
+
+def linear_intn_act_order_reference(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+    columns: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int,
+) -> torch.Tensor:  # fmt: skip
+    """The exact maths of a sorted act-order weight: gather the input columns, then the
+    grouped reference."""
+    xs = x.index_select(-1, columns)
+    return linear_intn_reference(xs, qweight, scales, zeros, bias, bits, group_size)
+
+
+def linear_intn_act_order_cuda(x, qweight, scales, zeros, columns, bias, bits, group_size):
+    """One gather of the input columns, then the grouped Triton kernels."""
+    xs = x.index_select(-1, columns)
+    return linear_intn_cuda(xs, qweight, scales, zeros, bias, bits, group_size)
+
+
+linear_intn_act_order = torch.library.custom_op(
+    "torchquant::linear_intn_act_order", linear_intn_act_order_reference, mutates_args=()
+)
+linear_intn_act_order.__doc__ = (
+    "Weight-only INTn linear of an act-order weight repacked by :func:`act_order_layout`."
+)
+common.register_cpu(linear_intn_act_order, linear_intn_act_order_reference)
+linear_intn_act_order.register_fake(common.fake_linear)
+common.register_cuda("torchquant::linear_intn_act_order", linear_intn_act_order_cuda)

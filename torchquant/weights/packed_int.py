@@ -3,6 +3,9 @@
 ``qweight (N, ceil(K/32)*bits)`` int32 (see ``numerics.packing``), ``scales (N, G)``,
 ``zeros (N, G)`` uint8 for asymmetric weights (symmetric ones imply ``2**(bits-1)``),
 ``g_idx (K,)`` int32 the group of each input column when act-order reordered them.
+Off the CPU, an act-order layer binds its weight repacked with the columns sorted by group
+(``ops.act_order_layout``, derived once per bind: a second copy of ``qweight``), so the
+grouped kernels serve it; the buffers, and so checkpoints, keep the stored order.
 INT8 symmetric weights are not packed: :mod:`torchquant.weights.int8` holds them.
 W4A8 layers (INT4 symmetric codes times quantized activations) keep their signed codes as
 int8 ``(N, K)`` for the CPU op (see ``ops.w4a8``).
@@ -67,6 +70,10 @@ class PackedIntFormat(IntWeightFormat):
         w, g_idx, layout = layer.scheme.weight, layer.g_idx, layer.cpu_layout()
         q, s, z = layer.qweight, layer.scales, layer.zeros
         if g_idx is not None:
+            if (act_order := _act_order_layout(layer)) is not None:
+                sorted_q, columns, group_size = act_order
+                args = (sorted_q, s, z, columns, bias, w.bits, group_size)
+                return ops.bind(ops.linear_intn_act_order, *args)
             return ops.bind(ops.linear_intn_gidx, q, s, z, g_idx, bias, w.bits, *layout)
         return ops.bind(ops.linear_intn, q, s, z, bias, w.bits, w.group_size, *layout)
 
@@ -82,6 +89,19 @@ class PackedIntFormat(IntWeightFormat):
         group_size = w.group_size if g_idx is None else 0
         return ops.intn_cpu_layout(
             layer.qweight, layer.scales, layer.zeros, g_idx, w.bits, group_size, layer.in_features
+        )
+
+
+def _act_order_layout(layer: QuantizedLayer) -> ops.ActOrderLayout | None:
+    """The sorted act-order weight for the kernels off the CPU (where the ``g_idx`` op runs
+    the reference); None on CPU (its layout already sorts columns by group), while
+    compiling (derive it eagerly first) and for groupings that do not sort into runs."""
+    if layer.qweight.device.type == "cpu" or torch.compiler.is_compiling():
+        return None
+    w = layer.scheme.weight
+    with torch.no_grad():
+        return ops.act_order_layout(
+            layer.qweight, layer.g_idx, w.bits, layer.scales.shape[1], layer.in_features
         )
 
 
