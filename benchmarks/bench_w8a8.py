@@ -29,6 +29,7 @@ from torchquant.triton_kernels.w8a8_gemm import int8_gemm
 from torchquant import ops
 from torchquant.numerics import quantize_activation as reference_quantize
 from torchquant.numerics import quantize_fp8_weight, quantize_int_weight
+from torchquant.ops.fp8_gemm_choice import m_bucket, takes_scaled_mm
 
 
 def quantized_weight(w: torch.Tensor, act_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +88,7 @@ def run(act_dtype: str, argv: list[str] | None, description: str) -> None:
         "ours GEMM only": f"{baseline} only",
     }
     table = Table(f"{name} linear, bf16 activations", copy_bandwidth_gbs(smoke), baselines)
+    faster: list[tuple[str, int, int, int]] = []  # -- FP8: where _scaled_mm's GEMM wins
     for n, k in args.shapes:
         torch.manual_seed(0)
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
@@ -114,8 +116,8 @@ def run(act_dtype: str, argv: list[str] | None, description: str) -> None:
             us = time_us(ours_end_to_end, sets, smoke, args.rep)
             table.add(shape, m, "ours (quant + GEMM)", us, base_us, nbytes)
             sets = rotating((xq, xs, qweight, scales, act_dtype), nbytes, smoke)
-            us = time_us(ours_gemm, sets, smoke, args.rep)
-            table.add(shape, m, "ours GEMM only", us, base_us, nbytes)
+            ours_gemm_us = time_us(ours_gemm, sets, smoke, args.rep)
+            table.add(shape, m, "ours GEMM only", ours_gemm_us, base_us, nbytes)
             if dev.type != "cuda":
                 continue  # the torch baselines are CUDA kernels
             try:  # _int_mm / _scaled_mm take only some shapes (multiples of 8 or 16)
@@ -131,7 +133,12 @@ def run(act_dtype: str, argv: list[str] | None, description: str) -> None:
             sets = rotating((xq, xs, qweight, scales, act_dtype), nbytes, smoke)
             us = time_us(torch_gemm, sets, smoke, args.rep)
             table.add(shape, m, f"{baseline} only", us, base_us, nbytes)
+            if act_dtype == "fp8" and us < ours_gemm_us and takes_scaled_mm(m, n, k, x.dtype):
+                faster.append((torch.cuda.get_device_name(dev), n, k, m_bucket(m)))
     table.finish(f"smoke ok: {name} kernels match their references", smoke)
+    # -- the rows of torchquant.ops.fp8_gemm_choice.SCALED_MM_FASTER this run measured
+    for entry in faster:
+        print(f"scaled_mm faster: {entry!r},")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call of about 8 minutes: GPU-marked tests, compiled-kernel
-# correctness for every scheme, then the tables of run_all.sh with their baselines
-# (bf16 F.linear, tinygemm, torch._int_mm + torch scaling, torch._scaled_mm, copy
+# The whole GPU check in one call of about 8 minutes: GPU-marked tests, the kernel tests of
+# the later families compiled (W4A8, FP4, microscaled, FP8 blocks, MoE, act-order),
+# compiled-kernel correctness for every scheme, then the tables of run_all.sh with their
+# baselines (bf16 F.linear, tinygemm, torch._int_mm + torch scaling, torch._scaled_mm, copy
 # bandwidth) measured in the same run, the Mixtral-shaped MoE decode (bf16 vs W4A16), and
-# the cost model's predictions beside them (its MoE rows included).
+# the cost model's predictions beside them (its MoE, W8A8, W4A8, FP4, microscaled and FP8
+# block rows included).  The FP8 table's "scaled_mm faster" lines -- the entries of
+# torchquant.ops.fp8_gemm_choice.SCALED_MM_FASTER -- are collected in scaled_mm_faster.txt.
+# Nothing newer than Python 3.12, torch 2.11 and Triton 3.6 is needed.
 #
 #   OUT=/tmp/check benchmarks/gpu_check.sh           # everything under $OUT
 #   benchmarks/gpu_check.sh --dry-run                # print the steps, run nothing
@@ -57,14 +61,20 @@ step() {  # step NAME TIMEOUT_S COMMAND... : run with a timeout, log to $OUT/NAM
     tail -n 5 "$OUT/$name.log" | sed 's/^/   | /'
 }
 
-# -- 0. the cost model, on the host CPUs while the GPU steps run (compile-only, no GPU)
+# -- 0. the cost model, on the host CPUs while the GPU steps run (compile-only, no GPU): every
+# -- config of the first families, the default configs of the later ones
 if [ "$DRY" = 0 ]; then
     env -u TRITON_PRINT_AUTOTUNING timeout 400 nice -n 10 "$PYTHON" benchmarks/kernel_model.py \
         --json --arch 90 --machine h200,h100 --shapes "$SHAPES" --moe --w8a8 \
         >"$OUT/kernel_model.json" 2>"$OUT/kernel_model.log" &
     model_pid=$!
+    env -u TRITON_PRINT_AUTOTUNING timeout 400 nice -n 10 "$PYTHON" benchmarks/kernel_model.py \
+        --json --arch 90 --machine h200 --shapes "$SHAPES" --quick --schemes w4a16 \
+        --batches 16,256,4096 --w4a8 --fp4 --microscaled --fp8-block \
+        >"$OUT/kernel_model_later.json" 2>"$OUT/kernel_model_later.log" &
+    later_pid=$!
 else
-    echo "[dry-run] kernel_model (background, timeout 400s)"
+    echo "[dry-run] kernel_model, kernel_model_later (background, timeout 400s)"
 fi
 
 # -- 1. the machine: GPU, versions, copy bandwidth
@@ -79,8 +89,13 @@ print(f"copy bandwidth: {copy_bandwidth_gbs(False):.0f} GB/s")
 EOF
 
 # -- 2. GPU-marked tests: compiled kernels vs the PyTorch reference, compile and graphs
-step gpu_tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_kernels_gpu.py \
+step gpu_tests 150 "$PYTHON" -m pytest -p no:cacheprovider -m gpu tests/kernels/test_kernels_gpu.py \
     tests/calibration/test_calibration_engine.py
+# -- the later families' kernel tests, compiled (under the interpreter on CPU in CI)
+step kernel_tests 120 "$PYTHON" -m pytest -p no:cacheprovider tests/kernels/test_kernels_w4a8.py \
+    tests/kernels/test_kernels_fp4.py tests/kernels/test_kernels_microscaled.py \
+    tests/kernels/test_kernels_fp8_block.py tests/kernels/test_kernels_moe.py \
+    tests/kernels/test_kernels_act_order.py tests/kernels/test_kernels_asym_int4.py
 
 # -- 3. compiled-kernel correctness for every scheme on small shapes (bf16 tl.dot included)
 step smoke 75 env RESULTS="$OUT/smoke" benchmarks/run_all.sh --smoke
@@ -88,7 +103,7 @@ step smoke 75 env RESULTS="$OUT/smoke" benchmarks/run_all.sh --smoke
 # -- 4. the tables, baselines in the same run
 step weight_only 130 "$PYTHON" benchmarks/bench_weight_only.py --shapes "$SHAPES" --rep "$REP"
 step w8a8 45 "$PYTHON" benchmarks/bench_w8a8.py --shapes 8192x8192 --rep "$REP"
-step fp8 30 "$PYTHON" benchmarks/bench_fp8.py --shapes 8192x8192 --rep "$REP"
+step fp8 60 "$PYTHON" benchmarks/bench_fp8.py --shapes "$SHAPES" --batches 16,256,4096 --rep "$REP"
 step act_quant 25 "$PYTHON" benchmarks/bench_act_quant.py --shapes 8192x8192 --rep "$REP"
 step decode 60 "$PYTHON" benchmarks/bench_decode.py --batches 1,16 --rep 100
 step moe_decode 90 "$PYTHON" benchmarks/bench_moe_decode.py --batches 1,16 --rep 50
@@ -96,12 +111,17 @@ step moe_decode 90 "$PYTHON" benchmarks/bench_moe_decode.py --batches 1,16 --rep
 # -- 5. autotune choices, the model beside the measurements, the summary
 if [ "$DRY" = 0 ]; then
     grep -h "best config selected" "$OUT"/*.log >"$OUT/autotune.txt" 2>/dev/null
-    while kill -0 "$model_pid" 2>/dev/null && [ "$SECONDS" -lt $((TOTAL_S - 15)) ]; do
-        sleep 2  # the model may use what is left of the deadline, no more
+    grep -h "^scaled_mm faster: " "$OUT/fp8.log" >"$OUT/scaled_mm_faster.txt" 2>/dev/null
+    for pid in "$model_pid" "$later_pid"; do
+        while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt $((TOTAL_S - 15)) ]; do
+            sleep 2  # the models may use what is left of the deadline, no more
+        done
+        kill "$pid" 2>/dev/null  # timeout passes the signal on to the model
     done
-    kill "$model_pid" 2>/dev/null  # timeout passes the signal on to the model
     wait "$model_pid" 2>/dev/null
     echo "model exit: $?" >>"$OUT/kernel_model.log"
+    wait "$later_pid" 2>/dev/null
+    echo "model exit: $?" >>"$OUT/kernel_model_later.log"
     step compare 15 "$PYTHON" benchmarks/kernel_model.py --compare "$OUT/kernel_model.json" \
         "$OUT/weight_only.log"
 fi

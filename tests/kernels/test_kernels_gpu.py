@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from act_order_weights import act_order_weight
 from kernel_utils import (
     ON_GPU,
+    DispatchedOps,
     assert_matches,
     int_weight,
     relative_error,
@@ -54,17 +56,52 @@ def test_autotuned_weight_only_paths(scheme, group, m):
     assert relative_error(out, ref) < 1e-2
 
 
+# -- W8A8 and FP8 weights, and the families added after them: INT4 x 8-bit activations, FP8
+# -- blocks, FP4 weights, microscaled weights with activations (FP8 or FP4 scales: sm_89+)
+ACTIVATION_AND_LATER_SCHEMES = [
+    "w8a8",
+    "w4a8",
+    "w8a4",
+    "w4a4",
+    "w8a8-asym",
+    *(
+        pytest.param(name, marks=needs_fp8)
+        for name in ("fp8", "w8a16-fp8", "w4a8-fp8", "fp8-block", "w8a16-fp8-block")
+    ),
+    *(
+        pytest.param(name, marks=needs_fp8)
+        for name in ("nvfp4a16", "mxfp4a16", "nvfp4", "mxfp4", "mxfp8")
+    ),
+]
+
+
 @pytest.mark.parametrize("m", [1, 16, 256, 1000])
-@pytest.mark.parametrize(
-    "scheme",
-    ["w8a8", pytest.param("fp8", marks=needs_fp8), pytest.param("w8a16-fp8", marks=needs_fp8)],
-)
-def test_autotuned_activation_quantized_paths(scheme, m):
+@pytest.mark.parametrize("scheme", ACTIVATION_AND_LATER_SCHEMES)
+def test_autotuned_activation_quantized_and_later_paths(scheme, m):
     layer = _layer(scheme, 1000, 1536)
     x = torch.randn(m, 1536, device="cuda", dtype=torch.bfloat16)
     out = layer(x)
     ref = layer.cpu()(x.cpu())
     assert relative_error(out, ref) < 2e-2
+
+
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_act_order_layer_runs_the_sorted_weight_and_matches_the_g_idx_reference(m):
+    scheme = scheme_from_name("w4a16", 128)
+    layer = QuantLinear(1536, 1000, scheme, bias=False, dtype=torch.bfloat16, g_idx=True)
+    qweight, scales, zeros, g_idx = act_order_weight(1000, 1536, 4, 128, False, seed=m)
+    for name, value in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        getattr(layer, name).copy_(value)
+    layer.g_idx.copy_(g_idx)
+    x = torch.randn(m, 1536, dtype=torch.bfloat16)
+    ref = layer(x)  # the CPU op (its layout also sorts the columns by group)
+    layer = layer.cuda()
+    with DispatchedOps() as dispatched:
+        out = layer(x.cuda())
+    assert "linear_intn_act_order" in dispatched.names, dispatched.names
+    assert relative_error(out, ref) < 1e-2
+    exact = layer.reference_forward(x.cuda())
+    assert relative_error(out, exact) < 1e-2
 
 
 @pytest.mark.parametrize("act_dtype", ["int8", pytest.param("fp8", marks=needs_fp8)])

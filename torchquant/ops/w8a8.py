@@ -17,7 +17,8 @@ activations are quantized in fewer passes (same codes).  FP8 with bf16 inputs (f
 ones inside ``float32_in_bf16``: the activation codes are the same) multiplies
 the (exact) bf16 values of both operands, the weight's from the layer's cached
 ``fp8_cpu_layout`` (converted per call without it), and scales in float32; other FP8
-inputs run the reference.  CUDA: the Triton kernels.
+inputs run the reference.  CUDA: the Triton kernels (FP8: or ``torch._scaled_mm`` where
+``fp8_gemm_choice``'s measured table says it is faster; as shipped, ours everywhere).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from torchquant.numerics import poison_nonfinite_rows, quantize_activation
 from torchquant.numerics.activation import ACTIVATION_RANGES, INT_ACT_DTYPES, activation_qmax
 from torchquant.numerics.qparams import FP8_E4M3_MAX
-from torchquant.ops import common, cpu_kernels
+from torchquant.ops import common, cpu_kernels, fp8_gemm_choice
 from torchquant.ops.weight_fp8 import fp8_rows_linear
 from torchquant.ops.weight_int8 import INT8PACK_MAX_ROWS
 
@@ -183,6 +184,10 @@ def linear_w8a8_cuda(
     xq, xs = quantize_activation_rows(
         common.rows(x), act_type, act.per_token, act.smooth, act.input_scale, row_scales=True
     )
+    (m, k), n = xq.shape, qweight.shape[0]
+    if act_type == "fp8" and fp8_gemm_choice.prefers_scaled_mm(x.device, m, n, k, x.dtype):
+        out = fp8_gemm_choice.scaled_mm_linear(xq, xs, qweight, scales, bias, x.dtype)
+        return common.unflatten(out, x)
     gemm = fp8_gemm if act_type == "fp8" else int8_gemm
     return common.unflatten(gemm(xq, qweight, xs, scales.float(), bias, x.dtype), x)
 
