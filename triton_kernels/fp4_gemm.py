@@ -54,9 +54,14 @@ def load_e2m1_tile(q_rows, t, r_mask, K, ROWS: tl.constexpr, BLOCK_K: tl.constex
     offs_b = t * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     b_mask = r_mask[:, None] & (offs_b[None, :] < (K + 1) // 2)
     byte = tl.load(q_rows + offs_b[None, :], mask=b_mask, other=0).to(tl.int16)
-    code = tl.join(byte & 0xF, byte >> 4).reshape(ROWS, BLOCK_K)
-    # -- E2M1 to float16 by bits: sign to bit 15, exponent and mantissa to bits 9-11
-    bits = ((code & 8) << 12) | ((code & 7) << 9)
+    return e2m1_to_float(tl.join(byte & 0xF, byte >> 4).reshape(ROWS, BLOCK_K))
+
+
+@triton.jit
+def e2m1_to_float(code):
+    """float32 values of E2M1 codes (int16/int32): in a float16 by bits, the sign to bit 15,
+    exponent and mantissa to bits 9-11, are the value times ``2**-14``."""
+    bits = (((code & 8) << 12) | ((code & 7) << 9)).to(tl.int16)
     return bits.to(tl.float16, bitcast=True).to(tl.float32) * E2M1_TO_FP16
 
 

@@ -1,17 +1,21 @@
 """GEMM of microscaled activations and weights (NVFP4, MXFP4, MXFP8) on their block scales.
 
 Both operands come in the same format, laid out as ``microscaled_quant`` writes them:
-``x_values (M, ceil(K/2))`` / ``qweight (N, ceil(K/2))`` uint8, two E2M1 codes a byte
-(the even column low), or ``(M, K)`` / ``(N, K)`` float8_e4m3fn (MXFP8); block scales
-``(rows, ceil(K/BLOCK))``: float8_e4m3fn under a float32 global scale ``(1,)`` each (NVFP4,
-BLOCK 16) or uint8 E8M0 (BLOCK 32).
+``qweight (N, ceil(K/2))`` uint8, two E2M1 codes a byte (the even column low), or
+``(N, K)`` float8_e4m3fn (MXFP8); block scales ``(rows, ceil(K/BLOCK))``: float8_e4m3fn
+under a float32 global scale ``(1,)`` each (NVFP4, BLOCK 16) or uint8 E8M0 (BLOCK 32).
+The activation comes as its codes and block scales the same way (``x_values (M, ...)``,
+``x_scales``: the ``tl.dot_scaled`` route) or, with ``x_scales`` None, as its scaled values
+``(M, K)`` bf16 (``quantize_to_scaled_values``: the dequantizing route).
 
-Hopper and older (the dequantizing route): each K tile of both operands is decoded in
-registers by bit arithmetic (E2M1 and E4M3 bits placed in a float16, E8M0 in a float32's
-exponent), times its block scale (NVFP4's E4M3 scale without the global one), which is
-exact in bf16 (at most 6 significant bits), then one bf16 MMA with float32 accumulation;
-NVFP4's ``1 / (x_global * w_global)`` is applied in the epilogue.  Under the CPU
-interpreter the tiles stay float32 (IEEE dot).  Blackwell (sm_100+), MXFP4 and MXFP8:
+Hopper and older (the dequantizing route): the activation was dequantized once, by the
+quantization kernel (each value times its block scale, NVFP4's without the global one:
+exact in bf16), so the loop decodes only the weight tile in registers by bit arithmetic
+(E2M1 and E4M3 bits placed in a float16, E8M0 in a float32's exponent), times its block
+scale (exact in bf16 too), then one bf16 MMA with float32 accumulation; NVFP4's
+``1 / (x_global * w_global)`` is applied in the epilogue.  Decoding the activation in the
+loop instead redid it for every N tile and, with both tiles' reshapes, spilled.  Under the
+CPU interpreter the tiles are float32 (IEEE dot).  Blackwell (sm_100+), MXFP4 and MXFP8:
 ``tl.dot_scaled`` on the raw bytes and E8M0 scales (the native MX MMA).
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from ._launch import check_device, interpreting, output, output_args, run_kernel
 from ._tiles import autotune_tiles, split_k_run, store_tile, tile_launch, tile_offsets
@@ -79,13 +84,16 @@ def _microscaled_gemm_kernel(
                 FMT, BLOCK, BLOCK_K,
             )  # fmt: skip
         else:
-            # -- both tiles dequantized in registers (exact in bf16), one MMA
-            x = _scaled_tile(xv_rows, xs_rows, t, m_mask, K, G, FMT, BLOCK, BLOCK_M, BLOCK_K)
+            # -- the activation's scaled values as they are, the weight tile dequantized in
+            # -- registers (both exact in bf16), one MMA
+            offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            x_mask = m_mask[:, None] & (offs_k[None, :] < K)
+            x = tl.load(xv_rows + offs_k[None, :], mask=x_mask, other=0.0)
             w = _scaled_tile(wv_rows, ws_rows, t, n_mask, K, G, FMT, BLOCK, BLOCK_N, BLOCK_K)
             if DOT_BF16:
-                acc = tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
+                acc = tl.dot(x, tl.trans(w.to(tl.bfloat16)), acc)
             else:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+                acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
     # -- epilogue: NVFP4's two global scales, bias, then atomics (split-K) or a cast store
     if FMT == FMT_NVFP4:
         acc = tl.math.div_rn(acc, tl.load(xg_ptr) * tl.load(wg_ptr))
@@ -117,6 +125,10 @@ def _dot_scaled_tile(
     return tl.dot_scaled(xv, xs, ELEMENT, tl.trans(wv), ws, ELEMENT, acc)
 
 
+# -- the bf16 MMA where the kernel is compiled for a GPU; the interpreter's bf16 dot multiplies
+# -- raw storage, so it gets float32 tiles.  Read from how Triton built the kernel, not from
+# -- ``interpreting()``, which compile-only tools set to pass CPU tensors to the launchers.
+DOT_BF16 = not isinstance(_microscaled_gemm_kernel, InterpretedFunction)
 # -- the FP4 weight-only GEMM's tiles: BLOCK_K a multiple of 32 (whole blocks of every format)
 _KEY = ["M_BUCKET", "N", "K", "FMT", "DOT_SCALED"]
 _split_k_tuned = autotune_tiles(_microscaled_gemm_kernel, SPLIT_K_CONFIGS, _KEY, split_k=True)
@@ -146,8 +158,21 @@ def _check_operand(name: str, values: torch.Tensor, scales: torch.Tensor, fmt: s
             )
 
 
+def _check_scaled_values(x_values: torch.Tensor, x_scales: torch.Tensor | None, k: int) -> None:
+    if x_scales is not None:
+        raise ValueError("the dequantizing route takes the activation's scaled values, no scales")
+    rows = x_values.shape[0]
+    if x_values.dtype != torch.bfloat16 or x_values.dim() != 2 or x_values.shape[1] != k:
+        raise ValueError(
+            f"x scaled values must be bf16 ({rows}, {k}), got {x_values.dtype} "
+            f"{tuple(x_values.shape)}"
+        )
+    if x_values.stride(-1) != 1:
+        raise ValueError("x scaled values must be row-major")
+
+
 def microscaled_gemm(
-    x_values: torch.Tensor, x_scales: torch.Tensor, x_global: torch.Tensor | None,
+    x_values: torch.Tensor, x_scales: torch.Tensor | None, x_global: torch.Tensor | None,
     qweight: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor | None,
     fmt: str, k: int, bias: torch.Tensor | None, out_dtype: torch.dtype,
     config: triton.Config | None = None, dot_scaled: bool | None = None,
@@ -155,31 +180,37 @@ def microscaled_gemm(
     """``dequant(x) @ dequant(W)^T + bias`` -> ``(M, N)`` in ``out_dtype`` (see the module).
 
     ``config`` runs one explicit config (split-K for M up to 64) instead of autotuning;
-    ``dot_scaled`` forces the route (default: ``tl.dot_scaled`` where :func:`uses_dot_scaled`).
+    ``dot_scaled`` forces the route (default: ``tl.dot_scaled`` where :func:`uses_dot_scaled`);
+    the dequantizing route takes the activation's scaled values (``x_scales`` None).
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {tuple(FORMATS)}, got {fmt!r}")
-    _check_operand("x", x_values, x_scales, fmt, k)
+    dot_scaled = uses_dot_scaled(fmt, x_values.device) if dot_scaled is None else dot_scaled
+    if dot_scaled:
+        _check_operand("x", x_values, x_scales, fmt, k)
+    else:
+        _check_scaled_values(x_values, x_scales, k)
     _check_operand("weight", qweight, scales, fmt, k)
     if (x_global is None or global_scale is None) != (fmt != "nvfp4"):
         raise ValueError("global scales (float32 (1,)) must be given for both operands, nvfp4 only")
     check_device(x_values, x_scales, x_global, qweight, scales, global_scale, bias)
-    dot_scaled = uses_dot_scaled(fmt, x_values.device) if dot_scaled is None else dot_scaled
     if dot_scaled and fmt == "nvfp4":
         raise ValueError("tl.dot_scaled serves MX formats (E8M0 scales) only, not nvfp4")
     m, n = x_values.shape[0], qweight.shape[0]
     out = output(None, (m, n), out_dtype, x_values.device)
     split_k = m <= SPLIT_K_MAX_M
     acc, grid = tile_launch(out, split_k, config)
-    x_scale_bytes, w_scale_bytes = x_scales.view(torch.uint8), scales.view(torch.uint8)
+    w_scale_bytes = scales.view(torch.uint8)
+    x_scale_bytes = w_scale_bytes if x_scales is None else x_scales.view(torch.uint8)
     args = dict(
-        xv_ptr=x_values.view(torch.uint8), xs_ptr=x_scale_bytes,
+        xv_ptr=x_values if x_scales is None else x_values.view(torch.uint8),
+        xs_ptr=x_scale_bytes,
         xg_ptr=x_global if x_global is not None else x_scale_bytes,
         wv_ptr=qweight.view(torch.uint8), ws_ptr=w_scale_bytes,
         wg_ptr=global_scale if global_scale is not None else w_scale_bytes,
-        G=x_scales.shape[1], stride_xvm=x_values.stride(0), stride_xsm=x_scale_bytes.stride(0),
+        G=scales.shape[1], stride_xvm=x_values.stride(0), stride_xsm=x_scale_bytes.stride(0),
         stride_wvn=qweight.stride(0), stride_wsn=w_scale_bytes.stride(0),
-        FMT=FORMATS[fmt][0], BLOCK=FORMATS[fmt][1], DOT_BF16=not interpreting(),
+        FMT=FORMATS[fmt][0], BLOCK=FORMATS[fmt][1], DOT_BF16=DOT_BF16,
         DOT_SCALED=dot_scaled, ATOMIC=split_k, **output_args(acc, bias, m, n, k),
     )  # fmt: skip
     run_kernel(_split_k_tuned if split_k else _tiled_tuned, grid, config, **args)

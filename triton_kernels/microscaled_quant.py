@@ -9,6 +9,12 @@
 - MXFP4 (BLOCK 32): the same values; ``scales`` E8M0 ``floor(log2(amax)) - 2 + 127``.
 - MXFP8 (BLOCK 32): ``values (M, K)`` E4M3 bytes (saturated at +-448); E8M0 scales with 8.
 
+:func:`quantize_to_scaled_values` writes instead each value on its grid times its block's
+scale (NVFP4's E4M3 one, without the global scale), ``(M, K)`` bf16: exact (an E2M1 or
+E4M3 value times an E4M3 scale or a power of two has at most 6 significant bits), what a
+GEMM that dequantizes only the weight multiplies by.  A non-finite input is written as NaN
+there, so the GEMM's output row comes out NaN with no pass of its own.
+
 Each program quantizes ``BLOCKS`` blocks of one row: the block max, the scale, the
 values divided by their block's multiplier (IEEE division), nearest-even rounding.  A
 non-finite input is quantized as 0 (the op makes its output row NaN).  E8M0 exponents are
@@ -24,6 +30,7 @@ import triton.language as tl
 
 from ._exact import round_to_e4m3
 from ._launch import autotuned, check_device, run_kernel
+from .fp4_gemm import e2m1_to_float
 
 FMT_NVFP4 = tl.constexpr(0)
 FMT_MXFP4 = tl.constexpr(1)
@@ -32,6 +39,7 @@ FMT_MXFP8 = tl.constexpr(2)
 FORMATS = {"nvfp4": (0, 16, 2), "mxfp4": (1, 32, 2), "mxfp8": (2, 32, 8)}
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
 E8M0_SMALLEST = tl.constexpr(2.0**-127)  # exponent byte 0: no float32 normal's bit pattern
+NAN = tl.constexpr(float("nan"))
 
 
 @triton.jit
@@ -90,6 +98,7 @@ def _microscaled_quant_kernel(
     FMT: tl.constexpr,
     BLOCK: tl.constexpr,
     ELEMENT_EMAX: tl.constexpr,
+    SCALED: tl.constexpr,
     BLOCKS: tl.constexpr,
 ):
     # -- BLOCKS blocks of row program_id(0); non-finite inputs as 0
@@ -98,7 +107,8 @@ def _microscaled_quant_kernel(
     offs_k = offs_g[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0)
     xf = x.to(tl.float32)
-    xf = tl.where(tl.abs(xf) <= FP32_MAX, xf, 0.0)
+    finite = tl.abs(xf) <= FP32_MAX
+    xf = tl.where(finite, xf, 0.0)
     amax = tl.max(tl.abs(xf), axis=1)
     # -- each block's scale byte and float32 multiplier
     if FMT == FMT_NVFP4:
@@ -108,14 +118,24 @@ def _microscaled_quant_kernel(
         scale = tl.where(scale == 0.0, 0.125, scale)
         scale_byte = scale.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
         multiplier = tl.math.div_rn(scale, g)
+        block_scale = scale
     else:
         exponent = e8m0_exponent(amax, ELEMENT_EMAX)
         scale_byte = exponent.to(tl.uint8)
         multiplier = e8m0_to_float(exponent)
+        block_scale = multiplier
     tl.store(s_ptr + row * stride_sm + offs_g, scale_byte, mask=offs_g < G)
     v = tl.math.div_rn(xf, multiplier[:, None])
-    # -- values: E4M3 bytes, or E2M1 codes two a byte (the even column low)
-    if FMT == FMT_MXFP8:
+    # -- values: on their grid times the block scale (bf16), E4M3 bytes, or E2M1 codes two a
+    # -- byte (the even column low)
+    if SCALED:
+        if FMT == FMT_MXFP8:
+            level = round_to_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0)).to(tl.float32)
+        else:
+            level = e2m1_to_float(encode_e2m1_bits(v))
+        scaled = tl.where(finite, level * block_scale[:, None], NAN)
+        tl.store(v_ptr + row * stride_vm + offs_k, scaled.to(tl.bfloat16), mask=offs_k < K)
+    elif FMT == FMT_MXFP8:
         e4m3 = round_to_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0))
         tl.store(v_ptr + row * stride_vm + offs_k, e4m3.to(tl.uint8, bitcast=True), mask=offs_k < K)
     else:
@@ -131,7 +151,7 @@ QUANT_CONFIGS = [
     triton.Config({"BLOCKS": blocks}, num_warps=warps)
     for blocks, warps in ((8, 2), (16, 4), (4, 1))
 ]
-_quant_tuned = autotuned(_microscaled_quant_kernel, QUANT_CONFIGS, ["K", "FMT"])
+_quant_tuned = autotuned(_microscaled_quant_kernel, QUANT_CONFIGS, ["K", "FMT", "SCALED"])
 
 
 def quantize_microscaled(
@@ -142,6 +162,20 @@ def quantize_microscaled(
     ``scales`` comes back as float8_e4m3fn (NVFP4) or uint8 (E8M0); ``global_scale (1,)``
     float32 is required for NVFP4 (the caller computes a dynamic one) and refused otherwise.
     """
+    return _quantize(x, fmt, global_scale, scaled=False)
+
+
+def quantize_to_scaled_values(
+    x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(M, K)`` bf16: each value of ``x`` on its grid times its block's scale (NVFP4's E4M3
+    scale, without ``global_scale``), arguments as :func:`quantize_microscaled`."""
+    return _quantize(x, fmt, global_scale, scaled=True)[0]
+
+
+def _quantize(
+    x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, scaled: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {tuple(FORMATS)}, got {fmt!r}")
     if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -160,8 +194,9 @@ def quantize_microscaled(
         x = x.contiguous()
     m, k = x.shape
     g = -(-k // block)
-    width = k if fmt == "mxfp8" else -(-k // 2)
-    values = torch.empty(m, width, dtype=torch.uint8, device=x.device)
+    width = k if fmt == "mxfp8" or scaled else -(-k // 2)
+    value_dtype = torch.bfloat16 if scaled else torch.uint8
+    values = torch.empty(m, width, dtype=value_dtype, device=x.device)
     scales = torch.empty(m, g, dtype=torch.uint8, device=x.device)
 
     def grid(meta):
@@ -172,8 +207,10 @@ def quantize_microscaled(
         x_ptr=x, v_ptr=values, s_ptr=scales,
         g_ptr=global_scale if global_scale is not None else scales,
         K=k, G=g, stride_xm=x.stride(0), stride_vm=values.stride(0), stride_sm=scales.stride(0),
-        FMT=code, BLOCK=block, ELEMENT_EMAX=emax,
+        FMT=code, BLOCK=block, ELEMENT_EMAX=emax, SCALED=scaled,
     )  # fmt: skip
+    if scaled:
+        return values, scales
     if fmt == "mxfp8":
         values = values.view(torch.float8_e4m3fn)
     if fmt == "nvfp4":

@@ -13,10 +13,16 @@ import torch
 from kernel_utils import KERNEL_DEVICE, ON_GPU, assert_matches, cfg, requires_kernels
 from torchquant.triton_kernels.microscaled_gemm import microscaled_gemm
 from torchquant.triton_kernels.microscaled_quant import quantize_microscaled as quantize_kernel
+from torchquant.triton_kernels.microscaled_quant import quantize_to_scaled_values
 
 from torchquant import QuantLinear, scheme_from_name
-from torchquant.numerics.fp4 import choose_nvfp4_global_scale, pack_e2m1
-from torchquant.numerics.microscaling import quantize_microscaled
+from torchquant.numerics.fp4 import choose_nvfp4_global_scale, decode_e2m1, expand_blocks, pack_e2m1
+from torchquant.numerics.microscaling import (
+    MICROSCALED_BLOCKS,
+    dequantize_microscaled,
+    quantize_microscaled,
+)
+from torchquant.ops.microscaled import linear_microscaled_reference
 
 pytestmark = requires_kernels
 
@@ -50,6 +56,55 @@ def test_activation_quantization_writes_the_numerics_bytes(fmt, dtype, m, k):
     x = _activation(m, k, dtype, seed=k)
     gs = choose_nvfp4_global_scale(x) if fmt == "nvfp4" else None
     _assert_same_bytes(x, fmt, gs)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "k"), [(1, 32), (5, 300)])
+def test_scaled_values_are_the_numerics_values_times_their_block_scale(fmt, dtype, m, k):
+    x = _activation(m, k, dtype, seed=k + 1)
+    gs = choose_nvfp4_global_scale(x) if fmt == "nvfp4" else None
+    q = quantize_microscaled(x, fmt, gs)
+    if fmt == "nvfp4":  # -- the E4M3 block scale without the global one
+        want = decode_e2m1(q.values) * expand_blocks(q.scales.float(), MICROSCALED_BLOCKS[fmt], k)
+    else:
+        want = dequantize_microscaled(q)
+    got = quantize_to_scaled_values(
+        x.to(KERNEL_DEVICE), fmt, None if gs is None else gs.to(KERNEL_DEVICE)
+    )
+    assert got.dtype == torch.bfloat16 and torch.equal(want.bfloat16().float(), want)  # exact
+    assert torch.equal(got.float().cpu(), want)
+
+
+def test_scaled_values_are_nan_where_the_input_is_not_finite():
+    x = _activation(4, 64, torch.bfloat16)
+    x[1, 3], x[3, 60] = float("nan"), float("-inf")
+    got = quantize_to_scaled_values(x.to(KERNEL_DEVICE), "mxfp4").float().cpu()
+    bad = ~torch.isfinite(x)
+    assert torch.equal(torch.isnan(got), bad)
+    want = dequantize_microscaled(quantize_microscaled(x, "mxfp4"))
+    assert torch.equal(got[~bad], want[~bad])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemm_rows_of_non_finite_inputs_come_out_nan(fmt):
+    """What the op's reference makes of them, with no pass of the op's own (static NVFP4)."""
+    m, n, k = 5, 24, 96
+    layer, (qweight, scales, gs, bias) = _layer_tensors(fmt, n, k, torch.float32, seed=2)
+    x = _activation(m, k, torch.float32, seed=3)
+    x[1, 7], x[4, 90] = float("inf"), float("nan")
+    xg = torch.tensor([448.0 * 6.0 / 8.0], device=KERNEL_DEVICE) if fmt == "nvfp4" else None
+    scaled = quantize_to_scaled_values(x.to(KERNEL_DEVICE), fmt, xg)
+    got = microscaled_gemm(
+        scaled, None, xg, qweight, scales, gs, fmt, k, bias, x.dtype, _tiles(16, 16, 32, 2)
+    ).cpu()
+    want = linear_microscaled_reference(
+        x, layer.qweight, layer.scales, getattr(layer, "global_scale", None), layer.bias,
+        None if xg is None else xg.cpu(), fmt,
+    )  # fmt: skip
+    rows = torch.tensor([0, 2, 3])
+    assert bool(torch.isnan(got[[1, 4]]).all()) and bool(torch.isnan(want[[1, 4]]).all())
+    assert_matches(got[rows], want[rows])
 
 
 def test_a_static_global_scale_and_non_finite_inputs():
@@ -93,7 +148,10 @@ def _layer_tensors(fmt: str, n: int, k: int, dtype: torch.dtype, seed: int):
 def _run_gemm(fmt, x, weight, k, config, dot_scaled=False):
     qweight, scales, gs, bias = weight
     xg = choose_nvfp4_global_scale(x).to(KERNEL_DEVICE) if fmt == "nvfp4" else None
-    xv, xs = quantize_kernel(x.to(KERNEL_DEVICE), fmt, xg)
+    if dot_scaled:
+        xv, xs = quantize_kernel(x.to(KERNEL_DEVICE), fmt, xg)
+    else:
+        xv, xs = quantize_to_scaled_values(x.to(KERNEL_DEVICE), fmt, xg), None
     return microscaled_gemm(
         xv, xs, xg, qweight, scales, gs, fmt, k, bias, x.dtype, config, dot_scaled
     )
@@ -130,9 +188,15 @@ def test_dot_scaled_route_matches_the_op_reference(fmt):
 
 def test_gemm_refuses_mismatched_operands():
     _, (qweight, scales, gs, _) = _layer_tensors("nvfp4", 16, 64, torch.float32, seed=0)
+    _, (mx_weight, mx_scales, _, _) = _layer_tensors("mxfp4", 16, 64, torch.float32, seed=0)
     xv, xs = quantize_kernel(torch.randn(2, 64, device=KERNEL_DEVICE), "mxfp4")
-    with pytest.raises(ValueError, match="x scales must be a row-major torch.float8_e4m3fn"):
+    with pytest.raises(ValueError, match="x scales must be a row-major torch.uint8"):
+        microscaled_gemm(xv, xs[:, :1], None, mx_weight, mx_scales, None, "mxfp4", 64, None,
+                         torch.float32, dot_scaled=True)  # fmt: skip
+    with pytest.raises(ValueError, match="dequantizing route takes the activation's scaled"):
         microscaled_gemm(xv, xs, gs, qweight, scales, gs, "nvfp4", 64, None, torch.float32)
+    with pytest.raises(ValueError, match=r"x scaled values must be bf16 \(2, 64\)"):
+        microscaled_gemm(xv, None, gs, qweight, scales, gs, "nvfp4", 64, None, torch.float32)
     with pytest.raises(ValueError, match="dot_scaled serves MX formats"):
         xg = torch.ones(1, device=KERNEL_DEVICE)
         xv, xs = quantize_kernel(torch.randn(2, 64, device=KERNEL_DEVICE), "nvfp4", xg)

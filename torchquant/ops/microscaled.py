@@ -13,8 +13,9 @@ power of two, or E2M1 times E4M3 / global, as the numerics define it), multiplie
 float64, rounded once to ``x.dtype``.  CPU: the same dequantized values multiplied in
 float32 a block of weight rows at a time (the full float weight never exists), which
 differs from the reference only by float32 accumulation.  CUDA: the Triton kernels
-(activation quantization in one pass, then a GEMM dequantizing both operands in registers,
-or ``tl.dot_scaled`` on Blackwell for the MX formats); the weight-only MXFP8 op runs its
+(activation quantization in one pass, to its scaled values in bf16, then a GEMM
+dequantizing only the weight in registers, or codes and ``tl.dot_scaled`` on Blackwell for
+the MX formats); the weight-only MXFP8 op runs its
 reference there (no kernel of its own yet).
 """
 
@@ -125,18 +126,28 @@ for _op, _cpu in (
 
 
 def linear_microscaled_cuda(x, qweight, scales, global_scale, bias, input_global_scale, fmt):
-    from torchquant.triton_kernels.microscaled_gemm import microscaled_gemm
-    from torchquant.triton_kernels.microscaled_quant import quantize_microscaled as quantize_rows
+    from torchquant.triton_kernels.microscaled_gemm import microscaled_gemm, uses_dot_scaled
+    from torchquant.triton_kernels.microscaled_quant import (
+        quantize_microscaled as quantize_rows,
+    )
+    from torchquant.triton_kernels.microscaled_quant import quantize_to_scaled_values
 
     x2, k = common.rows(x), x.shape[-1]
     x_global = input_global_scale
     if fmt == "nvfp4" and x_global is None:  # -- dynamic: per tensor, finite values only
         x_global = choose_nvfp4_global_scale(torch.nan_to_num(x2, 0.0, 0.0, 0.0))
-    values, block_scales = quantize_rows(x2, fmt, x_global)
     args = (qweight, scales, global_scale, fmt, k, bias, x.dtype)
-    out = microscaled_gemm(values, block_scales, x_global, *args)
     shared = shares_input_scale(fmt, input_global_scale)
-    return common.unflatten(poison_nonfinite_rows(x2, out, shared_scale=shared), x)
+    if uses_dot_scaled(fmt, x.device):  # -- the MX MMA takes the codes
+        values, block_scales = quantize_rows(x2, fmt, x_global)
+        out = microscaled_gemm(values, block_scales, x_global, *args)
+        return common.unflatten(poison_nonfinite_rows(x2, out, shared_scale=shared), x)
+    # -- the activation dequantized once; its non-finite values come as NaN, making their
+    # -- rows NaN in the GEMM (a shared dynamic global scale still poisons every row here)
+    out = microscaled_gemm(quantize_to_scaled_values(x2, fmt, x_global), None, x_global, *args)
+    if shared:
+        out = poison_nonfinite_rows(x2, out, shared_scale=True)
+    return common.unflatten(out, x)
 
 
 common.register_cuda("torchquant::linear_microscaled", linear_microscaled_cuda)
