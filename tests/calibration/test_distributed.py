@@ -24,6 +24,13 @@ from tiny_models import tiny_llama
 from torchquant import CalibrationError, ConfigError, QuantConfig, QuantScheme, convert_model
 from torchquant.calibration.distributed import RankContext
 from torchquant.calibration.mappings import find_layout
+from torchquant.calibration.shards import (
+    attach_hessians,
+    hessian_groups,
+    merge_shards,
+    split_hessians,
+)
+from torchquant.calibration.stats import LayerStats
 from torchquant.calibration.steps.awq import independent_waves
 from torchquant.cli import main
 from torchquant.serialization import save_quantized
@@ -202,3 +209,41 @@ def test_kl_observer_is_refused_with_several_shards():
             progress=False,
             calibration_shards=2,
         )
+
+
+def test_owners_count_a_shared_factor_once_per_rank():
+    """Three linears of one Hessian (its factor costs 4) and one large solve: the rank that
+    factors the Hessian takes all three (loads 7 and 5.5); counting the factor for each
+    would send the third to the other rank (10.5 vs 7)."""
+    ranks = RankContext(rank=0, world=2, shards=2)
+    shared = [("qkv", 4.0)] * 3 + [("down", 0.0)]
+    assert ranks.owners([1.0, 1.0, 1.0, 5.5], shared) == [1, 1, 1, 0]
+
+
+def shard_stats(seed: int) -> dict[str, LayerStats]:
+    """q and k fed one input (one Hessian), o another, as a shard's statistics pass keeps them."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    stats = {rel: LayerStats(rel, want_hessian=True) for rel in ("q", "k", "o")}
+    stats["q"].update(x)
+    stats["k"].update(x, same_input=stats["q"])
+    stats["o"].update(y)
+    return stats
+
+
+def test_hessians_reach_only_the_linears_asked_for_and_merge_as_in_one_process():
+    shards = [shard_stats(0), shard_stats(1)]
+    whole = {rel: LayerStats(rel, want_hessian=True) for rel in ("q", "k", "o")}
+    merge_shards(whole, shards)
+    split = [split_hessians(shard) for shard in shards]
+    assert all(st.hessian is None for light, _, _ in split for st in light.values())
+    assert [sorted(tensors) for _, _, tensors in split] == [["o", "q"], ["o", "q"]]
+    groups = hessian_groups([names for _, names, _ in split])
+    assert groups == {"q": "q", "k": "q", "o": "o"}
+    for light, names, tensors in split:
+        attach_hessians(light, names, tensors, {"q", "k"})
+    merged = {rel: LayerStats(rel, want_hessian=True) for rel in ("q", "k", "o")}
+    merge_shards(merged, [light for light, _, _ in split], hessians_of={"q", "k"})
+    assert torch.equal(merged["q"].hessian, whole["q"].hessian)
+    assert merged["k"].hessian is merged["q"].hessian and merged["o"].hessian is None
+    assert merged["o"].tokens == whole["o"].tokens == 12

@@ -22,7 +22,13 @@ from torchquant.calibration.capture import BlockInput, run_block
 from torchquant.calibration.distributed import RankContext
 from torchquant.calibration.layers import out_features
 from torchquant.calibration.mappings import BalanceMapping
-from torchquant.calibration.shards import merge_shards, partial_like
+from torchquant.calibration.shards import (
+    attach_hessians,
+    hessian_groups,
+    merge_shards,
+    partial_like,
+    split_hessians,
+)
 from torchquant.calibration.stats import LayerStats, StatsRequest, attach
 from torchquant.config import QuantScheme
 from torchquant.plan import (
@@ -68,6 +74,7 @@ class CalibrationBlock:
         self.input_scales: dict[str, torch.Tensor] = {}  # static activation scales
         self.input_zero_points: dict[str, torch.Tensor] = {}  # and asymmetric ones' zeros
         self.quantized: set[str] = set()
+        self.owner: dict[str, int] = {}  # -- the rank holding each GPTQ linear's Hessian
         # -- GPTQ factors by Hessian, kept with the Hessian they factor (the key is its id)
         self.factors: dict[tuple[int, bool, float], tuple[torch.Tensor, HessianFactor]] = {}
 
@@ -85,9 +92,39 @@ class CalibrationBlock:
             partial = {rel: partial_like(st) for rel, st in stats.items()}
             self._run_samples(partial, self.samples[shard])
             partials.append(partial)
-        what = f"the statistics of {self.prefix or 'the block'}"
-        every = self.ranks.exchange(partials, what, self.device)
-        merge_shards(stats, [p for rank_partials in every for p in rank_partials])
+        if not self.ranks.parallel:
+            merge_shards(stats, partials)
+            return
+        self._merge_over_ranks(stats, partials)
+
+    def _merge_over_ranks(
+        self, stats: dict[str, LayerStats], partials: list[dict[str, LayerStats]]
+    ) -> None:
+        """Merge every rank's shards into ``stats``: the light statistics on every rank,
+        each Hessian only on the ranks that solve a linear fed that input (``owner``)."""
+        where = self.prefix or "the block"
+        split = [split_hessians(partial) for partial in partials]
+        light = [(shard, names) for shard, names, _ in split]
+        every = [
+            shard
+            for rank_shards in self.ranks.exchange(light, f"the statistics of {where}", self.device)
+            for shard in rank_shards
+        ]
+        groups = hessian_groups([names for _, names in every])
+        owner = dict(zip(groups, self._owners(list(groups), groups), strict=True))
+        self.owner.update(owner)
+        payloads = []
+        for rank in range(self.ranks.world):
+            solves = {rel for rel, r in owner.items() if r == rank}
+            wanted = {rel for rel in groups if groups[rel] in {groups[x] for x in solves}}
+            payloads.append([_tensors_for(wanted, names, tensors) for _, names, tensors in split])
+        received = self.ranks.deliver(payloads, f"the Hessians of {where}", self.device)
+        solves = {rel for rel, r in owner.items() if r == self.ranks.rank}
+        mine = {rel for rel in groups if groups[rel] in {groups[x] for x in solves}}
+        tensors = [shard for rank_shards in received for shard in rank_shards]
+        for (shard, names), shard_tensors in zip(every, tensors, strict=True):
+            attach_hessians(shard, names, shard_tensors, mine)
+        merge_shards(stats, [shard for shard, _ in every], hessians_of=mine)
 
     def _run_samples(self, stats: dict[str, LayerStats], samples: list[BlockInput]) -> None:
         handles = attach(self.linears, stats)
@@ -145,22 +182,36 @@ class CalibrationBlock:
     def quantize(self, rels: set[str]) -> None:
         """Replace the linears ``rels`` not yet quantized by ``QuantLinear``, in block order.
 
-        GPTQ solves are spread over the ranks by cost (each linear's Hessian size times
-        its output rows) and every rank receives each result; round-to-nearest linears
-        are cheap and rounded on every rank.
+        Each GPTQ linear is solved on the rank its Hessian was sent to (``owner``, chosen
+        by cost in :meth:`run`) and every rank receives each result; round-to-nearest
+        linears are cheap and rounded on every rank.
         """
         todo = [rel for rel in self.schemes if rel in rels and rel not in self.quantized]
         solved = [rel for rel in todo if self.schemes[rel].rounds_with_gptq]
-        costs = [_solve_cost(get_weight(self.linears[rel])) for rel in solved]
-        layers = self.ranks.solve_spread(
-            solved, costs, self._build, f"the GPTQ layers of {self.prefix}", self.device
-        )
+        owner = [self.owner[rel] for rel in solved] if self.ranks.parallel else None
+        costs = [1.0] * len(solved)  # -- the owners are known: costs no longer matter
+        what = f"the GPTQ layers of {self.prefix}"
+        layers = self.ranks.solve_spread(solved, costs, self._build, what, self.device, owner=owner)
         built = dict(zip(solved, layers, strict=True))
         for rel in todo:
             layer = built[rel] if rel in built else self._build(rel)
             module = self.linears[rel]
             replace_layer(self.model, self.full(rel), layer, self.summary, tensor_bytes(module))
             self.quantized.add(rel)
+
+    def _owners(self, rels: list[str], groups: dict[str, str]) -> list[int]:
+        """The rank that solves each GPTQ linear of ``rels`` (and receives its Hessian).
+
+        Costs in proportion: the column loop and range search go as ``N * K``, the
+        Hessian's factor as ``K^3 / 4096`` (both measured on one CPU thread at K = 576 and
+        1536), the factor needed once per rank by all the linears of one Hessian ``group``.
+        """
+        costs, shared = [], []
+        for rel in rels:
+            n, k = get_weight(self.linears[rel]).shape
+            costs.append(float(n) * k)
+            shared.append((groups[rel], float(k) ** 3 / 4096))
+        return self.ranks.owners(costs, shared)
 
     def _build(self, rel: str) -> nn.Module:
         module = self.linears[rel]
@@ -176,10 +227,12 @@ class CalibrationBlock:
         )
 
 
-def _solve_cost(weight: torch.Tensor) -> float:
-    """What a GPTQ solve of ``weight: (N, K)`` costs, in proportion: ``N * K^2``."""
-    n, k = weight.shape
-    return float(n) * k * k
+def _tensors_for(
+    rels: set[str], names: dict[str, str | None], tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The Hessians of one shard that the linears ``rels`` read (each shared tensor once)."""
+    needed = {names[rel] for rel in rels if names[rel] is not None}
+    return {name: t for name, t in tensors.items() if name in needed}
 
 
 class CalibrationStep(ABC):

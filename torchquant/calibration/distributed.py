@@ -6,7 +6,9 @@ shards (:mod:`torchquant.calibration.shards`).  Every exchange between ranks goe
 :meth:`RankContext.exchange`, one ``all_gather_object`` carrying each rank's status beside
 its payload: a rank that fails announces its error in the exchange the others are
 waiting in, so all of them stop with its message instead of hanging, and a rank that
-never answers ends the run with the process group's timeout.  With one process (or no
+never answers ends the run with the process group's timeout.  Hessians, which only the
+ranks solving with them need, follow an exchange through :meth:`RankContext.deliver`
+(one ``gather_object`` per destination rank).  With one process (or no
 process group) nothing is exchanged.
 """
 
@@ -99,6 +101,29 @@ class RankContext:
         every = self._gather(_Status(None, _to_bytes(payload)), what)
         return [_from_bytes(data, device) for data in every]
 
+    def deliver(
+        self, payloads: Sequence[Any], what: str, device: torch.device | None = None
+    ) -> list[Any]:
+        """``payloads[r]`` to rank ``r`` alone; returns what every rank sent this one, in
+        rank order.  One gather per destination rank: called right after an
+        :meth:`exchange` (every rank was well there), so a rank that fails in between
+        leaves the others to the process group's timeout."""
+        if not self.parallel:
+            return [payloads[0]]
+        received: list[Any] = []
+        for dst in range(self.world):
+            gathered: list[Any] | None = [None] * self.world if dst == self.rank else None
+            try:
+                dist.gather_object(_to_bytes(payloads[dst]), gathered, dst=dst)
+            except (RuntimeError, dist.DistBackendError) as exc:
+                raise RankFailure(
+                    f"rank {self.rank}: sending {what} to rank {dst} failed (a rank exited or "
+                    f"timed out): {exc}"
+                ) from exc
+            if gathered is not None:
+                received = [_from_bytes(data, device) for data in gathered]
+        return received
+
     def announce_failure(self, exc: BaseException) -> None:
         """Tell the other ranks, waiting in their next exchange, that this rank failed
         (once per error: the exception keeps a note that it was reported)."""
@@ -126,15 +151,31 @@ class RankContext:
             raise RankFailure(f"calibration failed on rank {rank}: {error}")
         return [s.payload for s in statuses]
 
-    def owners(self, costs: Sequence[float]) -> list[int]:
+    def owners(
+        self, costs: Sequence[float], shared: Sequence[tuple[str, float]] | None = None
+    ) -> list[int]:
         """A rank for each task of ``costs``: greedy bin-packing, largest task first onto the
-        least-loaded rank (ties: the earlier task, the lower rank), the same on every rank."""
+        rank it leaves least loaded (ties: the earlier task, the lower rank), the same on
+        every rank.
+
+        ``shared`` gives each task a ``(key, cost)`` of work that tasks with the same key
+        need once per rank (GPTQ's factor of a Hessian that q/k/v share): a rank that
+        already does it for another task takes the task for its own cost alone.
+        """
+        shared = shared if shared is not None else [("", 0.0)] * len(costs)
         load = [0.0] * self.world
+        held: list[set[str]] = [set() for _ in range(self.world)]
         owner = [0] * len(costs)
-        for task in sorted(range(len(costs)), key=lambda t: (-costs[t], t)):
-            rank = min(range(self.world), key=lambda r: (load[r], r))
+
+        def added(task: int, rank: int) -> float:
+            key, once = shared[task]
+            return costs[task] + (0.0 if key in held[rank] else once)
+
+        for task in sorted(range(len(costs)), key=lambda t: (-costs[t] - shared[t][1], t)):
+            rank = min(range(self.world), key=lambda r: (load[r] + added(task, r), r))
             owner[task] = rank
-            load[rank] += costs[task]
+            load[rank] += added(task, rank)
+            held[rank].add(shared[task][0])
         return owner
 
     def solve_spread(
@@ -144,12 +185,14 @@ class RankContext:
         solve: Callable[[T], Any],
         what: str,
         device: torch.device,
+        shared: Sequence[tuple[str, float]] | None = None,
+        owner: Sequence[int] | None = None,
     ) -> list[Any]:
-        """``solve(task)`` for every task, each on its owner rank, the results on every
-        rank (on ``device``)."""
+        """``solve(task)`` for every task, each on its ``owner`` rank (default:
+        ``owners(costs, shared)``), the results on every rank (on ``device``)."""
         if not self.parallel:
             return [solve(t) for t in tasks]
-        owner = self.owners(costs)
+        owner = self.owners(costs, shared) if owner is None else owner
         mine = {i: solve(t) for i, t in enumerate(tasks) if owner[i] == self.rank}
         results: dict[int, Any] = {}
         for solved in self.exchange(mine, what, device):

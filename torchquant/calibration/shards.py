@@ -13,11 +13,16 @@ statistics to any number of ranks:
   observer's histograms cannot be replayed and are refused with more than one shard).
 
 With one shard the merge is not used: statistics accumulate as they always did.
+
+Across ranks, Hessians travel apart from the rest (:func:`split_hessians`): every rank
+receives every shard's light statistics, but a Hessian only reaches the ranks that solve
+a linear fed that input, which merge it in the same shard order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Collection, Sequence
 from functools import reduce
 
 import torch
@@ -67,17 +72,24 @@ def partial_like(st: LayerStats) -> LayerStats:
     )
 
 
-def merge_shards(stats: dict[str, LayerStats], partials: Sequence[dict[str, LayerStats]]) -> None:
+def merge_shards(
+    stats: dict[str, LayerStats],
+    partials: Sequence[dict[str, LayerStats]],
+    hessians_of: Collection[str] | None = None,
+) -> None:
     """Fold the shards' ``partials`` (in shard order) into ``stats``.
 
     Linears whose partial Hessians are shared in every shard (q/k/v, gate/up) share the
-    merged one too.
+    merged one too.  With ``hessians_of``, only those linears' Hessians are merged (the
+    others were not sent here) and the rest get none.
     """
     merged_hessians: dict[tuple[int, ...], torch.Tensor | None] = {}
     for rel, st in stats.items():
         parts = [p[rel] for p in partials]
         st.tokens = sum(p.tokens for p in parts)
-        if st.want_hessian:
+        if st.want_hessian and hessians_of is not None and rel not in hessians_of:
+            st.hessian = None
+        elif st.want_hessian:
             key = tuple(id(p.hessian) for p in parts)
             if key in merged_hessians:
                 st.hessian_shared = True
@@ -106,3 +118,43 @@ def _weighted_hessian(parts: list[LayerStats], tokens: int) -> torch.Tensor | No
 def _fold(values: list[torch.Tensor | None], op) -> torch.Tensor | None:
     present = [v for v in values if v is not None]
     return reduce(op, present) if present else None
+
+
+# -- per shard: each linear's Hessian group (the first linear holding the same tensor in
+# -- that shard, None where it saw no tokens), and the Hessian tensors by group
+HessianNames = dict[str, str | None]
+ShardHessians = dict[str, torch.Tensor]
+
+
+def split_hessians(
+    partial: dict[str, LayerStats],
+) -> tuple[dict[str, LayerStats], HessianNames, ShardHessians]:
+    """One shard's ``partial`` without its Hessians, which linear's Hessian is which, and
+    the Hessians themselves (each shared tensor once)."""
+    light, names, tensors = {}, {}, {}
+    first: dict[int, str] = {}
+    for rel, st in partial.items():
+        light[rel] = dataclasses.replace(st, hessian=None, hessian_source=None)
+        if st.want_hessian:
+            name = None if st.hessian is None else first.setdefault(id(st.hessian), rel)
+            names[rel] = name
+            if name == rel:
+                tensors[rel] = st.hessian
+    return light, names, tensors
+
+
+def hessian_groups(names: Sequence[HessianNames]) -> dict[str, str]:
+    """Each linear's group over all shards (``names`` in shard order), named by its first
+    linear: linears share the merged Hessian when they share it in every shard."""
+    groups: dict[tuple[str | None, ...], str] = {}
+    rels = names[0].keys() if names else []
+    return {rel: groups.setdefault(tuple(n[rel] for n in names), rel) for rel in rels}
+
+
+def attach_hessians(
+    light: dict[str, LayerStats], names: HessianNames, tensors: ShardHessians, rels: set[str]
+) -> None:
+    """Give the light statistics of one shard back the Hessians of ``rels`` received."""
+    for rel in rels:
+        name = names[rel]
+        light[rel].hessian = None if name is None else tensors[name]
