@@ -39,7 +39,6 @@ FMT_MXFP8 = tl.constexpr(2)
 FORMATS = {"nvfp4": (0, 16, 2), "mxfp4": (1, 32, 2), "mxfp8": (2, 32, 8)}
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
 E8M0_SMALLEST = tl.constexpr(2.0**-127)  # exponent byte 0: no float32 normal's bit pattern
-NAN = tl.constexpr(float("nan"))
 
 
 @triton.jit
@@ -133,7 +132,8 @@ def _microscaled_quant_kernel(
             level = round_to_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0)).to(tl.float32)
         else:
             level = e2m1_to_float(encode_e2m1_bits(v))
-        scaled = tl.where(finite, level * block_scale[:, None], NAN)
+        # -- a non-finite input times 0 is NaN (a NaN global constexpr would never compare equal)
+        scaled = tl.where(finite, level * block_scale[:, None], x.to(tl.float32) * 0.0)
         tl.store(v_ptr + row * stride_vm + offs_k, scaled.to(tl.bfloat16), mask=offs_k < K)
     elif FMT == FMT_MXFP8:
         e4m3 = round_to_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0))
