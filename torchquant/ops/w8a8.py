@@ -17,7 +17,10 @@ activations are quantized in fewer passes (same codes).  FP8 with bf16 inputs (f
 ones inside ``float32_in_bf16``: the activation codes are the same) multiplies
 the (exact) bf16 values of both operands, the weight's from the layer's cached
 ``fp8_cpu_layout`` (converted per call without it), and scales in float32; other FP8
-inputs run the reference.  CUDA: the Triton kernels (FP8: or ``torch._scaled_mm`` where
+inputs run the reference.  Few rows with per-token dynamic scales (the decode step) take
+``token_decode_linear``: one max and one rounding pass per row into bf16 codes, whose NaN
+carries a non-finite row into its output (no poisoning pass), and one scaling pass that
+adds the bias.  CUDA: the Triton kernels (FP8: or ``torch._scaled_mm`` where
 ``fp8_gemm_choice``'s measured table says it is faster; as shipped, ours everywhere).
 """
 
@@ -106,6 +109,64 @@ def quantize_dynamic(
     return codes, scale + (absmax - absmax)  # -- + 0 where absmax is finite, + NaN elsewhere
 
 
+def quantize_token_codes(x2: torch.Tensor, act_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token dynamic codes of ``x2 (M, K)`` as bf16 values (exact: INT8/INT4 codes and
+    E4M3 values all are bf16 values) with their float32 scales ``(M, 1)``, in one max and
+    one rounding pass per row: the activation half of the bf16 decode routes.
+
+    Codes and scales of finite rows are ``quantize_activation``'s bit for bit.  A row
+    holding NaN/Inf gets NaN codes (``x / inf``, or the NaN itself), which every product
+    carries into its output row, so no poisoning pass is needed.
+    """
+    xf = x2.float()
+    absmax = torch.linalg.vector_norm(xf, float("inf"), dim=-1, keepdim=True)
+    scale = absmax / activation_qmax(act_type)
+    scale = torch.where(scale > 0, scale, 1.0)
+    if act_type in INT_ACT_DTYPES:
+        lo, hi = ACTIVATION_RANGES[act_type]
+        codes = (xf / scale).round_().clamp_(lo, hi)
+    else:
+        codes = (xf / scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return codes.to(cpu_kernels.COMPUTE_DTYPE), scale
+
+
+def runs_token_decode(x2: torch.Tensor, act: ActivationQuant) -> bool:
+    """Whether the rows take the bf16 decode route: few rows of bf16 compute (float32 ones
+    inside ``float32_in_bf16``) with per-token dynamic scales."""
+    return (
+        act.per_token
+        and takes_dynamic_scales(act)
+        and x2.shape[0] <= INT8PACK_MAX_ROWS
+        and cpu_kernels.computes_in_bf16(x2.dtype)
+    )
+
+
+def token_decode_linear(
+    x: torch.Tensor, x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+    bias: torch.Tensor | None, act: ActivationQuant, layout: cpu_kernels.CpuLayout | None,
+) -> torch.Tensor:  # fmt: skip
+    """Few rows with per-token dynamic scales (the decode step): the bf16 codes of
+    :func:`quantize_token_codes` times the weight, ``_weight_int8pack_mm`` for INT8 weights
+    (it applies their scales) and the bf16 codes of the layer's layout for FP8 ones, then
+    one scaling pass that adds the bias.  A row whose bf16 sums overflow where the exact
+    maths does not is recomputed by the reference."""
+    xq, xs = quantize_token_codes(x2, act.act_type)
+    if act.act_type in INT_ACT_DTYPES:
+        if layout is None or layout.scales_zeros is None:
+            layout = cpu_kernels.int8pack_layout(qweight, scales)
+        acc = cpu_kernels.int8pack_linear(xq, qweight, layout)
+    else:
+        acc = fp8_rows_linear(xq, qweight, layout.packed if layout is not None else None)
+        xs = xs * scales.reshape(1, -1).float()
+    out = acc * xs if bias is None else torch.addcmul(bias, acc, xs)
+    out = out if out.dtype == x2.dtype else out.to(x2.dtype)
+
+    def exact(rows: torch.Tensor) -> torch.Tensor:
+        return linear_w8a8_reference(rows, qweight, scales, bias, *act)
+
+    return common.unflatten(common.recompute_overflowed_rows(out, x2, exact), x)
+
+
 def _runs_int8pack(x2: torch.Tensor, act: ActivationQuant) -> bool:
     """Whether INT8 W8A8 takes ``_weight_int8pack_mm`` (~4x ``_int_mm`` at one row): bf16
     inputs (whose tolerance its bf16 output keeps; float32 ones inside ``float32_in_bf16``)
@@ -136,6 +197,8 @@ def linear_w8a8_cpu(
     if act.act_type == "fp8" and not cpu_kernels.computes_in_bf16(x.dtype):
         return linear_w8a8_reference(x, qweight, scales, bias, *act)
     x2 = common.rows(x)
+    if runs_token_decode(x2, act):
+        return token_decode_linear(x, x2, qweight, scales, bias, act, layout)
     int8pack = _runs_int8pack(x2, act)
     codes_dtype = cpu_kernels.COMPUTE_DTYPE if int8pack else torch.int8
     if takes_dynamic_scales(act):
