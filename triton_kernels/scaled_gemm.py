@@ -81,6 +81,10 @@ def scaled_gemm_kernel(
         k_mask = offs_k < K
         a = tl.load(a_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0)
         b = tl.load(b_cols + offs_k[:, None], mask=k_mask[:, None], other=0.0)
+        # -- sm_90: the FP8 wgmma keeps one group in flight across K steps; Triton 3.9 waits
+        # -- for every INT8 (int32-accumulator) group before the next step, and neither
+        # -- num_stages 2..4, warp_specialize, two alternating accumulators nor acc += dot
+        # -- changes that (benchmarks/kernel_model.py --w8a8, column "in flight")
         acc = tl.dot(a, b, acc)
     # -- the last split of a tile sums the splits' products (exactly, for int32)
     out_mask = m_mask[:, None] & n_mask[None, :]
