@@ -204,10 +204,13 @@ def op_table(
     rows: list[int],
     torchao: dict[str, Any],
     float32: bool = False,
+    op_labels: list[str] | None = None,
 ) -> str:
     """Per-op ratios; ``float32``: torchquant's layers quantized from the float32 linear and
-    fed float32 inputs inside ``float32_in_bf16``."""
-    labels = [label for label, _, _ in SCHEMES] + list(torchao)
+    fed float32 inputs inside ``float32_in_bf16``; ``op_labels``: only those columns."""
+    schemes = [row for row in SCHEMES if op_labels is None or row[0] in op_labels]
+    torchao = {k: v for k, v in torchao.items() if op_labels is None or k in op_labels}
+    labels = [label for label, _, _ in schemes] + list(torchao)
     head = f"{'K->N':>11}{'M':>6}{'fp32 ms':>9}{'bf16':>7}" + "".join(f"{x:>14}" for x in labels)
     inputs = "float32 layers and inputs" if float32 else "bf16 layers and inputs"
     lines = [
@@ -218,7 +221,7 @@ def op_table(
     for k, n in shapes:
         linear, half = float_pair(k, n)
         source = linear if float32 else half
-        layers = [QuantLinear.from_linear(source, scheme_from_name(s, g)) for _, s, g in SCHEMES]
+        layers = [QuantLinear.from_linear(source, scheme_from_name(s, g)) for _, s, g in schemes]
         own = len(layers)
         layers += [torchao_linear(half, config) for config in torchao.values()]
         for m in rows:
@@ -447,6 +450,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shapes", type=_shapes, default=OP_SHAPES, help="per op: KxN,KxN,...")
     p.add_argument("--rows", type=_ints, default=OP_ROWS, help="per op: M,M,...")
     p.add_argument("--labels", type=_labels, help="end-to-end rows, e.g. 'fp32,w4a16 g128'")
+    p.add_argument(
+        "--op-labels", type=_labels, help="per-op columns only these, e.g. 'w8a8,w4a8 g128'"
+    )
     p.add_argument("--model", default=str(GGUF), help="the model: a .gguf file or a folder")
     p.add_argument("--text", default=str(TEXT), help="the text `torchquant eval` scores")
     p.add_argument("--eval-tokens", type=int, default=16384)
@@ -497,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
         print(layer_bytes_table({"narrow": (96, 40), "wide": (40, 96)}, torchao))
         return
     if not args.e2e_only:
-        print(op_table(args.shapes, args.rows, torchao, args.float32), flush=True)
+        print(op_table(args.shapes, args.rows, torchao, args.float32, args.op_labels), flush=True)
         print()
         print(layer_bytes_table(LAYER_LINEARS, torchao), flush=True)
     if not args.ops_only:

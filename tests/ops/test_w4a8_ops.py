@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 from torchquant import ops
 from torchquant.errors import QuantizationError
 from torchquant.numerics import pack_codes, quantize_activation, quantize_int_weight
-from torchquant.ops.w4a8 import BLOCK_DIAGONAL_MAX_ROWS, linear_w4a8_reference, signed_codes
+from torchquant.ops.w4a8 import (
+    BLOCK_DIAGONAL_MAX_ROWS,
+    MIN_TILE_COLUMNS,
+    linear_w4a8_reference,
+    signed_codes,
+    tile_columns,
+)
 
 OPS = {"int8": ops.linear_w4a8_int8, "fp8": ops.linear_w4a8_fp8}
 
@@ -96,6 +102,28 @@ def test_block_diagonal_and_per_group_products_agree():
     few = _call("int8", x[:rows], qweight, scales, 128)
     many = _call("int8", x, qweight, scales, 128)  # -- one call per group
     assert torch.equal(few, many[:rows])
+
+
+@pytest.mark.parametrize("act_type", ["int8", "fp8"])
+@pytest.mark.parametrize("m", [70, 300])
+def test_tiles_along_n_are_the_reference(act_type, m):
+    # -- several N tiles, the last one partial, and a partial last group
+    n, k = 3 * MIN_TILE_COLUMNS + 44, 200
+    assert n > tile_columns(m, n) >= MIN_TILE_COLUMNS
+    qweight, scales = _weight(n, k, 64, seed=m)
+    x = torch.randn(m, k) * 2
+    got = _call(act_type, x, qweight, scales, 64)
+    want = _reference(act_type, x, qweight, scales, 64)
+    if act_type == "int8":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_tile_columns_hold_about_the_same_outputs():
+    assert tile_columns(1, 4096) == 4096 and tile_columns(16, 4096) == 2048
+    assert tile_columns(256, 4096) == MIN_TILE_COLUMNS == tile_columns(4096, 4096)
+    assert tile_columns(16, 100) == 100
 
 
 @pytest.mark.parametrize("act_type", ["int8", "fp8"])
