@@ -34,6 +34,35 @@ MAX_BLOCK_K = 64  # -- INT8 / FP8 MMA steps of 32 along K, two per tile
 
 
 @triton.jit
+def _byte(x, J: tl.constexpr):
+    """Byte ``J`` of every word of ``x`` as int8 (a byte select, no arithmetic)."""
+    return (x >> (8 * J)).to(tl.int8)
+
+
+@triton.jit
+def unpack_sixteenths(words):
+    """int8 ``16 * (code - 8)`` ``(rows, 8 * words)`` of 4-bit codes packed along K in int32
+    ``words (rows, words)`` (8 a word, low bits first), four codes an instruction (SWAR).
+
+    A code sitting in the high nibble of a byte, with its top bit flipped, is the int8
+    ``16 * (code - 8)``: offset binary turned two's complement, times 16.  So the odd
+    codes of a word are one ``LOP3`` ``(w & 0xF0F0F0F0) ^ 0x80808080`` and the even ones
+    the same after ``w << 4``: three instructions for eight codes, no per-code subtract
+    or conversion.  The products are 16 times the codes' (exact in int32: ``|16 * 127 *
+    8| * K < 2**31`` for K below 2**17); the caller divides the group sum by 16.
+    """
+    words = words.to(tl.uint32, bitcast=True)
+    odd = (words & 0xF0F0F0F0) ^ 0x80808080
+    even = ((words << 4) & 0xF0F0F0F0) ^ 0x80808080
+    c0, c2, c4, c6 = _byte(even, 0), _byte(even, 1), _byte(even, 2), _byte(even, 3)
+    c1, c3, c5, c7 = _byte(odd, 0), _byte(odd, 1), _byte(odd, 2), _byte(odd, 3)
+    # -- code j = 4a + 2b + c sits at join levels (a inner, b middle, c outer)
+    lows = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+    highs = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+    return tl.reshape(tl.join(lows, highs), (words.shape[0], words.shape[1] * 8))
+
+
+@triton.jit
 def w4a8_gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, scales_ptr, b_ptr, out_ptr,
     M, N, K, GROUP_SIZE, stride_am, stride_wn, stride_sn, stride_om, M_BUCKET,
@@ -44,6 +73,7 @@ def w4a8_gemm_kernel(
     offs_m, offs_n, m_mask, n_mask = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
     w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     s_cols = scales_ptr + offs_n.to(tl.int64) * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     tiles_per_group = tl.cdiv(GROUP_SIZE, BLOCK_K)
@@ -57,19 +87,24 @@ def w4a8_gemm_kernel(
             offs_k = g * GROUP_SIZE + t * BLOCK_K + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             a = tl.load(a_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            # -- unpack: each word once, its 8 nibbles (low bits first) along K, minus zero 8
+            # -- unpack: each word once, its 8 nibbles (low bits first) along K
             offs_w = (g * GROUP_SIZE + t * BLOCK_K) // 8 + tl.arange(0, BLOCK_K // 8)
-            w_mask = (offs_w < tl.cdiv(K, 8))[:, None] & n_mask[None, :]
-            words = tl.load(w_cols + offs_w[:, None], mask=w_mask, other=0)
-            nibbles = (words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF
-            codes = tl.reshape(nibbles, (BLOCK_K, BLOCK_N)) - 8
             if a_ptr.dtype.element_ty == tl.int8:
-                b = codes.to(tl.int8)
+                # -- (BLOCK_N, words): a weight row's words, unpacked four codes at a time
+                w_mask = n_mask[:, None] & (offs_w < tl.cdiv(K, 8))[None, :]
+                words = tl.load(w_rows + offs_w[None, :], mask=w_mask, other=0)
+                part = tl.dot(a, tl.trans(unpack_sixteenths(words)), part)
             else:
+                w_mask = (offs_w < tl.cdiv(K, 8))[:, None] & n_mask[None, :]
+                words = tl.load(w_cols + offs_w[:, None], mask=w_mask, other=0)
+                nibbles = (words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF
+                codes = tl.reshape(nibbles, (BLOCK_K, BLOCK_N)) - 8
                 b = codes.to(tl.float32).to(a_ptr.dtype.element_ty)
-            part = tl.dot(a, b, part)
-        # -- the group's weight scale, per output column
+                part = tl.dot(a, b, part)
+        # -- the group's weight scale, per output column (INT8 sums are 16x, exactly)
         scale = tl.load(s_cols + g, mask=n_mask, other=0.0).to(tl.float32)
+        if a_ptr.dtype.element_ty == tl.int8:
+            part = part >> 4
         acc += part.to(tl.float32) * scale[None, :]
     # -- epilogue: per-row activation scale, cast, bias in the output dtype
     a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
