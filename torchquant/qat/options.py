@@ -15,8 +15,9 @@ class QatOptions:
 
     ``learn_scales``: weight scales become parameters (LSQ gradients; of microscaled
     weights only NVFP4's global scale, their block scales always follow the blocks' max);
-    when False they follow the weight's min-max range at every step.  ``learn_zeros``: asymmetric zero
-    points become parameters too (rounded with a straight-through estimator).
+    when False they follow the weight's min-max range at every step.  ``learn_zeros``:
+    asymmetric zero points become parameters too (rounded with a straight-through
+    estimator).
     ``learn_input_scale``: static activation scales train.  ``min_scale`` is the floor a
     learned scale is clamped to in the forward, so a scale pushed to zero or below by a
     bad step yields clipped (finite) weights instead of NaN.
