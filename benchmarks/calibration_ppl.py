@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from calibration_setup import PeakRSS, add_run_args, load_average, load_run
+from calibration_setup import PeakRSS, add_run_args, add_w4a8_alphas, load_average, load_run
 
 from torchquant import QuantConfig, convert_model
 from torchquant.config import (
@@ -105,13 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(parser, calib_samples=32, group_size=128)
     parser.add_argument("--awq-tokens", type=int, default=2048)
-    parser.add_argument(
-        "--w4a8-alphas",
-        type=float,
-        nargs="*",
-        default=None,
-        help="SmoothQuant alphas of the W4A8 SmoothQuant+GPTQ rows (default: --alpha)",
-    )
+    add_w4a8_alphas(parser)
     parser.add_argument("--only", nargs="*", help="row names to run, in this order")
     parser.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ dampening")
     parser.add_argument("--gptq-observer", default="hessian_mse", help="GPTQ group ranges")

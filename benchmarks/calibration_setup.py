@@ -28,6 +28,17 @@ def add_run_args(parser: argparse.ArgumentParser, calib_samples: int, group_size
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 
 
+def add_w4a8_alphas(parser: argparse.ArgumentParser) -> None:
+    """``--w4a8-alphas``, which ours and llm-compressor's tables read alike."""
+    parser.add_argument(
+        "--w4a8-alphas",
+        type=float,
+        nargs="*",
+        default=None,
+        help="SmoothQuant alphas of the W4A8 SmoothQuant+GPTQ rows (default: --alpha)",
+    )
+
+
 def load_run(args: argparse.Namespace) -> tuple:
     """``(model, tokenizer, eval_ids, calibration_ids)`` for the parsed ``args``."""
     if args.threads:

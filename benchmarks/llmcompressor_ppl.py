@@ -25,7 +25,7 @@ import tempfile
 import time
 
 import torch
-from calibration_setup import PeakRSS, add_run_args, load_average, load_run
+from calibration_setup import PeakRSS, add_run_args, add_w4a8_alphas, load_average, load_run
 from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
 from datasets import Dataset
 from llmcompressor import oneshot
@@ -123,13 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(parser, calib_samples=16, group_size=64)
     parser.add_argument("--only", nargs="*", help="substrings selecting rows to run")
-    parser.add_argument(
-        "--w4a8-alphas",
-        type=float,
-        nargs="*",
-        default=None,
-        help="SmoothQuant alphas of the W4A8 SmoothQuant+GPTQ rows (default: --alpha)",
-    )
+    add_w4a8_alphas(parser)
     parser.add_argument(
         "--reference", type=float, default=None, help="fp32 perplexity, to skip measuring it"
     )
