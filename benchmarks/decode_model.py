@@ -1,0 +1,363 @@
+"""Predicted decode speed of the models bench_decode.py and bench_moe_decode.py time: no GPU.
+
+    python benchmarks/decode_model.py                  # Llama-3-8B and Mixtral shapes, H200
+    python benchmarks/decode_model.py --quick --json   # default configs only, JSON rows
+
+One decode step of each benchmark's own model is run on the meta device, and every
+device kernel it would launch is recorded: aten ops by ``kernel_model.DeviceWork`` (bytes
+and flops), each quantized linear through its launcher compiled for the target without a
+GPU, as ``kernel_model.py`` does (its hot loop read from the SASS).  Each kernel is
+bounded by max(bytes / copy bandwidth, flops / tensor peak, hot-loop instructions / issue
+rate), and every kernel boundary costs ``kernel_model.LAUNCH_GAP_US``, as inside a CUDA
+graph.  A step is the sum; tokens/s = batch / step.
+
+Like the kernel model this is a necessary condition, not a proof: a scheme whose predicted
+ratio misses its target cannot meet it on the GPU, one that meets it may still miss.  bf16
+linears (and the bf16 ``lm_head``, which no scheme quantizes by default) sit at their
+bandwidth floor, which cuBLAS reaches only partly (~75% for a GEMV on an H100 here), so
+the predicted ratio errs low.  Kernels are counted as eager PyTorch launches them (one per
+aten op, RMSNorm and attention as the meta device dispatches them); ``torch.compile``
+fuses the element-wise ones, which raises the ratio.  The KV cache is ``--context``
+tokens; writing one row into it counts the row, not the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from unittest import mock
+
+import bench_decode
+import bench_moe_decode
+import kernel_model
+import torch
+from kernel_model import (
+    DEFAULT_MACHINE,
+    LAUNCH_GAP_US,
+    MACHINES,
+    DeviceWork,
+    Launch,
+    Machine,
+    Recorder,
+    bf16_floor_us,
+    launch_bound,
+    model_call,
+    moe_call,
+    moe_routing,
+    row,
+)
+from kernel_resources import compile_only
+
+# (model, scheme, batch) -> least predicted speedup over bf16 (issues 13 and 14)
+TARGETS = {("llama", "w4a16", 1): 2.5, ("mixtral", "w4a16", 1): 2.0}
+LLAMA_SCHEMES = ("w4a16", "w8a16")
+MOE_SCHEMES = ("w4a16",)
+BATCHES = (1, 16)
+# in-place writes whose arguments hold a whole buffer but which touch one slice of it
+_SLICE_WRITES = {"index_copy_": 2, "index_add_": 2, "scatter_add_": 2}
+
+
+class StepWork(DeviceWork):
+    """``DeviceWork`` that also notes each ``mm``'s shape, and whose slice writes and
+    embedding lookups count what they touch, not the whole buffer they are given."""
+
+    def __init__(self, launches: list[Launch]) -> None:
+        super().__init__(launches)
+        self.mm_shapes: dict[int, tuple[int, int, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        name = func.overloadpacket.__name__
+        if name == "mm":
+            (m, k), n = args[0].shape, args[1].shape[1]
+            self.mm_shapes[len(self.launches) - 1] = (m, n, k)
+        elif name in _SLICE_WRITES:
+            source = args[_SLICE_WRITES[name] + 1]
+            self.launches[-1].nbytes = 3 * source.numel() * source.element_size()
+        elif name == "embedding":
+            self.launches[-1].nbytes = 2 * out.numel() * out.element_size()
+        return out
+
+    def calls(self) -> list[Call]:
+        return [Call(launch, self.mm_shapes.get(i)) for i, launch in enumerate(self.launches)]
+
+
+@dataclass
+class Call:
+    """One step of the recording: an aten launch, or a linear the scheme may replace."""
+
+    launch: Launch
+    linear: tuple[int, int, int] | None = None  # (M, N, K) of an ``mm``
+
+
+def record(run: Callable[[], object]) -> list[Call]:
+    """Every launch of ``run()`` on meta tensors, ``mm`` ones marked with their shape."""
+    with StepWork([]) as work:
+        run()
+    return work.calls()
+
+
+@contextmanager
+def one_attention_kernel(module, launches: list[Launch]):
+    """Attention as one fused kernel reading q, the whole KV cache and writing the output,
+    recorded into ``launches`` in step order."""
+    real = module.F.scaled_dot_product_attention
+
+    def fused(q, k, v, **_):
+        with torch.utils._python_dispatch._disable_current_modes():
+            out = torch.empty_like(q)
+        nbytes = sum(t.numel() * t.element_size() for t in (q, k, v, out))
+        launches.append(Launch("attention", nbytes))
+        return out
+
+    with mock.patch.object(module.F, "scaled_dot_product_attention", fused):
+        yield
+    assert real is module.F.scaled_dot_product_attention
+
+
+class Predictor:
+    """Bounds of linears per scheme, compiled once per (scheme, M, N, K)."""
+
+    def __init__(self, recorder: Recorder, arch: int, machine: Machine) -> None:
+        self.recorder, self.arch, self.machine = recorder, arch, machine
+        self._rows: dict[tuple, dict] = {}
+
+    def linear(self, scheme: str, m: int, n: int, k: int) -> dict:
+        key = (scheme, m, n, k)
+        if key not in self._rows:
+            launches = model_call(self.recorder, scheme, m, n, k)
+            self._rows[key] = row(scheme, m, n, k, self.arch, self.machine, launches)
+        return self._rows[key]
+
+    def moe(self, scheme: str, tokens: int, n: int, k: int, x_rows: int) -> dict:
+        """One grouped projection over the experts ``moe_routing`` activates."""
+        key = ("moe", scheme, tokens, n, k)
+        if key not in self._rows:
+            from torchquant.triton_kernels import moe_gemm
+
+            moe_gemm.run_kernel = self.recorder.run_kernel  # as kernel_model.moe_rows does
+            launches, expert_bytes = moe_call(self.recorder, scheme, tokens, n, k, x_rows)
+            counts = torch.bincount(moe_routing(tokens).reshape(-1), minlength=8)
+            active = int((counts > 0).sum())
+            for launch in launches:
+                if launch.kernel == "_align_kernel":
+                    launch.candidates = []
+                if launch.kernel.startswith(("_moe", "_gemv")):
+                    launch.nbytes += expert_bytes * (active - 1)
+            self._rows[key] = row(scheme, tokens, n, k, self.arch, self.machine, launches)
+        return self._rows[key]
+
+    def aten(self, launch: Launch) -> float:
+        return launch_bound(launch, None, self.machine)["us"]
+
+
+MODES = ("eager", "fused")  # fused: each run of element-wise ops one kernel, as torch.compile
+
+
+def step_us(parts: list[tuple[str, float]], mode: str) -> dict:
+    """A step's bound: the calls' bounds plus a boundary between consecutive calls."""
+    if mode == "fused":
+        merged: list[tuple[str, float]] = []
+        for part, us in parts:
+            if part == "other_us" and merged and merged[-1][0] == part:
+                merged[-1] = (part, merged[-1][1] + us)
+            else:
+                merged.append((part, us))
+        parts = merged
+    by_part: dict[str, float] = {}
+    for part, us in parts:
+        by_part[part] = by_part.get(part, 0.0) + us
+    gaps = LAUNCH_GAP_US * max(0, len(parts) - 1)
+    return {"kernels": len(parts), "gaps_us": gaps, "us": sum(by_part.values()) + gaps, **by_part}
+
+
+def llama_step(shape, batch: int, context: int) -> list[Call]:
+    with torch.device("meta"):
+        model = bench_decode.DecoderModel(shape, batch, context).to(torch.bfloat16)
+        tokens = torch.zeros(batch, dtype=torch.long)
+        pos = torch.tensor([context - 1])
+    work = StepWork([])
+    with one_attention_kernel(bench_decode, work.launches), work:
+        model(tokens, pos)
+    attention = sum(launch.kernel == "attention" for launch in work.launches)
+    if attention != shape.layers:
+        raise RuntimeError(f"recorded {attention} attention kernels, expected {shape.layers}")
+    return work.calls()
+
+
+def llama_rows(predict: Predictor, shape, context: int, schemes, batches) -> list[dict]:
+    rows = []
+    for batch in batches:
+        calls = llama_step(shape, batch, context)
+        for scheme in ("bf16", *schemes):
+            parts = []
+            for call in calls:
+                if call.launch.kernel == "attention":
+                    parts.append(("attention_us", predict.aten(call.launch)))
+                elif call.linear is None:
+                    parts.append(("other_us", predict.aten(call.launch)))
+                elif call.linear[1] == shape.vocab or scheme == "bf16":
+                    name = "lm_head_us" if call.linear[1] == shape.vocab else "linear_us"
+                    parts.append((name, bf16_floor_us(*call.linear, predict.machine)))
+                else:
+                    parts.append(
+                        ("linear_us", predict.linear(scheme, *call.linear)["predicted_us"])
+                    )
+            for mode in MODES:
+                rows.append(
+                    {"model": "llama", "mode": mode, "scheme": scheme, "batch": batch,
+                     **step_us(parts, mode)}
+                )  # fmt: skip
+    return with_speedups(rows, predict)
+
+
+def mixtral_step(shape, batch: int) -> tuple[list[Call], list[list[Call]]]:
+    """The launches of one step outside the experts, and each layer's experts' own."""
+    with torch.device("meta"):
+        model = bench_moe_decode.MoeModel(shape).to(torch.bfloat16)
+        x = torch.zeros(batch, shape.hidden, dtype=torch.bfloat16)
+    routing = moe_routing(batch).to("meta")
+    experts_calls: list[list[Call]] = []
+    real_route = bench_moe_decode.SparseMoeBlock.route
+    real_experts = bench_moe_decode.MixtralExperts.forward
+
+    def route(self, h):
+        _, weights = real_route(self, h)
+        return routing, weights  # the balanced routing the kernel model assumes
+
+    def experts(self, h, index, weights):
+        with torch.utils._python_dispatch._disable_current_modes():  # not in ``rest`` too
+            experts_calls.append(record(lambda: real_experts(self, h, index, weights)))
+            return torch.empty_like(h)
+
+    with (
+        mock.patch.object(bench_moe_decode.SparseMoeBlock, "route", route),
+        mock.patch.object(bench_moe_decode.MixtralExperts, "forward", experts),
+    ):
+        rest = record(lambda: model(x))
+    return rest, experts_calls
+
+
+def mixtral_rows(predict: Predictor, shape, schemes, batches) -> list[dict]:
+    """The MoE benchmark's layers (norm, router, experts, residual; no attention)."""
+    rows = []
+    for batch in batches:
+        rest, experts_calls = mixtral_step(shape, batch)
+        active = int((torch.bincount(moe_routing(batch).reshape(-1), minlength=8) > 0).sum())
+        for scheme in ("bf16", *schemes):
+            parts = [("other_us", predict.aten(c.launch)) for c in rest]
+            for calls in experts_calls:
+                parts += expert_parts(predict, scheme, calls, shape, batch, active)
+            for mode in MODES:
+                rows.append(
+                    {"model": "mixtral", "mode": mode, "scheme": scheme, "batch": batch,
+                     **step_us(parts, mode)}
+                )  # fmt: skip
+    return with_speedups(rows, predict)
+
+
+def expert_parts(predict: Predictor, scheme: str, calls: list[Call], shape, batch, active):
+    """bf16: the fused experts' own ops, each grouped GEMM reading only the active experts;
+    a scheme: its two grouped launches and the element-wise ops between them."""
+    experts = shape.experts
+    if scheme == "bf16":
+        parts = []
+        for call in calls:
+            launch = call.launch
+            if launch.kernel == "aten._grouped_mm":
+                launch.nbytes = launch.nbytes * active // experts  # weights dominate
+                parts.append(("linear_us", predict.aten(launch)))
+            else:
+                parts.append(("other_us", predict.aten(launch)))
+        return parts
+    slots = batch * shape.top_k
+    gate_up = predict.moe(scheme, batch, 2 * shape.intermediate, shape.hidden, batch)
+    down = predict.moe(scheme, batch, shape.hidden, shape.intermediate, slots)
+    with torch.device("meta"):
+        g = torch.empty(slots, 2 * shape.intermediate, dtype=torch.bfloat16)
+        between = record(
+            lambda: (
+                torch.nn.functional.silu(g[:, : shape.intermediate]) * g[:, shape.intermediate :]
+            )
+        )
+        out = torch.empty(slots, shape.hidden, dtype=torch.bfloat16)
+        between += record(lambda: out.view(batch, shape.top_k, -1).sum(1))
+    return [
+        ("linear_us", gate_up["predicted_us"]),
+        *(("other_us", predict.aten(c.launch)) for c in between),
+        ("linear_us", down["predicted_us"]),
+    ]
+
+
+def with_speedups(rows: list[dict], predict: Predictor) -> list[dict]:
+    bf16 = {(r["model"], r["mode"], r["batch"]): r["us"] for r in rows if r["scheme"] == "bf16"}
+    for r in rows:
+        r["machine"] = predict.machine.name
+        r["arch"] = predict.arch
+        r["tokens_per_s"] = round(r["batch"] * 1e6 / r["us"], 1)
+        r["predicted_speedup"] = round(bf16[(r["model"], r["mode"], r["batch"])] / r["us"], 3)
+        r["target"] = TARGETS.get((r["model"], r["scheme"], r["batch"]))
+        for key in ("us", "gaps_us", "linear_us", "lm_head_us", "attention_us", "other_us"):
+            if key in r:
+                r[key] = round(r[key], 1)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n## predicted decode step (lower bounds, kernel cost model; no GPU)")
+    print(
+        "| model | kernels as | machine | batch | scheme | kernels | linears us | lm_head us | "
+        "attention us | other us | gaps us | step us | tokens/s | pred x bf16 | target |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        target = r["target"]
+        verdict = (
+            "-"
+            if target is None
+            else f"{target}x " + ("ok" if r["predicted_speedup"] >= target else "MISS")
+        )
+        print(
+            f"| {r['model']} | {r['mode']} | {r['machine']} | {r['batch']} | {r['scheme']} | "
+            f"{r['kernels']} | {r.get('linear_us', 0):.1f} | {r.get('lm_head_us', 0):.1f} | "
+            f"{r.get('attention_us', 0):.1f} | "
+            f"{r.get('other_us', 0):.1f} | {r['gaps_us']:.1f} | {r['us']:.1f} | "
+            f"{r['tokens_per_s']:.0f} | {r['predicted_speedup']:.2f}x | {verdict} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    parser.add_argument("--machine", default="", help=f"one of {', '.join(MACHINES)}")
+    parser.add_argument("--context", type=int, default=512, help="KV cache tokens (Llama)")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="e.g. 1,16")
+    parser.add_argument("--quick", action="store_true", help="default kernel configs only")
+    parser.add_argument("--smoke", action="store_true", help="the benchmarks' smoke shapes")
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    args = parser.parse_args(argv)
+    if not kernel_model.tools_available():
+        parser.error("nvdisasm/cuobjdump not found in Triton's NVIDIA backend")
+    machine = MACHINES[args.machine or DEFAULT_MACHINE[args.arch]]
+    if machine.arch != args.arch:
+        parser.error(f"{machine.name} is sm_{machine.arch}, not sm_{args.arch}")
+    batches = [int(b) for b in args.batches.split(",")]
+    llama = bench_decode.SMOKE_SHAPE if args.smoke else bench_decode.Shape()
+    moe = bench_moe_decode.SMOKE_SHAPE if args.smoke else bench_moe_decode.Shape()
+    recorder = Recorder(all_configs=not args.quick)
+    compile_only(args.arch, recorder.run_kernel)
+    predict = Predictor(recorder, args.arch, machine)
+    rows = llama_rows(predict, llama, args.context, LLAMA_SCHEMES, batches)
+    rows += mixtral_rows(predict, moe, MOE_SCHEMES, batches)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
