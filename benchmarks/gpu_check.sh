@@ -3,10 +3,11 @@
 # the later families compiled (W4A8, FP4, microscaled, FP8 blocks, MoE, act-order),
 # compiled-kernel correctness for every scheme, then the tables of run_all.sh with their
 # baselines (bf16 F.linear, tinygemm, torch._int_mm + torch scaling, torch._scaled_mm, copy
-# bandwidth) measured in the same run, the Mixtral-shaped MoE decode (bf16 vs W4A16), and
-# the cost model's predictions beside them (its MoE, W8A8, W4A8, FP4, microscaled and FP8
-# block rows included).  The FP8 table's "scaled_mm faster" lines -- the entries of
-# torchquant.ops.fp8_gemm_choice.SCALED_MM_FASTER -- are collected in scaled_mm_faster.txt.
+# bandwidth) measured in the same run, W4A8 beside our W8A8 and W4A16, the Mixtral-shaped
+# MoE decode (bf16 vs W4A16), and the cost model's predictions beside them (its MoE, W8A8,
+# W4A8, FP4, microscaled and FP8 block rows included).  The FP8 table's "scaled_mm faster"
+# lines -- the entries of torchquant.ops.fp8_gemm_choice.SCALED_MM_FASTER -- are collected
+# in scaled_mm_faster.txt.
 # Nothing newer than Python 3.12, torch 2.11 and Triton 3.6 is needed.
 #
 #   OUT=/tmp/check benchmarks/gpu_check.sh           # everything under $OUT
@@ -105,6 +106,9 @@ step weight_only 130 "$PYTHON" benchmarks/bench_weight_only.py --shapes "$SHAPES
 step w8a8 45 "$PYTHON" benchmarks/bench_w8a8.py --shapes 8192x8192 --rep "$REP"
 step fp8 60 "$PYTHON" benchmarks/bench_fp8.py --shapes "$SHAPES" --batches 16,256,4096 --rep "$REP"
 step act_quant 25 "$PYTHON" benchmarks/bench_act_quant.py --shapes 8192x8192 --rep "$REP"
+# -- W4A8 INT8 / FP8 beside our W8A8 and W4A16 in the same run (split-K and tiled tunings)
+step w4a8 90 "$PYTHON" benchmarks/bench_w4a8.py --shapes 8192x8192 --batches 16,64,256,4096 \
+    --rep "$REP"
 step decode 60 "$PYTHON" benchmarks/bench_decode.py --batches 1,16 --rep 100
 step moe_decode 90 "$PYTHON" benchmarks/bench_moe_decode.py --batches 1,16 --rep 50
 

@@ -407,7 +407,9 @@ def iterations(cand: Candidate) -> int:
     if not cand.sass.has_loop:
         return ctas
     split = int(cand.meta.get("SPLIT_K", 1))
-    return ctas // split * triton.cdiv(cand.meta["K"], cand.meta["BLOCK_K"])
+    # -- a loop trip may unroll several K tiles (W4A8: the tiles of one group)
+    step = cand.meta["BLOCK_K"] * max(1, int(cand.meta.get("GROUP_TILES", 1)))
+    return ctas // split * triton.cdiv(cand.meta["K"], step)
 
 
 def launch_bound(launch: Launch, cand: Candidate | None, machine: Machine) -> dict:
@@ -808,41 +810,94 @@ def gemm_rows(
 
 
 # -- W4A8: per-token activation quantization + the 4-bit GEMM on 8-bit tensor cores, bf16 x;
-# -- W8A8 INT8 rows beside them (the same two launches with an int8 weight) for comparison
-W4A8_SCHEMES = {"w4a8": "int8", "w4a8-fp8": "fp8", "w8a8": "int8"}
+# -- W8A8 rows of the same activation type beside them (the same two launches, 8-bit weights)
+W4A8_SCHEMES = {"w4a8": "int8", "w4a8-fp8": "fp8", "w8a8": "int8", "fp8": "fp8"}
 W4A8_GROUP = 128
+# -- issue 17: W4A8 >= 1.2x our W8A8 (same activation type) at M <= 256, and never slower
+# -- than our W4A16 at M >= 64, at every benchmark shape
+W4A8_OVER_W8A8 = (256, 1.2)
+W4A8_OVER_W4A16 = (64, 1.0)
+W4A8_BASELINE = {"w4a8": "w8a8", "w4a8-fp8": "fp8"}
 
 
 def w4a8_rows(recorder: Recorder, arch: int, machines, shapes, batches) -> list[dict]:
     """One row per scheme (:data:`W4A8_SCHEMES`; FP8 from sm_89), shape and M for the CUDA
-    path of ``linear_w4a8_*`` (and ``linear_w8a8_int8``): both launches, the GEMM's flops
-    counted for the tensor-core bound; bf16 is cuBLAS at its floor."""
+    path of ``linear_w4a8_*`` (and ``linear_w8a8_*``): both launches, the GEMM's flops
+    counted at the 8-bit tensor-core rate; bf16 is cuBLAS at its floor.  The GEMM's config
+    is chosen among those of the tuning the launcher dispatches to for that M (split-K or
+    tiled)."""
     from torchquant.triton_kernels import w4a8_gemm
 
     from torchquant.ops.w4a8 import linear_w4a8_fp8_cuda, linear_w4a8_int8_cuda
-    from torchquant.ops.w8a8 import linear_w8a8_int8_cuda
+    from torchquant.ops.w8a8 import linear_w8a8_fp8_cuda, linear_w8a8_int8_cuda
 
     w4a8_gemm.run_kernel = recorder.run_kernel  # compile_only patches the older kernels
+    w4a8_calls = {"int8": linear_w4a8_int8_cuda, "fp8": linear_w4a8_fp8_cuda}
+    w8a8_calls = {"int8": linear_w8a8_int8_cuda, "fp8": linear_w8a8_fp8_cuda}
     rows = []
     for scheme, act_type in W4A8_SCHEMES.items():
         if act_type == "fp8" and arch < 89:
             continue
         for n, k in shapes:
-            if scheme == "w8a8":
-                qweight = torch.empty(n, k, dtype=torch.int8, device="meta")
-                scales = torch.empty(n, 1, device="meta")
-                args, group = (qweight, scales, None, True, 100.0, None, None), -1
-                call = linear_w8a8_int8_cuda
-            else:
+            if scheme in W4A8_BASELINE:
                 qweight = torch.empty(n, -(-k // 32) * 4, dtype=torch.int32, device="meta")
                 scales = torch.empty(n, -(-k // W4A8_GROUP), dtype=torch.bfloat16, device="meta")
                 args = (qweight, scales, None, W4A8_GROUP, True, 100.0, None, None)
-                group = W4A8_GROUP
-                call = linear_w4a8_int8_cuda if act_type == "int8" else linear_w4a8_fp8_cuda
-            fields = dict(scheme=scheme, group_size=group, path="w8a8-gemm")
+                group, call = W4A8_GROUP, w4a8_calls[act_type]
+            else:
+                qdtype = torch.int8 if act_type == "int8" else torch.float8_e4m3fn
+                qweight = torch.empty(n, k, dtype=qdtype, device="meta")
+                scales = torch.empty(n, 1, device="meta")
+                args, group = (qweight, scales, None, True, 100.0, None, None), -1
+                call = w8a8_calls[act_type]
+            fields = dict(scheme=scheme, group_size=group, path="act-quant+gemm")
             for m in batches:
-                rows += gemm_rows(recorder, call, args, m, n, k, arch, machines, scheme, **fields)
+                rows += gemm_rows(
+                    recorder, call, args, m, n, k, arch, machines, scheme, 2, **fields
+                )
     return rows
+
+
+def compare_w4a8(rows: list[dict]) -> list[dict]:
+    """Each W4A8 row's speedup over the W8A8 row of its activation type and over the W4A16
+    row (same shape, M, arch and machine), with the issue's targets: ``vs_w8a8``,
+    ``vs_w4a16``, ``target_vs_w8a8`` and ``target_vs_w4a16`` (None where none applies)."""
+    index = {(r["scheme"], r["N"], r["K"], r["M"], r["arch"], r["machine"]): r for r in rows}
+    for r in rows:
+        if r["scheme"] not in W4A8_BASELINE:
+            continue
+        where = (r["N"], r["K"], r["M"], r["arch"], r["machine"])
+        for name, baseline, (bound, target) in (
+            ("w8a8", W4A8_BASELINE[r["scheme"]], W4A8_OVER_W8A8),
+            ("w4a16", "w4a16", W4A8_OVER_W4A16),
+        ):
+            other = index.get((baseline, *where))
+            ratio = None if other is None else other["predicted_us"] / r["predicted_us"]
+            r[f"vs_{name}"] = None if ratio is None else round(ratio, 3)
+            applies = r["M"] <= bound if name == "w8a8" else r["M"] >= bound
+            r[f"target_vs_{name}"] = target if applies and ratio is not None else None
+    return rows
+
+
+def print_w4a8_table(rows: list[dict]) -> None:
+    print("\n## W4A8 against our W8A8 (same activation type) and W4A16 g128 (predicted)")
+    print("| scheme | N x K | M | machine | config | limit | pred us | vs W8A8 | vs W4A16 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+
+    def judged(r: dict, name: str) -> str:
+        ratio, target = r[f"vs_{name}"], r[f"target_vs_{name}"]
+        if ratio is None:
+            return "-"
+        if target is None:
+            return f"{ratio:.2f}x"
+        return f"{ratio:.2f}x ({target}x {'ok' if ratio >= target else 'MISS'})"
+
+    for r in rows:
+        print(
+            f"| {r['scheme']} | {r['N']}x{r['K']} | {r['M']} | {r['machine']} | {r['config']} | "
+            f"{r['limit']} | {r['predicted_us']:.1f} | {judged(r, 'w8a8')} | "
+            f"{judged(r, 'w4a16')} |"
+        )
 
 
 # -- FP4 weight-only kinds: (block, scale dtype); held to INT4 W4A16 at the same shape and M
@@ -976,7 +1031,7 @@ def model(
                         rows.append(row(scheme, m, n, k, arch, MACHINES[name], launches))
         if moe:
             rows += moe_rows(recorder, arch, machines, [s for s in schemes if s in MOE_SCHEMES])
-    return rows
+    return compare_w4a8(rows) if w4a8 else rows
 
 
 def print_table(rows: list[dict]) -> None:
@@ -996,6 +1051,8 @@ def print_table(rows: list[dict]) -> None:
     print_act_quant_table([r for r in rows if r["scheme"] == "act-quant"])
     if moe := [r for r in rows if r["scheme"].startswith("moe-")]:
         print_moe_table(moe)
+    if w4a8 := [r for r in rows if r["scheme"] in W4A8_BASELINE]:
+        print_w4a8_table(w4a8)
     print("\n## predicted lower bounds (a necessary condition, not a measurement)")
     head = (
         "scheme",
@@ -1119,7 +1176,8 @@ def main(argv: list[str] | None = None) -> None:
         "--w4a8",
         action="store_true",
         help=f"add the W4A8 rows ({', '.join(W4A8_SCHEMES)}: INT4 g{W4A8_GROUP} x 8-bit "
-        "activations, W8A8 INT8 beside them)",
+        "activations, W8A8 of each activation type beside them; with w4a16 among --schemes, "
+        "a table of W4A8 against both)",
     )
     parser.add_argument(
         "--microscaled",

@@ -33,6 +33,7 @@ def benchmarks_on_path():
         ("bench_act_quant", "3"),
         ("bench_w8a8", "5,40"),  # split-K and tiled GEMMs
         ("bench_fp8", "40"),
+        ("bench_w4a8", "5,80"),  # split-K and tiled W4A8 GEMMs
     ],
 )
 def test_smoke_run(benchmarks_on_path, capsys, script, batches):
@@ -82,7 +83,8 @@ def test_table_ratios_and_wrong_results(benchmarks_on_path, capsys):
 
 def test_run_all_lists_every_script():
     text = (BENCHMARKS / "run_all.sh").read_text()
-    scripts = ("bench_weight_only", "bench_act_quant", "bench_w8a8", "bench_fp8", "bench_decode")
+    scripts = ("bench_weight_only", "bench_act_quant", "bench_w8a8", "bench_fp8", "bench_w4a8")
+    scripts += ("bench_decode",)
     for script in scripts:
         assert script in text and (BENCHMARKS / f"{script}.py").exists()
 

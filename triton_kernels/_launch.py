@@ -19,6 +19,11 @@ import triton
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+# -- what the kernels were built for, never overridden (the compile-only cost model sets
+# -- ``_INTERPRET`` so that launchers accept CPU tensors while kernels compile for a GPU)
+BUILT_FOR_INTERPRETER = _INTERPRET
+
+
 def interpreting() -> bool:
     """True when the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
     return _INTERPRET

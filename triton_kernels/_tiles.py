@@ -84,7 +84,7 @@ def sum_split_tiles(acc, ws_ptr, lock_ptr, offs_m, offs_n, mask, M, N, SPLIT_K):
     are zero between launches (safe under CUDA-graph capture).  Only the last split of
     a tile stores it.
     """
-    plane = M.to(tl.int64) * N
+    plane = tl.cast(M, tl.int64) * N  # -- M may be the constant 1 (Triton specializes it)
     partials = ws_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(partials + tl.program_id(1) * plane, acc, mask=mask)
     tl.debug_barrier()  # every thread's stores precede the release below

@@ -23,8 +23,8 @@ from torchquant.ops import cuda as cuda_ops
 
 pytestmark = requires_kernels
 
-SMALL = cfg(BLOCK_M=16, BLOCK_N=32, GROUP_M=2)
-WIDE = cfg(BLOCK_M=32, BLOCK_N=16, GROUP_M=4)
+SMALL = cfg(BLOCK_M=16, BLOCK_N=32, SPLIT_K=1, GROUP_M=2)
+WIDE = cfg(BLOCK_M=32, BLOCK_N=16, SPLIT_K=1, GROUP_M=4)
 GLUE = {"int8": cuda_ops.linear_w4a8_int8_cuda, "fp8": cuda_ops.linear_w4a8_fp8_cuda}
 OPS = {"int8": ops.linear_w4a8_int8, "fp8": ops.linear_w4a8_fp8}
 
@@ -43,13 +43,21 @@ def _reference(x, qweight, scales, bias, group_size, act_type, per_token=True, s
     return ops.linear_w4a8_reference(*cpu, group_size, act_type, per_token, 100.0, static, smooth)
 
 
-# (M, N, K, group_size, config, dtype, bias): partial last groups (K = 200, 100), per
-# channel, rows and columns past one tile
+# -- split-K: 3 splits of the groups (the last one short or empty), partial tiles
+SPLIT3 = cfg(BLOCK_M=16, BLOCK_N=32, SPLIT_K=3, GROUP_M=2)
+
+# (M, N, K, group_size, config, dtype, bias): partial last groups (K = 200, 100, 600),
+# per channel, rows and columns past one tile, groups of two K tiles (256), full tiles
+# (no K masks: K = 256), groups split over programs
 CASES = [
     (5, 40, 200, 64, SMALL, torch.float32, True),
     (19, 33, 100, 32, WIDE, torch.float16, False),
     (37, 24, 256, 128, SMALL, torch.float32, True),
     (3, 20, 96, -1, WIDE, torch.float32, False),
+    (7, 36, 600, 256, SMALL, torch.bfloat16, True),
+    (4, 40, 600, 64, SPLIT3, torch.float32, True),
+    (18, 20, 256, 256, SPLIT3, torch.float16, False),
+    (2, 24, 200, -1, SPLIT3, torch.float32, True),
 ]
 
 
@@ -64,6 +72,44 @@ def test_gemm_matches_reference(act_type, m, n, k, group_size, config, dtype, ha
                     bias, dtype, config, out)  # fmt: skip
     assert got is out
     assert_matches(got, _reference(x, qweight, scales, bias, group_size, act_type))
+
+
+@pytest.mark.parametrize("act_type", ["int8", "fp8"])
+@pytest.mark.parametrize("group_size", [64, -1])
+def test_tiled_tuning_matches_reference(act_type, group_size):
+    """Rows past 64 run whole-K tiles (``split_k=False``), here forced on a small shape."""
+    m, n, k = 70, 36, 200
+    qweight, scales, bias = _layer(n, k, group_size, torch.float32, True)
+    x = torch.randn(m, k) * 2
+    xq, xs = quantize_activation(x, act_type, per_token=True)
+    got = w4a8_gemm(xq.to(KERNEL_DEVICE), xs.to(KERNEL_DEVICE), qweight, scales, group_size,
+                    bias, torch.float32, WIDE, split_k=False)  # fmt: skip
+    assert_matches(got, _reference(x, qweight, scales, bias, group_size, act_type))
+
+
+@pytest.mark.parametrize("act_type", ["int8", "fp8"])
+def test_split_k_keeps_nan_rows_and_matches_reference(act_type):
+    """Each split's partial tile goes through the workspace; a NaN activation scale (a
+    non-finite input row) still makes its output row NaN and only that row."""
+    m, n, k = 6, 40, 384
+    qweight, scales, bias = _layer(n, k, 64, torch.float32, True)
+    x = torch.randn(m, k)
+    xq, xs = quantize_activation(x, act_type, per_token=True)
+    xs[2] = float("nan")
+    args = (qweight, scales, 64, bias, torch.float32, SPLIT3)
+    got = w4a8_gemm(xq.to(KERNEL_DEVICE), xs.to(KERNEL_DEVICE), *args, split_k=True).cpu()
+    ref = _reference(x, qweight, scales, bias, 64, act_type).cpu()
+    assert got[2].isnan().all()
+    rows = [0, 1, 3, 4, 5]
+    assert_matches(got[rows], ref[rows])
+
+
+def test_tiled_tuning_refuses_split_configs():
+    qweight, scales, _ = _layer(8, 64, 32, torch.float32, False)
+    a = torch.zeros(4, 64, dtype=torch.int8, device=KERNEL_DEVICE)
+    s4 = torch.ones(4, 1, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="SPLIT_K=1 configs only"):
+        w4a8_gemm(a, s4, qweight, scales, 32, None, torch.float32, SPLIT3, split_k=False)
 
 
 def test_int8_group_sums_are_exact():
@@ -122,6 +168,13 @@ def test_rejects_bad_operands():
         w4a8_gemm(a, s4, qweight, scales, 24, None, torch.float32)
     with pytest.raises(ValueError, match="a_scale"):
         w4a8_gemm(a, s4[:2], qweight, scales, 32, None, torch.float32)
+    # -- one scale per row over a K whose int32 sums could overflow
+    k = 131104
+    wide = torch.zeros(1, k // 8, dtype=torch.int32, device=KERNEL_DEVICE)
+    a_wide = torch.zeros(1, k, dtype=torch.int8, device=KERNEL_DEVICE)
+    one = torch.ones(1, 1, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="int32 sums hold at most 131071 columns"):
+        w4a8_gemm(a_wide, one[:1], wide, one, -1, None, torch.float32)
 
 
 @pytest.mark.gpu
