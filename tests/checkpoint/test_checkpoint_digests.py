@@ -58,10 +58,15 @@ SCHEMES = {
     ),
     "mxfp4": dict(name="mxfp4"),
     "mxfp8": dict(name="mxfp8"),
+    "fp8-block": dict(name="fp8-block"),  # 96 and 128 wide: one partial 128x128 block
+    "w8a16-fp8-block": dict(name="w8a16-fp8-block"),
+    "fp8-block-mse": dict(name="fp8-block-mse"),
 }
 CALIBRATED = {"gptq": "w4a16-g32-sym", "awq": "w4a16-g32", "smoothquant": "w8a8"}
 # -- the algorithms on the FP4 grids (block scales fixed first)
 CALIBRATED_FP4 = [("gptq", "nvfp4a16"), ("gptq", "mxfp4a16"), ("awq", "nvfp4a16")]
+# -- GPTQ on the E4M3 grid of block-wise FP8 (block scales fixed first)
+CALIBRATED_FP8_BLOCK = [("gptq", "fp8-block"), ("gptq", "w8a16-fp8-block")]
 
 
 def digest_folder(folder: Path) -> str:
@@ -94,7 +99,7 @@ def build(case: str) -> torch.nn.Module:
 
 
 CASES = [f"rtn:{s}" for s in SCHEMES] + [f"{a}:{s}" for a, s in CALIBRATED.items()]
-CASES += [f"{a}:{s}" for a, s in CALIBRATED_FP4]
+CASES += [f"{a}:{s}" for a, s in CALIBRATED_FP4 + CALIBRATED_FP8_BLOCK]
 
 
 def current_digests(tmp_path: Path) -> dict[str, str]:

@@ -111,3 +111,26 @@ def test_quantize_with_hqq_needs_no_calibration_file(tmp_path, monkeypatch, caps
     out = ["--out", str(tmp_path / "again")]
     assert main([*args, "--algorithm", "hqq", "--calib", str(calib), *out]) == 0
     assert "--calib is unused with --algorithm hqq" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--algorithm", "gptq"], []])
+def test_quantize_block_fp8_with_gptq_or_the_scale_search(tmp_path, monkeypatch, capsys, extra):
+    from torchquant.serialization import load_quantized
+    from torchquant.tools import models
+
+    def tiny(seed=0):
+        return tiny_llama(vocab=128, layers=2, heads=4, kv_heads=2, seed=seed)
+
+    monkeypatch.setattr(models, "load_model", lambda spec, **_: (tiny(), CharTokenizer()))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    scheme = "fp8-block" if extra else "fp8-block-mse"
+    out = tmp_path / scheme
+    args = ["quantize", "tiny", "--scheme", scheme, "--out", str(out), *extra]
+    calib_args = ["--calib", str(calib), "--calib-samples", "4", "--calib-seq-len", "64"]
+    assert main([*args, *(calib_args if extra else [])]) == 0
+    assert "converted 14 layer(s)" in capsys.readouterr().out
+    layer = load_quantized(out, tiny()).model.layers[1].mlp.down_proj
+    assert layer.scheme.algorithm == ("gptq" if extra else "rtn")
+    assert layer.scheme.weight.observer == ("minmax" if extra else "mse")
+    assert layer.qweight.dtype == torch.float8_e4m3fn

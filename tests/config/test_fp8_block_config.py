@@ -75,11 +75,52 @@ def test_block_given_as_json_list_is_a_tuple():
             "block columns",
         ),
         (
-            lambda: QuantScheme(WeightQuant(type="fp8", block=(128, 128)), algorithm="gptq"),
+            lambda: QuantScheme(WeightQuant(type="fp8", block=(128, 128)), algorithm="awq"),
             "'int' weights",
+        ),
+        (
+            lambda: QuantScheme(WeightQuant(type="fp8"), algorithm="gptq"),
+            "'int' weights",
+        ),
+        (lambda: WeightQuant(type="fp8", observer="mse"), "block-wise fp8"),
+        (
+            lambda: QuantScheme(
+                WeightQuant(type="fp8", block=(128, 128), observer="mse"), algorithm="gptq"
+            ),
+            "round-to-nearest",
         ),
     ],
 )
 def test_bad_fp8_block_configs_are_refused_by_name(build, match):
     with pytest.raises(ConfigError, match=match):
         build()
+
+
+def test_fp8_block_scale_search_and_gptq_schemes():
+    for name in ("fp8-block-mse", "w8a16-fp8-block-mse"):
+        scheme = scheme_from_name(name)
+        assert scheme.weight == WeightQuant(type="fp8", block=(128, 128), observer="mse")
+        assert (scheme.activation is None) == name.startswith("w8a16")
+        assert name in SCHEME_NAMES
+    assert scheme_from_name("fp8-block-mse").describe().endswith("group128 mse")
+    gptq = QuantScheme(scheme_from_name("fp8-block").weight, algorithm="gptq")
+    assert gptq.needs_calibration and gptq.rounds_with_gptq
+
+
+@pytest.mark.parametrize("name", ["fp8-block-mse", "w8a16-fp8-block-mse"])
+def test_fp8_block_search_json_round_trip(name):
+    config = QuantConfig(default=name)
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["default"]["weight"]["observer"] == "mse"
+    assert QuantConfig.from_dict(data) == config
+
+
+def test_fp8_block_gptq_json_round_trip():
+    scheme = QuantScheme(
+        WeightQuant(type="fp8", block=(128, 128)),
+        ActivationQuant("fp8", "group", group_size=128),
+        algorithm="gptq",
+    )
+    data = json.loads(json.dumps(QuantConfig(default=scheme).to_dict()))
+    assert data["default"]["algorithm"] == "gptq" and "observer" not in data["default"]["weight"]
+    assert QuantConfig.from_dict(data).default == scheme

@@ -10,7 +10,8 @@ the column loop reads and writes whole rows; with static groups (or per-channel
 qparams) every column's scale and zero are gathered per block before the loop, leaving
 it a handful of vector operations per column.  The result is plain codes/scales/zeros,
 the same format round-to-nearest produces.  :func:`gptq_quantize_fp4` runs the same loop
-onto the FP4 grid (NVFP4, MXFP4) with the block scales fixed beforehand.
+onto the FP4 grid (NVFP4, MXFP4) and :func:`gptq_quantize_fp8_block` onto the E4M3 grid of
+128x128-block FP8, each with the block scales fixed beforehand.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from dataclasses import dataclass
 import torch
 
 from torchquant.errors import CalibrationError, QuantizationError
-from torchquant.numerics import choose_int_qparams, group_min_max, num_groups
+from torchquant.numerics import (
+    choose_int_qparams,
+    group_min_max,
+    num_groups,
+    quantize_fp8_block_weight,
+    search_fp8_block_weight,
+    to_fp8_e4m3,
+)
+from torchquant.numerics import expand_blocks as expand_weight_blocks
 from torchquant.numerics.fp4 import (
     FP4_ROUNDING,
     FP4_SCALE_SEARCH,
@@ -379,10 +388,27 @@ def gptq_quantize_fp4(
     :func:`gptq_quantize`.
     """
     w, factor = _prepare(weight, hessian, act_order, dampening, name, factor)
-    perm, hinv = factor.perm, factor.hinv
     fixed = (FP4_SCALE_SEARCH if search_scales else FP4_ROUNDING)[weight_type](weight, what=name)
     k = w.shape[1]
     element = expand_blocks(fp4_block_scales(fixed.scales, fixed.global_scale), fixed.block, k)
+    codes = _quantize_on_multipliers(w, factor, element, _fp4_rounding, block_size)
+    return Fp4Weight(
+        codes.to(torch.uint8).contiguous(), fixed.scales, fixed.global_scale, fixed.block
+    )
+
+
+def _quantize_on_multipliers(
+    w: torch.Tensor,
+    factor: HessianFactor,
+    element: torch.Tensor,
+    rounding: Callable[[torch.Tensor], RoundColumn],
+    block_size: int,
+) -> torch.Tensor:
+    """The column loop of ``w: (N, K)`` on fixed per-element multipliers ``element (N, K)``:
+    ``rounding(multipliers1)`` rounds a block's columns; the codes ``(N, K)`` float32 come
+    back in column order (a transposed view)."""
+    perm, hinv = factor.perm, factor.hinv
+    k = w.shape[1]
     wt = w[:, perm].t().contiguous()  # wt: (K, N), row j is the j-th visited column
     element_t = element[:, perm].t().contiguous()
     codes_t = torch.empty_like(wt)  # visited order
@@ -390,8 +416,50 @@ def gptq_quantize_fp4(
         i2 = min(i1 + block_size, k)
         w1 = wt[i1:i2].clone()  # w1: (B, N)
         err1 = torch.empty_like(w1)
-        round_column = _fp4_rounding(element_t[i1:i2])
+        round_column = rounding(element_t[i1:i2])
         _quantize_columns(w1, hinv[i1:i2, i1:i2], i2 - i1, round_column, codes_t[i1:i2], err1)
         wt[i2:].sub_(hinv[i1:i2, i2:].t() @ err1)
-    codes = codes_t[torch.argsort(perm)].t().to(torch.uint8).contiguous()
-    return Fp4Weight(codes, fixed.scales, fixed.global_scale, fixed.block)
+    return codes_t[torch.argsort(perm)].t()
+
+
+# -- FP8 block-wise (128x128 weight blocks): the column loop on the E4M3 grid
+
+
+def _fp8_rounding(multipliers1: torch.Tensor) -> RoundColumn:
+    """Round column ``i`` to E4M3 values (held in float32, exactly) on ``multipliers1[i]``."""
+
+    def round_column(i: int, row: torch.Tensor, code: torch.Tensor, deq: torch.Tensor) -> None:
+        multiplier = multipliers1[i]
+        code.copy_(to_fp8_e4m3(row / multiplier))
+        torch.mul(code, multiplier, out=deq)
+
+    return round_column
+
+
+@torch.no_grad()
+def gptq_quantize_fp8_block(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    block: tuple[int, int],
+    block_size: int = 128,
+    dampening: float = 0.01,
+    act_order: bool = False,
+    search_scales: bool = False,
+    name: str = "weight",
+    factor: HessianFactor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ of ``weight: (N, K)`` onto FP8 E4M3 with one scale per ``block``:
+    ``(qweight (N, K) float8_e4m3fn, scales (ceil(N/bn), ceil(K/bk)) float32)``.
+
+    The block scales are fixed from the float weight first (round-to-nearest's, or the
+    per-block scale search's with ``search_scales``), then the loop rounds each column to
+    E4M3 on them and spreads the error, as :func:`gptq_quantize_fp4` does.  ``factor`` as
+    for :func:`gptq_quantize`.
+    """
+    w, factor = _prepare(weight, hessian, act_order, dampening, name, factor)
+    choose = search_fp8_block_weight if search_scales else quantize_fp8_block_weight
+    _, scales = choose(weight, block, what=name)
+    n, k = w.shape
+    element = expand_weight_blocks(scales, block, n, k)
+    values = _quantize_on_multipliers(w, factor, element, _fp8_rounding, block_size)
+    return values.to(torch.float8_e4m3fn).contiguous(), scales

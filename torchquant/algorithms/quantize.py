@@ -23,6 +23,7 @@ from torchquant.numerics import (
     quantize_fp8_block_weight,
     quantize_fp8_weight,
     quantize_int_weight,
+    search_fp8_block_weight,
 )
 from torchquant.numerics.fp4 import FP4_ROUNDING, FP4_SCALE_SEARCH, Fp4Weight
 from torchquant.numerics.microscaling import quantize_mxfp8_weight
@@ -70,10 +71,11 @@ def round_to_nearest(
     scheme: QuantScheme, weight: torch.Tensor, stats: WeightStats | None, name: str
 ) -> QuantizedWeight:
     """Each weight to its nearest grid point on the min/max range (no calibration); FP4
-    block scales searched per block with ``weight.observer="mse"``."""
+    and block-wise FP8 scales searched per block with ``weight.observer="mse"``."""
     w = scheme.weight
     if w.type == "fp8" and w.block is not None:
-        return QuantizedWeight(*quantize_fp8_block_weight(weight, w.block, what=name))
+        rounding = search_fp8_block_weight if w.observer == "mse" else quantize_fp8_block_weight
+        return QuantizedWeight(*rounding(weight, w.block, what=name))
     if w.type in FP4_ROUNDING:
         rounding = FP4_SCALE_SEARCH if w.observer == "mse" else FP4_ROUNDING
         return _fp4_weight(rounding[w.type](weight, what=name))
@@ -114,6 +116,13 @@ def gptq_rounding(
         args = (p.block_size, p.dampening, p.act_order, search)
         fp4 = gptq.gptq_quantize_fp4(weight, hessian, w.type, *args, name=name, factor=factor)
         return _fp4_weight(fp4)
+    if w.type == "fp8":  # -- block-wise (the scheme allows GPTQ on no other FP8 weight)
+        search = p.observer != "minmax"
+        args = (p.block_size, p.dampening, p.act_order, search)
+        values, scales = gptq.gptq_quantize_fp8_block(
+            weight, hessian, w.block, *args, name=name, factor=factor
+        )
+        return QuantizedWeight(values, scales)
     res = gptq.gptq_quantize(
         weight,
         hessian,

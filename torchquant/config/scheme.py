@@ -58,9 +58,9 @@ class WeightQuant:
     ``type="nvfp4"`` / ``"mxfp4"``: FP4 E2M1 with ``bits=4``, ``group_size`` 16 / 32
     (the block of each scale) and ``symmetric``; ``type="mxfp8"``: E4M3 values with
     ``bits=8`` and ``group_size`` 32; left at their defaults, ``bits`` and
-    ``group_size`` take these values.  ``observer="mse"`` (FP4 round-to-nearest only)
-    searches each block's scale for the least squared error instead of taking the spec's
-    scale of the block max.
+    ``group_size`` take these values.  ``observer="mse"`` (FP4 and block-wise FP8,
+    round-to-nearest only) searches each block's scale for the least squared error instead
+    of taking the scale of the block max.
     """
 
     type: str = "int"
@@ -77,10 +77,11 @@ class WeightQuant:
         require(ok, "weight.observer", self.observer, f"one of {WEIGHT_OBSERVERS}")
         if self.observer != "minmax":
             require(
-                self.type in FP4_BLOCKS,
+                self.type in FP4_BLOCKS or (self.type == "fp8" and self.block is not None),
                 "weight.observer",
                 self.observer,
-                "'minmax' for int and fp8 weights (the scale search is for nvfp4 / mxfp4)",
+                "'minmax' for int and per-channel fp8 weights (the scale search is for "
+                "nvfp4 / mxfp4 and block-wise fp8)",
             )
         if self.block is not None:
             self._check_block()
@@ -303,12 +304,14 @@ class QuantScheme:
         require(self.algorithm in ALGORITHMS, "algorithm", self.algorithm, f"one of {ALGORITHMS}")
         act, w = self.activation, self.weight
         fp4_ok = w.type in FP4_BLOCKS and self.algorithm in FP4_ALGORITHMS
-        if self.algorithm in INT_WEIGHT_ALGORITHMS and not fp4_ok:
+        fp8_block_gptq = w.type == "fp8" and w.block is not None and self.algorithm == "gptq"
+        if self.algorithm in INT_WEIGHT_ALGORITHMS and not (fp4_ok or fp8_block_gptq):
             require(
                 w.type == "int",
                 "weight.type",
                 w.type,
-                f"'int' weights for algorithm {self.algorithm!r}",
+                f"'int' weights for algorithm {self.algorithm!r} (also: FP4 with rtn / awq / "
+                "gptq, block-wise fp8 with gptq)",
             )
         if self.algorithm == "smoothquant" and self.smoothquant.rounding == "gptq":
             ok = w.type == "int"
@@ -329,12 +332,13 @@ class QuantScheme:
                 "round-to-nearest's)",
             )
         g = self.gptq
-        if fp4_ok and self.algorithm == "gptq":
+        if (fp4_ok and self.algorithm == "gptq") or fp8_block_gptq:
             require(
                 g.static_groups or not g.act_order,
                 "gptq.static_groups",
                 g.static_groups,
-                f"True with act_order for {w.type} weights (fixed block scales, no g_idx)",
+                f"True with act_order for {'block-wise fp8' if fp8_block_gptq else w.type} "
+                "weights (fixed block scales, no g_idx)",
             )
         if self.rounds_with_gptq and g.act_order and not g.static_groups:
             require(
@@ -401,10 +405,10 @@ class QuantScheme:
                 "exactly when the weight is block-wise",
             )
             require(
-                self.algorithm == "rtn",
+                self.algorithm in ("rtn", "gptq"),
                 "algorithm",
                 self.algorithm,
-                "'rtn' for block-wise FP8 with group activations",
+                "'rtn' or 'gptq' for block-wise FP8 with group activations",
             )
 
     @property
@@ -497,6 +501,8 @@ SCHEME_NAMES = (
     "fp8",
     "fp8-block",
     "w8a16-fp8-block",
+    "fp8-block-mse",
+    "w8a16-fp8-block-mse",
     "nvfp4a16",
     "mxfp4a16",
     "nvfp4a16-mse",
@@ -528,7 +534,8 @@ def scheme_from_name(
     default) with dynamic per-token INT8 / FP8 E4M3 / INT4 activations.
 
     ``nvfp4a16`` / ``mxfp4a16`` are FP4 weights with the spec's block scales; with
-    ``-mse`` each block's scale is searched (``WeightQuant.observer="mse"``).
+    ``-mse`` each block's scale is searched (``WeightQuant.observer="mse"``), as in
+    ``fp8-block-mse`` / ``w8a16-fp8-block-mse``.
     ``nvfp4`` / ``mxfp4`` / ``mxfp8`` quantize the activations to the weight's format too
     (NVFP4's activation global scale dynamic, see :class:`ActivationQuant`).
     ``w8a8-asym`` has dynamic per-token asymmetric INT8 activations, ``w8a8-static-asym``
@@ -542,10 +549,11 @@ def scheme_from_name(
         return QuantScheme(WeightQuant(type="fp8", bits=8, group_size=-1))
     if key == "fp8":
         return QuantScheme(WeightQuant(type="fp8"), ActivationQuant(type="fp8"))
-    if key in ("fp8-block", "w8a16-fp8-block"):
-        weight = WeightQuant(type="fp8", block=FP8_BLOCK)
+    if key in ("fp8-block", "w8a16-fp8-block", "fp8-block-mse", "w8a16-fp8-block-mse"):
+        observer = "mse" if key.endswith("-mse") else "minmax"
+        weight = WeightQuant(type="fp8", block=FP8_BLOCK, observer=observer)
         group = ActivationQuant(type="fp8", granularity="group", group_size=FP8_BLOCK[1])
-        return QuantScheme(weight, group if key == "fp8-block" else None)
+        return QuantScheme(weight, None if key.startswith("w8a16") else group)
     if key in ("nvfp4a16", "mxfp4a16", "nvfp4a16-mse", "mxfp4a16-mse"):
         observer = "mse" if key.endswith("-mse") else "minmax"
         return QuantScheme(WeightQuant(type=key[:5], observer=observer))

@@ -18,6 +18,7 @@ from torchquant.numerics.fp8_block import (
     expand_blocks,
     quantize_activation_groups,
     quantize_fp8_block_weight,
+    search_fp8_block_weight,
 )
 from torchquant.numerics.packing import pack_codes, packed_width, unpack_codes
 from torchquant.numerics.qparams import (
@@ -72,6 +73,7 @@ __all__ = [
     "quantize_fp8_block_weight",
     "quantize_fp8_weight",
     "quantize_int_weight",
+    "search_fp8_block_weight",
     "to_fp8_e4m3",
     "unpack_codes",
 ]
