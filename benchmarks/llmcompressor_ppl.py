@@ -14,7 +14,11 @@ transformers, so this runs in a separate environment::
 
 llm-compressor refuses a group size that does not divide a layer's input width (576
 on SmolLM2-135M), so the grouped rows default to group 64; run calibration_ppl.py
-with ``--group-size 64`` for the matching torchquant rows.
+with ``--group-size 64`` for the matching torchquant rows.  Its ``FP8_BLOCK`` preset
+(``fp8-block``) fails there too, in its dynamic 1x128 activation groups ("unflatten:
+Provided sizes [5, 128] don't multiply up to ... 576"); ``fp8-block 128x64`` is the preset
+with 128x64 weight blocks and 1x64 activation groups, which fp8_block_ppl.py's row of the
+same name matches.
 """
 
 from __future__ import annotations
@@ -83,6 +87,15 @@ def preset_groups(preset: str, group: int) -> dict:
     return {"group_0": scheme}
 
 
+def fp8_block_groups(columns: int) -> dict:
+    """The ``FP8_BLOCK`` preset with ``128 x columns`` weight blocks and ``1 x columns``
+    activation groups."""
+    scheme = preset_name_to_scheme("FP8_BLOCK", ["Linear"])
+    scheme.weights = scheme.weights.model_copy(update={"block_structure": [128, columns]})
+    scheme.input_activations = scheme.input_activations.model_copy(update={"group_size": columns})
+    return {"group_0": scheme}
+
+
 def recipes(group: int, alpha: float, w4a8_alphas: list[float]) -> dict[str, list | None]:
     """Row name -> recipe (``None``: the float model); the W4A8 presets smoothed and
     GPTQ-rounded once per alpha of ``w4a8_alphas``, named as calibration_ppl.py's rows."""
@@ -116,6 +129,9 @@ def recipes(group: int, alpha: float, w4a8_alphas: list[float]) -> dict[str, lis
                 GPTQModifier(config_groups=preset_groups(preset, group), ignore=IGNORE),
             ]
     rows["fp8-block"] = [QuantizationModifier(scheme="FP8_BLOCK", targets="Linear", ignore=IGNORE)]
+    rows["fp8-block 128x64"] = [
+        QuantizationModifier(config_groups=fp8_block_groups(64), ignore=IGNORE)
+    ]
     return rows
 
 
