@@ -906,11 +906,12 @@ FP4_KINDS = {"nvfp4a16": (16, torch.float8_e4m3fn), "mxfp4a16": (32, torch.uint8
 
 def fp4_rows(recorder: Recorder, arch: int, machines, shapes, batches) -> list[dict]:
     """One row per FP4 kind, shape and M for ``linear_fp4_weight``'s CUDA path (one launch)."""
-    from torchquant.triton_kernels import fp4_gemm
+    from torchquant.triton_kernels import block_scaled_gemv, fp4_gemm
 
     from torchquant.ops.weight_fp4 import linear_fp4_weight_cuda
 
-    fp4_gemm.run_kernel = recorder.run_kernel  # compile_only patches the older kernels
+    # -- compile_only patches the older kernels
+    fp4_gemm.run_kernel = block_scaled_gemv.run_kernel = recorder.run_kernel
     rows = []
     for kind, (block, scale_dtype) in FP4_KINDS.items():
         for n, k in shapes:

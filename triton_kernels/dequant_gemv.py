@@ -49,7 +49,7 @@ MAX_SPLIT_K = 32
 
 
 @triton.jit
-def _finish(
+def finish_rows(
     acc,
     offs_n,
     n_mask,
@@ -134,7 +134,7 @@ def _slot_rows(
 
 
 @triton.jit
-def _quarters(v):
+def quarters(v):
     """The four ``(...)`` slices of ``v (..., 4)`` along its last axis (no data movement)."""
     a, b = tl.split(tl.reshape(v, v.shape[:-1] + (2, 2)))
     v0, v2 = tl.split(a)
@@ -150,11 +150,11 @@ def _pair(p):
 
 
 @triton.jit
-def _activations8(x_row, k, X_BF16: tl.constexpr):
+def activations8(x_row, k, X_BF16: tl.constexpr):
     """The eight float32 activations ``x[k : k + 8]`` as scalars (one vector load)."""
     if X_BF16:
         pairs = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + k // 2
-        p0, p1, p2, p3 = _quarters(tl.load(pairs + tl.arange(0, 4)))
+        p0, p1, p2, p3 = quarters(tl.load(pairs + tl.arange(0, 4)))
         x0, x1 = _pair(p0)
         x2, x3 = _pair(p1)
         x4, x5 = _pair(p2)
@@ -162,8 +162,8 @@ def _activations8(x_row, k, X_BF16: tl.constexpr):
     else:
         v = tl.reshape(tl.load(x_row + k + tl.arange(0, 8)).to(tl.float32), (2, 4))
         lo, hi = tl.split(tl.permute(v, (1, 0)))  # x[k:k+4], x[k+4:k+8]
-        x0, x1, x2, x3 = _quarters(lo)
-        x4, x5, x6, x7 = _quarters(hi)
+        x0, x1, x2, x3 = quarters(lo)
+        x4, x5, x6, x7 = quarters(hi)
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
@@ -176,7 +176,7 @@ def _dot_word(w, magic, x_row, k, a0, a1, a2, a3, a4, m0, m1, m2, m3, m4, X_BF16
     ``2**23 + c * 2**p``; ``m_p = 2**23 + z * 2**p``.
     ``magic`` is a runtime value so that ptxas keeps it in a register.
     """
-    x0, x1, x2, x3, x4, x5, x6, x7 = _activations8(x_row, k, X_BF16)
+    x0, x1, x2, x3, x4, x5, x6, x7 = activations8(x_row, k, X_BF16)
     h = w >> 16
     a0 += (((w & 0xF) | magic).to(tl.float32, bitcast=True) - m0) * x0
     a1 += (((w & 0xF0) | magic).to(tl.float32, bitcast=True) - m1) * x1
@@ -270,7 +270,7 @@ def _gemv_w4_kernel(
             words = tl.load(rows + offs_w, mask=n_mask[:, None], other=0).to(
                 tl.uint32, bitcast=True
             )
-            w0, w1, w2, w3 = _quarters(words)
+            w0, w1, w2, w3 = quarters(words)
             k = t * BLOCK_K + u * 32
             a0, a1, a2, a3, a4 = _dot_word(
                 w0, magic, x_row, k, a0, a1, a2, a3, a4, m0, m1, m2, m3, m4, X_BF16
@@ -289,7 +289,7 @@ def _gemv_w4_kernel(
         acc += scale * dot
     if ROUTED_WEIGHTS:
         acc *= tl.load(rw_ptr + m).to(tl.float32)
-    _finish(
+    finish_rows(
         acc, offs_n, n_mask, m, N, out_ptr, stride_om, b_ptr, ws_ptr, lock_ptr, HAS_BIAS, SPLIT_K
     )
 
@@ -371,7 +371,7 @@ def _gemv_kernel(
             acc += tl.sum((codes - zero) * scale * x[None, :], axis=1)
     if ROUTED_WEIGHTS:
         acc *= tl.load(rw_ptr + m).to(tl.float32)
-    _finish(
+    finish_rows(
         acc, offs_n, n_mask, m, N, out_ptr, stride_om, b_ptr, ws_ptr, lock_ptr, HAS_BIAS, SPLIT_K
     )
 

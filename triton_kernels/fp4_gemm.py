@@ -1,50 +1,49 @@
-"""Weight-only FP4 E2M1 GEMM (NVFP4, MXFP4): codes decoded in registers, then ``tl.dot``.
+"""Weight-only GEMM of block-scaled float weights (NVFP4, MXFP4, MXFP8) on tensor cores.
 
-``x (M, K)`` bf16/fp16/fp32 times ``W (N, K)`` held as ``qweight (N, ceil(K/2))``
-uint8, two E2M1 codes a byte (column ``2j`` in the low nibble of byte ``j``), with
-one scale per ``BLOCK`` values along K: ``scales (N, ceil(K/BLOCK))`` read as raw
-bytes, E4M3 divided by the float32 ``global_scale (1,)`` (NVFP4, BLOCK 16) or E8M0
-``2**(e-127)`` (MXFP4, BLOCK 32).  Every conversion is bit arithmetic (no FP8 or FP4
-instructions, so any GPU Triton runs on will do): a code's 3 magnitude bits shifted
-into a float16's exponent and mantissa are the value times ``2**-14``, an E4M3 byte's
-7 low bits the scale times ``2**-8``.  The weight tile is the reference's own values
-(float32, then cast to ``x``'s dtype for the MMA); accumulation is float32.
-Split-K tiles for M up to 64, one program per output tile above (as ``dequant_gemm``).
+``x (M, K)`` bf16/fp16/fp32 times a :class:`.BlockScaledWeight` ``(N, K)`` (formats there),
+float32 accumulation, on the tile machinery of ``dequant_gemm``: split-K for small M (each
+split publishes its partial tile, the last split of a tile reduces them in split order:
+one launch, no zero-fill or cast-copy) and tiled above.  The weight tile is decoded in
+registers by bit arithmetic (:mod:`.float_codes`): rows whose bytes form whole 32-bit
+words are read as words, each pair of codes becoming a float16 pair, then float32, times
+its block scale with the float16 placement's power of two folded in -- the code times
+the scale exactly, so the cast to ``x``'s dtype for the MMA is exact too (E2M1 x E4M3
+and E4M3 x E8M0 products fit bf16 and fp16).  Other rows (odd ``ceil(K/2)``) split bytes
+into nibbles.  NVFP4's global scale divides each output once, in the epilogue.
+``dequantize_block_scaled`` writes the reference's weight for the cuBLAS path (large M).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
-from ._launch import check_device, run_kernel
-from ._tiles import autotune_tiles, split_k_run, store_tile, tile_config, tile_offsets, weight_tiles
+from ._launch import autotuned, output, output_args, run_kernel
+from ._tiles import (
+    prune_to_counters,
+    split_k_run,
+    split_workspace,
+    store_tile,
+    sum_split_tiles,
+    tile_config,
+    tile_grid,
+    tile_offsets,
+)
+from .block_scaled_weight import BlockScaledWeight
 from .dequant import dot_weight_tile
+from .float_codes import (
+    E2M1_TO_FP16,
+    e2m1_pair,
+    e2m1_to_float,
+    e4m3_bits_to_float,
+    e4m3_pair,
+    e8m0_folded,
+    halves,
+)
 
 SPLIT_K_MAX_M = 64
-# -- constexpr: the compiled kernels read them as constants
-E2M1_TO_FP16 = tl.constexpr(16384.0)  # 2**14: an E2M1 code's bits in a float16, to its value
-E4M3_TO_FP16 = tl.constexpr(256.0)  # 2**8: the same for an E4M3 byte's exponent and mantissa
-E8M0_SMALLEST = tl.constexpr(2.0**-127)  # exponent byte 0: no float32 normal's bit pattern
-
-
-@triton.jit
-def _block_multipliers(
-    s_rows, g_ptr, t, n_mask, G, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr, E8M0: tl.constexpr
-):
-    """float32 ``(BLOCK_N, BLOCK_K // BLOCK)``: the multiplier of each block of K tile ``t``."""
-    offs_g = t * (BLOCK_K // BLOCK) + tl.arange(0, BLOCK_K // BLOCK)
-    mask = n_mask[:, None] & (offs_g[None, :] < G)
-    s = tl.load(s_rows + offs_g[None, :], mask=mask, other=0).to(tl.int32)
-    if E8M0:
-        power = (s << 23).to(tl.float32, bitcast=True)
-        mult = tl.where(s == 0, E8M0_SMALLEST, power)
-    else:
-        mult = tl.div_rn(e4m3_bits_to_float(s), tl.load(g_ptr).to(tl.float32))
-    return mult
 
 
 @triton.jit
@@ -58,147 +57,253 @@ def load_e2m1_tile(q_rows, t, r_mask, K, ROWS: tl.constexpr, BLOCK_K: tl.constex
 
 
 @triton.jit
-def e2m1_to_float(code):
-    """float32 values of E2M1 codes (int16/int32): in a float16 by bits, the sign to bit 15,
-    exponent and mantissa to bits 9-11, are the value times ``2**-14``."""
-    bits = (((code & 8) << 12) | ((code & 7) << 9)).to(tl.int16)
-    return bits.to(tl.float16, bitcast=True).to(tl.float32) * E2M1_TO_FP16
+def _block_multipliers(
+    s_rows, t, n_mask, G, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
+    VALUE_BITS: tl.constexpr, HAS_GLOBAL: tl.constexpr, FOLDED: tl.constexpr,
+):  # fmt: skip
+    """float32 ``(mult, post)`` ``(BLOCK_N, BLOCK_K // BLOCK)`` of K tile ``t``'s blocks:
+    ``code * mult * post`` is the code's value times its block scale (without NVFP4's
+    global scale); ``FOLDED``: codes come as their float16 placements (see module)."""
+    offs_g = t * (BLOCK_K // BLOCK) + tl.arange(0, BLOCK_K // BLOCK)
+    mask = n_mask[:, None] & (offs_g[None, :] < G)
+    s = tl.load(s_rows + offs_g[None, :], mask=mask, other=0).to(tl.int32)
+    LOG2_FOLD: tl.constexpr = (14 if VALUE_BITS == 4 else 8) if FOLDED else 0
+    if HAS_GLOBAL:
+        fold: tl.constexpr = E2M1_TO_FP16 if FOLDED else 1.0
+        return e4m3_bits_to_float(s) * fold, tl.full(s.shape, 1.0, tl.float32)
+    else:
+        return e8m0_folded(s, LOG2_FOLD)
 
 
 @triton.jit
-def e4m3_bits_to_float(byte):
-    """float32 values of E4M3 bytes (int32; no NaN byte: values are saturated): the 7 low
-    bits in a float16's exponent and mantissa are the value times ``2**-8``."""
-    half = (((byte & 0x80) << 8) | ((byte & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
-    return half.to(tl.float32) * E4M3_TO_FP16
+def _decoded_words(
+    q_rows, t, n_mask, K, BLOCK_K: tl.constexpr, VALUE_BITS: tl.constexpr, ASM: tl.constexpr
+):
+    """float32 ``(BLOCK_N, BLOCK_K)`` of K tile ``t`` from rows of 32-bit words: each code's
+    float16 placement (E2M1 times ``2**-14``, E4M3 times ``2**-8``), in K order."""
+    CODES: tl.constexpr = 32 // VALUE_BITS
+    WORDS: tl.constexpr = BLOCK_K // CODES
+    offs_w = t * WORDS + tl.arange(0, WORDS)
+    mask = n_mask[:, None] & (offs_w[None, :] < tl.cdiv(K, CODES))
+    w = tl.load(q_rows + offs_w[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+    if VALUE_BITS == 4:
+        c0, c4 = halves(e2m1_pair(w, 0), ASM)
+        c1, c5 = halves(e2m1_pair(w, 1), ASM)
+        c2, c6 = halves(e2m1_pair(w, 2), ASM)
+        c3, c7 = halves(e2m1_pair(w, 3), ASM)
+        # -- code j = 4a + 2b + c sits at join levels (a inner, b middle, c outer)
+        even = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+        odd = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+        codes = tl.join(even, odd)
+    else:
+        c0, c2 = halves(e4m3_pair(w, 0), ASM)
+        c1, c3 = halves(e4m3_pair(w, 1), ASM)
+        codes = tl.join(tl.join(c0, c2), tl.join(c1, c3))  # code j = 2a + b
+    return tl.reshape(codes, (q_rows.shape[0], BLOCK_K))
+
+
+@triton.jit
+def _weight_tile(
+    q_rows, s_rows, t, n_mask, K, G,
+    BLOCK: tl.constexpr, VALUE_BITS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    WORDS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """float32 ``(BLOCK_N, BLOCK_K)``: each code of K tile ``t`` times its block scale."""
+    if WORDS:
+        value = _decoded_words(q_rows, t, n_mask, K, BLOCK_K, VALUE_BITS, ASM)
+    elif VALUE_BITS == 4:
+        value = load_e2m1_tile(q_rows, t, n_mask, K, BLOCK_N, BLOCK_K)
+    else:
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = n_mask[:, None] & (offs_k[None, :] < K)
+        value = e4m3_bits_to_float(
+            tl.load(q_rows + offs_k[None, :], mask=mask, other=0).to(tl.int32)
+        )
+    mult, post = _block_multipliers(
+        s_rows, t, n_mask, G, BLOCK_K, BLOCK, VALUE_BITS, HAS_GLOBAL, WORDS
+    )
+    w = value.reshape(BLOCK_N, BLOCK_K // BLOCK, BLOCK) * mult[:, :, None]
+    if not HAS_GLOBAL:
+        w = w * post[:, :, None]
+    return w.reshape(BLOCK_N, BLOCK_K)
 
 
 @triton.jit
 def _fp4_gemm_kernel(
-    x_ptr,
-    q_ptr,
-    s_ptr,
-    g_ptr,
-    b_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    G,
-    stride_xm,
-    stride_qn,
-    stride_sn,
-    stride_om,
-    M_BUCKET,
-    BLOCK: tl.constexpr,
-    E8M0: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    SPLIT_K,
-    ATOMIC: tl.constexpr,
-):
-    # -- output tile of this program; row bases in int64 (rows times strides may pass 2**31)
+    x_ptr, q_ptr, s_ptr, g_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
+    M, N, K, G, stride_xm, stride_qn, stride_sn, stride_om, M_BUCKET,
+    BLOCK: tl.constexpr, VALUE_BITS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    WORDS: tl.constexpr, ASM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K,  # a runtime value: one binary serves every split factor (fewer compiles)
+    SPLIT_TILES: tl.constexpr,  # the split-K tuning: splits reduced by the last of a tile
+):  # fmt: skip
+    # -- output tile of this program; row bases in int64 (rows times strides may pass 2**31).
+    # -- Rows past M read row M - 1 (never stored), so activation loads need no row mask
     offs_m, offs_n, m_mask, n_mask = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1)[:, None].to(tl.int64) * stride_xm
     q_rows = q_ptr + offs_n[:, None].to(tl.int64) * stride_qn
     s_rows = s_ptr + offs_n[:, None].to(tl.int64) * stride_sn
     t_start, t_end = split_k_run(tl.cdiv(K, BLOCK_K), SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t_start, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        x_mask = m_mask[:, None] & (offs_k[None, :] < K)
-        x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
-        value = load_e2m1_tile(q_rows, t, n_mask, K, BLOCK_N, BLOCK_K)
-        # -- one multiplier per block of BLOCK values, then the MMA
-        mult = _block_multipliers(s_rows, g_ptr, t, n_mask, G, BLOCK_K, BLOCK, E8M0)
-        w = value.reshape(BLOCK_N, BLOCK_K // BLOCK, BLOCK) * mult[:, :, None]
-        acc = dot_weight_tile(x, w.reshape(BLOCK_N, BLOCK_K), acc)
-    # -- epilogue: bias, then atomics into float32 (split-K) or a cast store
-    store_tile(acc, out_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, HAS_BIAS, ATOMIC)
+        x = tl.load(x_rows + offs_k[None, :], mask=offs_k[None, :] < K, other=0.0)
+        # -- the weight tile, each code times its block scale, then the MMA
+        w = _weight_tile(
+            q_rows, s_rows, t, n_mask, K, G, BLOCK, VALUE_BITS, HAS_GLOBAL, WORDS, ASM,
+            BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        acc = dot_weight_tile(x, w, acc)
+    # -- epilogue: NVFP4's global scale, then bias and a cast store (by the last split)
+    if HAS_GLOBAL:
+        acc = acc / tl.load(g_ptr)
+    last = SPLIT_K >= 1
+    if SPLIT_TILES:
+        if SPLIT_K > 1:
+            mask = m_mask[:, None] & n_mask[None, :]
+            acc, last = sum_split_tiles(acc, ws_ptr, lock_ptr, offs_m, offs_n, mask, M, N, SPLIT_K)
+    if last:
+        store_tile(acc, out_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, HAS_BIAS, False)
 
 
-# -- BLOCK_K a multiple of 32, so every K tile holds whole NVFP4 and MXFP4 blocks
+# -- the tiles of the integer weights (dequant_gemm), BLOCK_K a multiple of 32 so every K
+# -- tile holds whole blocks; the first of each list is the default (untuned) config
 SPLIT_K_CONFIGS = [
-    tile_config(16, bn, bk, sk, 4, st)
-    for bn, bk in ((64, 128), (128, 64), (32, 128))
-    for sk in (1, 2, 4, 8)
-    for st in (3, 4)
+    tile_config(bm, bn, bk, sk, warps, 3)
+    for bm, bn, bk, warps in (
+        (64, 256, 64, 8),
+        (64, 128, 64, 4),
+        (64, 128, 128, 8),
+        (64, 64, 128, 4),
+        (32, 256, 64, 8),
+        (16, 256, 128, 8),
+        (16, 256, 64, 8),
+        (16, 64, 128, 4),
+    )
+    for sk in (4, 1, 2, 8)
 ]
 TILED_CONFIGS = [
     tile_config(128, 128, 64, 1, 8, 3),
+    tile_config(128, 128, 32, 1, 4, 4),
     tile_config(64, 128, 64, 1, 4, 4),
     tile_config(128, 64, 64, 1, 4, 4),
     tile_config(64, 64, 64, 1, 4, 4),
+    tile_config(128, 256, 64, 1, 8, 3),
+    tile_config(256, 32, 64, 1, 4, 4),
+    tile_config(128, 64, 128, 1, 4, 3),
 ]
-_KEY = ["M_BUCKET", "N", "K", "BLOCK"]
-_split_k_tuned = autotune_tiles(_fp4_gemm_kernel, SPLIT_K_CONFIGS, _KEY, split_k=True)
-_tiled_tuned = autotune_tiles(_fp4_gemm_kernel, TILED_CONFIGS, _KEY, split_k=False)
+# -- inline PTX where the kernel is compiled (see ``float_codes.halves``)
+ASM = not isinstance(_fp4_gemm_kernel, InterpretedFunction)
+_KEY = ["M_BUCKET", "N", "K", "BLOCK", "VALUE_BITS", "WORDS"]
+_split_k_tuned = autotuned(_fp4_gemm_kernel, SPLIT_K_CONFIGS, _KEY, prune=prune_to_counters)
+_tiled_tuned = autotuned(_fp4_gemm_kernel, TILED_CONFIGS, _KEY)
 
 
-@dataclass(frozen=True)
-class Fp4Weight:
-    """An FP4 weight in the module docstring's layout: NVFP4 when ``global_scale`` is given
-    (E4M3 ``scales``, ``block`` 16), MXFP4 when it is None (uint8 E8M0, ``block`` 32)."""
-
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    global_scale: torch.Tensor | None
-    block: int
-
-    def check(self, k: int) -> None:
-        """Shapes and dtypes of the weight for ``K = k``, named in the error."""
-        if self.block not in (16, 32):
-            raise ValueError(f"block must be 16 (NVFP4) or 32 (MXFP4), got {self.block}")
-        n = self.qweight.shape[0]
-        scale_dtype = torch.uint8 if self.global_scale is None else torch.float8_e4m3fn
-        expected = {
-            "qweight": (self.qweight, torch.uint8, (n, -(-k // 2))),
-            "scales": (self.scales, scale_dtype, (n, -(-k // self.block))),
-        }
-        if self.global_scale is not None:
-            expected["global_scale"] = (self.global_scale, torch.float32, (1,))
-        for name, (t, dtype, shape) in expected.items():
-            if t.dtype != dtype or tuple(t.shape) != shape:
-                raise ValueError(f"{name} must be {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
-
-    def kernel_args(self) -> dict:
-        """Kernel arguments describing the weight (the scales read as raw bytes)."""
-        scale_bytes = self.scales.view(torch.uint8)
-        return dict(
-            q_ptr=self.qweight,
-            s_ptr=scale_bytes,
-            g_ptr=self.global_scale if self.global_scale is not None else scale_bytes,
-            G=self.scales.shape[1],
-            stride_qn=self.qweight.stride(0),
-            stride_sn=scale_bytes.stride(0),
-            BLOCK=self.block,
-            E8M0=self.global_scale is None,
-        )
+def _word_rows(weight_args: dict) -> dict:
+    """The weight rows as int32 words where their bytes allow it (``WORDS``), else bytes."""
+    q = weight_args["q_ptr"]
+    words = q.shape[1] % 4 == 0 and (q.data_ptr() % 4 == 0 or q.device.type == "meta")
+    if words:
+        w = q.view(torch.int32)
+        return {**weight_args, "q_ptr": w, "stride_qn": w.stride(0), "WORDS": True}
+    return {**weight_args, "WORDS": False}
 
 
 def fp4_gemm(
     x: torch.Tensor,
-    weight: Fp4Weight,
+    weight: BlockScaledWeight,
     bias: torch.Tensor | None,
     config: triton.Config | None = None,
     out: torch.Tensor | None = None,
+    split_k: bool | None = None,
 ) -> torch.Tensor:
-    """``x (M, K) @ W^T + bias`` -> ``(M, N)`` in ``x.dtype`` (shapes in the module docstring).
+    """``x (M, K) @ W^T + bias`` -> ``(M, N)`` in ``x.dtype`` (formats in the module docstring).
 
-    ``config`` runs one explicit config (split-K for M up to 64) instead of autotuning.
+    ``split_k`` picks the split-K tuning (default: for M up to ``SPLIT_K_MAX_M``), else the
+    tiled one; ``config`` runs one explicit config of that tuning instead of autotuning.
     """
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K), got {tuple(x.shape)}")
-    weight.check(x.shape[1])
-    check_device(x, weight.qweight, weight.scales, weight.global_scale, bias)
+    m, k = x.shape
+    weight.check(k)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    m, k = x.shape
-    n = weight.qweight.shape[0]
-    split_k = m <= SPLIT_K_MAX_M
-    out, acc, grid, args = weight_tiles(x, weight.kernel_args(), n, bias, split_k, config, out)
+    n = weight.out_features
+    split_k = m <= SPLIT_K_MAX_M if split_k is None else split_k
+    out = output(out, (m, n), x.dtype, x.device)
+    grid = tile_grid(m, n, split_k, config)
+    if split_k:
+        ws, locks = split_workspace(SPLIT_K_CONFIGS, config, m, n, torch.float32, x.device)
+    else:
+        ws = locks = out  # never read by the tiled tuning
+    args = dict(x_ptr=x, ws_ptr=ws, lock_ptr=locks, stride_xm=x.stride(0), SPLIT_TILES=split_k)
+    args["ASM"] = ASM
+    args.update(**output_args(out, bias, m, n, k), **_word_rows(weight.kernel_args()))
     run_kernel(_split_k_tuned if split_k else _tiled_tuned, grid, config, **args)
-    return out if acc is out else out.copy_(acc)
+    return out
+
+
+# -- dequantize kernel (the large-M path: the reference's weight once, then cuBLAS)
+
+
+@triton.jit
+def _dequantize_kernel(
+    q_ptr, s_ptr, g_ptr, w_ptr, N, K, G, stride_qn, stride_sn, stride_wn,
+    BLOCK: tl.constexpr, VALUE_BITS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # -- tile of the (N, K) weight owned by this program: the reference's values
+    # -- (code times scale / global, rounded once to w's dtype)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n = offs_n[:, None].to(tl.int64)
+    n_mask = offs_n < N
+    q_rows = q_ptr + n * stride_qn
+    s_rows = s_ptr + n * stride_sn
+    if VALUE_BITS == 4:
+        value = load_e2m1_tile(q_rows, tl.program_id(1), n_mask, K, BLOCK_N, BLOCK_K)
+    else:
+        mask = n_mask[:, None] & (offs_k[None, :] < K)
+        value = e4m3_bits_to_float(
+            tl.load(q_rows + offs_k[None, :], mask=mask, other=0).to(tl.int32)
+        )
+    mult, post = _block_multipliers(
+        s_rows, tl.program_id(1), n_mask, G, BLOCK_K, BLOCK, VALUE_BITS, HAS_GLOBAL, False
+    )
+    if HAS_GLOBAL:
+        mult = tl.div_rn(mult, tl.load(g_ptr))  # -- the reference's multiplier, per block
+    w = value.reshape(BLOCK_N, BLOCK_K // BLOCK, BLOCK) * (mult * post)[:, :, None]
+    w = w.reshape(BLOCK_N, BLOCK_K)
+    mask = n_mask[:, None] & (offs_k[None, :] < K)
+    tl.store(w_ptr + n * stride_wn + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+_DEQUANT_CONFIGS = [
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4),
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=8),
+]
+_dequantize_tuned = autotuned(
+    _dequantize_kernel, _DEQUANT_CONFIGS, key=["N", "K", "BLOCK", "VALUE_BITS"]
+)
+
+
+def dequantize_block_scaled(
+    weight: BlockScaledWeight,
+    k: int,
+    dtype: torch.dtype = torch.bfloat16,
+    config: triton.Config | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense ``(N, K)`` weight in ``dtype``: the reference's values, rounded once."""
+    weight.check(k)
+    n = weight.out_features
+    w = output(out, (n, k), dtype, weight.qweight.device)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
+
+    args = {**weight.kernel_args(), "WORDS": False}
+    run_kernel(_dequantize_tuned, grid, config, w_ptr=w, N=n, K=k, stride_wn=w.stride(0), **args)
+    return w

@@ -27,8 +27,16 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from ._launch import check_device, interpreting, output, output_args, run_kernel
-from ._tiles import autotune_tiles, split_k_run, store_tile, tile_launch, tile_offsets
-from .fp4_gemm import SPLIT_K_CONFIGS, TILED_CONFIGS, e4m3_bits_to_float, load_e2m1_tile
+from ._tiles import (
+    autotune_tiles,
+    split_k_run,
+    store_tile,
+    tile_config,
+    tile_launch,
+    tile_offsets,
+)
+from .float_codes import e4m3_bits_to_float
+from .fp4_gemm import load_e2m1_tile
 from .microscaled_quant import FMT_MXFP8, FMT_NVFP4, FORMATS, e8m0_to_float
 
 SPLIT_K_MAX_M = 64
@@ -129,7 +137,19 @@ def _dot_scaled_tile(
 # -- raw storage, so it gets float32 tiles.  Read from how Triton built the kernel, not from
 # -- ``interpreting()``, which compile-only tools set to pass CPU tensors to the launchers.
 DOT_BF16 = not isinstance(_microscaled_gemm_kernel, InterpretedFunction)
-# -- the FP4 weight-only GEMM's tiles: BLOCK_K a multiple of 32 (whole blocks of every format)
+# -- BLOCK_K a multiple of 32, so every K tile holds whole blocks of every format
+SPLIT_K_CONFIGS = [
+    tile_config(16, bn, bk, sk, 4, st)
+    for bn, bk in ((64, 128), (128, 64), (32, 128))
+    for sk in (1, 2, 4, 8)
+    for st in (3, 4)
+]
+TILED_CONFIGS = [
+    tile_config(128, 128, 64, 1, 8, 3),
+    tile_config(64, 128, 64, 1, 4, 4),
+    tile_config(128, 64, 64, 1, 4, 4),
+    tile_config(64, 64, 64, 1, 4, 4),
+]
 _KEY = ["M_BUCKET", "N", "K", "FMT", "DOT_SCALED"]
 _split_k_tuned = autotune_tiles(_microscaled_gemm_kernel, SPLIT_K_CONFIGS, _KEY, split_k=True)
 _tiled_tuned = autotune_tiles(_microscaled_gemm_kernel, TILED_CONFIGS, _KEY, split_k=False)

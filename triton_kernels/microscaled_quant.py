@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ._exact import round_to_e4m3
 from ._launch import autotuned, check_device, run_kernel
-from .fp4_gemm import e2m1_to_float
+from .float_codes import e2m1_to_float
 
 FMT_NVFP4 = tl.constexpr(0)
 FMT_MXFP4 = tl.constexpr(1)

@@ -18,7 +18,8 @@ from kernel_utils import (
     poisoned,
     requires_kernels,
 )
-from torchquant.triton_kernels.fp4_gemm import Fp4Weight, fp4_gemm
+from torchquant.triton_kernels.block_scaled_weight import BlockScaledWeight
+from torchquant.triton_kernels.fp4_gemm import fp4_gemm
 
 from torchquant.numerics.fp4 import pack_e2m1, quantize_mxfp4_weight, quantize_nvfp4_weight
 from torchquant.ops.weight_fp4 import linear_fp4_weight_reference
@@ -64,7 +65,7 @@ def test_fp4_gemm_matches_the_reference(kind, dtype, m, n, k, config, has_bias):
     x = torch.randn(m, k, generator=g).to(dtype).to(KERNEL_DEVICE)
     bias = torch.randn(n, generator=g).to(dtype).to(KERNEL_DEVICE) if has_bias else None
     out = poisoned((m, n), dtype)
-    got = fp4_gemm(x, Fp4Weight(qweight, scales, gs, block), bias, config=config, out=out)
+    got = fp4_gemm(x, BlockScaledWeight(qweight, scales, gs, block), bias, config=config, out=out)
     assert got is out
     assert_matches(got.cpu(), _reference(x, qweight, scales, gs, bias, block))
 
@@ -75,7 +76,7 @@ def test_fp4_gemm_matches_the_reference(kind, dtype, m, n, k, config, has_bias):
 def test_fp4_gemm_bf16_autotuned(kind, m):
     qweight, scales, gs, block = _weight(kind, 256, 512)
     x = torch.randn(m, 512).bfloat16().to(KERNEL_DEVICE)
-    got = fp4_gemm(x, Fp4Weight(qweight, scales, gs, block), None)
+    got = fp4_gemm(x, BlockScaledWeight(qweight, scales, gs, block), None)
     assert_matches(got.cpu(), _reference(x, qweight, scales, gs, None, block))
 
 
@@ -87,7 +88,9 @@ def test_a_zero_e8m0_block_and_the_largest_values_decode_exactly():
     assert int(q.scales[0, 0]) == 0  # the all-zero block
     qweight, scales = pack_e2m1(q.codes).to(KERNEL_DEVICE), q.scales.to(KERNEL_DEVICE)
     eye = torch.eye(k, dtype=torch.float32, device=KERNEL_DEVICE)
-    got = fp4_gemm(eye, Fp4Weight(qweight, scales, None, 32), None, config=_tiles(16, 16, 64, 1))
+    got = fp4_gemm(
+        eye, BlockScaledWeight(qweight, scales, None, 32), None, config=_tiles(16, 16, 64, 1)
+    )
     assert torch.equal(got.cpu(), _reference(eye, qweight, scales, None, None, 32))
 
 
@@ -95,11 +98,11 @@ def test_bad_weights_are_refused_by_name():
     qweight, scales, gs, _ = _weight("nvfp4", 16, 64)
     x = torch.randn(2, 64, device=KERNEL_DEVICE)
     with pytest.raises(ValueError, match="scales must be torch.uint8"):
-        fp4_gemm(x, Fp4Weight(qweight, scales, None, 32), None)
+        fp4_gemm(x, BlockScaledWeight(qweight, scales, None, 32), None)
     with pytest.raises(ValueError, match="block must be 16"):
-        fp4_gemm(x, Fp4Weight(qweight, scales, gs, 64), None)
+        fp4_gemm(x, BlockScaledWeight(qweight, scales, gs, 64), None)
     with pytest.raises(ValueError, match=r"qweight must be torch.uint8 \(16, 32\)"):
-        fp4_gemm(x, Fp4Weight(qweight[:, :-1], scales, gs, 16), None)
+        fp4_gemm(x, BlockScaledWeight(qweight[:, :-1], scales, gs, 16), None)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the op's CUDA path needs a GPU")

@@ -15,8 +15,8 @@ float32 a block of weight rows at a time (the full float weight never exists), w
 differs from the reference only by float32 accumulation.  CUDA: the Triton kernels
 (activation quantization in one pass, to its scaled values in bf16, then a GEMM
 dequantizing only the weight in registers, or codes and ``tl.dot_scaled`` on Blackwell for
-the MX formats); the weight-only MXFP8 op runs its
-reference there (no kernel of its own yet).
+the MX formats); the weight-only MXFP8 op runs the block-scaled weight-only kernels
+(``triton_kernels.block_scaled_dispatch``: GEMV, split-K, tiled or dequantize + cuBLAS).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from torchquant.numerics.activation import poison_nonfinite_rows
 from torchquant.numerics.fp4 import choose_nvfp4_global_scale, dequantize_fp4_weight, unpack_e2m1
 from torchquant.numerics.microscaling import (
     MICROSCALED_BLOCKS,
+    MXFP8_BLOCK,
     dequantize_microscaled,
     dequantize_mxfp8,
     quantize_microscaled,
@@ -151,3 +152,14 @@ def linear_microscaled_cuda(x, qweight, scales, global_scale, bias, input_global
 
 
 common.register_cuda("torchquant::linear_microscaled", linear_microscaled_cuda)
+
+
+def linear_mxfp8_weight_cuda(x, qweight, scales, bias):
+    from torchquant.triton_kernels.block_scaled_dispatch import block_scaled_matmul
+    from torchquant.triton_kernels.block_scaled_weight import BlockScaledWeight
+
+    weight = BlockScaledWeight(qweight, scales, None, MXFP8_BLOCK)
+    return common.unflatten(block_scaled_matmul(common.rows(x), weight, bias), x)
+
+
+common.register_cuda("torchquant::linear_mxfp8_weight", linear_mxfp8_weight_cuda)

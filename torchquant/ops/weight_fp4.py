@@ -7,7 +7,8 @@ block 32); ``w = e2m1 * multiplier`` of the value's block.
 
 CPU, bf16 inputs: PyTorch has no kernel reading FP4 weights, so blocks of weight rows
 are dequantized to bf16 (the reference's own values) and multiplied; the full float
-weight never exists.  Other input dtypes run the reference.  CUDA: the Triton kernel.
+weight never exists.  Other input dtypes run the reference.  CUDA: the Triton kernels,
+the path picked by M (``triton_kernels.block_scaled_dispatch``).
 """
 
 from __future__ import annotations
@@ -65,10 +66,11 @@ linear_fp4_weight.register_fake(common.fake_linear)
 
 
 def linear_fp4_weight_cuda(x, qweight, scales, global_scale, bias, block):
-    from torchquant.triton_kernels.fp4_gemm import Fp4Weight, fp4_gemm
+    from torchquant.triton_kernels.block_scaled_dispatch import block_scaled_matmul
+    from torchquant.triton_kernels.block_scaled_weight import BlockScaledWeight
 
-    weight = Fp4Weight(qweight, scales, global_scale, block)
-    return common.unflatten(fp4_gemm(common.rows(x), weight, bias), x)
+    weight = BlockScaledWeight(qweight, scales, global_scale, block)
+    return common.unflatten(block_scaled_matmul(common.rows(x), weight, bias), x)
 
 
 common.register_cuda("torchquant::linear_fp4_weight", linear_fp4_weight_cuda)
