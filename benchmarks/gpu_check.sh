@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call of about 8 minutes: GPU-marked tests, the kernel tests of
-# the later families compiled (W4A8, FP4, microscaled, FP8 blocks, MoE, act-order),
+# the later families compiled (W4A8, FP4, MXFP8, microscaled, FP8 blocks, MoE, act-order),
 # compiled-kernel correctness for every scheme, then the tables of run_all.sh with their
 # baselines (bf16 F.linear, tinygemm, torch._int_mm + torch scaling, torch._scaled_mm, copy
-# bandwidth) measured in the same run, W4A8 beside our W8A8 and W4A16, the Mixtral-shaped
+# bandwidth) measured in the same run, W4A8 beside our W8A8 and W4A16, the block-scaled
+# weight-only table (NVFP4, MXFP4, MXFP8 beside INT4 W4A16 and bf16), the Mixtral-shaped
 # MoE decode (bf16 vs W4A16), and the cost model's predictions beside them (its MoE, W8A8,
 # W4A8, FP4, microscaled and FP8 block rows included).  The FP8 table's "scaled_mm faster"
 # lines -- the entries of torchquant.ops.fp8_gemm_choice.SCALED_MM_FASTER -- are collected
@@ -71,7 +72,7 @@ if [ "$DRY" = 0 ]; then
     model_pid=$!
     env -u TRITON_PRINT_AUTOTUNING timeout 400 nice -n 10 "$PYTHON" benchmarks/kernel_model.py \
         --json --arch 90 --machine h200 --shapes "$SHAPES" --quick --schemes w4a16 \
-        --batches 16,256,4096 --w4a8 --fp4 --microscaled --fp8-block \
+        --batches 1,16,256,4096 --w4a8 --fp4 --microscaled --fp8-block \
         >"$OUT/kernel_model_later.json" 2>"$OUT/kernel_model_later.log" &
     later_pid=$!
 else
@@ -94,7 +95,8 @@ step gpu_tests 150 "$PYTHON" -m pytest -p no:cacheprovider -m gpu tests/kernels/
     tests/calibration/test_calibration_engine.py
 # -- the later families' kernel tests, compiled (under the interpreter on CPU in CI)
 step kernel_tests 120 "$PYTHON" -m pytest -p no:cacheprovider tests/kernels/test_kernels_w4a8.py \
-    tests/kernels/test_kernels_fp4.py tests/kernels/test_kernels_microscaled.py \
+    tests/kernels/test_kernels_fp4.py tests/kernels/test_kernels_block_scaled.py \
+    tests/kernels/test_kernels_microscaled.py \
     tests/kernels/test_kernels_fp8_block.py tests/kernels/test_kernels_moe.py \
     tests/kernels/test_kernels_act_order.py tests/kernels/test_kernels_asym_int4.py
 
@@ -103,6 +105,8 @@ step smoke 75 env RESULTS="$OUT/smoke" benchmarks/run_all.sh --smoke
 
 # -- 4. the tables, baselines in the same run
 step weight_only 130 "$PYTHON" benchmarks/bench_weight_only.py --shapes "$SHAPES" --rep "$REP"
+step block_scaled 90 "$PYTHON" benchmarks/bench_block_scaled.py --shapes 8192x8192 \
+    --batches 1,16,256,4096 --rep "$REP"
 step w8a8 45 "$PYTHON" benchmarks/bench_w8a8.py --shapes 8192x8192 --rep "$REP"
 step fp8 60 "$PYTHON" benchmarks/bench_fp8.py --shapes "$SHAPES" --batches 16,256,4096 --rep "$REP"
 step act_quant 25 "$PYTHON" benchmarks/bench_act_quant.py --shapes 8192x8192 --rep "$REP"

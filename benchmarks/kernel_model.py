@@ -900,28 +900,40 @@ def print_w4a8_table(rows: list[dict]) -> None:
         )
 
 
-# -- FP4 weight-only kinds: (block, scale dtype); held to INT4 W4A16 at the same shape and M
-FP4_KINDS = {"nvfp4a16": (16, torch.float8_e4m3fn), "mxfp4a16": (32, torch.uint8)}
+# -- block-scaled float weight-only kinds: (block, scale dtype); held to INT4 W4A16 at the same
+# -- shape and M.  mxfp8a16 is WeightQuant("mxfp8") without activations (no CLI name)
+FP4_KINDS = {
+    "nvfp4a16": (16, torch.float8_e4m3fn),
+    "mxfp4a16": (32, torch.uint8),
+    "mxfp8a16": (32, torch.uint8),
+}
 
 
 def fp4_rows(recorder: Recorder, arch: int, machines, shapes, batches) -> list[dict]:
-    """One row per FP4 kind, shape and M for ``linear_fp4_weight``'s CUDA path (one launch)."""
+    """One row per kind, shape and M for ``linear_fp4_weight``'s (``linear_mxfp8_weight``'s)
+    CUDA path: the GEMV, split-K, tiled or dequantize + cuBLAS launches it picks."""
     from torchquant.triton_kernels import block_scaled_gemv, fp4_gemm
 
+    from torchquant.ops.microscaled import linear_mxfp8_weight_cuda
     from torchquant.ops.weight_fp4 import linear_fp4_weight_cuda
 
     # -- compile_only patches the older kernels
     fp4_gemm.run_kernel = block_scaled_gemv.run_kernel = recorder.run_kernel
     rows = []
     for kind, (block, scale_dtype) in FP4_KINDS.items():
+        if kind == "mxfp8a16" and arch < 89:
+            continue
         for n, k in shapes:
-            qweight = torch.empty(n, k // 2, dtype=torch.uint8, device="meta")
             scales = torch.empty(n, -(-k // block), dtype=scale_dtype, device="meta")
-            global_scale = torch.empty(1, device="meta") if block == 16 else None
-            args = (qweight, scales, global_scale, None, block)
-            fields = dict(scheme=kind, group_size=block, path="fp4-gemm")
+            if kind == "mxfp8a16":
+                qweight = torch.empty(n, k, dtype=torch.float8_e4m3fn, device="meta")
+                call, args = linear_mxfp8_weight_cuda, (qweight, scales, None)
+            else:
+                qweight = torch.empty(n, k // 2, dtype=torch.uint8, device="meta")
+                global_scale = torch.empty(1, device="meta") if block == 16 else None
+                call, args = linear_fp4_weight_cuda, (qweight, scales, global_scale, None, block)
+            fields = dict(scheme=kind, group_size=block)
             for m in batches:
-                call = linear_fp4_weight_cuda
                 rows += gemm_rows(recorder, call, args, m, n, k, arch, machines, kind, **fields)
     return rows
 
@@ -1171,7 +1183,9 @@ def main(argv: list[str] | None = None) -> None:
         help=f"add the W8A8 INT8 and FP8 rows (activation quantization + GEMM, M = {W8A8_BATCHES})",
     )
     parser.add_argument(
-        "--fp4", action="store_true", help=f"add the FP4 weight-only rows ({', '.join(FP4_KINDS)})"
+        "--fp4",
+        action="store_true",
+        help=f"add the block-scaled float weight-only rows ({', '.join(FP4_KINDS)})",
     )
     parser.add_argument(
         "--w4a8",

@@ -11,7 +11,7 @@ PYTHON="${PYTHON:-python}"
 OUT="${RESULTS:-results}"
 mkdir -p "$OUT"
 failed=()
-for bench in bench_act_quant bench_weight_only bench_w8a8 bench_fp8 bench_w4a8 bench_decode; do
+for bench in bench_act_quant bench_weight_only bench_block_scaled bench_w8a8 bench_fp8 bench_w4a8 bench_decode; do
     echo "== $bench $*"
     "$PYTHON" "$bench.py" "$@" | tee "$OUT/$bench.md" || failed+=("$bench")
 done

@@ -30,6 +30,7 @@ def benchmarks_on_path():
     "script,batches",
     [
         ("bench_weight_only", "1,5,80"),  # GEMV, split-K and tiled paths
+        ("bench_block_scaled", "1,5,80"),
         ("bench_act_quant", "3"),
         ("bench_w8a8", "5,40"),  # split-K and tiled GEMMs
         ("bench_fp8", "40"),
