@@ -87,6 +87,40 @@ def halves(pair, ASM: tl.constexpr):
         return lo, hi
 
 
+def _scaled_pair_asm(log2_power: int) -> tl.constexpr:
+    """PTX: the float16 pair ``$2`` times ``2**log2_power`` (one packed multiply), then each
+    half to float32 (``$0`` low, ``$1`` high)."""
+    half = (log2_power + 15) << 10
+    return tl.constexpr(
+        "{ .reg .b16 lo, hi; .reg .b32 p, t; "
+        f"mov.b32 p, {half | half << 16}; mul.rn.f16x2 t, $2, p; "
+        "mov.b32 {lo, hi}, t; cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }"
+    )
+
+
+_E2M1_PAIR_ASM = _scaled_pair_asm(14)
+_E4M3_PAIR_ASM = _scaled_pair_asm(8)
+
+
+@triton.jit
+def exact_halves(pair, VALUE_BITS: tl.constexpr, ASM: tl.constexpr):
+    """The codes' own values of an E2M1 (``VALUE_BITS`` 4) or E4M3 (8) float16 pair, as
+    float32: :func:`halves` times ``2**14`` / ``2**8``, applied to the pair in one packed
+    float16 multiply (exact: every product is a float16 normal)."""
+    if ASM:
+        if VALUE_BITS == 4:
+            asm: tl.constexpr = _E2M1_PAIR_ASM
+        else:
+            asm: tl.constexpr = _E4M3_PAIR_ASM
+        return tl.inline_asm_elementwise(
+            asm, "=f,=f,r", [pair], dtype=(tl.float32, tl.float32), is_pure=True, pack=1
+        )
+    else:
+        lo, hi = halves(pair, False)
+        power: tl.constexpr = E2M1_TO_FP16 if VALUE_BITS == 4 else E4M3_TO_FP16
+        return lo * power, hi * power
+
+
 @triton.jit
 def e8m0_folded(e, LOG2_FOLD: tl.constexpr):
     """``(multiplier, post)`` float32 with ``multiplier * post == 2**(e - 127 + LOG2_FOLD)``

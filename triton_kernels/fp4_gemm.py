@@ -40,6 +40,7 @@ from .float_codes import (
     e4m3_bits_to_float,
     e4m3_pair,
     e8m0_folded,
+    exact_halves,
     halves,
 )
 
@@ -59,45 +60,50 @@ def load_e2m1_tile(q_rows, t, r_mask, K, ROWS: tl.constexpr, BLOCK_K: tl.constex
 @triton.jit
 def _block_multipliers(
     s_rows, t, n_mask, G, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
-    VALUE_BITS: tl.constexpr, HAS_GLOBAL: tl.constexpr, FOLDED: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr, FOLD_E2M1: tl.constexpr,
 ):  # fmt: skip
-    """float32 ``(mult, post)`` ``(BLOCK_N, BLOCK_K // BLOCK)`` of K tile ``t``'s blocks:
-    ``code * mult * post`` is the code's value times its block scale (without NVFP4's
-    global scale); ``FOLDED``: codes come as their float16 placements (see module)."""
+    """float32 ``(BLOCK_N, BLOCK_K // BLOCK)`` scale of each block of K tile ``t`` (NVFP4's
+    without the global scale; ``FOLD_E2M1``: times 2**14, for E2M1 float16 placements)."""
     offs_g = t * (BLOCK_K // BLOCK) + tl.arange(0, BLOCK_K // BLOCK)
     mask = n_mask[:, None] & (offs_g[None, :] < G)
     s = tl.load(s_rows + offs_g[None, :], mask=mask, other=0).to(tl.int32)
-    LOG2_FOLD: tl.constexpr = (14 if VALUE_BITS == 4 else 8) if FOLDED else 0
     if HAS_GLOBAL:
-        fold: tl.constexpr = E2M1_TO_FP16 if FOLDED else 1.0
-        return e4m3_bits_to_float(s) * fold, tl.full(s.shape, 1.0, tl.float32)
+        fold: tl.constexpr = E2M1_TO_FP16 if FOLD_E2M1 else 1.0
+        return e4m3_bits_to_float(s) * fold
     else:
-        return e8m0_folded(s, LOG2_FOLD)
+        return e8m0_folded(s, 0)[0]
 
 
 @triton.jit
 def _decoded_words(
-    q_rows, t, n_mask, K, BLOCK_K: tl.constexpr, VALUE_BITS: tl.constexpr, ASM: tl.constexpr
-):
-    """float32 ``(BLOCK_N, BLOCK_K)`` of K tile ``t`` from rows of 32-bit words: each code's
-    float16 placement (E2M1 times ``2**-14``, E4M3 times ``2**-8``), in K order."""
+    q_rows, t, n_mask, K, BLOCK_K: tl.constexpr, VALUE_BITS: tl.constexpr,
+    EXACT: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    """float32 ``(BLOCK_N, BLOCK_K)`` codes of K tile ``t`` from rows of 32-bit words, in K
+    order: their values (``EXACT``) or float16 placements (E2M1 times ``2**-14``)."""
     CODES: tl.constexpr = 32 // VALUE_BITS
     WORDS: tl.constexpr = BLOCK_K // CODES
     offs_w = t * WORDS + tl.arange(0, WORDS)
     mask = n_mask[:, None] & (offs_w[None, :] < tl.cdiv(K, CODES))
     w = tl.load(q_rows + offs_w[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
     if VALUE_BITS == 4:
-        c0, c4 = halves(e2m1_pair(w, 0), ASM)
-        c1, c5 = halves(e2m1_pair(w, 1), ASM)
-        c2, c6 = halves(e2m1_pair(w, 2), ASM)
-        c3, c7 = halves(e2m1_pair(w, 3), ASM)
+        if EXACT:
+            c0, c4 = exact_halves(e2m1_pair(w, 0), 4, ASM)
+            c1, c5 = exact_halves(e2m1_pair(w, 1), 4, ASM)
+            c2, c6 = exact_halves(e2m1_pair(w, 2), 4, ASM)
+            c3, c7 = exact_halves(e2m1_pair(w, 3), 4, ASM)
+        else:
+            c0, c4 = halves(e2m1_pair(w, 0), ASM)
+            c1, c5 = halves(e2m1_pair(w, 1), ASM)
+            c2, c6 = halves(e2m1_pair(w, 2), ASM)
+            c3, c7 = halves(e2m1_pair(w, 3), ASM)
         # -- code j = 4a + 2b + c sits at join levels (a inner, b middle, c outer)
         even = tl.join(tl.join(c0, c4), tl.join(c2, c6))
         odd = tl.join(tl.join(c1, c5), tl.join(c3, c7))
         codes = tl.join(even, odd)
     else:
-        c0, c2 = halves(e4m3_pair(w, 0), ASM)
-        c1, c3 = halves(e4m3_pair(w, 1), ASM)
+        c0, c2 = exact_halves(e4m3_pair(w, 0), 8, ASM)
+        c1, c3 = exact_halves(e4m3_pair(w, 1), 8, ASM)
         codes = tl.join(tl.join(c0, c2), tl.join(c1, c3))  # code j = 2a + b
     return tl.reshape(codes, (q_rows.shape[0], BLOCK_K))
 
@@ -108,23 +114,24 @@ def _weight_tile(
     BLOCK: tl.constexpr, VALUE_BITS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
     WORDS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """float32 ``(BLOCK_N, BLOCK_K)``: each code of K tile ``t`` times its block scale."""
+    """float32 ``(BLOCK_N, BLOCK_K)``: each code of K tile ``t`` times its block scale.
+
+    Word rows: NVFP4 folds E2M1's ``2**-14`` into its (float32) block scale; the E8M0
+    formats take the codes' values from one packed float16 multiply a pair (an E8M0 scale
+    times ``2**14`` can overflow float32)."""
+    FOLD: tl.constexpr = WORDS and HAS_GLOBAL
+    EXACT: tl.constexpr = not HAS_GLOBAL
     if WORDS:
-        value = _decoded_words(q_rows, t, n_mask, K, BLOCK_K, VALUE_BITS, ASM)
+        value = _decoded_words(q_rows, t, n_mask, K, BLOCK_K, VALUE_BITS, EXACT, ASM)
     elif VALUE_BITS == 4:
         value = load_e2m1_tile(q_rows, t, n_mask, K, BLOCK_N, BLOCK_K)
     else:
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = n_mask[:, None] & (offs_k[None, :] < K)
-        value = e4m3_bits_to_float(
-            tl.load(q_rows + offs_k[None, :], mask=mask, other=0).to(tl.int32)
-        )
-    mult, post = _block_multipliers(
-        s_rows, t, n_mask, G, BLOCK_K, BLOCK, VALUE_BITS, HAS_GLOBAL, WORDS
-    )
+        byte = tl.load(q_rows + offs_k[None, :], mask=mask, other=0)
+        value = e4m3_bits_to_float(byte.to(tl.int32))
+    mult = _block_multipliers(s_rows, t, n_mask, G, BLOCK_K, BLOCK, HAS_GLOBAL, FOLD)
     w = value.reshape(BLOCK_N, BLOCK_K // BLOCK, BLOCK) * mult[:, :, None]
-    if not HAS_GLOBAL:
-        w = w * post[:, :, None]
     return w.reshape(BLOCK_N, BLOCK_K)
 
 
@@ -268,12 +275,12 @@ def _dequantize_kernel(
         value = e4m3_bits_to_float(
             tl.load(q_rows + offs_k[None, :], mask=mask, other=0).to(tl.int32)
         )
-    mult, post = _block_multipliers(
-        s_rows, tl.program_id(1), n_mask, G, BLOCK_K, BLOCK, VALUE_BITS, HAS_GLOBAL, False
+    mult = _block_multipliers(
+        s_rows, tl.program_id(1), n_mask, G, BLOCK_K, BLOCK, HAS_GLOBAL, False
     )
     if HAS_GLOBAL:
         mult = tl.div_rn(mult, tl.load(g_ptr))  # -- the reference's multiplier, per block
-    w = value.reshape(BLOCK_N, BLOCK_K // BLOCK, BLOCK) * (mult * post)[:, :, None]
+    w = value.reshape(BLOCK_N, BLOCK_K // BLOCK, BLOCK) * mult[:, :, None]
     w = w.reshape(BLOCK_N, BLOCK_K)
     mask = n_mask[:, None] & (offs_k[None, :] < K)
     tl.store(w_ptr + n * stride_wn + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
