@@ -138,3 +138,47 @@ def test_the_bound_never_beats_the_bytes(rows):
     for row in rows:
         floor_us = row["bytes"] / 4300e3
         assert row["predicted_us"] >= floor_us * 0.999
+
+
+# (kind, M) -> (warp-instructions per weight, launches per call) of the block-scaled
+# weight-only kernels' default configs at N = K = 8192 on sm_90: the GEMV at M = 1 (two
+# bit moves a code into a float16 pair, one conversion, one FFMA), the split-K and tiled
+# GEMMs on dequant_gemm's tiles, dequantize + cuBLAS from M = 1024
+BLOCK_SCALED_BUDGETS = {
+    ("nvfp4a16", 1): (0.165, 1),
+    ("nvfp4a16", 16): (0.24, 1),
+    ("nvfp4a16", 256): (0.58, 1),
+    ("nvfp4a16", 4096): (0.54, 2),
+    ("mxfp4a16", 1): (0.155, 1),
+    ("mxfp4a16", 16): (0.245, 1),
+    ("mxfp4a16", 256): (0.63, 1),
+    ("mxfp4a16", 4096): (0.45, 2),
+    ("mxfp8a16", 1): (0.155, 1),
+    ("mxfp8a16", 16): (0.29, 1),
+    ("mxfp8a16", 256): (0.70, 1),
+    ("mxfp8a16", 4096): (0.38, 2),
+}
+
+
+@pytest.fixture(scope="module")
+def block_scaled_rows() -> list[dict]:
+    args = ("--quick", "--arch", "90", "--schemes", "w4a16", "--fp4", "--batches", "1,16,256,4096")
+    return [r for r in model(*args) if r["scheme"] != "act-quant"]
+
+
+def test_block_scaled_kernels_stay_inside_their_budgets(block_scaled_rows):
+    rows = {(r["scheme"], r["M"]): r for r in block_scaled_rows}
+    assert set(BLOCK_SCALED_BUDGETS) <= set(rows)
+    for (kind, m), (instr, launches) in BLOCK_SCALED_BUDGETS.items():
+        row = rows[kind, m]
+        name = f"{kind} M={m} {row['kernel']} {row['config']}"
+        assert 0 < row["instr_per_weight"] <= instr, (name, row["loop_per_iteration"])
+        assert row["launches"] <= launches and row["spill_bytes"] == 0, name
+    # -- the GEMV at M = 1 and the cuBLAS path from M = 1024, as the integer weights
+    assert all(
+        rows[k, 1]["kernel"] == "_block_scaled_gemv_kernel" for k in ("nvfp4a16", "mxfp8a16")
+    )
+    assert rows["nvfp4a16", 4096]["kernel"] == "_dequantize_kernel+aten.mm"
+    # -- FP4 at M >= 1024 moves at most 10% more bytes than INT4 W4A16 g128 (issue 18)
+    for kind in ("nvfp4a16", "mxfp4a16"):
+        assert rows[kind, 4096]["predicted_us"] <= 1.1 * rows["w4a16", 4096]["predicted_us"]
