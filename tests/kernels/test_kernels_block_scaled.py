@@ -179,6 +179,21 @@ def test_gemm_matches_the_reference(kind, dtype, m, n, k, config, has_bias):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m,split_k", [(5, True), (70, False)])
+def test_gemm_makes_nan_rows_nan(kind, m, split_k):
+    n, k = 32, 128
+    weight = _weight(kind, n, k)
+    x = torch.randn(m, k, dtype=torch.float16)
+    x[2, 7] = float("nan")
+    config = _tiles(16, 16, 64, 2 if split_k else 1)
+    got = fp4_gemm(x.to(KERNEL_DEVICE), weight, None, config=config, split_k=split_k).cpu()
+    ref = _reference(x, weight, None)
+    assert torch.isnan(got[2]).all() and torch.isnan(ref[2]).all()
+    rows = [r for r in range(m) if r != 2]
+    assert_matches(got[rows], ref[rows])
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_gemm_decodes_every_code_exactly(kind):
     n, k = 32, 64
     weight = _all_codes_weight(kind, n, k)
