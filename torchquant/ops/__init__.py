@@ -31,6 +31,7 @@ from torchquant.ops.w4a8 import (
 )
 from torchquant.ops.w8a8 import (
     ActivationQuant,
+    bind_w8a8_cpu,
     linear_w8a8_cpu,
     linear_w8a8_fp8,
     linear_w8a8_int4,
@@ -54,6 +55,7 @@ from torchquant.ops.weight_fp8 import (
 from torchquant.ops.weight_int import (
     ActOrderLayout,
     act_order_layout,
+    bind_intn_cpu,
     intn_cpu_layout,
     linear_intn,
     linear_intn_act_order,
@@ -61,6 +63,7 @@ from torchquant.ops.weight_int import (
     linear_intn_reference,
 )
 from torchquant.ops.weight_int8 import (
+    bind_int8_weight_cpu,
     int8_cpu_layout,
     linear_int8_weight,
     linear_int8_weight_reference,
@@ -72,6 +75,9 @@ __all__ = [
     "HAS_TRITON_KERNELS",
     "act_order_layout",
     "bind",
+    "bind_int8_weight_cpu",
+    "bind_intn_cpu",
+    "bind_w8a8_cpu",
     "fake_quant_int_weight",
     "fake_quant_int_weight_backward",
     "fp8_cpu_layout",

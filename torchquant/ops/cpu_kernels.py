@@ -190,30 +190,47 @@ def _per_column(z, groups, block_group, col_index, k) -> torch.Tensor | float:
     return z[:, block_of[:k]]
 
 
-def int4pack_linear(
-    x2: torch.Tensor, layout: CpuLayout, n: int, exact: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """``x2 (M, K)`` times the weight in an :func:`int4pack_layout`, ``(M, n)``.
+def int4pack_product(
+    layout: CpuLayout, n: int, exact: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x2 (M, K) -> (M, n)``: ``x2`` times the weight in an :func:`int4pack_layout`, with
+    each plane, the block size and the input gather taken from the layout once (a layer
+    that binds it pays none of that per call).
 
     One plane gives the kernel's bf16 output as it is; two planes are summed in float32.
     Their offsets cancel, so a plane's bf16 sum can overflow where the weight's does not,
     and a float32 input can round up to infinity in bf16: such rows are recomputed by
     ``exact`` (the op's reference on those rows, no bias).
     """
-    xk = x2 if x2.dtype == COMPUTE_DTYPE else x2.to(COMPUTE_DTYPE)
-    if layout.columns is not None:
-        xk = F.pad(xk, (0, 1))[:, layout.columns]
-    xk = xk.contiguous()
-    packed, scales_zeros = layout.packed, layout.scales_zeros
+    packed, scales_zeros, columns = layout
     block = packed.shape[2] * 2 // scales_zeros.shape[1]
-    out = torch._weight_int4pack_mm_for_cpu(xk, packed[0], block, scales_zeros[0])
-    if packed.shape[0] == 2:
-        low = torch._weight_int4pack_mm_for_cpu(xk, packed[1], block, scales_zeros[1])
-        out = out.float() + low.float()
-    out = out if out.shape[1] == n else out[:, :n]
-    if packed.shape[0] == 2 or x2.dtype != COMPUTE_DTYPE:
-        out = common.recompute_overflowed_rows(out, x2, exact)
-    return out
+    planes = [(packed[p], scales_zeros[p]) for p in range(packed.shape[0])]
+    (high, high_qparams), low = planes[0], planes[1:]
+    padded_n = packed.shape[1] != n  # -- rows padded to a multiple of INT4PACK_ROWS
+
+    def product(x2: torch.Tensor) -> torch.Tensor:
+        xk = x2 if x2.dtype == COMPUTE_DTYPE else x2.to(COMPUTE_DTYPE)
+        if columns is not None:
+            xk = F.pad(xk, (0, 1))[:, columns]
+        xk = xk.contiguous()
+        out = torch._weight_int4pack_mm_for_cpu(xk, high, block, high_qparams)
+        if low:
+            plane, qparams = low[0]
+            out = out.float() + torch._weight_int4pack_mm_for_cpu(xk, plane, block, qparams)
+        out = out[:, :n] if padded_n else out
+        if low or x2.dtype != COMPUTE_DTYPE:
+            out = common.recompute_overflowed_rows(out, x2, exact)
+        return out
+
+    return product
+
+
+def int4pack_linear(
+    x2: torch.Tensor, layout: CpuLayout, n: int, exact: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``x2 (M, K)`` times the weight in an :func:`int4pack_layout`, ``(M, n)`` (see
+    :func:`int4pack_product`)."""
+    return int4pack_product(layout, n, exact)(x2)
 
 
 def int8pack_layout(qweight: torch.Tensor, scales: torch.Tensor) -> CpuLayout:
@@ -223,14 +240,27 @@ def int8pack_layout(qweight: torch.Tensor, scales: torch.Tensor) -> CpuLayout:
     return CpuLayout(padded, scales.reshape(-1).to(COMPUTE_DTYPE))
 
 
+def int8pack_product(
+    qweight: torch.Tensor, layout: CpuLayout
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x2 (M, K) -> (M, N)`` bf16: ``x2`` times int8 ``qweight (N, K)`` with per-row
+    scales, the layout's padded weight and scales taken once."""
+    weight = qweight if layout.packed is None else layout.packed
+    pad, scales = weight.shape[1] - qweight.shape[1], layout.scales_zeros
+
+    def product(x2: torch.Tensor) -> torch.Tensor:
+        if x2.dtype != COMPUTE_DTYPE:
+            x2 = x2.to(COMPUTE_DTYPE)
+        if pad:
+            x2 = F.pad(x2, (0, pad))
+        return torch._weight_int8pack_mm(x2.contiguous(), weight, scales)
+
+    return product
+
+
 def int8pack_linear(x2: torch.Tensor, qweight: torch.Tensor, layout: CpuLayout) -> torch.Tensor:
     """``x2 (M, K)`` times int8 ``qweight (N, K)`` with per-row scales; bf16 ``(M, N)``."""
-    if x2.dtype != COMPUTE_DTYPE:
-        x2 = x2.to(COMPUTE_DTYPE)
-    if layout.packed is not None:
-        qweight = layout.packed
-        x2 = F.pad(x2, (0, qweight.shape[1] - x2.shape[1]))
-    return torch._weight_int8pack_mm(x2.contiguous(), qweight, layout.scales_zeros)
+    return int8pack_product(qweight, layout)(x2)
 
 
 def tile_rows(k: int) -> int:

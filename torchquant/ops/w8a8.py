@@ -26,6 +26,7 @@ adds the bias.  CUDA: the Triton kernels (FP8: or ``torch._scaled_mm`` where
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -141,30 +142,72 @@ def runs_token_decode(x2: torch.Tensor, act: ActivationQuant) -> bool:
     )
 
 
-def token_decode_linear(
-    x: torch.Tensor, x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-    bias: torch.Tensor | None, act: ActivationQuant, layout: cpu_kernels.CpuLayout | None,
-) -> torch.Tensor:  # fmt: skip
-    """Few rows with per-token dynamic scales (the decode step): the bf16 codes of
-    :func:`quantize_token_codes` times the weight, ``_weight_int8pack_mm`` for INT8 weights
-    (it applies their scales) and the bf16 codes of the layer's layout for FP8 ones, then
-    one scaling pass that adds the bias.  A row whose bf16 sums overflow where the exact
-    maths does not is recomputed by the reference."""
-    xq, xs = quantize_token_codes(x2, act.act_type)
-    if act.act_type in INT_ACT_DTYPES:
+def token_decode_product(
+    qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+    act: ActivationQuant, layout: cpu_kernels.CpuLayout | None,
+) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
+    """``x2 (M, K) -> (M, N)`` for few rows with per-token dynamic scales (the decode step):
+    the bf16 codes of :func:`quantize_token_codes` times the weight, ``_weight_int8pack_mm``
+    for INT8 weights (it applies their scales) and the bf16 codes of the layer's layout for
+    FP8 ones, then one scaling pass that adds the bias.  A row whose bf16 sums overflow
+    where the exact maths does not is recomputed by the reference.  Everything taken from
+    the layer (padded weight, its scales as one float32 row) is taken here, once."""
+    act_type = act.act_type
+    if act_type in INT_ACT_DTYPES:
         if layout is None or layout.scales_zeros is None:
             layout = cpu_kernels.int8pack_layout(qweight, scales)
-        acc = cpu_kernels.int8pack_linear(xq, qweight, layout)
+        int8pack = cpu_kernels.int8pack_product(qweight, layout)
+        weight_scales = None
     else:
-        acc = fp8_rows_linear(xq, qweight, layout.packed if layout is not None else None)
-        xs = xs * scales.reshape(1, -1).float()
-    out = acc * xs if bias is None else torch.addcmul(bias, acc, xs)
-    out = out if out.dtype == x2.dtype else out.to(x2.dtype)
+        codes = layout.packed if layout is not None else None
+        weight_scales = scales.reshape(1, -1).float()
 
     def exact(rows: torch.Tensor) -> torch.Tensor:
         return linear_w8a8_reference(rows, qweight, scales, bias, *act)
 
-    return common.unflatten(common.recompute_overflowed_rows(out, x2, exact), x)
+    def product(x2: torch.Tensor) -> torch.Tensor:
+        xq, xs = quantize_token_codes(x2, act_type)
+        if weight_scales is None:
+            acc = int8pack(xq)
+        else:
+            acc = fp8_rows_linear(xq, qweight, codes)
+            xs = xs * weight_scales
+        out = acc * xs if bias is None else torch.addcmul(bias, acc, xs)
+        out = out if out.dtype == x2.dtype else out.to(x2.dtype)
+        return common.recompute_overflowed_rows(out, x2, exact)
+
+    return product
+
+
+def token_decode_linear(
+    x: torch.Tensor, x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+    bias: torch.Tensor | None, act: ActivationQuant, layout: cpu_kernels.CpuLayout | None,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`token_decode_product` of ``x2``, the rows of ``x``, in ``x``'s shape."""
+    return common.unflatten(token_decode_product(qweight, scales, bias, act, layout)(x2), x)
+
+
+def bind_w8a8_cpu(
+    qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+    act: ActivationQuant, layout: cpu_kernels.CpuLayout,
+) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
+    """The layer's eager CPU call, ``x -> linear_w8a8_cpu(x, ...)``, with the decode route's
+    product bound once (:func:`token_decode_product`) where the scheme can take it."""
+
+    def general(x: torch.Tensor) -> torch.Tensor:
+        return linear_w8a8_cpu(x, qweight, scales, bias, act, layout)
+
+    if not (act.per_token and takes_dynamic_scales(act)) or all(t is None for t in layout):
+        return general  # -- no decode route, or no layout (none is derived here)
+    product = token_decode_product(qweight, scales, bias, act, layout)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        x2 = common.rows(x)
+        if x2.shape[0] > INT8PACK_MAX_ROWS or not cpu_kernels.computes_in_bf16(x2.dtype):
+            return general(x)
+        return common.unflatten(product(x2), x)
+
+    return call
 
 
 def _runs_int8pack(x2: torch.Tensor, act: ActivationQuant) -> bool:

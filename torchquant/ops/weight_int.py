@@ -22,6 +22,7 @@ Triton kernels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -108,6 +109,33 @@ def _intn_cpu(x, qweight, scales, zeros, g_idx, bias, bits, group_size, layout):
             layout = intn_cpu_layout(qweight, scales, zeros, g_idx, bits, group_size, k)
         out = cpu_kernels.int4pack_linear(x2, layout, n, exact)
     return common.finish(out, bias, x)
+
+
+def bind_intn_cpu(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+    g_idx: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
+    layout: cpu_kernels.CpuLayout,
+) -> Callable[[torch.Tensor], torch.Tensor] | None:  # fmt: skip
+    """The layer's eager CPU call, ``x -> _intn_cpu(x, ...)`` with the int4pack planes, block
+    size and exact fallback taken once from its cached ``layout`` (None without one): at
+    one row the kernel takes ~15-120 us, and re-deriving them per call cost ~40 us more."""
+    if layout.packed is None:
+        return None
+    planes = 1 if bits <= 4 else 2
+    max_rows = INT4PACK_MAX_ROWS[planes]
+
+    def exact(rows: torch.Tensor) -> torch.Tensor:
+        return linear_intn_reference(rows, qweight, scales, zeros, None, bits, group_size, g_idx)
+
+    product = cpu_kernels.int4pack_product(layout, qweight.shape[0], exact)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        x2 = common.rows(x)
+        if x2.shape[0] > max_rows or not cpu_kernels.computes_in_bf16(x.dtype):
+            return _intn_cpu(x, qweight, scales, zeros, g_idx, bias, bits, group_size, layout)
+        return common.finish(product(x2), bias, x)
+
+    return call
 
 
 def _intn_reference(x, qweight, scales, zeros, bias, bits, group_size, *layout):

@@ -15,6 +15,8 @@ reference; other inputs run the reference.  CUDA: the Triton kernels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -84,6 +86,41 @@ def linear_int8_weight_cpu(x, qweight, scales, bias, group_size, *layout):
         else:
             out = cpu_kernels.int4pack_linear(x2, layout, n, exact)
     return common.finish(out, bias, x)
+
+
+def bind_int8_weight_cpu(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    layout: cpu_kernels.CpuLayout,
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The layer's eager CPU call, ``x -> linear_int8_weight_cpu(x, ...)`` with the kernel's
+    operands taken once from its cached ``layout`` (None without one)."""
+    if layout.scales_zeros is None:
+        return None
+
+    def exact(rows: torch.Tensor) -> torch.Tensor:
+        return linear_int8_weight_reference(rows, qweight, scales, None, group_size)
+
+    if group_size == -1:
+        int8pack = cpu_kernels.int8pack_product(qweight, layout)
+
+        def product(x2: torch.Tensor) -> torch.Tensor:
+            out = int8pack(x2)
+            if x2.dtype != cpu_kernels.COMPUTE_DTYPE:
+                out = common.recompute_overflowed_rows(out, x2, exact)
+            return out
+    else:
+        product = cpu_kernels.int4pack_product(layout, qweight.shape[0], exact)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        x2 = common.rows(x)
+        if x2.shape[0] > INT8PACK_MAX_ROWS or not cpu_kernels.computes_in_bf16(x.dtype):
+            return linear_int8_weight_cpu(x, qweight, scales, bias, group_size, *layout)
+        return common.finish(product(x2), bias, x)
+
+    return call
 
 
 def linear_int8_weight_cuda(x, qweight, scales, bias, group_size, *layout):

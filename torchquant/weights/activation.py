@@ -87,9 +87,6 @@ def bind_w8a8(
         return ops.bind(W4A8_OPS[act.type], *args)
     on_cpu = None
     if layout is not None:
-
-        def on_cpu(x: Tensor) -> Tensor:
-            return ops.linear_w8a8_cpu(x, qweight, scales, bias, quant, layout)
-
+        on_cpu = ops.bind_w8a8_cpu(qweight, scales, bias, quant, layout)
     args = (qweight, scales, bias, *quant[1:])
     return ops.bind(W8A8_OPS[act.type], *args, on_cpu=on_cpu)

@@ -48,7 +48,9 @@ class Int8Format(IntWeightFormat):
 
     def bind_linear(self, layer: QuantizedLayer, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
         args = (layer.qweight, layer.scales, bias, layer.scheme.weight.group_size)
-        return ops.bind(ops.linear_int8_weight, *args, *layer.cpu_layout())
+        layout = layer.cpu_layout()
+        on_cpu = ops.bind_int8_weight_cpu(*args, layout)
+        return ops.bind(ops.linear_int8_weight, *args, *layout, on_cpu=on_cpu)
 
     def cpu_layout(self, layer: QuantizedLayer) -> CpuLayout:
         if not cpu_kernels.keeps_layout(layer.dtype):

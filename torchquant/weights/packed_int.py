@@ -74,8 +74,12 @@ class PackedIntFormat(IntWeightFormat):
                 sorted_q, columns, group_size = act_order
                 args = (sorted_q, s, z, columns, bias, w.bits, group_size)
                 return ops.bind(ops.linear_intn_act_order, *args)
-            return ops.bind(ops.linear_intn_gidx, q, s, z, g_idx, bias, w.bits, *layout)
-        return ops.bind(ops.linear_intn, q, s, z, bias, w.bits, w.group_size, *layout)
+            on_cpu = ops.bind_intn_cpu(q, s, z, g_idx, bias, w.bits, 0, layout)
+            args = (q, s, z, g_idx, bias, w.bits, *layout)
+            return ops.bind(ops.linear_intn_gidx, *args, on_cpu=on_cpu)
+        on_cpu = ops.bind_intn_cpu(q, s, z, None, bias, w.bits, w.group_size, layout)
+        args = (q, s, z, bias, w.bits, w.group_size, *layout)
+        return ops.bind(ops.linear_intn, *args, on_cpu=on_cpu)
 
     def cpu_layout(self, layer: QuantizedLayer) -> CpuLayout:
         if layer.scheme.is_w4a8:
