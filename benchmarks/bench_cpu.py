@@ -22,7 +22,8 @@ beside them.
 
 End to end: SmolLM2-135M (the GGUF in ``$TORCHQUANT_DATA``, default ``../shared/data``
 beside the repository) converted by ``convert_model`` (``lm_head`` is not quantized, the
-default) and saved; each row then runs in a fresh process that loads its model as
+default; the row labelled ``w4a16 g128 +lm_head`` opts in to quantizing it, its tied
+embedding kept float) and saved; each row then runs in a fresh process that loads its model as
 ``torchquant eval`` does (``load_model``: the checkpoint, or the GGUF for fp32 and
 bf16) and measures batch-1 greedy decode with the KV cache (64 new tokens after a
 128-token prompt, ``torchquant.benchmark.measure_throughput``) and the ``torchquant
@@ -95,7 +96,13 @@ LAYER_LINEARS = {
 DATA = Path(os.environ.get("TORCHQUANT_DATA", Path(__file__).resolve().parents[2] / "shared/data"))
 GGUF = DATA / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = DATA / "text/austen/prideprejudice.txt"
-E2E = ["fp32", "bf16", "w8a16", "w4a16 g128", "w4a16 g32", "w3a16 g128", "w8a8", "fp8"]
+# -- a row label ending in this quantizes lm_head too (opt-in: QuantConfig(ignore=()));
+# -- the tied embedding stays float
+WITH_LM_HEAD = " +lm_head"
+E2E = [
+    "fp32", "bf16", "w8a16", "w4a16 g128", "w4a16 g32", "w3a16 g128", "w8a8", "fp8",
+    f"w4a16 g128{WITH_LM_HEAD}",
+]  # fmt: skip
 TORCHAO_ROWS = ["ao w8a16", "ao w4a16 g128", "ao w4a16 g32", "ao w8a8"]
 KEPT, FAILS = "kept bf16", "fails"
 
@@ -113,8 +120,16 @@ def median_seconds(fn: Callable[[], object], min_time: float = 0.3, max_runs: in
 
 def scheme_of(label: str):
     """The torchquant scheme a row label names (``"w4a16 g128"``: w4a16 at group 128)."""
-    name, _, group = label.partition(" g")
+    name, _, group = label.removesuffix(WITH_LM_HEAD).partition(" g")
     return scheme_from_name(name, int(group) if group else None)
+
+
+def config_of(label: str) -> QuantConfig:
+    """The row's config: the default (``lm_head`` left float), or with ``lm_head`` quantized
+    for a label ending in ``WITH_LM_HEAD``."""
+    if label.endswith(WITH_LM_HEAD):
+        return QuantConfig(scheme_of(label), ignore=())
+    return QuantConfig(scheme_of(label))
 
 
 # -- torchao, when this interpreter has it
@@ -304,7 +319,7 @@ def save_row_checkpoint(label: str, model_spec: str, checkpoint: str, float32: b
     """Convert the bf16 (``float32``: float32) model by ``label`` and save it where the row's
     process will load it."""
     model, tokenizer = models.load_model(model_spec, torch.float32 if float32 else torch.bfloat16)
-    config = QuantConfig(scheme_of(label))
+    config = config_of(label)
     model, _ = convert_model(model, config, progress=False)
     save_quantized(model, checkpoint, config=config, tokenizer=tokenizer, overwrite=True)
 

@@ -186,3 +186,13 @@ def test_cpu_end_to_end_rows_load_the_saved_checkpoint(benchmarks_on_path, model
     assert table[1].split()[:3] == ["model", "decode", "tok/s"]
     assert table[2].startswith("fp32") and table[2].split()[2] == "1.00"
     assert table[3].startswith("w4a16 g32")
+
+
+def test_cpu_rows_quantize_lm_head_only_where_their_label_opts_in(benchmarks_on_path):
+    bench_cpu = importlib.import_module("bench_cpu")
+    default = bench_cpu.config_of("w4a16 g128")
+    opted = bench_cpu.config_of(f"w4a16 g128{bench_cpu.WITH_LM_HEAD}")
+    assert default.resolve("lm_head")[0] is None
+    assert opted.resolve("lm_head")[0] == opted.default == default.default
+    assert opted.default.weight.group_size == 128
+    assert opted.resolve("model.layers.0.mlp.up_proj")[0] == default.default
