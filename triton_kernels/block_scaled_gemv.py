@@ -67,22 +67,22 @@ def _dot_e4m3(w_lo, w_hi, x_row, k, part, X_BF16: tl.constexpr, ASM: tl.constexp
 
 @triton.jit
 def _close_block(
-    part, acc, s_rows, n_mask, unit0, UNIT: tl.constexpr, BLOCK: tl.constexpr,
+    part, acc, s_step, n_mask, UNIT: tl.constexpr, BLOCK: tl.constexpr,
     VALUE_BITS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
 ):  # fmt: skip
-    """After 8-code unit ``UNIT`` of the step (its first unit ``unit0``): where a block
-    ends, ``acc += part * multiplier`` and a fresh ``part``."""
+    """After 8-code unit ``UNIT`` of the step (``s_step``: the step's first block scale of
+    each row): where a block ends, ``acc += part * multiplier`` and a fresh ``part``."""
     UNITS_PER_BLOCK: tl.constexpr = BLOCK // 8
     if (UNIT + 1) % UNITS_PER_BLOCK == 0:
-        block = (unit0 + UNIT) // UNITS_PER_BLOCK
         # -- loaded (BLOCK_N, 1) in the words' layout: the sum over one element drops the
-        # -- axis without a layout conversion
-        s = tl.sum(tl.load(s_rows + block, mask=n_mask[:, None], other=0).to(tl.int32), axis=1)
+        # -- axis without a layout conversion; the block's offset is a constant
+        s = tl.load(s_step + UNIT // UNITS_PER_BLOCK, mask=n_mask[:, None], other=0)
+        s = tl.sum(s.to(tl.int32), axis=1)
         if HAS_GLOBAL:
-            # -- E4M3 bits in a float16 are the scale times 2**-8; E2M1's 2**-14 folded in
+            # -- E4M3 bits in a float16 are the scale times 2**-8: acc is kept in units of
+            # -- 2**-22 (with E2M1's 2**-14), restored once at the end
             half = (((s & 0x80) << 8) | ((s & 0x7F) << 7)).to(tl.int16)
-            scale = half.to(tl.float16, bitcast=True).to(tl.float32)
-            acc += part * (scale * (E4M3_TO_FP16 * E2M1_TO_FP16))
+            acc += part * half.to(tl.float16, bitcast=True).to(tl.float32)
         else:
             mult, post = e8m0_folded(s, 14 if VALUE_BITS == 4 else 8)
             acc += (part * post) * mult
@@ -114,7 +114,7 @@ def _block_scaled_gemv_kernel(
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     part = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for t in range(t_start, t_end):
-        unit0 = t * (BLOCK_K // 8)
+        s_step = s_rows + t * (BLOCK_K // BLOCK)
         for u in tl.static_range(LOADS):
             offs_w = t * (BLOCK_K * VALUE_BITS // 32) + u * 4 + tl.arange(0, 4)[None, :]
             words = tl.load(rows + offs_w, mask=n_mask[:, None], other=0)
@@ -124,32 +124,33 @@ def _block_scaled_gemv_kernel(
                 # -- 4 words of 8 codes: one unit each
                 part = _dot_e2m1(w0, x_row, k, part, X_BF16, ASM)
                 part, acc = _close_block(
-                    part, acc, s_rows, n_mask, unit0, u * 4, BLOCK, VALUE_BITS, HAS_GLOBAL
+                    part, acc, s_step, n_mask, u * 4, BLOCK, VALUE_BITS, HAS_GLOBAL
                 )
                 part = _dot_e2m1(w1, x_row, k + 8, part, X_BF16, ASM)
                 part, acc = _close_block(
-                    part, acc, s_rows, n_mask, unit0, u * 4 + 1, BLOCK, VALUE_BITS, HAS_GLOBAL
+                    part, acc, s_step, n_mask, u * 4 + 1, BLOCK, VALUE_BITS, HAS_GLOBAL
                 )
                 part = _dot_e2m1(w2, x_row, k + 16, part, X_BF16, ASM)
                 part, acc = _close_block(
-                    part, acc, s_rows, n_mask, unit0, u * 4 + 2, BLOCK, VALUE_BITS, HAS_GLOBAL
+                    part, acc, s_step, n_mask, u * 4 + 2, BLOCK, VALUE_BITS, HAS_GLOBAL
                 )
                 part = _dot_e2m1(w3, x_row, k + 24, part, X_BF16, ASM)
                 part, acc = _close_block(
-                    part, acc, s_rows, n_mask, unit0, u * 4 + 3, BLOCK, VALUE_BITS, HAS_GLOBAL
+                    part, acc, s_step, n_mask, u * 4 + 3, BLOCK, VALUE_BITS, HAS_GLOBAL
                 )
             else:
                 # -- 4 words of 4 codes: two units
                 part = _dot_e4m3(w0, w1, x_row, k, part, X_BF16, ASM)
                 part, acc = _close_block(
-                    part, acc, s_rows, n_mask, unit0, u * 2, BLOCK, VALUE_BITS, HAS_GLOBAL
+                    part, acc, s_step, n_mask, u * 2, BLOCK, VALUE_BITS, HAS_GLOBAL
                 )
                 part = _dot_e4m3(w2, w3, x_row, k + 8, part, X_BF16, ASM)
                 part, acc = _close_block(
-                    part, acc, s_rows, n_mask, unit0, u * 2 + 1, BLOCK, VALUE_BITS, HAS_GLOBAL
+                    part, acc, s_step, n_mask, u * 2 + 1, BLOCK, VALUE_BITS, HAS_GLOBAL
                 )
     if HAS_GLOBAL:
-        acc = acc / tl.load(g_ptr)  # -- NVFP4's global scale, once per output
+        # -- NVFP4: the units of acc, then the global scale, once per output
+        acc = acc * (E4M3_TO_FP16 * E2M1_TO_FP16) / tl.load(g_ptr)
     finish_rows(
         acc, offs_n, n_mask, m, N, out_ptr, stride_om, b_ptr, ws_ptr, lock_ptr, HAS_BIAS, SPLIT_K
     )
