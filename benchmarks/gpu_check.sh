@@ -93,18 +93,14 @@ EOF
 # -- 2. GPU-marked tests: compiled kernels vs the PyTorch reference, compile and graphs
 step gpu_tests 150 "$PYTHON" -m pytest -p no:cacheprovider -m gpu tests/kernels/test_kernels_gpu.py \
     tests/calibration/test_calibration_engine.py
-# -- the later families' kernel tests, compiled (under the interpreter on CPU in CI)
-step kernel_tests 120 "$PYTHON" -m pytest -p no:cacheprovider tests/kernels/test_kernels_w4a8.py \
-    tests/kernels/test_kernels_fp4.py tests/kernels/test_kernels_block_scaled.py \
-    tests/kernels/test_kernels_microscaled.py \
-    tests/kernels/test_kernels_fp8_block.py tests/kernels/test_kernels_moe.py \
-    tests/kernels/test_kernels_act_order.py tests/kernels/test_kernels_asym_int4.py
-
 # -- 3. compiled-kernel correctness for every scheme on small shapes (bf16 tl.dot included)
 step smoke 75 env RESULTS="$OUT/smoke" benchmarks/run_all.sh --smoke
 
 # -- 4. the tables, baselines in the same run
 step weight_only 130 "$PYTHON" benchmarks/bench_weight_only.py --shapes "$SHAPES" --rep "$REP"
+# -- the decode targets next, so a short window still measures them
+step decode 60 "$PYTHON" benchmarks/bench_decode.py --batches 1,16 --rep 100
+step moe_decode 90 "$PYTHON" benchmarks/bench_moe_decode.py --batches 1,16 --rep 50
 step block_scaled 90 "$PYTHON" benchmarks/bench_block_scaled.py --shapes 8192x8192 \
     --batches 1,16,256,4096 --rep "$REP"
 step w8a8 45 "$PYTHON" benchmarks/bench_w8a8.py --shapes 8192x8192 --rep "$REP"
@@ -113,10 +109,16 @@ step act_quant 25 "$PYTHON" benchmarks/bench_act_quant.py --shapes 8192x8192 --r
 # -- W4A8 INT8 / FP8 beside our W8A8 and W4A16 in the same run (split-K and tiled tunings)
 step w4a8 90 "$PYTHON" benchmarks/bench_w4a8.py --shapes 8192x8192 --batches 16,64,256,4096 \
     --rep "$REP"
-step decode 60 "$PYTHON" benchmarks/bench_decode.py --batches 1,16 --rep 100
-step moe_decode 90 "$PYTHON" benchmarks/bench_moe_decode.py --batches 1,16 --rep 50
 
-# -- 5. autotune choices, the model beside the measurements, the summary
+# -- 5. the later families' kernel tests, compiled (under the interpreter on CPU in CI), last:
+# -- the steps before them are the targets' tables
+step kernel_tests 120 "$PYTHON" -m pytest -p no:cacheprovider tests/kernels/test_kernels_w4a8.py \
+    tests/kernels/test_kernels_fp4.py tests/kernels/test_kernels_block_scaled.py \
+    tests/kernels/test_kernels_microscaled.py \
+    tests/kernels/test_kernels_fp8_block.py tests/kernels/test_kernels_moe.py \
+    tests/kernels/test_kernels_act_order.py tests/kernels/test_kernels_asym_int4.py
+
+# -- 6. autotune choices, the model beside the measurements, the summary
 if [ "$DRY" = 0 ]; then
     grep -h "best config selected" "$OUT"/*.log >"$OUT/autotune.txt" 2>/dev/null
     grep -h "^scaled_mm faster: " "$OUT/fp8.log" >"$OUT/scaled_mm_faster.txt" 2>/dev/null
