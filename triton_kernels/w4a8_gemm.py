@@ -41,6 +41,7 @@ from ._launch import (
     autotuned,
     check_device,
     check_fp8_support,
+    m_bucket,
     output,
     output_args,
     run_kernel,
@@ -173,7 +174,7 @@ def w4a8_gemm_kernel(
     cols_n = tl.minimum(offs_n, N - 1)
     a_rows = a_ptr + rows_m[:, None].to(tl.int64) * stride_am
     w_rows = w_ptr + cols_n[:, None].to(tl.int64) * stride_wn
-    s_cols = scales_ptr + cols_n.to(tl.int64) * stride_sn
+    s_offs = cols_n * stride_sn  # -- int32: N x G scales never reach 2**31
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     part_dtype: tl.constexpr = tl.float32 if FP8 else tl.int32
     ones = tl.full((BLOCK_K, 16), 1.0, tl.float32).to(a_ptr.dtype.element_ty)
@@ -186,7 +187,7 @@ def w4a8_gemm_kernel(
             part, row_sums = tile_products(
                 a_rows, w_rows, t * BLOCK_K, K, part, row_sums, ones, BLOCK_K, EVEN_K, FP8
             )
-        scale = tl.load(s_cols).to(tl.float32)
+        scale = tl.load(scales_ptr + s_offs).to(tl.float32)
         acc = scaled_sums(part, row_sums, scale, FP8)
     else:
         # -- the groups of this split: exact int32 (INT8) or float32 (FP8) sums, then scaled
@@ -199,7 +200,7 @@ def w4a8_gemm_kernel(
                 part, row_sums = tile_products(
                     a_rows, w_rows, k0, K, part, row_sums, ones, BLOCK_K, EVEN_K, FP8
                 )
-            scale = tl.load(s_cols + g).to(tl.float32)
+            scale = tl.load(scales_ptr + (s_offs + g)).to(tl.float32)
             acc += scaled_sums(part, row_sums, scale, FP8)
     # -- the last split of a tile adds the splits' float32 partial tiles in split order
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -228,11 +229,12 @@ def _config(
 
 
 # -- decode and small batches: short tiles along M, groups split over programs so that the
-# -- weight streams on every SM; 64 rows in one tile unpack each weight once per program
+# -- weight streams on every SM; 64 rows in one tile unpack each weight once per program.
+# -- The first config of each list is the one run untuned (interpreter, --quick model)
 SPLIT_K_CONFIGS = [
     _config(bm, bn, sk, 4, st)
-    for bm, bn in ((16, 64), (16, 128), (32, 128), (64, 64), (64, 128))
-    for sk in (1, 2, 4, 8)
+    for bm, bn in ((64, 128), (16, 128), (16, 64), (32, 128), (64, 64))
+    for sk in (2, 1, 4, 8)
     for st in (3, 4)
 ]
 # -- FP8: sm_90's E4M3 MMA is the warpgroup one (64-row tiles); shorter tiles take the
@@ -242,20 +244,37 @@ FP8_SPLIT_K_CONFIGS = [c for c in SPLIT_K_CONFIGS if c.kwargs["BLOCK_M"] == 64]
 TILED_CONFIGS = [
     _config(64, 128, 1, 4, 4),
     _config(128, 64, 1, 4, 4),
+    _config(64, 256, 1, 8, 3),
+    _config(256, 64, 1, 8, 3),
     _config(128, 128, 1, 8, 3),
-    _config(128, 128, 1, 8, 4),
-    _config(128, 256, 1, 8, 3),
-    _config(256, 128, 1, 8, 3),
 ]
+# -- split-K partial tiles: at most this many rows times splits (the workspace a launch
+# -- writes and reads back grows with both; 64 rows split in two already fill the SMs)
+SPLIT_ROWS = 128
+
+
+def max_splits(m: int) -> int:
+    """The largest split factor tried for ``m`` rows (a power of two, at least 1)."""
+    return max(1, SPLIT_ROWS // m_bucket(m))
+
+
+def prune_splits(configs, named_args, **kwargs):
+    """The split tuning's prune: no more splits than :func:`max_splits` allows, and tiles
+    that fit the split-K counters."""
+    splits = max_splits({**named_args, **kwargs}["M"])
+    kept = [c for c in configs if c.kwargs["SPLIT_K"] <= splits]
+    return prune_to_counters(kept, named_args, **kwargs)
+
+
 _KEY = ["M_BUCKET", "N", "K", "GROUP_TILES", "EVEN_K"]
 # -- (split-K, tiled) tunings per activation dtype: choices made and cached apart
 TUNED = {
     torch.int8: (
-        autotuned(w4a8_gemm_kernel, SPLIT_K_CONFIGS, _KEY, prune=prune_to_counters),
+        autotuned(w4a8_gemm_kernel, SPLIT_K_CONFIGS, _KEY, prune=prune_splits),
         autotuned(w4a8_gemm_kernel, TILED_CONFIGS, _KEY),
     ),
     torch.float8_e4m3fn: (
-        autotuned(w4a8_gemm_kernel, FP8_SPLIT_K_CONFIGS, _KEY, prune=prune_to_counters),
+        autotuned(w4a8_gemm_kernel, FP8_SPLIT_K_CONFIGS, _KEY, prune=prune_splits),
         autotuned(w4a8_gemm_kernel, TILED_CONFIGS, _KEY),
     ),
 }
@@ -327,7 +346,8 @@ def w4a8_gemm(
         raise ValueError(f"the tiled W4A8 GEMM takes SPLIT_K=1 configs only, got {config}")
     out = output(out, (m, n), out_dtype, a.device)
     if split_k:
-        configs = TUNED[a.dtype][0].configs
+        splits = max_splits(m)
+        configs = [c for c in TUNED[a.dtype][0].configs if c.kwargs["SPLIT_K"] <= splits]
         ws, locks = split_workspace(configs, config, m, n, torch.float32, a.device)
     else:
         ws = locks = out  # -- never read by the tiled tuning
