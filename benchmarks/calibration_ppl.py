@@ -111,6 +111,12 @@ def main() -> None:
     parser.add_argument("--gptq-observer", default="hessian_mse", help="GPTQ group ranges")
     parser.add_argument("--awq-grid", type=int, default=20)
     parser.add_argument(
+        "--awq-search-rows",
+        type=int,
+        default=None,
+        help="rows an MLP or linear is scored on in the AWQ scale search (default: all)",
+    )
+    parser.add_argument(
         "--awq-duo", choices=["on", "off", "both"], default="off", help="AWQ duo scaling"
     )
     parser.add_argument(
@@ -140,7 +146,12 @@ def main() -> None:
         print(f"fp32: {ref:.3f} (given)", flush=True)
     table = [("fp32", ref, 0.0, 0.0, 0.0)]
     duo = {"on": True, "off": False, "both": "both"}[args.awq_duo]
-    awq = AWQConfig(grid=args.awq_grid, max_tokens=args.awq_tokens, duo_scaling=duo)
+    awq = AWQConfig(
+        grid=args.awq_grid,
+        max_tokens=args.awq_tokens,
+        duo_scaling=duo,
+        search_rows=args.awq_search_rows,
+    )
     gptq = GPTQConfig(dampening=args.gptq_damp, observer=args.gptq_observer)
     w4a8_alphas = args.w4a8_alphas or [args.alpha]
     table_rows = rows(args.group_size, args.alpha, awq, gptq, w4a8_alphas)

@@ -176,3 +176,25 @@ def test_static_asymmetric_scales_and_zero_points_cover_the_observed_range(obser
     cal.quantize({"down"})
     layer = cal.module.get_submodule("down")
     assert torch.equal(layer.input_zero_point, zero) and torch.equal(layer.input_scale, scale)
+
+
+INSPECTED = (
+    BalanceMapping("norm", ("up", "gate"), None),
+    BalanceMapping("up", ("down",), "down", True),  # -- a linear: scored row by row
+)
+
+
+@pytest.mark.parametrize("search_rows", [24, 64])
+def test_awq_scores_a_token_wise_inspect_on_search_rows(search_rows):
+    awq = AWQConfig(grid=4, clip_grid=4, max_tokens=64, search_rows=search_rows)
+    cal = calibration_block(QuantScheme(W4, algorithm="awq", awq=awq))
+    cal.balance = list(INSPECTED)
+    (step,) = gather(cal, AwqStep)
+    seen: list[tuple[int, ...]] = []
+    cal.module.down.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    step.apply()
+    if search_rows == 24:  # -- 64 rows: above the cap, one call on 24 evenly spaced rows
+        assert seen == [(1, 24, 48)] * 5  # -- the float reference, then the 4 candidates
+    else:  # -- sample by sample: the reference, each candidate's first, then what is left
+        assert set(seen) == {(1, 16, 48)} and 4 + 4 <= len(seen) <= 4 * 5
+    assert "down" in cal.divisor

@@ -16,6 +16,7 @@ chosen from (NVFP4's E4M3 scale of it, MXFP4's power of two).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -116,6 +117,24 @@ def scale_candidates(
     return out
 
 
+@dataclass(frozen=True)
+class PartedLoss:
+    """An output error summed over ``parts`` non-negative parts (one per calibration
+    sample): ``part(ws, i)`` is part ``i`` with effective weights ``ws``, a 0-dim tensor.
+
+    Called, it is the whole error, the parts added in order as one float32 sum.
+    """
+
+    parts: int
+    part: Callable[[list[torch.Tensor], int], torch.Tensor]
+
+    def __call__(self, ws: list[torch.Tensor]) -> float:
+        total = 0
+        for i in range(self.parts):
+            total = total + self.part(ws, i)
+        return float(total)
+
+
 @torch.no_grad()
 def search_scales(
     act_mean: torch.Tensor,
@@ -130,17 +149,57 @@ def search_scales(
     ``loss_with(ws)`` runs the inspected module with effective weights ``ws`` and
     returns its output error; each candidate is scored with ``quantize(W s) / s``.
     Candidates come from each of ``w_means`` (``None``: activation-only scaling).
+    A :class:`PartedLoss` is searched by :func:`_search_parted`, which stops scoring a
+    candidate once its parts so far exceed the best total (the same choice, less work).
     Returns ``(s, alpha, loss)``.
     """
-    best = (torch.ones_like(act_mean, dtype=torch.float32), 0.0, float("inf"))
     candidates = [c for wm in w_means for c in scale_candidates(act_mean, grid, wm)]
+    candidates = [(alpha, s.to(weights[0].device)) for alpha, s in candidates]
+
+    def trial(s: torch.Tensor) -> list[torch.Tensor]:
+        return [(quantize(w * s) / s).to(w.dtype) for w in weights]
+
+    if isinstance(loss_with, PartedLoss) and loss_with.parts > 1:
+        return _search_parted(act_mean, candidates, trial, loss_with)
+    best = (torch.ones_like(act_mean, dtype=torch.float32), 0.0, float("inf"))
     for alpha, s in candidates:
-        s = s.to(weights[0].device)
-        trial = [(quantize(w * s) / s).to(w.dtype) for w in weights]
-        loss = loss_with(trial)
+        loss = loss_with(trial(s))
         if loss < best[2]:
             best = (s, alpha, loss)
     return best
+
+
+def _search_parted(
+    act_mean: torch.Tensor,
+    candidates: list[tuple[float, torch.Tensor]],
+    trial: Callable[[torch.Tensor], list[torch.Tensor]],
+    loss: PartedLoss,
+) -> tuple[torch.Tensor, float, float]:
+    """The candidate a full search picks (least total, the first of equal ones), scoring
+    every candidate's first part, then the rest in order of it: partial sums of
+    non-negative float32 parts never decrease, so one above the best total is dropped."""
+    first = [loss.part(trial(s), 0) for _, s in candidates]
+    order = sorted(range(len(candidates)), key=lambda c: (float(first[c]), c))
+    best_c, best_loss = None, float("inf")
+
+    def beaten(value: float, c: int) -> bool:
+        return value > best_loss or (best_c is not None and value == best_loss and c > best_c)
+
+    for c in order:
+        total, ws = first[c], None
+        for i in range(1, loss.parts):
+            if beaten(float(total), c):
+                break
+            ws = ws if ws is not None else trial(candidates[c][1])
+            total = total + loss.part(ws, i)
+        else:
+            value = float(total)
+            if value < best_loss or (best_c is not None and value == best_loss and c < best_c):
+                best_c, best_loss = c, value
+    if best_c is None:
+        return torch.ones_like(act_mean, dtype=torch.float32), 0.0, float("inf")
+    alpha, s = candidates[best_c]
+    return s, alpha, best_loss
 
 
 def search_clip(
@@ -171,16 +230,25 @@ def search_clip_ranges(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group ranges ``(lo, hi)`` ``(N, G)``: min/max shrunk by the factor that
     minimises ``sum_t (x_t . w_g - x_t . q(w_g))^2`` for each group ``g`` separately,
-    ``q`` the fake quantization ``quantize(w, ranges)``."""
+    ``q`` the fake quantization ``quantize(w, ranges)``.
+
+    The error of a group's rounding ``d = q(w_g) - w_g`` is ``d^T H_g d`` with ``H_g`` the
+    Gram matrix of the group's inputs; when a group is narrower than the input has rows,
+    each shrink is scored that way, ``group_size / T`` of the work of the partial products.
+    """
     n, k = w.shape
     gs = k if group_size == -1 else group_size
     g = num_groups(k, group_size)
     pad = g * gs - k
     wf, xf = w.float(), x.reshape(-1, k).float()
-    # -- per-group partial products as one batched matmul: (G, T, gs) @ (G, gs, N)
+    # -- per-group inputs (G, T, gs) and weights (G, gs, N)
     xg = torch.nn.functional.pad(xf, (0, pad)).reshape(-1, g, gs).transpose(0, 1)
     wg = torch.nn.functional.pad(wf, (0, pad)).reshape(n, g, gs).permute(1, 2, 0)
-    ref = torch.bmm(xg, wg)  # (G, T, N)
+    by_gram = gs < xg.shape[1]
+    if by_gram:
+        gram = torch.bmm(xg.transpose(1, 2), xg)  # (G, gs, gs)
+    else:
+        ref = torch.bmm(xg, wg)  # (G, T, N)
     lo0, hi0 = group_min_max(wf, group_size)
     best_err = torch.full((n, g), float("inf"), device=w.device)
     best_p = torch.ones(n, g, device=w.device)
@@ -189,7 +257,11 @@ def search_clip_ranges(
         p = 1.0 - i / grid
         q = quantize(wf, (lo0 * p, hi0 * p))
         qg = torch.nn.functional.pad(q, (0, pad)).reshape(n, g, gs).permute(1, 2, 0)
-        err = (torch.bmm(xg, qg) - ref).pow(2).mean(dim=1).t()  # (N, G)
+        if by_gram:
+            d = qg - wg
+            err = (torch.bmm(gram, d) * d).sum(dim=1).t() / xg.shape[1]  # (N, G)
+        else:
+            err = (torch.bmm(xg, qg) - ref).pow(2).mean(dim=1).t()  # (N, G)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_p = torch.where(better, torch.full_like(best_p, p), best_p)

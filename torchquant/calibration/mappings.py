@@ -22,13 +22,21 @@ class BalanceMapping:
     """``source`` output -> input of every one of ``linears``; AWQ scores ``inspect``'s output.
 
     ``source_is_linear`` marks inputs another linear produces, which SmoothQuant leaves
-    alone unless asked (:class:`~torchquant.config.SmoothQuantConfig`).
+    alone unless asked (:class:`~torchquant.config.SmoothQuantConfig`).  ``token_wise``
+    marks an ``inspect`` whose output at a token depends on that token's input alone (an
+    MLP; a linear is token-wise without it), so AWQ may score it on a subset of rows.
     """
 
     source: str
     linears: tuple[str, ...]
     inspect: str | None = None
     source_is_linear: bool = False
+    token_wise: bool = False
+
+    @property
+    def inspects_tokens(self) -> bool:
+        """Whether ``inspect`` may be scored row by row (token-wise or one of the linears)."""
+        return self.token_wise or self.inspect in self.linears
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,9 @@ _LLAMA_LIKE = (
         "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"
     ),
     BalanceMapping("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", True),
-    BalanceMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    BalanceMapping(
+        "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", token_wise=True
+    ),
     BalanceMapping("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", True),
 )
 

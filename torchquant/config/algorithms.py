@@ -83,6 +83,10 @@ class AWQConfig:
     it measured 26.94 perplexity vs 27.32 with it) or searches both (``"both"``).
     ``rounding="gptq"`` rounds the scaled weights with GPTQ (the scheme's ``gptq``
     parameters) instead of round-to-nearest with the clipping search.
+    ``search_rows`` caps the rows a token-wise inspected module (an MLP, a linear) is
+    scored on in the scale search: above it, that many rows evenly spaced over the
+    captured ones (``None``, the default: all of them); attention is always scored on
+    whole samples.
     """
 
     grid: int = 20
@@ -92,6 +96,7 @@ class AWQConfig:
     clip_grid: int = 20
     max_shrink: float = 0.5
     max_tokens: int = 4096
+    search_rows: int | None = None
 
     def __post_init__(self) -> None:
         require(is_int(self.grid) and self.grid >= 1, "awq.grid", self.grid, "an int >= 1")
@@ -120,6 +125,12 @@ class AWQConfig:
             "awq.max_tokens",
             self.max_tokens,
             "a positive int",
+        )
+        require(
+            self.search_rows is None or (is_int(self.search_rows) and self.search_rows > 0),
+            "awq.search_rows",
+            self.search_rows,
+            "None or a positive int",
         )
 
 

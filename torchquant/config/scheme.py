@@ -474,6 +474,8 @@ class QuantScheme:
             del data["weight"]["observer"]
         if not self.gptq.sequential:  # -- GPTQ's later option, likewise
             del data["gptq"]["sequential"]
+        if self.awq.search_rows is None:  # -- AWQ's later option, likewise
+            del data["awq"]["search_rows"]
         if self.smoothquant.rounding == "rtn":  # -- SmoothQuant's later option, likewise
             del data["smoothquant"]["rounding"]
         if data["activation"] is not None and self.activation.group_size is None:

@@ -4,8 +4,10 @@ For each balance mapping whose linears all use AWQ and whose source can take the
 inverse, the scale search (:func:`~torchquant.algorithms.awq.search_scales`) scores
 candidates by the output error of the mapping's ``inspect`` module, run on inputs
 captured in the statistics pass (or, without one, by the linears' own outputs on
-sampled inputs).  Then, for linears AWQ also rounds, each group's range is shrunk to
-the factor minimising its partial products' error; rounding reads the ranges.
+sampled inputs); a token-wise ``inspect`` (an MLP, a linear) on at most
+``awq.search_rows`` of those rows, evenly spaced.  Then, for linears AWQ also rounds,
+each group's range is shrunk to the factor minimising its partial products' error;
+rounding reads the ranges.
 """
 
 from __future__ import annotations
@@ -107,23 +109,21 @@ class AwqStep(CalibrationStep):
                 return float(sum(((x @ w.t()) - r).pow(2).mean() for w, r in pairs))
 
             return linears_error
+        rows = _token_rows(captured, block.schemes[m.linears[0]].awq.search_rows)
+        if m.inspects_tokens and rows is not None:
+            captured = [(rows.shape[1], (rows,), {})]
         ref = [_call(inspect, a, kw) for _, a, kw in captured]
+        loaded: list = []  # -- the effective weights the linears hold now
 
-        def inspected_error(ws):
-            for lin, w in zip(linears, ws, strict=True):
-                set_weight(lin, w)
-            try:
-                return float(
-                    sum(
-                        (_call(inspect, a, kw) - r).pow(2).mean()
-                        for (_, a, kw), r in zip(captured, ref, strict=True)
-                    )
-                )
-            finally:
-                for lin, w in zip(linears, originals, strict=True):
+        def inspected_error(ws: list[torch.Tensor], i: int) -> torch.Tensor:
+            if not loaded or loaded[0] is not ws:
+                for lin, w in zip(linears, ws, strict=True):
                     set_weight(lin, w)
+                loaded[:] = [ws]
+            _, a, kw = captured[i]
+            return (_call(inspect, a, kw) - ref[i]).pow(2).mean()
 
-        return inspected_error
+        return awq.PartedLoss(len(captured), inspected_error)
 
     def _search(self, m: BalanceMapping) -> torch.Tensor:
         """The input scale ``s`` of mapping ``m``'s linears with the least output error."""
@@ -137,7 +137,11 @@ class AwqStep(CalibrationStep):
         duo = awq.weight_salience(originals, wq.group_size)
         w_means = {True: [duo], False: [None], "both": [None, duo]}[cfg.duo_scaling]
         loss_with = self._loss(m, linears, originals)
-        s, _, _ = awq.search_scales(act_mean, originals, quantize, loss_with, cfg.grid, w_means)
+        try:
+            s, _, _ = awq.search_scales(act_mean, originals, quantize, loss_with, cfg.grid, w_means)
+        finally:
+            for lin, w in zip(linears, originals, strict=True):
+                set_weight(lin, w)
         return s
 
     def _apply_scale(self, m: BalanceMapping, s: torch.Tensor) -> None:
@@ -170,6 +174,17 @@ class AwqStep(CalibrationStep):
         w, wq, cfg = get_weight(block.linears[rel]), scheme.weight, scheme.awq
         quantize = awq.weight_fake_quantize(wq)
         return awq.search_clip_ranges(w, x, wq.group_size, quantize, cfg.clip_grid, cfg.max_shrink)
+
+
+def _token_rows(captured: list, limit: int | None) -> torch.Tensor | None:
+    """``limit`` rows ``(1, limit, K)`` evenly spaced over the captured inputs, or ``None``
+    where there is no limit, they are no more rows or are not plain hidden states."""
+    plain = all(len(a) == 1 and not kw and isinstance(a[0], torch.Tensor) for _, a, kw in captured)
+    if limit is None or not plain or sum(n for n, _, _ in captured) <= limit:
+        return None
+    x = torch.cat([a[0].reshape(-1, a[0].shape[-1]) for _, a, _ in captured])
+    picked = torch.arange(limit, device=x.device) * x.shape[0] // limit
+    return x[picked].unsqueeze(0)
 
 
 def independent_waves(mappings: list[BalanceMapping]) -> list[list[BalanceMapping]]:

@@ -1,0 +1,112 @@
+"""The AWQ searches' shortcuts choose what the plain searches choose."""
+
+import math
+
+import pytest
+import torch
+
+from torchquant.algorithms.awq import (
+    PartedLoss,
+    fake_quantize,
+    search_clip,
+    search_scales,
+)
+from torchquant.numerics import group_min_max
+
+
+def counted_loss(parts: list[list[float]]) -> tuple[PartedLoss, list[int]]:
+    """A loss whose part ``i`` for the ``c``-th distinct weight list is ``parts[c][i]``,
+    counting the parts scored; candidates are told apart by their first weight's sum."""
+    keys: dict[float, int] = {}
+    scored = [0]
+
+    def part(ws: list[torch.Tensor], i: int) -> torch.Tensor:
+        c = keys.setdefault(float(ws[0].sum()), len(keys))
+        scored[0] += 1
+        return torch.tensor(parts[c][i], dtype=torch.float32)
+
+    return PartedLoss(len(parts[0]), part), scored
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_parted_search_picks_the_full_searchs_candidate(seed):
+    gen = torch.Generator().manual_seed(seed)
+    act_mean = torch.rand(16, generator=gen) + 0.1
+    w = torch.randn(8, 16, generator=gen)
+
+    def quantize(t):
+        return fake_quantize(t, 3, 8, False)
+
+    grid, parts = 10, 5
+    table = (torch.rand(grid, parts, generator=gen) * 4).tolist()
+    if seed % 3 == 1:
+        table[7] = list(table[2])  # -- equal totals: the first of them wins
+        table[2][0], table[2][1] = table[2][1], table[2][0]  # -- reached in another order
+    if seed % 3 == 2:
+        table[4][3] = math.nan  # -- a NaN part is never chosen
+    parted, _ = counted_loss(table)
+    plain, _ = counted_loss(table)
+    got = search_scales(act_mean, [w], quantize, parted, grid)
+    want = search_scales(act_mean, [w], quantize, lambda ws: plain(ws), grid)
+    assert got[1] == want[1] and got[2] == want[2]
+    assert torch.equal(got[0], want[0])
+
+
+def test_parted_search_skips_the_rest_of_a_beaten_candidate():
+    act_mean = torch.rand(16) + 0.1
+    w = torch.randn(8, 16)
+    table = [[1.0 + 10 * c] * 4 for c in range(10)]  # -- alpha 0 is best by far
+    loss, scored = counted_loss(table)
+    s, alpha, best = search_scales(act_mean, [w], lambda t: fake_quantize(t, 3, 8, False), loss, 10)
+    assert alpha == 0.0 and best == 4.0
+    # -- every first part, then only the best candidate's other three
+    assert scored[0] == 10 + 3
+
+
+def test_parted_search_without_a_finite_loss_keeps_unit_scales():
+    act_mean = torch.rand(16) + 0.1
+    loss, _ = counted_loss([[math.inf, 1.0]] * 4)
+    s, alpha, best = search_scales(
+        act_mean, [torch.randn(8, 16)], lambda t: fake_quantize(t, 3, 8, False), loss, 4
+    )
+    assert torch.equal(s, torch.ones(16)) and alpha == 0.0 and best == math.inf
+
+
+def partial_product_ranges(w, x, bits, group_size, grid, max_shrink):
+    """The clip ranges scored the plain way, in float64: each group's partial products."""
+    n, k = w.shape
+    lo0, hi0 = group_min_max(w, group_size)
+    g = lo0.shape[1]
+    best = torch.full((n, g), math.inf, dtype=torch.float64)
+    best_p = torch.ones(n, g)
+    for i in range(max(1, int(grid * max_shrink))):
+        p = 1.0 - i / grid
+        d = (fake_quantize(w, bits, group_size, False, (lo0 * p, hi0 * p)) - w).double()
+        xd = x.double()
+        err = torch.stack(
+            [
+                (
+                    xd[:, j * group_size : (j + 1) * group_size]
+                    @ d[:, j * group_size : (j + 1) * group_size].t()
+                )
+                .pow(2)
+                .mean(0)
+                for j in range(g)
+            ],
+            dim=1,
+        )
+        better = err < best
+        best = torch.where(better, err, best)
+        best_p = torch.where(better, torch.full_like(best_p, p), best_p)
+    return lo0 * best_p, hi0 * best_p
+
+
+@pytest.mark.parametrize("tokens", [16, 300])  # -- fewer rows than a group, and more
+def test_clip_search_matches_the_partial_products(tokens):
+    torch.manual_seed(tokens)
+    w = torch.distributions.StudentT(3.0).sample((24, 96))
+    x = torch.randn(tokens, 96)
+    x[:, :3] *= 20.0
+    got = search_clip(w, x, 3, 32, False, grid=20, max_shrink=0.5)
+    want = partial_product_ranges(w, x, 3, 32, 20, 0.5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
