@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -277,8 +278,24 @@ def blocked_linear(
     (``tile_rows(K)`` rows at most; it may write them into one reused buffer).
     """
     step = tile_rows(x2.shape[1])
-    parts = [x2 @ dequantize_rows(i, min(i + step, n)).t() for i in range(0, n, step)]
+    if x2.dtype == torch.bfloat16 and not native_bf16_gemm():
+        # -- without AVX-512 BF16 or AMX the bf16 GEMM is emulated, several times slower
+        # -- than float32's: multiply in float32 (float32 accumulation, as oneDNN's bf16 does)
+        xf = x2.float()
+        parts = [
+            (xf @ dequantize_rows(i, min(i + step, n)).float().t()).to(x2.dtype)
+            for i in range(0, n, step)
+        ]
+    else:
+        parts = [x2 @ dequantize_rows(i, min(i + step, n)).t() for i in range(0, n, step)]
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+@functools.cache
+def native_bf16_gemm() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX tiles)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def code_chunks(bits: int) -> tuple[int, int]:
