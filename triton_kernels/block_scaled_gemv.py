@@ -30,13 +30,9 @@ from .float_codes import E2M1_TO_FP16, E4M3_TO_FP16, e2m1_pair, e4m3_pair, e8m0_
 
 
 @triton.jit
-def _dot_e2m1(w, x_row, k, part, X_BF16: tl.constexpr, ASM: tl.constexpr):
-    """``part + sum(code * 2**-14 * x)`` over the 8 E2M1 codes of ``w`` (x[k : k + 8])."""
+def _accumulate8(part, c0, c1, c2, c3, c4, c5, c6, c7, x_row, k, X_BF16: tl.constexpr):
+    """``part + sum(c_i * x[k + i])``: the eight decoded codes times their activations."""
     x0, x1, x2, x3, x4, x5, x6, x7 = activations8(x_row, k, X_BF16)
-    c0, c4 = halves(e2m1_pair(w, 0), ASM)
-    c1, c5 = halves(e2m1_pair(w, 1), ASM)
-    c2, c6 = halves(e2m1_pair(w, 2), ASM)
-    c3, c7 = halves(e2m1_pair(w, 3), ASM)
     part += c0 * x0
     part += c1 * x1
     part += c2 * x2
@@ -48,21 +44,23 @@ def _dot_e2m1(w, x_row, k, part, X_BF16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _dot_e2m1(w, x_row, k, part, X_BF16: tl.constexpr, ASM: tl.constexpr):
+    """``part + sum(code * 2**-14 * x)`` over the 8 E2M1 codes of ``w`` (x[k : k + 8])."""
+    c0, c4 = halves(e2m1_pair(w, 0), ASM)
+    c1, c5 = halves(e2m1_pair(w, 1), ASM)
+    c2, c6 = halves(e2m1_pair(w, 2), ASM)
+    c3, c7 = halves(e2m1_pair(w, 3), ASM)
+    return _accumulate8(part, c0, c1, c2, c3, c4, c5, c6, c7, x_row, k, X_BF16)
+
+
+@triton.jit
 def _dot_e4m3(w_lo, w_hi, x_row, k, part, X_BF16: tl.constexpr, ASM: tl.constexpr):
     """``part + sum(code * 2**-8 * x)`` over the 8 E4M3 codes of ``w_lo, w_hi`` (x[k : k + 8])."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = activations8(x_row, k, X_BF16)
     c0, c2 = halves(e4m3_pair(w_lo, 0), ASM)
     c1, c3 = halves(e4m3_pair(w_lo, 1), ASM)
     c4, c6 = halves(e4m3_pair(w_hi, 0), ASM)
     c5, c7 = halves(e4m3_pair(w_hi, 1), ASM)
-    part += c0 * x0
-    part += c1 * x1
-    part += c2 * x2
-    part += c3 * x3
-    part += c4 * x4
-    part += c5 * x5
-    part += c6 * x6
-    return part + c7 * x7
+    return _accumulate8(part, c0, c1, c2, c3, c4, c5, c6, c7, x_row, k, X_BF16)
 
 
 @triton.jit
