@@ -8,10 +8,11 @@ import torch
 from torchquant.algorithms.awq import (
     PartedLoss,
     fake_quantize,
+    quantize_in_ranges,
     search_clip,
     search_scales,
 )
-from torchquant.numerics import group_min_max
+from torchquant.numerics import dequantize_int_weight, group_min_max
 
 
 def counted_loss(parts: list[list[float]]) -> tuple[PartedLoss, list[int]]:
@@ -110,3 +111,21 @@ def test_clip_search_matches_the_partial_products(tokens):
     got = search_clip(w, x, 3, 32, False, grid=20, max_shrink=0.5)
     want = partial_product_ranges(w, x, 3, 32, 20, 0.5)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 40, -1])  # -- 40 leaves a partial last group
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_grouped_fake_quantize_is_the_codes_dequantized(dtype, bits, group_size, symmetric):
+    torch.manual_seed(bits * 100 + group_size)
+    w = (torch.distributions.StudentT(3.0).sample((24, 96)) * 0.1).to(dtype)
+    w[3, :40] = 0.0  # -- an all-zero group: scale 1
+    w[5] = w[5].abs()  # -- groups that do not reach below zero
+    lo, hi = group_min_max(w, group_size)
+    shrunk = (lo * 0.7, hi * 0.7)
+    for ranges in (None, shrunk):
+        q = quantize_in_ranges(w, ranges or (lo, hi), bits, group_size, symmetric, torch.float32)
+        want = dequantize_int_weight(q.codes, q.scales, q.zeros, bits, group_size, dtype)
+        got = fake_quantize(w, bits, group_size, symmetric, ranges)
+        assert got.dtype == dtype and torch.equal(got, want)

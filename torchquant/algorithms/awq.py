@@ -24,7 +24,6 @@ from torchquant.config import WeightQuant
 from torchquant.numerics import (
     IntWeight,
     choose_int_qparams,
-    dequantize_int_weight,
     expand_groups,
     group_min_max,
     num_groups,
@@ -55,10 +54,25 @@ def quantize_in_ranges(
 def fake_quantize(
     w: torch.Tensor, bits: int, group_size: int, symmetric: bool, ranges: tuple | None = None
 ) -> torch.Tensor:
-    """``dequant(quant(w))`` round-to-nearest, from min/max or the given ``(lo, hi)``."""
+    """``dequant(quant(w))`` round-to-nearest, from min/max or the given ``(lo, hi)``.
+
+    The searches call it once per candidate, so it works on the grouped view
+    ``(N, G, group_size)`` with per-group float32 scales broadcast, in place: the same
+    element-wise steps as :func:`quantize_in_ranges` then ``dequantize_int_weight``
+    (bit for bit), without expanding the qparams to ``(N, K)``.
+    """
+    n, k = w.shape
+    gs = k if group_size == -1 else group_size
+    g = num_groups(k, group_size)
     ranges = ranges if ranges is not None else group_min_max(w, group_size)
-    q = quantize_in_ranges(w, ranges, bits, group_size, symmetric, torch.float32)
-    return dequantize_int_weight(q.codes, q.scales, q.zeros, bits, group_size, w.dtype)
+    scales, zeros = choose_int_qparams(*ranges, bits, symmetric, torch.float32)
+    scale = scales.unsqueeze(-1)  # (N, G, 1)
+    zero = float(1 << (bits - 1)) if zeros is None else zeros.float().unsqueeze(-1)
+    wf = w.float() if g * gs == k else torch.nn.functional.pad(w.float(), (0, g * gs - k))
+    wf = wf.reshape(n, g, gs)
+    codes = torch.round(wf / scale).add_(zero).clamp_(0, (1 << bits) - 1).to(torch.uint8)
+    deq = codes.float().sub_(zero).mul_(scale)
+    return deq.reshape(n, g * gs)[:, :k].to(w.dtype)
 
 
 def quantize_fp4_in_ranges(
