@@ -19,6 +19,11 @@ the predicted ratio errs low.  Kernels are counted as eager PyTorch launches the
 aten op, RMSNorm and attention as the meta device dispatches them); ``torch.compile``
 fuses the element-wise ones, which raises the ratio.  The KV cache is ``--context``
 tokens; writing one row into it counts the row, not the cache.
+
+A quantized scheme at batch 1 runs sibling projections (q/k/v, gate/up: the sets
+``torchquant.modules.fuse_sibling_linears`` fuses, called one after another on one
+tensor) as one linear over their concatenated rows, as the library does on CUDA; bf16
+keeps one cuBLAS call per projection.
 """
 
 from __future__ import annotations
@@ -51,10 +56,16 @@ from kernel_model import (
     row,
 )
 from kernel_resources import compile_only
+from torch import nn
+
+from torchquant.modules.sibling_linears import sibling_sets
 
 # (model, scheme, batch) -> least predicted speedup over bf16 (issues 13 and 14)
 TARGETS = {("llama", "w4a16", 1): 2.5, ("mixtral", "w4a16", 1): 2.0}
-LLAMA_SCHEMES = ("w4a16", "w8a16")
+# -- "+lm_head": that scheme with lm_head quantized too (``QuantConfig(s, ignore=())``), an
+# -- opt-in row beside the default, never the target's
+WITH_LM_HEAD = "+lm_head"
+LLAMA_SCHEMES = ("w4a16", "w8a16", "w4a16" + WITH_LM_HEAD)
 MOE_SCHEMES = ("w4a16",)
 BATCHES = (1, 16)
 # in-place writes whose arguments hold a whole buffer but which touch one slice of it
@@ -68,6 +79,8 @@ class StepWork(DeviceWork):
     def __init__(self, launches: list[Launch]) -> None:
         super().__init__(launches)
         self.mm_shapes: dict[int, tuple[int, int, int]] = {}
+        self.mm_sources: dict[int, tuple[str, torch.Tensor]] = {}
+        self.linear_source: tuple[str, torch.Tensor] | None = None  # -- set by a pre-hook
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = super().__torch_dispatch__(func, types, args, kwargs)
@@ -75,6 +88,9 @@ class StepWork(DeviceWork):
         if name == "mm":
             (m, k), n = args[0].shape, args[1].shape[1]
             self.mm_shapes[len(self.launches) - 1] = (m, n, k)
+            if self.linear_source is not None:
+                self.mm_sources[len(self.launches) - 1] = self.linear_source
+                self.linear_source = None
         elif name in _SLICE_WRITES:
             source = args[_SLICE_WRITES[name] + 1]
             self.launches[-1].nbytes = 3 * source.numel() * source.element_size()
@@ -83,7 +99,22 @@ class StepWork(DeviceWork):
         return out
 
     def calls(self) -> list[Call]:
-        return [Call(launch, self.mm_shapes.get(i)) for i, launch in enumerate(self.launches)]
+        return [
+            Call(launch, self.mm_shapes.get(i), *self.mm_sources.get(i, ("", None)))
+            for i, launch in enumerate(self.launches)
+        ]
+
+    def note_linear_inputs(self, model: nn.Module) -> list:
+        """Pre-hooks noting which linear issues the next ``mm``, and on what input."""
+        handles = []
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+
+                def note(_module, args, name=name):
+                    self.linear_source = (name, args[0])
+
+                handles.append(module.register_forward_pre_hook(note))
+        return handles
 
 
 @dataclass
@@ -92,6 +123,35 @@ class Call:
 
     launch: Launch
     linear: tuple[int, int, int] | None = None  # (M, N, K) of an ``mm``
+    module: str = ""  # the linear that issued it
+    source: torch.Tensor | None = None  # that linear's input
+    projections: int = 1  # sibling projections one call serves
+
+
+def fuse_siblings(calls: list[Call], sets: list[tuple[str, list[str]]]) -> list[Call]:
+    """``calls`` with each run of sibling projections on one input row as one linear over
+    their concatenated rows (N summed), at the first one's place."""
+    member = {}
+    for parent, names in sets:
+        for i, name in enumerate(names):
+            member[f"{parent}.{name}" if parent else name] = (parent, i)
+    out: list[Call] = []
+    lead: dict[str, Call] = {}  # -- parent -> its fused call in ``out``
+    for call in calls:
+        where = member.get(call.module)
+        if call.linear is None or where is None or call.linear[0] != 1:
+            out.append(call)
+            continue
+        parent, position = where
+        first = lead.get(parent)
+        if position == 0 or first is None or first.source is not call.source:
+            lead[parent] = Call(call.launch, call.linear, call.module, call.source)
+            out.append(lead[parent])
+            continue
+        m, n, k = first.linear
+        first.linear = (m, n + call.linear[1], k)
+        first.projections += 1
+    return out
 
 
 def record(run: Callable[[], object]) -> list[Call]:
@@ -175,14 +235,22 @@ def step_us(parts: list[tuple[str, float]], mode: str) -> dict:
     return {"kernels": len(parts), "gaps_us": gaps, "us": sum(by_part.values()) + gaps, **by_part}
 
 
-def llama_step(shape, batch: int, context: int) -> list[Call]:
+def llama_model(shape, batch: int, context: int) -> nn.Module:
     with torch.device("meta"):
-        model = bench_decode.DecoderModel(shape, batch, context).to(torch.bfloat16)
+        return bench_decode.DecoderModel(shape, batch, context).to(torch.bfloat16)
+
+
+def llama_step(shape, batch: int, context: int) -> list[Call]:
+    model = llama_model(shape, batch, context)
+    with torch.device("meta"):
         tokens = torch.zeros(batch, dtype=torch.long)
         pos = torch.tensor([context - 1])
     work = StepWork([])
+    handles = work.note_linear_inputs(model)
     with one_attention_kernel(bench_decode, work.launches), work:
         model(tokens, pos)
+    for handle in handles:
+        handle.remove()
     attention = sum(launch.kernel == "attention" for launch in work.launches)
     if attention != shape.layers:
         raise RuntimeError(f"recorded {attention} attention kernels, expected {shape.layers}")
@@ -191,22 +259,26 @@ def llama_step(shape, batch: int, context: int) -> list[Call]:
 
 def llama_rows(predict: Predictor, shape, context: int, schemes, batches) -> list[dict]:
     rows = []
+    sets = sibling_sets(llama_model(shape, 1, 1))
     for batch in batches:
-        calls = llama_step(shape, batch, context)
+        recorded = llama_step(shape, batch, context)
         for scheme in ("bf16", *schemes):
+            calls = recorded if scheme == "bf16" else fuse_siblings(recorded, sets)
+            weights = scheme.removesuffix(WITH_LM_HEAD)
             parts = []
             for call in calls:
                 if call.launch.kernel == "attention":
                     parts.append(("attention_us", predict.aten(call.launch)))
-                elif call.linear is None:
+                    continue
+                if call.linear is None:
                     parts.append(("other_us", predict.aten(call.launch)))
-                elif call.linear[1] == shape.vocab or scheme == "bf16":
-                    name = "lm_head_us" if call.linear[1] == shape.vocab else "linear_us"
+                    continue
+                lm_head = call.linear[1] == shape.vocab
+                name = "lm_head_us" if lm_head else "linear_us"
+                if scheme == "bf16" or (lm_head and weights == scheme):
                     parts.append((name, bf16_floor_us(*call.linear, predict.machine)))
                 else:
-                    parts.append(
-                        ("linear_us", predict.linear(scheme, *call.linear)["predicted_us"])
-                    )
+                    parts.append((name, predict.linear(weights, *call.linear)["predicted_us"]))
             for mode in MODES:
                 rows.append(
                     {"model": "llama", "mode": mode, "scheme": scheme, "batch": batch,

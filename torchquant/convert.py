@@ -15,7 +15,7 @@ from torchquant.calibration.engine import calibrate_model
 from torchquant.config import QuantConfig, QuantScheme
 from torchquant.conversion_guards import ModelSnapshot, check_before_conversion
 from torchquant.errors import ConfigError, QuantizationError
-from torchquant.modules import QuantExperts
+from torchquant.modules import QuantExperts, fuse_sibling_linears
 from torchquant.offload import carry_hook, execution_device, is_offloaded, onloaded
 from torchquant.plan import (
     ConversionSummary,
@@ -59,6 +59,9 @@ def convert_model(
     weight is offloaded (meta behind an ``AlignDevicesHook``) is read from the hook's
     weights map, quantized, and kept resident on the hook's execution device.
     Calibration and fused experts are refused when their weights are offloaded.
+
+    On CUDA, sibling projections (q/k/v, gate/up) end up sharing one concatenated weight
+    that serves them with one launch at batch 1 (``fuse_sibling_linears``).
     """
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
@@ -92,6 +95,7 @@ def convert_model(
             snapshot.restore(model)  # -- e.g. NaN activations in a late block
             raise
         _finish_experts(model, summary, experts_left, split)
+        fuse_sibling_linears(model)
         return model, summary
     summary = ConversionSummary()
     for name, (scheme, why) in tqdm(
@@ -116,6 +120,7 @@ def convert_model(
         replace_layer(model, name, quantized, summary, float_bytes)
         del layer, work, bias
     _finish_experts(model, summary, experts_left, split)
+    fuse_sibling_linears(model)
     return model, summary
 
 

@@ -35,6 +35,23 @@ def test_llama_step_records_every_linear_once_with_its_shape():
     assert sum(c.launch.kernel == "attention" for c in calls) == shape.layers
 
 
+def test_sibling_projections_run_as_one_linear_at_one_row_only():
+    shape = bench_decode.Shape(layers=2)
+    sets = decode_model.sibling_sets(decode_model.llama_model(shape, 1, 1))
+    h, kv, mlp = shape.hidden, shape.kv_heads * shape.hidden // shape.heads, shape.mlp
+    for batch, per_layer in (
+        (1, [(1, h + 2 * kv, h), (1, h, h), (1, 2 * mlp, h), (1, h, mlp)]),
+        (16, [(16, h, h), (16, kv, h), (16, kv, h), (16, h, h), (16, mlp, h), (16, mlp, h)]),
+    ):
+        recorded = decode_model.llama_step(shape, batch, context=64)
+        calls = decode_model.fuse_siblings(recorded, sets)
+        linears = [c.linear for c in calls if c.linear is not None]
+        if batch == 16:
+            per_layer = per_layer + [(16, h, mlp)]
+        assert linears == per_layer * shape.layers + [(batch, shape.vocab, h)]
+        assert len(recorded) - len(calls) == (3 if batch == 1 else 0) * shape.layers
+
+
 def test_slice_writes_and_embedding_count_what_they_touch():
     shape = bench_decode.Shape(layers=1)
     calls = decode_model.llama_step(shape, batch=1, context=4096)

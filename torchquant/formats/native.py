@@ -51,6 +51,7 @@ from torchquant.checkpoint.skeleton import build_hf_skeleton
 from torchquant.config import QuantConfig
 from torchquant.errors import CheckpointError, ConfigError
 from torchquant.formats.layer_spec import LayerSpec
+from torchquant.modules import fuse_sibling_linears
 from torchquant.offload import materialized_state_dict
 from torchquant.plan import quantized_layers, set_submodule, split_experts_for_names
 
@@ -204,7 +205,8 @@ def load_quantized(
     named in the checkpoint are replaced by ``QuantLinear`` shells (fused experts modules
     whose per-expert linears the checkpoint holds are split first, see ``QuantExperts``).
     Tensors are then assigned straight from the files, so no full-precision copy is
-    materialised.
+    materialised.  On CUDA, sibling projections then share one concatenated weight
+    (``fuse_sibling_linears``; derived, never saved).
     """
     directory = Path(directory)
     files, headers = read_headers(directory, memory_budget=physical_memory_bytes())
@@ -257,4 +259,6 @@ def load_quantized(
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.device.type == "meta":
             raise CheckpointError(f"tensor {name!r} was not restored from the checkpoint")
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    fuse_sibling_linears(model)  # -- derived from the loaded tensors, never saved
+    return model

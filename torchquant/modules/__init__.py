@@ -2,5 +2,6 @@
 
 from torchquant.modules.quant_experts import QuantExperts
 from torchquant.modules.quant_linear import QuantLinear
+from torchquant.modules.sibling_linears import SiblingProjections, fuse_sibling_linears
 
-__all__ = ["QuantExperts", "QuantLinear"]
+__all__ = ["QuantExperts", "QuantLinear", "SiblingProjections", "fuse_sibling_linears"]

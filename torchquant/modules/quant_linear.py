@@ -19,7 +19,8 @@ from torchquant.weights import bind_w8a8, linear_w8a8, weight_format
 _CPU_LAYOUT = "_cpu_layout_cache"
 _BOUND_LINEAR = "_bound_linear_cache"
 _WEIGHT_SUMS = "_weight_sums_cache"
-_CACHES = (_CPU_LAYOUT, _BOUND_LINEAR, _WEIGHT_SUMS)
+SIBLINGS_KEY = "_sibling_projections"  # -- (group, index), see ``modules.sibling_linears``
+_CACHES = (_CPU_LAYOUT, _BOUND_LINEAR, _WEIGHT_SUMS, SIBLINGS_KEY)
 
 
 def _scale_dtype(scheme: QuantScheme, dtype: torch.dtype) -> torch.dtype:
@@ -196,8 +197,10 @@ class QuantLinear(nn.Module):
         return cache[1].nbytes() if cache is not None else 0
 
     def _apply(self, fn: Callable, recurse: bool = True) -> QuantLinear:
-        """Moving or casting the buffers drops the bound op, which would keep the old ones alive."""
+        """Moving or casting the buffers drops the bound op, which would keep the old ones
+        alive, and the layer's sibling group (its buffers are no longer the group's)."""
         self.__dict__.pop(_BOUND_LINEAR, None)
+        self.__dict__.pop(SIBLINGS_KEY, None)
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
@@ -207,9 +210,14 @@ class QuantLinear(nn.Module):
     # -- inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_features(x)
+        siblings = self.__dict__.get(SIBLINGS_KEY)
+        if siblings is not None:  # -- (group, index): see ``modules.sibling_linears``
+            out = siblings[0].output_of(siblings[1], x)
+            if out is not None:
+                return out
         if torch.compiler.is_compiling():
             return self._linear(x, reference=False)
-        self._check_features(x)
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
         return self._bound_linear()(x)
