@@ -13,12 +13,14 @@ from unittest import mock
 import pytest
 import torch
 from kernel_utils import DispatchedOps
+from safetensors import safe_open
 from tiny_models import tiny_llama
 
 from torchquant import QuantConfig, QuantLinear, convert_model
 from torchquant.modules import fuse_sibling_linears
 from torchquant.modules.quant_linear import SIBLINGS_KEY
 from torchquant.ops import common
+from torchquant.serialization import load_quantized, save_quantized
 
 LAYERS = 2
 
@@ -54,8 +56,17 @@ def test_fused_siblings_give_the_same_logits_with_fewer_launches(scheme):
     assert all(g.pending is None for g in groups)  # -- every slice was handed out
 
 
-def test_siblings_hold_views_of_one_weight_and_save_the_same_tensors():
+def _saved(model, folder):
+    """The tensors and metadata ``save_quantized`` writes (safetensors orders the metadata
+    keys of a file differently from one write to the next, so the bytes are not compared)."""
+    save_quantized(model, folder)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_siblings_hold_views_of_one_weight_and_save_the_same_tensors(tmp_path):
     model = _llama()
+    tensors, metadata = _saved(model, tmp_path / "separate")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     nbytes = sum(m.nbytes() for m in model.modules() if isinstance(m, QuantLinear))
     groups = fuse_sibling_linears(model, devices=("cpu",))
@@ -63,6 +74,9 @@ def test_siblings_hold_views_of_one_weight_and_save_the_same_tensors():
     assert after.keys() == before.keys()  # -- the fused layer is not part of the model
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert sum(m.nbytes() for m in model.modules() if isinstance(m, QuantLinear)) == nbytes
+    fused_tensors, fused_metadata = _saved(model, tmp_path / "fused")
+    assert fused_metadata == metadata and fused_tensors.keys() == tensors.keys()
+    assert all(torch.equal(fused_tensors[k], t) for k, t in tensors.items())
     for group in groups:
         assert group.nbytes() == sum(m.nbytes() for m in group.members)
         for name, whole in group.fused.named_buffers():
@@ -199,3 +213,16 @@ def test_cuda_converted_model_is_fused_and_compiles():
         torch.testing.assert_close(
             compiled(ids, use_cache=False).logits, eager, rtol=2e-2, atol=2e-2
         )
+
+
+@pytest.mark.gpu
+def test_loading_onto_cuda_fuses_and_saves_the_same_tensors(tmp_path):
+    model = _llama()
+    tensors, _ = _saved(model, tmp_path / "cpu")
+    loaded = load_quantized(tmp_path / "cpu", device="cuda")
+    groups = {
+        id(m.__dict__[SIBLINGS_KEY][0]) for m in loaded.modules() if SIBLINGS_KEY in m.__dict__
+    }
+    assert len(groups) == 2 * LAYERS
+    again, _ = _saved(loaded, tmp_path / "cuda")
+    assert all(torch.equal(again[k], t) for k, t in tensors.items())
