@@ -15,6 +15,7 @@ import torch
 from kernel_utils import DispatchedOps
 from safetensors import safe_open
 from tiny_models import tiny_llama
+from torch import nn
 
 from torchquant import QuantConfig, QuantLinear, convert_model
 from torchquant.modules import fuse_sibling_linears
@@ -226,3 +227,29 @@ def test_loading_onto_cuda_fuses_and_saves_the_same_tensors(tmp_path):
     assert len(groups) == 2 * LAYERS
     again, _ = _saved(loaded, tmp_path / "cuda")
     assert all(torch.equal(again[k], t) for k, t in tensors.items())
+
+
+class BiasedAttention(nn.Module):
+    """q/k/v with biases (as Qwen2's), called one after another on one input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(128, 128)
+        self.k_proj = nn.Linear(128, 64)
+        self.v_proj = nn.Linear(128, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+
+
+def test_biases_are_concatenated_with_their_rows():
+    model = BiasedAttention().to(torch.bfloat16)
+    model, _ = convert_model(model, QuantConfig("w4a16", ignore=()), progress=False)
+    x = torch.randn(1, 1, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        separate = model(x)
+        (group,) = fuse_sibling_linears(model, devices=("cpu",))
+        fused = model(x)
+    assert group.fused.bias.shape == (256,) and group.pending is None
+    assert model.k_proj.bias.untyped_storage().data_ptr() == group.fused.bias.data_ptr()
+    torch.testing.assert_close(fused, separate, rtol=1e-2, atol=1e-2)
