@@ -11,8 +11,9 @@ calibrated on ``--calib``), or AWQ / GPTQ (block scales fixed first) calibrated 
 ``--calib`` (``--calib-samples`` windows of ``--calib-seq-len`` tokens); each is scored
 on the first ``--max-tokens`` tokens of ``--text`` in ``--seq-len`` windows (no BOS).  Beside the
 perplexity, the weight error ``||W_q - W|| / ||W||`` over all quantized linears: SmolLM2's
-weights were shipped on a Q4_1 grid (4-bit asymmetric, blocks of 32), which INT4 g32
-reproduces exactly and the FP4 grids cannot.
+weights were shipped on a Q4_1 grid (4-bit asymmetric, blocks of 32, a float block minimum),
+which neither the FP4 grids nor INT4 g32 with its integer zero points reproduce (rounding
+the zero point moves the whole block: weight error 0.082 at g32).
 """
 
 from __future__ import annotations
