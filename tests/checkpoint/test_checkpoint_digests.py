@@ -9,10 +9,13 @@ any of them fails here; when a change is meant, regenerate the pins with
 why in the commit.
 
 AWQ and SmoothQuant store scales computed from float32 forward passes, whose last bits
-depend on the CPU (PyTorch picks AVX2 or AVX-512 kernels for its reductions at run time):
-their checkpoints are bit-identical on one machine, and their pins may list one digest per
-kind of machine seen (``TORCHQUANT_PIN_DIGESTS=add`` adds this machine's).  Every other pin
-is a single digest.
+depend on the CPU (PyTorch picks AVX2 or AVX-512 kernels for its reductions at run time),
+and GPTQ onto the E4M3 grid of block-wise FP8 rounds weights that its float32 Hessian
+solve has updated, and those float32 kernels (MKL's GEMM and Cholesky among them) round
+differently from one CPU model to another: two AVX2 CPUs seen write different ones, while
+GPTQ's integer-grid checkpoints agree on every CPU seen.  Their checkpoints are
+bit-identical on one machine, and their pins may list one digest per kind of machine seen
+(``TORCHQUANT_PIN_DIGESTS=add`` adds this machine's).  Every other pin is a single digest.
 """
 
 from __future__ import annotations
@@ -69,15 +72,22 @@ SCHEMES = {
     "fp8-block-mse": dict(name="fp8-block-mse"),
 }
 CALIBRATED = {"gptq": "w4a16-g32-sym", "awq": "w4a16-g32", "smoothquant": "w8a8"}
-ISA_DEPENDENT = {"awq", "smoothquant"}  # see the module docstring
+# -- the cases whose pins may list one digest per kind of CPU (see the module docstring)
+CPU_DEPENDENT = {"awq", "smoothquant", "gptq:fp8-block", "gptq:w8a16-fp8-block"}
 # -- the algorithms on the FP4 grids (block scales fixed first)
 CALIBRATED_FP4 = [("gptq", "nvfp4a16"), ("gptq", "mxfp4a16"), ("awq", "nvfp4a16")]
 # -- GPTQ on the E4M3 grid of block-wise FP8 (block scales fixed first)
 CALIBRATED_FP8_BLOCK = [("gptq", "fp8-block"), ("gptq", "w8a16-fp8-block")]
 
 
+def cpu_dependent(key: str) -> bool:
+    """Whether the pin of ``key`` (``algorithm:scheme/format``) may list several digests."""
+    case = key.partition("/")[0]
+    return case in CPU_DEPENDENT or case.partition(":")[0] in CPU_DEPENDENT
+
+
 def allowed(pin: str | list[str] | None) -> list[str]:
-    """The digests a pin accepts: one, or one per instruction set (``ISA_DEPENDENT``)."""
+    """The digests a pin accepts: one, or one per kind of CPU (:func:`cpu_dependent`)."""
     return [] if pin is None else pin if isinstance(pin, list) else [pin]
 
 
@@ -138,7 +148,7 @@ def test_checkpoints_are_bit_identical_to_the_pinned_ones(tmp_path):
             pinned = json.loads(PINS.read_text())
             for key, digest in got.items():
                 seen = allowed(pinned.get(key))
-                if key.partition(":")[0] in ISA_DEPENDENT and seen and digest not in seen:
+                if cpu_dependent(key) and seen and digest not in seen:
                     pins[key] = [*seen, digest]
                 elif digest in seen:
                     pins[key] = pinned[key]
@@ -146,7 +156,7 @@ def test_checkpoints_are_bit_identical_to_the_pinned_ones(tmp_path):
         PINS.write_text(json.dumps(pins, indent=1, sort_keys=True) + "\n")
     want = json.loads(PINS.read_text())
     several = sorted(k for k, v in want.items() if isinstance(v, list))
-    assert all(k.partition(":")[0] in ISA_DEPENDENT for k in several), several
+    assert all(cpu_dependent(k) for k in several), several
     changed = sorted(k for k in want.keys() | got.keys() if got.get(k) not in allowed(want.get(k)))
     assert not changed, f"{len(changed)} checkpoint(s) changed, e.g. {changed[:5]}"
     assert sum(not str(v).startswith("refused") for v in got.values()) >= 30
