@@ -9,7 +9,10 @@ scale search (``-mse``: ``WeightQuant(observer="mse")``), the activations quanti
 (``nvfp4``, ``mxfp4``, ``mxfp8``; ``nvfp4 static``: NVFP4's activation global scale
 calibrated on ``--calib``), or AWQ / GPTQ (block scales fixed first) calibrated on
 ``--calib`` (``--calib-samples`` windows of ``--calib-seq-len`` tokens); each is scored
-on the first ``--max-tokens`` tokens of ``--text`` in ``--seq-len`` windows (no BOS).  Beside the
+on the first ``--max-tokens`` tokens of ``--text`` in ``--seq-len`` windows (no BOS).  Rows
+ending in ``ct-scales`` round MXFP4's E8M0 block scales as compressed-tensors does
+(``scale_rounding="compressed-tensors"``: the block max rounded up to the next power of two
+where its significand is 1.75 or more), weights and activations alike.  Beside the
 perplexity, the weight error ``||W_q - W|| / ||W||`` over all quantized linears: SmolLM2's
 weights were shipped on a Q4_1 grid (4-bit asymmetric, blocks of 32, a float block minimum),
 which neither the FP4 grids nor INT4 g32 with its integer zero points reproduce (rounding
@@ -36,6 +39,7 @@ from torchquant import (
 from torchquant.evaluation import perplexity
 from torchquant.modules import QuantLinear
 
+CT = "compressed-tensors"  # -- MXFP4's opt-in E8M0 scale rounding
 SCHEMES = {
     "w4a16 g32 asym": QuantScheme(WeightQuant("int", 4, 32, False)),
     "w4a16 g128 asym": QuantScheme(WeightQuant("int", 4, 128, False)),
@@ -51,6 +55,15 @@ SCHEMES = {
     "nvfp4 static": QuantScheme(WeightQuant("nvfp4"), ActivationQuant("nvfp4", dynamic=False)),
     "mxfp4": scheme_from_name("mxfp4"),
     "mxfp8": scheme_from_name("mxfp8"),
+    "mxfp4a16 ct-scales": QuantScheme(WeightQuant("mxfp4", scale_rounding=CT)),
+    "mxfp4a16-mse ct-scales": QuantScheme(WeightQuant("mxfp4", observer="mse", scale_rounding=CT)),
+    "mxfp4a16 gptq ct-scales": QuantScheme(
+        WeightQuant("mxfp4", scale_rounding=CT), algorithm="gptq"
+    ),
+    "mxfp4a16 awq ct-scales": QuantScheme(WeightQuant("mxfp4", scale_rounding=CT), algorithm="awq"),
+    "mxfp4 ct-scales": QuantScheme(
+        WeightQuant("mxfp4", scale_rounding=CT), ActivationQuant("mxfp4", scale_rounding=CT)
+    ),
 }
 
 

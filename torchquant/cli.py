@@ -22,7 +22,13 @@ from torchquant.calibration.distributed import (
     init_from_environment,
 )
 from torchquant.checkpoint.save_guard import resolve_save_target
-from torchquant.config import ALGORITHMS, QuantConfig, QuantScheme, scheme_from_name
+from torchquant.config import (
+    ALGORITHMS,
+    MX_SCALE_ROUNDINGS,
+    QuantConfig,
+    QuantScheme,
+    scheme_from_name,
+)
 from torchquant.config.algorithms import OBSERVERS, ROUNDINGS
 from torchquant.convert import convert_model
 from torchquant.errors import TorchquantError
@@ -81,6 +87,14 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="how calibration picks a static activation range (w8a8-static-asym): minmax "
         "(the default), percentile, kl, mse",
+    )
+    p.add_argument(
+        "--mx-scale-rounding",
+        choices=MX_SCALE_ROUNDINGS,
+        default=None,
+        help="how mxfp4a16 / mxfp4 round each block max to its E8M0 power-of-two scale, for "
+        "the weights and mxfp4's activations: ocp (the OCP MX reference, the default) or "
+        "compressed-tensors (up where the max's significand is 1.75 or more: less saturation)",
     )
     group_help = "group size (-1 = per channel)"
     p.add_argument("--group-size", type=cli_types.group_size, default=None, help=group_help)
@@ -244,9 +258,22 @@ def _config(args: argparse.Namespace):
             raise TorchquantError("--act-observer applies to static activation schemes only")
         act = dataclasses.replace(scheme.activation, observer=args.act_observer)
         scheme = dataclasses.replace(scheme, activation=act)
+    if args.mx_scale_rounding is not None:
+        scheme = _mx_scale_rounding(scheme, args.mx_scale_rounding)
     if scheme.needs_calibration and not args.calib:
         raise TorchquantError(f"--algorithm {args.algorithm} needs --calib FILE (a text file)")
     return QuantConfig(default=scheme, ignore=tuple(args.ignore))
+
+
+def _mx_scale_rounding(scheme: QuantScheme, rounding: str) -> QuantScheme:
+    """``scheme`` with its MXFP4 weight (and MXFP4 activation) scales rounded by ``rounding``."""
+    if scheme.weight.type != "mxfp4":
+        raise TorchquantError("--mx-scale-rounding applies to mxfp4a16 and mxfp4 only")
+    weight = dataclasses.replace(scheme.weight, scale_rounding=rounding)
+    act = scheme.activation
+    if act is not None:
+        act = dataclasses.replace(act, scale_rounding=rounding)
+    return dataclasses.replace(scheme, weight=weight, activation=act)
 
 
 def _smoothquant_options(scheme: QuantScheme, args: argparse.Namespace) -> QuantScheme:

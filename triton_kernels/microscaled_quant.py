@@ -6,7 +6,9 @@
   (column ``2j`` in the low nibble); ``scales`` E4M3 bytes ``to_e4m3(g * (amax / 6))``
   (``amax / 6`` rounded to ``x``'s dtype, as the numerics compute it in that dtype; a zero
   scale becomes 0.125) under the float32 global scale ``g_ptr (1,)``.
-- MXFP4 (BLOCK 32): the same values; ``scales`` E8M0 ``floor(log2(amax)) - 2 + 127``.
+- MXFP4 (BLOCK 32): the same values; ``scales`` E8M0 ``floor(log2(amax)) - 2 + 127``, or
+  with ``scale_rounding="compressed-tensors"`` (``ROUND_UP``) one more where the block max's
+  significand is 1.75 or more (its two leading fraction bits set).
 - MXFP8 (BLOCK 32): ``values (M, K)`` E4M3 bytes (saturated at +-448); E8M0 scales with 8.
 
 :func:`quantize_to_scaled_values` writes instead each value on its grid times its block's
@@ -37,6 +39,8 @@ FMT_MXFP4 = tl.constexpr(1)
 FMT_MXFP8 = tl.constexpr(2)
 # -- format name -> (kernel code, block, exponent of the element type's largest value)
 FORMATS = {"nvfp4": (0, 16, 2), "mxfp4": (1, 32, 2), "mxfp8": (2, 32, 8)}
+# -- E8M0 roundings of the block max to a power of two (``ROUND_UP``: the second one's)
+SCALE_ROUNDINGS = ("ocp", "compressed-tensors")
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
 E8M0_SMALLEST = tl.constexpr(2.0**-127)  # exponent byte 0: no float32 normal's bit pattern
 
@@ -59,9 +63,14 @@ def encode_e2m1_bits(v):
 
 
 @triton.jit
-def e8m0_exponent(amax, ELEMENT_EMAX: tl.constexpr):
-    """Biased E8M0 byte (int32) ``clamp(floor(log2(amax)) - ELEMENT_EMAX, -127, 127) + 127``."""
-    floor_log2 = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+def e8m0_exponent(amax, ELEMENT_EMAX: tl.constexpr, ROUND_UP: tl.constexpr):
+    """Biased E8M0 byte (int32) ``clamp(floor(log2(amax)) - ELEMENT_EMAX, -127, 127) + 127``;
+    ``ROUND_UP``: plus one where ``amax``'s significand is at least 1.75 (a subnormal's
+    exponent is clamped to -127 either way)."""
+    bits = amax.to(tl.int32, bitcast=True)
+    floor_log2 = ((bits >> 23) & 0xFF) - 127
+    if ROUND_UP:
+        floor_log2 += (((bits >> 21) & 3) == 3).to(tl.int32)
     return tl.minimum(tl.maximum(floor_log2 - ELEMENT_EMAX, -127), 127) + 127
 
 
@@ -97,6 +106,7 @@ def _microscaled_quant_kernel(
     FMT: tl.constexpr,
     BLOCK: tl.constexpr,
     ELEMENT_EMAX: tl.constexpr,
+    ROUND_UP: tl.constexpr,
     SCALED: tl.constexpr,
     BLOCKS: tl.constexpr,
 ):
@@ -119,7 +129,7 @@ def _microscaled_quant_kernel(
         multiplier = tl.math.div_rn(scale, g)
         block_scale = scale
     else:
-        exponent = e8m0_exponent(amax, ELEMENT_EMAX)
+        exponent = e8m0_exponent(amax, ELEMENT_EMAX, ROUND_UP)
         scale_byte = exponent.to(tl.uint8)
         multiplier = e8m0_to_float(exponent)
         block_scale = multiplier
@@ -155,29 +165,45 @@ _quant_tuned = autotuned(_microscaled_quant_kernel, QUANT_CONFIGS, ["K", "FMT", 
 
 
 def quantize_microscaled(
-    x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None
+    x: torch.Tensor,
+    fmt: str,
+    global_scale: torch.Tensor | None = None,
+    scale_rounding: str = "ocp",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, scales)`` of ``x (M, K)`` as the module docstring lays them out.
 
     ``scales`` comes back as float8_e4m3fn (NVFP4) or uint8 (E8M0); ``global_scale (1,)``
-    float32 is required for NVFP4 (the caller computes a dynamic one) and refused otherwise.
+    float32 is required for NVFP4 (the caller computes a dynamic one) and refused otherwise;
+    ``scale_rounding`` other than ``"ocp"`` is for MXFP4 only.
     """
-    return _quantize(x, fmt, global_scale, scaled=False)
+    return _quantize(x, fmt, global_scale, scale_rounding, scaled=False)
 
 
 def quantize_to_scaled_values(
-    x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None
+    x: torch.Tensor,
+    fmt: str,
+    global_scale: torch.Tensor | None = None,
+    scale_rounding: str = "ocp",
 ) -> torch.Tensor:
     """``(M, K)`` bf16: each value of ``x`` on its grid times its block's scale (NVFP4's E4M3
     scale, without ``global_scale``), arguments as :func:`quantize_microscaled`."""
-    return _quantize(x, fmt, global_scale, scaled=True)[0]
+    return _quantize(x, fmt, global_scale, scale_rounding, scaled=True)[0]
 
 
 def _quantize(
-    x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, scaled: bool
+    x: torch.Tensor,
+    fmt: str,
+    global_scale: torch.Tensor | None,
+    scale_rounding: str,
+    scaled: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {tuple(FORMATS)}, got {fmt!r}")
+    if scale_rounding not in SCALE_ROUNDINGS or (scale_rounding != "ocp" and fmt != "mxfp4"):
+        raise ValueError(
+            f"scale_rounding must be one of {SCALE_ROUNDINGS} ('ocp' unless fmt is mxfp4), "
+            f"got {scale_rounding!r} for {fmt!r}"
+        )
     if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x must be a 2-D float32/bf16/fp16 (M, K), got {x.dtype} {x.shape}")
     code, block, emax = FORMATS[fmt]
@@ -207,7 +233,8 @@ def _quantize(
         x_ptr=x, v_ptr=values, s_ptr=scales,
         g_ptr=global_scale if global_scale is not None else scales,
         K=k, G=g, stride_xm=x.stride(0), stride_vm=values.stride(0), stride_sm=scales.stride(0),
-        FMT=code, BLOCK=block, ELEMENT_EMAX=emax, SCALED=scaled,
+        FMT=code, BLOCK=block, ELEMENT_EMAX=emax, ROUND_UP=scale_rounding != "ocp",
+        SCALED=scaled,
     )  # fmt: skip
     if scaled:
         return values, scales

@@ -33,6 +33,10 @@ from torchquant.qat import (
 from torchquant.qat.microscaled import fake_quantize_microscaled
 
 NVFP4_STATIC = QuantScheme(WeightQuant("nvfp4"), ActivationQuant("nvfp4", dynamic=False))
+CT = "compressed-tensors"  # -- MXFP4's opt-in E8M0 scale rounding
+MXFP4_CT = QuantScheme(
+    WeightQuant("mxfp4", scale_rounding=CT), ActivationQuant("mxfp4", scale_rounding=CT)
+)
 SCHEMES = {
     "nvfp4a16": scheme_from_name("nvfp4a16"),
     "mxfp4a16": scheme_from_name("mxfp4a16"),
@@ -41,6 +45,8 @@ SCHEMES = {
     "nvfp4 static": NVFP4_STATIC,
     "mxfp4": scheme_from_name("mxfp4"),
     "mxfp8": scheme_from_name("mxfp8"),
+    "mxfp4a16 ct": QuantScheme(WeightQuant("mxfp4", scale_rounding=CT)),
+    "mxfp4 ct": MXFP4_CT,
 }
 FORMATS = ("nvfp4", "mxfp4", "mxfp8")
 N, K = 40, 72  # 72 = 4.5 x 16 = 2.25 x 32: a short last block in every format
@@ -85,7 +91,7 @@ def test_fake_quant_is_the_numerics_round_trip(fmt):
     assert torch.equal(fake_quantize_microscaled(x, fmt), want)
 
 
-@pytest.mark.parametrize("name", ["nvfp4a16", "mxfp4a16", "mxfp8a16"])
+@pytest.mark.parametrize("name", ["nvfp4a16", "mxfp4a16", "mxfp8a16", "mxfp4a16 ct"])
 @pytest.mark.parametrize("learn", [True, False])
 def test_fake_quantized_weight_starts_as_round_to_nearest(name, learn):
     linear = nn.Linear(K, N)
@@ -197,7 +203,30 @@ def test_convert_qat_keeps_bf16_weights_bit_exact():
         assert torch.equal(inference[2].reference_forward(hidden), want)
 
 
-@pytest.mark.parametrize("name", ["nvfp4a16", "nvfp4", "mxfp4", "mxfp8"])
+def test_the_compressed_tensors_rounding_reaches_weights_and_inputs_with_its_gradient():
+    x = torch.randn(4, K)
+    x[0, 0] = 1.9 * 2**3  # -- the spec's scale saturates it; the rounded-up one holds it
+    x = x.requires_grad_(True)
+    fake = fake_quantize_microscaled(x, "mxfp4", None, CT)
+    q = quantize_microscaled(x.detach(), "mxfp4", scale_rounding=CT)
+    assert torch.equal(fake, dequantize_microscaled(q))
+    assert not torch.equal(fake, fake_quantize_microscaled(x, "mxfp4"))
+    fake.sum().backward()
+    element = expand_blocks(block_multipliers(q), q.block, K)
+    inside = (x.detach() / element).abs() <= FP4_MAX
+    assert torch.equal(x.grad, inside.float()) and bool(inside[0, 0])
+    layer = QatLinear.from_linear(nn.Linear(K, N), MXFP4_CT)
+    with torch.no_grad():
+        w = layer.weight.detach()
+        want_w = dequantize_microscaled(quantize_microscaled(w, "mxfp4", scale_rounding=CT))
+        assert torch.equal(layer.fake_quantized_weight(), want_w)
+        xd = _round_trip(x.detach(), "mxfp4", None)
+        ours = dequantize_microscaled(quantize_microscaled(x.detach(), "mxfp4", scale_rounding=CT))
+        assert torch.equal(layer(x.detach()), nn.functional.linear(ours, want_w, layer.bias))
+        assert not torch.equal(ours, xd)
+
+
+@pytest.mark.parametrize("name", ["nvfp4a16", "nvfp4", "mxfp4", "mxfp8", "mxfp4 ct"])
 def test_training_steps_reduce_the_loss(name):
     losses = _train(_prepared(SCHEMES[name]), steps=40)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5

@@ -29,7 +29,7 @@ from torchquant.numerics import (
     num_groups,
     quantize_codes,
 )
-from torchquant.numerics.fp4 import FP4_ROUNDING, Fp4Weight, dequantize_fp4_weight
+from torchquant.numerics.fp4 import FP4_ROUNDING, Fp4Weight, dequantize_fp4_weight, fp4_rounding
 
 # -- fake quantization of a weight on its grid, from min/max or the given per-group (lo, hi)
 FakeQuantize = Callable[[torch.Tensor, tuple | None], torch.Tensor]
@@ -76,28 +76,36 @@ def fake_quantize(
 
 
 def quantize_fp4_in_ranges(
-    w: torch.Tensor, ranges: tuple[torch.Tensor, torch.Tensor], weight_type: str, what: str
+    w: torch.Tensor,
+    ranges: tuple[torch.Tensor, torch.Tensor],
+    weight_type: str,
+    what: str,
+    scale_rounding: str = "ocp",
 ) -> Fp4Weight:
-    """FP4 ``weight_type`` of ``w: (N, K)``, each block's scale chosen from ``max(-lo, hi)``."""
+    """FP4 ``weight_type`` of ``w: (N, K)``, each block's scale chosen from ``max(-lo, hi)``
+    (MXFP4's rounded to a power of two by ``scale_rounding``)."""
     lo, hi = ranges
-    return FP4_ROUNDING[weight_type](w, what=what, block_amax=torch.maximum(-lo, hi))
+    rounding = fp4_rounding(weight_type, scale_rounding)
+    return rounding(w, what=what, block_amax=torch.maximum(-lo, hi))
 
 
 def fake_quantize_fp4(
-    w: torch.Tensor, weight_type: str, ranges: tuple | None = None
+    w: torch.Tensor, weight_type: str, ranges: tuple | None = None, scale_rounding: str = "ocp"
 ) -> torch.Tensor:
     """``dequant(quant(w))`` on the FP4 grid, from each block's max or the given ``(lo, hi)``."""
     if ranges is None:
-        q = FP4_ROUNDING[weight_type](w)
+        q = fp4_rounding(weight_type, scale_rounding)(w)
     else:
-        q = quantize_fp4_in_ranges(w, ranges, weight_type, "weight")
+        q = quantize_fp4_in_ranges(w, ranges, weight_type, "weight", scale_rounding)
     return dequantize_fp4_weight(q.codes, q.scales, q.global_scale, q.block, w.dtype)
 
 
 def weight_fake_quantize(weight: WeightQuant) -> FakeQuantize:
     """The fake quantization of weights stored as ``weight`` (INT or FP4)."""
     if weight.type in FP4_ROUNDING:
-        return lambda w, ranges=None: fake_quantize_fp4(w, weight.type, ranges)
+        return lambda w, ranges=None: fake_quantize_fp4(
+            w, weight.type, ranges, weight.scale_rounding
+        )
     return lambda w, ranges=None: fake_quantize(
         w, weight.bits, weight.group_size, weight.symmetric, ranges
     )

@@ -32,13 +32,12 @@ from torchquant.numerics import (
 )
 from torchquant.numerics import expand_blocks as expand_weight_blocks
 from torchquant.numerics.fp4 import (
-    FP4_ROUNDING,
-    FP4_SCALE_SEARCH,
     Fp4Weight,
     decode_e2m1,
     encode_e2m1,
     expand_blocks,
     fp4_block_scales,
+    fp4_rounding,
 )
 from torchquant.numerics.range_search import mse_range
 
@@ -377,6 +376,7 @@ def gptq_quantize_fp4(
     search_scales: bool = False,
     name: str = "weight",
     factor: HessianFactor | None = None,
+    scale_rounding: str = "ocp",
 ) -> Fp4Weight:
     """GPTQ of ``weight: (N, K)`` onto the FP4 grid of ``weight_type`` (``nvfp4``, ``mxfp4``).
 
@@ -385,10 +385,11 @@ def gptq_quantize_fp4(
     ``search_scales`` the per-block MSE search's; the loop then rounds each column to the
     nearest E2M1 value on its blocks' multipliers and spreads the error.  Fixed scales need
     no group index, so ``act_order`` only changes the visiting order.  ``factor`` as for
-    :func:`gptq_quantize`.
+    :func:`gptq_quantize`; ``scale_rounding`` how MXFP4's exponents round the block maxima
+    (the search's candidates centred on them).
     """
     w, factor = _prepare(weight, hessian, act_order, dampening, name, factor)
-    fixed = (FP4_SCALE_SEARCH if search_scales else FP4_ROUNDING)[weight_type](weight, what=name)
+    fixed = fp4_rounding(weight_type, scale_rounding, search_scales)(weight, what=name)
     k = w.shape[1]
     element = expand_blocks(fp4_block_scales(fixed.scales, fixed.global_scale), fixed.block, k)
     codes = _quantize_on_multipliers(w, factor, element, _fp4_rounding, block_size)

@@ -25,7 +25,7 @@ from torchquant.numerics import (
     quantize_int_weight,
     search_fp8_block_weight,
 )
-from torchquant.numerics.fp4 import FP4_ROUNDING, FP4_SCALE_SEARCH, Fp4Weight
+from torchquant.numerics.fp4 import FP4_ROUNDING, Fp4Weight, fp4_rounding
 from torchquant.numerics.microscaling import quantize_mxfp8_weight
 
 
@@ -77,8 +77,8 @@ def round_to_nearest(
         rounding = search_fp8_block_weight if w.observer == "mse" else quantize_fp8_block_weight
         return QuantizedWeight(*rounding(weight, w.block, what=name))
     if w.type in FP4_ROUNDING:
-        rounding = FP4_SCALE_SEARCH if w.observer == "mse" else FP4_ROUNDING
-        return _fp4_weight(rounding[w.type](weight, what=name))
+        rounding = fp4_rounding(w.type, w.scale_rounding, search=w.observer == "mse")
+        return _fp4_weight(rounding(weight, what=name))
     if w.type == "mxfp8":
         q = quantize_mxfp8_weight(weight, what=name)
         return QuantizedWeight(q.values, q.scales)
@@ -114,7 +114,10 @@ def gptq_rounding(
     if w.type in FP4_ROUNDING:
         search = p.observer != "minmax"
         args = (p.block_size, p.dampening, p.act_order, search)
-        fp4 = gptq.gptq_quantize_fp4(weight, hessian, w.type, *args, name=name, factor=factor)
+        fp4 = gptq.gptq_quantize_fp4(
+            weight, hessian, w.type, *args, name=name, factor=factor,
+            scale_rounding=w.scale_rounding,
+        )  # fmt: skip
         return _fp4_weight(fp4)
     if w.type == "fp8":  # -- block-wise (the scheme allows GPTQ on no other FP8 weight)
         search = p.observer != "minmax"
@@ -151,7 +154,8 @@ def awq_rounding(
         return round_to_nearest(scheme, weight, stats, name)
     w = scheme.weight
     if w.type in FP4_ROUNDING:
-        return _fp4_weight(awq.quantize_fp4_in_ranges(weight, clip_range, w.type, name))
+        q = awq.quantize_fp4_in_ranges(weight, clip_range, w.type, name, w.scale_rounding)
+        return _fp4_weight(q)
     q = awq.quantize_in_ranges(weight, clip_range, w.bits, w.group_size, w.symmetric)
     return QuantizedWeight(q.codes, q.scales, q.zeros)
 

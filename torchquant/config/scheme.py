@@ -44,6 +44,9 @@ INT_ACTIVATION_TYPES = ("int8", "int4")
 ACTIVATION_GRANULARITIES = ("token", "tensor", "group")
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
 FP8_BLOCK = (128, 128)  # DeepSeek-V3's weight block (rows, columns) and activation group
+# -- how an MXFP4 block's E8M0 scale rounds the block max to a power of two: the OCP MX
+# -- reference's floor, or compressed-tensors' (up where the significand is 1.75 or more)
+MX_SCALE_ROUNDINGS = ("ocp", "compressed-tensors")
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,10 @@ class WeightQuant:
     ``bits=8`` and ``group_size`` 32; left at their defaults, ``bits`` and
     ``group_size`` take these values.  ``observer="mse"`` (FP4 and block-wise FP8,
     round-to-nearest only) searches each block's scale for the least squared error instead
-    of taking the scale of the block max.
+    of taking the scale of the block max.  ``scale_rounding`` (``mxfp4`` only): how the
+    block max becomes an E8M0 power of two, ``"ocp"`` (the spec's reference, the default)
+    or ``"compressed-tensors"`` (rounded up where the max's significand is 1.75 or more,
+    which saturates less; see ``numerics.fp4.e8m0_scales_for_amax``).
     """
 
     type: str = "int"
@@ -69,9 +75,11 @@ class WeightQuant:
     symmetric: bool = True
     block: tuple[int, int] | None = None
     observer: str = "minmax"
+    scale_rounding: str = "ocp"
 
     def __post_init__(self) -> None:
         require(self.type in WEIGHT_TYPES, "weight.type", self.type, f"one of {WEIGHT_TYPES}")
+        _check_scale_rounding(self.scale_rounding, self.type, "weight")
         require(isinstance(self.symmetric, bool), "weight.symmetric", self.symmetric, "a bool")
         ok = isinstance(self.observer, str) and self.observer in WEIGHT_OBSERVERS
         require(ok, "weight.observer", self.observer, f"one of {WEIGHT_OBSERVERS}")
@@ -153,7 +161,7 @@ class ActivationQuant:
     ``dynamic=True`` (the default: no calibration data needed, and each input uses the
     E4M3 scales' full range), or calibrated once when ``dynamic=False`` (what
     compressed-tensors exports as ``input_global_scale``).  MX formats have no global
-    scale, so they are dynamic.
+    scale, so they are dynamic; ``scale_rounding`` (``mxfp4`` only) as :class:`WeightQuant`'s.
     """
 
     type: str = "int8"
@@ -163,6 +171,7 @@ class ActivationQuant:
     observer: str = "minmax"
     group_size: int | None = None
     symmetric: bool = True
+    scale_rounding: str = "ocp"
 
     def __post_init__(self) -> None:
         require(
@@ -171,6 +180,7 @@ class ActivationQuant:
             self.type,
             f"one of {ACTIVATION_TYPES}",
         )
+        _check_scale_rounding(self.scale_rounding, self.type, "activation")
         if self.type in MICROSCALED_BLOCKS:
             check_microscaled_activation(self)
             return
@@ -229,6 +239,20 @@ class ActivationQuant:
             )
         if self.type == "int4":
             require(self.dynamic, "activation.dynamic", self.dynamic, "True for int4 activations")
+
+
+def _check_scale_rounding(scale_rounding: object, type_: str, where: str) -> None:
+    """One of ``MX_SCALE_ROUNDINGS``; anything but the spec's ``"ocp"`` for mxfp4 only."""
+    field_name = f"{where}.scale_rounding"
+    ok = isinstance(scale_rounding, str) and scale_rounding in MX_SCALE_ROUNDINGS
+    require(ok, field_name, scale_rounding, f"one of {MX_SCALE_ROUNDINGS}")
+    if scale_rounding != "ocp":
+        require(
+            type_ == "mxfp4",
+            field_name,
+            scale_rounding,
+            f"'ocp' for {type_} {where}s (the E8M0 scale rounding is an mxfp4 option)",
+        )
 
 
 def check_microscaled_activation(act: ActivationQuant) -> None:
@@ -460,6 +484,8 @@ class QuantScheme:
         act += "" if a is None or a.symmetric else " asym"
         algo = "" if self.algorithm == "rtn" else f" {self.algorithm}"
         algo += "" if w.observer == "minmax" else f" {w.observer}"
+        roundings = {w.scale_rounding, "ocp" if a is None else a.scale_rounding} - {"ocp"}
+        algo += "".join(f" scales {r}" for r in sorted(roundings))
         return f"w-{wname} {gran}{sym} {act}{algo}".strip()
 
     def to_dict(self) -> dict[str, Any]:
@@ -472,6 +498,8 @@ class QuantScheme:
             del data["weight"]["block"]
         if self.weight.observer == "minmax":
             del data["weight"]["observer"]
+        if self.weight.scale_rounding == "ocp":  # -- MXFP4's later option, likewise
+            del data["weight"]["scale_rounding"]
         if not self.gptq.sequential:  # -- GPTQ's later option, likewise
             del data["gptq"]["sequential"]
         if self.awq.search_rows is None:  # -- AWQ's later option, likewise
@@ -482,6 +510,8 @@ class QuantScheme:
             del data["activation"]["group_size"]
         if data["activation"] is not None and self.activation.symmetric:
             del data["activation"]["symmetric"]  # -- written only for zero-point activations
+        if data["activation"] is not None and self.activation.scale_rounding == "ocp":
+            del data["activation"]["scale_rounding"]
         return data
 
     @classmethod

@@ -190,18 +190,26 @@ MICROSCALED_ELEMENT_MAX = {"nvfp4": FP4_MAX, "mxfp4": FP4_MAX, "mxfp8": FP8_E4M3
 
 
 def fake_quantize_microscaled_reference(
-    x: Tensor, fmt: str, global_scale: Tensor | None = None
+    x: Tensor, fmt: str, global_scale: Tensor | None = None, scale_rounding: str = "ocp"
 ) -> Tensor:
-    """``x (M, K)`` quantized to ``fmt`` and dequantized (float32, exact), as ``x.dtype``."""
-    return dequantize_microscaled(quantize_microscaled(x, fmt, global_scale), x.dtype)
+    """``x (M, K)`` quantized to ``fmt`` and dequantized (float32, exact), as ``x.dtype``
+    (``scale_rounding``: MXFP4's E8M0 rule, ``numerics.fp4.e8m0_scales_for_amax``)."""
+    q = quantize_microscaled(x, fmt, global_scale, scale_rounding)
+    return dequantize_microscaled(q, x.dtype)
 
 
 def fake_quantize_microscaled_backward_reference(
-    grad: Tensor, x: Tensor, fmt: str, global_scale: Tensor | None, scale_grad: bool
+    grad: Tensor,
+    x: Tensor,
+    fmt: str,
+    global_scale: Tensor | None,
+    scale_grad: bool,
+    scale_rounding: str = "ocp",
 ) -> tuple[Tensor, Tensor | None]:
     """``(grad_x, grad_global_scale)``; the second is ``None`` unless ``scale_grad`` (NVFP4
-    with a given global scale: a computed one follows ``x``)."""
-    q = quantize_microscaled(x, fmt, global_scale)
+    with a given global scale: a computed one follows ``x``).  A value whose scaled
+    magnitude passes the element type's max saturated, so its gradient is blocked."""
+    q = quantize_microscaled(x, fmt, global_scale, scale_rounding)
     element = expand_blocks(block_multipliers(q), q.block, x.shape[1])
     level = q.values.float() if fmt == "mxfp8" else decode_e2m1(q.values)
     xs = x.float() / element

@@ -11,7 +11,9 @@ NVFP4: one E4M3 scale per 16 values along K and one float32 global scale per ten
 global scale ``448 * 6 / amax`` and the block scales ``global * amax_block / 6``
 computed in the weight's dtype, then rounded to E4M3 (a zero one becomes 0.125).
 MXFP4: one E8M0 scale (a biased power-of-two exponent, uint8) per 32 values, no
-global scale, ``floor(log2(amax_block)) - 2`` as the OCP MX reference computes it.
+global scale, ``floor(log2(amax_block)) - 2`` as the OCP MX reference computes it, or,
+opted into with ``scale_rounding="compressed-tensors"``, as compressed-tensors computes it
+(see :func:`e8m0_scales_for_amax`).
 A K that is not a multiple of the block leaves a shorter last block.
 
 The scale search (``observer="mse"``) keeps, for each block, the representable scale
@@ -23,11 +25,14 @@ worse than round-to-nearest, and ties keep it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
+from torchquant.config import MX_SCALE_ROUNDINGS
+from torchquant.errors import QuantizationError
 from torchquant.numerics.qparams import FP8_E4M3_MAX, to_fp8_e4m3
 from torchquant.numerics.range_search import shrink_factors
 from torchquant.numerics.weight import _check_weight, num_groups
@@ -176,34 +181,61 @@ def dequantize_nvfp4_weight(
 # -- MXFP4
 
 
-def choose_mxfp4_scales(w: torch.Tensor) -> torch.Tensor:
-    """E8M0 exponents ``(N, ceil(K/32))`` uint8: ``floor(log2(amax_block)) - 2`` biased by 127.
+def choose_mxfp4_scales(w: torch.Tensor, scale_rounding: str = "ocp") -> torch.Tensor:
+    """E8M0 exponents ``(N, ceil(K/32))`` uint8 of ``w``'s blocks, biased by 127
+    (``floor(log2(amax_block)) - 2`` with the spec's rounding)."""
+    return mxfp4_scales_for_amax(block_absmax(w, MXFP4_BLOCK), scale_rounding)
+
+
+def mxfp4_scales_for_amax(amax: torch.Tensor, scale_rounding: str = "ocp") -> torch.Tensor:
+    """E8M0 exponents of blocks whose largest magnitude is ``amax (N, G)``."""
+    return e8m0_scales_for_amax(amax, E2M1_EMAX, scale_rounding)
+
+
+def check_scale_rounding(scale_rounding: str) -> str:
+    """``scale_rounding`` itself, refused by name when it is not one of the known rules."""
+    if scale_rounding not in MX_SCALE_ROUNDINGS:
+        raise QuantizationError(
+            f"scale_rounding must be one of {MX_SCALE_ROUNDINGS}, got {scale_rounding!r}"
+        )
+    return scale_rounding
+
+
+def e8m0_scales_for_amax(
+    amax: torch.Tensor, element_emax: int, scale_rounding: str = "ocp"
+) -> torch.Tensor:
+    """E8M0 exponents ``p(amax) - element_emax`` biased by 127, uint8 (any MX element type:
+    ``element_emax`` is the exponent of its largest value).
+
+    ``p(amax)`` is the power of two the block max is rounded to.  ``"ocp"`` (the OCP MX
+    reference): ``floor(log2(amax))``, so the block max lands at ``[4, 8)`` times an FP4
+    block's scale, and a max past 6 saturates (losing up to a quarter of it).
+    ``"compressed-tensors"`` (what that library and llm-compressor write): the same
+    exponent plus one when the max's significand ``amax / 2**floor(log2(amax))`` is 1.75 or
+    more (compressed-tensors gets there by adding a quarter of an octave's significand
+    range to the float's bits and clearing the significand), so the max lands at
+    ``[3.5, 7)`` times the scale: it saturates by at most 1/7 of itself, never farther from
+    6 than half the step 4 -> 6, at the price of a grid twice as coarse in the blocks
+    rounded up.
 
     ``frexp`` reads the exponent exactly (``log2`` can round up just below a power of
     two); an all-zero block takes the smallest normal's exponent, as the MX reference
     does, and the result is clamped to E8M0's range ``[-127, 127]``.
     """
-    return mxfp4_scales_for_amax(block_absmax(w, MXFP4_BLOCK))
-
-
-def mxfp4_scales_for_amax(amax: torch.Tensor) -> torch.Tensor:
-    """E8M0 exponents of blocks whose largest magnitude is ``amax (N, G)``."""
-    return e8m0_scales_for_amax(amax, E2M1_EMAX)
-
-
-def e8m0_scales_for_amax(amax: torch.Tensor, element_emax: int) -> torch.Tensor:
-    """E8M0 exponents ``floor(log2(amax)) - element_emax`` biased by 127, uint8 (any MX
-    element type: ``element_emax`` is the exponent of its largest value)."""
+    check_scale_rounding(scale_rounding)
     amax = amax.float()
-    _, exponent = torch.frexp(amax)  # amax = m * 2**exponent, m in [0.5, 1)
-    floor_log2 = torch.where(amax > 0, exponent - 1, FP32_MIN_NORMAL_EXPONENT)
+    significand, exponent = torch.frexp(amax)  # amax = m * 2**exponent, m in [0.5, 1)
+    floor_log2 = exponent - 1
+    if scale_rounding == "compressed-tensors":
+        floor_log2 = floor_log2 + (significand >= 0.875).to(floor_log2.dtype)
+    floor_log2 = torch.where(amax > 0, floor_log2, FP32_MIN_NORMAL_EXPONENT)
     shared = torch.clamp(floor_log2 - element_emax, -E8M0_BIAS, E8M0_BIAS)
     return (shared + E8M0_BIAS).to(torch.uint8)
 
 
 def mxfp4_scale_candidates(scales: torch.Tensor) -> list[torch.Tensor]:
-    """The spec's exponents ``scales``, then one power of two below and one above (E8M0's
-    range ``[0, 254]``; 255 is its NaN)."""
+    """The rounding's exponents ``scales``, then one power of two below and one above
+    (E8M0's range ``[0, 254]``; 255 is its NaN)."""
     e = scales.to(torch.int16)
     return [scales, *((e + step).clamp(0, 2 * E8M0_BIAS).to(torch.uint8) for step in (-1, 1))]
 
@@ -215,12 +247,16 @@ def e8m0_to_float(scales: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_mxfp4_weight(
-    w: torch.Tensor, what: str = "weight", block_amax: torch.Tensor | None = None
+    w: torch.Tensor,
+    what: str = "weight",
+    block_amax: torch.Tensor | None = None,
+    scale_rounding: str = "ocp",
 ) -> Fp4Weight:
     """Round-to-nearest MXFP4 of ``w: (N, K)``, the exponents from ``block_amax (N, G)``
-    when given, else from each block's max."""
+    when given, else from each block's max, rounded to a power of two by ``scale_rounding``."""
     _check_weight(w, what)
-    scales = choose_mxfp4_scales(w) if block_amax is None else mxfp4_scales_for_amax(block_amax)
+    amax = block_absmax(w, MXFP4_BLOCK) if block_amax is None else block_amax
+    scales = mxfp4_scales_for_amax(amax, scale_rounding)
     return Fp4Weight(encode_on_scales(w, scales, None, MXFP4_BLOCK), scales, None, MXFP4_BLOCK)
 
 
@@ -308,10 +344,13 @@ def search_nvfp4_weight(w: torch.Tensor, what: str = "weight") -> Fp4Weight:
     return Fp4Weight(codes, scales, global_scale, NVFP4_BLOCK)
 
 
-def search_mxfp4_weight(w: torch.Tensor, what: str = "weight") -> Fp4Weight:
-    """MXFP4 of ``w: (N, K)`` with each block's E8M0 exponent searched around the spec's."""
+def search_mxfp4_weight(
+    w: torch.Tensor, what: str = "weight", scale_rounding: str = "ocp"
+) -> Fp4Weight:
+    """MXFP4 of ``w: (N, K)`` with each block's E8M0 exponent searched around the one
+    ``scale_rounding`` chooses (that one first, so ties keep it)."""
     _check_weight(w, what)
-    candidates = mxfp4_scale_candidates(choose_mxfp4_scales(w))
+    candidates = mxfp4_scale_candidates(choose_mxfp4_scales(w, scale_rounding))
     scales = search_block_scales(w, candidates, None, MXFP4_BLOCK)
     return Fp4Weight(encode_on_scales(w, scales, None, MXFP4_BLOCK), scales, None, MXFP4_BLOCK)
 
@@ -319,3 +358,18 @@ def search_mxfp4_weight(w: torch.Tensor, what: str = "weight") -> Fp4Weight:
 # -- weight type -> its round-to-nearest and its scale search, each ``(w, what) -> Fp4Weight``
 FP4_ROUNDING = {"nvfp4": quantize_nvfp4_weight, "mxfp4": quantize_mxfp4_weight}
 FP4_SCALE_SEARCH = {"nvfp4": search_nvfp4_weight, "mxfp4": search_mxfp4_weight}
+
+
+def fp4_rounding(
+    weight_type: str, scale_rounding: str = "ocp", search: bool = False
+) -> Callable[..., Fp4Weight]:
+    """The round-to-nearest (``search``: the scale search) of ``weight_type`` with its block
+    exponents rounded by ``scale_rounding`` (MXFP4's choice; NVFP4's E4M3 scales have one)."""
+    rounding = (FP4_SCALE_SEARCH if search else FP4_ROUNDING)[weight_type]
+    if check_scale_rounding(scale_rounding) == "ocp":
+        return rounding
+    if weight_type != "mxfp4":
+        raise QuantizationError(
+            f"scale_rounding={scale_rounding!r} is for mxfp4 (E8M0 scales), not {weight_type}"
+        )
+    return partial(rounding, scale_rounding=scale_rounding)

@@ -6,7 +6,9 @@ K (a shorter last block where the block does not divide K), each with its own sc
 - ``nvfp4``: E2M1 values, E4M3 block scales and a float32 global scale, exactly as
   NVFP4 weights (``numerics.fp4``); the global scale ``448 * 6 / max |x|`` is computed
   per tensor from each input (dynamic) or given (calibrated, static).
-- ``mxfp4``: E2M1 values, E8M0 scales ``floor(log2(amax_block)) - 2`` (OCP MX).
+- ``mxfp4``: E2M1 values, E8M0 scales ``floor(log2(amax_block)) - 2`` (OCP MX), or the
+  block max rounded to a power of two as compressed-tensors does it
+  (``scale_rounding="compressed-tensors"``, see ``numerics.fp4.e8m0_scales_for_amax``).
 - ``mxfp8``: E4M3 values, E8M0 scales ``floor(log2(amax_block)) - 8``; values past
   +-448 after scaling saturate there, as the MX reference's conversion does.
 
@@ -25,6 +27,7 @@ import torch
 from torchquant.errors import QuantizationError
 from torchquant.numerics.fp4 import (
     block_absmax,
+    check_scale_rounding,
     choose_nvfp4_global_scale,
     decode_e2m1,
     e8m0_scales_for_amax,
@@ -104,14 +107,22 @@ def quantize_mxfp8_weight(w: torch.Tensor, what: str = "weight") -> BlockScaled:
 
 
 def quantize_microscaled(
-    x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None
+    x: torch.Tensor,
+    fmt: str,
+    global_scale: torch.Tensor | None = None,
+    scale_rounding: str = "ocp",
 ) -> BlockScaled:
     """``x: (M, K)`` in ``fmt`` with each block's scale from its max.
 
     ``global_scale`` (``nvfp4`` only): the calibrated ``(1,)`` float32 global scale; without
     it the global scale is computed from ``x`` (non-finite values left out).
+    ``scale_rounding`` (``mxfp4`` only): how the E8M0 exponents round the block maxima.
     """
     _check_format(fmt)
+    if check_scale_rounding(scale_rounding) != "ocp" and fmt != "mxfp4":
+        raise QuantizationError(
+            f"scale_rounding={scale_rounding!r} is for mxfp4 activations, not {fmt}"
+        )
     if x.dim() != 2:
         raise QuantizationError(f"activation must be 2-D (rows, K), got {tuple(x.shape)}")
     if global_scale is not None and fmt != "nvfp4":
@@ -123,7 +134,7 @@ def quantize_microscaled(
     block = MICROSCALED_BLOCKS[fmt]
     amax = block_absmax(x, block)
     if fmt == "mxfp4":
-        scales = mxfp4_scales_for_amax(amax)
+        scales = mxfp4_scales_for_amax(amax, scale_rounding)
     else:
         if global_scale is None:
             global_scale = choose_nvfp4_global_scale(x)
@@ -148,7 +159,10 @@ def dequantize_microscaled(q: BlockScaled, dtype: torch.dtype = torch.float32) -
 
 
 def fake_quantize_microscaled(
-    x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None
+    x: torch.Tensor,
+    fmt: str,
+    global_scale: torch.Tensor | None = None,
+    scale_rounding: str = "ocp",
 ) -> torch.Tensor:
     """``dequantize(quantize(x))`` in float32 (``x: (M, K)``)."""
-    return dequantize_microscaled(quantize_microscaled(x, fmt, global_scale))
+    return dequantize_microscaled(quantize_microscaled(x, fmt, global_scale, scale_rounding))

@@ -5,7 +5,9 @@
 ``qweight (N, ceil(K/2))`` packed E2M1 codes with ``scales`` float8_e4m3fn and a float32
 ``global_scale (1,)`` (NVFP4) or uint8 E8M0 ``scales`` (MXFP4), or ``qweight (N, K)``
 float8_e4m3fn with uint8 E8M0 ``scales`` (MXFP8).  ``input_global_scale (1,)`` is NVFP4's
-calibrated activation global scale (``None``: computed from each input).
+calibrated activation global scale (``None``: computed from each input);
+``scale_rounding`` how MXFP4 activations round their block maxima to E8M0 powers of two
+(``"ocp"``, the spec's, or ``"compressed-tensors"``; see ``numerics.fp4``).
 ``linear_mxfp8_weight`` is the weight-only MXFP8 linear.
 
 The reference (the oracle): both operands dequantized in float32 (exact: a code times a
@@ -67,11 +69,12 @@ def _finish_rows(
 def linear_microscaled_reference(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     global_scale: torch.Tensor | None, bias: torch.Tensor | None,
-    input_global_scale: torch.Tensor | None, fmt: str,
+    input_global_scale: torch.Tensor | None, fmt: str, scale_rounding: str = "ocp",
 ) -> torch.Tensor:  # fmt: skip
     """The exact maths: both operands dequantized (float32, exact), matmul in float64."""
     x2, k = common.rows(x), x.shape[-1]
-    xd = dequantize_microscaled(quantize_microscaled(x2, fmt, input_global_scale)).double()
+    xq = quantize_microscaled(x2, fmt, input_global_scale, scale_rounding)
+    xd = dequantize_microscaled(xq).double()
     w = dequantize_microscaled_rows(qweight, scales, global_scale, fmt, k, torch.float64)
     return _finish_rows(xd @ w.t(), x2, x, bias, shares_input_scale(fmt, input_global_scale))
 
@@ -82,9 +85,11 @@ linear_microscaled = torch.library.custom_op(
 linear_microscaled.__doc__ = "Microscaled weights x activations quantized per block (NVFP4/MX)."
 
 
-def linear_microscaled_cpu(x, qweight, scales, global_scale, bias, input_global_scale, fmt):
+def linear_microscaled_cpu(
+    x, qweight, scales, global_scale, bias, input_global_scale, fmt, scale_rounding="ocp"
+):
     x2, k = common.rows(x), x.shape[-1]
-    xd = dequantize_microscaled(quantize_microscaled(x2, fmt, input_global_scale))
+    xd = dequantize_microscaled(quantize_microscaled(x2, fmt, input_global_scale, scale_rounding))
 
     def weight_rows(start: int, stop: int) -> torch.Tensor:
         s, q = scales[start:stop], qweight[start:stop]
@@ -126,7 +131,9 @@ for _op, _cpu in (
     _op.register_fake(common.fake_linear)
 
 
-def linear_microscaled_cuda(x, qweight, scales, global_scale, bias, input_global_scale, fmt):
+def linear_microscaled_cuda(
+    x, qweight, scales, global_scale, bias, input_global_scale, fmt, scale_rounding="ocp"
+):
     from torchquant.triton_kernels.microscaled_gemm import microscaled_gemm, uses_dot_scaled
     from torchquant.triton_kernels.microscaled_quant import (
         quantize_microscaled as quantize_rows,
@@ -140,12 +147,13 @@ def linear_microscaled_cuda(x, qweight, scales, global_scale, bias, input_global
     args = (qweight, scales, global_scale, fmt, k, bias, x.dtype)
     shared = shares_input_scale(fmt, input_global_scale)
     if uses_dot_scaled(fmt, x.device):  # -- the MX MMA takes the codes
-        values, block_scales = quantize_rows(x2, fmt, x_global)
+        values, block_scales = quantize_rows(x2, fmt, x_global, scale_rounding)
         out = microscaled_gemm(values, block_scales, x_global, *args)
         return common.unflatten(poison_nonfinite_rows(x2, out, shared_scale=shared), x)
     # -- the activation dequantized once; its non-finite values come as NaN, making their
     # -- rows NaN in the GEMM (a shared dynamic global scale still poisons every row here)
-    out = microscaled_gemm(quantize_to_scaled_values(x2, fmt, x_global), None, x_global, *args)
+    scaled = quantize_to_scaled_values(x2, fmt, x_global, scale_rounding)
+    out = microscaled_gemm(scaled, None, x_global, *args)
     if shared:
         out = poison_nonfinite_rows(x2, out, shared_scale=True)
     return common.unflatten(out, x)

@@ -104,7 +104,7 @@ def fake_quantize_weight(
     """``w (N, K)`` fake-quantized as ``weight`` says, with integer-valued ``zeros`` (INT);
     for microscaled weights ``scales`` is NVFP4's global scale (``None``: from ``w``)."""
     if weight.type in MICROSCALED_BLOCKS:
-        return fake_quantize_microscaled(w, weight.type, scales)
+        return fake_quantize_microscaled(w, weight.type, scales, weight.scale_rounding)
     if weight.block is not None:  # -- block scales broadcast to (N, K); LSQ sums them back
         return fake_quantize_fp8_weight(w, expand_blocks(scales, weight.block, *w.shape))
     if weight.type == "fp8":
@@ -228,7 +228,8 @@ def fake_quantize_activation(
     if not act.dynamic and static_scale is None:
         raise QuantizationError("a static activation scheme needs a static_scale")
     if act.type in MICROSCALED_BLOCKS:
-        return fake_quantize_microscaled(x, act.type, None if act.dynamic else static_scale)
+        static = None if act.dynamic else static_scale
+        return fake_quantize_microscaled(x, act.type, static, act.scale_rounding)
     x2 = x.reshape(-1, x.shape[-1])
     if not act.symmetric:
         if not act.dynamic and static_zero_point is None:

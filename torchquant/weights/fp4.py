@@ -20,11 +20,11 @@ from torch import Tensor
 
 from torchquant.config import WeightQuant
 from torchquant.numerics.fp4 import (
-    FP4_ROUNDING,
     MXFP4_BLOCK,
     NVFP4_BLOCK,
     Fp4Weight,
     dequantize_fp4_weight,
+    fp4_rounding,
     pack_e2m1,
     unpack_e2m1,
 )
@@ -62,12 +62,12 @@ class Fp4Format(WeightFormat):
             buffers["global_scale"] = torch.empty(1, dtype=torch.float32, device=device)
         return buffers
 
-    def round(self, weight: Tensor, name: str) -> Fp4Weight:
+    def round(self, weight: Tensor, name: str, scale_rounding: str = "ocp") -> Fp4Weight:
         """Round-to-nearest codes and scales of ``weight: (N, K)``."""
-        return FP4_ROUNDING[self.weight_type](weight, what=name)
+        return fp4_rounding(self.weight_type, scale_rounding)(weight, what=name)
 
     def quantize(self, layer: QuantizedLayer, weight: Tensor, name: str) -> None:
-        self.set_fp4(layer, self.round(weight, name))
+        self.set_fp4(layer, self.round(weight, name, layer.scheme.weight.scale_rounding))
 
     def set_fp4(self, layer: QuantizedLayer, q: Fp4Weight) -> None:
         """Store E2M1 codes ``(N, K)`` with their block scales (and global scale)."""

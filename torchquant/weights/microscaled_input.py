@@ -19,8 +19,9 @@ from torchquant.weights.base import QuantizedLayer
 def _arguments(layer: QuantizedLayer, bias: Tensor | None) -> tuple:
     global_scale = getattr(layer, "global_scale", None)
     input_global_scale = getattr(layer, "input_scale", None)
-    fmt = layer.scheme.activation.type
-    return (layer.qweight, layer.scales, global_scale, bias, input_global_scale, fmt)
+    act = layer.scheme.activation
+    args = (layer.qweight, layer.scales, global_scale, bias, input_global_scale, act.type)
+    return (*args, act.scale_rounding)
 
 
 def microscaled_reference(layer: QuantizedLayer, x: Tensor, bias: Tensor | None) -> Tensor:
