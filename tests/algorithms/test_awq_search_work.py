@@ -4,7 +4,11 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from tests.tiny_models import tiny_llama
+from torchquant import QuantConfig, convert_model
 from torchquant.algorithms.awq import (
     PartedLoss,
     fake_quantize,
@@ -12,6 +16,8 @@ from torchquant.algorithms.awq import (
     search_clip,
     search_scales,
 )
+from torchquant.calibration.block import CalibrationBlock
+from torchquant.config import AWQConfig, QuantScheme, WeightQuant
 from torchquant.numerics import dequantize_int_weight, group_min_max
 
 
@@ -62,6 +68,65 @@ def test_parted_search_skips_the_rest_of_a_beaten_candidate():
     assert alpha == 0.0 and best == 4.0
     # -- every first part, then only the best candidate's other three
     assert scored[0] == 10 + 3
+
+
+def counted_quantize(calls: list[int]):
+    def quantize(t):
+        calls[0] += 1
+        return fake_quantize(t, 3, 8, False)
+
+    return quantize
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    table=st.lists(
+        st.lists(st.floats(0.0, 4.0, width=32), min_size=4, max_size=4), min_size=6, max_size=6
+    ),
+    budget_candidates=st.integers(0, 7),
+)
+def test_kept_candidates_change_nothing_but_the_quantizations(table, budget_candidates):
+    """Whatever the cache holds, the choice and loss are the plain search's; with room for
+    every candidate each is quantized once, with none again where the second pass reaches it."""
+    gen = torch.Generator().manual_seed(len(table))
+    act_mean = torch.rand(16, generator=gen) + 0.1
+    w = torch.randn(8, 16, generator=gen)
+    per_candidate = w.numel() * w.element_size()
+    calls = [0]
+    parted, scored = counted_loss(table)
+    got = search_scales(
+        act_mean,
+        [w],
+        counted_quantize(calls),
+        parted,
+        len(table),
+        cache_bytes=budget_candidates * per_candidate,
+    )
+    plain, _ = counted_loss(table)
+    want = search_scales(act_mean, [w], counted_quantize([0]), lambda ws: plain(ws), len(table))
+    assert got[1] == want[1] and got[2] == want[2] and torch.equal(got[0], want[0])
+    reached = scored[0] > len(table)  # -- the second pass scored some candidate further
+    if budget_candidates >= len(table):
+        assert calls[0] == len(table)
+    elif budget_candidates == 0 and reached:
+        assert calls[0] > len(table)
+
+
+def test_kept_candidates_stay_within_the_budget():
+    """A budget of three candidates keeps the three least first parts; the second pass
+    reaches every candidate, so the other five are quantized again."""
+    act_mean = torch.rand(16) + 0.1
+    w = torch.randn(8, 16)
+    table = [[10.0 - c, 3.0, 3.0, 3.0] for c in range(8)]  # -- the last candidate is best
+    per_candidate = w.numel() * w.element_size()
+    for kept, quantized in ((8, 8), (3, 8 + 5), (0, 8 + 8)):
+        calls = [0]
+        loss, _ = counted_loss(table)
+        got = search_scales(
+            act_mean, [w], counted_quantize(calls), loss, 8, cache_bytes=kept * per_candidate
+        )
+        assert got[1] == 7 / 8 and got[2] == 12.0
+        assert calls[0] == quantized
 
 
 def test_parted_search_without_a_finite_loss_keeps_unit_scales():
@@ -129,3 +194,34 @@ def test_grouped_fake_quantize_is_the_codes_dequantized(dtype, bits, group_size,
         want = dequantize_int_weight(q.codes, q.scales, q.zeros, bits, group_size, dtype)
         got = fake_quantize(w, bits, group_size, symmetric, ranges)
         assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_float_outputs_of_the_statistics_pass_give_the_recomputed_state_dict(monkeypatch):
+    """The scale search scores candidates against the outputs the statistics pass saw
+    (attention with its rotary and mask keywords, the MLP, a linear): the same state dict
+    as running the inspected modules again, with one forward fewer per sample and mapping."""
+    scheme = QuantScheme(
+        WeightQuant(bits=4, group_size=16, symmetric=False),
+        algorithm="awq",
+        awq=AWQConfig(grid=4, clip_grid=4),
+    )
+    ids = torch.randint(0, 96, (3, 24), generator=torch.Generator().manual_seed(1))
+
+    def calibrated(recompute: bool) -> tuple[dict, int]:
+        model = tiny_llama(layers=2, kv_heads=2)  # -- v feeds o: all four mappings fold
+        calls = [0]
+        for block in model.model.layers:
+            block.mlp.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+        if recompute:
+            monkeypatch.setattr(CalibrationBlock, "rescaled_within", lambda self, name: True)
+        convert_model(model, QuantConfig(scheme), calibration_data=ids, progress=False)
+        monkeypatch.undo()
+        return model.state_dict(), calls[0]
+
+    reused, reused_calls = calibrated(False)
+    recomputed, recomputed_calls = calibrated(True)
+    assert reused.keys() == recomputed.keys()
+    for name, t in reused.items():
+        assert torch.equal(t, recomputed[name]), name
+    assert recomputed_calls - reused_calls == 2 * len(ids)  # -- each block's MLP reference

@@ -117,6 +117,22 @@ def test_awq_scales_into_the_norm_and_records_clip_ranges():
     assert lo.shape == hi.shape == (32, 3) and bool((lo <= hi).all())
 
 
+def test_rescaling_steps_record_what_they_rescaled():
+    """What the statistics pass saw of a rescaled module is stale: SmoothQuant and AWQ say
+    which modules they rescaled, and a module counts as rescaled when one inside it was."""
+    cal = calibration_block(QuantScheme(W8, ActivationQuant(), algorithm="smoothquant"))
+    (step,) = gather(cal, SmoothQuantStep)
+    assert cal.rescaled == set()
+    step.apply()
+    assert cal.rescaled == {"norm", "up", "gate"}  # -- down's input comes from a linear
+    assert cal.rescaled_within("up") and not cal.rescaled_within("down")
+    assert cal.rescaled_within("")  # -- the block itself
+    cal = calibration_block(QuantScheme(W4, algorithm="awq", awq=FAST_AWQ))
+    (step,) = gather(cal, AwqStep)
+    step.apply()
+    assert cal.rescaled == {"norm", "up", "gate", "down"}
+
+
 def test_static_scales_are_the_observed_input_bound():
     act = ActivationQuant(dynamic=False, granularity="tensor")
     cal = calibration_block(QuantScheme(W8, act))

@@ -34,6 +34,9 @@ from torchquant.numerics.fp4 import FP4_ROUNDING, Fp4Weight, dequantize_fp4_weig
 # -- fake quantization of a weight on its grid, from min/max or the given per-group (lo, hi)
 FakeQuantize = Callable[[torch.Tensor, tuple | None], torch.Tensor]
 
+# -- how many bytes of candidate weights a parted scale search keeps between its passes
+CANDIDATE_CACHE_BYTES = 256 * 2**20
+
 
 def quantize_in_ranges(
     w: torch.Tensor,
@@ -69,9 +72,9 @@ def fake_quantize(
     scale = scales.unsqueeze(-1)  # (N, G, 1)
     zero = float(1 << (bits - 1)) if zeros is None else zeros.float().unsqueeze(-1)
     wf = w.float() if g * gs == k else torch.nn.functional.pad(w.float(), (0, g * gs - k))
-    wf = wf.reshape(n, g, gs)
-    codes = torch.round(wf / scale).add_(zero).clamp_(0, (1 << bits) - 1).to(torch.uint8)
-    deq = codes.float().sub_(zero).mul_(scale)
+    # -- the clamped codes are integers below 256, exact in float32: no uint8 round trip
+    deq = wf.reshape(n, g, gs).div(scale).round_().add_(zero).clamp_(0, (1 << bits) - 1)
+    deq = deq.sub_(zero).mul_(scale)
     return deq.reshape(n, g * gs)[:, :k].to(w.dtype)
 
 
@@ -165,6 +168,7 @@ def search_scales(
     loss_with: Callable[[list[torch.Tensor]], float],
     grid: int,
     w_means: list[torch.Tensor | None] = (None,),
+    cache_bytes: int = CANDIDATE_CACHE_BYTES,
 ) -> tuple[torch.Tensor, float, float]:
     """Best factors ``s (K,)`` for linears ``(N_i, K)`` sharing one input.
 
@@ -172,8 +176,9 @@ def search_scales(
     returns its output error; each candidate is scored with ``quantize(W s) / s``.
     Candidates come from each of ``w_means`` (``None``: activation-only scaling).
     A :class:`PartedLoss` is searched by :func:`_search_parted`, which stops scoring a
-    candidate once its parts so far exceed the best total (the same choice, less work).
-    Returns ``(s, alpha, loss)``.
+    candidate once its parts so far exceed the best total (the same choice, less work)
+    and keeps up to ``cache_bytes`` of candidate weights from its first pass to its
+    second rather than quantizing them again.  Returns ``(s, alpha, loss)``.
     """
     candidates = [c for wm in w_means for c in scale_candidates(act_mean, grid, wm)]
     candidates = [(alpha, s.to(weights[0].device)) for alpha, s in candidates]
@@ -182,7 +187,7 @@ def search_scales(
         return [(quantize(w * s) / s).to(w.dtype) for w in weights]
 
     if isinstance(loss_with, PartedLoss) and loss_with.parts > 1:
-        return _search_parted(act_mean, candidates, trial, loss_with)
+        return _search_parted(act_mean, candidates, trial, loss_with, cache_bytes)
     best = (torch.ones_like(act_mean, dtype=torch.float32), 0.0, float("inf"))
     for alpha, s in candidates:
         loss = loss_with(trial(s))
@@ -196,11 +201,23 @@ def _search_parted(
     candidates: list[tuple[float, torch.Tensor]],
     trial: Callable[[torch.Tensor], list[torch.Tensor]],
     loss: PartedLoss,
+    cache_bytes: int,
 ) -> tuple[torch.Tensor, float, float]:
     """The candidate a full search picks (least total, the first of equal ones), scoring
     every candidate's first part, then the rest in order of it: partial sums of
-    non-negative float32 parts never decrease, so one above the best total is dropped."""
-    first = [loss.part(trial(s), 0) for _, s in candidates]
+    non-negative float32 parts never decrease, so one above the best total is dropped.
+
+    The first pass keeps the weights of the candidates with the least first parts (those
+    the second pass scores first and longest) within ``cache_bytes``; the others are
+    quantized again if the second pass reaches them.
+    """
+    first: list[torch.Tensor] = []
+    kept = _CandidateCache(cache_bytes)
+    for c, (_, s) in enumerate(candidates):
+        ws = trial(s)
+        first.append(loss.part(ws, 0))
+        kept.offer(c, ws, float(first[c]))
+        del ws
     order = sorted(range(len(candidates)), key=lambda c: (float(first[c]), c))
     best_c, best_loss = None, float("inf")
 
@@ -208,7 +225,7 @@ def _search_parted(
         return value > best_loss or (best_c is not None and value == best_loss and c > best_c)
 
     for c in order:
-        total, ws = first[c], None
+        total, ws = first[c], kept.take(c)
         for i in range(1, loss.parts):
             if beaten(float(total), c):
                 break
@@ -218,10 +235,34 @@ def _search_parted(
             value = float(total)
             if value < best_loss or (best_c is not None and value == best_loss and c < best_c):
                 best_c, best_loss = c, value
+        del ws
     if best_c is None:
         return torch.ones_like(act_mean, dtype=torch.float32), 0.0, float("inf")
     alpha, s = candidates[best_c]
     return s, alpha, best_loss
+
+
+class _CandidateCache:
+    """Candidates' weights within a byte budget, keeping those of least ``(key, index)``."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.held: dict[int, tuple[tuple[float, int], list[torch.Tensor]]] = {}
+
+    def offer(self, c: int, ws: list[torch.Tensor], key: float) -> None:
+        size = sum(w.numel() * w.element_size() for w in ws)
+        capacity = self.budget // size if size else len(self.held) + 1
+        if capacity <= 0:
+            return
+        self.held[c] = ((key, c), ws)
+        if len(self.held) > capacity:
+            worst = max(self.held, key=lambda x: self.held[x][0])
+            del self.held[worst]
+
+    def take(self, c: int) -> list[torch.Tensor] | None:
+        """Candidate ``c``'s weights if kept (and no longer kept here), else ``None``."""
+        entry = self.held.pop(c, None)
+        return None if entry is None else entry[1]
 
 
 def search_clip(

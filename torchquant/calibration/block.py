@@ -70,6 +70,8 @@ class CalibrationBlock:
         self.stats: dict[str, LayerStats] = {}  # from the statistics pass on the float block
         self.smooth: dict[str, torch.Tensor] = {}  # run-time smoothing scale per linear
         self.divisor: dict[str, torch.Tensor] = {}  # how each linear's captured input changed
+        # -- modules a step rescaled after the statistics pass (what it saw of them is stale)
+        self.rescaled: set[str] = set()
         self.clip_ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # AWQ, per linear
         self.input_scales: dict[str, torch.Tensor] = {}  # static activation scales
         self.input_zero_points: dict[str, torch.Tensor] = {}  # and asymmetric ones' zeros
@@ -135,6 +137,13 @@ class CalibrationBlock:
         finally:
             for h in handles:
                 h.remove()
+
+    def rescaled_within(self, name: str) -> bool:
+        """Whether a step rescaled module ``name`` (``""``: the block) or one inside it since
+        the statistics pass."""
+        if not name:
+            return bool(self.rescaled)
+        return any(r == name or r.startswith(f"{name}.") for r in self.rescaled)
 
     def mappings_for(self, algorithm: str) -> list[BalanceMapping]:
         """Balance mappings whose linears all use ``algorithm``."""

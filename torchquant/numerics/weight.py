@@ -54,6 +54,9 @@ def group_min_max(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     g = num_groups(k, group_size)
     pad = g * group_size - k
     w = w.float()
+    if pad == 0:  # -- whole groups: reduce the grouped view, no padded copies
+        grouped = w.reshape(n, g, group_size)
+        return grouped.amin(dim=2), grouped.amax(dim=2)
     lo = torch.nn.functional.pad(w, (0, pad), value=float("inf")).view(n, g, group_size)
     hi = torch.nn.functional.pad(w, (0, pad), value=float("-inf")).view(n, g, group_size)
     return lo.amin(dim=2), hi.amax(dim=2)

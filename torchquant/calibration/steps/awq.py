@@ -5,7 +5,10 @@ inverse, the scale search (:func:`~torchquant.algorithms.awq.search_scales`) sco
 candidates by the output error of the mapping's ``inspect`` module, run on inputs
 captured in the statistics pass (or, without one, by the linears' own outputs on
 sampled inputs); a token-wise ``inspect`` (an MLP, a linear) on at most
-``awq.search_rows`` of those rows, evenly spaced.  Then, for linears AWQ also rounds,
+``awq.search_rows`` of those rows, evenly spaced.  The float outputs candidates are
+scored against are the ones ``inspect`` gave in the statistics pass, while no step
+has rescaled it since (the same tensors a fresh forward gives, one forward fewer per
+sample).  Then, for linears AWQ also rounds,
 each group's range is shrunk to the factor minimising its partial products' error;
 rounding reads the ranges.
 """
@@ -37,6 +40,7 @@ class AwqStep(CalibrationStep):
     def __init__(self, block: CalibrationBlock) -> None:
         super().__init__(block)
         self.inspect_inputs: dict[str, list] = {}  # inspect module -> (rows, args, kwargs)
+        self.inspect_outputs: dict[str, list] = {}  # inspect module -> its float outputs
 
     def request(self, scheme: QuantScheme) -> StatsRequest | None:
         if scheme.algorithm != ALGORITHM:
@@ -44,22 +48,32 @@ class AwqStep(CalibrationStep):
         return StatsRequest(samples=max(scheme.awq.max_tokens, CLIP_TOKENS))
 
     def observe(self) -> list[RemovableHandle]:
-        """Record what each inspected module receives (up to ``awq.max_tokens`` rows)."""
+        """Record what each inspected module receives (up to ``awq.max_tokens`` rows) and
+        what it returns for those inputs."""
         hooks = []
         for m in self.block.mappings_for(ALGORITHM):
             if m.inspect is None or m.inspect in self.inspect_inputs:
                 continue
             store: list = []
+            outputs: list = []
             self.inspect_inputs[m.inspect] = store
+            self.inspect_outputs[m.inspect] = outputs
             limit = self.block.schemes[m.linears[0]].awq.max_tokens
+            kept: list[bool] = []  # -- whether the call under way had its input recorded
 
-            def pre(module, args, kwargs, store=store, limit=limit):
+            def pre(module, args, kwargs, store=store, limit=limit, kept=kept):
                 x = args[0] if args else next(iter(kwargs.values()))
-                if sum(n for n, _, _ in store) < limit:
+                kept.append(sum(n for n, _, _ in store) < limit)
+                if kept[-1]:
                     store.append((x.reshape(-1, x.shape[-1]).shape[0], args, dict(kwargs)))
+
+            def post(module, args, kwargs, out, outputs=outputs, kept=kept):
+                if kept.pop():
+                    outputs.append((out[0] if isinstance(out, tuple) else out).clone())
 
             inspect = self.block.module.get_submodule(m.inspect)
             hooks.append(inspect.register_forward_pre_hook(pre, with_kwargs=True))
+            hooks.append(inspect.register_forward_hook(post, with_kwargs=True))
         return hooks
 
     @torch.no_grad()
@@ -85,15 +99,19 @@ class AwqStep(CalibrationStep):
         if not block.ranks.parallel:
             return
         what = f"the AWQ inputs of {block.prefix}"
-        every = block.ranks.exchange(self.inspect_inputs, what, block.device)
+        mine = (self.inspect_inputs, self.inspect_outputs)
+        every = block.ranks.exchange(mine, what, block.device)
         for name, store in self.inspect_inputs.items():
             mapping = next(m for m in block.mappings_for(ALGORITHM) if m.inspect == name)
             limit = block.schemes[mapping.linears[0]].awq.max_tokens
+            outputs = self.inspect_outputs[name]
             store.clear()
-            for captured in every:
-                for entry in captured[name]:
+            outputs.clear()
+            for inputs, outs in every:
+                for entry, out in zip(inputs[name], outs[name], strict=True):
                     if sum(n for n, _, _ in store) < limit:
                         store.append(entry)
+                        outputs.append(out)
 
     def _loss(self, m: BalanceMapping, linears: list[nn.Module], originals: list[torch.Tensor]):
         """The output error of weights ``ws`` (the objective the scale search minimises)."""
@@ -110,9 +128,11 @@ class AwqStep(CalibrationStep):
 
             return linears_error
         rows = _token_rows(captured, block.schemes[m.linears[0]].awq.search_rows)
+        ref = None if block.rescaled_within(m.inspect) else self.inspect_outputs[m.inspect]
         if m.inspects_tokens and rows is not None:
-            captured = [(rows.shape[1], (rows,), {})]
-        ref = [_call(inspect, a, kw) for _, a, kw in captured]
+            captured, ref = [(rows.shape[1], (rows,), {})], None
+        if ref is None:
+            ref = [_call(inspect, a, kw) for _, a, kw in captured]
         loaded: list = []  # -- the effective weights the linears hold now
 
         def inspected_error(ws: list[torch.Tensor], i: int) -> torch.Tensor:
@@ -150,6 +170,7 @@ class AwqStep(CalibrationStep):
             scale_inputs(block.linears[x], s)
             block.divisor[x] = s
         fold_into_source(block.foldable_source(m), s)
+        block.rescaled.update((*m.linears, m.source))
 
     def _clip(self) -> None:
         """Each AWQ-rounded linear's clip ranges, the searches spread over the ranks."""

@@ -46,6 +46,7 @@ class SmoothQuantStep(CalibrationStep):
                 done.add(x)
             if source is not None:
                 fold_into_source(source, s)
+                block.rescaled.add(m.source)
         for rel, st in block.stats.items():
             if block.schemes[rel].algorithm == ALGORITHM and rel not in done and st.tokens > 0:
                 alpha = block.schemes[rel].smoothquant.alpha
@@ -59,6 +60,7 @@ class SmoothQuantStep(CalibrationStep):
         takes the Hessian of that divided input (see the GPTQ step)."""
         block = self.block
         scale_inputs(block.linears[rel], s)
+        block.rescaled.add(rel)
         if runtime:
             block.smooth[rel] = s
         if block.schemes[rel].rounds_with_gptq:
