@@ -22,7 +22,6 @@ from torchquant.numerics import (
     quantize_activation_asymmetric,
     quantize_int_weight,
 )
-from torchquant.ops import w8a8_asym
 
 
 def _weight(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,13 +75,23 @@ def test_asym_static_and_cached_sums_match_reference(dtype):
     torch.testing.assert_close(ref, _oracle_asym(x, qweight, scales, None, False, static))
 
 
-def test_asym_long_k_corrects_in_int64(monkeypatch):
-    """Past INT32_SAFE_K the two sums are subtracted in int64 (here forced at K = 48)."""
-    monkeypatch.setattr(w8a8_asym, "INT32_SAFE_K", 16)
-    x = torch.rand(4, 48) * 5
-    qweight, scales = _weight(8, 48)
+def test_asym_long_k_sums_past_int32_stay_exact():
+    """Codes at the ends of their range over a long K: the product sums and the zero-point
+    correction pass 2**31 (where int32 would wrap) and still equal the exact integer maths."""
+    k = 200_000
+    x = torch.where(torch.arange(k) % 3 == 0, -1.0, 3.0).repeat(2, 1)
+    x[1] *= -1
+    qweight = torch.full((2, k), -128, dtype=torch.int8)
+    qweight[1, ::2] = 127
+    scales = torch.full((2, 1), 1e-9)
     args = (qweight, scales, None, True, None, None, None)
-    assert torch.equal(ops.linear_w8a8_asym_cpu(x, *args), ops.linear_w8a8_asym_reference(x, *args))
+    out = ops.linear_w8a8_asym_cpu(x, *args)
+    assert torch.equal(out, ops.linear_w8a8_asym_reference(x, *args))
+    xq, xs, xz = quantize_activation_asymmetric(x, True)
+    sums = xq.long() @ qweight.long().t() - xz.long() * qweight.long().sum(dim=1)
+    assert sums.abs().max() > 2**31
+    exact = sums.double() * xs.double() * scales.double().t()
+    assert torch.equal(out, exact.float())
 
 
 @pytest.mark.parametrize("per_token", [True, False])

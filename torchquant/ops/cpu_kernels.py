@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -265,8 +266,10 @@ def int8pack_linear(x2: torch.Tensor, qweight: torch.Tensor, layout: CpuLayout) 
 
 
 def tile_rows(k: int) -> int:
-    """Weight rows per dequantized tile of :func:`blocked_linear` for ``K = k``."""
-    return max(INT4PACK_ROWS, DEQUANT_BLOCK_ELEMENTS // max(1, k))
+    """Weight rows per dequantized tile of :func:`blocked_linear` for ``K = k``: a power of
+    two (the GEMM's own blocking divides it; 576 -> 910 rows ran ~10% slower than 512)."""
+    rows = max(INT4PACK_ROWS, DEQUANT_BLOCK_ELEMENTS // max(1, k))
+    return 1 << (rows.bit_length() - 1)
 
 
 def blocked_linear(
@@ -279,8 +282,8 @@ def blocked_linear(
     """
     step = tile_rows(x2.shape[1])
     if x2.dtype == torch.bfloat16 and not native_bf16_gemm():
-        # -- without AVX-512 BF16 or AMX the bf16 GEMM is emulated, several times slower
-        # -- than float32's: multiply in float32 (float32 accumulation, as oneDNN's bf16 does)
+        # -- without AVX-512 BF16 or AMX the bf16 GEMM is emulated, ~4x slower than
+        # -- float32's: multiply in float32 (float32 accumulation, as oneDNN's bf16 does)
         xf = x2.float()
         parts = [
             (xf @ dequantize_rows(i, min(i + step, n)).float().t()).to(x2.dtype)
@@ -291,11 +294,74 @@ def blocked_linear(
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
+def _capability_allows(*capabilities: str) -> bool:
+    """Whether ``ATEN_CPU_CAPABILITY`` (PyTorch's cap on the kernels it picks) is unset or
+    one of ``capabilities``: a CPU capped below AVX-512 runs bf16 and int8 GEMMs as a CPU
+    without those instructions does."""
+    cap = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    return not cap or cap in capabilities
+
+
 @functools.cache
 def native_bf16_gemm() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX tiles)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    has = any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return has and _capability_allows("avx512", "amx")
+
+
+@functools.cache
+def native_int8_gemm() -> bool:
+    """Whether this CPU multiplies int8 natively (VNNI or AMX tiles).  Without them
+    ``torch._int_mm`` measured ~20x slower than the float32 GEMM of the same shape (AVX2,
+    256x4096x4096), so exact integer sums are taken from float32 GEMMs instead
+    (:func:`exact_int_sums`)."""
+    checks = ("_is_vnni_supported", "_is_amx_tile_supported")
+    has = any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return has and _capability_allows("avx512", "amx")
+
+
+def gemm_dtype() -> torch.dtype:
+    """The dtype :func:`blocked_int_linear` dequantizes into and multiplies in: bf16 where
+    the CPU multiplies it natively, float32 elsewhere (which also spares a float32 input
+    the rounding to bf16)."""
+    return COMPUTE_DTYPE if native_bf16_gemm() else torch.float32
+
+
+# -- |q_x * q_w| <= 128 * 128 = 2**14 for int8 codes: every partial sum of this many
+# -- products is an integer of at most 2**24, exact in float32 whatever the GEMM's order
+EXACT_FLOAT32_TERMS = 1 << 10
+
+
+def exact_int_sums(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """``xq (M, K) @ qweight (N, K).T`` of integer codes in ``[-128, 127]``, exactly, as
+    float64 ``(M, N)``: the int32 sums of ``torch._int_mm`` where the CPU multiplies int8
+    natively, else float32 GEMMs over tiles of weight rows and ``EXACT_FLOAT32_TERMS``
+    columns (each exact, added in float64: exact too).  ``xq`` may hold the codes as
+    int8 or float32."""
+    if native_int8_gemm():
+        codes = xq if xq.dtype == torch.int8 else xq.to(torch.int8)
+        if codes.shape[1] == 1:  # -- torch._int_mm returns garbage for K == 1 on CPU
+            return codes.double() @ qweight.double().t()
+        return torch._int_mm(codes, qweight.t()).double()
+    m, k = xq.shape
+    n = qweight.shape[0]
+    xf = xq.float()
+    chunks = [slice(c, min(c + EXACT_FLOAT32_TERMS, k)) for c in range(0, k, EXACT_FLOAT32_TERMS)]
+    x_chunks = [xf[:, cols] for cols in chunks] if len(chunks) > 1 else [xf]
+    out = torch.empty(m, n, dtype=torch.float64)
+    step = tile_rows(k)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        tile = qweight[rows].float()
+        acc = out[:, rows]
+        for i, cols in enumerate(chunks):
+            part = x_chunks[i] @ (tile[:, cols] if len(chunks) > 1 else tile).t()
+            if i == 0:
+                acc.copy_(part)
+            else:
+                acc.add_(part)
+    return out
 
 
 def code_chunks(bits: int) -> tuple[int, int]:
@@ -345,13 +411,15 @@ def dequantize_tile(
     scales: torch.Tensor,
     zeros: torch.Tensor | float,
 ) -> torch.Tensor:
-    """``(codes - zeros) * scales`` written into bf16 ``out (rows, K)`` and returned.
+    """``(codes - zeros) * scales`` written into ``out (rows, K)`` (bf16 or float32) and
+    returned.
 
-    ``codes (rows, K)`` integers; ``scales`` and ``zeros`` bf16, ``(rows, 1)`` or per
-    column ``(rows, K)`` (``zeros`` may be a number).  The difference is exact in bf16
-    (integers below 256), so each weight is rounded once from the bf16 scale: within
-    2**-7 of the float32 reference.  Three passes over ``out``, none of them broadcasting
-    along a short inner dimension (which PyTorch's CPU loops do not vectorise).
+    ``codes (rows, K)`` integers; ``scales`` and ``zeros`` of ``out``'s dtype, ``(rows, 1)``
+    or per column ``(rows, K)`` (``zeros`` may be a number).  The difference is exact in
+    bf16 (integers below 256), so each weight is rounded once from the scale: within
+    2**-7 of the float32 reference in bf16, and equal to it in float32.  Three passes over
+    ``out``, none of them broadcasting along a short inner dimension (which PyTorch's CPU
+    loops do not vectorise).
     """
     out.copy_(codes)
     if isinstance(zeros, torch.Tensor) or zeros:
@@ -370,9 +438,10 @@ def blocked_int_linear(
     group_size: int,
     g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x2 (M, K) @ W.T`` in bf16 for ``W = (codes - zeros) * scales`` (see
-    :func:`dequantize_tile`), tiles of rows dequantized into one reused bf16 buffer;
-    ``(M, n)``.
+    """``x2 (M, K) @ W.T`` for ``W = (codes - zeros) * scales`` (see :func:`dequantize_tile`),
+    tiles of rows dequantized into one reused buffer; ``(M, n)`` in :func:`gemm_dtype`
+    (bf16 where the CPU multiplies it natively; float32 elsewhere, whose tiles are the
+    reference's float32 weights exactly).
 
     ``code_pieces(start, stop)`` gives the integer codes of rows ``start:stop`` as
     ``P = per`` pieces ``(rows, width / P)`` in position order
@@ -384,19 +453,20 @@ def blocked_int_linear(
     """
     m, k = x2.shape
     reordered = per > 1 or width != k
-    xk = x2.to(COMPUTE_DTYPE)
+    dtype = gemm_dtype()
+    xk = x2.to(dtype)
     if reordered:  # -- the columns of position_columns, by a transpose (no gather)
         xk = F.pad(xk, (0, width - k)).view(m, width // per, per).transpose(1, 2)
         xk = xk.reshape(m, width)
-    s = scales.to(COMPUTE_DTYPE)
-    z = zeros.to(COMPUTE_DTYPE) if isinstance(zeros, torch.Tensor) else zeros
+    s = scales.to(dtype)
+    z = zeros.to(dtype) if isinstance(zeros, torch.Tensor) else zeros
     piece_columns = width // per
     if g_idx is not None:
         # -- padding columns take an added group of scale 0 (their input is 0 anyway)
         groups = F.pad(g_idx.long(), (0, 1), value=s.shape[1])
         columns_group = groups[position_columns(width, per, k)] if reordered else groups[:k]
         s, z = F.pad(s, (0, 1)), F.pad(z, (0, 1)) if isinstance(z, torch.Tensor) else z
-    buffer = torch.empty(min(n, tile_rows(width)), width, dtype=COMPUTE_DTYPE)
+    buffer = torch.empty(min(n, tile_rows(width)), width, dtype=dtype)
 
     def per_column(q: torch.Tensor | float, start: int, stop: int, cols: slice):
         """A piece's qparams, ``(rows, 1)`` or ``(rows, piece_columns)``: column ``i`` of

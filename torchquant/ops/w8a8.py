@@ -8,8 +8,11 @@ or with the static ``input_scale``, after dividing by the SmoothQuant ``smooth (
 ``linear_w8a8_int8`` and ``linear_w8a8_fp8`` are one definition registered under two
 names; ``quantize_activation`` is the activation half on its own.
 
-CPU: INT8 products accumulate exactly in int32 (``torch._int_mm``) and the scales are
-applied in float64, as in the reference, so the result is the reference's; bf16 inputs
+CPU: INT8 products are summed exactly (``torch._int_mm`` in int32 where the CPU has int8
+instructions; elsewhere, where it runs ~20x slower than float32, float32 GEMMs over
+chunks of K short enough for their sums to be exact, see ``cpu_kernels.exact_int_sums``)
+and the scales are applied in float64, as in the reference, so the result is the
+reference's; bf16 inputs
 (and float32 ones inside ``cpu_kernels.float32_in_bf16``, within the same tolerance)
 of up to ``INT8PACK_MAX_ROWS`` rows run ``_weight_int8pack_mm`` on the codes as bf16
 (exact; float32 accumulation, bf16 output, within bf16 tolerance) instead; dynamic
@@ -224,11 +227,9 @@ def _runs_int8pack(x2: torch.Tensor, act: ActivationQuant) -> bool:
 
 
 def int_products(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
-    """``xq @ qweight.T`` exactly in int32: ``torch._int_mm``, which on CPU returns garbage
-    for ``K == 1`` (there a plain int32 product)."""
-    if xq.shape[1] == 1:
-        return xq.int() @ qweight.int().t()
-    return torch._int_mm(xq, qweight.t())
+    """``xq @ qweight.T`` of integer codes, exactly, as float64 (``cpu_kernels.exact_int_sums``:
+    ``torch._int_mm`` where the CPU has int8 instructions, float32 GEMMs elsewhere)."""
+    return cpu_kernels.exact_int_sums(xq, qweight)
 
 
 def linear_w8a8_cpu(
@@ -243,7 +244,10 @@ def linear_w8a8_cpu(
     if runs_token_decode(x2, act):
         return token_decode_linear(x, x2, qweight, scales, bias, act, layout)
     int8pack = _runs_int8pack(x2, act)
-    codes_dtype = cpu_kernels.COMPUTE_DTYPE if int8pack else torch.int8
+    if int8pack:
+        codes_dtype = cpu_kernels.COMPUTE_DTYPE
+    else:  # -- the codes as the integer products read them
+        codes_dtype = torch.int8 if cpu_kernels.native_int8_gemm() else torch.float32
     if takes_dynamic_scales(act):
         xq, xs = quantize_dynamic(x2, act.act_type, act.per_token, codes_dtype)
         shared_scale = None  # -- the scales carry the NaN rows
@@ -264,10 +268,10 @@ def linear_w8a8_cpu(
         out = common.recompute_overflowed_rows(out, x2, exact)
         return common.unflatten(out, x)
     if act.act_type in INT_ACT_DTYPES:
-        acc = int_products(xq, qweight).double()
+        acc = int_products(xq, qweight)
         return scaled_output(x, x2, acc, xs.double(), scales.double(), bias, shared_scale)
     codes = layout.packed if layout is not None else None
-    acc = fp8_rows_linear(xq, qweight, codes)  # bf16, times float32 scales
+    acc = fp8_rows_linear(xq, qweight, codes)  # bf16 or float32, times float32 scales
     return scaled_output(x, x2, acc, xs, scales.float(), bias, shared_scale)
 
 

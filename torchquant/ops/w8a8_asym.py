@@ -11,9 +11,9 @@ the first sum on the INT8 kernels, the second from ``weight_sums (N,)`` int32, t
 column sums of the weight codes, which a layer derives once (``weight_code_sums``) and
 passes in; ``None`` derives them per call.  Nothing is dequantized.
 
-CPU: ``torch._int_mm`` and the correction in int32 (int64 past ``INT32_SAFE_K``, where
-both sums together could pass 2**31), scales in float64: the reference's result bit for
-bit.  CUDA: the INT8 Triton GEMM with the correction in its epilogue.
+CPU: the exact integer products of INT8 W8A8 (``w8a8.int_products``, as float64) and the
+correction in float64, which holds every integer term exactly, scales in float64: the
+reference's result bit for bit.  CUDA: the INT8 Triton GEMM with the correction in its epilogue.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ import torch
 from torchquant.numerics import poison_nonfinite_rows, quantize_activation_asymmetric
 from torchquant.ops import common
 from torchquant.ops.w8a8 import int_products, scaled_output
-
-# -- |sum q_x q_w| and |z sum q_w| are each at most 128 * 128 * K: their difference fits int32
-INT32_SAFE_K = (2**31 - 1) // (2 * 128 * 128)
 
 
 def weight_code_sums(qweight: torch.Tensor) -> torch.Tensor:
@@ -73,9 +70,7 @@ def linear_w8a8_asym_cpu(
         x2, per_token, input_scale, input_zero_point, smooth
     )
     sums = weight_code_sums(qweight) if weight_sums is None else weight_sums
-    acc = int_products(xq, qweight)
-    if x2.shape[1] > INT32_SAFE_K:
-        acc = acc.long()  # -- each sum fits int32 (INT8 W8A8's bound); their difference may not
+    acc = int_products(xq, qweight)  # -- exact float64: holds the correction's terms too
     acc = _corrected(acc, xz, sums)
     shared_scale = not per_token and input_scale is None
     return scaled_output(x, x2, acc, xs.double(), scales.double(), bias, shared_scale)

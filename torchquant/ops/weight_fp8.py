@@ -41,21 +41,22 @@ def fp8_cpu_layout(qweight: torch.Tensor) -> cpu_kernels.CpuLayout:
 def fp8_rows_linear(
     x2: torch.Tensor, qweight: torch.Tensor, codes: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``x2 @ qweight.T`` in bf16 (which holds every E4M3 value), ``(M, N)``.
+    """``x2 @ qweight.T`` in bf16 or float32 (both hold every E4M3 value), ``(M, N)``.
 
     ``codes`` is ``qweight`` as bf16 (a :func:`fp8_cpu_layout`); without it blocks of rows
     are converted per call.  One row is a matrix-vector product (twice as fast as
-    ``F.linear`` in bf16 for one row).
+    ``F.linear`` in bf16 for one row).  More rows multiply in ``cpu_kernels.gemm_dtype``:
+    where the CPU has no native bf16 GEMM, tiles of rows widened to float32 (one cheap
+    pass over the weight, against a bf16 GEMM ~4x slower than float32's).
     """
-    x2 = x2.to(cpu_kernels.COMPUTE_DTYPE)
-    if codes is None:
-        to_bf16 = cpu_kernels.COMPUTE_DTYPE
-        return cpu_kernels.blocked_linear(
-            x2, qweight.shape[0], lambda i, j: qweight[i:j].to(to_bf16)
-        )
-    if x2.shape[0] == 1:
-        return torch.mv(codes, x2[0]).unsqueeze(0)
-    return x2 @ codes.t()
+    if codes is not None and x2.shape[0] == 1:
+        return torch.mv(codes, x2[0].to(codes.dtype)).unsqueeze(0)
+    dtype = cpu_kernels.gemm_dtype()
+    x2 = x2.to(dtype)
+    if codes is not None and dtype == codes.dtype:
+        return x2 @ codes.t()
+    source = qweight if codes is None else codes
+    return cpu_kernels.blocked_linear(x2, qweight.shape[0], lambda i, j: source[i:j].to(dtype))
 
 
 linear_fp8_weight = torch.library.custom_op(
