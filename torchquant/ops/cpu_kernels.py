@@ -348,7 +348,6 @@ def exact_int_sums(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     n = qweight.shape[0]
     xf = xq.float()
     chunks = [slice(c, min(c + EXACT_FLOAT32_TERMS, k)) for c in range(0, k, EXACT_FLOAT32_TERMS)]
-    x_chunks = [xf[:, cols] for cols in chunks] if len(chunks) > 1 else [xf]
     out = torch.empty(m, n, dtype=torch.float64)
     step = tile_rows(k)
     for start in range(0, n, step):
@@ -356,7 +355,7 @@ def exact_int_sums(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
         tile = qweight[rows].float()
         acc = out[:, rows]
         for i, cols in enumerate(chunks):
-            part = x_chunks[i] @ (tile[:, cols] if len(chunks) > 1 else tile).t()
+            part = xf[:, cols] @ tile[:, cols].t()
             if i == 0:
                 acc.copy_(part)
             else:
