@@ -491,3 +491,17 @@ def blocked_int_linear(
         return tile
 
     return blocked_linear(xk, n, rows_of)
+
+
+def blocked_signed_linear(
+    x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """:func:`blocked_int_linear` for signed codes ``(N, K)`` held in order (zero point 0):
+    INT8 weights as stored, W4A8's cached int8 codes."""
+
+    def code_rows(start: int, stop: int) -> list[torch.Tensor]:
+        return [codes[start:stop]]
+
+    return blocked_int_linear(
+        x2, codes.shape[0], code_rows, codes.shape[1], 1, scales, 0.0, group_size
+    )

@@ -210,17 +210,10 @@ def dequantized_product(
     xq: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int
 ) -> torch.Tensor:
     """``sum_g s_w[:, g] * sum_{k in g} q_x q_w`` ``(M, N)`` as one GEMM of the activation
-    codes by weight tiles dequantized to ``code * s_w`` (``cpu_kernels.blocked_int_linear``):
+    codes by weight tiles dequantized to ``code * s_w`` (``cpu_kernels.blocked_signed_linear``):
     each weight rounded once to the GEMM's dtype and the sums accumulated in float32, far
     inside bf16 tolerance, at the speed of the float GEMM instead of ``G`` short ones."""
-    k = codes.shape[1]
-
-    def code_rows(start: int, stop: int) -> list[torch.Tensor]:
-        return [codes[start:stop]]  # -- the signed codes in order (zero point 0)
-
-    return cpu_kernels.blocked_int_linear(
-        xq, codes.shape[0], code_rows, k, 1, scales, 0.0, group_size
-    )
+    return cpu_kernels.blocked_signed_linear(xq, codes, scales, group_size)
 
 
 def linear_w4a8_cuda(

@@ -68,12 +68,7 @@ def linear_int8_weight_cpu(x, qweight, scales, bias, group_size, *layout):
         return linear_int8_weight_reference(rows, qweight, scales, None, group_size)
 
     if x2.shape[0] > INT8PACK_MAX_ROWS:
-
-        def code_pieces(start: int, stop: int) -> list[torch.Tensor]:
-            return [qweight[start:stop]]  # -- the codes in order, signed (zero 0)
-
-        k = qweight.shape[1]
-        out = cpu_kernels.blocked_int_linear(x2, n, code_pieces, k, 1, scales, 0.0, group_size)
+        out = cpu_kernels.blocked_signed_linear(x2, qweight, scales, group_size)
         out = common.recompute_overflowed_rows(out, x2, exact)
     else:
         layout = cpu_kernels.CpuLayout(*layout)
