@@ -1,7 +1,9 @@
 """MXFP4's opt-in E8M0 scale rounding through checkpoints: the native format keeps the
 option (weights and activations) and loads bit-exact; ``mxfp4-pack-quantized`` stays the
 plain layout, which compressed-tensors decompresses to our weights bit for bit, and the
-library's own compression of the float weights is what this rounding stores.
+library's own compression of the float weights is what this rounding stores.  A folder
+the library wrote loads with its rounding (its input quantization, bit for bit); ours load
+with the rounding recorded in their shards' metadata.
 """
 
 from __future__ import annotations
@@ -108,3 +110,121 @@ def test_library_decompresses_the_export_and_compresses_floats_to_the_same_bytes
     for name, layer in _layers(model).items():
         assert torch.equal(loaded.get_submodule(name).qweight, layer.qweight)
         assert torch.equal(loaded.get_submodule(name).scales, layer.scales)
+
+
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize  # noqa: E402
+from compressed_tensors.quantization.utils.helpers import (  # noqa: E402
+    compute_dynamic_scales_and_zp,
+)
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from torchquant import CheckpointError  # noqa: E402
+from torchquant.formats.compressed_tensors_mx_rounding import RECORD_KEY  # noqa: E402
+from torchquant.numerics.microscaling import fake_quantize_microscaled  # noqa: E402
+
+
+def _library_input_quantization(x, args):
+    """The library's own forward on a dynamic MX input: scales from the blocks, fake-quantized."""
+    scale, zero_point = compute_dynamic_scales_and_zp(x, args, None)
+    return fake_quantize(x, scale, zero_point, args)
+
+
+def _library_folder(folder, dtype):
+    """A W+A MXFP4 folder as the library writes it: its own compression of the float
+    weights, the preset's args, no torchquant metadata."""
+    save_compressed_tensors(
+        _quantized(QuantScheme(WeightQuant("mxfp4"), ActivationQuant("mxfp4"))), folder
+    )
+    qc, group = _library_group(folder)
+    compressor = BaseCompressor.get_value_from_registry(group.format)
+    state = load_file(folder / "model.safetensors")
+    float_model = _model(dtype)
+    for name in _layers(_quantized(SCHEMES["mxfp4"])):
+        weight = float_model.get_submodule(name).weight.detach()
+        n, k = weight.shape
+        blocks = weight.reshape(n, k // 32, 32)
+        scale, _ = calculate_qparams(blocks.amin(-1), blocks.amax(-1), group.weights)
+        packed = compressor.compress({"weight": weight, "weight_scale": scale.to(dtype)}, group)
+        state.update({f"{name}.{key}": t.contiguous() for key, t in packed.items()})
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return group
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_library_mxfp4_folder_quantizes_inputs_as_the_library_does(tmp_path, dtype):
+    group = _library_folder(tmp_path / "ct", dtype)
+    loaded = load_compressed_tensors(tmp_path / "ct")
+    layer = loaded.model.layers[1].mlp.down_proj
+    assert layer.scheme == SCHEMES["mxfp4"]  # -- the library's rule, weights and inputs
+    # -- inputs with outlier channels, where the two rules pick different block scales
+    x = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(2))
+    x = (x * torch.logspace(-2, 2, layer.in_features)).to(dtype)
+    theirs = _library_input_quantization(x, group.input_activations)
+    ours = fake_quantize_microscaled(x, "mxfp4", None, layer.scheme.activation.scale_rounding)
+    assert torch.equal(ours.to(dtype), theirs)
+    assert not torch.equal(fake_quantize_microscaled(x, "mxfp4").to(dtype), theirs)
+    weight = layer.dequantized_weight(torch.float64)
+    out = layer.reference_forward(x)  # -- in the layer's dtype, the input cast to it exactly
+    assert torch.equal(out, (theirs.double() @ weight.t()).to(out.dtype))
+
+
+ROUND_TRIP = {
+    "both compressed-tensors": SCHEMES["mxfp4"],
+    "both ocp": QuantScheme(WeightQuant("mxfp4"), ActivationQuant("mxfp4")),
+    "weights compressed-tensors": QuantScheme(
+        WeightQuant("mxfp4", scale_rounding=CT), ActivationQuant("mxfp4")
+    ),
+    "inputs compressed-tensors": QuantScheme(
+        WeightQuant("mxfp4"), ActivationQuant("mxfp4", scale_rounding=CT)
+    ),
+    "weight-only compressed-tensors": SCHEMES["mxfp4a16"],
+    "weight-only ocp": QuantScheme(WeightQuant("mxfp4")),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUND_TRIP))
+def test_our_exports_load_with_the_rounding_they_were_made_with(tmp_path, case):
+    scheme = ROUND_TRIP[case]
+    model = _quantized(scheme)
+    save_compressed_tensors(model, tmp_path / "ct")
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), framework="pt") as f:
+        recorded = (f.metadata() or {}).get(RECORD_KEY)
+    assert (recorded is None) == ("ocp" in case)  # -- the spec's rounding writes no record
+    loaded = load_compressed_tensors(tmp_path / "ct")
+    for name in _layers(model):
+        assert loaded.get_submodule(name).scheme == scheme, name
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_layers_of_different_roundings_get_their_own_groups(tmp_path):
+    ocp = QuantScheme(WeightQuant("mxfp4"), ActivationQuant("mxfp4"))
+    config = QuantConfig(default=SCHEMES["mxfp4"], overrides={r"re:.*mlp\..*": ocp})
+    model = convert_model(_model(), config, progress=False)[0]
+    save_compressed_tensors(model, tmp_path / "ct")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert len(qc["config_groups"]) == 2
+    loaded = load_compressed_tensors(tmp_path / "ct")
+    for name, layer in _layers(model).items():
+        assert loaded.get_submodule(name).scheme == layer.scheme, name
+
+
+@pytest.mark.parametrize(
+    "record, match",
+    [
+        ("{", "not JSON"),
+        ('{"group_9": {"weights": "ocp"}}', "group_9"),
+        ('{"group_0": {"outputs": "ocp"}}', "group_0"),
+        ('{"group_0": {"input_activations": "nearest"}}', "nearest"),
+    ],
+)
+def test_a_bad_rounding_record_is_refused_by_name(tmp_path, record, match):
+    save_compressed_tensors(_quantized(SCHEMES["mxfp4"]), tmp_path / "ct")
+    path = tmp_path / "ct" / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = {**f.metadata(), RECORD_KEY: record}
+    save_file(load_file(path), path, metadata=metadata)
+    with pytest.raises(CheckpointError, match=match):
+        load_compressed_tensors(tmp_path / "ct")

@@ -69,6 +69,12 @@ from torchquant.formats.compressed_tensors_fp4 import (
     fp4_scheme_of,
     microscaled_input_args,
 )
+from torchquant.formats.compressed_tensors_mx_rounding import (
+    folder_roundings,
+    rounding_metadata,
+    scheme_roundings,
+    with_roundings,
+)
 from torchquant.formats.packing_variants import (
     dense_to_canonical,
     dense_width,
@@ -230,8 +236,11 @@ def _original_layer_types(model: nn.Module) -> dict[str, str]:
     return hf.linear_layer_names(skeleton)
 
 
-def quantization_config_for(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The ``quantization_config`` and every tensor of ``model`` in compressed-tensors form.
+def quantization_config_for(
+    model: nn.Module,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
+    """The ``quantization_config``, every tensor of ``model`` in compressed-tensors form and
+    the shard metadata recording MX scale roundings (``compressed_tensors_mx_rounding``).
 
     Targets and ignores name layers as the files do; the tensors are keyed by the
     model's names (``hf.write_checkpoint`` stores them under the files' names).
@@ -243,6 +252,7 @@ def quantization_config_for(model: nn.Module) -> tuple[dict[str, Any], dict[str,
     names = names_for_model(model)
     tensors = hf.float_state(model)
     groups: dict[str, dict[str, Any]] = {}
+    roundings: dict[str, dict[str, str]] = {}
     for name, layer in layers.items():
         if types.get(name, "Linear") != "Linear":
             raise CheckpointError(
@@ -251,7 +261,9 @@ def quantization_config_for(model: nn.Module) -> tuple[dict[str, Any], dict[str,
             )
         fmt, wargs, local = _layer_tensors(name, layer)
         iargs = _input_args(layer.scheme.activation, name)
-        key = repr((fmt, sorted(wargs.items()), sorted((iargs or {}).items())))
+        rounding = scheme_roundings(layer.scheme)
+        key = repr((fmt, sorted(wargs.items()), sorted((iargs or {}).items()), rounding))
+        roundings[key] = rounding
         group = groups.setdefault(
             key,
             {
@@ -281,7 +293,8 @@ def quantization_config_for(model: nn.Module) -> tuple[dict[str, Any], dict[str,
         "sparsity_config": {},
         "transform_config": {},
     }
-    return config, tensors
+    by_group = {f"group_{i}": roundings[key] for i, key in enumerate(groups)}
+    return config, tensors, rounding_metadata(by_group)
 
 
 def save_compressed_tensors(
@@ -293,9 +306,16 @@ def save_compressed_tensors(
     overwrite: bool = False,
 ) -> Path:
     """Write a converted Hugging Face model as a compressed-tensors checkpoint folder."""
-    qconfig, tensors = quantization_config_for(model)
+    qconfig, tensors, metadata = quantization_config_for(model)
     return hf.write_checkpoint(
-        model, directory, qconfig, tensors, tokenizer, max_shard_size, overwrite
+        model,
+        directory,
+        qconfig,
+        tensors,
+        tokenizer,
+        max_shard_size,
+        overwrite,
+        shard_metadata=metadata,
     )
 
 
@@ -399,7 +419,8 @@ def _assign_groups(
         for gname, group in qc["config_groups"].items():
             where = f"config_groups.{gname}.targets"
             if any(_matches(t, a, cls, where) for t in group["targets"] for a in aliases):
-                plan[name] = {**group, "format": group.get("format") or qc.get("format")}
+                fmt = group.get("format") or qc.get("format")
+                plan[name] = {**group, "format": fmt, "group_name": gname}
                 break
     if not plan:
         raise CheckpointError("quantization_config targets match no linear layer of the model")
@@ -533,9 +554,13 @@ def _dense_layer(name, local, scheme: QuantScheme, dtype) -> QuantLinear:
 
 
 def _check_layers_declared(
-    plan: dict[str, dict[str, Any]], declared: dict[str, TensorEntry], model: nn.Module
+    plan: dict[str, dict[str, Any]],
+    declared: dict[str, TensorEntry],
+    model: nn.Module,
+    roundings: dict[str, dict[str, str]],
 ) -> dict[str, QuantScheme]:
-    """Each planned layer is an ``nn.Linear`` whose tensors (from the headers) fit it."""
+    """Each planned layer is an ``nn.Linear`` whose tensors (from the headers) fit it;
+    ``roundings`` (config group -> part -> rounding) sets MX layers' scale roundings."""
     by_layer: dict[str, dict[str, TensorEntry]] = {name: {} for name in plan}
     for key, entry in declared.items():
         layer, _, local = key.rpartition(".")
@@ -549,7 +574,8 @@ def _check_layers_declared(
         n, k = module.weight.shape
         if group["format"] in FP4_FORMATS:
             weights, inputs = group.get("weights") or {}, group.get("input_activations")
-            schemes[name] = fp4_scheme_of(group["format"], weights, inputs, name)
+            scheme = fp4_scheme_of(group["format"], weights, inputs, name)
+            schemes[name] = with_roundings(scheme, roundings[group["group_name"]], name)
             check_declared_fp4_layer(name, schemes[name], by_layer[name], n, k)
             continue
         schemes[name] = _scheme_of(group, name)
@@ -571,7 +597,8 @@ def load_compressed_tensors(directory: str | Path) -> nn.Module:
     model = hf.build_skeleton(directory, config, declared)
     plan = _assign_groups(qc, hf.linear_layer_names(model), names_for_model(model))
     hf.check_float_tensors(model, declared, list(plan))
-    schemes = _check_layers_declared(plan, declared, model)
+    roundings = folder_roundings(hf.shard_metadata(files), qc["config_groups"])
+    schemes = _check_layers_declared(plan, declared, model, roundings)
     tensors = hf.read_tensors(files, model)
     for name, scheme in schemes.items():
         n, k = model.get_submodule(name).weight.shape

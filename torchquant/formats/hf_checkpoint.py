@@ -31,7 +31,7 @@ from torchquant.checkpoint.folder import (
 )
 from torchquant.checkpoint.folder import read_tensors as read_shards
 from torchquant.checkpoint.names import names_for_model, names_for_type
-from torchquant.checkpoint.safetensors_check import TensorEntry
+from torchquant.checkpoint.safetensors_check import TensorEntry, check_safetensors
 from torchquant.checkpoint.save_guard import (
     WRITER_KEY,
     check_tensors_to_save,
@@ -79,6 +79,7 @@ def write_checkpoint(
     overwrite: bool = False,
     *,
     extra_json: dict[str, dict[str, Any]] | None = None,
+    shard_metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write ``config.json``, the (sharded) safetensors and the tokenizer atomically.
 
@@ -86,7 +87,7 @@ def write_checkpoint(
     keyed by the model's names and stored under the checkpoint names of its model type.
     The target is checked by :mod:`torchquant.checkpoint.save_guard` (the folders the
     model came from are never written) and the tensors must be finite, all before
-    anything is written.
+    anything is written.  ``shard_metadata`` joins every shard's safetensors metadata.
     """
     config = model_config_dict(model)
     config["quantization_config"] = quantization_config
@@ -96,7 +97,7 @@ def write_checkpoint(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     tensors = names_for_type(config.get("model_type")).keys_to_checkpoint(tensors)
     shards = split_shards(tensors, max_bytes)
-    metadata = {"format": "pt", WRITER_KEY: "torchquant"}
+    metadata = {"format": "pt", WRITER_KEY: "torchquant", **(shard_metadata or {})}
     with staged_directory(target.path, merge=target.merge) as staging:
         write_shards(staging, shards, lambda shard: metadata)
         (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
@@ -130,6 +131,11 @@ def declared_tensors(directory: str | Path) -> tuple[list[Path], dict[str, Tenso
     has_config = (directory / "config.json").exists()
     model_type = read_config(directory).get("model_type") if has_config else None
     return files, names_for_type(model_type).keys_to_model(declared_entries(headers))
+
+
+def shard_metadata(files: list[Path]) -> list[dict[str, str]]:
+    """The safetensors metadata of each of the validated shards ``files``."""
+    return [check_safetensors(path).metadata for path in files]
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
