@@ -24,6 +24,7 @@ from torchquant.calibration.distributed import (
 from torchquant.checkpoint.save_guard import resolve_save_target
 from torchquant.config import (
     ALGORITHMS,
+    MX_SCALE_ROUNDING_TYPES,
     MX_SCALE_ROUNDINGS,
     QuantConfig,
     QuantScheme,
@@ -92,8 +93,8 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
         "--mx-scale-rounding",
         choices=MX_SCALE_ROUNDINGS,
         default=None,
-        help="how mxfp4a16 / mxfp4 round each block max to its E8M0 power-of-two scale, for "
-        "the weights and mxfp4's activations: ocp (the OCP MX reference, the default) or "
+        help="how mxfp4a16 / mxfp4 / mxfp8 round each block max to its E8M0 power-of-two "
+        "scale, for the weights and activations: ocp (the OCP MX reference, the default) or "
         "compressed-tensors (up where the max's significand is 1.75 or more: less saturation)",
     )
     group_help = "group size (-1 = per channel)"
@@ -266,9 +267,9 @@ def _config(args: argparse.Namespace):
 
 
 def _mx_scale_rounding(scheme: QuantScheme, rounding: str) -> QuantScheme:
-    """``scheme`` with its MXFP4 weight (and MXFP4 activation) scales rounded by ``rounding``."""
-    if scheme.weight.type != "mxfp4":
-        raise TorchquantError("--mx-scale-rounding applies to mxfp4a16 and mxfp4 only")
+    """``scheme`` with its MX weight (and MX activation) scales rounded by ``rounding``."""
+    if scheme.weight.type not in MX_SCALE_ROUNDING_TYPES:
+        raise TorchquantError("--mx-scale-rounding applies to mxfp4a16, mxfp4 and mxfp8 only")
     weight = dataclasses.replace(scheme.weight, scale_rounding=rounding)
     act = scheme.activation
     if act is not None:

@@ -9,7 +9,8 @@
 - MXFP4 (BLOCK 32): the same values; ``scales`` E8M0 ``floor(log2(amax)) - 2 + 127``, or
   with ``scale_rounding="compressed-tensors"`` (``ROUND_UP``) one more where the block max's
   significand is 1.75 or more (its two leading fraction bits set).
-- MXFP8 (BLOCK 32): ``values (M, K)`` E4M3 bytes (saturated at +-448); E8M0 scales with 8.
+- MXFP8 (BLOCK 32): ``values (M, K)`` E4M3 bytes (saturated at +-448); E8M0 scales as MXFP4's with 8
+  in place of 2, by either rounding.
 
 :func:`quantize_to_scaled_values` writes instead each value on its grid times its block's
 scale (NVFP4's E4M3 one, without the global scale), ``(M, K)`` bf16: exact (an E2M1 or
@@ -174,7 +175,7 @@ def quantize_microscaled(
 
     ``scales`` comes back as float8_e4m3fn (NVFP4) or uint8 (E8M0); ``global_scale (1,)``
     float32 is required for NVFP4 (the caller computes a dynamic one) and refused otherwise;
-    ``scale_rounding`` other than ``"ocp"`` is for MXFP4 only.
+    ``scale_rounding`` other than ``"ocp"`` is for the MX formats only.
     """
     return _quantize(x, fmt, global_scale, scale_rounding, scaled=False)
 
@@ -199,9 +200,9 @@ def _quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {tuple(FORMATS)}, got {fmt!r}")
-    if scale_rounding not in SCALE_ROUNDINGS or (scale_rounding != "ocp" and fmt != "mxfp4"):
+    if scale_rounding not in SCALE_ROUNDINGS or (scale_rounding != "ocp" and fmt == "nvfp4"):
         raise ValueError(
-            f"scale_rounding must be one of {SCALE_ROUNDINGS} ('ocp' unless fmt is mxfp4), "
+            f"scale_rounding must be one of {SCALE_ROUNDINGS} ('ocp' for nvfp4), "
             f"got {scale_rounding!r} for {fmt!r}"
         )
     if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):

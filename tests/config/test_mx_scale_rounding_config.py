@@ -1,4 +1,4 @@
-"""The MXFP4 E8M0 scale rounding option on the scheme and the command line: validated by
+"""The MX (MXFP4, MXFP8) E8M0 scale rounding option on the scheme and the command line: validated by
 name, written only when opted into (so every other checkpoint's config keeps its bytes),
 round-tripped through JSON, and picked with ``--mx-scale-rounding``."""
 
@@ -38,6 +38,10 @@ def test_the_option_round_trips_and_describes_itself():
     assert QuantScheme.from_dict(weight_only.to_dict()) == weight_only
     gptq = QuantScheme(WeightQuant("mxfp4", scale_rounding=CT), algorithm="gptq")
     assert QuantScheme.from_dict(gptq.to_dict()).weight.scale_rounding == CT
+    mxfp8 = QuantScheme(
+        WeightQuant("mxfp8", scale_rounding=CT), ActivationQuant("mxfp8", scale_rounding=CT)
+    )
+    assert QuantScheme.from_dict(mxfp8.to_dict()) == mxfp8
 
 
 @pytest.mark.parametrize(
@@ -46,9 +50,8 @@ def test_the_option_round_trips_and_describes_itself():
         (lambda: WeightQuant("mxfp4", scale_rounding="nearest"), "weight.scale_rounding='nearest'"),
         (lambda: WeightQuant("mxfp4", scale_rounding=None), "weight.scale_rounding=None"),
         (lambda: WeightQuant("nvfp4", scale_rounding=CT), "weight.scale_rounding.*'ocp' for nvfp4"),
-        (lambda: WeightQuant("mxfp8", scale_rounding=CT), "weight.scale_rounding.*'ocp' for mxfp8"),
         (lambda: WeightQuant("int", 4, 32, scale_rounding=CT), "weight.scale_rounding.*int"),
-        (lambda: ActivationQuant("mxfp8", scale_rounding=CT), "activation.scale_rounding.*mxfp8"),
+        (lambda: ActivationQuant("nvfp4", scale_rounding=CT), "activation.scale_rounding.*nvfp4"),
         (lambda: ActivationQuant("int8", scale_rounding=CT), "activation.scale_rounding.*int8"),
         (lambda: ActivationQuant("mxfp4", scale_rounding=1), "activation.scale_rounding=1"),
     ],
@@ -73,8 +76,8 @@ class CharTokenizer:
         return ()
 
 
-@pytest.mark.parametrize("name", ["mxfp4a16", "mxfp4"])
-def test_the_command_line_picks_it_for_weights_and_mxfp4_activations(
+@pytest.mark.parametrize("name", ["mxfp4a16", "mxfp4", "mxfp8"])
+def test_the_command_line_picks_it_for_mx_weights_and_activations(
     tmp_path, monkeypatch, capsys, name
 ):
     from torchquant.serialization import load_quantized
@@ -88,9 +91,10 @@ def test_the_command_line_picks_it_for_weights_and_mxfp4_activations(
     assert main(args) == 0
     layer = load_quantized(out, tiny_llama(vocab=128)).model.layers[0].mlp.down_proj
     want = scheme_from_name(name)
-    want = dataclasses.replace(want, weight=WeightQuant("mxfp4", scale_rounding=CT))
-    if name == "mxfp4":
-        want = dataclasses.replace(want, activation=ActivationQuant("mxfp4", scale_rounding=CT))
+    fmt = name.removesuffix("a16")
+    want = dataclasses.replace(want, weight=WeightQuant(fmt, scale_rounding=CT))
+    if want.activation is not None:
+        want = dataclasses.replace(want, activation=ActivationQuant(fmt, scale_rounding=CT))
     assert layer.scheme == want
 
 
@@ -98,6 +102,8 @@ def test_the_command_line_refuses_it_for_other_schemes(tmp_path, capsys):
     out = str(tmp_path / "o")
     args = ["quantize", "m", "--scheme", "nvfp4a16", "--mx-scale-rounding", CT, "--out", out]
     assert main(args) == 1
-    assert "--mx-scale-rounding applies to mxfp4a16 and mxfp4 only" in capsys.readouterr().err
+    assert (
+        "--mx-scale-rounding applies to mxfp4a16, mxfp4 and mxfp8 only" in capsys.readouterr().err
+    )
     with pytest.raises(SystemExit):
         main(["quantize", "m", "--scheme", "mxfp4", "--mx-scale-rounding", "up", "--out", out])

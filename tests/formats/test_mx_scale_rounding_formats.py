@@ -130,17 +130,16 @@ def _library_input_quantization(x, args):
     return fake_quantize(x, scale, zero_point, args)
 
 
-def _library_folder(folder, dtype):
-    """A W+A MXFP4 folder as the library writes it: its own compression of the float
+def _library_folder(folder, dtype, fmt):
+    """A W+A MX folder as the library writes it: its own compression of the float
     weights, the preset's args, no torchquant metadata."""
-    save_compressed_tensors(
-        _quantized(QuantScheme(WeightQuant("mxfp4"), ActivationQuant("mxfp4"))), folder
-    )
+    plain = QuantScheme(WeightQuant(fmt), ActivationQuant(fmt))
+    save_compressed_tensors(_quantized(plain), folder)
     qc, group = _library_group(folder)
     compressor = BaseCompressor.get_value_from_registry(group.format)
     state = load_file(folder / "model.safetensors")
     float_model = _model(dtype)
-    for name in _layers(_quantized(SCHEMES["mxfp4"])):
+    for name in _layers(_quantized(plain)):
         weight = float_model.get_submodule(name).weight.detach()
         n, k = weight.shape
         blocks = weight.reshape(n, k // 32, 32)
@@ -151,19 +150,35 @@ def _library_folder(folder, dtype):
     return group
 
 
+MX_CT = {
+    "mxfp4": SCHEMES["mxfp4"],
+    "mxfp8": QuantScheme(
+        WeightQuant("mxfp8", scale_rounding=CT), ActivationQuant("mxfp8", scale_rounding=CT)
+    ),
+}
+
+
+@pytest.mark.parametrize("fmt", list(MX_CT))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_library_mxfp4_folder_quantizes_inputs_as_the_library_does(tmp_path, dtype):
-    group = _library_folder(tmp_path / "ct", dtype)
+def test_a_library_mx_folder_quantizes_inputs_as_the_library_does(tmp_path, dtype, fmt):
+    group = _library_folder(tmp_path / "ct", dtype, fmt)
     loaded = load_compressed_tensors(tmp_path / "ct")
+    ours_model = _quantized(MX_CT[fmt], dtype)  # -- the library's codes are this rounding's
+    for name, layer in _layers(ours_model).items():
+        assert torch.equal(loaded.get_submodule(name).scales, layer.scales), name
+        got = loaded.get_submodule(name).qweight.view(torch.uint8)
+        assert torch.equal(got, layer.qweight.view(torch.uint8)), name
     layer = loaded.model.layers[1].mlp.down_proj
-    assert layer.scheme == SCHEMES["mxfp4"]  # -- the library's rule, weights and inputs
+    assert layer.scheme == MX_CT[fmt]  # -- the library's rule, weights and inputs
     # -- inputs with outlier channels, where the two rules pick different block scales
     x = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(2))
-    x = (x * torch.logspace(-2, 2, layer.in_features)).to(dtype)
+    x = x * torch.logspace(-2, 2, layer.in_features)
+    x[0, 0] = 1.9 * 2**3  # -- a block max the spec's scale saturates, the library's holds
+    x = x.to(dtype)
     theirs = _library_input_quantization(x, group.input_activations)
-    ours = fake_quantize_microscaled(x, "mxfp4", None, layer.scheme.activation.scale_rounding)
+    ours = fake_quantize_microscaled(x, fmt, None, layer.scheme.activation.scale_rounding)
     assert torch.equal(ours.to(dtype), theirs)
-    assert not torch.equal(fake_quantize_microscaled(x, "mxfp4").to(dtype), theirs)
+    assert not torch.equal(fake_quantize_microscaled(x, fmt).to(dtype), theirs)
     weight = layer.dequantized_weight(torch.float64)
     out = layer.reference_forward(x)  # -- in the layer's dtype, the input cast to it exactly
     assert torch.equal(out, (theirs.double() @ weight.t()).to(out.dtype))

@@ -1,6 +1,6 @@
-"""MXFP4 activations with either E8M0 scale rounding: the numerics (the reference), the CPU
-op and the Triton one-pass quantizer (values and scales byte for byte), and the GEMM fed by
-it against the op's reference, on ragged K (a short last block, an odd K).
+"""MXFP4 and MXFP8 activations with either E8M0 scale rounding: the numerics (the
+reference), the CPU op and the Triton one-pass quantizer (values and scales byte for byte),
+and the GEMM fed by it against the op's reference, on ragged K (a short last block, an odd K).
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from torchquant.ops.microscaled import (
 pytestmark = requires_kernels
 
 ROUNDINGS = ("ocp", "compressed-tensors")
+FORMATS = ("mxfp4", "mxfp8")
 
 
-def _scheme(rounding: str) -> QuantScheme:
+def _scheme(rounding: str, fmt: str = "mxfp4") -> QuantScheme:
     return QuantScheme(
-        WeightQuant("mxfp4", scale_rounding=rounding),
-        ActivationQuant("mxfp4", scale_rounding=rounding),
+        WeightQuant(fmt, scale_rounding=rounding),
+        ActivationQuant(fmt, scale_rounding=rounding),
     )
 
 
@@ -45,39 +46,43 @@ def _activation(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return x.to(dtype)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("m", "k"), [(1, 32), (3, 97), (5, 300)])
-def test_triton_quantizer_writes_the_reference_bytes(rounding, dtype, m, k):
+def test_triton_quantizer_writes_the_reference_bytes(fmt, rounding, dtype, m, k):
     x = _activation(m, k, dtype, seed=k)
-    q = quantize_microscaled(x, "mxfp4", scale_rounding=rounding)
-    values, scales = quantize_kernel(x.to(KERNEL_DEVICE), "mxfp4", None, rounding)
+    q = quantize_microscaled(x, fmt, scale_rounding=rounding)
+    values, scales = quantize_kernel(x.to(KERNEL_DEVICE), fmt, None, rounding)
     assert torch.equal(scales.cpu(), q.scales)
-    assert torch.equal(values.cpu(), pack_e2m1(q.values))
-    scaled = quantize_to_scaled_values(x.to(KERNEL_DEVICE), "mxfp4", None, rounding)
+    want = q.values if fmt == "mxfp8" else pack_e2m1(q.values)
+    assert torch.equal(values.view(torch.uint8).cpu(), want.view(torch.uint8))
+    scaled = quantize_to_scaled_values(x.to(KERNEL_DEVICE), fmt, None, rounding)
     assert torch.equal(scaled.float().cpu(), dequantize_microscaled(q))
 
 
-def test_the_roundings_differ_where_a_block_max_reaches_one_and_three_quarters():
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_roundings_differ_where_a_block_max_reaches_one_and_three_quarters(fmt):
     x = _activation(3, 97, torch.float32, seed=0)
-    spec = quantize_kernel(x.to(KERNEL_DEVICE), "mxfp4", None, "ocp")[1].cpu()
-    ours = quantize_kernel(x.to(KERNEL_DEVICE), "mxfp4", None, "compressed-tensors")[1].cpu()
+    spec = quantize_kernel(x.to(KERNEL_DEVICE), fmt, None, "ocp")[1].cpu()
+    ours = quantize_kernel(x.to(KERNEL_DEVICE), fmt, None, "compressed-tensors")[1].cpu()
     step = ours.to(torch.int16) - spec.to(torch.int16)
     assert set(step.flatten().tolist()) == {0, 1}
     assert step[1, 0] == 1 and step[2, 1] == 0 and step[0, 0] == 0
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_op_matches_the_reference(rounding, dtype):
+def test_cpu_op_matches_the_reference(fmt, rounding, dtype):
     g = torch.Generator().manual_seed(1)
     n, k = 24, 72  # -- 72 = 2.25 x 32: a short last block
     layer = QuantLinear.from_weight(
         torch.randn(n, k, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype),
-        _scheme(rounding),
+        _scheme(rounding, fmt),
     )  # fmt: skip
     x = _activation(5, k, dtype, seed=2)
-    args = (layer.qweight, layer.scales, None, layer.bias, None, "mxfp4", rounding)
+    args = (layer.qweight, layer.scales, None, layer.bias, None, fmt, rounding)
     want = linear_microscaled_reference(x, *args)
     assert torch.equal(layer.reference_forward(x), want)
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=0)
@@ -111,5 +116,5 @@ def test_bad_roundings_are_refused_by_name():
     x = torch.randn(2, 32, device=KERNEL_DEVICE)
     with pytest.raises(ValueError, match="scale_rounding must be one of"):
         quantize_kernel(x, "mxfp4", None, "nearest")
-    with pytest.raises(ValueError, match="scale_rounding.*'mxfp8'"):
-        quantize_kernel(x, "mxfp8", None, "compressed-tensors")
+    with pytest.raises(ValueError, match="scale_rounding.*'nvfp4'"):
+        quantize_kernel(x, "nvfp4", torch.ones(1, device=KERNEL_DEVICE), "compressed-tensors")

@@ -33,7 +33,7 @@ from torchquant.qat import (
 from torchquant.qat.microscaled import fake_quantize_microscaled
 
 NVFP4_STATIC = QuantScheme(WeightQuant("nvfp4"), ActivationQuant("nvfp4", dynamic=False))
-CT = "compressed-tensors"  # -- MXFP4's opt-in E8M0 scale rounding
+CT = "compressed-tensors"  # -- the MX formats' opt-in E8M0 scale rounding
 MXFP4_CT = QuantScheme(
     WeightQuant("mxfp4", scale_rounding=CT), ActivationQuant("mxfp4", scale_rounding=CT)
 )
@@ -47,6 +47,9 @@ SCHEMES = {
     "mxfp8": scheme_from_name("mxfp8"),
     "mxfp4a16 ct": QuantScheme(WeightQuant("mxfp4", scale_rounding=CT)),
     "mxfp4 ct": MXFP4_CT,
+    "mxfp8 ct": QuantScheme(
+        WeightQuant("mxfp8", scale_rounding=CT), ActivationQuant("mxfp8", scale_rounding=CT)
+    ),
 }
 FORMATS = ("nvfp4", "mxfp4", "mxfp8")
 N, K = 40, 72  # 72 = 4.5 x 16 = 2.25 x 32: a short last block in every format
@@ -203,25 +206,26 @@ def test_convert_qat_keeps_bf16_weights_bit_exact():
         assert torch.equal(inference[2].reference_forward(hidden), want)
 
 
-def test_the_compressed_tensors_rounding_reaches_weights_and_inputs_with_its_gradient():
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8"])
+def test_the_compressed_tensors_rounding_reaches_weights_and_inputs_with_its_gradient(fmt):
     x = torch.randn(4, K)
     x[0, 0] = 1.9 * 2**3  # -- the spec's scale saturates it; the rounded-up one holds it
     x = x.requires_grad_(True)
-    fake = fake_quantize_microscaled(x, "mxfp4", None, CT)
-    q = quantize_microscaled(x.detach(), "mxfp4", scale_rounding=CT)
+    fake = fake_quantize_microscaled(x, fmt, None, CT)
+    q = quantize_microscaled(x.detach(), fmt, scale_rounding=CT)
     assert torch.equal(fake, dequantize_microscaled(q))
-    assert not torch.equal(fake, fake_quantize_microscaled(x, "mxfp4"))
+    assert not torch.equal(fake, fake_quantize_microscaled(x, fmt))
     fake.sum().backward()
     element = expand_blocks(block_multipliers(q), q.block, K)
-    inside = (x.detach() / element).abs() <= FP4_MAX
+    inside = (x.detach() / element).abs() <= (FP4_MAX if fmt == "mxfp4" else 448.0)
     assert torch.equal(x.grad, inside.float()) and bool(inside[0, 0])
-    layer = QatLinear.from_linear(nn.Linear(K, N), MXFP4_CT)
+    layer = QatLinear.from_linear(nn.Linear(K, N), SCHEMES[f"{fmt} ct"])
     with torch.no_grad():
         w = layer.weight.detach()
-        want_w = dequantize_microscaled(quantize_microscaled(w, "mxfp4", scale_rounding=CT))
+        want_w = dequantize_microscaled(quantize_microscaled(w, fmt, scale_rounding=CT))
         assert torch.equal(layer.fake_quantized_weight(), want_w)
-        xd = _round_trip(x.detach(), "mxfp4", None)
-        ours = dequantize_microscaled(quantize_microscaled(x.detach(), "mxfp4", scale_rounding=CT))
+        xd = _round_trip(x.detach(), fmt, None)
+        ours = dequantize_microscaled(quantize_microscaled(x.detach(), fmt, scale_rounding=CT))
         assert torch.equal(layer(x.detach()), nn.functional.linear(ours, want_w, layer.bias))
         assert not torch.equal(ours, xd)
 

@@ -80,7 +80,7 @@ def round_to_nearest(
         rounding = fp4_rounding(w.type, w.scale_rounding, search=w.observer == "mse")
         return _fp4_weight(rounding(weight, what=name))
     if w.type == "mxfp8":
-        q = quantize_mxfp8_weight(weight, what=name)
+        q = quantize_mxfp8_weight(weight, name, w.scale_rounding)
         return QuantizedWeight(q.values, q.scales)
     if w.type == "fp8":
         values, scales = quantize_fp8_weight(weight, per_channel=w.group_size == -1, what=name)

@@ -47,6 +47,8 @@ FP8_BLOCK = (128, 128)  # DeepSeek-V3's weight block (rows, columns) and activat
 # -- how an MXFP4 block's E8M0 scale rounds the block max to a power of two: the OCP MX
 # -- reference's floor, or compressed-tensors' (up where the significand is 1.75 or more)
 MX_SCALE_ROUNDINGS = ("ocp", "compressed-tensors")
+# -- the types with E8M0 block scales, where the rounding is a choice
+MX_SCALE_ROUNDING_TYPES = ("mxfp4", "mxfp8")
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class WeightQuant:
     ``bits=8`` and ``group_size`` 32; left at their defaults, ``bits`` and
     ``group_size`` take these values.  ``observer="mse"`` (FP4 and block-wise FP8,
     round-to-nearest only) searches each block's scale for the least squared error instead
-    of taking the scale of the block max.  ``scale_rounding`` (``mxfp4`` only): how the
+    of taking the scale of the block max.  ``scale_rounding`` (``mxfp4``, ``mxfp8``): how the
     block max becomes an E8M0 power of two, ``"ocp"`` (the spec's reference, the default)
     or ``"compressed-tensors"`` (rounded up where the max's significand is 1.75 or more,
     which saturates less; see ``numerics.fp4.e8m0_scales_for_amax``).
@@ -161,7 +163,7 @@ class ActivationQuant:
     ``dynamic=True`` (the default: no calibration data needed, and each input uses the
     E4M3 scales' full range), or calibrated once when ``dynamic=False`` (what
     compressed-tensors exports as ``input_global_scale``).  MX formats have no global
-    scale, so they are dynamic; ``scale_rounding`` (``mxfp4`` only) as :class:`WeightQuant`'s.
+    scale, so they are dynamic; ``scale_rounding`` (``mxfp4``, ``mxfp8``) as :class:`WeightQuant`'s.
     """
 
     type: str = "int8"
@@ -242,16 +244,17 @@ class ActivationQuant:
 
 
 def _check_scale_rounding(scale_rounding: object, type_: str, where: str) -> None:
-    """One of ``MX_SCALE_ROUNDINGS``; anything but the spec's ``"ocp"`` for mxfp4 only."""
+    """One of ``MX_SCALE_ROUNDINGS``; anything but the spec's ``"ocp"`` for MX types only."""
     field_name = f"{where}.scale_rounding"
     ok = isinstance(scale_rounding, str) and scale_rounding in MX_SCALE_ROUNDINGS
     require(ok, field_name, scale_rounding, f"one of {MX_SCALE_ROUNDINGS}")
     if scale_rounding != "ocp":
         require(
-            type_ == "mxfp4",
+            type_ in MX_SCALE_ROUNDING_TYPES,
             field_name,
             scale_rounding,
-            f"'ocp' for {type_} {where}s (the E8M0 scale rounding is an mxfp4 option)",
+            f"'ocp' for {type_} {where}s (the E8M0 scale rounding is an option of "
+            f"{MX_SCALE_ROUNDING_TYPES})",
         )
 
 

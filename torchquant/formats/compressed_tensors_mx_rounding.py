@@ -27,7 +27,7 @@ from torchquant.errors import CheckpointError, ConfigError
 RECORD_KEY = "torchquant_mx_scale_rounding"
 # -- the library's own rule, what its forward computes MX scales with
 PRODUCER_ROUNDING = "compressed-tensors"
-MX_TYPES = ("mxfp4",)
+MX_TYPES = ("mxfp4", "mxfp8")
 PARTS = ("weights", "input_activations")
 
 

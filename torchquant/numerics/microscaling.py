@@ -10,7 +10,10 @@ K (a shorter last block where the block does not divide K), each with its own sc
   block max rounded to a power of two as compressed-tensors does it
   (``scale_rounding="compressed-tensors"``, see ``numerics.fp4.e8m0_scales_for_amax``).
 - ``mxfp8``: E4M3 values, E8M0 scales ``floor(log2(amax_block)) - 8``; values past
-  +-448 after scaling saturate there, as the MX reference's conversion does.
+  +-448 after scaling saturate there, as the MX reference's conversion does.  The
+  compressed-tensors rounding is offered here too: the library rounds MXFP8 block maxima
+  by the same rule (its 1.75 threshold is fixed by E2M1's one mantissa bit, for every
+  element type), so the max lands at ``[224, 448)`` times the scale instead of ``[256, 512)``.
 
 Values round to nearest, ties to even.  Non-finite inputs are not refused here (an
 activation may hold them): their rows quantize as zeros, and the ops make the output
@@ -77,9 +80,10 @@ def _check_format(fmt: str) -> int:
 # -- MXFP8 values on E8M0 scales
 
 
-def choose_mxfp8_scales(x: torch.Tensor) -> torch.Tensor:
-    """E8M0 exponents ``(M, ceil(K/32))`` uint8 of ``x: (M, K)``'s blocks."""
-    return e8m0_scales_for_amax(block_absmax(x, MXFP8_BLOCK), E4M3_EMAX)
+def choose_mxfp8_scales(x: torch.Tensor, scale_rounding: str = "ocp") -> torch.Tensor:
+    """E8M0 exponents ``(M, ceil(K/32))`` uint8 of ``x: (M, K)``'s blocks, the block maxima
+    rounded to powers of two by ``scale_rounding`` (``numerics.fp4.e8m0_scales_for_amax``)."""
+    return e8m0_scales_for_amax(block_absmax(x, MXFP8_BLOCK), E4M3_EMAX, scale_rounding)
 
 
 def encode_mxfp8(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -96,10 +100,13 @@ def dequantize_mxfp8(
     return (values.float() * element).to(dtype)
 
 
-def quantize_mxfp8_weight(w: torch.Tensor, what: str = "weight") -> BlockScaled:
-    """Round-to-nearest MXFP8 of ``w: (N, K)`` (NaN/Inf refused, naming ``what``)."""
+def quantize_mxfp8_weight(
+    w: torch.Tensor, what: str = "weight", scale_rounding: str = "ocp"
+) -> BlockScaled:
+    """Round-to-nearest MXFP8 of ``w: (N, K)`` (NaN/Inf refused, naming ``what``), its
+    E8M0 exponents rounded by ``scale_rounding``."""
     _check_weight(w, what)
-    scales = choose_mxfp8_scales(w)
+    scales = choose_mxfp8_scales(w, scale_rounding)
     return BlockScaled(encode_mxfp8(w, scales), scales, None, "mxfp8")
 
 
@@ -116,12 +123,12 @@ def quantize_microscaled(
 
     ``global_scale`` (``nvfp4`` only): the calibrated ``(1,)`` float32 global scale; without
     it the global scale is computed from ``x`` (non-finite values left out).
-    ``scale_rounding`` (``mxfp4`` only): how the E8M0 exponents round the block maxima.
+    ``scale_rounding`` (MX formats only): how the E8M0 exponents round the block maxima.
     """
     _check_format(fmt)
-    if check_scale_rounding(scale_rounding) != "ocp" and fmt != "mxfp4":
+    if check_scale_rounding(scale_rounding) != "ocp" and fmt == "nvfp4":
         raise QuantizationError(
-            f"scale_rounding={scale_rounding!r} is for mxfp4 activations, not {fmt}"
+            f"scale_rounding={scale_rounding!r} is for MX (E8M0) activations, not {fmt}"
         )
     if x.dim() != 2:
         raise QuantizationError(f"activation must be 2-D (rows, K), got {tuple(x.shape)}")
@@ -129,7 +136,7 @@ def quantize_microscaled(
         raise QuantizationError(f"{fmt} activations take no global scale (only nvfp4 ones)")
     x = torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
     if fmt == "mxfp8":
-        scales = choose_mxfp8_scales(x)
+        scales = choose_mxfp8_scales(x, scale_rounding)
         return BlockScaled(encode_mxfp8(x, scales), scales, None, fmt)
     block = MICROSCALED_BLOCKS[fmt]
     amax = block_absmax(x, block)

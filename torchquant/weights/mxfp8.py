@@ -42,7 +42,7 @@ class Mxfp8Format(WeightFormat):
         }
 
     def quantize(self, layer: QuantizedLayer, weight: Tensor, name: str) -> None:
-        q = quantize_mxfp8_weight(weight, what=name)
+        q = quantize_mxfp8_weight(weight, name, layer.scheme.weight.scale_rounding)
         self.set_values(layer, q.values, q.scales)
 
     def reference_linear(self, layer: QuantizedLayer, x: Tensor, bias: Tensor | None) -> Tensor:
