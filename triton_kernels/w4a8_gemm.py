@@ -112,8 +112,9 @@ def unpack_codes(words, FP8: tl.constexpr):
         even = words & 0x0F0F0F0F
         odd = (words >> 4) & 0x0F0F0F0F
     else:
-        odd = (words & 0xF0F0F0F0) ^ 0x80808080
-        even = ((words << 4) & 0xF0F0F0F0) ^ 0x80808080
+        flipped = words ^ 0x88888888
+        odd = flipped & 0xF0F0F0F0
+        even = (flipped << 4) & 0xF0F0F0F0
     low, high = interleave_bytes(even, odd, BYTE_PERMUTE_ASM)
     # -- (rows, words, 2 [low, high], 4 bytes): codes 0..3 of a word, then 4..7
     codes = tl.permute(tl.join(_bytes_in_order(low), _bytes_in_order(high)), (0, 1, 4, 2, 3))
@@ -129,7 +130,7 @@ def tile_products(
     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     """``part + a[:, k0:k0+BLOCK_K] @ w^T`` of one K tile (and, for FP8, the tile's row sums
-    of ``a`` added to ``row_sums``, ``ones (BLOCK_K, 16)`` E4M3); columns past K read zero
+    of ``a`` added to ``row_sums``, ``ones (16, BLOCK_K)`` E4M3); columns past K read zero
     activations."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_w = k0 // CODES_PER_WORD + tl.arange(0, BLOCK_K // CODES_PER_WORD)
@@ -145,7 +146,7 @@ def tile_products(
     if FP8:
         # -- row sums on the tensor cores: a times a 16-column block of ones (every column
         # -- the same sum, so their mean is exact)
-        row_sums += tl.sum(tl.dot(a, ones), axis=1) * (1.0 / 16.0)
+        row_sums += tl.sum(tl.dot(a, tl.trans(ones)), axis=1) * (1.0 / 16.0)
     return part, row_sums
 
 
@@ -160,7 +161,7 @@ def scaled_sums(part, row_sums, scale, FP8: tl.constexpr):
 
 @triton.jit
 def w4a8_gemm_kernel(
-    a_ptr, a_scale_ptr, w_ptr, scales_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
+    a_ptr, a_scale_ptr, w_ptr, scales_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, ones_ptr,
     M, N, K, stride_am, stride_wn, stride_sn, stride_om, M_BUCKET, SPLIT_K,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, GROUP_TILES: tl.constexpr, EVEN_K: tl.constexpr,
@@ -177,7 +178,12 @@ def w4a8_gemm_kernel(
     s_offs = cols_n * stride_sn  # -- int32: N x G scales never reach 2**31
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     part_dtype: tl.constexpr = tl.float32 if FP8 else tl.int32
-    ones = tl.full((BLOCK_K, 16), 1.0, tl.float32).to(a_ptr.dtype.element_ty)
+    ones = a_scale_ptr  # -- INT8: no row sums
+    if FP8:
+        # -- the row sums' MMA operand, loaded once: a constant tile would be rebuilt in
+        # -- registers and stored to shared memory byte by byte every K tile
+        offs_ones = tl.arange(0, 16)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+        ones = tl.load(ones_ptr + offs_ones)
     if GROUP_TILES == 0:
         # -- one scale per row: the K tiles of this split, scaled once
         start, end = split_k_run(tl.cdiv(K, BLOCK_K), SPLIT_K)
@@ -320,6 +326,13 @@ def k_tiling(k: int, group_size: int) -> dict:
     return dict(BLOCK_K=block_k, GROUP_TILES=group_tiles, EVEN_K=k % block_k == 0)
 
 
+@functools.cache
+def fp8_ones(device: torch.device) -> torch.Tensor:
+    """``(16, MAX_BLOCK_K)`` E4M3 ones, the FP8 row sums' MMA operand (made once per
+    device, read once per program)."""
+    return torch.ones(16, MAX_BLOCK_K, device=device).to(torch.float8_e4m3fn)
+
+
 def _tiles_grid(m: int, n: int, meta: dict) -> tuple[int, int]:
     tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
     return (tiles, meta["SPLIT_K"])
@@ -358,6 +371,7 @@ def w4a8_gemm(
         **dict(a_ptr=a, a_scale_ptr=a_scale.reshape(-1), stride_am=a.stride(0)),
         **dict(w_ptr=qweight, scales_ptr=scales, stride_wn=qweight.stride(0)),
         **dict(stride_sn=scales.stride(0), ws_ptr=ws, lock_ptr=locks, SPLIT_TILES=split_k),
+        ones_ptr=fp8_ones(a.device) if a.dtype == torch.float8_e4m3fn else a,
         **k_tiling(k, group_size),
         **output_args(out, bias, m, n, k),
     )
