@@ -21,19 +21,18 @@ import json
 from collections.abc import Mapping
 
 from torchquant.checkpoint.save_guard import WRITER_KEY
-from torchquant.config import MX_SCALE_ROUNDINGS, QuantScheme
+from torchquant.config import MX_SCALE_ROUNDING_TYPES, MX_SCALE_ROUNDINGS, QuantScheme
 from torchquant.errors import CheckpointError, ConfigError
 
 RECORD_KEY = "torchquant_mx_scale_rounding"
 # -- the library's own rule, what its forward computes MX scales with
 PRODUCER_ROUNDING = "compressed-tensors"
-MX_TYPES = ("mxfp4", "mxfp8")
 PARTS = ("weights", "input_activations")
 
 
 def scheme_roundings(scheme: QuantScheme) -> dict[str, str]:
     """The parts of an MX ``scheme`` that round other than the spec (empty for the rest)."""
-    if scheme.weight.type not in MX_TYPES:
+    if scheme.weight.type not in MX_SCALE_ROUNDING_TYPES:
         return {}
     act = scheme.activation
     got = {"weights": scheme.weight.scale_rounding}
@@ -86,7 +85,7 @@ def _parse_record(text: str, groups: Mapping[str, object]) -> dict[str, dict[str
 
 def with_roundings(scheme: QuantScheme, roundings: Mapping[str, str], name: str) -> QuantScheme:
     """``scheme`` (an MX one) rounding its weights and inputs as ``roundings`` says."""
-    if scheme.weight.type not in MX_TYPES:
+    if scheme.weight.type not in MX_SCALE_ROUNDING_TYPES:
         return scheme
     try:
         weight = dataclasses.replace(scheme.weight, scale_rounding=roundings["weights"])
