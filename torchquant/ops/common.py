@@ -43,17 +43,27 @@ def add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return out + (bias if bias.dtype == out.dtype else bias.to(out.dtype))
 
 
+def add_bias_(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``add_bias`` into ``out`` itself, which must be the op's own fresh result."""
+    if bias is None:
+        return out
+    if out.requires_grad:
+        return add_bias(out, bias)
+    return out.add_(bias if bias.dtype == out.dtype else bias.to(out.dtype))
+
+
 def finish(out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """The rows ``out (M, N)`` as the op's result: ``x``'s dtype and leading dimensions, plus
     ``bias`` (no-op conversions skipped: a decode step calls this ~200 times).  A narrower
     ``out`` (bf16 for float32 ``x``) is widened by the addition itself: the same values in
-    one pass instead of two."""
+    one pass instead of two; one of ``x``'s dtype takes the bias in place (``out`` is always
+    the op's own fresh result)."""
     if out.dtype != x.dtype:
         widens = bias is not None and bias.dtype == x.dtype
         if widens and torch.promote_types(out.dtype, x.dtype) == x.dtype:
             return unflatten(torch.add(out, bias), x)
         out = out.to(x.dtype)
-    return unflatten(add_bias(out, bias), x)
+    return unflatten(add_bias_(out, bias), x)
 
 
 def recompute_overflowed_rows(

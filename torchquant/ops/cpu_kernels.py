@@ -281,17 +281,20 @@ def blocked_linear(
     (``tile_rows(K)`` rows at most; it may write them into one reused buffer).
     """
     step = tile_rows(x2.shape[1])
-    if x2.dtype == torch.bfloat16 and not native_bf16_gemm():
-        # -- without AVX-512 BF16 or AMX the bf16 GEMM is emulated, ~4x slower than
-        # -- float32's: multiply in float32 (float32 accumulation, as oneDNN's bf16 does)
-        xf = x2.float()
-        parts = [
-            (xf @ dequantize_rows(i, min(i + step, n)).float().t()).to(x2.dtype)
-            for i in range(0, n, step)
-        ]
-    else:
-        parts = [x2 @ dequantize_rows(i, min(i + step, n)).t() for i in range(0, n, step)]
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    # -- without AVX-512 BF16 or AMX the bf16 GEMM is emulated, ~4x slower than float32's:
+    # -- multiply in float32 (float32 accumulation, as oneDNN's bf16 does)
+    widened = x2.dtype == torch.bfloat16 and not native_bf16_gemm()
+    xm = x2.float() if widened else x2
+    if n <= step:
+        out = xm @ dequantize_rows(0, n).to(xm.dtype).t()
+        return out.to(x2.dtype) if widened else out
+    # -- each tile's product written where it lies in one output: no concatenation pass
+    # -- and no second output-sized allocation (each one page-faults afresh on every call)
+    out = torch.empty(x2.shape[0], n, dtype=xm.dtype)
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        torch.mm(xm, dequantize_rows(i, j).to(xm.dtype).t(), out=out[:, i:j])
+    return out.to(x2.dtype) if widened else out
 
 
 def _capability_allows(*capabilities: str) -> bool:

@@ -46,8 +46,16 @@ def scaled_output(x, x2, acc, xs, scales, bias, shared_scale: bool | None) -> to
     """``acc * xs * scales`` (``scales`` None: the kernel applied them) as ``x``'s dtype and
     shape, plus ``bias``; rows with a non-finite input come out NaN (every row, with a
     ``shared_scale``), unless ``shared_scale`` is None: ``xs`` already holds those NaNs."""
-    out = acc * xs if scales is None else acc * xs * scales.reshape(1, -1)
-    out = common.add_bias(out.to(x.dtype), bias)
+    factors = [xs] if scales is None else [xs, scales.reshape(1, -1)]
+    widens = any(torch.promote_types(acc.dtype, f.dtype) != acc.dtype for f in factors)
+    if acc.requires_grad or widens:
+        out = acc * xs if scales is None else acc * xs * scales.reshape(1, -1)
+        out = common.add_bias(out.to(x.dtype), bias)
+    else:  # -- the op's own fresh sums: scaled in place, in the same order, so no output-sized
+        # -- float64 allocations (each page-faults afresh on every call)
+        for f in factors:
+            acc.mul_(f)
+        out = common.add_bias_(acc.to(x.dtype), bias)
     if shared_scale is not None:
         out = poison_nonfinite_rows(x2, out, shared_scale)
     return common.unflatten(out, x)
