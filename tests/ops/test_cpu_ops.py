@@ -494,6 +494,28 @@ def test_dequantized_tile_is_the_reference_weight_to_bf16_rounding():
     assert torch.equal(per_row, ((codes.float() - 8) * s[:, :1].float()).bfloat16())
 
 
+@pytest.mark.parametrize("width", [200, 192, 256, 272])  # short, cut, whole, past the groups
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantized_groups_equal_the_tile_of_per_column_qparams(width, dtype):
+    """Qparams broadcast per group (columns 64 a group, 4 groups cover 200 of them) give the
+    per-column tile's values; columns past the last group (padding codes) come out 0."""
+    torch.manual_seed(0)
+    n, columns, groups = 8, 64, 4
+    codes = torch.randint(0, 16, (n, width), dtype=torch.uint8)
+    scales = (torch.rand(n, groups) + 0.1).to(dtype)
+    zeros = torch.randint(0, 16, (n, groups)).to(dtype)
+    group_of = torch.arange(width) // columns
+    inside = group_of < groups
+    group_of = group_of.clamp(max=groups - 1)
+    for z, z_wide in ((zeros, zeros[:, group_of]), (8.0, 8.0)):
+        expected = cpu_kernels.dequantize_tile(
+            torch.empty(n, width, dtype=dtype), codes, scales[:, group_of], z_wide
+        ) * inside
+        out = torch.full((n, width), float("nan"), dtype=dtype)
+        assert cpu_kernels.dequantize_groups(out, codes, scales, z, columns) is out
+        assert torch.equal(out, expected)
+
+
 def test_float32_layer_rows_that_round_to_infinity_in_bf16_are_recomputed():
     """A float32 input near float32's maximum rounds up to infinity in bf16; the
     exact maths gives a finite row, and so must the fast path."""
