@@ -107,3 +107,12 @@ def test_route_is_taken_only_for_few_rows_of_dynamic_per_token_scales():
         assert not w8a8.runs_token_decode(rows, act._replace(smooth=torch.ones(8)))
         assert not w8a8.runs_token_decode(rows.half(), act)
     assert not w8a8.runs_token_decode(rows, act)  # -- float32 outside the context: exact
+
+
+@pytest.mark.parametrize("rows", [1, 4, 64])  # one call up to 4,096 elements, two past it
+def test_abs_max_is_the_infinity_norm_of_each_row_nan_and_inf_included(rows):
+    x = torch.randn(rows, 576) * 100
+    x[0, 7] = float("nan")
+    x[-1, 3] = -float("inf")
+    expected = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True)
+    torch.testing.assert_close(w8a8.abs_max(x), expected, rtol=0, atol=0, equal_nan=True)

@@ -350,6 +350,8 @@ def exact_int_sums(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     m, k = xq.shape
     n = qweight.shape[0]
     xf = xq.float()
+    if k <= EXACT_FLOAT32_TERMS:  # -- one chunk: float32 sums (exact), widened in one pass
+        return blocked_linear(xf, n, lambda i, j: qweight[i:j].float()).double()
     chunks = [slice(c, min(c + EXACT_FLOAT32_TERMS, k)) for c in range(0, k, EXACT_FLOAT32_TERMS)]
     out = torch.empty(m, n, dtype=torch.float64)
     step = tile_rows(k)

@@ -96,6 +96,18 @@ def takes_dynamic_scales(act: ActivationQuant) -> bool:
     return act.input_scale is None and act.percentile >= 100.0 and act.smooth is None
 
 
+# -- up to this many elements one ``vector_norm`` call is the fastest max of |x| (one
+# -- dispatch); past it ``abs().amax()`` is ~12x faster per element on CPU
+ONE_CALL_ABS_MAX_ELEMENTS = 4096
+
+
+def abs_max(xf: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` of each row of ``xf (M, K)`` as ``(M, 1)``; NaN where a row holds one."""
+    if xf.numel() <= ONE_CALL_ABS_MAX_ELEMENTS:
+        return torch.linalg.vector_norm(xf, float("inf"), dim=-1, keepdim=True)
+    return xf.abs().amax(dim=-1, keepdim=True)
+
+
 def quantize_dynamic(
     x2: torch.Tensor, act_type: str, per_token: bool, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,10 +119,7 @@ def quantize_dynamic(
     out NaN, as ``poison_nonfinite_rows`` makes them, without another pass over ``x2``.
     """
     xf = x2.float()
-    if per_token:
-        absmax = torch.linalg.vector_norm(xf, float("inf"), dim=-1, keepdim=True)
-    else:
-        absmax = torch.linalg.vector_norm(xf, float("inf")).reshape(1, 1)
+    absmax = abs_max(xf) if per_token else abs_max(xf.reshape(1, -1))
     scale = absmax / activation_qmax(act_type)
     scale = torch.where(scale > 0, scale, 1.0)
     if act_type in INT_ACT_DTYPES:
@@ -131,7 +140,7 @@ def quantize_token_codes(x2: torch.Tensor, act_type: str) -> tuple[torch.Tensor,
     carries into its output row, so no poisoning pass is needed.
     """
     xf = x2.float()
-    absmax = torch.linalg.vector_norm(xf, float("inf"), dim=-1, keepdim=True)
+    absmax = abs_max(xf)
     scale = absmax / activation_qmax(act_type)
     scale = torch.where(scale > 0, scale, 1.0)
     if act_type in INT_ACT_DTYPES:
