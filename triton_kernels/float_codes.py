@@ -9,6 +9,10 @@ float16 -> float32 conversion.  Two codes share a 32-bit word as a float16 pair:
 * E2M1, codes ``j`` and ``j + 4`` of a word of 8 (nibble ``i`` at bits ``4i .. 4i+3``,
   sign in bit 3): the magnitudes shifted to bits 9-11 / 25-27 and the signs to 15 / 31;
 * E4M3, bytes ``j`` and ``j + 2`` of a word of 4: bits 0-6 to 7-13 / 23-29, the sign kept.
+
+:func:`e2m1_pairs` makes a word's four E2M1 pairs (float16, or bfloat16 for the tensor
+cores) in 11 integer instructions; :func:`scaled_k_pairs` turns two of them into
+neighbours along K times a block multiplier, still 16-bit (the MMA operand's registers).
 """
 
 from __future__ import annotations
@@ -53,6 +57,46 @@ def e2m1_pair(w, J: tl.constexpr):
     bit pairs (low half: code ``J``): each the value times ``2**-14``."""
     magnitude = _shift_left(w, 9 - 4 * J) & 0x0E000E00
     return magnitude | (_shift_left(w, 12 - 4 * J) & 0x80008000)
+
+
+@triton.jit
+def select_bits(a, b, MASK: tl.constexpr, ASM: tl.constexpr):
+    """Bits of ``a`` where ``MASK`` is set, of ``b`` elsewhere (uint32): one ``LOP3`` with the
+    mask as its immediate (``ASM``), which ptxas otherwise splits into two."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            f"lop3.b32 $0, $1, $2, {MASK}, 0xe4;",
+            "=r,r,r",
+            [a, b],
+            dtype=tl.uint32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        return (a & MASK) | (b & (MASK ^ 0xFFFFFFFF))
+
+
+@triton.jit
+def e2m1_pairs(w, BF16: tl.constexpr, ASM: tl.constexpr):
+    """The four pairs of :func:`e2m1_pair` (codes ``J`` and ``J + 4``, ``J`` = 0..3) of E2M1
+    words ``w`` (uint32) as float16 bit pairs (``BF16``: bfloat16, each the value times
+    ``2**-126``), in 11 integer instructions a word where pair by pair takes 15.
+
+    A code's sign must land ``D`` bits (3; 6 in bfloat16) further up than its magnitude.
+    One bit select of ``w`` and ``w`` shifted by ``D`` gives that gap to the nibbles of two
+    pairs at once (their bits do not collide); each pair is then one shift and one mask."""
+    if BF16:
+        # -- magnitude to bits 6-8, sign to 15: pairs 0, 1 signs up, pairs 2, 3 magnitudes down
+        low = select_bits(w << 6, w, 0x22002200, ASM)
+        high = select_bits(w >> 6, w, 0x01DC01DC, ASM)
+        mask: tl.constexpr = 0x81C081C0
+        return (low << 6) & mask, (low << 2) & mask, (high << 4) & mask, high & mask
+    else:
+        # -- magnitude to bits 9-11, sign to 15: even pairs signs up, odd magnitudes down
+        even = select_bits(w << 3, w, 0x40404040, ASM)
+        odd = select_bits(w >> 3, w, 0x0E0E0E0E, ASM)
+        mask: tl.constexpr = 0x8E008E00
+        return (even << 9) & mask, (odd << 8) & mask, (even << 1) & mask, odd & mask
 
 
 @triton.jit
@@ -135,3 +179,79 @@ def e8m0_folded(e, LOG2_FOLD: tl.constexpr):
         folded = ((e + LOG2_FOLD) << 23).to(tl.float32, bitcast=True)
         plain = (e << 23).to(tl.float32, bitcast=True)
         return tl.where(small, folded, plain), tl.where(small, 1.0, 2.0**LOG2_FOLD)
+
+
+# -- 16-bit weight pairs for the tensor cores: the two codes of a pair times their block's
+# -- multiplier in one packed multiply, rearranged into neighbours along K
+
+FP16_2P14 = tl.constexpr(0x74007400)  # 2**14 in both float16 halves
+BF16_2P126 = tl.constexpr(0x7E807E80)  # 2**126 in both bfloat16 halves
+
+
+def _k_pairs_asm(bf16: bool, prescale: int) -> tl.constexpr:
+    """PTX: pairs ``$2`` (codes a, a + 4) and ``$3`` (codes a + 1, a + 5) rearranged into
+    (a, a + 1) -> ``$0`` and (a + 4, a + 5) -> ``$1``, each times ``prescale`` (a constant
+    pair, 0: none) and then the multiplier pair ``$4``.  bfloat16 multiplies as an FMA
+    with -0 added (``fma.rn.bf16x2``, from sm_80; the product itself, signed zeros kept)."""
+    op = "fma.rn.bf16x2 {d}, {a}, {b}, z;" if bf16 else "mul.rn.f16x2 {d}, {a}, {b};"
+    lines = [".reg .b32 t0, t1, z, c;", "mov.b32 z, 0x80008000;", f"mov.b32 c, {prescale:#x};"]
+    lines += ["prmt.b32 t0, $2, $3, 0x5410;", "prmt.b32 t1, $2, $3, 0x7632;"]
+    for t in ("t0", "t1"):
+        if prescale:
+            lines.append(op.format(d=t, a=t, b="c"))
+    lines.append(op.format(d="$0", a="t0", b="$4"))
+    lines.append(op.format(d="$1", a="t1", b="$4"))
+    return tl.constexpr("{ " + " ".join(lines) + " }")
+
+
+_BF16_NV: tl.constexpr = _k_pairs_asm(True, 0)
+_BF16_MX: tl.constexpr = _k_pairs_asm(True, BF16_2P126.value)
+_FP16_NV: tl.constexpr = _k_pairs_asm(False, FP16_2P14.value)
+
+
+@triton.jit
+def scaled_k_pairs(pa, pb, mult, BF16: tl.constexpr, PRESCALE: tl.constexpr):
+    """Pairs of :func:`e2m1_pairs` for codes (a, a + 4) and (a + 1, a + 5) as 16-bit pairs
+    (a, a + 1) and (a + 4, a + 5) (uint32), each half times ``PRESCALE`` (bfloat16 only:
+    ``2**126`` or none; float16 always ``2**14``) and the multiplier pair ``mult``."""
+    if BF16:
+        if PRESCALE:
+            asm: tl.constexpr = _BF16_MX
+        else:
+            asm: tl.constexpr = _BF16_NV
+    else:
+        asm: tl.constexpr = _FP16_NV
+    return tl.inline_asm_elementwise(
+        asm, "=r,=r,r,r,r", [pa, pb, mult], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def float_pair(v, BF16: tl.constexpr, ASM: tl.constexpr):
+    """float32 ``v`` as a bfloat16 / float16 pair (uint32, ``v`` in both halves), rounded
+    to nearest (the callers' values are exact)."""
+    if ASM:
+        if BF16:
+            asm: tl.constexpr = "cvt.rn.bf16x2.f32 $0, $1, $1;"
+        else:
+            asm: tl.constexpr = "cvt.rn.f16x2.f32 $0, $1, $1;"
+        return tl.inline_asm_elementwise(asm, "=r,r", [v], dtype=tl.uint32, is_pure=True, pack=1)
+    else:
+        dtype: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+        half = v.to(dtype).to(tl.uint16, bitcast=True).to(tl.uint32)
+        return half | (half << 16)
+
+
+@triton.jit
+def as_halves(pairs, BF16: tl.constexpr):
+    """bfloat16 (``BF16``) / float16 tensor of 16-bit pairs in which elements ``2i`` and
+    ``2i + 1`` both hold pair ``i`` (uint32): its low and high halves, no instruction
+    (each asm instance takes the two copies and returns their register as is)."""
+    if BF16:
+        return tl.inline_asm_elementwise(
+            "mov.b32 $0, $1;", "=r,r,r", [pairs], dtype=tl.bfloat16, is_pure=True, pack=2
+        )
+    else:
+        return tl.inline_asm_elementwise(
+            "mov.b32 $0, $1;", "=r,r,r", [pairs], dtype=tl.float16, is_pure=True, pack=2
+        )
