@@ -43,23 +43,6 @@ def e4m3_bits_to_float(byte):
 
 
 @triton.jit
-def _shift_left(w, BITS: tl.constexpr):
-    """``w`` (uint32) shifted left by ``BITS`` (right when negative)."""
-    if BITS >= 0:
-        return w << BITS
-    else:
-        return w >> -BITS
-
-
-@triton.jit
-def e2m1_pair(w, J: tl.constexpr):
-    """Codes ``J`` and ``J + 4`` (``J`` in 0..3) of E2M1 words ``w`` (uint32) as float16
-    bit pairs (low half: code ``J``): each the value times ``2**-14``."""
-    magnitude = _shift_left(w, 9 - 4 * J) & 0x0E000E00
-    return magnitude | (_shift_left(w, 12 - 4 * J) & 0x80008000)
-
-
-@triton.jit
 def select_bits(a, b, MASK: tl.constexpr, ASM: tl.constexpr):
     """Bits of ``a`` where ``MASK`` is set, of ``b`` elsewhere (uint32): one ``LOP3`` with the
     mask as its immediate (``ASM``), which ptxas otherwise splits into two."""
@@ -78,9 +61,10 @@ def select_bits(a, b, MASK: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def e2m1_pairs(w, BF16: tl.constexpr, ASM: tl.constexpr):
-    """The four pairs of :func:`e2m1_pair` (codes ``J`` and ``J + 4``, ``J`` = 0..3) of E2M1
-    words ``w`` (uint32) as float16 bit pairs (``BF16``: bfloat16, each the value times
-    ``2**-126``), in 11 integer instructions a word where pair by pair takes 15.
+    """The four pairs (codes ``J`` and ``J + 4``, ``J`` = 0..3; low half: code ``J``) of
+    E2M1 words ``w`` (uint32) as float16 bit pairs, each the value times ``2**-14``
+    (``BF16``: bfloat16, times ``2**-126``), in 11 integer instructions a word where
+    moving each pair's sign and magnitude bits apart takes 15.
 
     A code's sign must land ``D`` bits (3; 6 in bfloat16) further up than its magnitude.
     One bit select of ``w`` and ``w`` shifted by ``D`` gives that gap to the nibbles of two
