@@ -11,8 +11,8 @@ Each pair of codes of a 32-bit word becomes a float16 pair by bit moves
 (:mod:`.float_codes`; E2M1: :func:`.e2m1_pairs`, 11 instructions a word), each float16 one
 conversion to float32 and one FMA with its activation into the block's partial sum; the
 block's scale (with the float16 placement's power of two folded in) multiplies that sum
-once per block and row, and NVFP4's global scale divides each output once.  Scale rows
-that are 4-byte aligned are read a word (4 blocks) at a time, and rows past N read row
+once per block and row, and NVFP4's global scale divides each output once.  NVFP4 scale
+rows that are 4-byte aligned are read a word (4 blocks) at a time, and rows past N read row
 N - 1 (never stored), so the loop's loads carry no masks.  K must be a multiple of 32
 (no partial block: other shapes run the tiled GEMM).
 """
@@ -147,8 +147,9 @@ def _block_scaled_gemv_kernel(
     CODES_PER_LOAD: tl.constexpr = 128 // VALUE_BITS  # one 16-byte load: 4 words a row
     LOADS: tl.constexpr = BLOCK_K // CODES_PER_LOAD
     t_start, t_end = split_k_run(K // BLOCK_K, SPLIT_K)
-    # -- whole words of scales a step (4-byte aligned rows): one load each, not one a block
-    WORD_SCALES: tl.constexpr = S_WORDS and (BLOCK_K // BLOCK) % 4 == 0
+    # -- NVFP4: whole words of scales a step (4-byte aligned rows), one load each, not one a
+    # -- block (E8M0 bytes gain 7 instructions a trip from it and spill past 128 registers)
+    WORD_SCALES: tl.constexpr = S_WORDS and HAS_GLOBAL and (BLOCK_K // BLOCK) % 4 == 0
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     part = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for t in range(t_start, t_end):
