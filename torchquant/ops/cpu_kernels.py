@@ -489,12 +489,15 @@ def blocked_int_linear(
     ``P = per`` pieces ``(rows, width / P)`` in position order
     (:func:`read_code_positions`; one piece ``(rows, K)``: the codes in order).  The tile
     keeps that order and ``x2``'s columns are gathered into it once, so each piece is
-    written where it lies (no interleaving pass).  A piece's columns fall into groups of
-    ``group_size / P`` (``P`` divides every power of two from 16); act-order groups are
-    gathered per column.
+    written where it lies (no interleaving pass).  Where the weight has fewer rows than
+    ``x2`` (``n < M``, regular groups) reordering ``x2`` would cost more than the tiles:
+    each piece is written into every ``P``-th column of the tile instead, in ``x2``'s
+    order.  A piece's columns fall into groups of ``group_size / P`` (``P`` divides every
+    power of two from 16); act-order groups are gathered per column.
     """
     m, k = x2.shape
-    reordered = per > 1 or width != k
+    interleaved = per > 1 and g_idx is None and n < m
+    reordered = not interleaved and (per > 1 or width != k)
     dtype = gemm_dtype()
     xk = x2.to(dtype)
     if reordered:  # -- the columns of position_columns, by a transpose (no gather)
@@ -532,14 +535,15 @@ def blocked_int_linear(
         qparams = None
         for p, codes in enumerate(code_pieces(start, stop)):
             cols = slice(p * piece_columns, (p + 1) * piece_columns)
+            out = tile.view(-1, piece_columns, per)[:, :, p] if interleaved else tile[:, cols]
             if grouped:
                 z_rows = z[start:stop] if isinstance(z, torch.Tensor) else z
-                dequantize_groups(tile[:, cols], codes, s[start:stop], z_rows, group_size // per)
+                dequantize_groups(out, codes, s[start:stop], z_rows, group_size // per)
                 continue
             if qparams is None or g_idx is not None:  # -- regular groups: one for all pieces
                 qparams = (per_column(s, start, stop, cols), per_column(z, start, stop, cols))
-            dequantize_tile(tile[:, cols], codes, *qparams)
-        return tile
+            dequantize_tile(out, codes, *qparams)
+        return tile[:, :k] if interleaved else tile  # -- interleaved: padding columns last
 
     return blocked_linear(xk, n, rows_of)
 
