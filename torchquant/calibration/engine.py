@@ -5,7 +5,8 @@ each block in turn: move it to the compute device, run the samples through it on
 with hooks keeping what the steps asked for, run the steps
 (:data:`~torchquant.calibration.steps.CALIBRATION_STEPS`), quantize the linears left,
 move it back, and run the samples through the quantized block to produce the next
-block's inputs.  Stored activations live on the CPU when ``offload=True``.
+block's inputs (through the block before rounding where AWQ propagates float outputs,
+:func:`propagates_float`).  Stored activations live on the CPU when ``offload=True``.
 
 Under ``torch.distributed`` every rank runs this on its own slice of the samples;
 statistics are merged and solves shared through
@@ -62,6 +63,16 @@ def gather_statistics(block: CalibrationBlock, steps: list[CalibrationStep]) -> 
                 f"quantizing it round-to-nearest instead of {block.schemes[rel].algorithm}",
                 stacklevel=3,
             )
+
+
+def propagates_float(schemes: dict[str, QuantScheme]) -> bool:
+    """Whether the next block is calibrated on this block's float outputs: every linear
+    in it is AWQ rounded to nearest with ``awq.propagate="float"``, so before rounding the
+    block computes what the float one does (AWQ's scales fold out exactly)."""
+    return bool(schemes) and all(
+        s.algorithm == "awq" and s.awq.propagate == "float" and not s.rounds_with_gptq
+        for s in schemes.values()
+    )
 
 
 def _quantize_outside_blocks(
@@ -187,11 +198,16 @@ def _calibrate_blocks(
         gather_statistics(state, steps)
         for step in steps:
             step.apply()
+        floats = None
+        if i < last and propagates_float(schemes):
+            floats = [run_block(block, sample, device).to(store) for sample in samples]
         state.quantize(set(schemes))
         del state, steps
         if i < last:
-            for sample in samples:
-                sample.hidden = run_block(block, sample, device).to(store)
+            for j, sample in enumerate(samples):
+                out = floats[j] if floats is not None else run_block(block, sample, device)
+                sample.hidden = out.to(store)
+            del floats
         block.to(block_home)
     if layout.blocks_path:
         model.to(home)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torchquant.config.fields import is_int, is_number, require
 
@@ -15,6 +15,8 @@ OBSERVERS = ("minmax", "moving_minmax", "percentile", "kl", "mse")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 GPTQ_OBSERVERS = (*WEIGHT_OBSERVERS, "hessian_mse")
 ROUNDINGS = ("rtn", "gptq")  # -- how AWQ and SmoothQuant round the weights they rescaled
+ALPHA_GRIDS = ("open", "closed")  # -- AWQ's scale exponents: 1 left out, or 0 to 1 inclusive
+PROPAGATIONS = ("quantized", "float")  # -- which outputs of a block AWQ calibrates the next on
 
 
 @dataclass(frozen=True)
@@ -75,39 +77,72 @@ class GPTQConfig:
 
 @dataclass(frozen=True)
 class AWQConfig:
-    """AWQ parameters: ``grid`` points for the scale exponent alpha in [0, 1), ``clip``
+    """AWQ parameters: ``grid`` points for the scale exponent alpha, ``clip``
     search on or off with ``clip_grid`` points down to ``max_shrink`` of the range,
     and ``max_tokens`` of calibration activations used in the searches.
     ``duo_scaling`` divides the activation term by the weights' group-relative
-    magnitude (``True``), leaves it out (``False``, the default: on SmolLM2-135M w4 g128
-    it measured 26.94 perplexity vs 27.32 with it) or searches both (``"both"``).
+    magnitude (``True``), leaves it out (``False``: on SmolLM2-135M w4 g128 it measured
+    26.94 perplexity vs 27.32 with it) or searches both (``"both"``).
+    ``alpha_grid`` is ``"open"`` (alpha in ``{0, 1/grid, ..., 1 - 1/grid}``) or ``"closed"``
+    (:func:`~torchquant.algorithms.awq.closed_scale_candidates`: 0 to 1 inclusive, duo
+    scaling's grid led by the unscaled weights).  ``propagate`` is what the next block is
+    calibrated on: this block's ``"quantized"`` outputs or its ``"float"`` ones (the float
+    model's activations, as llm-awq and llm-compressor's AWQ calibrate).
     ``rounding="gptq"`` rounds the scaled weights with GPTQ (the scheme's ``gptq``
     parameters) instead of round-to-nearest with the clipping search.
     ``search_rows`` caps the rows a token-wise inspected module (an MLP, a linear) is
     scored on in the scale search: above it, that many rows evenly spaced over the
     captured ones (``None``, the default: all of them); attention is always scored on
     whole samples.
+
+    ``clip``, ``duo_scaling``, ``alpha_grid`` and ``propagate`` left ``None`` take the
+    weight format's defaults when a scheme is made (:meth:`resolved`).
     """
 
     grid: int = 20
-    duo_scaling: bool | str = False
+    duo_scaling: bool | str | None = None
     rounding: str = "rtn"
-    clip: bool = True
+    clip: bool | None = None
     clip_grid: int = 20
     max_shrink: float = 0.5
     max_tokens: int = 4096
     search_rows: int | None = None
+    alpha_grid: str | None = None
+    propagate: str | None = None
 
     def __post_init__(self) -> None:
         require(is_int(self.grid) and self.grid >= 1, "awq.grid", self.grid, "an int >= 1")
         require(
-            isinstance(self.duo_scaling, bool) or self.duo_scaling == "both",
+            self.duo_scaling is None
+            or isinstance(self.duo_scaling, bool)
+            or self.duo_scaling == "both",
             "awq.duo_scaling",
             self.duo_scaling,
-            'True, False or "both"',
+            'True, False, "both" or None',
         )
+        require(
+            self.alpha_grid in (None, *ALPHA_GRIDS),
+            "awq.alpha_grid",
+            self.alpha_grid,
+            f"one of {ALPHA_GRIDS} or None",
+        )
+        require(
+            self.propagate in (None, *PROPAGATIONS),
+            "awq.propagate",
+            self.propagate,
+            f"one of {PROPAGATIONS} or None",
+        )
+        if self.alpha_grid == "closed" and self.duo_scaling is not None:
+            least = {False: 2, True: 3, "both": 4}[self.duo_scaling]
+            require(
+                self.grid >= least,
+                "awq.grid",
+                self.grid,
+                f"an int >= {least} for a closed alpha grid with duo_scaling={self.duo_scaling!r}",
+            )
         require(self.rounding in ROUNDINGS, "awq.rounding", self.rounding, "'rtn' or 'gptq'")
-        require(isinstance(self.clip, bool), "awq.clip", self.clip, "a bool")
+        require(self.clip is None or isinstance(self.clip, bool), "awq.clip", self.clip,
+                "a bool or None")  # fmt: skip
         require(
             is_int(self.clip_grid) and self.clip_grid >= 1,
             "awq.clip_grid",
@@ -132,6 +167,19 @@ class AWQConfig:
             self.search_rows,
             "None or a positive int",
         )
+
+    def resolved(self, weight_type: str) -> AWQConfig:
+        """This config with each ``None`` field given ``weight_type``'s default (the
+        defaults AWQ always had: clip, no duo scaling, the open grid, quantized propagation)."""
+        defaults = AWQ_DEFAULTS.get(weight_type, AWQ_DEFAULTS["int"])
+        given = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return replace(self, **given) if given else self
+
+
+# -- AWQConfig's defaults per weight type (``None`` fields take them), "int" for the others
+AWQ_DEFAULTS = {
+    "int": {"clip": True, "duo_scaling": False, "alpha_grid": "open", "propagate": "quantized"},
+}
 
 
 @dataclass(frozen=True)

@@ -330,6 +330,9 @@ class QuantScheme:
         )
         require(self.algorithm in ALGORITHMS, "algorithm", self.algorithm, f"one of {ALGORITHMS}")
         act, w = self.activation, self.weight
+        # -- AWQ's format defaults; other algorithms' schemes keep the ones they always wrote
+        awq_defaults = w.type if self.algorithm == "awq" else "int"
+        object.__setattr__(self, "awq", self.awq.resolved(awq_defaults))
         fp4_ok = w.type in FP4_BLOCKS and self.algorithm in FP4_ALGORITHMS
         fp8_block_gptq = w.type == "fp8" and w.block is not None and self.algorithm == "gptq"
         if self.algorithm in INT_WEIGHT_ALGORITHMS and not (fp4_ok or fp8_block_gptq):
@@ -507,6 +510,10 @@ class QuantScheme:
             del data["gptq"]["sequential"]
         if self.awq.search_rows is None:  # -- AWQ's later option, likewise
             del data["awq"]["search_rows"]
+        if self.awq.alpha_grid == "open":  # -- AWQ's later options, likewise
+            del data["awq"]["alpha_grid"]
+        if self.awq.propagate == "quantized":
+            del data["awq"]["propagate"]
         if self.smoothquant.rounding == "rtn":  # -- SmoothQuant's later option, likewise
             del data["smoothquant"]["rounding"]
         if data["activation"] is not None and self.activation.group_size is None:

@@ -156,9 +156,15 @@ class AwqStep(CalibrationStep):
         act_mean = block.stats[m.linears[0]].act_mean.to(block.device)
         duo = awq.weight_salience(originals, wq.group_size)
         w_means = {True: [duo], False: [None], "both": [None, duo]}[cfg.duo_scaling]
+        candidates = None
+        if cfg.alpha_grid == "closed":
+            candidates = awq.closed_scale_candidates(act_mean, cfg.grid, cfg.duo_scaling, duo)
+            candidates = [(alpha, s.to(originals[0].device)) for alpha, s in candidates]
         loss_with = self._loss(m, linears, originals)
         try:
-            s, _, _ = awq.search_scales(act_mean, originals, quantize, loss_with, cfg.grid, w_means)
+            s, _, _ = awq.search_scales(
+                act_mean, originals, quantize, loss_with, cfg.grid, w_means, candidates=candidates
+            )
         finally:
             for lin, w in zip(linears, originals, strict=True):
                 set_weight(lin, w)
