@@ -1,4 +1,8 @@
-"""AWQ's closed alpha grid and float propagation, and the defaults every format keeps."""
+"""AWQ's closed alpha grid and float propagation, the defaults of MXFP4 with
+compressed-tensors scale rounding (no clip search, duo scaling on the closed grid, float
+propagation) and the earlier ones every other format (spec-rounded MXFP4 too) keeps."""
+
+import json
 
 import pytest
 import torch
@@ -11,7 +15,8 @@ from torchquant.calibration.engine import propagates_float
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 128
-MX_AWQ = QuantScheme(WeightQuant(type="mxfp4"), algorithm="awq", awq=AWQConfig(propagate="float"))
+CT_MX = WeightQuant(type="mxfp4", scale_rounding="compressed-tensors")
+MX_AWQ = QuantScheme(CT_MX, algorithm="awq")
 INT_AWQ = QuantScheme(WeightQuant(bits=4, group_size=32, symmetric=False), algorithm="awq")
 
 
@@ -35,14 +40,31 @@ def test_int_awq_serializes_as_before():
     assert data["clip"] is True and data["duo_scaling"] is False
 
 
-def test_explicit_fields_are_kept():
-    cfg = AWQConfig(clip=False, duo_scaling=True, alpha_grid="closed", propagate="float")
-    got = QuantScheme(WeightQuant(type="mxfp4"), algorithm="awq", awq=cfg).awq
+def test_mxfp4_awq_defaults():
+    cfg = MX_AWQ.awq
+    assert (cfg.clip, cfg.duo_scaling, cfg.alpha_grid, cfg.propagate) == (
+        False,
+        True,
+        "closed",
+        "float",
+    )
+
+
+def test_mxfp4_awq_round_trips():
+    config = QuantConfig(MX_AWQ)
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["default"]["awq"]["propagate"] == "float"
+    assert QuantConfig.from_dict(data) == config
+
+
+def test_explicit_fields_override_the_mxfp4_defaults():
+    cfg = AWQConfig(clip=True, duo_scaling=False, alpha_grid="open", propagate="quantized")
+    got = QuantScheme(CT_MX, algorithm="awq", awq=cfg).awq
     assert got == cfg
 
 
 def test_a_non_awq_mxfp4_scheme_keeps_the_earlier_awq_fields():
-    rtn = QuantScheme(WeightQuant(type="mxfp4"))
+    rtn = QuantScheme(CT_MX)
     assert rtn.awq == INT_AWQ.awq
     assert "propagate" not in rtn.to_dict()["awq"]
 
@@ -59,6 +81,8 @@ def test_bad_values_name_the_field(field, value):
 def test_a_closed_grid_needs_enough_points(duo, least):
     with pytest.raises(ConfigError, match="awq.grid"):
         AWQConfig(grid=least - 1, duo_scaling=duo, alpha_grid="closed")
+    with pytest.raises(ConfigError, match="awq.grid"):  # -- MXFP4's closed grid, resolved
+        QuantScheme(CT_MX, algorithm="awq", awq=AWQConfig(grid=least - 1, duo_scaling=duo))
     AWQConfig(grid=least, duo_scaling=duo, alpha_grid="closed")
 
 
@@ -88,7 +112,7 @@ def test_closed_grid_reaches_alpha_one_where_the_open_one_stops_short():
 def test_propagates_float_only_for_a_block_of_float_propagating_awq():
     assert propagates_float({"q": MX_AWQ, "k": MX_AWQ})
     assert not propagates_float({"q": INT_AWQ})
-    assert not propagates_float({"q": MX_AWQ, "k": QuantScheme(WeightQuant(type="mxfp4"))})
+    assert not propagates_float({"q": MX_AWQ, "k": QuantScheme(CT_MX)})
     assert not propagates_float({})
 
 
@@ -119,7 +143,7 @@ def test_float_propagation_feeds_the_next_block_the_float_models_activations():
     with torch.no_grad():
         model(tokens[:1])
     torch.testing.assert_close(seen, want[0], rtol=1e-4, atol=1e-5)
-    quantized = QuantScheme(WeightQuant(type="mxfp4"), algorithm="awq",
+    quantized = QuantScheme(CT_MX, algorithm="awq",
                             awq=AWQConfig(propagate="quantized"))  # fmt: skip
     seen_q, _ = _block_inputs_seen(quantized)
     assert not torch.allclose(seen_q, want[0], rtol=1e-4, atol=1e-5)

@@ -168,17 +168,31 @@ class AWQConfig:
             "None or a positive int",
         )
 
-    def resolved(self, weight_type: str) -> AWQConfig:
-        """This config with each ``None`` field given ``weight_type``'s default (the
-        defaults AWQ always had: clip, no duo scaling, the open grid, quantized propagation)."""
-        defaults = AWQ_DEFAULTS.get(weight_type, AWQ_DEFAULTS["int"])
+    def resolved(self, weight_type: str, scale_rounding: str = "ocp") -> AWQConfig:
+        """This config with each ``None`` field given the default of ``weight_type``
+        with block scales rounded by ``scale_rounding``.
+
+        MXFP4 with compressed-tensors rounding defaults to no clip search, duo scaling on
+        the closed grid and float propagation: on SmolLM2-135M (8 x 256 calibration
+        tokens) each alone lowered perplexity from 30.36 (to 29.62, 29.31, 29.67) and the
+        three together gave 28.88.  With the spec's rounding the three together measured
+        32.09 against 30.72, so it keeps the earlier defaults, as every other format does
+        (clip, no duo scaling, the open grid, quantized propagation).
+        """
+        defaults = AWQ_DEFAULTS.get((weight_type, scale_rounding), AWQ_DEFAULTS[None])
         given = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         return replace(self, **given) if given else self
 
 
-# -- AWQConfig's defaults per weight type (``None`` fields take them), "int" for the others
+# -- AWQConfig's defaults per (weight type, scale rounding); None: every other format
 AWQ_DEFAULTS = {
-    "int": {"clip": True, "duo_scaling": False, "alpha_grid": "open", "propagate": "quantized"},
+    None: {"clip": True, "duo_scaling": False, "alpha_grid": "open", "propagate": "quantized"},
+    ("mxfp4", "compressed-tensors"): {
+        "clip": False,
+        "duo_scaling": True,
+        "alpha_grid": "closed",
+        "propagate": "float",
+    },
 }
 
 

@@ -331,8 +331,8 @@ class QuantScheme:
         require(self.algorithm in ALGORITHMS, "algorithm", self.algorithm, f"one of {ALGORITHMS}")
         act, w = self.activation, self.weight
         # -- AWQ's format defaults; other algorithms' schemes keep the ones they always wrote
-        awq_defaults = w.type if self.algorithm == "awq" else "int"
-        object.__setattr__(self, "awq", self.awq.resolved(awq_defaults))
+        awq_defaults = (w.type, w.scale_rounding) if self.algorithm == "awq" else ("int", "ocp")
+        object.__setattr__(self, "awq", self.awq.resolved(*awq_defaults))
         fp4_ok = w.type in FP4_BLOCKS and self.algorithm in FP4_ALGORITHMS
         fp8_block_gptq = w.type == "fp8" and w.block is not None and self.algorithm == "gptq"
         if self.algorithm in INT_WEIGHT_ALGORITHMS and not (fp4_ok or fp8_block_gptq):
