@@ -196,3 +196,11 @@ def test_cpu_rows_quantize_lm_head_only_where_their_label_opts_in(benchmarks_on_
     assert opted.resolve("lm_head")[0] == opted.default == default.default
     assert opted.default.weight.group_size == 128
     assert opted.resolve("model.layers.0.mlp.up_proj")[0] == default.default
+
+
+def test_cpu_decode_floor_smoke_run(benchmarks_on_path, capsys):
+    module = importlib.import_module("cpu_decode_floor")
+    module.main(["--smoke", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "smoke ok" in out
+    assert "| 14 body linears free |" in out and "| and lm_head free |" in out  # 2 x 7
