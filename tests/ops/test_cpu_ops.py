@@ -530,3 +530,23 @@ def test_float32_layer_rows_that_round_to_infinity_in_bf16_are_recomputed():
             out = layer(x)
         assert torch.isfinite(out).all()
         assert _relative_error(out, layer.reference_forward(x)) < BF16_KERNEL_ERROR
+
+
+@pytest.mark.parametrize("scheme,group_size", [("w4a16", 32), ("w8a16", None), ("w8a8", None)])
+def test_many_tile_forward_keeps_the_input_differentiable(scheme, group_size):
+    """More weight rows than one dequantized tile holds, with an input that requires grad:
+    the result is the same and autograd follows it (the tiles' ``mm(out=)`` is not
+    differentiable, so such inputs take the concatenating route)."""
+    k = 128
+    n = cpu_kernels.tile_rows(k) + 8
+    layer = _layer(scheme, group_size, n, k)
+    x = torch.randn(300, k)
+    expected = layer(x)
+    xg = x.clone().requires_grad_()
+    out = layer(xg)
+    assert torch.equal(out.detach(), expected)
+    out.sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape and xg.grad.isfinite().all()
+    if scheme != "w8a8":  # -- weight-only: the gradient is the weight's column sums
+        weight = layer.dequantized_weight(torch.float32)
+        torch.testing.assert_close(xg.grad, weight.sum(0).expand_as(x), rtol=1e-4, atol=1e-4)

@@ -285,15 +285,16 @@ def blocked_linear(
     # -- multiply in float32 (float32 accumulation, as oneDNN's bf16 does)
     widened = x2.dtype == torch.bfloat16 and not native_bf16_gemm()
     xm = x2.float() if widened else x2
-    if n <= step:
-        out = xm @ dequantize_rows(0, n).to(xm.dtype).t()
-        return out.to(x2.dtype) if widened else out
-    # -- each tile's product written where it lies in one output: no concatenation pass
-    # -- and no second output-sized allocation (each one page-faults afresh on every call)
-    out = torch.empty(x2.shape[0], n, dtype=xm.dtype)
-    for i in range(0, n, step):
-        j = min(i + step, n)
-        torch.mm(xm, dequantize_rows(i, j).to(xm.dtype).t(), out=out[:, i:j])
+    tiles = [(i, min(i + step, n)) for i in range(0, n, step)]
+    if len(tiles) == 1 or (xm.requires_grad and torch.is_grad_enabled()):
+        # -- one tile, or an input autograd follows (``out=`` is not differentiable)
+        parts = [xm @ dequantize_rows(i, j).to(xm.dtype).t() for i, j in tiles]
+        out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    else:  # -- each tile's product written where it lies in one output: no concatenation
+        # -- pass, no second output-sized allocation (each page-faults afresh on every call)
+        out = torch.empty(x2.shape[0], n, dtype=xm.dtype)
+        for i, j in tiles:
+            torch.mm(xm, dequantize_rows(i, j).to(xm.dtype).t(), out=out[:, i:j])
     return out.to(x2.dtype) if widened else out
 
 
