@@ -130,16 +130,17 @@ def scale_candidates(
     ``w_mean^(1 - alpha)`` when given (duo scaling), normalised so that
     ``max(s) * min(s) = 1``."""
     a = act_mean.float().clamp(min=1e-4)
-    out = []
-    for i in range(grid):
-        alpha = i / grid
-        s = a.pow(alpha)
-        if w_mean is not None:
-            s = s / (w_mean.float().to(s.device).pow(1.0 - alpha) + 1e-4)
-        s = s.clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        out.append((alpha, s))
-    return out
+    return [(i / grid, _scale_at(a, i / grid, w_mean)) for i in range(grid)]
+
+
+def _scale_at(a: torch.Tensor, alpha: float, w_mean: torch.Tensor | None) -> torch.Tensor:
+    """One candidate: ``a^alpha`` (``a`` the clamped ``act_mean``), divided by
+    ``w_mean^(1 - alpha)`` when given, normalised so that ``max(s) * min(s) = 1``."""
+    s = a.pow(alpha)
+    if w_mean is not None:
+        s = s / (w_mean.float().to(s.device).pow(1.0 - alpha) + 1e-4)
+    s = s.clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
 
 
 def closed_scale_candidates(
@@ -161,14 +162,7 @@ def closed_scale_candidates(
     else:
         steps = [(i / (grid - 1), None) for i in range(grid)]
     a = act_mean.float().clamp(min=1e-4)
-    out = []
-    for alpha, wm in steps:
-        s = a.pow(alpha)
-        if wm is not None:
-            s = s / (wm.float().to(s.device).pow(1.0 - alpha) + 1e-4)
-        s = s.clamp(min=1e-4)
-        out.append((alpha, s / (s.max() * s.min()).sqrt()))
-    return out
+    return [(alpha, _scale_at(a, alpha, wm)) for alpha, wm in steps]
 
 
 @dataclass(frozen=True)

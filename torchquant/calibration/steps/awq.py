@@ -159,7 +159,6 @@ class AwqStep(CalibrationStep):
         candidates = None
         if cfg.alpha_grid == "closed":
             candidates = awq.closed_scale_candidates(act_mean, cfg.grid, cfg.duo_scaling, duo)
-            candidates = [(alpha, s.to(originals[0].device)) for alpha, s in candidates]
         loss_with = self._loss(m, linears, originals)
         try:
             s, _, _ = awq.search_scales(
