@@ -45,11 +45,9 @@ def add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 def add_bias_(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``add_bias`` into ``out`` itself, which must be the op's own fresh result."""
-    if bias is None:
-        return out
-    if out.requires_grad:
+    if bias is None or out.requires_grad:
         return add_bias(out, bias)
-    return out.add_(bias if bias.dtype == out.dtype else bias.to(out.dtype))
+    return out.add_(bias.to(out.dtype))
 
 
 def finish(out: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

@@ -534,11 +534,11 @@ def blocked_int_linear(
     def rows_of(start: int, stop: int) -> torch.Tensor:
         tile = buffer[: stop - start]
         qparams = None
+        z_rows = z[start:stop] if isinstance(z, torch.Tensor) else z
         for p, codes in enumerate(code_pieces(start, stop)):
             cols = slice(p * piece_columns, (p + 1) * piece_columns)
             out = tile.view(-1, piece_columns, per)[:, :, p] if interleaved else tile[:, cols]
             if grouped:
-                z_rows = z[start:stop] if isinstance(z, torch.Tensor) else z
                 dequantize_groups(out, codes, s[start:stop], z_rows, group_size // per)
                 continue
             if qparams is None or g_idx is not None:  # -- regular groups: one for all pieces

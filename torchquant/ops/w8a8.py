@@ -48,14 +48,13 @@ def scaled_output(x, x2, acc, xs, scales, bias, shared_scale: bool | None) -> to
     ``shared_scale``), unless ``shared_scale`` is None: ``xs`` already holds those NaNs."""
     factors = [xs] if scales is None else [xs, scales.reshape(1, -1)]
     widens = any(torch.promote_types(acc.dtype, f.dtype) != acc.dtype for f in factors)
-    if acc.requires_grad or widens:
-        out = acc * xs if scales is None else acc * xs * scales.reshape(1, -1)
-        out = common.add_bias(out.to(x.dtype), bias)
-    else:  # -- the op's own fresh sums: scaled in place, in the same order, so no output-sized
-        # -- float64 allocations (each page-faults afresh on every call)
-        for f in factors:
-            acc.mul_(f)
-        out = common.add_bias_(acc.to(x.dtype), bias)
+    # -- the op's own fresh sums are scaled in place where the dtype allows, in the same
+    # -- order: no output-sized float64 allocations (each page-faults afresh on every call)
+    in_place = not (acc.requires_grad or widens)
+    out = acc
+    for f in factors:
+        out = out.mul_(f) if in_place else out * f
+    out = common.add_bias_(out.to(x.dtype), bias)
     if shared_scale is not None:
         out = poison_nonfinite_rows(x2, out, shared_scale)
     return common.unflatten(out, x)
