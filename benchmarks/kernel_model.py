@@ -281,12 +281,14 @@ def _analyze(cubin: bytes, shared: int, warps: int) -> Sass:
 
 @dataclass
 class Candidate:
-    """One config a launch may run with: its compiled kernel's counts and its grid."""
+    """One config a launch may run with: its compiled kernel's counts, its grid and the
+    bytes it moves through a split-K workspace (:func:`split_workspace_bytes`)."""
 
     config: str
     sass: Sass
     grid: tuple[int, ...]
     meta: dict
+    workspace_bytes: int = 0
 
 
 @dataclass
@@ -295,6 +297,27 @@ class Launch:
     nbytes: int
     flops: int = 0
     candidates: list[Candidate] = field(default_factory=list)
+
+
+# -- a split-K launch's workspace and tile counters: what they move depends on the config
+WORKSPACE_ARGS = ("ws_ptr", "lock_ptr")
+
+
+def split_workspace_bytes(meta: dict, grid: tuple[int, ...]) -> int:
+    """Bytes a launch that reduces its splits in the last program of a tile (or GEMV row
+    block) moves through its workspace: every split writes its ``(M, N)`` partial plane,
+    the last split reads all of them back, and each tile's int32 counter is read and
+    written by one atomic per split plus the reset.  0 for unsplit launches.
+
+    Counted at copy bandwidth like every other byte, though partials written and read
+    back within one launch may be served from L2: this term can overstate, never hide.
+    """
+    splits = int(meta.get("SPLIT_K", 1))
+    if "ws_ptr" not in meta or splits == 1 or not meta.get("SPLIT_TILES", True):
+        return 0
+    plane = int(meta["M"]) * int(meta["N"]) * meta["ws_ptr"].element_size()
+    counters = math.prod(grid) // splits
+    return 2 * splits * plane + counters * (splits + 1) * 2 * meta["lock_ptr"].element_size()
 
 
 def _tensor_bytes(*trees) -> int:
@@ -368,15 +391,17 @@ class Recorder:
         kernel.nargs = {}
         configs = [config] if config is not None else kernel.prune_configs(args)
         with torch.utils._python_dispatch._disable_current_modes():
-            launch = Launch(kernel.fn.__name__, _tensor_bytes(args))
+            tensors = {k: v for k, v in args.items() if k not in WORKSPACE_ARGS}
+            launch = Launch(kernel.fn.__name__, _tensor_bytes(tensors))
             if launch.kernel.startswith("_gemm"):
                 x = args["x_ptr"]
                 launch.flops = 2 * x.shape[0] * x.shape[1] * args["N"]
             for cfg in configs if self.all_configs else configs[:1]:
                 meta = {**args, **cfg.all_kwargs()}
-                launch.candidates.append(
-                    Candidate(_describe(cfg), self._sass(kernel.fn, meta), tuple(grid(meta)), meta)
-                )
+                cells = tuple(grid(meta))
+                sass = self._sass(kernel.fn, meta)
+                workspace = split_workspace_bytes(meta, cells)
+                launch.candidates.append(Candidate(_describe(cfg), sass, cells, meta, workspace))
             self.launches.append(launch)
 
     def _sass(self, fn, meta) -> Sass:
@@ -413,8 +438,10 @@ def iterations(cand: Candidate) -> int:
 
 
 def launch_bound(launch: Launch, cand: Candidate | None, machine: Machine) -> dict:
-    """Lower bound in microseconds for one launch and what sets it."""
-    bound = {"bytes": launch.nbytes / (machine.bandwidth_gbs * 1e3)}
+    """Lower bound in microseconds for one launch and what sets it, with the bytes it
+    moves (its tensors once, and the candidate's split-K workspace traffic)."""
+    nbytes = launch.nbytes + (cand.workspace_bytes if cand is not None else 0)
+    bound = {"bytes": nbytes / (machine.bandwidth_gbs * 1e3)}
     mma = launch.kernel.startswith("aten.") or (cand is not None and cand.sass.loop["mma"] > 0)
     if launch.flops and mma:
         bound["flops"] = launch.flops / (machine.tensor_tflops * 1e6)
@@ -428,7 +455,7 @@ def launch_bound(launch: Launch, cand: Candidate | None, machine: Machine) -> di
         per_cta = instr / ctas
         bound["issue"] = busiest * per_cta / width / (machine.clock_ghz * 1e3)
     limit = max(bound, key=bound.get)
-    return {"us": bound[limit], "limit": limit, "instructions": instr}
+    return {"us": bound[limit], "limit": limit, "instructions": instr, "bytes": nbytes}
 
 
 def bf16_floor_us(m: int, n: int, k: int, machine: Machine) -> float:
@@ -483,13 +510,14 @@ def row(
     """The table row of one call: each launch at its best config, summed."""
     from torchquant.triton_kernels.dequant_matmul import select_path
 
-    total_us, instr, kernels, chosen = 0.0, 0, [], []
+    total_us, instr, nbytes, kernels, chosen = 0.0, 0, 0, [], []
     for launch in launches:
         options = launch.candidates or [None]
         scored = [(launch_bound(launch, c, machine), i, c) for i, c in enumerate(options)]
         best, _, cand = min(scored, key=lambda s: (s[0]["us"], s[1]))
         total_us += best["us"]
         instr += best["instructions"]
+        nbytes += best["bytes"]
         kernels.append(launch.kernel)
         if cand is not None:
             chosen.append((launch, cand, best["limit"]))
@@ -523,7 +551,8 @@ def row(
         "spill_bytes": max((c[1].sass.spill_bytes for c in chosen), default=0),
         "smem": sass.smem if sass else 0,
         "launches": len(launches),
-        "bytes": sum(launch.nbytes for launch in launches),
+        "bytes": nbytes,
+        "workspace_bytes": sum(c[1].workspace_bytes for c in chosen),
         "limit": main[2] if main else "-",
         "predicted_us": round(total_us, 2),
         "bf16_floor_us": round(bf16, 2),
@@ -881,8 +910,11 @@ def compare_w4a8(rows: list[dict]) -> list[dict]:
 
 def print_w4a8_table(rows: list[dict]) -> None:
     print("\n## W4A8 against our W8A8 (same activation type) and W4A16 g128 (predicted)")
-    print("| scheme | N x K | M | machine | config | limit | pred us | vs W8A8 | vs W4A16 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| scheme | N x K | M | machine | config | limit | split-K workspace MB | pred us | "
+        "vs W8A8 | vs W4A16 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
 
     def judged(r: dict, name: str) -> str:
         ratio, target = r[f"vs_{name}"], r[f"target_vs_{name}"]
@@ -895,7 +927,8 @@ def print_w4a8_table(rows: list[dict]) -> None:
     for r in rows:
         print(
             f"| {r['scheme']} | {r['N']}x{r['K']} | {r['M']} | {r['machine']} | {r['config']} | "
-            f"{r['limit']} | {r['predicted_us']:.1f} | {judged(r, 'w8a8')} | "
+            f"{r['limit']} | {r['workspace_bytes'] / 1e6:.2f} | {r['predicted_us']:.1f} | "
+            f"{judged(r, 'w8a8')} | "
             f"{judged(r, 'w4a16')} |"
         )
 

@@ -225,3 +225,47 @@ def test_w4a8_decode_is_faster_than_w8a8_by_the_issue_margin(w4a8_rows):
     budget: the bound is at least 1.2x our W8A8 of the same activation type."""
     for row in (r for r in w4a8_rows if r["scheme"] in ("w4a8", "w4a8-fp8") and r["M"] <= 64):
         assert row["vs_w8a8"] >= row["target_vs_w8a8"] == 1.2, (row["scheme"], row["M"])
+
+
+def test_split_k_workspace_bytes_count_partials_and_counters():
+    """A launch reducing its splits in the last program of a tile writes one partial plane
+    per split and reads them all back; each tile's int32 counter takes an atomic per split
+    and a reset.  The workspace's allocation (the largest split tried) is not what moves."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import kernel_model
+    import torch
+
+    m, n, splits, tiles = 48, 320, 4, 5
+    ws = torch.empty(8, m, n, dtype=torch.float32, device="meta")
+    locks = torch.empty(1 << 16, dtype=torch.int32, device="meta")
+    meta = dict(M=m, N=n, SPLIT_K=splits, SPLIT_TILES=True, ws_ptr=ws, lock_ptr=locks)
+    partials, counters = 2 * splits * m * n * 4, tiles * (splits + 1) * 2 * 4
+    assert kernel_model.split_workspace_bytes(meta, (tiles, splits)) == partials + counters
+    # -- int32 partials (INT8 W8A8) move as many bytes as float32 ones
+    int_ws = {**meta, "ws_ptr": ws.to(torch.int32)}
+    assert kernel_model.split_workspace_bytes(int_ws, (tiles, splits)) == partials + counters
+    # -- a GEMV's grid (row blocks, splits, rows): a counter per row block of every row
+    gemv = {k: v for k, v in meta.items() if k != "SPLIT_TILES"}
+    assert kernel_model.split_workspace_bytes(gemv, (3, splits, m)) == (
+        partials + 3 * m * (splits + 1) * 2 * 4
+    )
+    # -- unsplit launches and the tiled tuning (its workspace argument is the output)
+    assert kernel_model.split_workspace_bytes({**meta, "SPLIT_K": 1}, (tiles, 1)) == 0
+    assert kernel_model.split_workspace_bytes({**meta, "SPLIT_TILES": False}, (tiles, 1)) == 0
+    assert kernel_model.split_workspace_bytes({"M": m, "N": n, "SPLIT_K": 1}, (tiles, 1)) == 0
+
+
+def test_w4a8_split_rows_count_their_workspace_traffic(w4a8_rows):
+    """The split-K rows' bytes include the chosen config's partial tiles written and read
+    back (and the counters'), not the workspace's allocation; whole-K rows move none."""
+    for row in (r for r in w4a8_rows if r["scheme"] in ("w4a8", "w4a8-fp8")):
+        meta = dict(part.split("=") for part in row["config"].split() if "=" in part)
+        splits = int(meta["SPLIT_K"])
+        if row["M"] > 64:
+            assert splits == 1 and row["workspace_bytes"] == 0, row["config"]
+            continue
+        tiles = -(-row["M"] // int(meta["M"])) * -(-row["N"] // int(meta["N"]))
+        partials = 2 * splits * row["M"] * row["N"] * 4 if splits > 1 else 0
+        counters = tiles * (splits + 1) * 8 if splits > 1 else 0
+        assert row["workspace_bytes"] == partials + counters, row["config"]
+        assert row["bytes"] > row["workspace_bytes"]
