@@ -861,6 +861,8 @@ def w4a8_rows(recorder: Recorder, arch: int, machines, shapes, batches) -> list[
     from torchquant.ops.w8a8 import linear_w8a8_fp8_cuda, linear_w8a8_int8_cuda
 
     w4a8_gemm.run_kernel = recorder.run_kernel  # compile_only patches the older kernels
+    # -- the split tuning covers the SMs of the machine modelled (meta tensors have none)
+    w4a8_gemm.device_sms = lambda device: MACHINES[DEFAULT_MACHINE[arch]].sms
     w4a8_calls = {"int8": linear_w4a8_int8_cuda, "fp8": linear_w4a8_fp8_cuda}
     w8a8_calls = {"int8": linear_w8a8_int8_cuda, "fp8": linear_w8a8_fp8_cuda}
     rows = []

@@ -41,6 +41,7 @@ from ._launch import (
     autotuned,
     check_device,
     check_fp8_support,
+    interpreting,
     m_bucket,
     output,
     output_args,
@@ -254,21 +255,42 @@ TILED_CONFIGS = [
     _config(256, 64, 1, 8, 3),
     _config(128, 128, 1, 8, 3),
 ]
-# -- split-K partial tiles: at most this many rows times splits (the workspace a launch
-# -- writes and reads back grows with both; 64 rows split in two already fill the SMs)
-SPLIT_ROWS = 128
+# -- split-K partial tiles: a launch's float32 workspace (splits x M x N) stays under this
+SPLIT_WORKSPACE_BYTES = 16 << 20
 
 
-def max_splits(m: int) -> int:
-    """The largest split factor tried for ``m`` rows (a power of two, at least 1)."""
-    return max(1, SPLIT_ROWS // m_bucket(m))
+@functools.cache
+def device_sms(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA ``device``; None elsewhere (no fill limit)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_limit(m: int, n: int, k_steps: int, config: triton.Config, sms: int | None) -> int:
+    """The most splits worth trying for ``config`` on ``m x n`` outputs: the fewest (a power
+    of two) whose programs cover all ``sms`` SMs, at most one per K step (group) and no
+    more than :data:`SPLIT_WORKSPACE_BYTES` of partial tiles allows (at least 1)."""
+    rows = m_bucket(m)
+    tiles = triton.cdiv(rows, config.kwargs["BLOCK_M"]) * triton.cdiv(n, config.kwargs["BLOCK_N"])
+    fill = triton.next_power_of_2(triton.cdiv(sms, tiles)) if sms else k_steps
+    room = SPLIT_WORKSPACE_BYTES // (4 * rows * n)
+    return max(1, min(fill, k_steps, room))
+
+
+def k_steps(k: int, block_k: int, group_tiles: int) -> int:
+    """The K steps a launch splits: its groups (``GROUP_TILES`` K tiles each), or its K tiles
+    when one scale covers a row (``GROUP_TILES`` 0)."""
+    return triton.cdiv(k, block_k * max(1, group_tiles))
 
 
 def prune_splits(configs, named_args, **kwargs):
-    """The split tuning's prune: no more splits than :func:`max_splits` allows, and tiles
-    that fit the split-K counters."""
-    splits = max_splits({**named_args, **kwargs}["M"])
-    kept = [c for c in configs if c.kwargs["SPLIT_K"] <= splits]
+    """The split tuning's prune: no config splits more than :func:`split_limit` allows it,
+    and tiles fit the split-K counters."""
+    args = {**named_args, **kwargs}
+    steps = k_steps(args["K"], args["BLOCK_K"], args["GROUP_TILES"])
+    m, n, sms = args["M"], args["N"], device_sms(args["a_ptr"].device)
+    kept = [c for c in configs if c.kwargs["SPLIT_K"] <= split_limit(m, n, steps, c, sms)]
     return prune_to_counters(kept, named_args, **kwargs)
 
 
@@ -358,9 +380,12 @@ def w4a8_gemm(
     if config is not None and not split_k and config.kwargs["SPLIT_K"] != 1:
         raise ValueError(f"the tiled W4A8 GEMM takes SPLIT_K=1 configs only, got {config}")
     out = output(out, (m, n), out_dtype, a.device)
+    tiling = k_tiling(k, group_size)
     if split_k:
-        splits = max_splits(m)
-        configs = [c for c in TUNED[a.dtype][0].configs if c.kwargs["SPLIT_K"] <= splits]
+        tuned, args = TUNED[a.dtype][0], dict(M=m, N=n, K=k, a_ptr=a, **tiling)
+        configs = prune_splits(tuned.configs, args) if config is None else []
+        if config is None and interpreting() and a.device.type == "cpu":
+            config = configs[0]  # -- the interpreter times nothing: the first config kept runs
         ws, locks = split_workspace(configs, config, m, n, torch.float32, a.device)
     else:
         ws = locks = out  # -- never read by the tiled tuning
@@ -372,7 +397,7 @@ def w4a8_gemm(
         **dict(w_ptr=qweight, scales_ptr=scales, stride_wn=qweight.stride(0)),
         **dict(stride_sn=scales.stride(0), ws_ptr=ws, lock_ptr=locks, SPLIT_TILES=split_k),
         ones_ptr=fp8_ones(a.device) if a.dtype == torch.float8_e4m3fn else a,
-        **k_tiling(k, group_size),
+        **tiling,
         **output_args(out, bias, m, n, k),
     )
     return out

@@ -15,7 +15,16 @@ from kernel_utils import (
     requires_kernels,
 )
 from torchquant.triton_kernels.fp8_gemm import fp8_supported
-from torchquant.triton_kernels.w4a8_gemm import w4a8_gemm
+from torchquant.triton_kernels.w4a8_gemm import (
+    SPLIT_K_CONFIGS,
+    SPLIT_WORKSPACE_BYTES,
+    TUNED,
+    k_steps,
+    k_tiling,
+    prune_splits,
+    split_limit,
+    w4a8_gemm,
+)
 
 from torchquant import ops
 from torchquant.numerics import quantize_activation
@@ -43,8 +52,11 @@ def _reference(x, qweight, scales, bias, group_size, act_type, per_token=True, s
     return ops.linear_w4a8_reference(*cpu, group_size, act_type, per_token, 100.0, static, smooth)
 
 
-# -- split-K: 3 splits of the groups (the last one short or empty), partial tiles
+# -- split-K: 3 splits of the groups (the last one short or empty), partial tiles; 4 and 8
+# -- splits, the counts the SM-filling limit picks up to 64 rows
 SPLIT3 = cfg(BLOCK_M=16, BLOCK_N=32, SPLIT_K=3, GROUP_M=2)
+SPLIT4 = cfg(BLOCK_M=32, BLOCK_N=16, SPLIT_K=4, GROUP_M=2)
+SPLIT8 = cfg(BLOCK_M=16, BLOCK_N=16, SPLIT_K=8, GROUP_M=2)
 
 # (M, N, K, group_size, config, dtype, bias): partial last groups (K = 200, 100, 600),
 # per channel, rows and columns past one tile, groups of two K tiles (256), full tiles
@@ -58,6 +70,10 @@ CASES = [
     (4, 40, 600, 64, SPLIT3, torch.float32, True),
     (18, 20, 256, 256, SPLIT3, torch.float16, False),
     (2, 24, 200, -1, SPLIT3, torch.float32, True),
+    (40, 20, 224, 32, SPLIT4, torch.float32, True),  # -- 7 groups: runs of 2, 2, 2, 1
+    (64, 24, 600, -1, SPLIT4, torch.bfloat16, False),  # -- 5 K tiles of one row scale
+    (33, 18, 512, 64, SPLIT8, torch.float16, True),  # -- one group a split
+    (9, 32, 320, 64, SPLIT8, torch.float32, False),  # -- 5 groups: splits 5-7 empty
 ]
 
 
@@ -102,6 +118,42 @@ def test_split_k_keeps_nan_rows_and_matches_reference(act_type):
     assert got[2].isnan().all()
     rows = [0, 1, 3, 4, 5]
     assert_matches(got[rows], ref[rows])
+
+
+def test_split_limit_fills_the_sms_within_the_groups_and_the_workspace():
+    """Up to 64 rows a config splits no further than its programs need to cover the SMs:
+    4096 x 4096 at M = 64 in 64 x 128 tiles (32 tiles) up to 8 splits, 64 x 64 tiles
+    (64) up to 4; never more splits than K steps, nor partial tiles past the workspace."""
+    wide, narrow = SPLIT_K_CONFIGS[0], cfg(BLOCK_M=64, BLOCK_N=64, SPLIT_K=1, GROUP_M=8)
+    assert (wide.kwargs["BLOCK_M"], wide.kwargs["BLOCK_N"]) == (64, 128)
+    groups = k_steps(4096, 128, 1)
+    assert groups == 32 and k_steps(600, 128, 0) == 5 and k_steps(600, 64, 2) == 5
+    assert split_limit(64, 4096, groups, wide, 132) == 8
+    assert split_limit(64, 4096, groups, narrow, 132) == 4
+    assert split_limit(64, 8192, groups, wide, 132) == 4
+    assert split_limit(64, 14336, groups, wide, 132) == 2
+    assert split_limit(64, 28672, groups, wide, 132) == 1  # -- 224 tiles fill 132 SMs
+    assert split_limit(1, 4096, 3, wide, 132) == 3  # -- three groups to share
+    # -- no SM count (CPU tensors): the groups and the workspace bound alone
+    assert split_limit(16, 4096, groups, wide, None) == groups
+    rows, n = 64, SPLIT_WORKSPACE_BYTES // (4 * 64 * 3)
+    assert split_limit(rows, n, groups, wide, None) == 3
+    assert split_limit(rows, 4 * n, groups, wide, None) == 1
+
+
+@pytest.mark.parametrize("act_type", ["int8", "fp8"])
+def test_untuned_split_launch_runs_a_config_the_limit_keeps(act_type):
+    """One group over 64 rows: no config splitting it in two is kept, so the untuned launch
+    runs unsplit (its workspace holds one plane) and matches the reference."""
+    m, n, k = 64, 24, 64
+    qweight, scales, bias = _layer(n, k, 64, torch.float32, True)
+    x = torch.randn(m, k)
+    xq, xs = quantize_activation(x, act_type, per_token=True)
+    args = dict(M=m, N=n, K=k, a_ptr=xq, **k_tiling(k, 64))
+    assert {c.kwargs["SPLIT_K"] for c in prune_splits(TUNED[xq.dtype][0].configs, args)} == {1}
+    got = w4a8_gemm(xq.to(KERNEL_DEVICE), xs.to(KERNEL_DEVICE), qweight, scales, 64, bias,
+                    torch.float32, split_k=True)  # fmt: skip
+    assert_matches(got, _reference(x, qweight, scales, bias, 64, act_type))
 
 
 def test_tiled_tuning_refuses_split_configs():
