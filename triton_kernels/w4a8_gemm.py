@@ -153,11 +153,22 @@ def tile_products(
 
 @triton.jit
 def scaled_sums(part, row_sums, scale, FP8: tl.constexpr):
-    """A group's products ``part`` as float32 sums of ``a * (code - 8)`` times ``scale``."""
+    """A group's products ``part`` as float32 sums of ``a * (code - 8)`` times ``scale``, in
+    units of :func:`sums_unit` (a power of two the epilogue applies once per output, not
+    once per column of every group: the same roundings)."""
     if FP8:
         offset = row_sums[:, None] * (CODE_ZERO * FP8_CODE_UNIT)
-        return (part - offset) * (scale * (1.0 / FP8_CODE_UNIT))[None, :]
-    return part.to(tl.float32) * (scale * (1.0 / 16.0))[None, :]
+        return (part - offset) * scale[None, :]
+    return part.to(tl.float32) * scale[None, :]
+
+
+@triton.jit
+def sums_unit(FP8: tl.constexpr):
+    """What :func:`scaled_sums` leaves out: ``2**9`` of the E4M3 codes, ``1/16`` of the
+    INT8 ones (``16 * (code - 8)``)."""
+    if FP8:
+        return 1.0 / FP8_CODE_UNIT
+    return 1.0 / 16.0
 
 
 @triton.jit
@@ -207,7 +218,7 @@ def w4a8_gemm_kernel(
                 part, row_sums = tile_products(
                     a_rows, w_rows, k0, K, part, row_sums, ones, BLOCK_K, EVEN_K, FP8
                 )
-            scale = tl.load(scales_ptr + (s_offs + g)).to(tl.float32)
+            scale = tl.load((scales_ptr + g) + s_offs).to(tl.float32)
             acc += scaled_sums(part, row_sums, scale, FP8)
     # -- the last split of a tile adds the splits' float32 partial tiles in split order
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -220,7 +231,7 @@ def w4a8_gemm_kernel(
     # -- epilogue: per-row activation scale, cast, bias in the output dtype
     if last:
         a_scale = tl.load(a_scale_ptr + rows_m)
-        out = (acc * a_scale[:, None]).to(out_ptr.dtype.element_ty)
+        out = (acc * sums_unit(FP8) * a_scale[:, None]).to(out_ptr.dtype.element_ty)
         if HAS_BIAS:
             bias = tl.load(b_ptr + cols_n).to(tl.float32)
             out = (out.to(tl.float32) + bias[None, :]).to(out_ptr.dtype.element_ty)
