@@ -19,7 +19,8 @@ cuBLAS) is counted from the aten ops it dispatches.
 
 Each launch is bounded below by the largest of
 
-* bytes / copy bandwidth -- every tensor the launch touches, read or written once;
+* bytes / copy bandwidth -- every tensor the launch touches, read or written once, and a
+  split-K launch's partial tiles, written and read back (:func:`split_workspace_bytes`);
 * warp-instructions / issue rate -- the hot loop times its trip count, over the SMs
   the grid occupies (four schedulers per SM, each issuing one warp-instruction a clock);
 * flops / dense tensor-core peak, for launches that issue MMAs (or cuBLAS);
