@@ -20,6 +20,9 @@ def add_run_args(parser: argparse.ArgumentParser, calib_samples: int, group_size
     parser.add_argument("--calib", required=True)
     parser.add_argument("--text", required=True)
     parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument(
+        "--skip-tokens", type=int, default=0, help="leading tokens of --text left unscored"
+    )
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--calib-samples", type=int, default=calib_samples)
     parser.add_argument("--calib-seq-len", type=int, default=512)
@@ -44,7 +47,8 @@ def load_run(args: argparse.Namespace) -> tuple:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
-    ids = tokenize_text(tokenizer, Path(args.text).read_text(encoding="utf-8"), args.max_tokens)
+    text = Path(args.text).read_text(encoding="utf-8")
+    ids = tokenize_text(tokenizer, text, args.skip_tokens + args.max_tokens)[args.skip_tokens :]
     calib = calibration_tokens(args.calib, tokenizer, args.calib_samples, args.calib_seq_len)
     return model, tokenizer, ids, calib
 

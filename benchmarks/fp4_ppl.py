@@ -12,7 +12,11 @@ calibrated on ``--calib``), or AWQ / GPTQ (block scales fixed first) calibrated 
 on the first ``--max-tokens`` tokens of ``--text`` in ``--seq-len`` windows (no BOS).  Rows
 ending in ``ct-scales`` round MXFP4's E8M0 block scales as compressed-tensors does
 (``scale_rounding="compressed-tensors"``: the block max rounded up to the next power of two
-where its significand is 1.75 or more), weights and activations alike.  Beside the
+where its significand is 1.75 or more), weights and activations alike.  Rows
+``mxfp4a16 awq +no-clip``, ``+float``, ``+duo-closed`` and their pairs and triple change
+spec-rounded MXFP4 AWQ's options one way each (no clip search, float propagation, duo
+scaling on the closed grid: what compressed-tensors rounding defaults to).
+``--skip-tokens`` scores text after its first tokens instead (held-out text).  Beside the
 perplexity, the weight error ``||W_q - W|| / ||W||`` over all quantized linears: SmolLM2's
 weights were shipped on a Q4_1 grid (4-bit asymmetric, blocks of 32, a float block minimum),
 which neither the FP4 grids nor INT4 g32 with its integer zero points reproduce (rounding
@@ -24,18 +28,21 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from itertools import combinations
 
 import torch
 from calibration_setup import add_run_args, load_run
 
 from torchquant import (
     ActivationQuant,
+    AWQConfig,
     QuantConfig,
     QuantScheme,
     WeightQuant,
     convert_model,
     scheme_from_name,
 )
+from torchquant.config.algorithms import AWQ_DEFAULTS
 from torchquant.evaluation import perplexity
 from torchquant.modules import QuantLinear
 
@@ -65,6 +72,31 @@ SCHEMES = {
         WeightQuant("mxfp4", scale_rounding=CT), ActivationQuant("mxfp4", scale_rounding=CT)
     ),
 }
+# -- the AWQ options MXFP4 with compressed-tensors rounding defaults to, each a change from
+# -- the other formats' defaults, tried on the spec's rounding alone and together
+AWQ_CHANGES = {
+    "no-clip": {"clip": False},
+    "float": {"propagate": "float"},
+    "duo-closed": {"duo_scaling": True, "alpha_grid": "closed"},
+}
+
+
+def spec_mxfp4_awq_ablation() -> dict[str, QuantScheme]:
+    """Spec-rounded MXFP4 AWQ with every one, pair and triple of ``AWQ_CHANGES``, each row's
+    other options the other formats' defaults (``"mxfp4a16 awq +no-clip +float"``, ...)."""
+    rows = {}
+    for n in range(1, len(AWQ_CHANGES) + 1):
+        for combo in combinations(AWQ_CHANGES, n):
+            options = dict(AWQ_DEFAULTS[None])
+            for change in combo:
+                options.update(AWQ_CHANGES[change])
+            name = "mxfp4a16 awq " + " ".join(f"+{change}" for change in combo)
+            awq = AWQConfig(**options)
+            rows[name] = QuantScheme(WeightQuant("mxfp4"), algorithm="awq", awq=awq)
+    return rows
+
+
+SCHEMES.update(spec_mxfp4_awq_ablation())
 
 
 def weight_error(model: torch.nn.Module, floats: dict[str, torch.Tensor]) -> float:
@@ -104,7 +136,8 @@ def main() -> None:
                       weight_error(model, floats), seconds))  # fmt: skip
         print(f"{name}: ppl {table[-1][1]:.3f}, weight error {table[-1][2]:.4f}", flush=True)
         del model
-    print(f"\n{ids.numel()} tokens of {args.text}, {args.seq_len}-token windows, no BOS\n")
+    after = f" after the first {args.skip_tokens}" if args.skip_tokens else ""
+    print(f"\n{ids.numel()} tokens of {args.text}{after}, {args.seq_len}-token windows, no BOS\n")
     print("| scheme | ppl | vs fp32 | weight error | quantize s |\n|---|---|---|---|---|")
     for name, ppl, error, seconds in table:
         took = "-" if seconds is None else f"{seconds:.1f}"
