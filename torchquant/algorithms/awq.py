@@ -10,7 +10,9 @@ functions; the calibration engine supplies activations and the objective.
 
 On the FP4 grids (NVFP4, MXFP4) a group is a scale block: the searches fake-quantize
 with the format's own block scales, and a clipped range is the block max the scale is
-chosen from (NVFP4's E4M3 scale of it, MXFP4's power of two).
+chosen from (NVFP4's E4M3 scale of it, MXFP4's power of two).  On MXFP4 only that power
+of two matters, so the clipping search tries the block's own exponent, the one below and
+the one above (:data:`MXFP4_CLIP_FACTORS`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ FakeQuantize = Callable[[torch.Tensor, tuple | None], torch.Tensor]
 
 # -- how many bytes of candidate weights a parted scale search keeps between its passes
 CANDIDATE_CACHE_BYTES = 256 * 2**20
+# -- the clipping search's range factors on MXFP4: a block's exponent, one below, one above.
+# -- A shrink alone never reaches the one above, which the spec's rounding needs where a
+# -- block max lands past 6 times its scale and saturates (up to a quarter of it lost).
+MXFP4_CLIP_FACTORS = (1.0, 0.5, 2.0)
 
 
 def quantize_in_ranges(
@@ -291,6 +297,16 @@ class _CandidateCache:
         return None if entry is None else entry[1]
 
 
+def clip_factors(weight_type: str, grid: int, max_shrink: float) -> tuple[float, ...]:
+    """The factors of each group's range the clipping search tries, the unclipped 1 first:
+    ``1 - i / grid`` down to ``max_shrink`` (exclusive), or MXFP4's three exponents."""
+    return MXFP4_CLIP_FACTORS if weight_type == "mxfp4" else _shrinks(grid, max_shrink)
+
+
+def _shrinks(grid: int, max_shrink: float) -> tuple[float, ...]:
+    return tuple(1.0 - i / grid for i in range(max(1, int(grid * max_shrink))))
+
+
 def search_clip(
     w: torch.Tensor,
     x: torch.Tensor,
@@ -316,10 +332,12 @@ def search_clip_ranges(
     quantize: FakeQuantize,
     grid: int = 20,
     max_shrink: float = 0.5,
+    factors: tuple[float, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group ranges ``(lo, hi)`` ``(N, G)``: min/max shrunk by the factor that
+    """Per-group ranges ``(lo, hi)`` ``(N, G)``: min/max times the factor that
     minimises ``sum_t (x_t . w_g - x_t . q(w_g))^2`` for each group ``g`` separately,
-    ``q`` the fake quantization ``quantize(w, ranges)``.
+    ``q`` the fake quantization ``quantize(w, ranges)``; the factors tried are ``factors``
+    (the first kept on ties) or ``1 - i / grid`` down to ``max_shrink``.
 
     The error of a group's rounding ``d = q(w_g) - w_g`` is ``d^T H_g d`` with ``H_g`` the
     Gram matrix of the group's inputs; when a group is narrower than the input has rows,
@@ -341,9 +359,7 @@ def search_clip_ranges(
     lo0, hi0 = group_min_max(wf, group_size)
     best_err = torch.full((n, g), float("inf"), device=w.device)
     best_p = torch.ones(n, g, device=w.device)
-    steps = max(1, int(grid * max_shrink))
-    for i in range(steps):
-        p = 1.0 - i / grid
+    for p in _shrinks(grid, max_shrink) if factors is None else factors:
         q = quantize(wf, (lo0 * p, hi0 * p))
         qg = torch.nn.functional.pad(q, (0, pad)).reshape(n, g, gs).permute(1, 2, 0)
         if by_gram:

@@ -199,7 +199,8 @@ class AwqStep(CalibrationStep):
             x = x / block.divisor[rel]
         w, wq, cfg = get_weight(block.linears[rel]), scheme.weight, scheme.awq
         quantize = awq.weight_fake_quantize(wq)
-        return awq.search_clip_ranges(w, x, wq.group_size, quantize, cfg.clip_grid, cfg.max_shrink)
+        factors = awq.clip_factors(wq.type, cfg.clip_grid, cfg.max_shrink)
+        return awq.search_clip_ranges(w, x, wq.group_size, quantize, factors=factors)
 
 
 def _token_rows(captured: list, limit: int | None) -> torch.Tensor | None:
