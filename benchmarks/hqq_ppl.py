@@ -7,9 +7,8 @@
 Each row quantizes a fresh copy of the float model and scores perplexity on the first
 ``--max-tokens`` tokens of ``--text`` (``--seq-len`` windows, no BOS); GPTQ and AWQ run
 with their default parameters, calibrating on ``--calib`` with the schemes of
-``calibration_ppl.py``.  HQQ
-layers are built round-to-nearest by ``convert_model`` and their codes replaced by
-``hqq_quantize``'s, so its time includes that conversion.  Prints one table per setting:
+``calibration_ppl.py``; HQQ runs as ``algorithm="hqq"`` through ``convert_model``, as
+``torchquant quantize --algorithm hqq`` does.  Prints one table per setting:
 perplexity, change vs fp32, that change as a fraction of RTN's, and quantization seconds.
 """
 
@@ -17,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import time
 
 import torch
@@ -24,30 +24,11 @@ from calibration_ppl import rows
 from calibration_setup import add_run_args, load_run
 
 from torchquant import QuantConfig, convert_model
-from torchquant.algorithms.hqq import hqq_quantize
 from torchquant.config import AWQConfig, GPTQConfig
 from torchquant.evaluation import perplexity
-from torchquant.modules import QuantLinear
 
 SETTINGS = ((4, 128), (3, 64))
 METHODS = ("rtn", "hqq", "gptq", "awq")
-
-
-def quantize_hqq(model: torch.nn.Module, scheme: object) -> None:
-    """RTN layers from ``convert_model``, then HQQ's codes and qparams from each float weight."""
-    floats = {
-        name: module.weight.detach().clone()
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-    }
-    convert_model(model, QuantConfig(scheme), progress=False)
-    for name, layer in model.named_modules():
-        if isinstance(layer, QuantLinear):
-            w = layer.scheme.weight
-            q = hqq_quantize(
-                floats[name], w.bits, w.group_size, w.symmetric, layer.scales.dtype, what=name
-            )
-            layer.set_int_codes(q.codes, q.scales, q.zeros)
 
 
 def main() -> None:
@@ -63,21 +44,20 @@ def main() -> None:
     print(f"fp32: {ref:.3f} ({torch.get_num_threads()} threads)", flush=True)
     tables = []
     for bits, group in SETTINGS:
-        schemes = rows(group, args.alpha, AWQConfig(), GPTQConfig())
+        schemes = rows(group, args.alpha, AWQConfig(), GPTQConfig(), [])
         prefix = f"w{bits}a16 g{group}"
         # -- GPTQ as its defaults run it: act-order with static groups
-        names = {"rtn": "RTN", "hqq": "RTN", "gptq": "GPTQ act-order static", "awq": "AWQ"}
-        by_method = {m: schemes[f"{prefix} {names[m]}"] for m in METHODS}
+        names = {"rtn": "RTN", "gptq": "GPTQ act-order static", "awq": "AWQ"}
+        by_method = {m: schemes[f"{prefix} {names[m]}"] for m in names}
+        by_method["hqq"] = dataclasses.replace(by_method["rtn"], algorithm="hqq")
         table = []
         for method in args.methods:
             model = copy.deepcopy(base)
             start = time.perf_counter()
-            if method == "hqq":
-                quantize_hqq(model, by_method[method])
-            else:
-                convert_model(
-                    model, QuantConfig(by_method[method]), calibration_data=calib, progress=False
-                )
+            data = None if by_method[method].algorithm == "hqq" else calib
+            convert_model(
+                model, QuantConfig(by_method[method]), calibration_data=data, progress=False
+            )
             seconds = time.perf_counter() - start
             ppl = perplexity(model, ids, args.seq_len, progress=False).perplexity
             table.append((method, ppl, seconds))
