@@ -92,7 +92,8 @@ EOF
 
 # -- 2. GPU-marked tests: compiled kernels vs the PyTorch reference, compile and graphs
 step gpu_tests 150 "$PYTHON" -m pytest -p no:cacheprovider -m gpu tests/kernels/test_kernels_gpu.py \
-    tests/calibration/test_calibration_engine.py tests/modules/test_sibling_linears.py
+    tests/calibration/test_calibration_engine.py tests/modules/test_sibling_linears.py \
+    tests/modules/test_rms_norms.py tests/kernels/test_kernels_rms_norm.py
 # -- 3. compiled-kernel correctness for every scheme on small shapes (bf16 tl.dot included)
 step smoke 75 env RESULTS="$OUT/smoke" benchmarks/run_all.sh --smoke
 
@@ -117,7 +118,7 @@ step kernel_tests 120 "$PYTHON" -m pytest -p no:cacheprovider tests/kernels/test
     tests/kernels/test_kernels_microscaled.py \
     tests/kernels/test_kernels_fp8_block.py tests/kernels/test_kernels_moe.py \
     tests/kernels/test_kernels_act_order.py tests/kernels/test_kernels_asym_int4.py \
-    tests/kernels/test_kernels_siblings.py
+    tests/kernels/test_kernels_siblings.py tests/kernels/test_kernels_rms_norm.py
 
 # -- 6. autotune choices, the model beside the measurements, the summary
 if [ "$DRY" = 0 ]; then

@@ -114,11 +114,12 @@ def compile_only(arch: int, run_kernel: Callable, ptxas_log: bool = False):
         dequant,
         dequant_gemm,
         dequant_gemv,
+        rms_norm,
         scaled_gemm,
     )
 
     _launch._INTERPRET = True  # lets the launchers accept CPU tensors; nothing is launched
-    for module in (dequant, dequant_gemv, dequant_gemm, act_quant, scaled_gemm):
+    for module in (dequant, dequant_gemv, dequant_gemm, act_quant, scaled_gemm, rms_norm):
         module.run_kernel = run_kernel
     return act_quant
 
@@ -135,6 +136,7 @@ def cases(arch: int):
     from torchquant.triton_kernels.dequant_gemm import dequant_gemm
     from torchquant.triton_kernels.dequant_gemv import dequant_gemv
     from torchquant.triton_kernels.fp8_gemm import fp8_gemm
+    from torchquant.triton_kernels.rms_norm import rms_norm_rows
     from torchquant.triton_kernels.w8a8_gemm import int8_gemm
     from torchquant.triton_kernels.weight import QuantWeight
 
@@ -182,6 +184,12 @@ def cases(arch: int):
             a = torch.zeros(rows, k, dtype=torch.int8).to(qdtype)
             args = (a, w, torch.ones(rows, 1), torch.ones(n, 1), torch.zeros(n, dtype=bf16), bf16)
             yield f"{act} gemm M={rows}", gemm, args, {}
+    for width in (4096, 5120, 20000):  # -- one block per row (two widths), and the two-pass loop
+        for after_cast in (True, False):
+            x, w = torch.zeros(1, width, dtype=bf16), torch.ones(width, dtype=bf16)
+            form = "llama" if after_cast else "gemma"
+            args = (x, w, 1e-5, 0.0 if after_cast else 1.0, after_cast, bf16)
+            yield f"rms norm {form} 1x{width}", rms_norm_rows, args, {}
 
 
 def main(argv: list[str] | None = None) -> None:

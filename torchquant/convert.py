@@ -15,7 +15,7 @@ from torchquant.calibration.engine import calibrate_model
 from torchquant.config import QuantConfig, QuantScheme
 from torchquant.conversion_guards import ModelSnapshot, check_before_conversion
 from torchquant.errors import ConfigError, QuantizationError
-from torchquant.modules import QuantExperts, fuse_sibling_linears
+from torchquant.modules import QuantExperts, fuse_rms_norms, fuse_sibling_linears
 from torchquant.offload import carry_hook, execution_device, is_offloaded, onloaded
 from torchquant.plan import (
     ConversionSummary,
@@ -61,7 +61,9 @@ def convert_model(
     Calibration and fused experts are refused when their weights are offloaded.
 
     On CUDA, sibling projections (q/k/v, gate/up) end up sharing one concatenated weight
-    that serves them with one launch at batch 1 (``fuse_sibling_linears``).
+    that serves them with one launch at batch 1 (``fuse_sibling_linears``), and RMSNorm
+    modules of known families run as one kernel each (``fuse_rms_norms``; undo with
+    ``torchquant.modules.unfuse_rms_norms``).
     """
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
@@ -96,6 +98,7 @@ def convert_model(
             raise
         _finish_experts(model, summary, experts_left, split)
         fuse_sibling_linears(model)
+        fuse_rms_norms(model)
         return model, summary
     summary = ConversionSummary()
     for name, (scheme, why) in tqdm(
@@ -121,6 +124,7 @@ def convert_model(
         del layer, work, bias
     _finish_experts(model, summary, experts_left, split)
     fuse_sibling_linears(model)
+    fuse_rms_norms(model)
     return model, summary
 
 

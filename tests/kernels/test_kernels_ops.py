@@ -89,4 +89,5 @@ def test_every_op_has_a_cuda_kernel():
         "torchquant::quantize_activation",
         "torchquant::fake_quant_int_weight",
         "torchquant::fake_quant_int_weight_backward",
+        "torchquant::rms_norm",
     }

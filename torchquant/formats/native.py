@@ -51,7 +51,7 @@ from torchquant.checkpoint.skeleton import build_hf_skeleton
 from torchquant.config import QuantConfig
 from torchquant.errors import CheckpointError, ConfigError
 from torchquant.formats.layer_spec import LayerSpec
-from torchquant.modules import fuse_sibling_linears
+from torchquant.modules import fuse_rms_norms, fuse_sibling_linears
 from torchquant.offload import materialized_state_dict
 from torchquant.plan import quantized_layers, set_submodule, split_experts_for_names
 
@@ -206,7 +206,8 @@ def load_quantized(
     whose per-expert linears the checkpoint holds are split first, see ``QuantExperts``).
     Tensors are then assigned straight from the files, so no full-precision copy is
     materialised.  On CUDA, sibling projections then share one concatenated weight
-    (``fuse_sibling_linears``; derived, never saved).
+    (``fuse_sibling_linears``; derived, never saved), and known RMSNorm modules run as one
+    kernel each (``fuse_rms_norms``).
     """
     directory = Path(directory)
     files, headers = read_headers(directory, memory_budget=physical_memory_bytes())
@@ -261,4 +262,5 @@ def load_quantized(
             raise CheckpointError(f"tensor {name!r} was not restored from the checkpoint")
     model = model.to(device).eval()
     fuse_sibling_linears(model)  # -- derived from the loaded tensors, never saved
+    fuse_rms_norms(model)  # -- an instance ``forward``: nothing saved or loaded changes
     return model

@@ -9,7 +9,8 @@ oracle of every test), its fast CPU implementation on PyTorch's own kernels
 (``cpu_kernels``) and its CUDA implementation (the Triton kernels, where Triton is
 installed).  Every op has a fake (meta) implementation so ``torch.compile`` can trace
 models that use it; layers call them through :func:`run`, or bind their arguments once
-with :func:`bind`; both skip the dispatcher on eager CPU calls.
+with :func:`bind`; both skip the dispatcher on eager CPU calls.  ``rms_norm`` (RMSNorm in one
+kernel) serves the norms around the linears (``torchquant.modules.fuse_rms_norms``).
 """
 
 from torchquant.ops.common import HAS_TRITON_KERNELS, bind, run
@@ -21,6 +22,7 @@ from torchquant.ops.fp8_block import (
     linear_fp8_block_weight_reference,
 )
 from torchquant.ops.moe import moe_linear_reference, moe_linear_weight_only
+from torchquant.ops.rms_norm import rms_norm, rms_norm_reference
 from torchquant.ops.w4a8 import (
     linear_w4a8_cpu,
     linear_w4a8_fp8,
@@ -114,6 +116,8 @@ __all__ = [
     "moe_linear_reference",
     "moe_linear_weight_only",
     "quantize_activation_op",
+    "rms_norm",
+    "rms_norm_reference",
     "run",
     "w4a8_cpu_layout",
     "weight_code_sums",

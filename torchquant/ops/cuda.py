@@ -13,6 +13,7 @@ from torchquant.ops.fake_quant import (
     fake_quant_int_weight_cuda,
 )
 from torchquant.ops.fp8_block import linear_fp8_block_cuda
+from torchquant.ops.rms_norm import rms_norm_cuda
 from torchquant.ops.w4a8 import (
     linear_w4a8_fp8_cuda,
     linear_w4a8_int4_cuda,
@@ -47,6 +48,7 @@ CUDA_KERNELS = {
     "torchquant::quantize_activation": quantize_activation_cuda,
     "torchquant::fake_quant_int_weight": fake_quant_int_weight_cuda,
     "torchquant::fake_quant_int_weight_backward": fake_quant_int_weight_backward_cuda,
+    "torchquant::rms_norm": rms_norm_cuda,
 }
 
 __all__ = ["CUDA_KERNELS", *(f.__name__ for f in CUDA_KERNELS.values())]
