@@ -20,6 +20,15 @@ aten op, RMSNorm and attention as the meta device dispatches them); ``torch.comp
 fuses the element-wise ones, which raises the ratio.  The KV cache is ``--context``
 tokens; writing one row into it counts the row, not the cache.
 
+Every quantized scheme runs the model's RMSNorm modules as ``torchquant::rms_norm`` (one
+kernel each, ``torchquant.modules.fuse_rms_norms``, as ``convert_model`` sets them up on
+CUDA), compiled like the linears: its bytes (read x and the weight, write the output) and
+its instructions from the SASS.  The plain bf16 model keeps its norms as the meta device
+dispatches them (8 aten ops each); the row "bf16+rmsnorm" is that model with the same
+fused norms, the baseline a user who fuses the norms of the bf16 model too would compare
+against.  (PyTorch's own ``nn.RMSNorm``, which the benchmark models use, may dispatch one
+fused kernel on CUDA in recent releases; Hugging Face's norms never do.)
+
 A quantized scheme at batch 1 runs sibling projections (q/k/v, gate/up: the sets
 ``torchquant.modules.fuse_sibling_linears`` fuses, called one after another on one
 tensor) as one linear over their concatenated rows, as the library does on CUDA; bf16
@@ -58,6 +67,7 @@ from kernel_model import (
 from kernel_resources import compile_only
 from torch import nn
 
+from torchquant.modules.rms_norms import fuse_rms_norms
 from torchquant.modules.sibling_linears import sibling_sets
 
 # (model, scheme, batch) -> least predicted speedup over bf16 (issues 13 and 14)
@@ -65,6 +75,9 @@ TARGETS = {("llama", "w4a16", 1): 2.5, ("mixtral", "w4a16", 1): 2.0}
 # -- "+lm_head": that scheme with lm_head quantized too (``QuantConfig(s, ignore=())``), an
 # -- opt-in row beside the default, never the target's
 WITH_LM_HEAD = "+lm_head"
+# -- "bf16+rmsnorm": the bf16 model with its norms fused as the quantized schemes run them
+FUSED_NORMS = "+rmsnorm"
+BF16_FUSED = "bf16" + FUSED_NORMS
 LLAMA_SCHEMES = ("w4a16", "w8a16", "w4a16" + WITH_LM_HEAD)
 MOE_SCHEMES = ("w4a16",)
 BATCHES = (1, 16)
@@ -81,6 +94,7 @@ class StepWork(DeviceWork):
         self.mm_shapes: dict[int, tuple[int, int, int]] = {}
         self.mm_sources: dict[int, tuple[str, torch.Tensor]] = {}
         self.linear_source: tuple[str, torch.Tensor] | None = None  # -- set by a pre-hook
+        self.norm_args: dict[int, tuple] = {}  # -- each torchquant::rms_norm's arguments
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = super().__torch_dispatch__(func, types, args, kwargs)
@@ -96,13 +110,18 @@ class StepWork(DeviceWork):
             self.launches[-1].nbytes = 3 * source.numel() * source.element_size()
         elif name == "embedding":
             self.launches[-1].nbytes = 2 * out.numel() * out.element_size()
+        elif func.namespace == "torchquant" and name == "rms_norm":
+            self.norm_args[len(self.launches) - 1] = tuple(args)
         return out
 
     def calls(self) -> list[Call]:
-        return [
+        calls = [
             Call(launch, self.mm_shapes.get(i), *self.mm_sources.get(i, ("", None)))
             for i, launch in enumerate(self.launches)
         ]
+        for i, args in self.norm_args.items():
+            calls[i].norm = args
+        return calls
 
     def note_linear_inputs(self, model: nn.Module) -> list:
         """Pre-hooks noting which linear issues the next ``mm``, and on what input."""
@@ -126,6 +145,7 @@ class Call:
     module: str = ""  # the linear that issued it
     source: torch.Tensor | None = None  # that linear's input
     projections: int = 1  # sibling projections one call serves
+    norm: tuple | None = None  # a ``torchquant::rms_norm``'s (x, weight, eps, offset, cast)
 
 
 def fuse_siblings(calls: list[Call], sets: list[tuple[str, list[str]]]) -> list[Call]:
@@ -214,6 +234,30 @@ class Predictor:
     def aten(self, launch: Launch) -> float:
         return launch_bound(launch, None, self.machine)["us"]
 
+    def norm(self, x, weight, eps: float, offset: float, after_cast: bool) -> float:
+        """One ``torchquant::rms_norm`` kernel over ``x``'s rows, compiled for the target."""
+        from torchquant.ops.rms_norm import rms_norm_dtype
+        from torchquant.triton_kernels.rms_norm import rms_norm_rows
+
+        rows = x.reshape(-1, x.shape[-1])
+        key = ("rms_norm", tuple(rows.shape), x.dtype, weight.dtype, offset, after_cast)
+        if key not in self._rows:
+            self.recorder.launches = []
+            with torch.utils._python_dispatch._disable_current_modes():
+                out_dtype = rms_norm_dtype(x, weight, after_cast)
+                rms_norm_rows(rows, weight, eps, offset, after_cast, out_dtype)
+            (launch,) = self.recorder.launches
+            us = min(launch_bound(launch, c, self.machine)["us"] for c in launch.candidates)
+            self._rows[key] = {"predicted_us": us, "bytes": launch.nbytes}
+        return self._rows[key]["predicted_us"]
+
+    def other(self, call: Call) -> tuple[str, float]:
+        """An element-wise call's part: an aten op ("other_us"), or the fused RMSNorm
+        ("norm_us": a custom op, which ``torch.compile`` cannot merge with its neighbours)."""
+        if call.norm is not None:
+            return "norm_us", self.norm(*call.norm)
+        return "other_us", self.aten(call.launch)
+
 
 MODES = ("eager", "fused")  # fused: each run of element-wise ops one kernel, as torch.compile
 
@@ -240,14 +284,17 @@ def llama_model(shape, batch: int, context: int) -> nn.Module:
         return bench_decode.DecoderModel(shape, batch, context).to(torch.bfloat16)
 
 
-def llama_step(shape, batch: int, context: int) -> list[Call]:
+def llama_step(shape, batch: int, context: int, fused_norms: bool = False) -> list[Call]:
+    """One step's calls; ``fused_norms``: RMSNorm as ``torchquant::rms_norm``, one call each."""
     model = llama_model(shape, batch, context)
+    if fused_norms:
+        fuse_rms_norms(model, devices=("meta",))
     with torch.device("meta"):
         tokens = torch.zeros(batch, dtype=torch.long)
         pos = torch.tensor([context - 1])
     work = StepWork([])
     handles = work.note_linear_inputs(model)
-    with one_attention_kernel(bench_decode, work.launches), work:
+    with torch.no_grad(), one_attention_kernel(bench_decode, work.launches), work:  # -- as run
         model(tokens, pos)
     for handle in handles:
         handle.remove()
@@ -262,8 +309,11 @@ def llama_rows(predict: Predictor, shape, context: int, schemes, batches) -> lis
     sets = sibling_sets(llama_model(shape, 1, 1))
     for batch in batches:
         recorded = llama_step(shape, batch, context)
-        for scheme in ("bf16", *schemes):
-            calls = recorded if scheme == "bf16" else fuse_siblings(recorded, sets)
+        fused_norms = llama_step(shape, batch, context, fused_norms=True)
+        for scheme in ("bf16", BF16_FUSED, *schemes):
+            bf16 = scheme.startswith("bf16")
+            calls = recorded if scheme == "bf16" else fused_norms
+            calls = calls if bf16 else fuse_siblings(calls, sets)
             weights = scheme.removesuffix(WITH_LM_HEAD)
             parts = []
             for call in calls:
@@ -271,11 +321,11 @@ def llama_rows(predict: Predictor, shape, context: int, schemes, batches) -> lis
                     parts.append(("attention_us", predict.aten(call.launch)))
                     continue
                 if call.linear is None:
-                    parts.append(("other_us", predict.aten(call.launch)))
+                    parts.append(predict.other(call))
                     continue
                 lm_head = call.linear[1] == shape.vocab
                 name = "lm_head_us" if lm_head else "linear_us"
-                if scheme == "bf16" or (lm_head and weights == scheme):
+                if bf16 or (lm_head and weights == scheme):
                     parts.append((name, bf16_floor_us(*call.linear, predict.machine)))
                 else:
                     parts.append((name, predict.linear(weights, *call.linear)["predicted_us"]))
@@ -287,11 +337,15 @@ def llama_rows(predict: Predictor, shape, context: int, schemes, batches) -> lis
     return with_speedups(rows, predict)
 
 
-def mixtral_step(shape, batch: int) -> tuple[list[Call], list[list[Call]]]:
+def mixtral_step(
+    shape, batch: int, fused_norms: bool = False
+) -> tuple[list[Call], list[list[Call]]]:
     """The launches of one step outside the experts, and each layer's experts' own."""
     with torch.device("meta"):
         model = bench_moe_decode.MoeModel(shape).to(torch.bfloat16)
         x = torch.zeros(batch, shape.hidden, dtype=torch.bfloat16)
+    if fused_norms:
+        fuse_rms_norms(model, devices=("meta",))
     routing = moe_routing(batch).to("meta")
     experts_calls: list[list[Call]] = []
     real_route = bench_moe_decode.SparseMoeBlock.route
@@ -307,6 +361,7 @@ def mixtral_step(shape, batch: int) -> tuple[list[Call], list[list[Call]]]:
             return torch.empty_like(h)
 
     with (
+        torch.no_grad(),  # -- as the benchmark runs it
         mock.patch.object(bench_moe_decode.SparseMoeBlock, "route", route),
         mock.patch.object(bench_moe_decode.MixtralExperts, "forward", experts),
     ):
@@ -319,9 +374,11 @@ def mixtral_rows(predict: Predictor, shape, schemes, batches) -> list[dict]:
     rows = []
     for batch in batches:
         rest, experts_calls = mixtral_step(shape, batch)
+        fused_rest, _ = mixtral_step(shape, batch, fused_norms=True)
         active = int((torch.bincount(moe_routing(batch).reshape(-1), minlength=8) > 0).sum())
-        for scheme in ("bf16", *schemes):
-            parts = [("other_us", predict.aten(c.launch)) for c in rest]
+        for scheme in ("bf16", BF16_FUSED, *schemes):
+            calls = rest if scheme == "bf16" else fused_rest
+            parts = [predict.other(c) for c in calls]
             for calls in experts_calls:
                 parts += expert_parts(predict, scheme, calls, shape, batch, active)
             for mode in MODES:
@@ -336,7 +393,7 @@ def expert_parts(predict: Predictor, scheme: str, calls: list[Call], shape, batc
     """bf16: the fused experts' own ops, each grouped GEMM reading only the active experts;
     a scheme: its two grouped launches and the element-wise ops between them."""
     experts = shape.experts
-    if scheme == "bf16":
+    if scheme.startswith("bf16"):
         parts = []
         for call in calls:
             launch = call.launch
@@ -373,7 +430,8 @@ def with_speedups(rows: list[dict], predict: Predictor) -> list[dict]:
         r["tokens_per_s"] = round(r["batch"] * 1e6 / r["us"], 1)
         r["predicted_speedup"] = round(bf16[(r["model"], r["mode"], r["batch"])] / r["us"], 3)
         r["target"] = TARGETS.get((r["model"], r["scheme"], r["batch"]))
-        for key in ("us", "gaps_us", "linear_us", "lm_head_us", "attention_us", "other_us"):
+        parts = ("linear_us", "lm_head_us", "attention_us", "norm_us", "other_us")
+        for key in ("us", "gaps_us", *parts):
             if key in r:
                 r[key] = round(r[key], 1)
     return rows
@@ -383,9 +441,10 @@ def print_table(rows: list[dict]) -> None:
     print("\n## predicted decode step (lower bounds, kernel cost model; no GPU)")
     print(
         "| model | kernels as | machine | batch | scheme | kernels | linears us | lm_head us | "
-        "attention us | other us | gaps us | step us | tokens/s | pred x bf16 | target |"
+        "attention us | norms us | other us | gaps us | step us | tokens/s | pred x bf16 | "
+        "target |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * 16 + "|")
     for r in rows:
         target = r["target"]
         verdict = (
@@ -397,7 +456,8 @@ def print_table(rows: list[dict]) -> None:
             f"| {r['model']} | {r['mode']} | {r['machine']} | {r['batch']} | {r['scheme']} | "
             f"{r['kernels']} | {r.get('linear_us', 0):.1f} | {r.get('lm_head_us', 0):.1f} | "
             f"{r.get('attention_us', 0):.1f} | "
-            f"{r.get('other_us', 0):.1f} | {r['gaps_us']:.1f} | {r['us']:.1f} | "
+            f"{r.get('norm_us', 0):.1f} | {r.get('other_us', 0):.1f} | {r['gaps_us']:.1f} | "
+            f"{r['us']:.1f} | "
             f"{r['tokens_per_s']:.0f} | {r['predicted_speedup']:.2f}x | {verdict} |"
         )
 

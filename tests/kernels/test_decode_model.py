@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import triton
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -63,6 +64,23 @@ def test_slice_writes_and_embedding_count_what_they_touch():
     assert by_kernel["attention"] > 2 * cache  # attention reads the whole K and V caches
 
 
+def test_fused_norms_are_recorded_as_one_call_each_with_their_tensors():
+    shape = bench_decode.Shape(layers=2)
+    plain = decode_model.llama_step(shape, batch=1, context=64)
+    fused = decode_model.llama_step(shape, batch=1, context=64, fused_norms=True)
+    norms = [c for c in fused if c.norm is not None]
+    assert len(norms) == 2 * shape.layers + 1  # -- two a layer and the final norm
+    assert not any(c.norm is not None for c in plain)
+    assert len(plain) - len(fused) == 7 * len(norms)  # -- 8 aten ops a norm become one
+    for call in norms:
+        x, weight, eps, offset, after_cast = call.norm
+        assert x.shape == (1, shape.hidden) and weight.shape == (shape.hidden,)
+        assert (offset, after_cast) == (0.0, False)  # -- torch.nn.RMSNorm's form
+        assert eps == torch.finfo(torch.float32).eps
+        assert call.launch.nbytes == 3 * shape.hidden * 2  # -- read x and weight, write out
+    assert [c.linear for c in plain if c.linear] == [c.linear for c in fused if c.linear]
+
+
 def test_mixtral_step_separates_each_layers_experts():
     shape = bench_moe_decode.SMOKE_SHAPE
     rest, experts = decode_model.mixtral_step(shape, batch=1)
@@ -100,7 +118,7 @@ def test_predicted_table_has_a_row_per_model_mode_scheme_and_batch():
     keys = {(r["model"], r["mode"], r["scheme"], r["batch"]) for r in rows}
     for model, schemes in (("llama", decode_model.LLAMA_SCHEMES), ("mixtral", ("w4a16",))):
         for mode in decode_model.MODES:
-            for scheme in ("bf16", *schemes):
+            for scheme in ("bf16", decode_model.BF16_FUSED, *schemes):
                 for batch in decode_model.BATCHES:
                     assert (model, mode, scheme, batch) in keys
     for r in rows:
@@ -109,6 +127,10 @@ def test_predicted_table_has_a_row_per_model_mode_scheme_and_batch():
         if r["scheme"] == "bf16":
             assert r["predicted_speedup"] == 1.0
     eager = {(r["model"], r["scheme"], r["batch"]): r for r in rows if r["mode"] == "eager"}
+    for (model, scheme, batch), r in eager.items():
+        if scheme != "bf16":  # -- every other row runs the fused norms: fewer kernels
+            assert r["kernels"] < eager[(model, "bf16", batch)]["kernels"]
+            assert r["norm_us"] > 0 and "norm_us" not in eager[(model, "bf16", batch)]
     for r in rows:
         if r["mode"] == "fused":
             twin = eager[(r["model"], r["scheme"], r["batch"])]
