@@ -126,6 +126,8 @@ def test_predicted_table_has_a_row_per_model_mode_scheme_and_batch():
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e6 / r["us"], rel=1e-2)
         if r["scheme"] == "bf16":
             assert r["predicted_speedup"] == 1.0
+        if r["scheme"] == decode_model.BF16_FUSED:
+            assert r["speedup_vs_fused_norms"] == 1.0
     eager = {(r["model"], r["scheme"], r["batch"]): r for r in rows if r["mode"] == "eager"}
     for (model, scheme, batch), r in eager.items():
         if scheme != "bf16":  # -- every other row runs the fused norms: fewer kernels
