@@ -26,8 +26,10 @@ CUDA), compiled like the linears: its bytes (read x and the weight, write the ou
 its instructions from the SASS.  The plain bf16 model keeps its norms as the meta device
 dispatches them (8 aten ops each); the row "bf16+rmsnorm" is that model with the same
 fused norms, the baseline a user who fuses the norms of the bf16 model too would compare
-against.  (PyTorch's own ``nn.RMSNorm``, which the benchmark models use, may dispatch one
-fused kernel on CUDA in recent releases; Hugging Face's norms never do.)
+against.  Under ``torch.compile`` the fused norms run their aten ops (Inductor fuses them
+with the residual add), so the "fused" mode counts every scheme's norms that way.
+(PyTorch's own ``nn.RMSNorm``, which the benchmark models use, may dispatch one fused
+kernel on CUDA in recent releases; Hugging Face's norms never do.)
 
 A quantized scheme at batch 1 runs sibling projections (q/k/v, gate/up: the sets
 ``torchquant.modules.fuse_sibling_linears`` fuses, called one after another on one
@@ -42,7 +44,7 @@ import json
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from unittest import mock
 
 import bench_decode
@@ -312,30 +314,39 @@ def llama_rows(predict: Predictor, shape, context: int, schemes, batches) -> lis
         recorded = llama_step(shape, batch, context)
         fused_norms = llama_step(shape, batch, context, fused_norms=True)
         for scheme in ("bf16", BF16_FUSED, *schemes):
-            bf16 = scheme.startswith("bf16")
-            calls = recorded if scheme == "bf16" else fused_norms
-            calls = calls if bf16 else fuse_siblings(calls, sets)
-            weights = scheme.removesuffix(WITH_LM_HEAD)
-            parts = []
-            for call in calls:
-                if call.launch.kernel == "attention":
-                    parts.append(("attention_us", predict.aten(call.launch)))
-                    continue
-                if call.linear is None:
-                    parts.append(predict.other(call))
-                    continue
-                lm_head = call.linear[1] == shape.vocab
-                name = "lm_head_us" if lm_head else "linear_us"
-                if bf16 or (lm_head and weights == scheme):
-                    parts.append((name, bf16_floor_us(*call.linear, predict.machine)))
-                else:
-                    parts.append((name, predict.linear(weights, *call.linear)["predicted_us"]))
+            # -- eager: the quantized model's norms fused; compiled: the norms' aten ops,
+            # -- which the fused forward hands to torch.compile
+            traces = {"eager": recorded if scheme == "bf16" else fused_norms, "fused": recorded}
             for mode in MODES:
+                parts = llama_parts(predict, shape, scheme, traces[mode], sets)
                 rows.append(
                     {"model": "llama", "mode": mode, "scheme": scheme, "batch": batch,
                      **step_us(parts, mode)}
                 )  # fmt: skip
     return with_speedups(rows, predict)
+
+
+def llama_parts(predict: Predictor, shape, scheme: str, calls: list[Call], sets) -> list:
+    """Each call's (part, bound) for ``scheme``: bf16 linears at their floor, quantized ones
+    (siblings fused) through the kernel model."""
+    bf16 = scheme.startswith("bf16")
+    calls = calls if bf16 else fuse_siblings(calls, sets)
+    weights = scheme.removesuffix(WITH_LM_HEAD)
+    parts = []
+    for call in calls:
+        if call.launch.kernel == "attention":
+            parts.append(("attention_us", predict.aten(call.launch)))
+            continue
+        if call.linear is None:
+            parts.append(predict.other(call))
+            continue
+        lm_head = call.linear[1] == shape.vocab
+        name = "lm_head_us" if lm_head else "linear_us"
+        if bf16 or (lm_head and weights == scheme):
+            parts.append((name, bf16_floor_us(*call.linear, predict.machine)))
+        else:
+            parts.append((name, predict.linear(weights, *call.linear)["predicted_us"]))
+    return parts
 
 
 def mixtral_step(
@@ -378,11 +389,11 @@ def mixtral_rows(predict: Predictor, shape, schemes, batches) -> list[dict]:
         fused_rest, _ = mixtral_step(shape, batch, fused_norms=True)
         active = int((torch.bincount(moe_routing(batch).reshape(-1), minlength=8) > 0).sum())
         for scheme in ("bf16", BF16_FUSED, *schemes):
-            calls = rest if scheme == "bf16" else fused_rest
-            parts = [predict.other(c) for c in calls]
-            for calls in experts_calls:
-                parts += expert_parts(predict, scheme, calls, shape, batch, active)
-            for mode in MODES:
+            for mode in MODES:  # -- compiled: the norms' aten ops, as in llama_rows
+                calls = rest if scheme == "bf16" or mode == "fused" else fused_rest
+                parts = [predict.other(c) for c in calls]
+                for layer_calls in experts_calls:
+                    parts += expert_parts(predict, scheme, layer_calls, shape, batch, active)
                 rows.append(
                     {"model": "mixtral", "mode": mode, "scheme": scheme, "batch": batch,
                      **step_us(parts, mode)}
@@ -399,8 +410,8 @@ def expert_parts(predict: Predictor, scheme: str, calls: list[Call], shape, batc
         for call in calls:
             launch = call.launch
             if launch.kernel == "aten._grouped_mm":
-                launch.nbytes = launch.nbytes * active // experts  # weights dominate
-                parts.append(("linear_us", predict.aten(launch)))
+                nbytes = launch.nbytes * active // experts  # weights dominate
+                parts.append(("linear_us", predict.aten(replace(launch, nbytes=nbytes))))
             else:
                 parts.append(("other_us", predict.aten(launch)))
         return parts

@@ -162,7 +162,7 @@ def test_epsilon_is_read_at_call_time_and_copies_stay_fused():
     assert torch.equal(_logits(model, ids), _logits(plain, ids))
 
 
-def test_fused_norms_compile_fullgraph_into_one_op_each():
+def test_compiled_models_get_the_norms_aten_ops_and_the_op_traces_alone():
     model = _llama(torch.float32)
     ids = torch.randint(0, 96, (1, 3))
     eager = _logits(model, ids)
@@ -178,9 +178,19 @@ def test_fused_norms_compile_fullgraph_into_one_op_each():
     with torch.no_grad():
         out = compiled(ids, use_cache=False).logits
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    (graph,) = graphs  # -- Inductor would fuse each norm's ops with the residual add
+    assert not any("torchquant" in str(n.target) for n in graph.graph.nodes)
+    assert sum("rsqrt" in str(n.target) for n in graph.graph.nodes) == NORMS
+
+    def norm_twice(x, weight):
+        return rms_norm(rms_norm(x, weight, 1e-6, 0.0, True), weight, 1e-6, 1.0, False)
+
+    x, weight = torch.randn(2, 32), torch.randn(32)
+    graphs.clear()
+    traced = torch.compile(norm_twice, fullgraph=True, backend=backend)(x, weight)
+    assert torch.equal(traced, norm_twice(x, weight))
     (graph,) = graphs
-    calls = [n for n in graph.graph.nodes if "rms_norm" in str(n.target)]
-    assert len(calls) == NORMS and all("torchquant" in str(n.target) for n in calls)
+    assert sum("torchquant.rms_norm" in str(n.target) for n in graph.graph.nodes) == 2
 
 
 @pytest.mark.gpu

@@ -11,11 +11,13 @@ removes the instance ``forward`` again.
 
 The op computes the family's own formula (``torchquant.ops.rms_norm``), so outputs match
 the module's up to the order of the float32 sum.  A call the op does not cover runs the
-module's own forward: inputs or weights outside float32/bfloat16/float16, and calls
-that autograd must follow (the op has no backward).  Only norms on ``devices`` are
-fused (CUDA by default: on CPU the op is the module's own aten ops anyway).  Norms
-another wrapper already gave an instance ``forward`` (accelerate's offload hooks) are
-left alone.
+module's own forward: inputs or weights outside float32/bfloat16/float16, calls that
+autograd must follow (the op has no backward), and calls ``torch.compile`` traces
+(Inductor fuses the norm's aten ops with their neighbours, the residual add included,
+which it cannot do across a custom op; ``torchquant::rms_norm`` itself traces too).
+Only norms on ``devices`` are fused (CUDA by default: on CPU the op is the module's own
+aten ops anyway).  Norms another wrapper already gave an instance ``forward``
+(accelerate's offload hooks) are left alone.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ def fused_rms_norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     form: RMSNormForm = module.__dict__[_FORM_KEY]
     weight = module.weight
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if needs_grad or x.dtype not in _DTYPES or weight.dtype not in _DTYPES:
+    unsupported = x.dtype not in _DTYPES or weight.dtype not in _DTYPES
+    if needs_grad or unsupported or torch.compiler.is_compiling():
         return type(module).forward(module, x)
     return common.run(
         rms_norm, x, weight, _epsilon(module, form), form.weight_offset, form.weight_after_cast
