@@ -510,9 +510,12 @@ def test_dequantized_groups_equal_the_tile_of_per_column_qparams(width, dtype):
     inside = group_of < groups
     group_of = group_of.clamp(max=groups - 1)
     for z, z_wide in ((zeros, zeros[:, group_of]), (8.0, 8.0)):
-        expected = cpu_kernels.dequantize_tile(
-            torch.empty(n, width, dtype=dtype), codes, scales[:, group_of], z_wide
-        ) * inside
+        expected = (
+            cpu_kernels.dequantize_tile(
+                torch.empty(n, width, dtype=dtype), codes, scales[:, group_of], z_wide
+            )
+            * inside
+        )
         out = torch.full((n, width), float("nan"), dtype=dtype)
         assert cpu_kernels.dequantize_groups(out, codes, scales, z, columns) is out
         assert torch.equal(out, expected)
