@@ -153,3 +153,20 @@ class DispatchedOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
+
+
+def compiled_logits_and_graph(model: torch.nn.Module, ids: torch.Tensor) -> tuple:
+    """``model(ids)``'s logits under ``torch.compile(fullgraph=True)`` and the one FX graph
+    dynamo traced for it, so a test can count the ops the compiled model runs."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        out = compiled(ids, use_cache=False).logits
+    (graph,) = graphs
+    return out, graph

@@ -14,7 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
-from kernel_utils import TOLERANCES, DispatchedOps, requires_kernels
+from kernel_utils import TOLERANCES, DispatchedOps, compiled_logits_and_graph, requires_kernels
 from safetensors import safe_open
 from tiny_models import tiny_llama
 from torch import nn
@@ -167,26 +167,22 @@ def test_compiled_models_get_the_norms_aten_ops_and_the_op_traces_alone():
     ids = torch.randint(0, 96, (1, 3))
     eager = _logits(model, ids)
     fuse_rms_norms(model, devices=("cpu",))
-    torch._dynamo.reset()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
-    compiled = torch.compile(model, fullgraph=True, backend=backend)
-    with torch.no_grad():
-        out = compiled(ids, use_cache=False).logits
+    out, graph = compiled_logits_and_graph(model, ids)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
-    (graph,) = graphs  # -- Inductor would fuse each norm's ops with the residual add
+    # -- Inductor would fuse each norm's ops with the residual add
     assert not any("torchquant" in str(n.target) for n in graph.graph.nodes)
     assert sum("rsqrt" in str(n.target) for n in graph.graph.nodes) == NORMS
 
     def norm_twice(x, weight):
         return rms_norm(rms_norm(x, weight, 1e-6, 0.0, True), weight, 1e-6, 1.0, False)
 
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
     x, weight = torch.randn(2, 32), torch.randn(32)
-    graphs.clear()
     traced = torch.compile(norm_twice, fullgraph=True, backend=backend)(x, weight)
     assert torch.equal(traced, norm_twice(x, weight))
     (graph,) = graphs

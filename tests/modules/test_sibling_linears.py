@@ -12,7 +12,7 @@ from unittest import mock
 
 import pytest
 import torch
-from kernel_utils import DispatchedOps
+from kernel_utils import DispatchedOps, compiled_logits_and_graph
 from safetensors import safe_open
 from tiny_models import tiny_llama
 from torch import nn
@@ -156,18 +156,8 @@ def test_fused_siblings_compile_fullgraph_into_one_launch_each():
     with torch.no_grad():
         eager = model(ids, use_cache=False).logits
     fuse_sibling_linears(model, devices=("cpu",))
-    torch._dynamo.reset()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
-    compiled = torch.compile(model, fullgraph=True, backend=backend)
-    with torch.no_grad():
-        out = compiled(ids, use_cache=False).logits
+    out, graph = compiled_logits_and_graph(model, ids)
     torch.testing.assert_close(out, eager, rtol=1e-2, atol=1e-2)
-    (graph,) = graphs
     ops = [n for n in graph.graph.nodes if "torchquant" in str(n.target)]
     assert len(ops) == 4 * LAYERS
 
