@@ -225,7 +225,9 @@ def test_cpu_activation_quantization_gives_the_reference_codes(dtype, per_token,
     if not per_token:  # -- one scale: NaN (poisoning every row) when any input is not finite
         assert scale.isnan().all() == (not finite.all())
         finite[:] = finite.all()
-    assert q.dtype == ref_q.dtype and torch.equal(q[finite].float(), ref_q[finite].float())
+    # -- FP8 codes come as their float32 values (PyTorch's CPU float8 casts are slow)
+    assert q.dtype == (torch.float32 if act_type == "fp8" else ref_q.dtype)
+    assert torch.equal(q[finite].float(), ref_q[finite].float())
     if per_token:
         assert torch.equal(scale[finite], ref_scale[finite]) and scale[~finite].isnan().all()
     elif finite.all():
@@ -444,22 +446,20 @@ def test_float32_w8a8_inside_float32_in_bf16_runs_the_bf16_paths(scheme):
 
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("k", [1, 31, 32, 100, 576])
-def test_codes_read_by_position_are_the_unpacked_codes(bits, k):
+def test_codes_read_in_order_are_the_unpacked_codes(bits, k):
     from torchquant.numerics import pack_codes, unpack_codes
 
     torch.manual_seed(bits * 1000 + k)
     codes = torch.randint(0, 1 << bits, (5, k), dtype=torch.uint8)
+    codes[0] = (1 << bits) - 1  # -- every bit set: no code spills into its neighbour
     packed = pack_codes(codes, bits)
-    pieces = cpu_kernels.read_code_positions(packed, bits)
-    per = cpu_kernels.code_chunks(bits)[0]
+    got = cpu_kernels.read_codes_in_order(packed, bits)
     width = packed.shape[1] * 32 // bits
-    assert len(pieces) == per and all(p.shape == (5, width // per) for p in pieces)
-    columns = cpu_kernels.position_columns(width, per, k)
-    in_order = torch.cat(pieces, dim=1)
-    real = columns < k
-    assert torch.equal(in_order[:, real], unpack_codes(packed, bits, k)[:, columns[real]])
-    assert (in_order[:, ~real] == 0).all()  # -- padding codes
-    assert sorted(columns[real].tolist()) == list(range(k))
+    assert got.dtype == torch.uint8 and got.shape == (5, width)
+    assert torch.equal(got[:, :k], unpack_codes(packed, bits, k).to(torch.uint8))
+    assert (got[:, k:] == 0).all()  # -- padding codes
+    rows = cpu_kernels.read_codes_in_order(packed[1:3], bits)  # -- a slice of rows
+    assert torch.equal(rows, got[1:3])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

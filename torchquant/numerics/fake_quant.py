@@ -47,7 +47,7 @@ from torchquant.numerics.microscaling import (
     dequantize_microscaled,
     quantize_microscaled,
 )
-from torchquant.numerics.qparams import FP8_E4M3_MAX, to_fp8_e4m3
+from torchquant.numerics.qparams import FP8_E4M3_MAX, fp8_e4m3_values
 from torchquant.numerics.weight import expand_qparams
 
 
@@ -102,7 +102,7 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def fake_quantize_fp8_reference(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """E4M3 fake-quantized ``w (N, K)`` as ``w.dtype``, for a ``(N, 1)`` or ``(1, 1)`` scale."""
-    q = to_fp8_e4m3(w.float() / scale.float()).float()
+    q = fp8_e4m3_values(w.float() / scale.float())
     return (q * scale.float()).to(w.dtype)
 
 
@@ -111,7 +111,7 @@ def fake_quantize_fp8_backward_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_w, grad_scale)``; outside +-448 the scale gradient is the saturated level."""
     x = w.float() / scale.float()
-    q = to_fp8_e4m3(x).float()
+    q = fp8_e4m3_values(x)
     inside = x.abs() <= FP8_E4M3_MAX
     g = grad.float()
     grad_w = torch.where(inside, g, 0.0).to(grad.dtype)
@@ -140,7 +140,7 @@ def fake_quantize_activation_backward_reference(
         level = torch.round(xs)
         inside = (level >= lo) & (level <= hi)
     else:
-        level = to_fp8_e4m3(xs).float()
+        level = fp8_e4m3_values(xs)
         inside = xs.abs() <= hi
     g = grad.float()
     grad_x = torch.where(inside, g, 0.0).to(grad.dtype)

@@ -40,7 +40,7 @@ from torchquant.numerics.fp4 import (
     mxfp4_scales_for_amax,
     nvfp4_scales_for_amax,
 )
-from torchquant.numerics.qparams import to_fp8_e4m3
+from torchquant.numerics.qparams import e4m3_to_float, to_fp8_e4m3
 from torchquant.numerics.weight import _check_weight
 
 # -- each microscaled format's block of values along K sharing one scale
@@ -97,7 +97,7 @@ def dequantize_mxfp8(
 ) -> torch.Tensor:
     """``e4m3 * 2 ** (e - 127)`` in float32 (exact), as ``dtype``."""
     element = expand_blocks(e8m0_to_float(scales), MXFP8_BLOCK, values.shape[1])
-    return (values.float() * element).to(dtype)
+    return (e4m3_to_float(values) * element).to(dtype)
 
 
 def quantize_mxfp8_weight(

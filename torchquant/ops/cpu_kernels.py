@@ -48,9 +48,9 @@ BF16_RELATIVE_ERROR = 1e-2
 INT4PACK_BLOCKS = (256, 128, 64, 32)
 INT4PACK_ROWS = 16
 INT8PACK_K = 32
-# -- a dequantized tile of about this many bf16 weights (1 MiB) stays in the L2 cache and
-# -- is wide enough for the GEMM to run at full speed
-DEQUANT_BLOCK_ELEMENTS = 1 << 19
+# -- a dequantized tile of about this many weights (2 MiB in bf16) is wide enough for the
+# -- GEMM to run at full speed (2**20 ran 3-5% faster than 2**19 at 256 rows, AVX-512)
+DEQUANT_BLOCK_ELEMENTS = 1 << 20
 
 
 _FLOAT32_IN_BF16 = contextvars.ContextVar("torchquant_float32_in_bf16", default=False)
@@ -369,45 +369,46 @@ def exact_int_sums(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def code_chunks(bits: int) -> tuple[int, int]:
-    """``(codes, bytes)`` of one chunk of a packed weight: the packing is a little-endian bit
-    stream per 32 codes, so whole codes fill each byte when ``bits`` divides 8, and every
-    8 codes fill ``bits`` bytes otherwise."""
-    codes = 8 // bits if 8 % bits == 0 else 8
-    return codes, codes * bits // 8
+# -- widths whose codes fill whole bytes, and the integer lane each byte widens into
+IN_ORDER_LANES = {2: torch.int32, 4: torch.int16, 8: torch.uint8}
 
 
-def read_code_positions(qweight: torch.Tensor, bits: int) -> list[torch.Tensor]:
-    """The codes of packed ``qweight (rows, words)`` int32 by position in their chunk: piece
-    ``p`` ``(rows, chunks)`` uint8 holds codes ``p, p + P, p + 2P, ...`` (``P`` codes a
-    chunk, :func:`code_chunks`), padding codes (0) included.  A few byte-wide passes over
-    the packed bytes (~2.5x faster than unpacking codes in order at 4 bits, ~3x at 5)."""
-    if sys.byteorder != "little":  # -- the chunks below read the words' bytes in order
-        codes = unpack_codes(qweight, bits, qweight.shape[1] * 32 // bits)
-        per = code_chunks(bits)[0]
-        return [codes[:, p::per] for p in range(per)]
-    raw = qweight.contiguous().view(torch.uint8)  # (rows, 4 * words)
-    per, size = code_chunks(bits)
-    # -- byte j of every chunk as one contiguous plane: the shifts below then vectorise
-    planes = raw.view(raw.shape[0], -1, size).permute(2, 0, 1).contiguous()
+def read_codes_in_order(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes of packed ``qweight (rows, words)`` int32 in order, ``(rows, 32 * words /
+    bits)`` uint8 (padding codes included), for ``bits`` in :data:`IN_ORDER_LANES`.
+
+    Each byte holds ``8 / bits`` consecutive codes, the first in its low bits; widened to a
+    lane of that many bytes, each code is moved into a byte of its own, and the lanes read
+    as bytes give the codes in order (little-endian).  A tile written in order needs no
+    reordered input and no strided writes (which ran ~4x slower per weight)."""
+    raw = qweight.contiguous().view(torch.uint8)
+    if bits == 8:
+        return raw
+    if sys.byteorder != "little":
+        return unpack_codes(qweight, bits, qweight.shape[1] * 32 // bits).to(torch.uint8)
+    if bits not in IN_ORDER_LANES:
+        return spread_chunks(raw, bits)
+    wide = raw.to(IN_ORDER_LANES[bits])
     mask = (1 << bits) - 1
-    pieces = []
-    for p in range(per):
-        byte, shift = divmod(p * bits, 8)
-        piece = planes[byte] >> shift if shift else planes[byte]
-        if shift + bits > 8:  # -- the code runs on into the next byte
-            piece = piece | (planes[byte + 1] << (8 - shift))
-        pieces.append(piece & mask if shift + bits != 8 else piece)
-    return pieces
+    lanes = wide & mask
+    for i in range(1, 8 // bits):  # -- code i of the byte: from bit i * bits to byte i
+        lanes |= (wide & (mask << (i * bits))) << (i * (8 - bits))
+    return lanes.view(torch.uint8).view(raw.shape[0], -1)
 
 
-def position_columns(width: int, per: int, k: int) -> torch.Tensor:
-    """``(width,)`` int64: the input column of each column in position order (``P = per``
-    pieces of ``width / P`` columns, as :func:`read_code_positions` gives them); ``k``,
-    a zero column, for padding codes."""
-    columns = torch.arange(width // per).unsqueeze(0) * per + torch.arange(per).unsqueeze(1)
-    columns = columns.reshape(-1)
-    return torch.where(columns < k, columns, k)
+def spread_chunks(raw: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`read_codes_in_order` for 3, 5, 6 or 7 bits: each chunk of ``bits`` bytes (8
+    codes) is padded to one int64 and its codes moved ``8 - bits`` bits apart per position,
+    halves first, then pairs, then single codes (three shift-and-mask steps)."""
+    rows = raw.shape[0]
+    chunks = F.pad(raw.view(rows, -1, bits), (0, 8 - bits)).view(torch.int64).view(rows, -1)
+    gap = 8 - bits
+    for fields in (4, 2, 1):  # -- move the upper `fields` codes of each block of 2*fields
+        low = (1 << (fields * bits)) - 1
+        block = 64 // (8 // (2 * fields))  # -- bits between the blocks after this step
+        keep = sum(low << (b * block) for b in range(8 // (2 * fields)))
+        chunks = (chunks & keep) | ((chunks & (keep << (fields * bits))) << (fields * gap))
+    return chunks.view(torch.uint8).view(rows, -1)
 
 
 def dequantize_tile(
@@ -460,7 +461,7 @@ def dequantize_groups(
             zeros[:, :whole, None] if isinstance(zeros, torch.Tensor) else zeros,
         )
     done = whole * columns
-    if whole < groups and done < width:  # -- the last group, cut short by the piece's end
+    if whole < groups and done < width:  # -- the last group, cut short by the tile's end
         stop = min(done + columns, width)
         z = zeros[:, whole : whole + 1] if isinstance(zeros, torch.Tensor) else zeros
         dequantize_tile(out[:, done:stop], codes[:, done:stop], scales[:, whole : whole + 1], z)
@@ -473,9 +474,8 @@ def dequantize_groups(
 def blocked_int_linear(
     x2: torch.Tensor,
     n: int,
-    code_pieces: Callable[[int, int], list[torch.Tensor]],
+    code_rows: Callable[[int, int], torch.Tensor],
     width: int,
-    per: int,
     scales: torch.Tensor,
     zeros: torch.Tensor | float,
     group_size: int,
@@ -486,65 +486,37 @@ def blocked_int_linear(
     (bf16 where the CPU multiplies it natively; float32 elsewhere, whose tiles are the
     reference's float32 weights exactly).
 
-    ``code_pieces(start, stop)`` gives the integer codes of rows ``start:stop`` as
-    ``P = per`` pieces ``(rows, width / P)`` in position order
-    (:func:`read_code_positions`; one piece ``(rows, K)``: the codes in order).  The tile
-    keeps that order and ``x2``'s columns are gathered into it once, so each piece is
-    written where it lies (no interleaving pass).  Where the weight has fewer rows than
-    ``x2`` (``n < M``, regular groups) reordering ``x2`` would cost more than the tiles:
-    each piece is written into every ``P``-th column of the tile instead, in ``x2``'s
-    order.  A piece's columns fall into groups of ``group_size / P`` (``P`` divides every
-    power of two from 16); act-order groups are gathered per column.
+    ``code_rows(start, stop)`` gives the integer codes of rows ``start:stop`` in order,
+    ``(rows, width)`` with ``width >= K`` (padding codes past ``K``, whose input columns
+    are zeros).  Regular groups broadcast their qparams per group; act-order groups are
+    gathered per column.
     """
     m, k = x2.shape
-    interleaved = per > 1 and g_idx is None and n < m
-    reordered = not interleaved and (per > 1 or width != k)
     dtype = gemm_dtype()
     xk = x2.to(dtype)
-    if reordered:  # -- the columns of position_columns, by a transpose (no gather)
-        xk = F.pad(xk, (0, width - k)).view(m, width // per, per).transpose(1, 2)
-        xk = xk.reshape(m, width)
+    if width != k:
+        xk = F.pad(xk, (0, width - k))
     s = scales.to(dtype)
     z = zeros.to(dtype) if isinstance(zeros, torch.Tensor) else zeros
-    piece_columns = width // per
     if g_idx is not None:
         # -- padding columns take an added group of scale 0 (their input is 0 anyway)
-        groups = F.pad(g_idx.long(), (0, 1), value=s.shape[1])
-        columns_group = groups[position_columns(width, per, k)] if reordered else groups[:k]
+        columns_group = F.pad(g_idx.long(), (0, width - k), value=s.shape[1])
         s, z = F.pad(s, (0, 1)), F.pad(z, (0, 1)) if isinstance(z, torch.Tensor) else z
     buffer = torch.empty(min(n, tile_rows(width)), width, dtype=dtype)
 
-    def per_column(q: torch.Tensor | float, start: int, stop: int, cols: slice):
-        """A piece's qparams, ``(rows, 1)`` or ``(rows, piece_columns)``: column ``i`` of
-        every piece is in group ``i // (group_size / P)`` (padding: scale 0)."""
-        if not isinstance(q, torch.Tensor):
-            return q
-        rows = q[start:stop]
-        if g_idx is not None:
-            return rows[:, columns_group[cols]]
-        if group_size == -1:
-            return rows
-        wide = rows.unsqueeze(-1).expand(-1, -1, group_size // per).reshape(rows.shape[0], -1)
-        return F.pad(wide, (0, piece_columns - wide.shape[1]))  # -- crops when negative
-
-    # -- regular groups in one or two pieces broadcast their qparams per group; more pieces
-    # -- (3, 5, 6, 7 bits: 8 a chunk) share one per-column widening (measured faster)
-    grouped = g_idx is None and group_size != -1 and per <= 2
+    def per_column(q: torch.Tensor | float, start: int, stop: int) -> torch.Tensor | float:
+        """Act-order qparams of rows ``start:stop``, one per column; others as they are."""
+        if not isinstance(q, torch.Tensor) or g_idx is None:
+            return q if not isinstance(q, torch.Tensor) else q[start:stop]
+        return q[start:stop][:, columns_group]
 
     def rows_of(start: int, stop: int) -> torch.Tensor:
         tile = buffer[: stop - start]
-        qparams = None
-        z_rows = z[start:stop] if isinstance(z, torch.Tensor) else z
-        for p, codes in enumerate(code_pieces(start, stop)):
-            cols = slice(p * piece_columns, (p + 1) * piece_columns)
-            out = tile.view(-1, piece_columns, per)[:, :, p] if interleaved else tile[:, cols]
-            if grouped:
-                dequantize_groups(out, codes, s[start:stop], z_rows, group_size // per)
-                continue
-            if qparams is None or g_idx is not None:  # -- regular groups: one for all pieces
-                qparams = (per_column(s, start, stop, cols), per_column(z, start, stop, cols))
-            dequantize_tile(out, codes, *qparams)
-        return tile[:, :k] if interleaved else tile  # -- interleaved: padding columns last
+        codes = code_rows(start, stop)
+        if g_idx is None and group_size != -1:
+            z_rows = z[start:stop] if isinstance(z, torch.Tensor) else z
+            return dequantize_groups(tile, codes, s[start:stop], z_rows, group_size)
+        return dequantize_tile(tile, codes, per_column(s, start, stop), per_column(z, start, stop))
 
     return blocked_linear(xk, n, rows_of)
 
@@ -555,9 +527,9 @@ def blocked_signed_linear(
     """:func:`blocked_int_linear` for signed codes ``(N, K)`` held in order (zero point 0):
     INT8 weights as stored, W4A8's cached int8 codes."""
 
-    def code_rows(start: int, stop: int) -> list[torch.Tensor]:
-        return [codes[start:stop]]
+    def code_rows(start: int, stop: int) -> torch.Tensor:
+        return codes[start:stop]
 
     return blocked_int_linear(
-        x2, codes.shape[0], code_rows, codes.shape[1], 1, scales, 0.0, group_size
+        x2, codes.shape[0], code_rows, codes.shape[1], scales, 0.0, group_size
     )

@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from torchquant.numerics import (
-    dequantize_activation_groups,
     dequantize_fp8_block_weight,
     expand_blocks,
     poison_nonfinite_rows,
     quantize_activation_groups,
 )
+from torchquant.numerics.fp8_block import fake_quantize_activation_groups
+from torchquant.numerics.qparams import e4m3_to_float
 from torchquant.ops import common, cpu_kernels
 
 
@@ -59,7 +60,7 @@ def dequantize_block_rows(
     """Rows ``start:stop`` of the float weight, as the reference computes them."""
     row_scales = scales.float().repeat_interleave(block_n, dim=0)[start:stop]
     full = expand_blocks(row_scales, (1, block_k), stop - start, qweight.shape[1])
-    return (qweight[start:stop].float() * full).to(dtype)
+    return (e4m3_to_float(qweight[start:stop]) * full).to(dtype)
 
 
 def _blocked_product(
@@ -99,8 +100,7 @@ def linear_fp8_block_cpu(x, qweight, scales, bias, block_n, block_k):
     if not _blocked_dtype(x):
         return linear_fp8_block_reference(x, qweight, scales, bias, block_n, block_k)
     x2 = common.rows(x)
-    xq, xs = quantize_activation_groups(x2, block_k)
-    xd = dequantize_activation_groups(xq, xs, block_k, torch.float32)
+    xd = fake_quantize_activation_groups(x2, block_k)
     out = common.add_bias(_blocked_product(xd, qweight, scales, block_n, block_k).to(x.dtype), bias)
     return common.unflatten(poison_nonfinite_rows(x2, out, shared_scale=False), x)
 

@@ -36,7 +36,7 @@ import torch
 
 from torchquant.numerics import poison_nonfinite_rows, quantize_activation
 from torchquant.numerics.activation import ACTIVATION_RANGES, INT_ACT_DTYPES, activation_qmax
-from torchquant.numerics.qparams import FP8_E4M3_MAX
+from torchquant.numerics.qparams import fp8_e4m3_values_
 from torchquant.ops import common, cpu_kernels, fp8_gemm_choice
 from torchquant.ops.weight_fp8 import fp8_rows_linear
 from torchquant.ops.weight_int8 import INT8PACK_MAX_ROWS
@@ -124,8 +124,8 @@ def quantize_dynamic(
     if act_type in INT_ACT_DTYPES:
         lo, hi = ACTIVATION_RANGES[act_type]
         codes = (xf / scale).round_().clamp_(lo, hi).to(dtype or torch.int8)
-    else:
-        codes = (xf / scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    else:  # -- the E4M3 values in float32: PyTorch's CPU casts to float8 and back are slow
+        codes = fp8_e4m3_values_(xf / scale)
     return codes, scale + (absmax - absmax)  # -- + 0 where absmax is finite, + NaN elsewhere
 
 
@@ -146,7 +146,7 @@ def quantize_token_codes(x2: torch.Tensor, act_type: str) -> tuple[torch.Tensor,
         lo, hi = ACTIVATION_RANGES[act_type]
         codes = (xf / scale).round_().clamp_(lo, hi)
     else:
-        codes = (xf / scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        codes = fp8_e4m3_values_(xf / scale)
     return codes.to(cpu_kernels.COMPUTE_DTYPE), scale
 
 

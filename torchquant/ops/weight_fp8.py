@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from torchquant.numerics import dequantize_fp8_weight
+from torchquant.numerics.qparams import e4m3_to_float
 from torchquant.ops import common, cpu_kernels
 
 
@@ -35,7 +36,7 @@ def linear_fp8_weight_reference(
 
 def fp8_cpu_layout(qweight: torch.Tensor) -> cpu_kernels.CpuLayout:
     """``packed``: the E4M3 codes as bf16 ``(N, K)``, exactly their values."""
-    return cpu_kernels.CpuLayout(qweight.to(cpu_kernels.COMPUTE_DTYPE))
+    return cpu_kernels.CpuLayout(e4m3_to_float(qweight).to(cpu_kernels.COMPUTE_DTYPE))
 
 
 def fp8_rows_linear(
@@ -55,8 +56,13 @@ def fp8_rows_linear(
     x2 = x2.to(dtype)
     if codes is not None and dtype == codes.dtype:
         return x2 @ codes.t()
-    source = qweight if codes is None else codes
-    return cpu_kernels.blocked_linear(x2, qweight.shape[0], lambda i, j: source[i:j].to(dtype))
+
+    def rows_of(start: int, stop: int) -> torch.Tensor:
+        if codes is None:
+            return e4m3_to_float(qweight[start:stop]).to(dtype)
+        return codes[start:stop].to(dtype)
+
+    return cpu_kernels.blocked_linear(x2, qweight.shape[0], rows_of)
 
 
 linear_fp8_weight = torch.library.custom_op(

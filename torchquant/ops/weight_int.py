@@ -95,13 +95,12 @@ def _intn_cpu(x, qweight, scales, zeros, g_idx, bias, bits, group_size, layout):
     if x2.shape[0] > INT4PACK_MAX_ROWS[planes]:
         zero = zeros if zeros is not None else float(1 << (bits - 1))
 
-        def code_pieces(start: int, stop: int) -> list[torch.Tensor]:
-            return cpu_kernels.read_code_positions(qweight[start:stop], bits)
+        def code_rows(start: int, stop: int) -> torch.Tensor:
+            return cpu_kernels.read_codes_in_order(qweight[start:stop], bits)
 
         width = qweight.shape[1] * 32 // bits  # -- K padded to whole 32-code blocks
-        per = cpu_kernels.code_chunks(bits)[0]
         out = cpu_kernels.blocked_int_linear(
-            x2, n, code_pieces, width, per, scales, zero, group_size, g_idx
+            x2, n, code_rows, width, scales, zero, group_size, g_idx
         )
         out = common.recompute_overflowed_rows(out, x2, exact)
     else:
