@@ -21,12 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from torchquant.errors import QuantizationError
-from torchquant.numerics.qparams import (
-    FP8_E4M3_MAX,
-    choose_fp8_scale,
-    fp8_e4m3_values_,
-    to_fp8_e4m3,
-)
+from torchquant.numerics.qparams import FP8_E4M3_MAX, choose_fp8_scale, to_fp8_e4m3
 from torchquant.numerics.weight import _check_weight
 
 
@@ -121,26 +116,12 @@ def quantize_activation_groups(
     Zero (and NaN) groups get scale 1; a linear makes the output row of an input row
     holding NaN/Inf NaN (``poison_nonfinite_rows``), as with per-token scales.
     """
-    scales, full = _activation_group_scales(x, group_size)
-    return to_fp8_e4m3(x.float() / full), scales
-
-
-def fake_quantize_activation_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``dequantize_activation_groups(*quantize_activation_groups(x, group_size), ...)`` in
-    float32, bit for bit, without float8 tensors (``fp8_e4m3_values``: fast on CPU)."""
-    _, full = _activation_group_scales(x, group_size)
-    return fp8_e4m3_values_(x.float() / full).mul_(full)
-
-
-def _activation_group_scales(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scales ``(M, G)`` of :func:`quantize_activation_groups` and, ``(M, K)``, each
-    column's."""
     if x.dim() != 2:
         raise QuantizationError(f"activation must be 2-D (rows, K), got {tuple(x.shape)}")
     m, k = x.shape
     scales = _block_absmax(x, (1, group_size)) / FP8_E4M3_MAX
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    return scales, expand_blocks(scales, (1, group_size), m, k)
+    return to_fp8_e4m3(x.float() / expand_blocks(scales, (1, group_size), m, k)), scales
 
 
 def dequantize_activation_groups(

@@ -37,8 +37,8 @@ def fp8_e4m3_values(x: torch.Tensor) -> torch.Tensor:
     layer's time there; this rounds in float32 instead (:func:`fp8_e4m3_values_`).
     Other devices cast natively.
     """
-    if x.device.type != "cpu":
-        return to_fp8_e4m3(x).float()
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+        return to_fp8_e4m3(x).float()  # -- the cast's gradient, where one is asked for
     return fp8_e4m3_values_(x.float().clone() if x.dtype == torch.float32 else x.float())
 
 
@@ -49,10 +49,16 @@ def fp8_e4m3_values_(v: torch.Tensor) -> torch.Tensor:
     Adding and subtracting ``1.5 * 2**23`` times a value's E4M3 step (2**-3 of its binade,
     2**-9 below 2**-6), signed as the value, rounds it to that step, to nearest even, as
     the cast does; the rounder's sign then restores the sign of values rounded to zero.
-    Saturation is the cast's clamp.  NaN stays NaN (its rounder is finite).
+    Saturation is the cast's clamp.  NaN stays NaN (its rounder is finite).  No gradient
+    flows through it (a rounding: the ops that call it have their own backward).
     """
-    if v.device.type != "cpu" or v.dtype != torch.float32:
-        return v.copy_(to_fp8_e4m3(v).float())
+    with torch.no_grad():
+        if v.device.type != "cpu" or v.dtype != torch.float32:
+            return v.copy_(to_fp8_e4m3(v).float())
+        return _round_to_e4m3_(v)
+
+
+def _round_to_e4m3_(v: torch.Tensor) -> torch.Tensor:
     v.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX)
     rounder = (v.view(torch.int32) & 0x7F800000).clamp_min_(_E4M3_MIN_BINADE)
     rounder = rounder.add_(_STEP_TO_ROUNDER).bitwise_or_(_HALF_SIGNIFICAND).view(torch.float32)

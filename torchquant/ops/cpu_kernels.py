@@ -420,14 +420,16 @@ def dequantize_tile(
     """``(codes - zeros) * scales`` written into ``out (rows, K)`` (bf16 or float32) and
     returned.
 
-    ``codes (rows, K)`` integers; ``scales`` and ``zeros`` of ``out``'s dtype, ``(rows, 1)``
-    or per column ``(rows, K)`` (``zeros`` may be a number).  The difference is exact in
+    ``codes (rows, K)`` integers (or values already in ``out``: then scaled in place);
+    ``scales`` and ``zeros`` of ``out``'s dtype, ``(rows, 1)`` or per column ``(rows, K)``
+    (``zeros`` may be a number).  The difference is exact in
     bf16 (integers below 256), so each weight is rounded once from the scale: within
     2**-7 of the float32 reference in bf16, and equal to it in float32.  Three passes over
     ``out``, none of them broadcasting along a short inner dimension (which PyTorch's CPU
     loops do not vectorise).
     """
-    out.copy_(codes)
+    if out.data_ptr() != codes.data_ptr() or out.stride() != codes.stride():
+        out.copy_(codes)  # -- else the values are already there (scaled in place)
     if isinstance(zeros, torch.Tensor) or zeros:
         out.sub_(zeros)
     return out.mul_(scales)

@@ -25,8 +25,7 @@ from torchquant.numerics import (
     poison_nonfinite_rows,
     quantize_activation_groups,
 )
-from torchquant.numerics.fp8_block import fake_quantize_activation_groups
-from torchquant.numerics.qparams import e4m3_to_float
+from torchquant.numerics.qparams import FP8_E4M3_MAX, e4m3_to_float, fp8_e4m3_values_
 from torchquant.ops import common, cpu_kernels
 
 
@@ -57,10 +56,13 @@ def dequantize_block_rows(
     qweight: torch.Tensor, scales: torch.Tensor, block_n: int, block_k: int,
     dtype: torch.dtype, start: int, stop: int,
 ) -> torch.Tensor:  # fmt: skip
-    """Rows ``start:stop`` of the float weight, as the reference computes them."""
-    row_scales = scales.float().repeat_interleave(block_n, dim=0)[start:stop]
-    full = expand_blocks(row_scales, (1, block_k), stop - start, qweight.shape[1])
-    return (e4m3_to_float(qweight[start:stop]) * full).to(dtype)
+    """Rows ``start:stop`` of the float weight, as the reference computes them (each value
+    times its block's scale in float32, rounded once to ``dtype``), the scales broadcast
+    per block of columns instead of widened to one per weight."""
+    row_scales = scales.float()[torch.arange(start, stop) // block_n]
+    values = e4m3_to_float(qweight[start:stop])
+    values = cpu_kernels.dequantize_groups(values, values, row_scales, 0.0, block_k)
+    return values if dtype == torch.float32 else values.to(dtype)
 
 
 def _blocked_product(
@@ -100,9 +102,40 @@ def linear_fp8_block_cpu(x, qweight, scales, bias, block_n, block_k):
     if not _blocked_dtype(x):
         return linear_fp8_block_reference(x, qweight, scales, bias, block_n, block_k)
     x2 = common.rows(x)
-    xd = fake_quantize_activation_groups(x2, block_k)
+    xd = fake_quantized_groups(x2, block_k)
+    if cpu_kernels.computes_in_bf16(x.dtype):  # -- within bf16 tolerance: a native bf16 GEMM
+        xd = xd.to(cpu_kernels.gemm_dtype())
     out = common.add_bias(_blocked_product(xd, qweight, scales, block_n, block_k).to(x.dtype), bias)
-    return common.unflatten(poison_nonfinite_rows(x2, out, shared_scale=False), x)
+    return common.unflatten(out, x)  # -- NaN scales made a non-finite input's row NaN
+
+
+@torch.no_grad()  # -- a rounding inside an op: nothing to differentiate
+def fake_quantized_groups(x2: torch.Tensor, block_k: int) -> torch.Tensor:
+    """The FP8 activations of ``quantize_activation_groups(x2, block_k)`` times their
+    scales, ``(M, K)`` float32: bit for bit in rows that are finite.  Each group's scale
+    broadcasts over its columns (no scale per column, no float8 tensor: both cost more
+    than the GEMM at these sizes on CPU), and is NaN where the group holds NaN/Inf, so
+    that input row's products, and its output row, come out NaN without a poisoning pass.
+    """
+    xf = x2.float()
+    m, k = xf.shape
+    span = k // block_k * block_k
+    pieces = [(0, span, block_k), (span, k, k - span)]
+    out = torch.empty_like(xf)
+    scales = []
+    for start, stop, width in pieces:
+        if stop == start:
+            continue
+        group = xf[:, start:stop].view(m, -1, width)
+        absmax = torch.maximum(group.amax(dim=-1, keepdim=True), -group.amin(dim=-1, keepdim=True))
+        scale = absmax / FP8_E4M3_MAX
+        scale = torch.where(scale > 0, scale, 1.0) + (absmax - absmax)  # -- + NaN: not finite
+        torch.div(group, scale, out=out[:, start:stop].view(m, -1, width))
+        scales.append((start, stop, width, scale))
+    fp8_e4m3_values_(out)
+    for start, stop, width, scale in scales:
+        out[:, start:stop].view(m, -1, width).mul_(scale)
+    return out
 
 
 for _op, _cpu in (
