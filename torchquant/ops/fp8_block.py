@@ -88,7 +88,10 @@ def _blocked_dtype(x: torch.Tensor) -> bool:
 def linear_fp8_block_weight_cpu(x, qweight, scales, bias, block_n, block_k):
     if not _blocked_dtype(x):
         return linear_fp8_block_weight_reference(x, qweight, scales, bias, block_n, block_k)
-    out = _blocked_product(common.rows(x), qweight, scales, block_n, block_k)
+    x2 = common.rows(x)
+    if cpu_kernels.computes_in_bf16(x.dtype):  # -- within bf16 tolerance: a native bf16 GEMM
+        x2 = x2.to(cpu_kernels.gemm_dtype())
+    out = _blocked_product(x2, qweight, scales, block_n, block_k)
     return common.finish(out, bias, x)
 
 
