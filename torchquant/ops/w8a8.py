@@ -36,7 +36,7 @@ import torch
 
 from torchquant.numerics import poison_nonfinite_rows, quantize_activation
 from torchquant.numerics.activation import ACTIVATION_RANGES, INT_ACT_DTYPES, activation_qmax
-from torchquant.numerics.qparams import fp8_e4m3_values_
+from torchquant.numerics.qparams import NATIVE_FP8_CAST_ELEMENTS, fp8_e4m3_values_, to_fp8_e4m3
 from torchquant.ops import common, cpu_kernels, fp8_gemm_choice
 from torchquant.ops.weight_fp8 import fp8_rows_linear
 from torchquant.ops.weight_int8 import INT8PACK_MAX_ROWS
@@ -146,7 +146,9 @@ def quantize_token_codes(x2: torch.Tensor, act_type: str) -> tuple[torch.Tensor,
         lo, hi = ACTIVATION_RANGES[act_type]
         codes = (xf / scale).round_().clamp_(lo, hi)
     else:
-        codes = fp8_e4m3_values_(xf / scale)
+        codes = xf / scale
+        small = codes.numel() <= NATIVE_FP8_CAST_ELEMENTS  # -- a decode step: fewest calls
+        codes = to_fp8_e4m3(codes) if small else fp8_e4m3_values_(codes)
     return codes.to(cpu_kernels.COMPUTE_DTYPE), scale
 
 
