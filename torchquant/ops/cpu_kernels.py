@@ -375,11 +375,13 @@ IN_ORDER_LANES = {2: torch.int32, 4: torch.int16, 8: torch.uint8}
 
 def read_codes_in_order(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     """The codes of packed ``qweight (rows, words)`` int32 in order, ``(rows, 32 * words /
-    bits)`` uint8 (padding codes included), for ``bits`` in :data:`IN_ORDER_LANES`.
+    bits)`` uint8 (padding codes included), for 2 to 8 bits.
 
-    Each byte holds ``8 / bits`` consecutive codes, the first in its low bits; widened to a
-    lane of that many bytes, each code is moved into a byte of its own, and the lanes read
-    as bytes give the codes in order (little-endian).  A tile written in order needs no
+    Widths in :data:`IN_ORDER_LANES`: each byte holds ``8 / bits`` consecutive codes, the
+    first in its low bits; widened to a lane of that many bytes, each code is moved into a
+    byte of its own, and the lanes read as bytes give the codes in order (little-endian);
+    other widths: :func:`spread_chunks`.
+    A tile written in order needs no
     reordered input and no strided writes (which ran ~4x slower per weight)."""
     raw = qweight.contiguous().view(torch.uint8)
     if bits == 8:
@@ -508,9 +510,10 @@ def blocked_int_linear(
 
     def per_column(q: torch.Tensor | float, start: int, stop: int) -> torch.Tensor | float:
         """Act-order qparams of rows ``start:stop``, one per column; others as they are."""
-        if not isinstance(q, torch.Tensor) or g_idx is None:
-            return q if not isinstance(q, torch.Tensor) else q[start:stop]
-        return q[start:stop][:, columns_group]
+        if not isinstance(q, torch.Tensor):
+            return q
+        rows = q[start:stop]
+        return rows if g_idx is None else rows[:, columns_group]
 
     def rows_of(start: int, stop: int) -> torch.Tensor:
         tile = buffer[: stop - start]
